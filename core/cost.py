@@ -1,0 +1,275 @@
+"""Step cost: the time, bound, bytes, FLOPs and energy of one engine step on a deployment.
+
+    time = latency + max(memory, compute) + overlap * min(memory, compute) + comm
+
+Each term is a small formula below; `StepModel` composes them once for the
+engine (scalars, microseconds a call) and for numpy sweeps (arrays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import numpy as np
+
+from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
+from memorywall.core.work import Batch, Number, Work
+
+_PJ = 1e-12
+_BITS = 8.0
+
+
+class Bound(Enum):
+    """The term a step's time is mostly made of."""
+
+    MEMORY = "memory"
+    COMPUTE = "compute"
+    LATENCY = "latency"
+    INTERCONNECT = "interconnect"
+
+
+_BOUNDS = (Bound.MEMORY, Bound.COMPUTE, Bound.LATENCY, Bound.INTERCONNECT)
+
+
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """One step, broken down. Seconds, bytes, FLOPs and joules; totals over all devices."""
+
+    time_s: float
+    bound: Bound
+    memory_s: float  # resident-memory traffic (weights in SRAM/HBM, KV cache)
+    stream_s: float  # weights streamed from external memory over the I/O link
+    compute_s: float
+    latency_s: float  # per-step and per-layer floors
+    comm_s: float  # tensor-parallel all-reduces and pipeline hops
+    weight_bytes: float
+    kv_bytes: float
+    link_bytes: float
+    flops: float
+    attention_flops: float
+    energy_j: float
+    tokens: float
+
+
+@dataclass(frozen=True, slots=True)
+class SweepCost:
+    """`StepCost` fields as arrays over a grid; `bound` holds indices into `Bound`."""
+
+    time_s: np.ndarray
+    bound: np.ndarray
+    memory_s: np.ndarray
+    stream_s: np.ndarray
+    compute_s: np.ndarray
+    latency_s: np.ndarray
+    comm_s: np.ndarray
+    energy_j: np.ndarray
+    tokens: np.ndarray
+
+    def bound_names(self) -> np.ndarray:
+        return np.array([b.value for b in _BOUNDS])[self.bound]
+
+
+def distinct_experts(n_experts: int, top_k: int, tokens: Number) -> Number:
+    """E * (1 - (1 - k/E)^T): expected experts a layer touches when T tokens each pick k of E."""
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+def allreduce_bytes_per_device(tp: int, values: Number) -> Number:
+    """Ring all-reduce: each device sends 2 (tp-1)/tp of the buffer."""
+    return 2.0 * (tp - 1) / tp * values * ACTIVATION_BYTES
+
+
+def combine_s(
+    latency_s: Number, memory_s: Number, compute_s: Number, overlap: float, comm_s: Number
+) -> Number:
+    """latency + max(memory, compute) + overlap * min(memory, compute) + comm.
+
+    Memory and compute overlap imperfectly in real kernels; `overlap` is the
+    fitted share of the shorter one that still shows.
+    """
+    busy = np.maximum(memory_s, compute_s)
+    hidden = np.minimum(memory_s, compute_s)
+    return latency_s + busy + overlap * hidden + comm_s
+
+
+def link_time_s(bytes_: Number, bandwidth_bytes_per_s: float, latency_s: float) -> Number:
+    """Latency plus size over bandwidth."""
+    return latency_s + bytes_ / bandwidth_bytes_per_s
+
+
+class StepModel:
+    """Step costs for one deployment; constants are folded in once, at construction."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        d = deployment
+        self.deployment = d
+        hw, m = d.hardware, d.model
+        eff, lat = hw.efficiency, hw.latency
+        spec = d.speculative
+        self.queries_per_decode = spec.draft_tokens + 1 if spec else 1
+        self.tokens_per_decode_step = spec.expected_tokens_per_step if spec else 1.0
+        self._draft = (
+            StepModel(_draft_deployment(d)) if spec and spec.draft_model is not None else None
+        )
+        self._draft_steps = spec.draft_tokens if spec else 0
+
+        wb = d.weight_precision.bytes_per_value
+        kvb = d.kv_precision.bytes_per_value
+        self._tp, self._pp = d.tensor_parallel, d.pipeline_parallel
+        self._kv_shards = d.kv_shards
+        self._always_bytes = m.always_read_params() * wb
+        self._expert_bytes = m.expert_params() * wb
+        self._n_moe = m.n_moe_layers
+        self._moe = m.moe
+        self._kv_layer_bytes = m.kv_values_per_token_per_layer() * kvb
+        self._n_full, self._n_window, self._n_layers = m.n_full_layers, m.n_window_layers, m.n_layers
+        self._hidden = m.hidden_size
+        lm_head = m.vocab_size * m.hidden_size
+        self._body_flops_per_token = 2.0 * (m.active_params_per_token() - lm_head)
+        self._head_flops_per_logit = 2.0 * lm_head
+        self._attn_flops_per_pair = float(m.attention_flops_per_pair())
+
+        res = hw.resident
+        self._weight_bw = res.bandwidth_bytes_per_s * eff.weight_read
+        self._kv_bw = res.bandwidth_bytes_per_s * eff.kv_read
+        self._streamed = d.placement is Placement.STREAM
+        if self._streamed:
+            self._stream_bw = min(hw.stream.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s)
+            self._stream_pj = hw.stream.energy_pj_per_bit + hw.external_io.energy_pj_per_bit
+        peak = hw.compute_peak(d.weight_precision)
+        self._linear_flops_per_s = peak * eff.compute
+        self._attn_flops_per_s = peak * eff.attention
+        self._overlap = eff.overlap
+        self._latency_s = lat.per_step_s + m.n_layers * (
+            lat.per_layer_s + m.hidden_size * lat.per_layer_per_hidden_s
+        )
+        self._scale_up = hw.scale_up
+        self._io = hw.external_io
+        self._resident_pj = res.energy_pj_per_bit
+        self._static_w = hw.static_w * d.devices
+
+    def step_cost(self, batch: Batch) -> StepCost:
+        """Cost of one engine step (the engine's hot path)."""
+        return self.cost(Work.of_batch(batch, self.deployment.model, self.queries_per_decode))
+
+    def bytes_by_tier(self, cost: StepCost) -> dict[str, float]:
+        """Bytes a step moves through each memory tier and link, by the profile's names."""
+        hw = self.deployment.hardware
+        resident = cost.kv_bytes + (0.0 if self._streamed else cost.weight_bytes)
+        tiers = {hw.resident.name: resident}
+        if self._streamed:
+            tiers[hw.stream.name] = cost.weight_bytes
+        tiers["links"] = cost.link_bytes
+        return tiers
+
+    def cost(self, work: Work) -> StepCost:
+        t = self._terms(work)
+        parts = (t["memory_s"], t["compute_s"], t["latency_s"], t["stream_s"] + t["comm_s"])
+        bound = _BOUNDS[max(range(4), key=parts.__getitem__)]
+        return StepCost(bound=bound, **{k: float(v) for k, v in t.items()})
+
+    def decode_sweep(self, batch: np.ndarray, context: np.ndarray) -> SweepCost:
+        """Decode steps for every (batch, context) pair of two broadcastable arrays."""
+        work = Work.uniform_decode(batch, context, self.deployment.model, self.queries_per_decode)
+        t = self._terms(work)
+        t = {k: np.broadcast_to(v, np.shape(t["time_s"])) for k, v in t.items()}
+        parts = np.stack(
+            [t["memory_s"], t["compute_s"], t["latency_s"], t["stream_s"] + t["comm_s"]]
+        )
+        keep = ("time_s", "memory_s", "stream_s", "compute_s", "latency_s", "comm_s", "energy_j",
+                "tokens")
+        return SweepCost(bound=parts.argmax(axis=0), **{k: t[k] for k in keep})
+
+    def _terms(self, w: Work) -> dict[str, Number]:
+        tp = self._tp
+        weight_bytes = self._always_bytes
+        if self._moe is not None:
+            experts = distinct_experts(self._moe.n_experts, self._moe.experts_per_token, w.tokens)
+            weight_bytes = weight_bytes + self._n_moe * experts * self._expert_bytes
+        kv_read = self._kv_layer_bytes * (
+            self._n_full * w.kv_read_full + self._n_window * w.kv_read_window
+        )
+        kv_bytes = kv_read + self._kv_layer_bytes * self._n_layers * w.tokens
+
+        # Pipeline stages run one after another for a step, so totals divide by tp only.
+        kv_s = kv_bytes / self._kv_shards / self._kv_bw
+        if self._streamed:
+            memory_s, stream_s = kv_s, weight_bytes / tp / self._stream_bw
+        else:
+            memory_s, stream_s = weight_bytes / tp / self._weight_bw + kv_s, 0.0 * kv_s
+        linear_flops = self._body_flops_per_token * w.tokens + self._head_flops_per_logit * w.logits
+        attn_flops = self._attn_flops_per_pair * (
+            self._n_full * w.pairs_full + self._n_window * w.pairs_window
+        )
+        compute_s = linear_flops / tp / self._linear_flops_per_s + attn_flops / tp / self._attn_flops_per_s
+
+        hidden_values = w.tokens * self._hidden
+        comm_s = 0.0 * hidden_values
+        link_bytes = 0.0 * hidden_values
+        if tp > 1:
+            per_device = allreduce_bytes_per_device(tp, hidden_values)
+            comm_s = comm_s + 2 * self._n_layers * link_time_s(
+                per_device, self._scale_up.bandwidth_bytes_per_s, self._scale_up.latency_s
+            )
+            scale_up_bytes = 2 * self._n_layers * per_device * tp
+            link_bytes = link_bytes + scale_up_bytes
+        if self._pp > 1:
+            hop_bytes = hidden_values * ACTIVATION_BYTES
+            comm_s = comm_s + (self._pp - 1) * link_time_s(
+                hop_bytes, self._io.bandwidth_bytes_per_s, self._io.latency_s
+            )
+            link_bytes = link_bytes + (self._pp - 1) * hop_bytes
+
+        time_s = combine_s(self._latency_s, memory_s + stream_s, compute_s, self._overlap, comm_s)
+
+        energy_j = self._energy_j(weight_bytes, kv_bytes, link_bytes, time_s, tp)
+        if self._draft is not None:
+            draft = self._draft._terms(_draft_work(w, self.queries_per_decode))
+            time_s = time_s + self._draft_steps * draft["time_s"]
+            energy_j = energy_j + self._draft_steps * draft["energy_j"]
+
+        return {
+            "time_s": time_s,
+            "memory_s": memory_s,
+            "stream_s": stream_s,
+            "compute_s": compute_s,
+            "latency_s": self._latency_s + 0.0 * time_s,
+            "comm_s": comm_s,
+            "weight_bytes": weight_bytes + 0.0 * time_s,
+            "kv_bytes": kv_bytes,
+            "link_bytes": link_bytes,
+            "flops": linear_flops + attn_flops,
+            "attention_flops": attn_flops,
+            "energy_j": energy_j,
+            "tokens": w.tokens,
+        }
+
+    def _energy_j(
+        self, weight_bytes: Number, kv_bytes: Number, link_bytes: Number, time_s: Number, tp: int
+    ) -> Number:
+        """Bytes x pJ/bit per tier and link, plus static power x time."""
+        resident_bytes = kv_bytes + (0.0 if self._streamed else weight_bytes)
+        dynamic_pj = resident_bytes * _BITS * self._resident_pj
+        if self._streamed:
+            dynamic_pj = dynamic_pj + weight_bytes * _BITS * self._stream_pj
+        link_pj = self._scale_up.energy_pj_per_bit if tp > 1 else self._io.energy_pj_per_bit
+        dynamic_pj = dynamic_pj + link_bytes * _BITS * link_pj
+        return dynamic_pj * _PJ + self._static_w * time_s
+
+
+def _draft_deployment(d: Deployment) -> Deployment:
+    """The draft model on the target's devices: same layout, no speculation of its own."""
+    return replace(d, model=d.speculative.draft_model, speculative=None)
+
+
+def _draft_work(w: Work, queries: int) -> Work:
+    """One draft step: each decoding sequence proposes one token over the same context."""
+    return Work(
+        tokens=w.tokens / queries,
+        logits=w.logits / queries,
+        kv_read_full=w.kv_read_full,
+        kv_read_window=w.kv_read_window,
+        pairs_full=w.pairs_full / queries,
+        pairs_window=w.pairs_window / queries,
+    )

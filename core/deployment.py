@@ -1,0 +1,217 @@
+"""Deployments: how a model is laid out over devices, and how much KV cache is left."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from memorywall.core.hardware import DeviceKind, Hardware
+from memorywall.core.model import ModelShape
+from memorywall.core.precision import Precision
+from memorywall.errors import CapacityError, ConfigError
+
+# vLLM's default `gpu_memory_utilization`: the share of device memory the engine may use.
+DEFAULT_MEMORY_UTILIZATION = 0.9
+# Share of the usable memory kept free for KV cache when choosing the fewest devices.
+DEFAULT_KV_RESERVE_FRACTION = 0.1
+# Bytes per activation value crossing a link (activations stay bf16 in all formats here).
+ACTIVATION_BYTES = 2
+
+
+class Placement(Enum):
+    """Where the weights live. `sram` is the wafer's name for resident."""
+
+    RESIDENT = "resident"
+    STREAM = "stream"
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        if text in ("sram", "hbm"):
+            return cls.RESIDENT
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(
+                f"placement: unknown {text!r} (valid: sram/resident, stream)"
+            ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Speculative:
+    """Speculative decoding: `draft_tokens` proposed per step, each accepted with `acceptance_rate`."""
+
+    draft_tokens: int
+    acceptance_rate: float
+    draft_model: ModelShape | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_tokens < 1:
+            raise ConfigError(f"draft_tokens: must be >= 1, got {self.draft_tokens}")
+        if not 0.0 <= self.acceptance_rate <= 1.0:
+            raise ConfigError(f"acceptance_rate: must be in [0, 1], got {self.acceptance_rate}")
+
+    @property
+    def expected_tokens_per_step(self) -> float:
+        """(1 - a^(k+1)) / (1 - a): accepted drafts plus the target's own token (Leviathan 2023)."""
+        a, k = self.acceptance_rate, self.draft_tokens
+        if a >= 1.0:
+            return float(k + 1)
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deployment:
+    hardware: Hardware
+    model: ModelShape
+    devices: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    weight_precision: Precision
+    kv_precision: Precision
+    placement: Placement
+    speculative: Speculative | None
+    memory_utilization: float
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of every stored weight, the draft model's included."""
+        params = self.model.total_params()
+        if self.speculative and self.speculative.draft_model:
+            params += self.speculative.draft_model.total_params()
+        return params * self.weight_precision.bytes_per_value
+
+    @property
+    def kv_shards(self) -> int:
+        """Ways the KV cache splits across a tensor-parallel group (the rest is replicated)."""
+        return min(self.tensor_parallel, self.model.n_kv_heads)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Bytes one cached token occupies across all devices, replicas included.
+
+        Counts every layer as holding the token, sliding-window layers too: an
+        upper bound (vLLM's hybrid allocator frees out-of-window blocks).
+        """
+        m = self.model
+        per_token = m.n_layers * m.kv_values_per_token_per_layer() * self.kv_precision.bytes_per_value
+        return per_token * self.tensor_parallel / self.kv_shards
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.devices * self.hardware.resident.capacity_bytes * self.memory_utilization
+
+    @property
+    def resident_weight_bytes(self) -> float:
+        return self.weight_bytes if self.placement is Placement.RESIDENT else 0.0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return max(0, int((self.usable_bytes - self.resident_weight_bytes) / self.kv_bytes_per_token))
+
+    def describe(self) -> str:
+        hw = self.hardware
+        layout = (
+            f"TP{self.tensor_parallel}" + (f" x PP{self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")
+        )
+        spec = ""
+        if self.speculative:
+            spec = f", speculative k={self.speculative.draft_tokens} a={self.speculative.acceptance_rate:g}"
+        return (
+            f"{self.model.name} on {self.devices} x {hw.name} ({layout}, weights "
+            f"{self.weight_precision.value} {self.placement.value}, KV {self.kv_precision.value}{spec})"
+        )
+
+
+def plan_deployment(
+    hardware: Hardware,
+    model: ModelShape,
+    *,
+    devices: int | None = None,
+    weight_precision: Precision = Precision.BF16,
+    kv_precision: Precision = Precision.BF16,
+    placement: Placement = Placement.RESIDENT,
+    speculative: Speculative | None = None,
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+    kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
+) -> Deployment:
+    """Lay `model` over `devices` (or the fewest that hold its weights plus a KV reserve)."""
+    if not 0.0 < memory_utilization <= 1.0:
+        raise ConfigError(f"memory_utilization: must be in (0, 1], got {memory_utilization}")
+    if not 0.0 <= kv_reserve_fraction < 1.0:
+        raise ConfigError(f"kv_reserve_fraction: must be in [0, 1), got {kv_reserve_fraction}")
+    if devices is not None and devices < 1:
+        raise ConfigError(f"devices: must be >= 1, got {devices}")
+    if placement is Placement.STREAM and hardware.stream is None:
+        raise ConfigError(f"placement: {hardware.name} has no external weight store to stream from")
+
+    def build(n: int) -> Deployment:
+        tp, pp = _layout(hardware, model, n)
+        return Deployment(
+            hardware=hardware,
+            model=model,
+            devices=n,
+            tensor_parallel=tp,
+            pipeline_parallel=pp,
+            weight_precision=weight_precision,
+            kv_precision=kv_precision,
+            placement=placement,
+            speculative=speculative,
+            memory_utilization=memory_utilization,
+        )
+
+    needed = _fewest_devices(build(1), hardware, model, kv_reserve_fraction)
+    if devices is None:
+        return build(needed)
+    if devices < needed:
+        raise CapacityError(
+            f"{model.name} at {weight_precision.value} needs at least {needed} x {hardware.name} "
+            f"({build(1).weight_bytes / 1e9:.1f} GB of weights plus a "
+            f"{kv_reserve_fraction:.0%} KV reserve); {devices} given"
+        )
+    return build(devices)
+
+
+def _fewest_devices(
+    one: Deployment, hardware: Hardware, model: ModelShape, kv_reserve_fraction: float
+) -> int:
+    """Smallest count with a valid layout whose memory holds weights and the KV reserve."""
+    if one.placement is Placement.STREAM:
+        if one.weight_bytes > hardware.stream.capacity_bytes:
+            raise CapacityError(
+                f"{model.name}: {one.weight_bytes / 1e9:.0f} GB of weights exceed the "
+                f"{hardware.stream.name} store ({hardware.stream.capacity_bytes / 1e9:.0f} GB)"
+            )
+        return 1
+    per_device = hardware.resident.capacity_bytes * one.memory_utilization * (1 - kv_reserve_fraction)
+    n = max(1, math.ceil(one.weight_bytes / per_device))
+    while n <= model.n_layers * hardware.scale_up_domain:
+        try:
+            _layout(hardware, model, n)
+            return n
+        except ConfigError:
+            n += 1
+    raise CapacityError(f"{model.name} does not fit any layout of {hardware.name} devices")
+
+
+def _layout(hardware: Hardware, model: ModelShape, n: int) -> tuple[int, int]:
+    """(tensor parallel, pipeline parallel) for n devices.
+
+    GPUs: tensor parallel within the scale-up domain, a power of two dividing
+    the attention heads; pipeline across domains. Wafers: one layer pipeline.
+    """
+    if hardware.kind is DeviceKind.WAFER:
+        tp = 1
+    else:
+        tp = min(n, hardware.scale_up_domain)
+        if tp & (tp - 1) or model.n_heads % tp:
+            raise ConfigError(
+                f"devices: tensor parallel {tp} must be a power of two dividing "
+                f"{model.n_heads} attention heads"
+            )
+    if n % tp:
+        raise ConfigError(f"devices: {n} is not a multiple of the tensor-parallel size {tp}")
+    pp = n // tp
+    if pp > model.n_layers:
+        raise ConfigError(f"devices: {pp} pipeline stages exceed {model.n_layers} layers")
+    return tp, pp

@@ -1,0 +1,225 @@
+"""Hardware profiles: TOML data files loaded into validated frozen dataclasses.
+
+Every number in a profile is `{ value, unit, source }`. Efficiency factors and
+latency floors come from a calibration file named by the profile's
+`calibration` key (written by `benchmarks/calibrate.py`); a profile may
+override any of them inline. Bandwidths are decimal (1 TB/s = 1e12 B/s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from memorywall.core._toml import QuantityReader, load_toml
+from memorywall.core.precision import Precision
+from memorywall.errors import ConfigError, NotFoundError
+
+_PROFILES = resources.files("memorywall.core") / "profiles"
+_CALIBRATIONS = resources.files("memorywall.core") / "calibration"
+
+
+class DeviceKind(Enum):
+    GPU = "gpu"
+    WAFER = "wafer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryTier:
+    name: str
+    capacity_bytes: float
+    bandwidth_bytes_per_s: float
+    energy_pj_per_bit: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """A point-to-point link; bandwidth is per direction."""
+
+    bandwidth_bytes_per_s: float
+    latency_s: float
+    energy_pj_per_bit: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Efficiency:
+    """Fractions of datasheet peaks reached in practice, and how much memory and compute overlap.
+
+    `overlap` is the share of the shorter of (memory time, compute time) that
+    is *not* hidden behind the longer one: 0 is a perfect roofline, 1 no overlap.
+    """
+
+    weight_read: float
+    kv_read: float
+    compute: float
+    attention: float
+    overlap: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatencyFloors:
+    """Time a step costs no matter how few bytes or FLOPs it has.
+
+    Per layer: `per_layer_s + hidden_size * per_layer_per_hidden_s` (the second
+    term is how far a wafer's dataflow must travel for a wider layer).
+    """
+
+    per_step_s: float
+    per_layer_s: float
+    per_layer_per_hidden_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """One device type, as a deployment sees it."""
+
+    name: str
+    description: str
+    kind: DeviceKind
+    resident: MemoryTier
+    stream: MemoryTier | None
+    peak_flops_per_s: Mapping[Precision, float]
+    scale_up: Link
+    scale_up_domain: int
+    external_io: Link
+    tdp_w: float
+    static_w: float
+    efficiency: Efficiency
+    latency: LatencyFloors
+    calibration: str
+    sources: Mapping[str, str]
+
+    def compute_peak(self, precision: Precision) -> float:
+        """Peak dense FLOP/s for math in `precision`, falling back to bf16 (weight-only formats)."""
+        return self.peak_flops_per_s.get(precision, self.peak_flops_per_s[Precision.BF16])
+
+
+def builtin_hardware() -> list[str]:
+    """Names of the built-in profiles, sorted."""
+    return sorted(p.name.removesuffix(".toml") for p in _PROFILES.iterdir() if p.name.endswith(".toml"))
+
+
+def load_hardware(name_or_path: str) -> Hardware:
+    """Load a built-in profile by name, or a profile file by path."""
+    builtin = _PROFILES / f"{name_or_path}.toml"
+    if builtin.is_file():
+        with resources.as_file(builtin) as path:
+            return _parse(load_toml(path), path)
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise NotFoundError(f"hardware file {name_or_path!r} does not exist")
+        return _parse(load_toml(path), path)
+    valid = ", ".join(builtin_hardware())
+    raise NotFoundError(f"unknown hardware {name_or_path!r} (built in: {valid}; or a .toml path)")
+
+
+def _calibration_tables(name: str, profile_path: Path) -> tuple[dict[str, Any], str]:
+    builtin = _CALIBRATIONS / f"{name}.toml"
+    if builtin.is_file():
+        with resources.as_file(builtin) as path:
+            return load_toml(path), str(path)
+    local = profile_path.parent / name
+    if local.is_file():
+        return load_toml(local), str(local)
+    raise ConfigError(f"{profile_path}: calibration: unknown calibration {name!r}")
+
+
+def _parse(data: dict[str, Any], path: Path) -> Hardware:
+    r = QuantityReader(str(path))
+    name = r.text(data, "name")
+    kind_text = r.text(data, "kind")
+    try:
+        kind = DeviceKind(kind_text)
+    except ValueError:
+        raise ConfigError(f"{path}: kind: expected 'gpu' or 'wafer', got {kind_text!r}") from None
+
+    tiers = _memory_tiers(r, r.table(data, "memory"))
+    resident = [t for role, t in tiers if role == "resident"]
+    stream = [t for role, t in tiers if role == "stream"]
+    if len(resident) != 1 or len(stream) > 1:
+        raise ConfigError(
+            f"{path}: [memory]: need exactly one tier with role 'resident' and at most one 'stream'"
+        )
+
+    compute = r.table(data, "compute")
+    peaks: dict[Precision, float] = {}
+    for key in compute:
+        precision = Precision.parse(key, field=f"{path}: [compute.{key}]")
+        peaks[precision] = r.quantity(compute[key], "peak_flops_per_s", "FLOP/s", f"compute.{key}.")
+    if Precision.BF16 not in peaks:
+        raise ConfigError(f"{path}: [compute.bf16]: missing (the fallback precision)")
+
+    scale_up_table = r.table(data, "scale_up")
+    power = r.table(data, "power")
+    calibration = r.text(data, "calibration")
+    cal, cal_origin = _calibration_tables(calibration, path)
+    cal_reader = QuantityReader(cal_origin, r.sources)
+
+    def calibrated(section: str, key: str, unit: str, **bounds: Any) -> float:
+        """A profile's inline value if it gives one, else the calibration file's."""
+        inline = data.get(section, {})
+        reader, table = (r, inline) if key in inline else (cal_reader, cal.get(section, {}))
+        return reader.quantity(table, key, unit, f"{section}.", **bounds)
+
+    def eff(key: str, *, strict: bool = True) -> float:
+        return calibrated("efficiency", key, "1", strict=strict, maximum=1.0)
+
+    def floor(key: str) -> float:
+        return calibrated("latency", key, "s", strict=False)
+
+    return Hardware(
+        name=name,
+        description=r.text(data, "description"),
+        kind=kind,
+        resident=resident[0],
+        stream=stream[0] if stream else None,
+        peak_flops_per_s=peaks,
+        scale_up=_link(r, scale_up_table, "scale_up."),
+        scale_up_domain=int(r.quantity(scale_up_table, "domain_devices", "devices", "scale_up.")),
+        external_io=_link(r, r.table(data, "external_io"), "external_io."),
+        tdp_w=r.quantity(power, "tdp_w", "W", "power."),
+        static_w=r.quantity(power, "static_w", "W", "power."),
+        efficiency=Efficiency(
+            weight_read=eff("weight_read"),
+            kv_read=eff("kv_read"),
+            compute=eff("compute"),
+            attention=eff("attention"),
+            overlap=eff("overlap", strict=False),
+        ),
+        latency=LatencyFloors(
+            per_step_s=floor("per_step_s"),
+            per_layer_s=floor("per_layer_s"),
+            per_layer_per_hidden_s=floor("per_layer_per_hidden_s"),
+        ),
+        calibration=calibration,
+        sources=dict(r.sources),
+    )
+
+
+def _memory_tiers(r: QuantityReader, memory: dict[str, Any]) -> list[tuple[str, MemoryTier]]:
+    tiers = []
+    for name, table in memory.items():
+        prefix = f"memory.{name}."
+        role = table.get("role") if isinstance(table, dict) else None
+        if role not in ("resident", "stream"):
+            raise ConfigError(f"{r.origin}: {prefix}role: expected 'resident' or 'stream'")
+        tiers.append((role, MemoryTier(
+            name=name,
+            capacity_bytes=r.quantity(table, "capacity_bytes", "B", prefix),
+            bandwidth_bytes_per_s=r.quantity(table, "bandwidth_bytes_per_s", "B/s", prefix),
+            energy_pj_per_bit=r.quantity(table, "energy_pj_per_bit", "pJ/bit", prefix),
+        )))
+    return tiers
+
+
+def _link(r: QuantityReader, table: dict[str, Any], prefix: str) -> Link:
+    return Link(
+        bandwidth_bytes_per_s=r.quantity(table, "bandwidth_bytes_per_s", "B/s", prefix),
+        latency_s=r.quantity(table, "latency_s", "s", prefix, strict=False),
+        energy_pj_per_bit=r.quantity(table, "energy_pj_per_bit", "pJ/bit", prefix),
+    )

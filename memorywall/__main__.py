@@ -1,0 +1,3 @@
+from memorywall.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The `memorywall` command: predict, hardware, models.
+
+Every error a user can cause prints one line, `memorywall: error: ...`, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from memorywall.core import (
+    Placement,
+    Precision,
+    Speculative,
+    builtin_hardware,
+    builtin_models,
+    load_hardware,
+    load_model,
+    plan_deployment,
+    predict,
+)
+from memorywall.core.deployment import Deployment
+from memorywall.core.predict import Prediction
+from memorywall.errors import MemorywallError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but every error is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose hardware, model and layout; shared by predict and serve."""
+    p.add_argument("--hardware", required=True, help="built-in name or profile .toml path")
+    p.add_argument("--model", required=True, help="built-in name or HF config.json path")
+    p.add_argument("--devices", type=_positive_int, help="device count (default: fewest that fit)")
+    precisions = [x.value for x in Precision]
+    p.add_argument("--weight-precision", default="bf16", choices=precisions)
+    p.add_argument("--kv-precision", default="bf16", choices=precisions)
+    p.add_argument(
+        "--placement",
+        default="sram",
+        choices=["sram", "resident", "stream"],
+        help="weights resident in device memory (sram = resident), or streamed over external I/O",
+    )
+    p.add_argument("--draft-tokens", type=_positive_int, help="speculative decoding: drafts per step")
+    p.add_argument("--acceptance", type=_fraction, default=0.7, help="speculative acceptance rate")
+    p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
+
+
+def deployment_from_args(args: argparse.Namespace) -> Deployment:
+    speculative = None
+    if args.draft_tokens:
+        speculative = Speculative(
+            draft_tokens=args.draft_tokens,
+            acceptance_rate=args.acceptance,
+            draft_model=load_model(args.draft_model) if args.draft_model else None,
+        )
+    elif args.draft_model:
+        raise _UsageError("--draft-model needs --draft-tokens")
+    return plan_deployment(
+        load_hardware(args.hardware),
+        load_model(args.model),
+        devices=args.devices,
+        weight_precision=Precision(args.weight_precision),
+        kv_precision=Precision(args.kv_precision),
+        placement=Placement.parse(args.placement),
+        speculative=speculative,
+    )
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    p = predict(deployment_from_args(args), batch=args.batch, context=args.context, prompt=args.prompt)
+    if args.json:
+        print(json.dumps(p.as_dict(), indent=2))
+    else:
+        print(format_prediction(p))
+    return 0
+
+
+def format_prediction(p: Prediction) -> str:
+    d = p.decode
+    rows = [
+        ("deployment", p.deployment.describe()),
+        ("decode step", f"{d.time_s * 1e3:.3f} ms  (batch {p.batch}, context {p.context})"),
+        ("bound", d.bound.value),
+        ("per-user speed", f"{p.tokens_per_s_per_user:,.1f} tok/s"),
+        ("total speed", f"{p.tokens_per_s_total:,.1f} tok/s"),
+    ]
+    if p.prefill is not None:
+        rows += [
+            ("prefill", f"{p.prefill.time_s * 1e3:.3f} ms  ({p.prompt} tokens, {p.prefill.bound.value}-bound)"),
+            ("TTFT", f"{p.ttft_s * 1e3:.3f} ms"),
+        ]
+    rows += [
+        ("energy per token", f"{p.energy_j_per_token:.4g} J"),
+        ("KV capacity", f"{p.deployment.kv_capacity_tokens:,} tokens"),
+        ("", ""),
+        ("step breakdown", ""),
+        ("  memory", f"{d.memory_s * 1e3:.4f} ms  ({d.weight_bytes / 1e9:.2f} GB weights, {d.kv_bytes / 1e9:.3f} GB KV)"),
+        ("  weight stream", f"{d.stream_s * 1e3:.4f} ms"),
+        ("  compute", f"{d.compute_s * 1e3:.4f} ms  ({d.flops / 1e12:.3f} TFLOP)"),
+        ("  latency floors", f"{d.latency_s * 1e3:.4f} ms"),
+        ("  interconnect", f"{d.comm_s * 1e3:.4f} ms  ({d.link_bytes / 1e6:.3f} MB)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cmd_hardware(args: argparse.Namespace) -> int:
+    rows = []
+    for name in builtin_hardware():
+        hw = load_hardware(name)
+        peaks = ", ".join(f"{p.value} {v / 1e15:g}" for p, v in hw.peak_flops_per_s.items())
+        rows.append((
+            name, hw.kind.value, f"{hw.resident.capacity_bytes / 1e9:g} GB {hw.resident.name}",
+            f"{hw.resident.bandwidth_bytes_per_s / 1e12:g} TB/s", f"{peaks} PF",
+            f"{hw.external_io.bandwidth_bytes_per_s / 1e9:g} GB/s", f"{hw.tdp_w:g} W", hw.description,
+        ))
+    print(_table(("name", "kind", "memory", "bandwidth", "dense peak", "external I/O", "power", "description"), rows))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    rows = []
+    for name in builtin_models():
+        m = load_model(name)
+        kinds = ["MoE" if m.moe else "dense", "MLA" if m.mla else "GQA"]
+        if m.n_window_layers:
+            kinds.append(f"{m.n_window_layers} windowed layers")
+        kv = m.n_layers * m.kv_values_per_token_per_layer() * 2
+        rows.append((
+            name, str(m.n_layers), str(m.hidden_size), f"{m.n_heads}/{m.n_kv_heads}",
+            f"{m.total_params() / 1e9:.1f} B", f"{m.active_params_per_token() / 1e9:.1f} B",
+            f"{kv:,}", f"{m.max_context:,}", ", ".join(kinds),
+        ))
+    print(_table(("name", "layers", "hidden", "q/kv heads", "params", "active", "KV B/token bf16", "context", "kind"), rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="memorywall", description="LLM serving emulator: wafer-scale vs GPU.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("predict", help="predict step time, speed, TTFT and energy for a deployment")
+    add_deployment_arguments(p)
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoding together")
+    p.add_argument("--context", type=_nonnegative_int, default=1024, help="cached tokens per sequence")
+    p.add_argument("--prompt", type=_positive_int, help="prompt tokens to prefill (gives TTFT)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_predict)
+
+    sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(func=_cmd_hardware)
+    sub.add_parser("models", help="list built-in models").set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (_UsageError, MemorywallError) as e:
+        print(f"memorywall: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,26 @@
+"""The error tree shared by every layer. It imports nothing, so the core may use it."""
+
+
+class MemorywallError(Exception):
+    """Root of every error memorywall raises on purpose.
+
+    Subclasses:
+    - `ConfigError`: a bad value in a profile, model config, deployment or
+      argument; the message names the field.
+    - `NotFoundError`: an unknown hardware or model name; the message lists the
+      valid names.
+    - `CapacityError`: a model that does not fit the devices given; the message
+      says how many are needed.
+    """
+
+
+class ConfigError(MemorywallError, ValueError):
+    """A value is missing, malformed or out of range."""
+
+
+class NotFoundError(MemorywallError, LookupError):
+    """A name that is not built in and is not a readable file."""
+
+
+class CapacityError(MemorywallError):
+    """A model, request or batch does not fit the memory available."""
