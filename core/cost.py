@@ -88,8 +88,10 @@ def combine_s(
     Memory and compute overlap imperfectly in real kernels; `overlap` is the
     fitted share of the shorter one that still shows.
     """
-    busy = np.maximum(memory_s, compute_s)
-    hidden = np.minimum(memory_s, compute_s)
+    if isinstance(memory_s, float) and isinstance(compute_s, float):
+        busy, hidden = max(memory_s, compute_s), min(memory_s, compute_s)
+    else:
+        busy, hidden = np.maximum(memory_s, compute_s), np.minimum(memory_s, compute_s)
     return latency_s + busy + overlap * hidden + comm_s
 
 

@@ -60,7 +60,10 @@ class Work:
         pairs_full = q * ctx_sum + own * n_decode
         if window:
             read_window = sum(min(c, window) for c in batch.decode_contexts)
-            pairs_window = sum(_window_pairs(c, q, window) for c in batch.decode_contexts)
+            if q == 1:
+                pairs_window = sum(min(c + 1, window) for c in batch.decode_contexts)
+            else:
+                pairs_window = sum(_window_pairs(c, q, window) for c in batch.decode_contexts)
         else:
             read_window = pairs_window = 0
         read_full = ctx_sum
