@@ -51,56 +51,73 @@ def gpu_toml(fit: GpuFit) -> str:
     how = f"least-squares fit of relative error on {MEASURED_FILE} (benchmarks/calibrate.py)"
     no_host = f"{MEASURED_FILE}: decode replayed from CUDA graphs has no per-step host overhead"
     one_shape = "not separable with one model shape in the data; the wafer fit uses it"
-    return "\n".join([
-        "# Written by benchmarks/calibrate.py from the H100 Llama-3.1-8B measurements. Do not edit.",
-        "# Every GPU profile uses these constants: nothing is fitted per GPU.",
-        *_efficiency_lines(fit.efficiency, how),
-        "[latency]",
-        "per_step_s = " + _q(0.0, "s", no_host),
-        "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
-        "per_layer_per_hidden_s = " + _q(0.0, "s", one_shape),
-        "[fit]",
-        f"decode_median_abs_error = {fit.decode.median_abs_error!r}",
-        f"decode_max_abs_error = {fit.decode.max_abs_error!r}",
-        f"prefill_median_abs_error = {fit.prefill.median_abs_error!r}",
-        f"prefill_max_abs_error = {fit.prefill.max_abs_error!r}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Written by benchmarks/calibrate.py from the H100 Llama-3.1-8B data. Do not edit.",
+            "# Every GPU profile uses these constants: nothing is fitted per GPU.",
+            *_efficiency_lines(fit.efficiency, how),
+            "[latency]",
+            "per_step_s = " + _q(0.0, "s", no_host),
+            "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
+            "per_layer_per_hidden_s = " + _q(0.0, "s", one_shape),
+            "[fit]",
+            f"decode_median_abs_error = {fit.decode.median_abs_error!r}",
+            f"decode_max_abs_error = {fit.decode.max_abs_error!r}",
+            f"prefill_median_abs_error = {fit.prefill.median_abs_error!r}",
+            f"prefill_max_abs_error = {fit.prefill.max_abs_error!r}",
+            "",
+        ]
+    )
 
 
 def wafer_toml(fit: WaferFit, efficiency: Efficiency) -> str:
     gpu_how = f"least-squares fit of relative error on {MEASURED_FILE} (benchmarks/calibrate.py)"
     borrowed = "no wafer measurement exists; H100 fit reused: "
-    how = "exact solve on the published rows with fit = true in published.toml (benchmarks/calibrate.py)"
+    how = "exact solve on the rows with fit = true in published.toml (benchmarks/calibrate.py)"
     two_rows = "not separable from per-layer latency with two published rows"
-    return "\n".join([
-        "# Written by benchmarks/calibrate.py from the published Cerebras rows. Do not edit.",
-        *_efficiency_lines(efficiency, gpu_how, borrowed),
-        "[latency]",
-        "per_step_s = " + _q(0.0, "s", two_rows),
-        "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
-        "per_layer_per_hidden_s = " + _q(fit.latency.per_layer_per_hidden_s, "s", how),
-        f"[fit]\nmax_abs_error = {fit.rows.max_abs_error!r}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Written by benchmarks/calibrate.py from the published Cerebras rows. Do not edit.",
+            *_efficiency_lines(efficiency, gpu_how, borrowed),
+            "[latency]",
+            "per_step_s = " + _q(0.0, "s", two_rows),
+            "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
+            "per_layer_per_hidden_s = " + _q(fit.latency.per_layer_per_hidden_s, "s", how),
+            f"[fit]\nmax_abs_error = {fit.rows.max_abs_error!r}",
+            "",
+        ]
+    )
 
 
 def markdown(tables: list[ErrorTable]) -> str:
     out = ["| data set | points | median abs error | max abs error |", "|---|---|---|---|"]
     for t in tables:
-        out.append(f"| {t.name} | {len(t.rows)} | {t.median_abs_error:.1%} | {t.max_abs_error:.1%} |")
+        out.append(
+            f"| {t.name} | {len(t.rows)} | {t.median_abs_error:.1%} | {t.max_abs_error:.1%} |"
+        )
     for t in tables:
-        out += ["", f"**{t.name}**", "", "| point | measured | predicted | error |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"**{t.name}**",
+            "",
+            "| point | measured | predicted | error |",
+            "|---|---|---|---|",
+        ]
         for r in t.rows:
             out.append(
-                f"| {r.label} | {r.measured_s * 1e3:.3f} ms | {r.predicted_s * 1e3:.3f} ms | {r.error:+.1%} |"
+                f"| {r.label} | {r.measured_s * 1e3:.3f} ms "
+                f"| {r.predicted_s * 1e3:.3f} ms | {r.error:+.1%} |"
             )
     return "\n".join(out)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if the calibration files are stale")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the calibration files are stale"
+    )
     args = parser.parse_args()
     gpu = fit_gpu()
     wafer = fit_wafer(replace(load_hardware("wse-3"), efficiency=gpu.efficiency))

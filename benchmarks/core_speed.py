@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import platform
 import time
+from functools import partial
 
 import numpy as np
+from memorywall.core import (
+    Batch,
+    PrefillChunk,
+    StepModel,
+    load_hardware,
+    load_model,
+    plan_deployment,
+)
 
-from memorywall.core import Batch, PrefillChunk, StepModel, load_hardware, load_model, plan_deployment
+DEPLOYMENTS = [
+    ("h100-sxm", "llama-3.1-8b"),
+    ("wse-3", "llama-3.1-70b"),
+    ("b200", "qwen3-235b-a22b"),
+    ("h200", "gpt-oss-120b"),
+]
 
 
 def _per_call_s(fn, repeat: int) -> float:
+    """Best of five timings of `repeat` calls, per call."""
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
@@ -27,23 +42,20 @@ def _per_call_s(fn, repeat: int) -> float:
 
 
 def main() -> int:
-    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    print(f"machine: {platform.machine()}, Python {platform.python_version()}")
     print("| deployment | step_cost, batch 1 | batch 64 mixed | batch 256 | 10,000-point sweep |")
     print("|---|---|---|---|---|")
-    for hw, model in [("h100-sxm", "llama-3.1-8b"), ("wse-3", "llama-3.1-70b"), ("b200", "qwen3-235b-a22b"), ("h200", "gpt-oss-120b")]:
+    one = Batch(decode_contexts=(1000,))
+    mixed = Batch(decode_contexts=tuple(range(500, 563)), prefill=(PrefillChunk(512, 1024),))
+    big = Batch(decode_contexts=tuple(range(1000, 1256)))
+    b = np.arange(1, 101)[:, None]
+    c = np.linspace(128, 32768, 100)[None, :]
+    for hw, model in DEPLOYMENTS:
         sm = StepModel(plan_deployment(load_hardware(hw), load_model(model)))
-        one = Batch(decode_contexts=(1000,))
-        mixed = Batch(decode_contexts=tuple(range(500, 563)), prefill=(PrefillChunk(512, 1024),))
-        big = Batch(decode_contexts=tuple(range(1000, 1256)))
-        b = np.arange(1, 101)[:, None]
-        c = np.linspace(128, 32768, 100)[None, :]
-        sweep = _per_call_s(lambda: sm.decode_sweep(b, c), 20)
-        print(
-            f"| {model} on {hw} | {_per_call_s(lambda: sm.step_cost(one), 2000) * 1e6:.1f} us "
-            f"| {_per_call_s(lambda: sm.step_cost(mixed), 2000) * 1e6:.1f} us "
-            f"| {_per_call_s(lambda: sm.step_cost(big), 2000) * 1e6:.1f} us "
-            f"| {sweep * 1e3:.2f} ms |"
-        )
+        steps = [_per_call_s(partial(sm.step_cost, batch), 2000) for batch in (one, mixed, big)]
+        sweep = _per_call_s(partial(sm.decode_sweep, b, c), 20)
+        cells = " | ".join(f"{s * 1e6:.1f} us" for s in steps)
+        print(f"| {model} on {hw} | {cells} | {sweep * 1e3:.2f} ms |")
     return 0
 
 

@@ -1,7 +1,8 @@
-"""Reading `{ value, unit, source }` quantities out of TOML tables, with errors that name the field."""
+"""Reading `{ value, unit, source }` quantities from TOML tables; errors name the field."""
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,13 @@ class QuantityReader:
     origin: str
     sources: dict[str, str] = field(default_factory=dict)
 
-    def table(self, parent: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+    def table(
+        self, parent: dict[str, Any], key: str, prefix: str = "", *, optional: bool = False
+    ) -> dict[str, Any]:
         name = f"{prefix}{key}"
         value = parent.get(key)
+        if value is None and optional:
+            return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{self.origin}: [{name}]: missing table")
         return value
@@ -70,6 +75,8 @@ class QuantityReader:
         if not isinstance(source, str) or not source.strip():
             raise ConfigError(f"{self.origin}: {name}.source: every constant must cite a source")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.origin}: {name}.value: must be finite, got {value!r}")
         too_small = value <= minimum if strict else value < minimum
         if too_small or (maximum is not None and value > maximum):
             bound = f"> {minimum:g}" if strict else f">= {minimum:g}"

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
-
 from memorywall.core.cost import StepModel, combine_s
 from memorywall.core.deployment import plan_deployment
 from memorywall.core.hardware import Efficiency, Hardware, LatencyFloors, load_hardware
@@ -88,7 +87,10 @@ def load_gpu_measurements() -> GpuMeasurements:
     return GpuMeasurements(
         decode=tuple((r["batch"], r["context"], r["step_s_graph"]) for r in data["decode"]),
         prefill=tuple((r["prompt"], r["prefill_s"]) for r in data["prefill"]),
-        weight_streaming_bytes_per_s=data["device_ceilings_measured"]["weight_streaming_GBps_by_batch"]["b1"] * 1e9,
+        weight_streaming_bytes_per_s=data["device_ceilings_measured"][
+            "weight_streaming_GBps_by_batch"
+        ]["b1"]
+        * 1e9,
         datasheet_bandwidth_bytes_per_s=data["datasheet"]["hbm_GBps"] * 1e9,
     )
 
@@ -125,7 +127,9 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     m = m or load_gpu_measurements()
     model = load_model("llama-3.1-8b")
     weight_read = m.weight_streaming_bytes_per_s / m.datasheet_bandwidth_bytes_per_s
-    raw = StepModel(plan_deployment(replace(hardware, efficiency=_UNIT, latency=_NO_FLOOR), model, devices=1))
+    raw = StepModel(
+        plan_deployment(replace(hardware, efficiency=_UNIT, latency=_NO_FLOOR), model, devices=1)
+    )
     decode, prefill = _gpu_batches(m)
     costs = [raw.step_cost(b) for b in decode + prefill]
     bw = hardware.resident.bandwidth_bytes_per_s
@@ -139,7 +143,10 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     centre = np.array([0.7, 0.6, 0.6, 0.5])  # kv_read, compute, attention, overlap
     span = np.array([0.3, 0.4, 0.4, 0.5])
     for _ in range(3):
-        axes = [np.clip(np.linspace(c - s, c + s, 21), 0.05, 1.0) for c, s in zip(centre, span, strict=True)]
+        axes = [
+            np.clip(np.linspace(c - s, c + s, 21), 0.05, 1.0)
+            for c, s in zip(centre, span, strict=True)
+        ]
         axes[3] = np.clip(axes[3], 0.0, 1.0)
         kv, comp, attn, ov = np.meshgrid(*axes, indexing="ij", sparse=True)
         mem = weight_s + kv_s / kv[..., None]
@@ -160,8 +167,12 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
         attention=float(centre[2]),
         overlap=float(centre[3]),
     )
-    latency = LatencyFloors(per_step_s=0.0, per_layer_s=floor / model.n_layers, per_layer_per_hidden_s=0.0)
-    fitted = StepModel(plan_deployment(replace(hardware, efficiency=efficiency, latency=latency), model, devices=1))
+    latency = LatencyFloors(
+        per_step_s=0.0, per_layer_s=floor / model.n_layers, per_layer_per_hidden_s=0.0
+    )
+    fitted = StepModel(
+        plan_deployment(replace(hardware, efficiency=efficiency, latency=latency), model, devices=1)
+    )
     d_table, p_table = gpu_error_tables(fitted, m)
     return GpuFit(efficiency=efficiency, latency=latency, decode=d_table, prefill=p_table)
 
@@ -183,7 +194,11 @@ def published_error_table(rows: list[dict], name: str) -> ErrorTable:
     for row in rows:
         sm = published_step_model(row)
         step = sm.step_cost(Batch(decode_contexts=(row["context"],))).time_s
-        out.append(ErrorRow(row["label"], 1.0 / row["tokens_per_s_per_user"], step / sm.tokens_per_decode_step))
+        out.append(
+            ErrorRow(
+                row["label"], 1.0 / row["tokens_per_s_per_user"], step / sm.tokens_per_decode_step
+            )
+        )
     return ErrorTable(name, tuple(out))
 
 

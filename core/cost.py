@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
-
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
 from memorywall.core.work import Batch, Number, Work
 
@@ -125,7 +124,11 @@ class StepModel:
         self._n_moe = m.n_moe_layers
         self._moe = m.moe
         self._kv_layer_bytes = m.kv_values_per_token_per_layer() * kvb
-        self._n_full, self._n_window, self._n_layers = m.n_full_layers, m.n_window_layers, m.n_layers
+        self._n_full, self._n_window, self._n_layers = (
+            m.n_full_layers,
+            m.n_window_layers,
+            m.n_layers,
+        )
         self._hidden = m.hidden_size
         lm_head = m.vocab_size * m.hidden_size
         self._body_flops_per_token = 2.0 * (m.active_params_per_token() - lm_head)
@@ -137,7 +140,9 @@ class StepModel:
         self._kv_bw = res.bandwidth_bytes_per_s * eff.kv_read
         self._streamed = d.placement is Placement.STREAM
         if self._streamed:
-            self._stream_bw = min(hw.stream.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s)
+            self._stream_bw = min(
+                hw.stream.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s
+            )
             self._stream_pj = hw.stream.energy_pj_per_bit + hw.external_io.energy_pj_per_bit
         peak = hw.compute_peak(d.weight_precision)
         self._linear_flops_per_s = peak * eff.compute
@@ -179,8 +184,16 @@ class StepModel:
         parts = np.stack(
             [t["memory_s"], t["compute_s"], t["latency_s"], t["stream_s"] + t["comm_s"]]
         )
-        keep = ("time_s", "memory_s", "stream_s", "compute_s", "latency_s", "comm_s", "energy_j",
-                "tokens")
+        keep = (
+            "time_s",
+            "memory_s",
+            "stream_s",
+            "compute_s",
+            "latency_s",
+            "comm_s",
+            "energy_j",
+            "tokens",
+        )
         return SweepCost(bound=parts.argmax(axis=0), **{k: t[k] for k in keep})
 
     def _terms(self, w: Work) -> dict[str, Number]:
@@ -204,7 +217,9 @@ class StepModel:
         attn_flops = self._attn_flops_per_pair * (
             self._n_full * w.pairs_full + self._n_window * w.pairs_window
         )
-        compute_s = linear_flops / tp / self._linear_flops_per_s + attn_flops / tp / self._attn_flops_per_s
+        compute_s = (
+            linear_flops / tp / self._linear_flops_per_s + attn_flops / tp / self._attn_flops_per_s
+        )
 
         hidden_values = w.tokens * self._hidden
         comm_s = 0.0 * hidden_values

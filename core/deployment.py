@@ -9,6 +9,7 @@ from enum import Enum
 from memorywall.core.hardware import DeviceKind, Hardware
 from memorywall.core.model import ModelShape
 from memorywall.core.precision import Precision
+
 from memorywall.errors import CapacityError, ConfigError
 
 # vLLM's default `gpu_memory_utilization`: the share of device memory the engine may use.
@@ -39,7 +40,7 @@ class Placement(Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class Speculative:
-    """Speculative decoding: `draft_tokens` proposed per step, each accepted with `acceptance_rate`."""
+    """Speculative decoding: `draft_tokens` drafts per step, each accepted with `acceptance_rate`."""
 
     draft_tokens: int
     acceptance_rate: float
@@ -94,7 +95,9 @@ class Deployment:
         upper bound (vLLM's hybrid allocator frees out-of-window blocks).
         """
         m = self.model
-        per_token = m.n_layers * m.kv_values_per_token_per_layer() * self.kv_precision.bytes_per_value
+        per_token = (
+            m.n_layers * m.kv_values_per_token_per_layer() * self.kv_precision.bytes_per_value
+        )
         return per_token * self.tensor_parallel / self.kv_shards
 
     @property
@@ -107,19 +110,23 @@ class Deployment:
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return max(0, int((self.usable_bytes - self.resident_weight_bytes) / self.kv_bytes_per_token))
+        return max(
+            0, int((self.usable_bytes - self.resident_weight_bytes) / self.kv_bytes_per_token)
+        )
 
     def describe(self) -> str:
         hw = self.hardware
-        layout = (
-            f"TP{self.tensor_parallel}" + (f" x PP{self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")
+        layout = f"TP{self.tensor_parallel}" + (
+            f" x PP{self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
         )
         spec = ""
         if self.speculative:
-            spec = f", speculative k={self.speculative.draft_tokens} a={self.speculative.acceptance_rate:g}"
+            s = self.speculative
+            spec = f", speculative k={s.draft_tokens} a={s.acceptance_rate:g}"
         return (
             f"{self.model.name} on {self.devices} x {hw.name} ({layout}, weights "
-            f"{self.weight_precision.value} {self.placement.value}, KV {self.kv_precision.value}{spec})"
+            f"{self.weight_precision.value} {self.placement.value}, "
+            f"KV {self.kv_precision.value}{spec})"
         )
 
 
@@ -183,7 +190,9 @@ def _fewest_devices(
                 f"{hardware.stream.name} store ({hardware.stream.capacity_bytes / 1e9:.0f} GB)"
             )
         return 1
-    per_device = hardware.resident.capacity_bytes * one.memory_utilization * (1 - kv_reserve_fraction)
+    per_device = (
+        hardware.resident.capacity_bytes * one.memory_utilization * (1 - kv_reserve_fraction)
+    )
     n = max(1, math.ceil(one.weight_bytes / per_device))
     while n <= model.n_layers * hardware.scale_up_domain:
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from memorywall.core._toml import QuantityReader, load_toml
 from memorywall.core.precision import Precision
+
 from memorywall.errors import ConfigError, NotFoundError
 
 _PROFILES = resources.files("memorywall.core") / "profiles"
@@ -100,7 +101,9 @@ class Hardware:
 
 def builtin_hardware() -> list[str]:
     """Names of the built-in profiles, sorted."""
-    return sorted(p.name.removesuffix(".toml") for p in _PROFILES.iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in _PROFILES.iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -150,7 +153,8 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
     peaks: dict[Precision, float] = {}
     for key in compute:
         precision = Precision.parse(key, field=f"{path}: [compute.{key}]")
-        peaks[precision] = r.quantity(compute[key], "peak_flops_per_s", "FLOP/s", f"compute.{key}.")
+        entry = r.table(compute, key, "compute.")
+        peaks[precision] = r.quantity(entry, "peak_flops_per_s", "FLOP/s", f"compute.{key}.")
     if Precision.BF16 not in peaks:
         raise ConfigError(f"{path}: [compute.bf16]: missing (the fallback precision)")
 
@@ -159,11 +163,13 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
     calibration = r.text(data, "calibration")
     cal, cal_origin = _calibration_tables(calibration, path)
     cal_reader = QuantityReader(cal_origin, r.sources)
+    inline_tables = {s: r.table(data, s, optional=True) for s in ("efficiency", "latency")}
+    cal_tables = {s: cal_reader.table(cal, s, optional=True) for s in ("efficiency", "latency")}
 
     def calibrated(section: str, key: str, unit: str, **bounds: Any) -> float:
         """A profile's inline value if it gives one, else the calibration file's."""
-        inline = data.get(section, {})
-        reader, table = (r, inline) if key in inline else (cal_reader, cal.get(section, {}))
+        inline = inline_tables[section]
+        reader, table = (r, inline) if key in inline else (cal_reader, cal_tables[section])
         return reader.quantity(table, key, unit, f"{section}.", **bounds)
 
     def eff(key: str, *, strict: bool = True) -> float:
@@ -208,12 +214,17 @@ def _memory_tiers(r: QuantityReader, memory: dict[str, Any]) -> list[tuple[str, 
         role = table.get("role") if isinstance(table, dict) else None
         if role not in ("resident", "stream"):
             raise ConfigError(f"{r.origin}: {prefix}role: expected 'resident' or 'stream'")
-        tiers.append((role, MemoryTier(
-            name=name,
-            capacity_bytes=r.quantity(table, "capacity_bytes", "B", prefix),
-            bandwidth_bytes_per_s=r.quantity(table, "bandwidth_bytes_per_s", "B/s", prefix),
-            energy_pj_per_bit=r.quantity(table, "energy_pj_per_bit", "pJ/bit", prefix),
-        )))
+        tiers.append(
+            (
+                role,
+                MemoryTier(
+                    name=name,
+                    capacity_bytes=r.quantity(table, "capacity_bytes", "B", prefix),
+                    bandwidth_bytes_per_s=r.quantity(table, "bandwidth_bytes_per_s", "B/s", prefix),
+                    energy_pj_per_bit=r.quantity(table, "energy_pj_per_bit", "pJ/bit", prefix),
+                ),
+            )
+        )
     return tiers
 
 

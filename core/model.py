@@ -105,7 +105,9 @@ class ModelShape:
 
     def active_params_per_token(self) -> int:
         """Parameters one token multiplies through (sets FLOPs)."""
-        routed = self.n_moe_layers * self.moe.experts_per_token * self.expert_params() if self.moe else 0
+        routed = (
+            self.n_moe_layers * self.moe.experts_per_token * self.expert_params() if self.moe else 0
+        )
         return self.always_read_params() + routed
 
     def kv_values_per_token_per_layer(self) -> int:
@@ -213,13 +215,15 @@ def model_from_config(config: dict[str, Any], *, name: str, origin: str = "") ->
 
 def _moe(c: dict[str, Any], num, n_layers: int) -> tuple[MoE | None, int]:
     """Routed experts and how many layers have them, across the HF naming variants."""
-    key = next((k for k in ("n_routed_experts", "num_local_experts", "num_experts") if k in c), None)
+    key = next(
+        (k for k in ("n_routed_experts", "num_local_experts", "num_experts") if k in c), None
+    )
     if key is None or not c.get(key):
         return None, 0
     n_experts = num(key)
     top_k = num("num_experts_per_tok") if "num_experts_per_tok" in c else num("experts_per_token")
-    expert_inter = num("moe_intermediate_size") if "moe_intermediate_size" in c else num(
-        "intermediate_size"
+    expert_inter = (
+        num("moe_intermediate_size") if "moe_intermediate_size" in c else num("intermediate_size")
     )
     n_shared = c.get("n_shared_experts")
     if n_shared is None and "intermediate_size_mlp" in c:
@@ -236,9 +240,7 @@ def _moe(c: dict[str, Any], num, n_layers: int) -> tuple[MoE | None, int]:
     else:  # Qwen3-MoE: every decoder_sparse_step-th layer not listed as MLP-only
         step = int(c.get("decoder_sparse_step", 1))
         mlp_only = set(c.get("mlp_only_layers") or ())
-        moe_layers = sum(
-            1 for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0
-        )
+        moe_layers = sum(1 for i in range(n_layers) if i not in mlp_only and (i + 1) % step == 0)
     if top_k > n_experts:
         raise ConfigError(f"num_experts_per_tok: {top_k} exceeds {n_experts} experts")
     moe = MoE(
@@ -263,9 +265,7 @@ def _windows(c: dict[str, Any], num, n_layers: int, where: str) -> tuple[int, in
             return local, num(key)
         return 0, None
     if c.get("attention_chunk_size"):  # Llama 4 without layer_types: no_rope_layers marks chunked
-        flags = c.get("no_rope_layers") or [
-            int((i + 1) % 4 != 0) for i in range(n_layers)
-        ]
+        flags = c.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n_layers)]
         return sum(1 for f in flags if f), num("attention_chunk_size")
     if c.get("use_sliding_window") and c.get("sliding_window"):
         return n_layers, num("sliding_window")

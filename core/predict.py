@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from memorywall.core.cost import StepCost, StepModel
 from memorywall.core.deployment import Deployment
 from memorywall.core.work import Batch, PrefillChunk
+
 from memorywall.errors import CapacityError, ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
-    """One decode step of `batch` sequences over `context` cached tokens, and an optional prefill."""
+    """A decode step of `batch` sequences over `context` cached tokens, and an optional prefill."""
 
     deployment: Deployment
     batch: int

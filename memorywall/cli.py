@@ -83,7 +83,9 @@ def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
         choices=["sram", "resident", "stream"],
         help="weights resident in device memory (sram = resident), or streamed over external I/O",
     )
-    p.add_argument("--draft-tokens", type=_positive_int, help="speculative decoding: drafts per step")
+    p.add_argument(
+        "--draft-tokens", type=_positive_int, help="speculative decoding: drafts per step"
+    )
     p.add_argument("--acceptance", type=_fraction, default=0.7, help="speculative acceptance rate")
     p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
 
@@ -110,7 +112,9 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    p = predict(deployment_from_args(args), batch=args.batch, context=args.context, prompt=args.prompt)
+    p = predict(
+        deployment_from_args(args), batch=args.batch, context=args.context, prompt=args.prompt
+    )
     if args.json:
         print(json.dumps(p.as_dict(), indent=2))
     else:
@@ -129,7 +133,11 @@ def format_prediction(p: Prediction) -> str:
     ]
     if p.prefill is not None:
         rows += [
-            ("prefill", f"{p.prefill.time_s * 1e3:.3f} ms  ({p.prompt} tokens, {p.prefill.bound.value}-bound)"),
+            (
+                "prefill",
+                f"{p.prefill.time_s * 1e3:.3f} ms  "
+                f"({p.prompt} tokens, {p.prefill.bound.value}-bound)",
+            ),
             ("TTFT", f"{p.ttft_s * 1e3:.3f} ms"),
         ]
     rows += [
@@ -137,7 +145,11 @@ def format_prediction(p: Prediction) -> str:
         ("KV capacity", f"{p.deployment.kv_capacity_tokens:,} tokens"),
         ("", ""),
         ("step breakdown", ""),
-        ("  memory", f"{d.memory_s * 1e3:.4f} ms  ({d.weight_bytes / 1e9:.2f} GB weights, {d.kv_bytes / 1e9:.3f} GB KV)"),
+        (
+            "  memory",
+            f"{d.memory_s * 1e3:.4f} ms  "
+            f"({d.weight_bytes / 1e9:.2f} GB weights, {d.kv_bytes / 1e9:.3f} GB KV)",
+        ),
         ("  weight stream", f"{d.stream_s * 1e3:.4f} ms"),
         ("  compute", f"{d.compute_s * 1e3:.4f} ms  ({d.flops / 1e12:.3f} TFLOP)"),
         ("  latency floors", f"{d.latency_s * 1e3:.4f} ms"),
@@ -160,12 +172,33 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
     for name in builtin_hardware():
         hw = load_hardware(name)
         peaks = ", ".join(f"{p.value} {v / 1e15:g}" for p, v in hw.peak_flops_per_s.items())
-        rows.append((
-            name, hw.kind.value, f"{hw.resident.capacity_bytes / 1e9:g} GB {hw.resident.name}",
-            f"{hw.resident.bandwidth_bytes_per_s / 1e12:g} TB/s", f"{peaks} PF",
-            f"{hw.external_io.bandwidth_bytes_per_s / 1e9:g} GB/s", f"{hw.tdp_w:g} W", hw.description,
-        ))
-    print(_table(("name", "kind", "memory", "bandwidth", "dense peak", "external I/O", "power", "description"), rows))
+        rows.append(
+            (
+                name,
+                hw.kind.value,
+                f"{hw.resident.capacity_bytes / 1e9:g} GB {hw.resident.name}",
+                f"{hw.resident.bandwidth_bytes_per_s / 1e12:g} TB/s",
+                f"{peaks} PF",
+                f"{hw.external_io.bandwidth_bytes_per_s / 1e9:g} GB/s",
+                f"{hw.tdp_w:g} W",
+                hw.description,
+            )
+        )
+    print(
+        _table(
+            (
+                "name",
+                "kind",
+                "memory",
+                "bandwidth",
+                "dense peak",
+                "external I/O",
+                "power",
+                "description",
+            ),
+            rows,
+        )
+    )
     return 0
 
 
@@ -177,12 +210,35 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if m.n_window_layers:
             kinds.append(f"{m.n_window_layers} windowed layers")
         kv = m.n_layers * m.kv_values_per_token_per_layer() * 2
-        rows.append((
-            name, str(m.n_layers), str(m.hidden_size), f"{m.n_heads}/{m.n_kv_heads}",
-            f"{m.total_params() / 1e9:.1f} B", f"{m.active_params_per_token() / 1e9:.1f} B",
-            f"{kv:,}", f"{m.max_context:,}", ", ".join(kinds),
-        ))
-    print(_table(("name", "layers", "hidden", "q/kv heads", "params", "active", "KV B/token bf16", "context", "kind"), rows))
+        rows.append(
+            (
+                name,
+                str(m.n_layers),
+                str(m.hidden_size),
+                f"{m.n_heads}/{m.n_kv_heads}",
+                f"{m.total_params() / 1e9:.1f} B",
+                f"{m.active_params_per_token() / 1e9:.1f} B",
+                f"{kv:,}",
+                f"{m.max_context:,}",
+                ", ".join(kinds),
+            )
+        )
+    print(
+        _table(
+            (
+                "name",
+                "layers",
+                "hidden",
+                "q/kv heads",
+                "params",
+                "active",
+                "KV B/token bf16",
+                "context",
+                "kind",
+            ),
+            rows,
+        )
+    )
     return 0
 
 
@@ -193,12 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict step time, speed, TTFT and energy for a deployment")
     add_deployment_arguments(p)
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoding together")
-    p.add_argument("--context", type=_nonnegative_int, default=1024, help="cached tokens per sequence")
+    p.add_argument(
+        "--context", type=_nonnegative_int, default=1024, help="cached tokens per sequence"
+    )
     p.add_argument("--prompt", type=_positive_int, help="prompt tokens to prefill (gives TTFT)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_predict)
 
-    sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(func=_cmd_hardware)
+    sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(
+        func=_cmd_hardware
+    )
     sub.add_parser("models", help="list built-in models").set_defaults(func=_cmd_models)
     return parser
 

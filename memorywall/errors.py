@@ -11,6 +11,11 @@ class MemorywallError(Exception):
       valid names.
     - `CapacityError`: a model that does not fit the devices given; the message
       says how many are needed.
+    - `InvalidRequestError`: a generate request with a bad field; subclasses
+      `ContextLengthError` (prompt + output beyond the context window) and
+      `RequestTooLargeError` (more KV than the whole deployment holds).
+    - `DuplicateRequestError`: a request id that is already live.
+    - `DrainingError`: the server is shutting down and admits nothing new.
     """
 
 
@@ -24,3 +29,23 @@ class NotFoundError(MemorywallError, LookupError):
 
 class CapacityError(MemorywallError):
     """A model, request or batch does not fit the memory available."""
+
+
+class InvalidRequestError(MemorywallError, ValueError):
+    """A generate request field is missing or out of range."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested output exceed the model's context window."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request needs more KV cache than the whole deployment has."""
+
+
+class DuplicateRequestError(MemorywallError):
+    """A request id that is already in flight."""
+
+
+class DrainingError(MemorywallError):
+    """The engine is shutting down."""

@@ -1,0 +1,1 @@
+"""memorywall.v1: generated protobuf and gRPC code. Regenerate with `python protos/generate.py`."""

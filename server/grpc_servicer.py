@@ -1,0 +1,193 @@
+"""memorywall.v1.Engine over gRPC: a thin adapter from protos to the engine and back."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+from memorywall.server.build import ModelCard
+from memorywall.server.engine import AsyncEngine, Finished, TokenGroup
+from memorywall.server.scheduler import FinishReason, Request
+from memorywall.server.tokens import digest, synthetic_prompt, text_token_ids
+from memorywall.v1 import engine_pb2 as pb
+from memorywall.v1 import engine_pb2_grpc
+
+from memorywall.errors import (
+    CapacityError,
+    DrainingError,
+    DuplicateRequestError,
+    InvalidRequestError,
+    MemorywallError,
+    NotFoundError,
+)
+
+# Domain error -> status code; the most specific class in an error's MRO wins.
+STATUS_FOR = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DrainingError: grpc.StatusCode.UNAVAILABLE,
+}
+
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+def status_for(error: MemorywallError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_FOR:
+            return STATUS_FOR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class EngineServicer(engine_pb2_grpc.EngineServicer):
+    def __init__(self, engine: AsyncEngine, card: ModelCard, seed: int = 0) -> None:
+        self.engine = engine
+        self.card = card
+        self.seed = seed
+
+    def to_request(self, r: pb.GenerateRequest) -> Request:
+        if r.model and r.model != self.card.model:
+            raise NotFoundError(
+                f"model {r.model!r} is not served here; this server serves {self.card.model!r}"
+            )
+        kind = r.WhichOneof("prompt")
+        vocab = self.card.vocab_size
+        if kind == "text":
+            if not r.text:
+                raise InvalidRequestError("prompt: text is empty")
+            prompt = text_token_ids(r.text, vocab)
+        elif kind == "token_ids":
+            prompt = tuple(r.token_ids.ids)
+            bad = next((t for t in prompt if t >= vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"prompt: token id {bad} is outside the vocabulary of {vocab}"
+                )
+        elif kind == "token_count":
+            prompt = synthetic_prompt(r.token_count, digest(self.seed, r.request_id), vocab)
+        else:
+            raise InvalidRequestError("prompt: one of text, token_ids or token_count is required")
+        if not prompt:
+            raise InvalidRequestError("prompt: empty")
+        if r.max_tokens < 1:
+            raise InvalidRequestError("max_tokens: required and must be >= 1")
+        if r.stream_options.min_interval_s < 0:
+            raise InvalidRequestError("stream_options.min_interval_s: must be >= 0")
+        s = r.sampling
+        return Request(
+            request_id=r.request_id or uuid.uuid4().hex,
+            prompt_ids=prompt,
+            max_tokens=r.max_tokens,
+            min_tokens=r.min_tokens,
+            ignore_eos=r.ignore_eos,
+            stop_token_ids=frozenset(s.stop_token_ids),
+            sampling_seed=s.seed if s.HasField("seed") else None,
+        )
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            domain = self.to_request(request)
+            stream = self.engine.submit(
+                domain, min_interval_s=request.stream_options.min_interval_s
+            )
+        except MemorywallError as e:
+            await context.abort(status_for(e), str(e))
+        rid = domain.request_id
+        # Headers go out now, not with the first token: clients start TTFT clocks on them.
+        await context.send_initial_metadata(())
+        finished = False
+        try:
+            async for event in stream:
+                if isinstance(event, TokenGroup):
+                    chunk = pb.TokenChunk(
+                        token_ids=event.token_ids, text=event.text, modelled_times_s=event.times_s
+                    )
+                    yield pb.GenerateResponse(request_id=rid, chunk=chunk)
+                else:
+                    finished = True
+                    yield pb.GenerateResponse(request_id=rid, finished=_finished(event, request))
+        except MemorywallError as e:
+            await context.abort(status_for(e), str(e))
+        finally:
+            if not finished:
+                # Cancelled, deadline passed or client gone: free the slot and KV now.
+                self.engine.abort(rid)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=[r for r in request.request_ids if self.engine.abort(r)])
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        c = self.card
+        return pb.ModelInfo(
+            model=c.model,
+            context_window=c.context_window,
+            vocab_size=c.vocab_size,
+            eos_token_ids=c.eos_token_ids,
+            hardware=c.hardware,
+            devices=c.devices,
+            tensor_parallel=c.tensor_parallel,
+            pipeline_parallel=c.pipeline_parallel,
+            weight_precision=c.weight_precision,
+            kv_precision=c.kv_precision,
+            placement=c.placement,
+            deployment=c.deployment,
+            kv_capacity_tokens=c.kv_capacity_tokens,
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            predicted_tokens_per_s_per_user=c.predicted_tokens_per_s_per_user,
+        )
+
+    async def GetServerInfo(self, request, context) -> pb.ServerInfo:
+        s = self.engine.stats()
+        lag = pb.LagStats(
+            samples=s.lag.samples,
+            mean_s=s.lag.mean_s,
+            p50_s=s.lag.p50_s,
+            p99_s=s.lag.p99_s,
+            max_s=s.lag.max_s,
+            late_steps=s.lag.late_steps,
+            threshold_s=s.lag.threshold_s,
+        )
+        return pb.ServerInfo(
+            running=s.running,
+            waiting=s.waiting,
+            kv_used_tokens=s.kv_used_tokens,
+            kv_total_tokens=s.kv_total_tokens,
+            kv_usage=s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0,
+            lag=lag,
+            uptime_s=s.uptime_s,
+            requests_finished=s.requests_finished,
+            requests_aborted=s.requests_aborted,
+            tokens_generated=s.tokens_generated,
+            preemptions=s.preemptions,
+            steps=s.steps,
+            modelled_energy_j=s.modelled_energy_j,
+            draining=s.draining,
+            stream_interval_s=s.stream_interval_s,
+        )
+
+
+def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:
+    return pb.Finished(
+        finish_reason=_FINISH[f.reason],
+        usage=pb.Usage(
+            prompt_tokens=f.prompt_tokens,
+            completion_tokens=f.completion_tokens,
+            cached_tokens=f.cached_tokens,
+        ),
+        timing=pb.RequestTiming(
+            queue_s=f.queue_s,
+            prefill_s=f.prefill_s,
+            decode_s=f.decode_s,
+            ttft_s=f.ttft_s,
+            e2e_s=f.e2e_s,
+            preemptions=f.preemptions,
+        ),
+        energy_j=f.energy_j,
+        sampling=request.sampling,
+    )

@@ -1,0 +1,315 @@
+"""The engine core: waiting queue, continuous batching, chunked prefill, KV admission, preemption.
+
+No clock and no I/O: `schedule(now)` plans the step that starts at `now`
+and asks the performance core what it costs; `complete(step)` applies its
+results at its end. A live driver sleeps between the two; a test or an
+offline simulation just calls them in turn.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from memorywall.core import Batch, PrefillChunk, StepCost
+from memorywall.server.kv import BlockPool, blocks_for
+from memorywall.server.tokens import TokenSource, digest
+
+from memorywall.errors import (
+    ContextLengthError,
+    DuplicateRequestError,
+    InvalidRequestError,
+    RequestTooLargeError,
+)
+
+
+class StepCostModel(Protocol):
+    """The seam to the performance core (`memorywall.core.StepModel` implements it)."""
+
+    def step_cost(self, batch: Batch) -> StepCost: ...
+
+
+class FinishReason(Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLimits:
+    """What the engine needs to know of the deployment besides step costs."""
+
+    kv_capacity_tokens: int
+    max_context: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    draft_tokens: int = 0
+    acceptance_rate: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()
+    sampling_seed: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    arrival_s: float
+    tokens: TokenSource
+    stop_at: int
+    output_ids: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose KV exists
+    blocks: int = 0
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    energy_j: float = 0.0
+    preemptions: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.output_ids) and self.computed == self.total_tokens - 1
+
+
+@dataclass(frozen=True)
+class Emission:
+    sequence: Sequence
+    token_ids: tuple[int, ...]
+    time_s: float
+    finished: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    start_s: float
+    end_s: float
+    cost: StepCost
+    scheduled: tuple[tuple[Sequence, int], ...]  # (sequence, new tokens this step)
+
+
+@dataclass
+class EngineCounters:
+    steps: int = 0
+    preemptions: int = 0
+    finished: int = 0
+    aborted: int = 0
+    tokens_generated: int = 0
+    energy_j: float = 0.0
+
+
+class EngineCore:
+    def __init__(
+        self, step_model: StepCostModel, limits: ModelLimits, config: EngineConfig
+    ) -> None:
+        self.step_model = step_model
+        self.limits = limits
+        self.config = config
+        self.pool = BlockPool(limits.kv_capacity_tokens // config.block_size, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.live: dict[str, Sequence] = {}
+        self.counters = EngineCounters()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request, now: float) -> Sequence:
+        """Validate and queue a request; raises before anything is held."""
+        self._validate(request)
+        prompt_digest = digest(self.config.seed, request.sampling_seed, request.prompt_ids)
+        tokens = TokenSource(prompt_digest, self.limits.vocab_size, self.limits.eos_token_ids)
+        low = max(request.min_tokens, 1)
+        stop_at = (
+            request.max_tokens
+            if request.ignore_eos
+            else tokens.natural_length(low, request.max_tokens)
+        )
+        seq = Sequence(request=request, arrival_s=now, tokens=tokens, stop_at=stop_at)
+        self.live[request.request_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def _validate(self, r: Request) -> None:
+        if r.request_id in self.live:
+            raise DuplicateRequestError(f"request_id {r.request_id!r} is already in flight")
+        if r.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
+        if r.min_tokens > r.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens: {r.min_tokens} exceeds max_tokens {r.max_tokens}"
+            )
+        if not r.prompt_ids:
+            raise InvalidRequestError("prompt: empty")
+        total = len(r.prompt_ids) + r.max_tokens
+        if total > self.limits.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = {total} "
+                f"exceeds the context window of {self.limits.max_context}"
+            )
+        if blocks_for(total, self.config.block_size) > self.pool.total_blocks:
+            raise RequestTooLargeError(
+                f"prompt + max_tokens = {total} tokens exceeds the KV capacity of "
+                f"{self.pool.capacity_tokens} tokens"
+            )
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a live request and free its slot and KV now."""
+        seq = self.live.get(request_id)
+        if seq is None:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.counters.aborted += 1
+        self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    def schedule(self, now: float) -> Step | None:
+        """Plan the step starting at `now`: running sequences first, then admissions in order."""
+        budget = self.config.max_num_batched_tokens
+        queries = self.limits.draft_tokens + 1
+        scheduled: list[tuple[Sequence, int]] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.total_tokens - seq.computed, budget)
+            kv_tokens = seq.computed + (queries if seq.decoding else n)
+            if not self._grow(seq, kv_tokens):
+                continue  # seq itself was preempted; running[i] is now the next one
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and self.waiting[0].arrival_s <= now
+        ):
+            seq = self.waiting[0]
+            n = min(seq.total_tokens - seq.computed, budget)
+            need = blocks_for(seq.computed + n, self.config.block_size) - seq.blocks
+            if not self.pool.try_allocate(need):
+                break
+            seq.blocks += need
+            self.waiting.popleft()
+            self.running.append(seq)
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = now
+            scheduled.append((seq, n))
+            budget -= n
+        if not scheduled:
+            return None
+        decode = [s.computed for s, _ in scheduled if s.decoding]
+        prefill = [
+            PrefillChunk(n, s.computed, s.computed + n == s.total_tokens)
+            for s, n in scheduled
+            if not s.decoding
+        ]
+        cost = self.step_model.step_cost(Batch(decode_contexts=decode, prefill=prefill))
+        return Step(now, now + cost.time_s, cost, tuple(scheduled))
+
+    def _grow(self, seq: Sequence, kv_tokens: int) -> bool:
+        """Give `seq` blocks for `kv_tokens`, preempting the latest admitted until it fits."""
+        need = max(0, blocks_for(kv_tokens, self.config.block_size) - seq.blocks)
+        while not self.pool.try_allocate(need):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.blocks += need
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop its KV, requeue it first."""
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = 0
+        seq.computed = 0
+        seq.preemptions += 1
+        self.counters.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def complete(self, step: Step) -> list[Emission]:
+        """Apply a step at its end: advance prefill, sample tokens, finish sequences."""
+        emissions = []
+        total = sum(n for _, n in step.scheduled)
+        self.counters.steps += 1
+        self.counters.energy_j += step.cost.energy_j
+        for seq, n in step.scheduled:
+            if seq.finish_reason is not None:
+                continue  # aborted during the step
+            seq.energy_j += step.cost.energy_j * n / total
+            was_decoding = seq.decoding
+            seq.computed += n
+            if seq.computed < seq.total_tokens:
+                continue  # a prefill chunk that does not end the prompt
+            ids, reason = self._sample(seq, was_decoding)
+            seq.output_ids.extend(ids)
+            # Accepted drafts were verified in this step, so their KV exists.
+            seq.computed = seq.total_tokens - 1
+            seq.last_token_s = step.end_s
+            if seq.first_token_s is None:
+                seq.first_token_s = step.end_s
+            self.counters.tokens_generated += len(ids)
+            if reason is not None:
+                self.running.remove(seq)
+                self.counters.finished += 1
+                self._finish(seq, reason)
+            emissions.append(Emission(seq, tuple(ids), step.end_s, reason is not None))
+        return emissions
+
+    def _sample(self, seq: Sequence, speculative: bool) -> tuple[list[int], FinishReason | None]:
+        r = seq.request
+        k = 1
+        if speculative and self.limits.draft_tokens:
+            k += seq.tokens.accepted_drafts(self.limits.draft_tokens, self.limits.acceptance_rate)
+        done = len(seq.output_ids)
+        k = min(k, seq.stop_at - done)
+        ids = seq.tokens.next_ids(k)
+        for j, token in enumerate(ids):
+            if token in r.stop_token_ids and done + j + 1 >= r.min_tokens and not r.ignore_eos:
+                return ids[: j + 1], FinishReason.STOP
+        if done + k < seq.stop_at:
+            return ids, None
+        if seq.stop_at < r.max_tokens and self.limits.eos_token_ids:
+            ids[-1] = min(self.limits.eos_token_ids)
+            return ids, FinishReason.STOP
+        return ids, FinishReason.LENGTH if seq.stop_at == r.max_tokens else FinishReason.STOP
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        self.pool.release(seq.blocks)
+        seq.blocks = 0
+        del self.live[seq.request.request_id]
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self.pool.used_blocks * self.config.block_size

@@ -1,0 +1,100 @@
+"""Synthetic but deterministic tokens: same seed and request, same output.
+
+Prompt text is counted at about four characters per token (the usual rule
+of thumb for BPE tokenizers on English text); output ids map to short words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+CHARS_PER_TOKEN = 4
+_WORDS = [
+    "the",
+    "memory",
+    "wall",
+    "moves",
+    "bytes",
+    "between",
+    "compute",
+    "and",
+    "storage",
+    "while",
+    "tokens",
+    "stream",
+    "out",
+    "of",
+    "wafer",
+    "scale",
+    "engines",
+    "and",
+    "graphics",
+    "processors",
+    "serving",
+    "many",
+    "users",
+    "at",
+    "once",
+    "with",
+    "batches",
+    "caches",
+    "bandwidth",
+    "latency",
+    "energy",
+    "layers",
+    "weights",
+    "experts",
+    "attention",
+    "model",
+]
+
+
+def digest(*parts: object) -> int:
+    """A stable 64-bit hash of the parts (Python's hash() is salted per process)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def count_text_tokens(text: str) -> int:
+    return max(1, -(-len(text) // CHARS_PER_TOKEN))
+
+
+def text_token_ids(text: str, vocab_size: int) -> tuple[int, ...]:
+    """Stand-in ids for prompt text: one per four-character piece."""
+    pieces = [text[i : i + CHARS_PER_TOKEN] for i in range(0, len(text), CHARS_PER_TOKEN)]
+    return tuple(digest(p) % vocab_size for p in pieces) or (0,)
+
+
+def synthetic_prompt(count: int, seed: int, vocab_size: int) -> tuple[int, ...]:
+    rng = np.random.default_rng(seed)
+    return tuple(int(x) for x in rng.integers(0, vocab_size, size=count))
+
+
+def token_text(token_id: int) -> str:
+    return " " + _WORDS[token_id % len(_WORDS)]
+
+
+class TokenSource:
+    """Output ids for one request: uniform over the vocabulary, never an EOS id."""
+
+    def __init__(self, seed: int, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._vocab = vocab_size
+        self._eos = eos_ids
+
+    def next_ids(self, n: int) -> list[int]:
+        ids = [int(x) for x in self._rng.integers(0, self._vocab, size=n)]
+        return [i + 1 if i in self._eos else i for i in ids]
+
+    def natural_length(self, low: int, high: int) -> int:
+        """Where an unconstrained sample would end: uniform in [low, high]."""
+        return int(self._rng.integers(low, high + 1))
+
+    def accepted_drafts(self, draft_tokens: int, acceptance: float) -> int:
+        """Drafts accepted before the first rejection, each with probability `acceptance`."""
+        accepted = 0
+        while accepted < draft_tokens and self._rng.random() < acceptance:
+            accepted += 1
+        return accepted

@@ -1,0 +1,105 @@
+"""The calibration files are what the fits produce, and the fits meet their accuracy targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+from memorywall.core import Batch, StepModel, load_hardware, load_model, plan_deployment
+from memorywall.core.calibration import (
+    GpuFit,
+    WaferFit,
+    fit_gpu,
+    fit_wafer,
+    load_gpu_measurements,
+    load_published,
+    published_error_table,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@cache
+def gpu() -> GpuFit:
+    return fit_gpu()
+
+
+@cache
+def wafer() -> WaferFit:
+    return fit_wafer()
+
+
+def fields_approx(a, b, rel: float) -> None:
+    for f in dataclasses.fields(a):
+        got, want = getattr(a, f.name), getattr(b, f.name)
+        assert got == pytest.approx(want, rel=rel, abs=1e-300), f.name
+
+
+def test_fit_gpu_reproduces_gpu_fit_toml():
+    for name in ("h100-sxm", "h200", "b200"):
+        hw = load_hardware(name)
+        fields_approx(gpu().efficiency, hw.efficiency, rel=1e-9)
+        fields_approx(gpu().latency, hw.latency, rel=1e-9)
+
+
+def test_weight_read_is_the_measured_ceiling():
+    # 2919 GB/s measured weight streaming at batch 1, over the 3350 GB/s datasheet
+    m = load_gpu_measurements()
+    assert m.weight_streaming_bytes_per_s == 2919e9
+    assert m.datasheet_bandwidth_bytes_per_s == 3350e9
+    assert gpu().efficiency.weight_read == pytest.approx(2919 / 3350, rel=1e-12)
+
+
+def test_gpu_fit_meets_its_targets():
+    fit = gpu()
+    assert len(fit.decode.rows) > 10 and len(fit.prefill.rows) > 3
+    assert fit.decode.median_abs_error <= 0.03
+    assert fit.decode.max_abs_error <= 0.08
+    assert fit.prefill.max_abs_error <= 0.10
+
+
+def test_builtin_h100_reproduces_the_fit_error_table():
+    # The shipped profile, not just the fit's own StepModel, gives the fitted predictions.
+    sm = StepModel(plan_deployment(load_hardware("h100-sxm"), load_model("llama-3.1-8b")))
+    for row, (b, c, _) in zip(gpu().decode.rows, load_gpu_measurements().decode, strict=True):
+        step = sm.step_cost(Batch(decode_contexts=(c,) * b)).time_s
+        assert step == pytest.approx(row.predicted_s, rel=1e-9)
+
+
+def test_fit_wafer_reproduces_wse_fit_toml():
+    hw = load_hardware("wse-3")
+    fields_approx(wafer().latency, hw.latency, rel=1e-9)
+    assert hw.efficiency == load_hardware("h100-sxm").efficiency  # borrowed from the GPU fit
+
+
+def test_wafer_fit_rows_are_exact():
+    rows = wafer().rows.rows
+    assert {r.label for r in rows} == {r["label"] for r in load_published() if r["fit"]}
+    for r in rows:
+        assert abs(r.error) <= 1e-6, r.label
+
+
+def test_builtin_wafer_reproduces_published_rows():
+    # Cerebras: Llama 3.1 8B on 1 CS-3 at 1,800 tok/s; 70B on 4 at 450 tok/s
+    table = published_error_table(
+        [r for r in load_published() if r["fit"]], "fit rows through the shipped profiles"
+    )
+    for r in table.rows:
+        assert r.predicted_s == pytest.approx(r.measured_s, rel=1e-6), r.label
+
+
+def test_calibrate_check_exits_zero():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/calibrate.py", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| H100 decode |" in result.stdout
