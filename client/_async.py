@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Unpack
 
 import grpc
@@ -50,7 +51,16 @@ class AsyncGenerateStream:
             except grpc.aio.AioRpcError as exc:
                 self._stop()
                 raise translate(exc) from exc
-            except BaseException:  # CancelledError, ProtocolError: the server must not go on
+            except asyncio.CancelledError:
+                # aclose() from another task cancels our read: end quietly, unless this
+                # task itself is being cancelled.
+                task = asyncio.current_task()
+                closed_elsewhere = self._done and not (task and task.cancelling())
+                self._stop()
+                if closed_elsewhere:
+                    break
+                raise
+            except BaseException:  # ProtocolError and the like: the server must not go on
                 self._stop()
                 raise
             if chunk is not None:

@@ -54,7 +54,7 @@ def server_info_from_proto(msg: pb.ServerInfo) -> ServerInfo:
 
 def sampling_to_dict(msg: pb.SamplingParams) -> dict[str, Any]:
     """The sampling fields the server echoed as set, repeated ones as lists."""
-    return {f.name: list(v) if f.label == f.LABEL_REPEATED else v for f, v in msg.ListFields()}
+    return {f.name: list(v) if f.is_repeated else v for f, v in msg.ListFields()}
 
 
 class StreamAssembler:

@@ -48,6 +48,8 @@ class GenerateStream:
                 self._assembler.end()
                 break
             except grpc.RpcError as exc:
+                if self._done:  # close() from another thread cancelled the call: end quietly
+                    break
                 self._stop()
                 raise translate(exc) from exc
             except BaseException:  # KeyboardInterrupt, ProtocolError: the server must not go on

@@ -40,7 +40,7 @@ class Placement(Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class Speculative:
-    """Speculative decoding: `draft_tokens` drafts per step, each accepted with `acceptance_rate`."""
+    """Speculative decoding: `draft_tokens` per step, each accepted with `acceptance_rate`."""
 
     draft_tokens: int
     acceptance_rate: float

@@ -59,6 +59,16 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -109,6 +119,41 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
         placement=Placement.parse(args.placement),
         speculative=speculative,
     )
+
+
+def _port(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here: predict/hardware/models need neither grpc nor asyncio.
+    import asyncio
+    import logging
+
+    from memorywall.server.app import ServerConfig, serve_forever
+    from memorywall.server.scheduler import EngineConfig
+
+    budget = {"max_messages_per_s": args.max_messages_per_s} if args.max_messages_per_s else {}
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serving = serve_forever(
+        deployment_from_args(args),
+        EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            seed=args.seed,
+        ),
+        ServerConfig(host=args.host, port=args.port, grace_s=args.grace, **budget),
+    )
+    try:
+        asyncio.run(serving)
+    except OSError as e:
+        raise _UsageError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -255,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_positive_int, help="prompt tokens to prefill (gives TTFT)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="run the emulated serving engine (gRPC)")
+    add_deployment_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=50051, help="port (0: any free port)")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="running batch limit")
+    p.add_argument(
+        "--max-num-batched-tokens", type=_positive_int, default=8192, help="token budget per step"
+    )
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed for synthetic tokens")
+    p.add_argument(
+        "--grace", type=_positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
+    )
+    p.add_argument(
+        "--max-messages-per-s",
+        type=_positive_float,
+        help="message budget (default 16000); above it the server groups tokens per message",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_cmd_serve)
 
     sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(
         func=_cmd_hardware

@@ -13,7 +13,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from memorywall.core import Deployment
 from memorywall.server.build import ModelCard, build_core
-from memorywall.server.engine import DEFAULT_MAX_MESSAGES_PER_S, AsyncEngine
+from memorywall.server.engine import AsyncEngine
 from memorywall.server.grpc_servicer import EngineServicer
 from memorywall.server.scheduler import EngineConfig
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
@@ -28,11 +28,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     grace_s: float = 5.0
-    max_messages_per_s: float = DEFAULT_MAX_MESSAGES_PER_S
+    # Above this rate the engine groups tokens per message (grpc.aio costs per message).
+    max_messages_per_s: float = 16_000.0
 
 
 class EmulatorServer:
-    """One emulated engine behind a gRPC port. `await start()`, then `await stop()`."""
+    """One emulated engine behind a gRPC port. Build it inside the event loop that runs it;
+    `await start()`, then `await stop()`."""
 
     def __init__(
         self, deployment: Deployment, engine_config: EngineConfig, config: ServerConfig
@@ -88,8 +90,11 @@ def describe(card: ModelCard, target: str) -> str:
     )
 
 
-async def serve_forever(server: EmulatorServer) -> None:
+async def serve_forever(
+    deployment: Deployment, engine_config: EngineConfig, config: ServerConfig
+) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    server = EmulatorServer(deployment, engine_config, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -79,8 +79,7 @@ class MonotonicClock:
         spec.it_value.tv_sec = int(deadline_s)
         spec.it_value.tv_nsec = int((deadline_s - int(deadline_s)) * 1e9)
         if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
-            await self._sleep_and_yield(deadline_s)
-            return
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
 
         def fired() -> None:
             try:

@@ -27,8 +27,8 @@ from memorywall.errors import DrainingError, MemorywallError
 
 log = logging.getLogger("memorywall.engine")
 
-DEFAULT_MAX_MESSAGES_PER_S = 16_000.0
 LAG_WARNING_INTERVAL_S = 5.0
+
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class AsyncEngine:
         core: EngineCore,
         *,
         clock: Clock | None = None,
-        max_messages_per_s: float = DEFAULT_MAX_MESSAGES_PER_S,
+        max_messages_per_s: float,
         lag_threshold_s: float = 0.010,
     ) -> None:
         self.core = core
@@ -163,11 +163,17 @@ class AsyncEngine:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="memorywall-engine")
 
-    def submit(self, request: Request, *, min_interval_s: float = 0.0) -> RequestStream:
-        """Queue a request; raises a `MemorywallError` for bad input, holding nothing."""
+    def submit(
+        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+    ) -> RequestStream:
+        """Queue a request that arrived at `arrival_s` (default now).
+
+        Raises a `MemorywallError` for bad input, holding nothing.
+        """
         if self.draining:
             raise DrainingError("server is shutting down; not admitting new requests")
-        seq = self.core.add(request, self.clock.now())
+        now = self.clock.now()
+        seq = self.core.add(request, now if arrival_s is None else min(arrival_s, now))
         stream = RequestStream(self, seq, min_interval_s)
         self._streams[request.request_id] = stream
         self._work.set()
@@ -224,23 +230,21 @@ class AsyncEngine:
         )
 
     async def _run(self) -> None:
-        next_start: float | None = None
+        last_end = 0.0
         while True:
             if not self.core.has_work():
                 self._work.clear()
                 await self._work.wait()
-                next_start = None
                 continue
-            now = self.clock.now()
-            # Back to back on the modelled timeline; from now when idle.
-            step = self.core.schedule(now if next_start is None else next_start)
+            # Back to back on the modelled timeline. An idle engine starts at the
+            # arrival that woke it: the time Python took to get here is not modelled.
+            step = self.core.schedule(max(last_end, self.core.next_arrival_s()))
             if step is None:
-                next_start = None
                 await asyncio.sleep(0)
                 continue
             await self.clock.sleep_until(step.end_s)
             self._deliver(self.core.complete(step), self.clock.now())
-            next_start = step.end_s
+            last_end = step.end_s
 
     def _deliver(self, emissions: list[Emission], now: float) -> None:
         interval = self.stream_interval_s

@@ -90,10 +90,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        # Modelled time starts when the request reaches us, not after we parsed it.
+        arrival_s = self.engine.clock.now()
         try:
             domain = self.to_request(request)
             stream = self.engine.submit(
-                domain, min_interval_s=request.stream_options.min_interval_s
+                domain, min_interval_s=request.stream_options.min_interval_s, arrival_s=arrival_s
             )
         except MemorywallError as e:
             await context.abort(status_for(e), str(e))

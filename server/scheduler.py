@@ -73,7 +73,7 @@ class Request:
     sampling_seed: int | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     request: Request
     arrival_s: float
@@ -88,30 +88,31 @@ class Sequence:
     energy_j: float = 0.0
     preemptions: int = 0
     finish_reason: FinishReason | None = None
+    prompt_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_ids)
 
     @property
     def total_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output_ids)
-
-    @property
-    def decoding(self) -> bool:
-        return bool(self.output_ids) and self.computed == self.total_tokens - 1
+        return self.prompt_len + len(self.output_ids)
 
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class Emission:
     sequence: Sequence
-    token_ids: tuple[int, ...]
+    token_ids: list[int]
     time_s: float
     finished: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Step:
     start_s: float
     end_s: float
     cost: StepCost
-    scheduled: tuple[tuple[Sequence, int], ...]  # (sequence, new tokens this step)
+    scheduled: list[tuple[Sequence, int, bool]]  # (sequence, new tokens, decoding)
 
 
 @dataclass
@@ -139,6 +140,12 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def next_arrival_s(self) -> float:
+        """When the oldest work arrived: the earliest a step can start (0 if nothing waits)."""
+        if self.running or not self.waiting:
+            return 0.0
+        return min(s.arrival_s for s in self.waiting)
 
     def add(self, request: Request, now: float) -> Sequence:
         """Validate and queue a request; raises before anything is held."""
@@ -195,46 +202,50 @@ class EngineCore:
     def schedule(self, now: float) -> Step | None:
         """Plan the step starting at `now`: running sequences first, then admissions in order."""
         budget = self.config.max_num_batched_tokens
+        block = self.config.block_size
         queries = self.limits.draft_tokens + 1
-        scheduled: list[tuple[Sequence, int]] = []
+        scheduled: list[tuple[Sequence, int, bool]] = []
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.total_tokens - seq.computed, budget)
-            kv_tokens = seq.computed + (queries if seq.decoding else n)
-            if not self._grow(seq, kv_tokens):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            left = seq.prompt_len + len(seq.output_ids) - seq.computed
+            decoding = left == 1 and bool(seq.output_ids)
+            n = left if left < budget else budget
+            kv_tokens = seq.computed + (queries if decoding else n)
+            if kv_tokens > seq.blocks * block and not self._grow(seq, kv_tokens):
                 continue  # seq itself was preempted; running[i] is now the next one
-            scheduled.append((seq, n))
+            scheduled.append((seq, n, decoding))
             budget -= n
             i += 1
         while (
             self.waiting
             and budget > 0
-            and len(self.running) < self.config.max_num_seqs
+            and len(running) < self.config.max_num_seqs
             and self.waiting[0].arrival_s <= now
         ):
             seq = self.waiting[0]
             n = min(seq.total_tokens - seq.computed, budget)
-            need = blocks_for(seq.computed + n, self.config.block_size) - seq.blocks
+            need = blocks_for(seq.computed + n, block) - seq.blocks
             if not self.pool.try_allocate(need):
                 break
             seq.blocks += need
             self.waiting.popleft()
-            self.running.append(seq)
+            running.append(seq)
             if seq.first_scheduled_s is None:
                 seq.first_scheduled_s = now
-            scheduled.append((seq, n))
+            scheduled.append((seq, n, False))
             budget -= n
         if not scheduled:
             return None
-        decode = [s.computed for s, _ in scheduled if s.decoding]
+        decode = [s.computed for s, _, d in scheduled if d]
         prefill = [
             PrefillChunk(n, s.computed, s.computed + n == s.total_tokens)
-            for s, n in scheduled
-            if not s.decoding
+            for s, n, d in scheduled
+            if not d
         ]
         cost = self.step_model.step_cost(Batch(decode_contexts=decode, prefill=prefill))
-        return Step(now, now + cost.time_s, cost, tuple(scheduled))
+        return Step(now, now + cost.time_s, cost, scheduled)
 
     def _grow(self, seq: Sequence, kv_tokens: int) -> bool:
         """Give `seq` blocks for `kv_tokens`, preempting the latest admitted until it fits."""
@@ -260,44 +271,48 @@ class EngineCore:
     def complete(self, step: Step) -> list[Emission]:
         """Apply a step at its end: advance prefill, sample tokens, finish sequences."""
         emissions = []
-        total = sum(n for _, n in step.scheduled)
-        self.counters.steps += 1
-        self.counters.energy_j += step.cost.energy_j
-        for seq, n in step.scheduled:
+        end_s = step.end_s
+        energy_per_token = step.cost.energy_j / sum(n for _, n, _ in step.scheduled)
+        counters = self.counters
+        counters.steps += 1
+        counters.energy_j += step.cost.energy_j
+        for seq, n, decoding in step.scheduled:
             if seq.finish_reason is not None:
                 continue  # aborted during the step
-            seq.energy_j += step.cost.energy_j * n / total
-            was_decoding = seq.decoding
+            seq.energy_j += energy_per_token * n
             seq.computed += n
-            if seq.computed < seq.total_tokens:
+            if seq.computed < seq.prompt_len + len(seq.output_ids):
                 continue  # a prefill chunk that does not end the prompt
-            ids, reason = self._sample(seq, was_decoding)
+            ids, reason = self._sample(seq, decoding)
             seq.output_ids.extend(ids)
             # Accepted drafts were verified in this step, so their KV exists.
-            seq.computed = seq.total_tokens - 1
-            seq.last_token_s = step.end_s
+            seq.computed = seq.prompt_len + len(seq.output_ids) - 1
+            seq.last_token_s = end_s
             if seq.first_token_s is None:
-                seq.first_token_s = step.end_s
-            self.counters.tokens_generated += len(ids)
+                seq.first_token_s = end_s
+            counters.tokens_generated += len(ids)
             if reason is not None:
                 self.running.remove(seq)
-                self.counters.finished += 1
+                counters.finished += 1
                 self._finish(seq, reason)
-            emissions.append(Emission(seq, tuple(ids), step.end_s, reason is not None))
+            emissions.append(Emission(seq, ids, end_s, reason is not None))
         return emissions
 
-    def _sample(self, seq: Sequence, speculative: bool) -> tuple[list[int], FinishReason | None]:
+    def _sample(self, seq: Sequence, decoding: bool) -> tuple[list[int], FinishReason | None]:
         r = seq.request
         k = 1
-        if speculative and self.limits.draft_tokens:
+        if decoding and self.limits.draft_tokens:
             k += seq.tokens.accepted_drafts(self.limits.draft_tokens, self.limits.acceptance_rate)
         done = len(seq.output_ids)
-        k = min(k, seq.stop_at - done)
+        left = seq.stop_at - done
+        if k > left:
+            k = left
         ids = seq.tokens.next_ids(k)
-        for j, token in enumerate(ids):
-            if token in r.stop_token_ids and done + j + 1 >= r.min_tokens and not r.ignore_eos:
-                return ids[: j + 1], FinishReason.STOP
-        if done + k < seq.stop_at:
+        if r.stop_token_ids and not r.ignore_eos:
+            for j, token in enumerate(ids):
+                if token in r.stop_token_ids and done + j + 1 >= r.min_tokens:
+                    return ids[: j + 1], FinishReason.STOP
+        if k < left:
             return ids, None
         if seq.stop_at < r.max_tokens and self.limits.eos_token_ids:
             ids[-1] = min(self.limits.eos_token_ids)
