@@ -13,6 +13,7 @@ import time
 from functools import partial
 
 import numpy as np
+
 from memorywall.core import (
     Batch,
     PrefillChunk,

@@ -7,6 +7,7 @@ from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+
 from memorywall.client import _base, _convert
 from memorywall.client._base import GenerateArgs, translate
 from memorywall.client._types import GenerateResult, ModelInfo, ServerInfo, TokenChunk

@@ -10,11 +10,11 @@ from typing import Any, Required, TypedDict
 
 import grpc
 from grpc_health.v1 import health_pb2
+
 from memorywall.client import _errors as errors
 from memorywall.client._types import SamplingParams
-from memorywall.v1 import engine_pb2 as pb
-
 from memorywall.errors import ConfigError
+from memorywall.v1 import engine_pb2 as pb
 
 ChannelOptions = Sequence[tuple[str, Any]]
 HEALTH_REQUEST = health_pb2.HealthCheckRequest(service="")
@@ -25,6 +25,14 @@ _UNHEALTHY_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 _UINT32_MAX = 2**32 - 1
+_FLOAT_SAMPLING = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 # The one place a gRPC status becomes an exception class; anything unlisted is ClientError.
 STATUS_ERRORS: dict[grpc.StatusCode, type[errors.ClientError]] = {
@@ -88,11 +96,9 @@ def _sampling_proto(s: SamplingParams) -> pb.SamplingParams:
         stop=list(s.stop),
         stop_token_ids=[_int("stop_token_ids[]", t, 0, _UINT32_MAX) for t in s.stop_token_ids],
     )
-    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+    for name in _FLOAT_SAMPLING:
         if (value := getattr(s, name)) is not None:
             setattr(msg, name, _float(name, value))
-    if s.repetition_penalty is not None:
-        msg.repetition_penalty = _float("repetition_penalty", s.repetition_penalty)
     if s.top_k is not None:
         msg.top_k = _int("top_k", s.top_k, -(2**31), 2**31 - 1)
     if s.seed is not None:
@@ -120,15 +126,8 @@ def build_generate_request(
     Exactly one prompt: `prompt` (text), `prompt_token_ids`, or `prompt_tokens`
     (a count, content irrelevant). `request_id` defaults to a fresh uuid4 hex.
     """
-    given = [
-        n
-        for n, v in [
-            ("prompt", prompt),
-            ("prompt_token_ids", prompt_token_ids),
-            ("prompt_tokens", prompt_tokens),
-        ]
-        if v is not None
-    ]
+    prompts = dict(prompt=prompt, prompt_token_ids=prompt_token_ids, prompt_tokens=prompt_tokens)
+    given = [name for name, value in prompts.items() if value is not None]
     if len(given) != 1:
         raise ConfigError(
             f"give exactly one of prompt, prompt_token_ids, prompt_tokens; got {given or 'none'}"

@@ -127,7 +127,7 @@ class ServerInfo:
     waiting: int
     kv_used_tokens: int
     kv_total_tokens: int
-    kv_usage: float  # fraction of the KV capacity in use, 0..1
+    kv_usage_fraction: float  # share of the KV capacity in use, 0..1
     lag: LagStats
     uptime_s: float
     requests_finished: int
@@ -138,3 +138,4 @@ class ServerInfo:
     modelled_energy_j: float
     draining: bool
     stream_interval_s: float
+    server_version: str

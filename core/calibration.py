@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
+
 from memorywall.core.cost import StepModel, combine_s
 from memorywall.core.deployment import plan_deployment
 from memorywall.core.hardware import Efficiency, Hardware, LatencyFloors, load_hardware

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import numpy as np
+
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
 from memorywall.core.work import Batch, Number, Work
 

@@ -9,7 +9,6 @@ from enum import Enum
 from memorywall.core.hardware import DeviceKind, Hardware
 from memorywall.core.model import ModelShape
 from memorywall.core.precision import Precision
-
 from memorywall.errors import CapacityError, ConfigError
 
 # vLLM's default `gpu_memory_utilization`: the share of device memory the engine may use.

@@ -17,7 +17,6 @@ from typing import Any
 
 from memorywall.core._toml import QuantityReader, load_toml
 from memorywall.core.precision import Precision
-
 from memorywall.errors import ConfigError, NotFoundError
 
 _PROFILES = resources.files("memorywall.core") / "profiles"

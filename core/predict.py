@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from memorywall.core.cost import StepCost, StepModel
 from memorywall.core.deployment import Deployment
 from memorywall.core.work import Batch, PrefillChunk
-
 from memorywall.errors import CapacityError, ConfigError
 
 

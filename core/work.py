@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from memorywall.core.model import ModelShape
 
 Number = float | np.ndarray

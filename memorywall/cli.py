@@ -152,7 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serving)
     except OSError as e:
-        raise _UsageError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+        raise _UsageError(str(e)) from None
     return 0
 
 

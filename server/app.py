@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from memorywall.core import Deployment
 from memorywall.server.build import ModelCard, build_core
 from memorywall.server.engine import AsyncEngine
@@ -63,9 +64,11 @@ class EmulatorServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc reports a failed bind this way
+            raise OSError(f"cannot serve on {address}: {e}") from None
         await self.engine.start()
         await self.server.start()
         for name in ("", SERVICE_NAME):

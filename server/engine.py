@@ -18,17 +18,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from memorywall.errors import DrainingError, MemorywallError
 from memorywall.server.clock import Clock, MonotonicClock
 from memorywall.server.lag import LagSummary, LagTracker
 from memorywall.server.scheduler import Emission, EngineCore, FinishReason, Request, Sequence
 from memorywall.server.tokens import token_text
 
-from memorywall.errors import DrainingError, MemorywallError
-
 log = logging.getLogger("memorywall.engine")
 
 LAG_WARNING_INTERVAL_S = 5.0
-
 
 
 @dataclass(frozen=True)

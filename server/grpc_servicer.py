@@ -5,13 +5,8 @@ from __future__ import annotations
 import uuid
 
 import grpc
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import AsyncEngine, Finished, TokenGroup
-from memorywall.server.scheduler import FinishReason, Request
-from memorywall.server.tokens import digest, synthetic_prompt, text_token_ids
-from memorywall.v1 import engine_pb2 as pb
-from memorywall.v1 import engine_pb2_grpc
 
+from memorywall import __version__
 from memorywall.errors import (
     CapacityError,
     DrainingError,
@@ -20,6 +15,12 @@ from memorywall.errors import (
     MemorywallError,
     NotFoundError,
 )
+from memorywall.server.build import ModelCard
+from memorywall.server.engine import AsyncEngine, Finished, TokenGroup
+from memorywall.server.scheduler import FinishReason, Request
+from memorywall.server.tokens import digest, synthetic_prompt, text_token_ids
+from memorywall.v1 import engine_pb2 as pb
+from memorywall.v1 import engine_pb2_grpc
 
 # Domain error -> status code; the most specific class in an error's MRO wins.
 STATUS_FOR = {
@@ -100,10 +101,10 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         except MemorywallError as e:
             await context.abort(status_for(e), str(e))
         rid = domain.request_id
-        # Headers go out now, not with the first token: clients start TTFT clocks on them.
-        await context.send_initial_metadata(())
         finished = False
         try:
+            # Headers go out now, not with the first token: clients start TTFT clocks on them.
+            await context.send_initial_metadata(())
             async for event in stream:
                 if isinstance(event, TokenGroup):
                     chunk = pb.TokenChunk(
@@ -160,7 +161,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             waiting=s.waiting,
             kv_used_tokens=s.kv_used_tokens,
             kv_total_tokens=s.kv_total_tokens,
-            kv_usage=s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0,
+            kv_usage_fraction=s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0,
             lag=lag,
             uptime_s=s.uptime_s,
             requests_finished=s.requests_finished,
@@ -171,6 +172,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             modelled_energy_j=s.modelled_energy_j,
             draining=s.draining,
             stream_interval_s=s.stream_interval_s,
+            server_version=__version__,
         )
 
 

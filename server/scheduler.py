@@ -14,15 +14,14 @@ from enum import Enum
 from typing import Protocol
 
 from memorywall.core import Batch, PrefillChunk, StepCost
-from memorywall.server.kv import BlockPool, blocks_for
-from memorywall.server.tokens import TokenSource, digest
-
 from memorywall.errors import (
     ContextLengthError,
     DuplicateRequestError,
     InvalidRequestError,
     RequestTooLargeError,
 )
+from memorywall.server.kv import BlockPool, blocks_for
+from memorywall.server.tokens import TokenSource, digest
 
 
 class StepCostModel(Protocol):
@@ -89,14 +88,15 @@ class Sequence:
     preemptions: int = 0
     finish_reason: FinishReason | None = None
     prompt_len: int = field(init=False)
+    max_kv_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.request.prompt_ids)
+        self.max_kv_tokens = self.prompt_len + self.request.max_tokens
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_len + len(self.output_ids)
-
 
 
 @dataclass(slots=True)
@@ -212,7 +212,8 @@ class EngineCore:
             left = seq.prompt_len + len(seq.output_ids) - seq.computed
             decoding = left == 1 and bool(seq.output_ids)
             n = left if left < budget else budget
-            kv_tokens = seq.computed + (queries if decoding else n)
+            # Room for the drafts a decode step verifies, but never past the request's end.
+            kv_tokens = min(seq.computed + (queries if decoding else n), seq.max_kv_tokens)
             if kv_tokens > seq.blocks * block and not self._grow(seq, kv_tokens):
                 continue  # seq itself was preempted; running[i] is now the next one
             scheduled.append((seq, n, decoding))

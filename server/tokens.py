@@ -97,10 +97,16 @@ class TokenSource:
         if len(ids) < n:
             block = self._rng.integers(0, self._vocab, size=self.BLOCK + n).tolist()
             # Popped from the end, so keep the block reversed to hand ids out in draw order.
-            self._ids = ids = [i + 1 if i in self._eos else i for i in reversed(block)] + ids
+            self._ids = ids = [self._not_eos(i) for i in reversed(block)] + ids
         if n == 1:
             return [ids.pop()]
         return [ids.pop() for _ in range(n)]
+
+    def _not_eos(self, token: int) -> int:
+        """Move an EOS draw to the next non-EOS id, wrapping inside the vocabulary."""
+        while token in self._eos:
+            token = (token + 1) % self._vocab
+        return token
 
     def natural_length(self, low: int, high: int) -> int:
         """Where an unconstrained sample would end: uniform in [low, high]."""

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 
@@ -154,7 +155,7 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
         )  # fmt: skip
         return pb.ServerInfo(
             running=len(self._aborts), waiting=0, kv_used_tokens=10, kv_total_tokens=1000,
-            kv_usage=0.01, lag=lag, uptime_s=1.5, requests_finished=done, steps=7,
+            kv_usage_fraction=0.01, lag=lag, uptime_s=1.5, requests_finished=done, steps=7,
             tokens_generated=sum(r.max_tokens for r in self.requests), modelled_energy_j=2.5,
             stream_interval_s=0.0,
         )  # fmt: skip

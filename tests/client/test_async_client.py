@@ -8,6 +8,7 @@ import grpc
 import pytest
 from cases import BAD_ARGS, ERROR_CASES
 from fake_engine import CHUNK_TOKENS, MODEL_INFO, SLOW_TOKEN_S, token
+
 from memorywall.client import (
     STATUS_ERRORS,
     AsyncClient,
@@ -19,7 +20,6 @@ from memorywall.client import (
     SamplingParams,
     StreamNotFinished,
 )
-
 from memorywall.errors import ConfigError
 
 

@@ -7,8 +7,9 @@ import inspect
 import subprocess
 import sys
 
-import memorywall.client
 import pytest
+
+import memorywall.client
 from memorywall.client import (
     FinishReason,
     GenerateArgs,

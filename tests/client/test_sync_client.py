@@ -8,10 +8,11 @@ import re
 import threading
 
 import grpc
-import memorywall.client
 import pytest
 from cases import BAD_ARGS, ERROR_CASES
 from fake_engine import CHUNK_TOKENS, MODEL_INFO, SLOW_TOKEN_S, token
+
+import memorywall.client
 from memorywall.client import (
     STATUS_ERRORS,
     Client,
@@ -23,7 +24,6 @@ from memorywall.client import (
     SamplingParams,
     StreamNotFinished,
 )
-
 from memorywall.errors import ConfigError
 
 

@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+
 from memorywall.core import Batch, StepModel, load_hardware, load_model, plan_deployment
 from memorywall.core.calibration import (
     GpuFit,

@@ -7,9 +7,9 @@ import re
 from importlib import resources
 
 import pytest
-from memorywall.core import builtin_hardware, builtin_models
 
 from memorywall.cli import main
+from memorywall.core import builtin_hardware, builtin_models
 
 BASE = ["predict", "--hardware", "h100-sxm", "--model", "llama-3.1-8b"]
 ALWAYS_KEYS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from memorywall.core import (
     Batch,
     Bound,
@@ -18,7 +19,6 @@ from memorywall.core import (
     model_from_config,
     plan_deployment,
 )
-
 from memorywall.errors import CapacityError, ConfigError
 
 

@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from memorywall.core import (
     Batch,
     Bound,
@@ -28,7 +29,6 @@ from memorywall.core.cost import (
 )
 from memorywall.core.hardware import Efficiency, LatencyFloors
 from memorywall.core.work import _window_pairs, _window_pairs_array
-
 from memorywall.errors import ConfigError
 
 # --- small formulas ----------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import re
 from importlib import resources
 
 import pytest
+
 from memorywall.core import Precision, builtin_hardware, load_hardware
 from memorywall.core.hardware import DeviceKind, Hardware
-
 from memorywall.errors import ConfigError, NotFoundError
 
 BUILTINS = ["b200", "h100-sxm", "h200", "wse-3"]

@@ -7,8 +7,8 @@ import json
 from importlib import resources
 
 import pytest
-from memorywall.core import builtin_models, load_model, model_from_config
 
+from memorywall.core import builtin_models, load_model, model_from_config
 from memorywall.errors import ConfigError, NotFoundError
 
 ZOO = resources.files("memorywall.core") / "models"

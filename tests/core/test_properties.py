@@ -11,6 +11,7 @@ from importlib import resources
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from memorywall.core import (
     Batch,
     Deployment,

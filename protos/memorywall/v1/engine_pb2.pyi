@@ -213,12 +213,12 @@ class LagStats(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., p50_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., max_s: _Optional[float] = ..., late_steps: _Optional[int] = ..., threshold_s: _Optional[float] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage", "lag", "uptime_s", "requests_finished", "requests_aborted", "tokens_generated", "preemptions", "steps", "modelled_energy_j", "draining", "stream_interval_s")
+    __slots__ = ("running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage_fraction", "lag", "uptime_s", "requests_finished", "requests_aborted", "tokens_generated", "preemptions", "steps", "modelled_energy_j", "draining", "stream_interval_s", "server_version")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    KV_USAGE_FIELD_NUMBER: _ClassVar[int]
+    KV_USAGE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     LAG_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -229,11 +229,12 @@ class ServerInfo(_message.Message):
     MODELLED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     STREAM_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_used_tokens: int
     kv_total_tokens: int
-    kv_usage: float
+    kv_usage_fraction: float
     lag: LagStats
     uptime_s: float
     requests_finished: int
@@ -244,4 +245,5 @@ class ServerInfo(_message.Message):
     modelled_energy_j: float
     draining: bool
     stream_interval_s: float
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ..., lag: _Optional[_Union[LagStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., modelled_energy_j: _Optional[float] = ..., draining: _Optional[bool] = ..., stream_interval_s: _Optional[float] = ...) -> None: ...
+    server_version: str
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage_fraction: _Optional[float] = ..., lag: _Optional[_Union[LagStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., modelled_energy_j: _Optional[float] = ..., draining: _Optional[bool] = ..., stream_interval_s: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
