@@ -108,8 +108,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer levels and requests")
     parser.add_argument("--backends", default="h100-sxm,wse-3")
     parser.add_argument("--levels", help="comma-separated concurrency levels")
+    parser.add_argument("--max-messages-per-s", help="passed to memorywall serve")
     args = parser.parse_args()
-    default_levels = {"h100-sxm": "1,4,16,64,128,256", "wse-3": "1,4,8,16,32,64"}
+    default_levels = {"h100-sxm": "1,4,16,64,128,256", "wse-3": "1,4,8,16,32,64,128"}
     print(f"# {platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
     print(
         "| backend | streams | client TPOT | modelled TPOT | err | predicted (core, uniform batch) "
@@ -119,7 +120,8 @@ def main() -> int:
     for hw in args.backends.split(","):
         deployment = plan_deployment(load_hardware(hw), load_model("llama-3.1-8b"))
         levels = [int(x) for x in (args.levels or default_levels[hw]).split(",")]
-        with emulator("--hardware", hw, "--model", "llama-3.1-8b") as target:
+        extra = ["--max-messages-per-s", args.max_messages_per_s] if args.max_messages_per_s else []
+        with emulator("--hardware", hw, "--model", "llama-3.1-8b", *extra) as target:
             for c in levels:
                 per_stream = 1 if args.quick else 2
                 records, info = asyncio.run(_closed_loop(target, c, per_stream, OUTPUT))

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-messages-per-s",
         type=_positive_float,
-        help="message budget (default 16000); above it the server groups tokens per message",
+        help="message budget (default 4000); above it the server groups tokens per message",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_serve)
