@@ -32,6 +32,11 @@ class AsyncGenerateStream:
         return self._assembler.request_id
 
     @property
+    def sent_ns(self) -> int:
+        """`time.perf_counter_ns()` just before the call started."""
+        return self._assembler.sent_ns
+
+    @property
     def result(self) -> GenerateResult:
         """The finished request; raises `StreamNotFinished` before the stream ends."""
         return _convert.finished_result(self._assembler.result, self.request_id)

@@ -1,0 +1,56 @@
+"""Raw per-request records: what the load generator saw, before any metric is computed.
+
+All times are integer nanoseconds of `time.perf_counter_ns()` (CLOCK_MONOTONIC on
+Linux, so records from worker processes on one machine share the clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One request to send: its sizes and, in open loop, when to send it."""
+
+    index: int
+    prompt_tokens: int
+    output_tokens: int
+    # Open loop: seconds after the run's start. Closed loop: None (sent when a user is free).
+    offset_s: float | None = None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    index: int
+    prompt_tokens: int  # as requested
+    output_tokens: int  # max_tokens as requested
+    scheduled_ns: int | None  # open loop: when it should have been sent
+    sent_ns: int
+    chunk_ns: list[int] = field(default_factory=list)  # receipt of each token-carrying message
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens in each of those messages
+    finished_ns: int | None = None
+    usage_prompt_tokens: int | None = None
+    usage_completion_tokens: int | None = None
+    usage_cached_tokens: int | None = None
+    # The emulator's modelled timeline for this request (None against other servers).
+    modelled_ttft_s: float | None = None
+    modelled_e2e_s: float | None = None
+    modelled_decode_s: float | None = None
+    error: str | None = None
+    warmup: bool = False
+    worker: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.chunk_ns)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated: the server's usage when it gave one, else tokens received."""
+        if self.usage_completion_tokens is not None:
+            return self.usage_completion_tokens
+        return sum(self.chunk_tokens)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,242 @@
+"""Releasing requests on schedule and recording what comes back.
+
+Closed loop: a fixed number of users, each sending its next request when the
+last one finishes. Open loop: each request leaves at its precomputed offset
+from a shared start time (optionally capped at a maximum concurrency); the
+record keeps both the scheduled and the actual send time, so latency can be
+measured from either. Several worker processes can share one plan: they
+agree on the start time through the machine's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
+
+from memorywall.loadgen.records import RequestRecord, RequestSpec
+from memorywall.loadgen.target import GrpcTarget, Target
+
+START_LEAD_S = 1.0  # workers need this long to start before the shared start time
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadPlan:
+    """One run: which requests, how they are released, and when to stop."""
+
+    specs: tuple[RequestSpec, ...]  # measured requests; open loop: each has offset_s
+    warmup: tuple[RequestSpec, ...] = ()  # sent first, one user each, excluded from results
+    concurrency: int | None = None  # closed loop: users; open loop: optional cap
+    open_loop: bool = False
+    duration_s: float | None = None  # stop releasing new requests after this long
+    timeout_s: float | None = None  # per request
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    records: list[RequestRecord]
+    cpu_s: float  # this process's CPU time during the measured run
+    wall_s: float
+
+
+async def run_plan(
+    target: Target,
+    plan: LoadPlan,
+    *,
+    start_ns: int | None = None,
+    worker: int = 0,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> WorkerResult:
+    """Run `plan` against `target` from this event loop."""
+    for spec in plan.warmup:
+        await target.send(spec, _record(spec, None, worker, warmup=True))
+    if start_ns is None:
+        start_ns = time.perf_counter_ns()
+    await _sleep_until_ns(start_ns)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    stop_ns = start_ns + int(plan.duration_s * 1e9) if plan.duration_s else None
+    records: list[RequestRecord] = []
+
+    async def one(spec: RequestSpec, scheduled_ns: int | None) -> None:
+        record = _record(spec, scheduled_ns, worker)
+        records.append(record)
+        await target.send(spec, record)
+        if on_done:
+            on_done(record)
+
+    if plan.open_loop:
+        await _open_loop(plan, start_ns, stop_ns, one)
+    else:
+        await _closed_loop(plan, stop_ns, one)
+    return WorkerResult(records, time.process_time() - cpu0, time.perf_counter() - wall0)
+
+
+async def _closed_loop(plan: LoadPlan, stop_ns: int | None, one) -> None:
+    queue = iter(plan.specs)
+
+    async def user() -> None:
+        for spec in queue:
+            if stop_ns is not None and time.perf_counter_ns() >= stop_ns:
+                return
+            await one(spec, None)
+
+    await asyncio.gather(*(user() for _ in range(plan.concurrency or 1)))
+
+
+async def _open_loop(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) -> None:
+    cap = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
+    tasks = []
+
+    async def capped(spec: RequestSpec, scheduled_ns: int) -> None:
+        async with cap:
+            await one(spec, scheduled_ns)
+
+    for spec in sorted(plan.specs, key=lambda s: s.offset_s):
+        scheduled_ns = start_ns + int(spec.offset_s * 1e9)
+        if stop_ns is not None and scheduled_ns >= stop_ns:
+            break
+        await _sleep_until_ns(scheduled_ns)
+        run = capped(spec, scheduled_ns) if cap else one(spec, scheduled_ns)
+        tasks.append(asyncio.create_task(run))
+    await asyncio.gather(*tasks)
+
+
+async def _sleep_until_ns(deadline_ns: int) -> None:
+    """Absolute-deadline sleep; the loop may wake up to a millisecond late, which records keep."""
+    delay = (deadline_ns - time.perf_counter_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _record(spec: RequestSpec, scheduled_ns: int | None, worker: int, warmup: bool = False):
+    return RequestRecord(
+        index=spec.index,
+        prompt_tokens=spec.prompt_tokens,
+        output_tokens=spec.output_tokens,
+        scheduled_ns=scheduled_ns,
+        sent_ns=0,
+        warmup=warmup,
+        worker=worker,
+    )
+
+
+# Worker processes ---------------------------------------------------------------------
+
+
+def split_plan(plan: LoadPlan, workers: int) -> list[LoadPlan]:
+    """Deal specs round-robin (open-loop offsets stay absolute); share users and the cap."""
+    if not plan.open_loop:
+        workers = min(workers, plan.concurrency or 1)
+    parts = []
+    for w in range(workers):
+        users = None
+        if plan.concurrency:
+            users = plan.concurrency // workers + (1 if w < plan.concurrency % workers else 0)
+        parts.append(
+            replace(
+                plan,
+                specs=plan.specs[w::workers],
+                warmup=plan.warmup[w::workers],
+                concurrency=users,
+            )
+        )
+    return [p for p in parts if p.specs and (p.concurrency is None or p.concurrency > 0)]
+
+
+_progress = None
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+
+
+def _worker_main(address: str, plan: LoadPlan, start_ns: int, worker: int) -> WorkerResult:
+    def done(_: RequestRecord) -> None:
+        with _progress.get_lock():
+            _progress.value += 1
+
+    async def main() -> WorkerResult:
+        target = GrpcTarget(address, timeout_s=plan.timeout_s)
+        try:
+            return await run_plan(target, plan, start_ns=start_ns, worker=worker, on_done=done)
+        finally:
+            await target.aclose()
+
+    return asyncio.run(main())
+
+
+def run_workers(
+    address: str,
+    plan: LoadPlan,
+    workers: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[WorkerResult]:
+    """Run `plan` split over `workers` processes, sharing one start time; merged in order."""
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("i", 0)
+    parts = split_plan(plan, workers)
+    start_ns = time.perf_counter_ns() + int(START_LEAD_S * 1e9)
+    pool = ProcessPoolExecutor(
+        len(parts), mp_context=ctx, initializer=_init_worker, initargs=(counter,)
+    )
+    with pool:
+        futures = [
+            pool.submit(_worker_main, address, part, start_ns, w) for w, part in enumerate(parts)
+        ]
+        while wait(futures, timeout=0.5).not_done:
+            if progress:
+                progress(counter.value)
+        return [f.result() for f in futures]
+
+
+def run_single(
+    address: str, plan: LoadPlan, *, progress: Callable[[int], None] | None = None
+) -> WorkerResult:
+    """Run `plan` from this process."""
+
+    async def main() -> WorkerResult:
+        target = GrpcTarget(address, timeout_s=plan.timeout_s)
+        done = 0
+
+        def on_done(_: RequestRecord) -> None:
+            nonlocal done
+            done += 1
+
+        async def report() -> None:
+            while True:
+                if progress:
+                    progress(done)
+                await asyncio.sleep(0.5)
+
+        reporter = asyncio.create_task(report())
+        try:
+            return await run_plan(target, plan, on_done=on_done)
+        finally:
+            reporter.cancel()
+            await target.aclose()
+
+    return asyncio.run(main())
+
+
+def progress_printer(total: int, label: str) -> Callable[[int], None]:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+    started = time.perf_counter()
+    if not sys.stderr.isatty():
+        return lambda done: None
+
+    def show(done: int) -> None:
+        width = 30
+        filled = int(width * min(done, total) / max(total, 1))
+        elapsed = time.perf_counter() - started
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r{label} [{bar}] {done}/{total} {elapsed:6.1f} s")
+        sys.stderr.flush()
+
+    return show
+

@@ -1,0 +1,60 @@
+"""The seam between the load generator and a server: send one request, fill one record.
+
+`GrpcTarget` speaks memorywall.v1 through `AsyncClient`; other protocols
+(an OpenAI HTTP server, say) add a class with the same two methods.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from memorywall.client import AsyncClient, ClientError, ModelInfo
+from memorywall.loadgen.records import RequestRecord, RequestSpec
+
+
+class Target(Protocol):
+    async def send(self, spec: RequestSpec, record: RequestRecord) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class GrpcTarget:
+    """A memorywall engine over gRPC."""
+
+    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+        self.address = address
+        self.client = AsyncClient(address, timeout_s=timeout_s)
+
+    async def model_info(self) -> ModelInfo:
+        return await self.client.model_info()
+
+    async def send(self, spec: RequestSpec, record: RequestRecord) -> None:
+        """Stream one request into `record`; a failure becomes `record.error`, not an exception."""
+        try:
+            stream = self.client.generate(
+                prompt_tokens=spec.prompt_tokens, max_tokens=spec.output_tokens, ignore_eos=True
+            )
+            record.sent_ns = stream.sent_ns
+            async with stream:
+                async for chunk in stream:
+                    record.chunk_ns.append(chunk.received_ns)
+                    record.chunk_tokens.append(len(chunk.token_ids))
+            result = stream.result
+        except ClientError as e:
+            record.error = f"{e.code.name}: {e.details}"
+            return
+        record.finished_ns = result.finished_ns
+        record.usage_prompt_tokens = result.usage.prompt_tokens
+        record.usage_completion_tokens = result.usage.completion_tokens
+        record.usage_cached_tokens = result.usage.cached_tokens
+        record.modelled_ttft_s = result.timing.ttft_s
+        record.modelled_e2e_s = result.timing.e2e_s
+        record.modelled_decode_s = result.timing.decode_s
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def now_ns() -> int:
+    return time.perf_counter_ns()
