@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 
+from memorywall.loadgen.arrivals import split_for_workers
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import GrpcTarget, Target
 
@@ -52,6 +53,7 @@ async def run_plan(
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> WorkerResult:
     """Run `plan` against `target` from this event loop."""
+    await target.connect()
     for spec in plan.warmup:
         await target.send(spec, _record(spec, None, worker, warmup=True))
     if start_ns is None:
@@ -131,19 +133,15 @@ def split_plan(plan: LoadPlan, workers: int) -> list[LoadPlan]:
     """Deal specs round-robin (open-loop offsets stay absolute); share users and the cap."""
     if not plan.open_loop:
         workers = min(workers, plan.concurrency or 1)
+    specs = split_for_workers(plan.specs, workers)
+    warmup = split_for_workers(plan.warmup, workers) if plan.warmup else [[]] * workers
     parts = []
     for w in range(workers):
         users = None
         if plan.concurrency:
             users = plan.concurrency // workers + (1 if w < plan.concurrency % workers else 0)
-        parts.append(
-            replace(
-                plan,
-                specs=plan.specs[w::workers],
-                warmup=plan.warmup[w::workers],
-                concurrency=users,
-            )
-        )
+        part = replace(plan, specs=tuple(specs[w]), warmup=tuple(warmup[w]), concurrency=users)
+        parts.append(part)
     return [p for p in parts if p.specs and (p.concurrency is None or p.concurrency > 0)]
 
 
@@ -239,4 +237,3 @@ def progress_printer(total: int, label: str) -> Callable[[int], None]:
         sys.stderr.flush()
 
     return show
-

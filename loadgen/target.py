@@ -14,6 +14,8 @@ from memorywall.loadgen.records import RequestRecord, RequestSpec
 
 
 class Target(Protocol):
+    async def connect(self) -> None: ...
+
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -25,6 +27,10 @@ class GrpcTarget:
     def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
         self.address = address
         self.client = AsyncClient(address, timeout_s=timeout_s)
+
+    async def connect(self) -> None:
+        """Open the channel now, so the first measured request does not pay for the handshake."""
+        await self.client.health()
 
     async def model_info(self) -> ModelInfo:
         return await self.client.model_info()

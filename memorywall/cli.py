@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from memorywall.core import (
     Placement,
@@ -154,6 +155,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise _UsageError(str(e)) from None
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from memorywall.loadgen.cli import BenchError, run
+
+    try:
+        return run(args)
+    except BenchError as e:
+        raise _UsageError(str(e)) from None
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="memorywall bench compare", description="compare saved bench sweeps")
+    p.add_argument("paths", nargs="+", type=Path, help="--out folders (or summary.json files)")
+    p.add_argument("--out", type=Path, help="write comparison plots here")
+    return p
+
+
+def _cmd_compare(argv: Sequence[str]) -> int:
+    from memorywall.loadgen.cli import BenchError, compare
+
+    args = _compare_parser().parse_args(argv)
+    try:
+        return compare(args.paths, args.out)
+    except BenchError as e:
+        raise _UsageError(str(e)) from None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -321,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser(
+        "bench",
+        help="measure TTFT and tokens/s under load (`memorywall bench compare DIR...` to compare)",
+    )
+    from memorywall.loadgen.options import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
     sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(
         func=_cmd_hardware
     )
@@ -329,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:2] == ["bench", "compare"]:
+            return _cmd_compare(argv[2:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (_UsageError, MemorywallError) as e:

@@ -53,6 +53,6 @@ def test_core_example_runs():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
-    devices, tok_s, ttft, bound = out.getvalue().split()
+    devices, tok_s, _ttft, _bound = out.getvalue().split()
     assert devices == "4"
     assert float(tok_s) == pytest.approx(450, rel=0.01)

@@ -1,0 +1,214 @@
+"""A benchmark sweep: for each load level, plan the requests, run them, compute the metrics,
+check the client kept up, and put the core's prediction beside what was measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memorywall.loadgen import arrivals
+from memorywall.loadgen.metrics import RunMetrics, Slo, compute_metrics
+from memorywall.loadgen.records import RequestRecord, RequestSpec
+from memorywall.loadgen.runner import (
+    LoadPlan,
+    WorkerResult,
+    progress_printer,
+    run_single,
+    run_workers,
+)
+from memorywall.loadgen.workload import TraceWorkload, Workload
+
+# A run whose client fell behind is marked suspect rather than reported as fact.
+MAX_CLIENT_CPU_FRACTION = 0.90
+MAX_SEND_LAG_P99_S = 0.005
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerFacts:
+    """What the target says about itself (emulator) and what the core predicts for it."""
+
+    hardware: str | None = None
+    model: str | None = None
+    devices: int = 1
+    emulated: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    target: str
+    workload: Workload
+    num_prompts: int
+    concurrency: tuple[int, ...] = ()  # closed-loop sweep
+    request_rates: tuple[float, ...] = ()  # open-loop sweep
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    duration_s: float | None = None
+    warmup: int = 0
+    seed: int = 0
+    workers: int = 1
+    slo: Slo | None = None
+    timeout_s: float | None = None
+    label: str = "run"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level of a sweep."""
+
+    name: str
+    concurrency: int | None
+    request_rate: float | None
+
+
+def levels(config: BenchConfig) -> list[Level]:
+    if config.request_rates:
+        return [Level(f"rate{r:g}", config.max_concurrency, r) for r in config.request_rates]
+    if isinstance(config.workload, TraceWorkload) and config.workload.has_arrivals:
+        return [Level("trace", config.max_concurrency, None)]
+    return [Level(f"c{c}", c, None) for c in config.concurrency]
+
+
+def plan_level(config: BenchConfig, level: Level) -> LoadPlan:
+    """The same requests at every level (one seed); arrivals drawn up front for open loop."""
+    rng = np.random.default_rng(config.seed)
+    specs = config.workload.specs(rng, config.num_prompts)
+    warm_rng = np.random.default_rng(config.seed + 1)
+    warmup = (
+        [
+            RequestSpec(-1 - i, s.prompt_tokens, s.output_tokens)
+            for i, s in enumerate(config.workload.specs(warm_rng, config.warmup))
+        ]
+        if config.warmup
+        else []
+    )
+    open_loop = level.request_rate is not None or level.name == "trace"
+    if level.request_rate is not None:
+        offsets = arrivals.gamma(level.request_rate, config.burstiness, len(specs), rng)
+        specs = arrivals.with_offsets(specs, offsets)
+    return LoadPlan(
+        specs=tuple(specs),
+        warmup=tuple(warmup),
+        concurrency=level.concurrency,
+        open_loop=open_loop,
+        duration_s=config.duration_s,
+        timeout_s=config.timeout_s,
+    )
+
+
+def run_level(
+    config: BenchConfig, level: Level, facts: ServerFacts
+) -> tuple[dict, list[RequestRecord]]:
+    plan = plan_level(config, level)
+    show = progress_printer(len(plan.specs), f"{config.label} {level.name}")
+    if config.workers > 1:
+        results = run_workers(config.target, plan, config.workers, progress=show)
+    else:
+        results = [run_single(config.target, plan, progress=show)]
+    show(len(plan.specs))
+    records = [r for w in results for r in w.records]
+    metrics = compute_metrics(records, slo=config.slo)
+    result = summarise(config, level, facts, metrics, results)
+    return result, records
+
+
+def summarise(
+    config: BenchConfig,
+    level: Level,
+    facts: ServerFacts,
+    metrics: RunMetrics,
+    results: list[WorkerResult],
+) -> dict:
+    """vLLM's result keys, then the run's settings, the client's health and the core's view."""
+    out = metrics.as_dict()
+    cpu = max(w.cpu_s / w.wall_s for w in results if w.wall_s > 0) if results else None
+    suspect = []
+    if cpu is not None and cpu > MAX_CLIENT_CPU_FRACTION:
+        suspect.append(f"client CPU {cpu:.0%} of a core: the load generator may be the bottleneck")
+    lag = out.get("p99_send_lag_ms")
+    if lag is not None and lag / 1e3 > MAX_SEND_LAG_P99_S:
+        suspect.append(f"p99 send lag {lag:.1f} ms: requests left later than scheduled")
+    if metrics.failed:
+        suspect.append(f"{metrics.failed} requests failed")
+    out.update(
+        {
+            "label": config.label,
+            "level": level.name,
+            "target": config.target,
+            "max_concurrency": level.concurrency,
+            "request_rate": level.request_rate,
+            "burstiness": config.burstiness if level.request_rate is not None else None,
+            "num_prompts": config.num_prompts,
+            "workers": config.workers,
+            "seed": config.seed,
+            "hardware": facts.hardware,
+            "model": facts.model,
+            "devices": facts.devices,
+            "emulated": facts.emulated,
+            "client_cpu_fraction": cpu,
+            "suspect": suspect,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}",
+        }
+    )
+    out.update(_overheads(out))
+    out.update(predicted(facts, config, level, out))
+    return out
+
+
+def _overheads(out: dict) -> dict:
+    """How far the client's clock is from the server's plan: transport plus client overhead."""
+    pairs = {
+        "client_overhead_ttft_ms": ("mean_ttft_ms", "mean_modelled_ttft_ms"),
+        "client_overhead_tpot_ms": ("mean_tpot_ms", "mean_modelled_tpot_ms"),
+    }
+    return {
+        key: None if out.get(m) is None or out.get(p) is None else out[m] - out[p]
+        for key, (m, p) in pairs.items()
+    }
+
+
+def predicted(facts: ServerFacts, config: BenchConfig, level: Level, out: dict) -> dict:
+    """The core's steady-state numbers for this load: a decode batch of the users in flight
+    at the measured mean context, and the prefill of the mean prompt."""
+    empty = {"predicted_tpot_ms": None, "predicted_ttft_ms": None, "predicted_e2el_ms": None}
+    if not facts.emulated or not out.get("completed"):
+        return empty
+    from memorywall.core import load_hardware, load_model, plan_deployment, predict
+    from memorywall.errors import MemorywallError
+
+    try:
+        deployment = plan_deployment(
+            load_hardware(facts.hardware), load_model(facts.model), devices=facts.devices
+        )
+        prompt = max(1, round(out["total_input_tokens"] / out["completed"]))
+        output = max(1, round(out["total_output_tokens"] / out["completed"]))
+        in_flight = level.concurrency
+        if in_flight is None and out.get("mean_e2el_ms") is not None:
+            # Little's law: requests in flight = arrival rate x time in the system.
+            in_flight = out["request_throughput"] * out["mean_e2el_ms"] / 1e3
+        batch = max(1, round(in_flight or 1))
+        p = predict(deployment, batch=batch, context=prompt + output // 2, prompt=prompt)
+    except MemorywallError:
+        return empty
+    tpot_s = p.decode_step_s / p.tokens_per_decode_step
+    return {
+        "predicted_tpot_ms": tpot_s * 1e3,
+        "predicted_ttft_ms": p.ttft_s * 1e3,
+        "predicted_e2el_ms": (p.ttft_s + (output - 1) * tpot_s) * 1e3,
+    }
+
+
+def write_level(out_dir: Path, result: dict, records: list[RequestRecord]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['label']}-{result['level']}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    with (out_dir / f"{stem}.requests.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r.as_dict()) + "\n")
