@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -71,9 +72,13 @@ async def _closed_loop(target: str, concurrency: int, per_stream: int, output: i
         async def user() -> list[Record]:
             return [await _one(stub, output) for _ in range(per_stream)]
 
-        runs = await asyncio.gather(*(user() for _ in range(concurrency)))
+        users = asyncio.gather(*(user() for _ in range(concurrency)))
+        # Sample the grouping interval while the streams are live.
+        await asyncio.sleep(0.05)
+        live = await stub.GetServerInfo(pb.GetServerInfoRequest())
+        runs = await users
         info = await stub.GetServerInfo(pb.GetServerInfoRequest())
-    return [r for run in runs for r in run], info
+    return [r for run in runs for r in run], info, live.stream_interval_s
 
 
 def _summarise(records: list[Record]) -> dict[str, float]:
@@ -101,41 +106,48 @@ def _summarise(records: list[Record]) -> dict[str, float]:
     }
 
 
+HEADER = (
+    "| backend | streams | client TPOT | modelled TPOT | err | predicted (core, uniform batch) "
+    "| client TTFT | modelled TTFT | lateness p50 / p99 | server lag p99 | grouping | tok/s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def measure(hw: str, levels: list[int], per_stream: int, extra: list[str]) -> Iterator[str]:
+    """One Markdown row per concurrency level against a fresh `memorywall serve`."""
+    deployment = plan_deployment(load_hardware(hw), load_model("llama-3.1-8b"))
+    with emulator("--hardware", hw, "--model", "llama-3.1-8b", *extra) as target:
+        for c in levels:
+            records, info, interval_s = asyncio.run(_closed_loop(target, c, per_stream, OUTPUT))
+            s = _summarise(records)
+            ideal = predict(deployment, batch=c, context=PROMPT + OUTPUT // 2).decode_step_s
+            yield (
+                f"| {hw} | {c} | {s['tpot_ms']:.3f} ms | {s['model_tpot_ms']:.3f} ms "
+                f"| {s['tpot_err']:+.2%} | {ideal * 1e3:.3f} ms | {s['ttft_ms']:.2f} ms "
+                f"| {s['model_ttft_ms']:.2f} ms "
+                f"| {s['late_p50_ms']:.2f} / {s['late_p99_ms']:.2f} ms "
+                f"| {info.lag.p99_s * 1e3:.2f} ms | {interval_s * 1e3:.2f} ms "
+                f"| {s['tok_s']:,.0f} |"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer levels and requests")
+    parser.add_argument("--quick", action="store_true", help="fewer requests per stream")
     parser.add_argument("--backends", default="h100-sxm,wse-3")
     parser.add_argument("--levels", help="comma-separated concurrency levels")
     parser.add_argument("--max-messages-per-s", help="passed to memorywall serve")
     args = parser.parse_args()
     default_levels = {"h100-sxm": "1,4,16,64,128,256", "wse-3": "1,4,8,16,32,64,128"}
     print(f"# {platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
-    print(
-        "| backend | streams | client TPOT | modelled TPOT | err | predicted (core, uniform batch) "
-        "| client TTFT | modelled TTFT | lateness p50 / p99 | server lag p99 | grouping | tok/s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(HEADER)
+    extra = ["--max-messages-per-s", args.max_messages_per_s] if args.max_messages_per_s else []
     for hw in args.backends.split(","):
-        deployment = plan_deployment(load_hardware(hw), load_model("llama-3.1-8b"))
         levels = [int(x) for x in (args.levels or default_levels[hw]).split(",")]
-        extra = ["--max-messages-per-s", args.max_messages_per_s] if args.max_messages_per_s else []
-        with emulator("--hardware", hw, "--model", "llama-3.1-8b", *extra) as target:
-            for c in levels:
-                per_stream = 1 if args.quick else 2
-                records, info = asyncio.run(_closed_loop(target, c, per_stream, OUTPUT))
-                s = _summarise(records)
-                ideal = predict(deployment, batch=c, context=PROMPT + OUTPUT // 2).decode_step_s
-                print(
-                    f"| {hw} | {c} | {s['tpot_ms']:.3f} ms | {s['model_tpot_ms']:.3f} ms "
-                    f"| {s['tpot_err']:+.2%} | {ideal * 1e3:.3f} ms | {s['ttft_ms']:.2f} ms "
-                    f"| {s['model_ttft_ms']:.2f} ms "
-                    f"| {s['late_p50_ms']:.2f} / {s['late_p99_ms']:.2f} ms "
-                    f"| {info.lag.p99_s * 1e3:.2f} ms | {info.stream_interval_s * 1e3:.2f} ms "
-                    f"| {s['tok_s']:,.0f} |",
-                    flush=True,
-                )
+        for row in measure(hw, levels, 1 if args.quick else 2, extra):
+            print(row, flush=True)
     return 0
 
 

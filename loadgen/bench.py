@@ -27,6 +27,10 @@ from memorywall.loadgen.workload import TraceWorkload, Workload
 # A run whose client fell behind is marked suspect rather than reported as fact.
 MAX_CLIENT_CPU_FRACTION = 0.90
 MAX_SEND_LAG_P99_S = 0.005
+# Against the emulator: measured TTFT this far above the modelled one means queueing
+# before the server saw the request (transport, client), a measurement artefact.
+MAX_TTFT_GAP_MS = 10.0
+MAX_TTFT_GAP_FRACTION = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +139,16 @@ def summarise(
         suspect.append(f"p99 send lag {lag:.1f} ms: requests left later than scheduled")
     if metrics.failed:
         suspect.append(f"{metrics.failed} requests failed")
+    gap = _ttft_gap_ms(out)
+    if (
+        gap is not None
+        and gap > MAX_TTFT_GAP_MS
+        and gap > MAX_TTFT_GAP_FRACTION * out["mean_modelled_ttft_ms"]
+    ):
+        suspect.append(
+            f"mean TTFT {gap:.0f} ms above the server's modelled TTFT: requests queued in "
+            "transport or in the client, not on the emulated hardware"
+        )
     out.update(
         {
             "label": config.label,
@@ -160,6 +174,12 @@ def summarise(
     out.update(_overheads(out))
     out.update(predicted(facts, config, level, out))
     return out
+
+
+def _ttft_gap_ms(out: dict) -> float | None:
+    if out.get("mean_ttft_ms") is None or out.get("mean_modelled_ttft_ms") is None:
+        return None
+    return out["mean_ttft_ms"] - out["mean_modelled_ttft_ms"]
 
 
 def _overheads(out: dict) -> dict:
