@@ -22,11 +22,8 @@ Nothing here is tuned to shrink an error.
 
 from __future__ import annotations
 
-from memorywall.core.calibration import (
-    PublishedComparison,
-    load_published,
-    published_comparisons,
-)
+from memorywall.core.calibration import load_published
+from memorywall.core.published import PublishedComparison, published_comparisons
 
 # Display name and unit of each metric; values are SI (seconds, tok/s) until printed.
 METRICS = {

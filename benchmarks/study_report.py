@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks import server_fidelity
+from benchmarks import published_table, server_fidelity
 from memorywall.core import (
     Placement,
     StepModel,
@@ -23,7 +23,6 @@ from memorywall.core import (
     plan_deployment,
     predict,
 )
-from memorywall.core.calibration import load_published, published_error_table
 
 BACKEND_COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "b200": "tab:green"}
 BREAKDOWN_CONTEXT = 640  # the study's prompt plus half its output
@@ -252,17 +251,14 @@ def write(data: dict, out: Path) -> None:
     _breakdown_plot(breakdown, out / "step_breakdown.png")
     context = context_scaling("llama-3.1-70b", out / "context_scaling.png")
     placement = placements("llama-3.1-70b")
-    published = published_error_table(load_published(), "every published row")
-    (out.parent / "study.md").write_text(
-        page(data, models, breakdown, context, placement, published, out.name)
-    )
+    (out.parent / "study.md").write_text(page(data, breakdown, context, placement, out.name))
 
 
 def _fmt(v, spec=".1f", unit=""):
     return "n/a" if v is None or v != v else f"{v:{spec}}{unit}"  # v != v: NaN
 
 
-def page(data, models, breakdown, context, placement, published, folder) -> str:
+def page(data, breakdown, context, placement, folder) -> str:
     results = data["results"]
     lines = [
         "# Wafer-scale vs GPU: what users of each experience, and why",
@@ -378,14 +374,11 @@ def page(data, models, breakdown, context, placement, published, folder) -> str:
         "",
         "## The core against published results",
         "",
-        "| row | published | predicted | error |",
-        "|---|---|---|---|",
+        "Every number in `docs/sources/published-results.md` against the core's prediction "
+        "(`python benchmarks/published_table.py`):",
+        "",
+        published_table.markdown(),
     ]
-    for row in published.rows:
-        lines.append(
-            f"| {row.label} | {row.measured_s * 1e3:.3f} ms | {row.predicted_s * 1e3:.3f} ms "
-            f"| {row.error:+.1%} |"
-        )
     lines += [
         "",
         "Regenerate: `python -m benchmarks.study` (the whole page) or "

@@ -8,6 +8,9 @@ file's measured weight-streaming ceiling. Other GPUs reuse these constants.
 Wafer: per-layer latency `a + hidden * b` fitted on the published Cerebras
 rows marked `fit = true` in `calibration/published.toml`.
 
+Published comparison: every row of that file predicted in its own metric
+(`published_comparisons`, printed by `benchmarks/published_table.py`).
+
 Pure computation over package data; `benchmarks/calibrate.py` writes the
 results to the calibration TOML files.
 """
@@ -190,9 +193,13 @@ def published_step_model(row: dict, hardware: Hardware | None = None) -> StepMod
 
 
 def published_error_table(rows: list[dict], name: str) -> ErrorTable:
-    """Predicted single-stream inter-token time against each row's published tok/s."""
+    """Predicted single-stream inter-token time against each row's published tok/s.
+
+    Reads the original schema's `tokens_per_s_per_user` key; rows without it
+    (the other metrics of `published_comparisons`) are skipped.
+    """
     out = []
-    for row in rows:
+    for row in (r for r in rows if "tokens_per_s_per_user" in r):
         sm = published_step_model(row)
         step = sm.step_cost(Batch(decode_contexts=(row["context"],))).time_s
         out.append(

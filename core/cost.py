@@ -243,9 +243,10 @@ class StepModel:
 
         energy_j = self._energy_j(weight_bytes, kv_bytes, link_bytes, time_s, tp)
         if self._draft is not None:
-            draft = self._draft._terms(_draft_work(w, self.queries_per_decode))
-            time_s = time_s + self._draft_steps * draft["time_s"]
-            energy_j = energy_j + self._draft_steps * draft["energy_j"]
+            draft = self._draft._terms(_draft_work(w))
+            steps = self._draft_steps * (w.decode_seqs > 0)  # nothing to draft in a prefill step
+            time_s = time_s + steps * draft["time_s"]
+            energy_j = energy_j + steps * draft["energy_j"]
 
         return {
             "time_s": time_s,
@@ -281,13 +282,16 @@ def _draft_deployment(d: Deployment) -> Deployment:
     return replace(d, model=d.speculative.draft_model, speculative=None)
 
 
-def _draft_work(w: Work, queries: int) -> Work:
-    """One draft step: each decoding sequence proposes one token over the same context."""
+def _draft_work(w: Work) -> Work:
+    """One draft step: each decoding sequence proposes one token over its context.
+
+    Prefill chunks are not drafted (the draft model's own prefill is not modelled).
+    """
     return Work(
-        tokens=w.tokens / queries,
-        logits=w.logits / queries,
-        kv_read_full=w.kv_read_full,
-        kv_read_window=w.kv_read_window,
-        pairs_full=w.pairs_full / queries,
-        pairs_window=w.pairs_window / queries,
+        tokens=w.decode_seqs,
+        logits=w.decode_seqs,
+        kv_read_full=w.decode_read_full,
+        kv_read_window=w.decode_read_window,
+        pairs_full=w.decode_read_full + w.decode_seqs,
+        pairs_window=w.decode_read_window + w.decode_seqs,
     )

@@ -45,6 +45,10 @@ class Work:
     kv_read_window: Number  # the same for windowed layers (capped at the window)
     pairs_full: Number  # (query, attended token) pairs, full-attention layers
     pairs_window: Number  # the same for windowed layers
+    # The decoding sequences alone: what a speculative draft model runs over.
+    decode_seqs: Number = 0.0
+    decode_read_full: Number = 0.0
+    decode_read_window: Number = 0.0
 
     @staticmethod
     def of_batch(batch: Batch, model: ModelShape, queries_per_decode: int = 1) -> Work:
@@ -67,6 +71,7 @@ class Work:
         else:
             read_window = pairs_window = 0
         read_full = ctx_sum
+        decode_read_window = read_window
         for chunk in batch.prefill:
             n, c = chunk.new_tokens, chunk.cached_tokens
             tokens += n
@@ -83,6 +88,9 @@ class Work:
             kv_read_window=float(read_window),
             pairs_full=float(pairs_full),
             pairs_window=float(pairs_window),
+            decode_seqs=float(n_decode),
+            decode_read_full=float(ctx_sum),
+            decode_read_window=float(decode_read_window),
         )
 
     @staticmethod
@@ -103,6 +111,9 @@ class Work:
             kv_read_window=b * cw,
             pairs_full=b * (q * c + own),
             pairs_window=b * _window_pairs_array(c, q, w) if w else 0.0 * b * c,
+            decode_seqs=b,
+            decode_read_full=b * c,
+            decode_read_window=b * cw,
         )
 
 
