@@ -69,14 +69,22 @@ def _curve(modelled_key, measured_key, transform):
     return draw
 
 
+def modelled_throughput(r: dict) -> float:
+    """Output tok/s the emulated hardware delivers to `max_concurrency` users, each
+    receiving its tokens over the modelled request time (Little's law). Unlike the
+    measured throughput this does not drop where the load generator fell behind."""
+    tokens = r["total_output_tokens"] / r["completed"]
+    return r["max_concurrency"] * tokens / (r["mean_modelled_e2el_ms"] / 1e3)
+
+
 def _tradeoff(results, models, path):
     fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 7.5), squeeze=False)
     for col, model in enumerate(models):
         for hw, colour in BACKEND_COLOURS.items():
             rows = _by(results, model, hw)
             x = [_per_user(r) for r in rows]
-            per_device = [r["output_throughput"] / r["devices"] for r in rows]
-            per_kw = [r["output_throughput"] / (r["devices"] * r["tdp_w"] / 1e3) for r in rows]
+            per_device = [modelled_throughput(r) / r["devices"] for r in rows]
+            per_kw = [modelled_throughput(r) / (r["devices"] * r["tdp_w"] / 1e3) for r in rows]
             axes[0][col].plot(x, per_device, "-o", color=colour, label=hw)
             axes[1][col].plot(x, per_kw, "-o", color=colour, label=hw)
         axes[0][col].set_title(model)
@@ -86,8 +94,8 @@ def _tradeoff(results, models, path):
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
             ax.set_xlabel("per-user output tok/s (modelled)")
-    axes[0][0].set_ylabel("output tok/s per device")
-    axes[1][0].set_ylabel("output tok/s per kW (rated power)")
+    axes[0][0].set_ylabel("output tok/s per device (modelled)")
+    axes[1][0].set_ylabel("output tok/s per kW of rated power (modelled)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Throughput against interactivity, concurrency 1-64 (emulated)")
     fig.tight_layout()
@@ -127,6 +135,7 @@ def step_breakdowns(models) -> list[dict]:
 
 
 def _breakdown_plot(rows, path):
+    """Each step as shares of its terms (before overlap), with the step time beside it."""
     parts = [
         ("weights_s", "weights (memory)"),
         ("kv_s", "KV cache (memory)"),
@@ -135,17 +144,20 @@ def _breakdown_plot(rows, path):
         ("interconnect_s", "interconnect"),
     ]
     labels = [f"{r['model']}\n{r['hardware']} x{r['devices']}, batch {r['batch']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.5))
+    totals = np.array([sum(r[k] for k, _ in parts) for r in rows])
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.8))
     left = np.zeros(len(rows))
     for key, name in parts:
-        widths = np.array([r[key] * 1e3 for r in rows])
+        widths = np.array([r[key] for r in rows]) / totals * 100
         ax.barh(labels, widths, left=left, label=name)
         left += widths
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per decode step (terms before overlap; log scale)")
+    for i, r in enumerate(rows):
+        ax.text(101, i, f"{r['step_s'] * 1e3:.3f} ms ({r['bound']})", va="center", fontsize=7)
+    ax.set_xlim(0, 130)
+    ax.set_xlabel("share of the step's terms, before memory/compute overlap (%)")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     ax.set_title(f"Where one decode step goes (core, context {BREAKDOWN_CONTEXT})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -418,6 +430,14 @@ def reading(breakdown, context, placement, results) -> list[str]:
         f"over external I/O take {w70['interconnect_s'] * 1e6:.0f} us and per-layer latency "
         "over 80 layers takes the rest.",
     ]
+    b1 = step("llama-3.1-8b", "b200", 1)
+    out.append(
+        f"- **B200's per-layer floor is borrowed from the H100 fit.** For Llama 3.1 8B at "
+        f"batch 1 it is {b1['latency_s'] / b1['step_s']:.0%} of B200's {b1['step_s'] * 1e3:.2f} ms "
+        f"step, so the core calls that step {b1['bound']}-bound. The floor was measured with "
+        "unfused PyTorch kernels on an H100; an engine with fused kernels would cut it on both "
+        "GPUs, and no B200 measurement exists here to say by how much."
+    )
     wafer_ctx = [c for c in context if c["hardware"] == "wse-3"]
     gpu_ctx = [c for c in context if c["hardware"] != "wse-3"]
     if wafer_ctx and gpu_ctx:

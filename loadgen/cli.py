@@ -100,13 +100,18 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.2f} ms"
 
 
+def _load_label(r: dict, *, short: bool = False) -> str:
+    if r["request_rate"]:
+        return f"{r['request_rate']:g}/s" if short else f"rate {r['request_rate']:g}/s"
+    if r["max_concurrency"]:
+        c = r["max_concurrency"]
+        return f"c={c}" if short else f"concurrency {c}"
+    return "trace" if short else "trace replay"
+
+
 def format_result(r: dict) -> str:
     """A readable summary of one level, measured beside modelled and predicted."""
-    load = (
-        f"rate {r['request_rate']:g}/s"
-        if r["request_rate"]
-        else f"concurrency {r['max_concurrency']}"
-    )
+    load = _load_label(r)
     head = f"== {r['label']} · {load} · {r['hardware'] or 'server'} x{r['devices']}"
     if r["emulated"]:
         head += " (emulated)"
@@ -168,7 +173,14 @@ def compare(paths: list[Path], out: Path | None) -> int:
             results = json.loads(summary.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BenchError(f"{summary}: not a bench summary ({e})") from None
-        sweeps.append((results[0]["label"] if results else str(path), results))
+        needed = {"label", "request_rate", "max_concurrency", "output_throughput"}
+        if (
+            not isinstance(results, list)
+            or not results
+            or not all(isinstance(r, dict) and needed <= r.keys() for r in results)
+        ):
+            raise BenchError(f"{summary}: not a bench summary (a non-empty list of level results)")
+        sweeps.append((results[0]["label"], results))
     header = (
         "sweep",
         "load",
@@ -181,7 +193,7 @@ def compare(paths: list[Path], out: Path | None) -> int:
     rows = [header]
     for label, results in sweeps:
         for r in results:
-            load = f"{r['request_rate']:g}/s" if r["request_rate"] else f"c={r['max_concurrency']}"
+            load = _load_label(r, short=True)
             per_user = r.get("mean_output_tok_s_per_user")
             tput = r.get("output_throughput")
             rows.append(

@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--duration", type=_positive(float), help="stop releasing requests after S seconds"
     )
-    p.add_argument("--warmup", type=int, default=0, help="warm-up requests per level (excluded)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="warm-up requests per level (excluded; default 1)"
+    )
     p.add_argument("--input-len", default="512", help="N | uniform:N:R | lognormal:N:SIGMA")
     p.add_argument("--output-len", default="128", help="N | uniform:N:R | lognormal:N:SIGMA")
     p.add_argument(

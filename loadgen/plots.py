@@ -16,7 +16,10 @@ Sweep = tuple[str, Sequence[dict]]  # (label, one result dict per load level)
 def _load_axis(levels: Sequence[dict]) -> tuple[str, list[float]]:
     if all(r.get("request_rate") is not None for r in levels):
         return "request rate (req/s)", [r["request_rate"] for r in levels]
-    return "concurrency (users)", [r["max_concurrency"] for r in levels]
+    if all(r.get("max_concurrency") is not None for r in levels):
+        return "concurrency (users)", [r["max_concurrency"] for r in levels]
+    # Trace replay sets neither: place it by the rate it achieved.
+    return "achieved request rate (req/s)", [r.get("request_throughput") or 0 for r in levels]
 
 
 def latency_vs_load(sweeps: Sequence[Sweep], path: Path) -> Path:
@@ -25,7 +28,11 @@ def latency_vs_load(sweeps: Sequence[Sweep], path: Path) -> Path:
     for label, levels in sweeps:
         axis, x = _load_axis(levels)
         for ax, key in ((ax_ttft, "mean_ttft_ms"), (ax_tpot, "mean_tpot_ms")):
-            pts = [(xi, r[key]) for xi, r in zip(x, levels, strict=True) if r.get(key) is not None]
+            pts = [
+                (xi, r[key])
+                for xi, r in zip(x, levels, strict=True)
+                if r.get(key) is not None and xi > 0
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             ax.set_xlabel(axis)

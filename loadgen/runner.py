@@ -54,14 +54,16 @@ async def run_plan(
 ) -> WorkerResult:
     """Run `plan` against `target` from this event loop."""
     await target.connect()
+    records: list[RequestRecord] = []
     for spec in plan.warmup:
-        await target.send(spec, _record(spec, None, worker, warmup=True))
+        record = _record(spec, None, worker, warmup=True)
+        records.append(record)  # kept, marked: metrics count them and leave them out
+        await target.send(spec, record)
     if start_ns is None:
         start_ns = time.perf_counter_ns()
     await _sleep_until_ns(start_ns)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     stop_ns = start_ns + int(plan.duration_s * 1e9) if plan.duration_s else None
-    records: list[RequestRecord] = []
 
     async def one(spec: RequestSpec, scheduled_ns: int | None) -> None:
         record = _record(spec, scheduled_ns, worker)
@@ -131,7 +133,8 @@ def _record(spec: RequestSpec, scheduled_ns: int | None, worker: int, warmup: bo
 
 def split_plan(plan: LoadPlan, workers: int) -> list[LoadPlan]:
     """Deal specs round-robin (open-loop offsets stay absolute); share users and the cap."""
-    if not plan.open_loop:
+    if plan.concurrency or not plan.open_loop:
+        # Each worker needs at least one user (closed loop) or one slot of the cap (open loop).
         workers = min(workers, plan.concurrency or 1)
     specs = split_for_workers(plan.specs, workers)
     warmup = split_for_workers(plan.warmup, workers) if plan.warmup else [[]] * workers
