@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from memorywall.argtypes import fraction, nonnegative_int, port, positive_float, positive_int
 from memorywall.core import (
     Placement,
     Precision,
@@ -40,51 +41,11 @@ class _UsageError(Exception):
     pass
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
 def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
     """The options that choose hardware, model and layout; shared by predict and serve."""
     p.add_argument("--hardware", required=True, help="built-in name or profile .toml path")
     p.add_argument("--model", required=True, help="built-in name or HF config.json path")
-    p.add_argument("--devices", type=_positive_int, help="device count (default: fewest that fit)")
+    p.add_argument("--devices", type=positive_int, help="device count (default: fewest that fit)")
     precisions = [x.value for x in Precision]
     p.add_argument("--weight-precision", default="bf16", choices=precisions)
     p.add_argument("--kv-precision", default="bf16", choices=precisions)
@@ -95,9 +56,9 @@ def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
         help="weights resident in device memory (sram = resident), or streamed over external I/O",
     )
     p.add_argument(
-        "--draft-tokens", type=_positive_int, help="speculative decoding: drafts per step"
+        "--draft-tokens", type=positive_int, help="speculative decoding: drafts per step"
     )
-    p.add_argument("--acceptance", type=_fraction, default=0.7, help="speculative acceptance rate")
+    p.add_argument("--acceptance", type=fraction, default=0.7, help="speculative acceptance rate")
     p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
 
 
@@ -120,13 +81,6 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
         placement=Placement.parse(args.placement),
         speculative=speculative,
     )
-
-
-def _port(text: str) -> int:
-    value = _nonnegative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
-    return value
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -320,29 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict step time, speed, TTFT and energy for a deployment")
     add_deployment_arguments(p)
-    p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoding together")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoding together")
     p.add_argument(
-        "--context", type=_nonnegative_int, default=1024, help="cached tokens per sequence"
+        "--context", type=nonnegative_int, default=1024, help="cached tokens per sequence"
     )
-    p.add_argument("--prompt", type=_positive_int, help="prompt tokens to prefill (gives TTFT)")
+    p.add_argument("--prompt", type=positive_int, help="prompt tokens to prefill (gives TTFT)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="run the emulated serving engine (gRPC)")
     add_deployment_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=50051, help="port (0: any free port)")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=256, help="running batch limit")
+    p.add_argument("--port", type=port, default=50051, help="port (0: any free port)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="running batch limit")
     p.add_argument(
-        "--max-num-batched-tokens", type=_positive_int, default=8192, help="token budget per step"
+        "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"
     )
-    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed for synthetic tokens")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for synthetic tokens")
     p.add_argument(
-        "--grace", type=_positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
+        "--grace", type=positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
     )
     p.add_argument(
         "--max-messages-per-s",
-        type=_positive_float,
+        type=positive_float,
         help="message budget (default 4000); above it the server groups tokens per message",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

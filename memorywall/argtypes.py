@@ -1,0 +1,54 @@
+"""argparse `type=` parsers for numbers with a range, shared by every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def number(
+    kind: type, *, low: float, high: float | None = None, low_inclusive: bool = True
+) -> Callable[[str], int | float]:
+    """A parser for one finite `kind` in [low, high] (or (low, high] when not inclusive)."""
+    noun = "an integer" if kind is int else "a number"
+    if high is None:
+        bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+    else:
+        bound = f"in [{low:g}, {high:g}]" if low_inclusive else f"in ({low:g}, {high:g}]"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        too_low = value < low or (value == low and not low_inclusive)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value:g}")
+        return value
+
+    return parse
+
+
+def number_list(
+    kind: type, *, low: float, low_inclusive: bool = True
+) -> Callable[[str], tuple[int | float, ...]]:
+    """A parser for comma-separated values, each as `number` checks it: "1,4,16"."""
+    one = number(kind, low=low, low_inclusive=low_inclusive)
+
+    def parse(text: str) -> tuple[int | float, ...]:
+        try:
+            return tuple(one(item) for item in text.split(","))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: every value {e}") from None
+
+    return parse
+
+
+positive_int = number(int, low=1)
+nonnegative_int = number(int, low=0)
+positive_float = number(float, low=0, low_inclusive=False)
+fraction = number(float, low=0, high=1)
+port = number(int, low=0, high=65535)
