@@ -15,13 +15,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from memorywall.errors import DrainingError, MemorywallError
 from memorywall.server.clock import Clock, MonotonicClock
 from memorywall.server.lag import LagSummary, LagTracker
-from memorywall.server.scheduler import Emission, EngineCore, FinishReason, Request, Sequence
+from memorywall.server.scheduler import (
+    Emission,
+    EngineCore,
+    FinishReason,
+    Request,
+    Sequence,
+    Step,
+)
 from memorywall.server.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
@@ -130,6 +138,16 @@ class EngineStats:
     stream_interval_s: float
 
 
+class EngineObserver(Protocol):
+    """Receives what the engine does, for metrics; called on the engine's loop, must not block."""
+
+    def on_step(self, step: Step, emissions: list[Emission], engine: AsyncEngine) -> None: ...
+
+    def on_finish(self, finished: Finished) -> None: ...
+
+    def on_lag(self, lag_s: float) -> None: ...
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -138,6 +156,7 @@ class AsyncEngine:
         clock: Clock | None = None,
         max_messages_per_s: float,
         lag_threshold_s: float = 0.010,
+        observers: Iterable[EngineObserver] = (),
     ) -> None:
         self.core = core
         self.clock = clock or MonotonicClock()
@@ -150,6 +169,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._lag = LagTracker(threshold_s=lag_threshold_s)
         self._started_s = time.monotonic()
+        self.observers = list(observers)
         self._last_warning_s = 0.0
         self.draining = False
 
@@ -185,7 +205,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             self._close(stream)
-            stream._end(self._finished(seq))
+            stream._end(self._report(self._finished(seq)))
         return True
 
     async def drain(self, grace_s: float) -> None:
@@ -241,7 +261,10 @@ class AsyncEngine:
                 await asyncio.sleep(0)
                 continue
             await self.clock.sleep_until(step.end_s)
-            self._deliver(self.core.complete(step), self.clock.now())
+            emissions = self.core.complete(step)
+            self._deliver(emissions, self.clock.now())
+            for observer in self.observers:
+                observer.on_step(step, emissions, self)
             last_end = step.end_s
 
     def _deliver(self, emissions: list[Emission], now: float) -> None:
@@ -253,7 +276,7 @@ class AsyncEngine:
             stream._push(e.token_ids, e.time_s)
             if e.finished:
                 self._close(stream)
-                stream._end(self._finished(e.sequence))
+                stream._end(self._report(self._finished(e.sequence)))
             elif stream._due(now, interval):
                 stream._flush(now)
             else:
@@ -272,6 +295,8 @@ class AsyncEngine:
         now = self.clock.now()
         lag = now - due_s
         self._lag.record(lag)
+        for observer in self.observers:
+            observer.on_lag(lag)
         if lag > self._lag.threshold_s and now - self._last_warning_s > LAG_WARNING_INTERVAL_S:
             self._last_warning_s = now
             s = self._lag.summary()
@@ -284,6 +309,11 @@ class AsyncEngine:
                 s.samples,
                 s.late_steps,
             )
+
+    def _report(self, finished: Finished) -> Finished:
+        for observer in self.observers:
+            observer.on_finish(finished)
+        return finished
 
     def _finished(self, seq: Sequence) -> Finished:
         arrival = seq.arrival_s

@@ -105,6 +105,7 @@ class Emission:
     token_ids: list[int]
     time_s: float
     finished: bool
+    previous_token_s: float | None  # the sequence's previous token, None for its first
 
 
 @dataclass(slots=True)
@@ -288,6 +289,7 @@ class EngineCore:
             seq.output_ids.extend(ids)
             # Accepted drafts were verified in this step, so their KV exists.
             seq.computed = seq.prompt_len + len(seq.output_ids) - 1
+            previous_s = seq.last_token_s
             seq.last_token_s = end_s
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
@@ -296,7 +298,7 @@ class EngineCore:
                 self.running.remove(seq)
                 counters.finished += 1
                 self._finish(seq, reason)
-            emissions.append(Emission(seq, ids, end_s, reason is not None))
+            emissions.append(Emission(seq, ids, end_s, reason is not None, previous_s))
         return emissions
 
     def _sample(self, seq: Sequence, decoding: bool) -> tuple[list[int], FinishReason | None]:
