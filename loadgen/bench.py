@@ -22,6 +22,7 @@ from memorywall.loadgen.runner import (
     run_single,
     run_workers,
 )
+from memorywall.loadgen.target import Backend, TargetConfig
 from memorywall.loadgen.workload import TraceWorkload, Workload
 
 # A run whose client fell behind is marked suspect rather than reported as fact.
@@ -45,8 +46,10 @@ class ServerFacts:
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    target: str
+    target: str  # host:port (gRPC) or base URL (OpenAI backends)
     workload: Workload
+    backend: Backend = Backend.MEMORYWALL_GRPC
+    model: str | None = None  # OpenAI backends: the model every request names
     num_prompts: int
     concurrency: tuple[int, ...] = ()  # closed-loop sweep
     request_rates: tuple[float, ...] = ()  # open-loop sweep
@@ -110,10 +113,11 @@ def run_level(
 ) -> tuple[dict, list[RequestRecord]]:
     plan = plan_level(config, level)
     show = progress_printer(len(plan.specs), f"{config.label} {level.name}")
+    endpoint = TargetConfig(backend=config.backend, address=config.target, model=config.model)
     if config.workers > 1:
-        results = run_workers(config.target, plan, config.workers, progress=show)
+        results = run_workers(endpoint, plan, config.workers, progress=show)
     else:
-        results = [run_single(config.target, plan, progress=show)]
+        results = [run_single(endpoint, plan, progress=show)]
     show(len(plan.specs))
     records = [r for w in results for r in w.records]
     metrics = compute_metrics(records, slo=config.slo)
@@ -154,6 +158,7 @@ def summarise(
             "label": config.label,
             "level": level.name,
             "target": config.target,
+            "backend": str(config.backend),
             "max_concurrency": level.concurrency,
             "request_rate": level.request_rate,
             "burstiness": config.burstiness if level.request_rate is not None else None,
@@ -198,7 +203,9 @@ def predicted(facts: ServerFacts, config: BenchConfig, level: Level, out: dict) 
     """The core's steady-state numbers for this load: a decode batch of the users in flight
     at the measured mean context, and the prefill of the mean prompt."""
     empty = {"predicted_tpot_ms": None, "predicted_ttft_ms": None, "predicted_e2el_ms": None}
-    if not facts.emulated or not out.get("completed"):
+    if not facts.emulated or facts.hardware is None or facts.model is None:
+        return empty
+    if not out.get("completed"):
         return empty
     from memorywall.core import load_hardware, load_model, plan_deployment, predict
     from memorywall.errors import MemorywallError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,9 +12,17 @@ from memorywall.client import AsyncClient, ClientError
 from memorywall.loadgen import plots
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import parse_slo
+from memorywall.loadgen.target import Backend
 from memorywall.loadgen.workload import SyntheticWorkload, TraceWorkload, parse_length
 
 SUMMARY = "summary.json"
+DEFAULT_TARGETS = {
+    Backend.MEMORYWALL_GRPC: "127.0.0.1:50051",
+    Backend.OPENAI_COMPLETIONS: "http://127.0.0.1:8000",  # vLLM's default port
+    Backend.OPENAI_CHAT: "http://127.0.0.1:8000",
+}
+# An OpenAI server counts as the memorywall emulator when its /v1/models entry says so.
+EMULATOR_OWNER = "memorywall"
 
 
 class BenchError(Exception):
@@ -34,6 +43,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError(str(e)) from None
     if args.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    backend = Backend(args.backend)
+    target = _target(backend, args.target or DEFAULT_TARGETS[backend])
+    if args.model is not None and not backend.is_openai:
+        raise BenchError(f"--model is for the OpenAI backends; {backend} asks the server")
     trace_arrivals = isinstance(workload, TraceWorkload) and workload.has_arrivals
     concurrency = args.concurrency or (() if args.request_rate or trace_arrivals else (1,))
     if isinstance(workload, TraceWorkload):
@@ -41,8 +54,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     else:
         num = args.num_prompts or 100
     return BenchConfig(
-        target=args.target,
+        target=target,
         workload=workload,
+        backend=backend,
+        model=args.model,
         num_prompts=num,
         concurrency=concurrency,
         request_rates=args.request_rate or (),
@@ -58,8 +73,67 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def server_facts(target: str) -> ServerFacts:
+def _target(backend: Backend, target: str) -> str:
+    """A gRPC host:port or a normalised base URL, whichever `backend` needs."""
+    if not backend.is_openai:
+        if target.startswith(("http://", "https://")):
+            raise BenchError(
+                f"--target {target} is a URL, but {backend} takes host:port; "
+                "for an HTTP server use --backend openai-completions or openai-chat"
+            )
+        return target
+    if "://" not in target:
+        raise BenchError(
+            f"--backend {backend} takes a URL such as http://{target}, got --target {target}"
+        )
+    from memorywall.loadgen.openai_target import base_url
+
+    try:
+        return base_url(target)
+    except ValueError as e:
+        raise BenchError(f"--target: {e}") from None
+
+
+def server_facts(config: BenchConfig) -> ServerFacts:
     """Ask the server what it is; unreachable is an error before any load."""
+    if config.backend.is_openai:
+        return openai_server_facts(config.target, config.model)
+    return grpc_server_facts(config.target)
+
+
+def openai_server_facts(base: str, model: str | None) -> ServerFacts:
+    """The served model from `GET /v1/models` (`model`, or the first listed).
+
+    The server is taken for the memorywall emulator only when that model's entry has
+    `owned_by: "memorywall"`; its optional `hardware` and `devices` fields then feed the
+    core's prediction. Any other server (vLLM says `owned_by: "vllm"`) is not emulated.
+    """
+    from memorywall.loadgen.openai_target import EndpointError, fetch_models
+
+    try:
+        models = asyncio.run(fetch_models(base))
+    except EndpointError as e:
+        raise BenchError(f"cannot use an OpenAI-compatible server at {base}: {e}") from None
+    ids = [m["id"] for m in models]
+    if model is None:
+        entry = models[0]
+    elif model in ids:
+        entry = models[ids.index(model)]
+    else:
+        raise BenchError(f"--model {model} is not served at {base}; it serves {', '.join(ids)}")
+    if entry.get("owned_by") != EMULATOR_OWNER:
+        return ServerFacts(model=entry["id"], emulated=False)
+    hardware, devices = entry.get("hardware"), entry.get("devices", 1)
+    return ServerFacts(
+        hardware=hardware if isinstance(hardware, str) else None,
+        model=entry["id"],
+        devices=devices if isinstance(devices, int) and devices > 0 else 1,
+        emulated=True,
+    )
+
+
+def grpc_server_facts(target: str) -> ServerFacts:
+    """Ask a memorywall gRPC server what it emulates."""
 
     async def ask() -> ServerFacts:
         async with AsyncClient(target, timeout_s=5.0) as client:
@@ -78,7 +152,9 @@ def server_facts(target: str) -> ServerFacts:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    facts = server_facts(config.target)
+    facts = server_facts(config)
+    if config.backend.is_openai:
+        config = dataclasses.replace(config, model=facts.model)
     results = []
     for level in levels(config):
         result, records = run_level(config, level, facts)
@@ -112,7 +188,8 @@ def _load_label(r: dict, *, short: bool = False) -> str:
 def format_result(r: dict) -> str:
     """A readable summary of one level, measured beside modelled and predicted."""
     load = _load_label(r)
-    head = f"== {r['label']} · {load} · {r['hardware'] or 'server'} x{r['devices']}"
+    server = r["hardware"] or r.get("model") or "server"
+    head = f"== {r['label']} · {load} · {server} x{r['devices']}"
     if r["emulated"]:
         head += " (emulated)"
     rows = [

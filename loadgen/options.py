@@ -7,9 +7,22 @@ from pathlib import Path
 
 from memorywall.argtypes import number_list, positive_float, positive_int
 
+BACKENDS = ("memorywall-grpc", "openai-completions", "openai-chat")  # loadgen.target.Backend
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="127.0.0.1:50051", help="memorywall server host:port")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=BACKENDS[0],
+        help="memorywall gRPC, or an OpenAI-compatible HTTP server (vLLM, SGLang, ...)",
+    )
+    p.add_argument(
+        "--target",
+        help="gRPC: host:port (default 127.0.0.1:50051); "
+        "OpenAI: base URL (default http://127.0.0.1:8000)",
+    )
+    p.add_argument("--model", help="OpenAI backends: model name (default: first of /v1/models)")
     load = p.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency", type=number_list(int, low=1), help="closed loop: users, e.g. 1,4,16,64"

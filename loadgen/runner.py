@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from memorywall.loadgen.arrivals import split_for_workers
 from memorywall.loadgen.records import RequestRecord, RequestSpec
-from memorywall.loadgen.target import GrpcTarget, Target
+from memorywall.loadgen.target import Target, TargetConfig, make_target
 
 START_LEAD_S = 1.0  # workers need this long to start before the shared start time
 
@@ -156,13 +156,15 @@ def _init_worker(counter) -> None:
     _progress = counter
 
 
-def _worker_main(address: str, plan: LoadPlan, start_ns: int, worker: int) -> WorkerResult:
+def _worker_main(
+    endpoint: TargetConfig, plan: LoadPlan, start_ns: int, worker: int
+) -> WorkerResult:
     def done(_: RequestRecord) -> None:
         with _progress.get_lock():
             _progress.value += 1
 
     async def main() -> WorkerResult:
-        target = GrpcTarget(address, timeout_s=plan.timeout_s)
+        target = make_target(endpoint, timeout_s=plan.timeout_s)
         try:
             return await run_plan(target, plan, start_ns=start_ns, worker=worker, on_done=done)
         finally:
@@ -172,7 +174,7 @@ def _worker_main(address: str, plan: LoadPlan, start_ns: int, worker: int) -> Wo
 
 
 def run_workers(
-    address: str,
+    endpoint: TargetConfig,
     plan: LoadPlan,
     workers: int,
     *,
@@ -188,7 +190,7 @@ def run_workers(
     )
     with pool:
         futures = [
-            pool.submit(_worker_main, address, part, start_ns, w) for w, part in enumerate(parts)
+            pool.submit(_worker_main, endpoint, part, start_ns, w) for w, part in enumerate(parts)
         ]
         while wait(futures, timeout=0.5).not_done:
             if progress:
@@ -197,12 +199,12 @@ def run_workers(
 
 
 def run_single(
-    address: str, plan: LoadPlan, *, progress: Callable[[int], None] | None = None
+    endpoint: TargetConfig, plan: LoadPlan, *, progress: Callable[[int], None] | None = None
 ) -> WorkerResult:
     """Run `plan` from this process."""
 
     async def main() -> WorkerResult:
-        target = GrpcTarget(address, timeout_s=plan.timeout_s)
+        target = make_target(endpoint, timeout_s=plan.timeout_s)
         done = 0
 
         def on_done(_: RequestRecord) -> None:

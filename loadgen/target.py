@@ -1,12 +1,16 @@
 """The seam between the load generator and a server: send one request, fill one record.
 
-`GrpcTarget` speaks memorywall.v1 through `AsyncClient`; other protocols
-(an OpenAI HTTP server, say) add a class with the same two methods.
+`GrpcTarget` speaks memorywall.v1 through `AsyncClient`; `OpenAITarget`
+(`openai_target.py`) speaks the OpenAI completions or chat API over HTTP.
+`make_target` is the one place a `TargetConfig` becomes a `Target`, in this
+process and in every worker process.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from memorywall.client import AsyncClient, ClientError, ModelInfo
@@ -19,6 +23,43 @@ class Target(Protocol):
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+class Backend(StrEnum):
+    """The protocol a target speaks (`--backend`)."""
+
+    MEMORYWALL_GRPC = "memorywall-grpc"
+    OPENAI_COMPLETIONS = "openai-completions"  # POST /v1/completions
+    OPENAI_CHAT = "openai-chat"  # POST /v1/chat/completions
+
+    @property
+    def is_openai(self) -> bool:
+        return self is not Backend.MEMORYWALL_GRPC
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    """Where and how to send: picklable, so worker processes build their own target."""
+
+    backend: Backend = Backend.MEMORYWALL_GRPC
+    address: str  # host:port for gRPC; a base URL (http://host:port) for OpenAI backends
+    model: str | None = None  # OpenAI backends: the `model` field of every request
+
+
+def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Target:
+    """The one factory for targets; `timeout_s` is the per-request deadline (None: none)."""
+    if config.backend is Backend.MEMORYWALL_GRPC:
+        return GrpcTarget(config.address, timeout_s=timeout_s)
+    if config.model is None:
+        raise ValueError(f"{config.backend} needs a model name")
+    from memorywall.loadgen.openai_target import OpenAITarget  # aiohttp only when used
+
+    return OpenAITarget(
+        config.address,
+        chat=config.backend is Backend.OPENAI_CHAT,
+        model=config.model,
+        timeout_s=timeout_s,
+    )
 
 
 class GrpcTarget:

@@ -102,7 +102,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             seed=args.seed,
         ),
-        ServerConfig(host=args.host, port=args.port, grace_s=args.grace, **budget),
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            grpc=args.grpc,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            tokenizer=args.tokenizer,
+            grace_s=args.grace,
+            **budget,
+        ),
     )
     try:
         asyncio.run(serving)
@@ -282,10 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("serve", help="run the emulated serving engine (gRPC)")
+    p = sub.add_parser(
+        "serve", help="run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
+    )
     add_deployment_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=50051, help="port (0: any free port)")
+    p.add_argument("--port", type=port, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument(
+        "--http-port",
+        type=port,
+        help="also serve the OpenAI API (/v1/completions, /v1/chat/completions, /metrics) here",
+    )
+    p.add_argument(
+        "--no-grpc", dest="grpc", action="store_false", help="serve HTTP only (needs --http-port)"
+    )
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics alone on this port")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="local Hugging Face tokenizer.json (or its folder) to count HTTP prompt text "
+        "(needs the `tokenizers` package; default ~4 characters per token)",
+    )
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="running batch limit")
     p.add_argument(
         "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"

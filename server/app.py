@@ -1,4 +1,8 @@
-"""The gRPC server process: engine + servicer + health + reflection, and graceful shutdown."""
+"""The server process: one engine behind gRPC and/or OpenAI HTTP, and graceful shutdown.
+
+gRPC (servicer, health, reflection) and the aiohttp front share the one
+`AsyncEngine`, so both see the same clock, batch and KV pool.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import gc
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,10 +19,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from memorywall.core import Deployment
+from memorywall.errors import ConfigError
 from memorywall.server.build import ModelCard, build_core
 from memorywall.server.engine import AsyncEngine
 from memorywall.server.grpc_servicer import EngineServicer
+from memorywall.server.http_front import HttpSite, OpenAIFront, ServedMetrics, metrics_app
+from memorywall.server.metrics import PrometheusMetrics
 from memorywall.server.scheduler import EngineConfig
+from memorywall.server.tokenizer import load_tokenizer
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")
@@ -28,65 +37,148 @@ SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = 50051  # gRPC
+    grpc: bool = True
+    http_port: int | None = None  # the OpenAI HTTP front (with /metrics); None: off
+    metrics_port: int | None = None  # /metrics alone, for a gRPC-only server; None: off
+    tokenizer: Path | None = None  # HF tokenizer.json for HTTP prompt text; None: ~4 chars/token
     grace_s: float = 5.0
     # Above this rate the engine groups tokens per message: grpc.aio costs per
     # message, and on a 2-core machine shared with the client, 4,000 messages/s
     # kept the p99 token lateness lowest (benchmarks/server_fidelity.py).
     max_messages_per_s: float = 4_000.0
 
+    def __post_init__(self) -> None:
+        if not self.grpc and self.http_port is None:
+            raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
+
 
 class EmulatorServer:
-    """One emulated engine behind a gRPC port. Build it inside the event loop that runs it;
-    `await start()`, then `await stop()`."""
+    """One emulated engine behind gRPC and/or HTTP ports. Build it inside the event loop that
+    runs it; `await start()`, then `await stop()`.
+
+    `metrics`: what /metrics serves and the engine feeds; by default vLLM's Prometheus
+    metrics, built when an HTTP or metrics port is asked for.
+    """
 
     def __init__(
-        self, deployment: Deployment, engine_config: EngineConfig, config: ServerConfig
+        self,
+        deployment: Deployment,
+        engine_config: EngineConfig,
+        config: ServerConfig,
+        *,
+        metrics: ServedMetrics | None = None,
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
         self.config = config
-        self.engine = AsyncEngine(core, max_messages_per_s=config.max_messages_per_s)
-        self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(self.engine, self.card, engine_config.seed), self.server
+        if metrics is None and (config.http_port is not None or config.metrics_port is not None):
+            metrics = PrometheusMetrics.for_deployment(deployment)
+        self.metrics = metrics
+        self.engine = AsyncEngine(
+            core,
+            max_messages_per_s=config.max_messages_per_s,
+            observers=[metrics] if metrics is not None else (),
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server = self._grpc_server(engine_config.seed) if config.grpc else None
+        self.http: HttpSite | None = None
+        if config.http_port is not None:
+            tokenizer = load_tokenizer(config.tokenizer, self.card.vocab_size)
+            front = OpenAIFront(self.engine, self.card, tokenizer, metrics)
+            self.http = HttpSite(front.app())
+        self.metrics_site: HttpSite | None = None
+        if config.metrics_port is not None:
+            self.metrics_site = HttpSite(metrics_app(metrics))
+        self.port = 0
+
+    def _grpc_server(self, seed: int) -> grpc.aio.Server:
+        self.health = health_aio.HealthServicer()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        engine_pb2_grpc.add_EngineServicer_to_server(
+            EngineServicer(self.engine, self.card, seed), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            self.server,
+            server,
         )
-        self.port = 0
+        return server
 
     @property
     def target(self) -> str:
+        """The gRPC address, host:port."""
         return f"{self.config.host}:{self.port}"
 
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP front's base URL (OpenAI clients take `{http_url}/v1`)."""
+        return f"http://{self.config.host}:{self.http.port}" if self.http is not None else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_site.port if self.metrics_site is not None else None
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every bound address: gRPC as host:port first, then HTTP URLs."""
+        host = self.config.host
+        out = [self.target] if self.server is not None else []
+        if self.http is not None:
+            out.append(self.http_url)
+        if self.metrics_site is not None:
+            out.append(f"http://{host}:{self.metrics_site.port}/metrics")
+        return out
+
     async def start(self) -> int:
+        """Bind every port, then serve; returns the gRPC port (0 without gRPC)."""
         quiet_gc()
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as e:  # grpc reports a failed bind this way
-            raise OSError(f"cannot serve on {address}: {e}") from None
+        c = self.config
+        if self.server is not None:
+            address = f"{c.host}:{c.port}"
+            try:
+                self.port = self.server.add_insecure_port(address)
+            except RuntimeError as e:  # grpc reports a failed bind this way
+                raise OSError(f"cannot serve on {address}: {e}") from None
         await self.engine.start()
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            if self.http is not None:
+                await self.http.start(c.host, c.http_port)
+            if self.metrics_site is not None:
+                await self.metrics_site.start(c.host, c.metrics_port)
+        except OSError:
+            await self._stop_http()
+            await self.engine.stop()
+            raise
+        if self.server is not None:
+            await self.server.start()
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop admitting, give live streams `grace_s` to finish, end the rest UNAVAILABLE."""
+        """Stop admitting, give live streams `grace_s` to finish, end the rest UNAVAILABLE
+        (gRPC) or with an error event (HTTP)."""
         grace = self.config.grace_s if grace_s is None else grace_s
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.engine.drain(grace)
-        await self.server.stop(grace=1.0)
+        if self.server is not None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.engine.drain(grace)  # HTTP /health answers 503 from here on
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await self._stop_http()
         await self.engine.stop()
+
+    async def _stop_http(self) -> None:
+        for site in (self.http, self.metrics_site):
+            if site is not None:
+                await site.stop()
 
 
 def quiet_gc() -> None:
@@ -101,9 +193,9 @@ def quiet_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
-def describe(card: ModelCard, target: str) -> str:
+def describe(card: ModelCard, addresses: list[str]) -> str:
     return (
-        f"memorywall serving {card.deployment} on {target}: predicted "
+        f"memorywall serving {card.deployment} on {', '.join(addresses)}: predicted "
         f"{card.predicted_tokens_per_s_per_user:,.1f} tok/s per user (batch 1), "
         f"KV {card.kv_capacity_tokens:,} tokens, max {card.max_num_seqs} sequences"
     )
@@ -119,7 +211,7 @@ async def serve_forever(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    log.info(describe(server.card, server.target))
+    log.info(describe(server.card, server.addresses))
     await stop.wait()
     log.info("shutting down: draining for up to %.1f s", server.config.grace_s)
     await server.stop()

@@ -216,8 +216,10 @@ class AsyncEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         for request_id, stream in list(self._streams.items()):
-            self.core.abort(request_id)
+            seq = self.core.abort(request_id)
             self._close(stream)
+            if seq is not None:
+                self._report(self._finished(seq))  # metrics count it as aborted
             stream._end(None, DrainingError("server shut down before the request finished"))
 
     async def stop(self) -> None:

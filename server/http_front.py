@@ -1,0 +1,215 @@
+"""The OpenAI-compatible HTTP front: a thin aiohttp adapter over the same engine as gRPC.
+
+Routes: POST /v1/completions and /v1/chat/completions (streaming as SSE or
+one JSON body), GET /v1/models, /health, /version and /metrics. Requests are
+parsed in `openai_api.py`, responses shaped in `openai_reply.py`; this module
+converts, submits, streams and turns a disconnect into an engine abort, as
+`grpc_servicer.py` does. Each token group the engine hands over is written at
+once: no buffering, and aiohttp (like asyncio) sets TCP_NODELAY on every
+accepted socket, so Nagle never holds a small write (a test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from memorywall import __version__
+from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.build import ModelCard
+from memorywall.server.engine import AsyncEngine, EngineObserver, Finished, RequestStream
+from memorywall.server.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
+from memorywall.server.openai_reply import Reply, model_list
+from memorywall.server.tokenizer import PromptTokenizer
+
+# Prompts given as token ids run to ~7 bytes a token: room for a 128k-token context.
+MAX_BODY_BYTES = 16 * 2**20
+SHUTDOWN_TIMEOUT_S = 1.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class MetricsSource(Protocol):
+    """What /metrics serves (`server/metrics.py`'s PrometheusMetrics)."""
+
+    def render(self) -> tuple[bytes, str]: ...  # body, content type
+
+
+class ServedMetrics(EngineObserver, MetricsSource, Protocol):
+    """Metrics the engine feeds and /metrics renders."""
+
+
+def error_response(status: int, body: dict) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors (unknown route, wrong method, body too large) as OpenAI bodies."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, error_body(e.status, e.reason))
+
+
+class OpenAIFront:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        card: ModelCard,
+        tokenizer: PromptTokenizer,
+        metrics: MetricsSource | None = None,
+    ) -> None:
+        self.engine = engine
+        self.card = card
+        self.api = OpenAIApi(card, tokenizer)
+        self.metrics = metrics
+        self.created = int(time.time())
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", metrics_handler(self.metrics))
+        return app
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        # Modelled time starts when the request reaches us, not after we parsed it.
+        arrival_s = self.engine.clock.now()
+        return await self._generate(request, Endpoint.COMPLETIONS, arrival_s)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        arrival_s = self.engine.clock.now()
+        return await self._generate(request, Endpoint.CHAT, arrival_s)
+
+    async def _generate(
+        self, request: web.Request, endpoint: Endpoint, arrival_s: float
+    ) -> web.StreamResponse:
+        try:
+            body = await _json_body(request)
+            call = self.api.to_call(body, endpoint, request.headers.get("X-Request-Id"))
+            stream = self.engine.submit(
+                call.request, min_interval_s=call.min_interval_s, arrival_s=arrival_s
+            )
+        except MemorywallError as e:
+            return error_response(*error_for(e))
+        reply = Reply(call, self.card.model, int(time.time()))
+        try:
+            if call.stream:
+                return await self._stream(request, stream, call, reply)
+            return await self._complete(stream, call, reply)
+        finally:
+            if stream.sequence.finish_reason is None:
+                # Cancelled or client gone (aiohttp cancels the handler): free slot and KV now.
+                self.engine.abort(call.request.request_id)
+
+    async def _stream(
+        self, request: web.Request, stream: RequestStream, call: Call, reply: Reply
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers=_headers(call, "text/event-stream"))
+        # Headers go out now, not with the first token: clients start TTFT clocks on them.
+        await response.prepare(request)
+        opening = reply.role_event() if reply.chat else b""
+        try:
+            try:
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        await response.write(reply.end_events(event))
+                        continue
+                    # A sequence has its finish reason when its last group is handed over,
+                    # so that group's chunk carries it, with no wait for `Finished`.
+                    reason = stream.sequence.finish_reason
+                    await response.write(opening + reply.group_event(event, reason))
+                    opening = b""
+            except MemorywallError as e:  # the server drained before the request finished
+                await response.write(reply.error_events(e))
+        except ConnectionResetError:
+            pass  # the client left; the caller aborts the request
+        return response
+
+    async def _complete(self, stream: RequestStream, call: Call, reply: Reply) -> web.Response:
+        groups = []
+        try:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    return web.json_response(reply.body(groups, event), headers=_headers(call))
+                groups.append(event)
+        except MemorywallError as e:
+            return error_response(*error_for(e))
+        raise AssertionError("a request stream ends with Finished")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(model_list(self.card, self.created))
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 while serving, 503 once draining (vLLM's /health answers 200 with no body)."""
+        return web.Response(status=503 if self.engine.draining else 200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
+
+def metrics_handler(metrics: MetricsSource) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handle
+
+
+def metrics_app(metrics: MetricsSource) -> web.Application:
+    """Only /metrics: for a gRPC-only server's --metrics-port."""
+    app = web.Application(middlewares=[openai_errors])
+    app.router.add_get("/metrics", metrics_handler(metrics))
+    return app
+
+
+class HttpSite:
+    """One aiohttp application bound to host:port. `await start()` returns the bound port."""
+
+    def __init__(self, app: web.Application) -> None:
+        # handler_cancellation: a client that disconnects cancels its handler at once, which
+        # aborts its request, even while it waits in the queue with nothing to write.
+        self.runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.runner.cleanup()
+            raise OSError(f"cannot serve HTTP on {host}:{port}: {e.strerror or e}") from None
+        self.port = self.runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def _headers(call: Call, content_type: str | None = None) -> dict[str, str]:
+    headers = {"X-Request-Id": call.request.request_id}
+    if content_type is not None:
+        headers.update({"Content-Type": content_type, "Cache-Control": "no-cache"})
+    return headers
+
+
+async def _json_body(request: web.Request) -> object:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise InvalidRequestError(f"request body: not valid JSON ({e})") from None

@@ -1,0 +1,399 @@
+"""Prometheus metrics under vLLM's names, fed by the engine's observer hooks.
+
+Names, types, label names, help strings and buckets follow vLLM v1's
+`PrometheusStatLogger` (`vllm/v1/metrics/loggers.py`), so vLLM dashboards and
+alerts read an emulated server unchanged; every series carries vLLM's labels
+`model_name` and `engine` (always "0": one engine core). The emulator's own
+series live under `memorywall:`.
+
+Every time is the engine's modelled time, what the emulated hardware would
+show, never the host's clock; `memorywall:emulation_lag_seconds` is the gap
+between the two.
+
+`on_step` runs after every engine step (every ~0.5 ms on a wafer), so it only
+adds to plain numbers: prometheus_client's metric objects take a lock per
+update. The families are built when scraped, by `collect`. The hooks run on
+the engine's event loop; call `render` there too so a scrape sees one state.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from memorywall.server.scheduler import FinishReason
+
+if TYPE_CHECKING:
+    from memorywall.core import Deployment
+    from memorywall.server.engine import AsyncEngine, Finished
+    from memorywall.server.scheduler import Emission, EngineCore, Step
+
+# The classic text format `generate_latest` writes, labelled as prometheus_client's
+# own handler labels it by default (`choose_encoder`); spelled out because the
+# library's CONTENT_TYPE_LATEST changed value (0.0.4, now 1.0.0) across releases.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LABEL_NAMES = ("model_name", "engine")
+ENGINE_INDEX = "0"
+
+# vLLM's buckets, copied so that histograms from vLLM and from the emulator
+# aggregate (`sum by (le)`) into one quantile.
+TTFT_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS_S = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+# The emulator's own: 0.1 ms (a wafer's step) up to seconds (a long prefill on a GPU).
+LAG_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+STEP_TIME_BUCKETS_S = (*LAG_BUCKETS_S, 2.5, 5.0, 10.0)
+
+
+def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` inclusive (vLLM's token-count buckets)."""
+    buckets = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+class _Histogram:
+    """Bucket counts and a sum in plain Python numbers; a family only when scraped."""
+
+    __slots__ = ("bounds", "counts", "documentation", "les", "name", "sum")
+
+    def __init__(self, name: str, documentation: str, bounds: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(bounds)
+        self.les = [floatToGoString(b) for b in self.bounds]  # the `le` label values
+        self.counts = [0] * (len(self.bounds) + 1)  # the last is (largest bound, +Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        """`n` observations of `value` (a bound is inclusive: `le`)."""
+        self.counts[bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    def family(self, labels: list[str]) -> HistogramMetricFamily:
+        buckets = []
+        total = 0
+        for le, count in zip(self.les, self.counts, strict=False):
+            total += count
+            buckets.append((le, total))
+        buckets.append(("+Inf", total + self.counts[-1]))
+        family = HistogramMetricFamily(self.name, self.documentation, labels=LABEL_NAMES)
+        family.add_metric(labels, buckets, self.sum)
+        return family
+
+
+class PrometheusMetrics:
+    """An `EngineObserver` that keeps vLLM's Prometheus metrics in its own registry.
+
+    Per step: token counters, TTFT when a sequence's first token lands, one
+    inter-token latency per token, tokens per step, step time and energy.
+    Per finished request (aborts included): success by reason and the request
+    histograms. Scheduler gauges (running, waiting, KV usage) are read from the
+    engine's core when scraped, so they are current even after an abort between
+    steps. Several instances never share state.
+    """
+
+    def __init__(
+        self, *, model_name: str, max_model_len: int, idle_power_w: float, rated_power_w: float
+    ) -> None:
+        """`idle_power_w`: what the modelled hardware draws with no step running (the
+        core's static power over all devices); `rated_power_w`: its TDP over all devices."""
+        self.model_name = model_name
+        self.idle_power_w = idle_power_w
+        self.rated_power_w = rated_power_w
+        self._labels = [model_name, ENGINE_INDEX]
+        self._core: EngineCore | None = None
+
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._preemptions = 0
+        self._success = {reason: 0 for reason in FinishReason}
+        self._energy_j = 0.0
+        self._last_step_power_w: float | None = None
+
+        token_buckets = build_1_2_5_buckets(max_model_len)
+        h = _Histogram
+        self._ttft = h(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS_S,
+        )
+        self._itl = h(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ITL_BUCKETS_S,
+        )
+        self._tpot = h(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            ITL_BUCKETS_S,
+        )
+        self._iteration_tokens = h(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            ITERATION_TOKENS_BUCKETS,
+        )
+        self._e2e = h(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self._queue = h(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self._inference = h(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self._prefill = h(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self._decode = h(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS_S,
+        )
+        self._request_prompt = h(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            token_buckets,
+        )
+        self._request_generation = h(
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            token_buckets,
+        )
+        self._lag = h(
+            "memorywall:emulation_lag_seconds",
+            "Wall-clock time a token group reached its stream after its modelled time.",
+            LAG_BUCKETS_S,
+        )
+        self._step_time = h(
+            "memorywall:step_time_seconds",
+            "Modelled time of each engine step.",
+            STEP_TIME_BUCKETS_S,
+        )
+        self._histograms = (
+            self._ttft,
+            self._itl,
+            self._tpot,
+            self._iteration_tokens,
+            self._e2e,
+            self._queue,
+            self._inference,
+            self._prefill,
+            self._decode,
+            self._request_prompt,
+            self._request_generation,
+            self._lag,
+            self._step_time,
+        )
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    @classmethod
+    def for_deployment(
+        cls, deployment: Deployment, *, model_name: str | None = None
+    ) -> PrometheusMetrics:
+        """Static facts from the deployment; `model_name` is the served name (default: the
+        model's)."""
+        hw = deployment.hardware
+        return cls(
+            model_name=model_name or deployment.model.name,
+            max_model_len=deployment.model.max_context,
+            idle_power_w=hw.static_w * deployment.devices,
+            rated_power_w=hw.tdp_w * deployment.devices,
+        )
+
+    # EngineObserver
+
+    def on_step(self, step: Step, emissions: list[Emission], engine: AsyncEngine) -> None:
+        """Counters and per-token histograms for one step.
+
+        vLLM counts a request's prompt when its first token is sampled, observes
+        TTFT then, and observes one inter-token latency per step that gives a
+        request tokens. Here a step that gives k tokens at once (accepted
+        speculative drafts) observes its gap / k for each of the k tokens, so
+        the ITL count is the decode tokens and its sum is the decode time.
+        `vllm:iteration_tokens_total` observes the tokens the step ran through
+        the model (`StepCost.tokens`: prefill chunks plus decode queries, drafts
+        included). vLLM observes the prompts whose prefill completed plus the
+        tokens generated; the two agree on plain decode steps, and this one stays
+        within `max_num_batched_tokens` under chunked prefill.
+        """
+        core = engine.core
+        self._core = core
+        cost = step.cost
+        self._energy_j += cost.energy_j
+        self._step_time.observe(cost.time_s)
+        if cost.time_s > 0:
+            self._last_step_power_w = cost.energy_j / cost.time_s
+        self._iteration_tokens.observe(cost.tokens)
+        self._preemptions = core.counters.preemptions  # preemptions happen in `schedule`
+
+        # Sequences decoded in the previous step share a gap: observe each run once.
+        generated = 0
+        run_gap, run_n = 0.0, 0
+        for e in emissions:
+            k = len(e.token_ids)
+            generated += k
+            previous_s = e.previous_token_s
+            if previous_s is None:
+                seq = e.sequence
+                self._prompt_tokens += seq.prompt_len
+                self._ttft.observe(e.time_s - seq.arrival_s)
+                continue
+            gap = (e.time_s - previous_s) / k
+            if gap == run_gap:
+                run_n += k
+            else:
+                if run_n:
+                    self._itl.observe(run_gap, run_n)
+                run_gap, run_n = gap, k
+        if run_n:
+            self._itl.observe(run_gap, run_n)
+        self._generation_tokens += generated
+
+    def on_finish(self, finished: Finished) -> None:
+        """Request success by reason and the per-request histograms."""
+        self._success[finished.reason] += 1
+        self._e2e.observe(finished.e2e_s)
+        self._queue.observe(finished.queue_s)
+        self._prefill.observe(finished.prefill_s)
+        self._decode.observe(finished.decode_s)
+        self._inference.observe(finished.prefill_s + finished.decode_s)
+        self._request_prompt.observe(finished.prompt_tokens)
+        self._request_generation.observe(finished.completion_tokens)
+        if finished.completion_tokens > 1:  # vLLM records 0 s here; no data is not 0 s
+            self._tpot.observe(finished.decode_s / (finished.completion_tokens - 1))
+
+    def on_lag(self, lag_s: float) -> None:
+        self._lag.observe(lag_s)
+
+    # Exposition
+
+    def collect(self) -> Iterator[Metric]:
+        """The families as of now (prometheus_client's Collector protocol)."""
+        labels = self._labels
+        core = self._core
+        running = waiting = 0
+        kv_usage = 0.0
+        power_w = self.idle_power_w
+        if core is not None:
+            running, waiting = len(core.running), len(core.waiting)
+            kv_usage = core.pool.used_blocks / core.pool.total_blocks
+            if core.has_work() and self._last_step_power_w is not None:
+                power_w = self._last_step_power_w
+
+        yield _gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels,
+            running,
+        )
+        yield _gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels,
+            waiting,
+        )
+        yield _gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            labels,
+            kv_usage,
+        )
+        yield _counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            labels,
+            self._preemptions,
+        )
+        yield _counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, self._prompt_tokens
+        )
+        yield _counter(
+            "vllm:generation_tokens",
+            "Number of generation tokens processed.",
+            labels,
+            self._generation_tokens,
+        )
+        success = CounterMetricFamily(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels=[*LABEL_NAMES, "finished_reason"],
+        )
+        for reason, count in self._success.items():
+            success.add_metric([*labels, reason.value], count)
+        yield success
+        for histogram in self._histograms:
+            yield histogram.family(labels)
+        yield _counter(
+            "memorywall:modelled_energy_joules",
+            "Energy the modelled hardware spent on engine steps, in joules.",
+            labels,
+            self._energy_j,
+        )
+        yield _gauge(
+            "memorywall:modelled_power_watts",
+            "Modelled power: the last step's energy over its time while the engine has work, "
+            "the hardware's static power when idle.",
+            labels,
+            power_w,
+        )
+        yield _gauge(
+            "memorywall:rated_power_watts",
+            "Thermal design power of the modelled devices, all together.",
+            labels,
+            self.rated_power_w,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its Content-Type, for a `/metrics` handler."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+def _gauge(name: str, documentation: str, labels: list[str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=LABEL_NAMES)
+    family.add_metric(labels, value)
+    return family
+
+
+def _counter(name: str, documentation: str, labels: list[str], value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=LABEL_NAMES)
+    family.add_metric(labels, value)
+    return family

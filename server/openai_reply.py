@@ -1,0 +1,164 @@
+"""Engine events to OpenAI response objects, in vLLM's shapes, with no I/O.
+
+Field for field as vLLM's OpenAI server (`vllm/entrypoints/openai/protocol.py`:
+`CompletionResponse`, `CompletionStreamResponse`, `ChatCompletionResponse`,
+`ChatCompletionStreamResponse`, `ModelList`), framed as its server-sent events
+(`data: {json}` and a blank line; `data: [DONE]` last). Every chunk also carries
+a `memorywall` object (token ids and their modelled times, seconds after
+arrival); OpenAI clients keep unknown fields and ignore them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from memorywall.errors import MemorywallError
+from memorywall.server.build import ModelCard
+from memorywall.server.engine import Finished, TokenGroup
+from memorywall.server.openai_api import Call, Endpoint, error_for
+from memorywall.server.scheduler import FinishReason
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    """One server-sent event as OpenAI clients parse it."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Reply:
+    """The response objects for one call, in vLLM's shapes."""
+
+    def __init__(self, call: Call, model: str, created: int) -> None:
+        self.call = call
+        self.model = model
+        self.created = created
+        chat = call.endpoint is Endpoint.CHAT
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{call.request.request_id}"
+        self.chat = chat
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # set once a chunk carried it
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def _choice(self, text: str, reason: str | None, stop_reason: int | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self.chat:
+            choice["delta"] = {"content": text} if text or reason is None else {}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=reason, stop_reason=stop_reason)
+        return choice
+
+    def role_event(self) -> bytes:
+        """Chat streams open with the assistant's role, as vLLM's do."""
+        delta = {"role": "assistant", "content": ""}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return sse(self._chunk([choice]))
+
+    def group_event(self, group: TokenGroup, reason: FinishReason | None) -> bytes:
+        """One token group; the last carries the finish reason (`reason`: the sequence's)."""
+        self.completion_tokens += len(group.token_ids)
+        finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
+        stop_reason = self._stop_reason(group.token_ids, reason)
+        chunk = self._chunk([self._choice(group.text, finish, stop_reason)])
+        chunk["memorywall"] = {
+            "token_ids": list(group.token_ids),
+            "modelled_times_s": list(group.times_s),
+        }
+        if self.call.continuous_usage:
+            chunk["usage"] = self._usage(len(self.call.request.prompt_ids), 0)
+        self.finish_reason = finish
+        return sse(chunk)
+
+    def end_events(self, f: Finished) -> bytes:
+        """After the last group: a finish chunk if none carried it, usage if asked, [DONE]."""
+        out = b""
+        if self.finish_reason is None:
+            self.finish_reason = f.reason.value
+            out += sse(self._chunk([self._choice("", f.reason.value, None)]))
+        if self.call.include_usage:
+            chunk = self._chunk([])
+            chunk["usage"] = self._usage(f.prompt_tokens, f.cached_tokens, f.completion_tokens)
+            chunk["memorywall"] = summary(f)
+            out += sse(chunk)
+        return out + DONE
+
+    def error_events(self, error: MemorywallError) -> bytes:
+        """An error after the stream began (the server drained): vLLM's error event, [DONE]."""
+        return sse(error_for(error)[1]) + DONE
+
+    def body(self, groups: list[TokenGroup], f: Finished) -> dict[str, Any]:
+        """The whole non-streaming response."""
+        text = "".join(g.text for g in groups)
+        last = tuple(t for g in groups for t in g.token_ids[-1:])[-1:]
+        stop_reason = self._stop_reason(last, f.reason)
+        if self.chat:
+            message = {"role": "assistant", "content": text, "tool_calls": []}
+            choice = {"index": 0, "message": message}
+        else:
+            choice = {"index": 0, "text": text}
+        choice.update(logprobs=None, finish_reason=f.reason.value, stop_reason=stop_reason)
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self._usage(f.prompt_tokens, f.cached_tokens, f.completion_tokens),
+            "memorywall": summary(f),
+        }
+
+    def _usage(self, prompt: int, cached: int, completion: int | None = None) -> dict[str, Any]:
+        completion = self.completion_tokens if completion is None else completion
+        return {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def _stop_reason(self, ids: tuple[int, ...], reason: FinishReason | None) -> int | None:
+        """The stop token id that ended the request (vLLM's `stop_reason`), else None."""
+        stops = self.call.request.stop_token_ids
+        if reason is FinishReason.STOP and ids and ids[-1] in stops:
+            return ids[-1]
+        return None
+
+
+def summary(f: Finished) -> dict[str, Any]:
+    """The engine's modelled account of one request, as gRPC's `Finished` carries it."""
+    return {
+        "timing": {
+            "queue_s": f.queue_s,
+            "prefill_s": f.prefill_s,
+            "decode_s": f.decode_s,
+            "ttft_s": f.ttft_s,
+            "e2e_s": f.e2e_s,
+            "preemptions": f.preemptions,
+        },
+        "energy_j": f.energy_j,
+    }
+
+
+def model_list(card: ModelCard, created: int) -> dict[str, Any]:
+    """GET /v1/models: the served model, with vLLM's `max_model_len`."""
+    model = {
+        "id": card.model,
+        "object": "model",
+        "created": created,
+        "owned_by": "memorywall",
+        "root": card.model,
+        "parent": None,
+        "max_model_len": card.context_window,
+        "permission": [],
+    }
+    return {"object": "list", "data": [model]}
