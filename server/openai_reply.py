@@ -150,7 +150,9 @@ def summary(f: Finished) -> dict[str, Any]:
 
 
 def model_list(card: ModelCard, created: int) -> dict[str, Any]:
-    """GET /v1/models: the served model, with vLLM's `max_model_len`."""
+    """GET /v1/models: the served model, with vLLM's `max_model_len`, plus the emulated
+    `hardware` and `devices` (memorywall's extension: lets a load generator ask the core
+    for its prediction)."""
     model = {
         "id": card.model,
         "object": "model",
@@ -160,5 +162,7 @@ def model_list(card: ModelCard, created: int) -> dict[str, Any]:
         "parent": None,
         "max_model_len": card.context_window,
         "permission": [],
+        "hardware": card.hardware,
+        "devices": card.devices,
     }
     return {"object": "list", "data": [model]}
