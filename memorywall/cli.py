@@ -101,6 +101,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             seed=args.seed,
+            enable_prefix_caching=args.prefix_caching,
         ),
         ServerConfig(
             host=args.host,
@@ -317,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for synthetic tokens")
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt in full (default: reuse cached KV of shared prefixes)",
+    )
     p.add_argument(
         "--grace", type=positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
     )

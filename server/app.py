@@ -26,12 +26,16 @@ from memorywall.server.grpc_servicer import EngineServicer
 from memorywall.server.http_front import HttpSite, OpenAIFront, ServedMetrics, metrics_app
 from memorywall.server.metrics import PrometheusMetrics
 from memorywall.server.scheduler import EngineConfig
+from memorywall.server.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
+from memorywall.server.sglang_servicer import SglangServicer, add_to_server
 from memorywall.server.tokenizer import load_tokenizer
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+# Every service on the gRPC port, each with a health status of its own ("" is the server's).
+HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,10 +100,13 @@ class EmulatorServer:
         engine_pb2_grpc.add_EngineServicer_to_server(
             EngineServicer(self.engine, self.card, seed), server
         )
+        # SGLang's worker API, for the smg gateway: the same engine, the same port.
+        add_to_server(SglangServicer(self.engine, self.card), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                SGLANG_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -158,7 +165,7 @@ class EmulatorServer:
             raise
         if self.server is not None:
             await self.server.start()
-            for name in ("", SERVICE_NAME):
+            for name in HEALTH_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -167,7 +174,7 @@ class EmulatorServer:
         (gRPC) or with an error event (HTTP)."""
         grace = self.config.grace_s if grace_s is None else grace_s
         if self.server is not None:
-            for name in ("", SERVICE_NAME):
+            for name in HEALTH_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.engine.drain(grace)  # HTTP /health answers 503 from here on
         if self.server is not None:

@@ -327,7 +327,7 @@ class AsyncEngine:
             reason=seq.finish_reason,
             prompt_tokens=len(seq.request.prompt_ids),
             completion_tokens=len(seq.output_ids),
-            cached_tokens=0,
+            cached_tokens=seq.cached_tokens,
             queue_s=first_sched - arrival,
             prefill_s=first - first_sched,
             decode_s=last - first,

@@ -1,25 +1,121 @@
-"""KV cache accounting in fixed-size blocks, as paged-attention engines allocate it."""
+"""KV cache in fixed-size blocks with automatic prefix caching, as vLLM v1 keeps it.
+
+A full block of a sequence's tokens is named by a hash chain: block i's hash
+is `hash_block_tokens(hash of block i-1, its token ids)`, so equal hashes mean
+equal prefixes. Blocks carry reference counts; a block whose count falls to 0
+keeps its hash and waits in an LRU queue, still findable, and is evicted (its
+hash dropped) only when a block is needed and no empty block is left. Unlike
+vLLM, which keeps one queue, blocks holding nothing (never used, or freed
+without a hash) are handed out before any cached block is evicted.
+
+Hashes are Python's `hash` of `(parent_hash, token ids)`, signed 64-bit ints:
+tuples of ints hash the same in every process of one Python version (no
+`PYTHONHASHSEED` salt applies to ints), so runs are reproducible. It is not
+collision resistant; a collision would only let one prompt reuse another's
+modelled KV (the cost model), never change tokens.
+
+Observers subscribe to `BlockStored` / `BlockRemoved` events (vLLM's
+`kv_events` shapes); with no subscriber no event object is built.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+
+ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """The hash of a full block given its parent's (None for a sequence's first block)."""
+    return hash((ROOT_HASH if parent_hash is None else parent_hash, token_ids))
+
+
+def extend_block_hashes(
+    hashes: list[int],
+    full_blocks: int,
+    block_size: int,
+    token_ids: Callable[[int, int], tuple[int, ...]],
+) -> list[int]:
+    """`hashes` (a sequence's block hashes so far) extended in place to its first
+    `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens."""
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), full_blocks):
+        parent = hash_block_tokens(parent, token_ids(i * block_size, (i + 1) * block_size))
+        hashes.append(parent)
+    return hashes
+
+
 @dataclass
-class BlockPool:
-    """A count of free blocks; sequences hold whole blocks."""
+class PrefixCacheStats:
+    """Prefix cache lookups, counted once per admission as vLLM counts them: `queries`
+    and `hits` are tokens (a sequence's tokens at admission, and those found cached)
+    of new requests; re-admissions after preemption count apart. Nothing is
+    counted with prefix caching off."""
 
-    total_blocks: int
+    requests: int = 0
+    queries: int = 0
+    hits: int = 0
+    preempted_requests: int = 0
+    preempted_queries: int = 0
+    preempted_hits: int = 0
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Hits over queries since start (new requests); None before any lookup."""
+        return self.hits / self.queries if self.queries else None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks entered the cache: consecutive in one sequence, `parent_block_hash`
+    (None for a sequence's first block) before the first; `token_ids` are all of their
+    tokens, `block_size` per block."""
+
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
     block_size: int
-    free_blocks: int = -1
 
-    def __post_init__(self) -> None:
-        if self.free_blocks < 0:
-            self.free_blocks = self.total_blocks
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Blocks left the cache (evicted, or dropped by `reset_prefix_cache`)."""
+
+    block_hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """Every cached block was dropped at once (`BlockPool.reset_prefix_cache`)."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class BlockPool:
+    """`total_blocks` blocks of `block_size` tokens, numbered 0..total_blocks-1.
+
+    `used_blocks` counts blocks with a reference, `free_blocks` the rest (empty or
+    cached with no reference); the two always sum to `total_blocks`. Block ids
+    are created lazily, so a pool of millions of blocks costs nothing up front.
+    """
+
+    def __init__(self, total_blocks: int, block_size: int) -> None:
+        self.total_blocks = total_blocks
+        self.block_size = block_size
+        self.free_blocks = total_blocks
+        self.ref_counts: list[int] = []  # by block id
+        self.block_hashes: list[int | None] = []  # by block id; None: holds no cached prefix
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self._empty: list[int] = []  # free blocks holding nothing, reused before eviction
+        self._lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
+        self._subscribers: list[Callable[[KVEvent], None]] = []
 
     @property
     def used_blocks(self) -> int:
@@ -29,13 +125,167 @@ class BlockPool:
     def capacity_tokens(self) -> int:
         return self.total_blocks * self.block_size
 
-    def try_allocate(self, blocks: int) -> bool:
-        if blocks > self.free_blocks:
-            return False
-        self.free_blocks -= blocks
-        return True
+    @property
+    def cached_free_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (evictable)."""
+        return len(self._lru)
 
-    def release(self, blocks: int) -> None:
-        self.free_blocks += blocks
-        if self.free_blocks > self.total_blocks:
-            raise AssertionError("released more KV blocks than were allocated")
+    # events
+
+    def subscribe(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
+        """Call `callback(event)` for each KV event from now on, synchronously on the
+        engine's thread (it must not block); returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, event: KVEvent) -> None:
+        for callback in list(self._subscribers):
+            callback(event)
+
+    # allocation
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` blocks with one reference each, or None (nothing taken) if too few are free."""
+        if n > self.free_blocks:
+            return None
+        self.free_blocks -= n
+        ids = []
+        refs = self.ref_counts
+        for _ in range(n):
+            if self._empty:
+                block = self._empty.pop()
+            elif len(refs) < self.total_blocks:
+                block = len(refs)
+                refs.append(0)
+                self.block_hashes.append(None)
+            else:
+                block = self._lru.popitem(last=False)[0]
+                self._evict(block)
+            refs[block] = 1
+            ids.append(block)
+        return ids
+
+    def _evict(self, block: int) -> None:
+        block_hash = self.block_hashes[block]
+        self.block_hashes[block] = None
+        del self.cached[block_hash]
+        if self._subscribers:
+            self._emit(BlockRemoved((block_hash,)))
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference on each block; last-first, so a sequence's tail is evicted
+        before its prefix."""
+        refs = self.ref_counts
+        hashes = self.block_hashes
+        for block in reversed(block_ids):
+            count = refs[block] - 1
+            if count < 0:
+                raise AssertionError(f"KV block {block} released more often than referenced")
+            refs[block] = count
+            if count == 0:
+                self.free_blocks += 1
+                if hashes[block] is None:
+                    self._empty.append(block)
+                else:
+                    self._lru[block] = None
+
+    # prefix caching
+
+    def lookup(self, block_hashes: list[int], max_blocks: int) -> list[int]:
+        """Blocks caching the longest prefix of `block_hashes` (at most `max_blocks`);
+        takes no reference."""
+        hits = []
+        cached = self.cached
+        for block_hash in block_hashes[:max_blocks]:
+            block = cached.get(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def free_among(self, block_ids: list[int]) -> int:
+        """How many of `block_ids` are free (referencing them uses up free blocks)."""
+        refs = self.ref_counts
+        return sum(1 for b in block_ids if refs[b] == 0)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take one reference on each of `block_ids` (cache hits)."""
+        refs = self.ref_counts
+        for block in block_ids:
+            if refs[block] == 0:
+                del self._lru[block]
+                self.free_blocks -= 1
+            refs[block] += 1
+
+    def cache(
+        self,
+        block_ids: list[int],
+        block_hashes: list[int],
+        start: int,
+        end: int,
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        """Enter a sequence's full blocks `start..end-1` into the cache.
+
+        A block whose hash is already cached elsewhere (the same prefix computed
+        twice) stays uncached, so each hash names one block. `token_ids(first,
+        end)` gives the sequence's tokens, wanted only for events.
+        """
+        stored = []
+        hashes = self.block_hashes
+        cached = self.cached
+        for i in range(start, end):
+            block = block_ids[i]
+            if hashes[block] is not None:
+                continue  # a hit: cached already
+            block_hash = block_hashes[i]
+            if block_hash in cached:
+                continue
+            hashes[block] = block_hash
+            cached[block_hash] = block
+            stored.append(i)
+        if stored and self._subscribers:
+            self._emit_stored(block_hashes, stored, token_ids)
+
+    def _emit_stored(
+        self,
+        block_hashes: list[int],
+        stored: list[int],
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        size = self.block_size
+        run = [stored[0]]
+        for i in [*stored[1:], None]:
+            if i is not None and i == run[-1] + 1:
+                run.append(i)
+                continue
+            first, last = run[0], run[-1]
+            self._emit(
+                BlockStored(
+                    block_hashes=tuple(block_hashes[first : last + 1]),
+                    parent_block_hash=block_hashes[first - 1] if first else None,
+                    token_ids=token_ids(first * size, (last + 1) * size),
+                    block_size=size,
+                )
+            )
+            run = [i]
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash, as vLLM's `reset_prefix_cache`: only when no block is
+        referenced (returns False and changes nothing otherwise)."""
+        if self.free_blocks != self.total_blocks:
+            return False
+        if self.cached:
+            for block in self._lru:
+                self.block_hashes[block] = None
+                self._empty.append(block)
+            self._lru.clear()
+            self.cached.clear()
+            if self._subscribers:
+                self._emit(AllBlocksCleared())
+        return True

@@ -117,9 +117,10 @@ class PrometheusMetrics:
     Per step: token counters, TTFT when a sequence's first token lands, one
     inter-token latency per token, tokens per step, step time and energy.
     Per finished request (aborts included): success by reason and the request
-    histograms. Scheduler gauges (running, waiting, KV usage) are read from the
-    engine's core when scraped, so they are current even after an abort between
-    steps. Several instances never share state.
+    histograms. Scheduler gauges (running, waiting, KV usage) and the prefix cache
+    counters (tokens looked up and found at admission; 0 with caching off) are read
+    from the engine's core when scraped, so they are current even after an abort
+    between steps. Several instances never share state.
     """
 
     def __init__(
@@ -312,10 +313,13 @@ class PrometheusMetrics:
         core = self._core
         running = waiting = 0
         kv_usage = 0.0
+        cache_queries = cache_hits = 0
         power_w = self.idle_power_w
         if core is not None:
             running, waiting = len(core.running), len(core.waiting)
             kv_usage = core.pool.used_blocks / core.pool.total_blocks
+            cache = core.prefix_cache_stats()
+            cache_queries, cache_hits = cache.queries, cache.hits
             if core.has_work() and self._last_step_power_w is not None:
                 power_w = self._last_step_power_w
 
@@ -336,6 +340,18 @@ class PrometheusMetrics:
             "KV-cache usage. 1 means 100 percent usage.",
             labels,
             kv_usage,
+        )
+        yield _counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels,
+            cache_queries,
+        )
+        yield _counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            labels,
+            cache_hits,
         )
         yield _counter(
             "vllm:num_preemptions",

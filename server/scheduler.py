@@ -1,5 +1,12 @@
 """The engine core: waiting queue, continuous batching, chunked prefill, KV admission, preemption.
 
+With prefix caching (on by default, as in vLLM) a sequence's full blocks are
+entered into the block pool's cache when the step that computes them is
+scheduled, and an admitted sequence starts from the longest cached run of its
+prefix (never its last token: that one is computed so a token can be sampled).
+Its first prefill chunk then carries the hit as `PrefillChunk.cached_tokens`,
+so the step costs only the uncached tokens.
+
 No clock and no I/O: `schedule(now)` plans the step that starts at `now`
 and asks the performance core what it costs; `complete(step)` applies its
 results at its end. A live driver sleeps between the two; a test or an
@@ -9,7 +16,7 @@ offline simulation just calls them in turn.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Protocol
 
@@ -20,7 +27,7 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.kv import BlockPool, blocks_for
+from memorywall.server.kv import BlockPool, PrefixCacheStats, blocks_for, extend_block_hashes
 from memorywall.server.tokens import TokenSource, digest
 
 
@@ -42,6 +49,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     block_size: int = 16
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -80,7 +88,11 @@ class Sequence:
     stop_at: int
     output_ids: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose KV exists
-    blocks: int = 0
+    blocks: int = 0  # len(block_ids)
+    block_ids: list[int] = field(default_factory=list)  # held, one reference each
+    block_hashes: list[int] = field(default_factory=list)  # of its full blocks, so far
+    cached_blocks: int = 0  # leading block_ids already offered to the prefix cache
+    cached_tokens: int = 0  # prefix found cached at first admission
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
@@ -97,6 +109,16 @@ class Sequence:
     @property
     def total_tokens(self) -> int:
         return self.prompt_len + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> tuple[int, ...]:
+        """Prompt and generated tokens `start:end`."""
+        prompt = self.request.prompt_ids
+        p = self.prompt_len
+        if end <= p:
+            return prompt[start:end]
+        if start >= p:
+            return tuple(self.output_ids[start - p : end - p])
+        return prompt[start:] + tuple(self.output_ids[: end - p])
 
 
 @dataclass(slots=True)
@@ -124,6 +146,7 @@ class EngineCounters:
     aborted: int = 0
     tokens_generated: int = 0
     energy_j: float = 0.0
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
 
 class EngineCore:
@@ -138,6 +161,11 @@ class EngineCore:
         self.running: list[Sequence] = []
         self.live: dict[str, Sequence] = {}
         self.counters = EngineCounters()
+        self._caching = config.enable_prefix_caching
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """A copy of the prefix cache counters (`hit_rate` is cumulative)."""
+        return replace(self.counters.prefix_cache)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -205,6 +233,8 @@ class EngineCore:
         budget = self.config.max_num_batched_tokens
         block = self.config.block_size
         queries = self.limits.draft_tokens + 1
+        caching = self._caching
+        pool = self.pool
         scheduled: list[tuple[Sequence, int, bool]] = []
         running = self.running
         i = 0
@@ -217,6 +247,8 @@ class EngineCore:
             kv_tokens = min(seq.computed + (queries if decoding else n), seq.max_kv_tokens)
             if kv_tokens > seq.blocks * block and not self._grow(seq, kv_tokens):
                 continue  # seq itself was preempted; running[i] is now the next one
+            if caching and (seq.computed + n) // block > seq.cached_blocks:
+                self._cache(seq, (seq.computed + n) // block)
             scheduled.append((seq, n, decoding))
             budget -= n
             i += 1
@@ -226,12 +258,23 @@ class EngineCore:
             and len(running) < self.config.max_num_seqs
             and self.waiting[0].arrival_s <= now
         ):
-            seq = self.waiting[0]
-            n = min(seq.total_tokens - seq.computed, budget)
-            need = blocks_for(seq.computed + n, block) - seq.blocks
-            if not self.pool.try_allocate(need):
+            seq = self.waiting[0]  # holds no blocks and has computed nothing
+            total = seq.total_tokens
+            hits = self._lookup(seq) if caching else []
+            computed = len(hits) * block
+            n = min(total - computed, budget)
+            need = blocks_for(computed + n, block) - len(hits)
+            if need + pool.free_among(hits) > pool.free_blocks:
                 break
-            seq.blocks += need
+            pool.touch(hits)
+            seq.block_ids = hits + pool.allocate(need)
+            seq.blocks = len(seq.block_ids)
+            seq.computed = computed
+            seq.cached_blocks = len(hits)
+            if caching:
+                self._count_lookup(seq, total, computed)
+                if (computed + n) // block > seq.cached_blocks:
+                    self._cache(seq, (computed + n) // block)
             self.waiting.popleft()
             running.append(seq)
             if seq.first_scheduled_s is None:
@@ -252,19 +295,47 @@ class EngineCore:
     def _grow(self, seq: Sequence, kv_tokens: int) -> bool:
         """Give `seq` blocks for `kv_tokens`, preempting the latest admitted until it fits."""
         need = max(0, blocks_for(kv_tokens, self.config.block_size) - seq.blocks)
-        while not self.pool.try_allocate(need):
+        while (new := self.pool.allocate(need)) is None:
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
+        seq.block_ids += new
         seq.blocks += need
         return True
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """Cached blocks of `seq`'s longest cached prefix, leaving its last token to compute."""
+        block = self.config.block_size
+        total = seq.total_tokens
+        hashes = extend_block_hashes(seq.block_hashes, total // block, block, seq.token_ids)
+        return self.pool.lookup(hashes, (total - 1) // block)
+
+    def _count_lookup(self, seq: Sequence, total: int, hit_tokens: int) -> None:
+        stats = self.counters.prefix_cache
+        if seq.first_scheduled_s is None:
+            seq.cached_tokens = hit_tokens
+        if seq.preemptions:
+            stats.preempted_requests += 1
+            stats.preempted_queries += total
+            stats.preempted_hits += hit_tokens
+        else:
+            stats.requests += 1
+            stats.queries += total
+            stats.hits += hit_tokens
+
+    def _cache(self, seq: Sequence, full_blocks: int) -> None:
+        """Offer `seq`'s first `full_blocks` blocks, computed by the step being planned,
+        to the prefix cache."""
+        block = self.config.block_size
+        hashes = extend_block_hashes(seq.block_hashes, full_blocks, block, seq.token_ids)
+        self.pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
+        seq.cached_blocks = full_blocks
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop its KV, requeue it first."""
         self.running.remove(seq)
-        self.pool.release(seq.blocks)
-        seq.blocks = 0
+        self._release(seq)
         seq.computed = 0
         seq.preemptions += 1
         self.counters.preemptions += 1
@@ -324,9 +395,15 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
-        self.pool.release(seq.blocks)
-        seq.blocks = 0
+        self._release(seq)
         del self.live[seq.request.request_id]
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back `seq`'s references; its cached blocks stay findable until evicted."""
+        self.pool.release(seq.block_ids)
+        seq.block_ids = []
+        seq.blocks = 0
+        seq.cached_blocks = 0
 
     @property
     def kv_used_tokens(self) -> int:

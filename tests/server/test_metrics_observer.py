@@ -230,6 +230,8 @@ async def test_every_series_carries_the_model_name_and_vllm_types(wse3_8b):
         "vllm:num_requests_running": "gauge",
         "vllm:num_requests_waiting": "gauge",
         "vllm:kv_cache_usage_perc": "gauge",
+        "vllm:prefix_cache_queries": "counter",
+        "vllm:prefix_cache_hits": "counter",
         "vllm:num_preemptions": "counter",
         "vllm:prompt_tokens": "counter",
         "vllm:generation_tokens": "counter",

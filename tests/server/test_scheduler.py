@@ -168,8 +168,13 @@ def test_max_num_seqs_bounds_the_running_batch():
 # --- KV admission, preemption, abort --------------------------------------------------------
 
 
+# Requests here share their prompts; prefix caching (tests/server/test_prefix_cache.py) would
+# let them share KV, so the plain accounting is tested with it off.
+NO_PREFIX_CACHING = EngineConfig(block_size=16, enable_prefix_caching=False)
+
+
 def test_requests_wait_for_kv_until_it_frees():
-    core = make_core(EngineConfig(block_size=16), kv_capacity_tokens=64)  # 4 blocks
+    core = make_core(NO_PREFIX_CACHING, kv_capacity_tokens=64)  # 4 blocks
     a = core.add(request("a", prompt_len=40, max_tokens=8, ignore_eos=True), 0.0)  # 3 blocks
     b = core.add(request("b", prompt_len=40, max_tokens=8, ignore_eos=True), 0.0)
     run = Run()
@@ -228,7 +233,7 @@ def test_preemption_requeues_at_front_and_still_finishes():
 
 
 def test_abort_waiting_request_frees_everything_at_once():
-    core = make_core(EngineConfig(block_size=16), kv_capacity_tokens=64)
+    core = make_core(NO_PREFIX_CACHING, kv_capacity_tokens=64)
     a = core.add(request("a", prompt_len=40, max_tokens=8, ignore_eos=True), 0.0)
     b = core.add(request("b", prompt_len=40, max_tokens=8, ignore_eos=True), 0.0)
     run = Run()
@@ -427,7 +432,11 @@ def check_invariants(core: EngineCore, added: list[Sequence]) -> None:
     assert pool.used_blocks + pool.free_blocks == pool.total_blocks
     assert 0 <= pool.free_blocks <= pool.total_blocks
     live = list(core.live.values())
-    assert sum(s.blocks for s in live) == pool.used_blocks
+    # Prefix caching shares blocks: each referenced block counts once, each holder once.
+    held = [b for s in live for b in s.block_ids]
+    assert all(s.blocks == len(s.block_ids) for s in live)
+    assert len(set(held)) == pool.used_blocks
+    assert sum(pool.ref_counts) == len(held)
     assert {id(s) for s in live} == {id(s) for s in [*core.running, *core.waiting]}
     assert len(core.running) + len(core.waiting) == len(live)
     assert len(core.running) <= core.config.max_num_seqs

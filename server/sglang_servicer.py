@@ -1,0 +1,338 @@
+"""sglang.grpc.scheduler.SglangScheduler over gRPC: the worker API the smg gateway speaks.
+
+A thin adapter over the same `AsyncEngine` as memorywall.v1, served on the same
+port. Stubs come from the `smg-grpc-proto` package. The gateway tokenizes for
+itself with the tokenizer that `GetTokenizer` ships (`sglang_tokenizer`), sends
+prompt ids, and decodes the ids streamed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.struct_pb2 import Struct
+from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
+from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+
+from memorywall import __version__
+from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.build import ModelCard
+from memorywall.server.engine import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.grpc_servicer import status_for
+from memorywall.server.kv import BlockRemoved, BlockStored, KVEvent
+from memorywall.server.scheduler import FinishReason, Request
+from memorywall.server.sglang_tokenizer import TokenizerZip, tokenizer_zip
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request leaves max_new_tokens unset
+THROUGHPUT_WINDOW_S = 10.0
+TOKENIZER_CHUNK_BYTES = 512 * 1024
+
+
+def not_emulated(r: pb.GenerateRequest) -> str | None:
+    """Why this worker cannot serve `r` as asked (-> UNIMPLEMENTED), or None."""
+    d = r.disaggregated_params
+    if r.HasField("disaggregated_params") and (
+        d.bootstrap_host or d.bootstrap_port or d.bootstrap_room
+    ):
+        return (
+            "prefill/decode disaggregation (bootstrap parameters) is not emulated: "
+            "memorywall workers serve both phases; send requests without disaggregated_params"
+        )
+    if r.sampling_params.n > 1:
+        return f"sampling_params.n={r.sampling_params.n}: one sample per request only"
+    return None
+
+
+# --- Seams to the prefix cache, which lands separately -------------------------------------
+# Point these at `engine.core.prefix_cache_stats()` and the engine's KV event hook when
+# they exist; until then nothing is cached and no KV event is published.
+
+
+def cache_hit_rate(engine: AsyncEngine) -> float:
+    """Fraction of looked-up prompt tokens served from the prefix cache (0 before any)."""
+    return engine.core.prefix_cache_stats().hit_rate or 0.0
+
+
+def cached_tokens(stream: RequestStream) -> int:
+    """Prompt tokens of this request served from the prefix cache."""
+    return stream.sequence.cached_tokens
+
+
+def kv_event(event: KVEvent, event_id: int) -> common_pb2.KvCacheEvent:
+    """One engine KV event as SGLang's KvCacheEvent."""
+    if isinstance(event, BlockStored):
+        size = event.block_size
+        blocks = [
+            common_pb2.KvBlock(
+                block_hash=h, token_ids=event.token_ids[i * size : (i + 1) * size], block_size=size
+            )
+            for i, h in enumerate(event.block_hashes)
+        ]
+        stored = common_pb2.KvBlocksStored(blocks=blocks)
+        if event.parent_block_hash is not None:
+            stored.parent_block_hash = event.parent_block_hash
+        return common_pb2.KvCacheEvent(event_id=event_id, stored=stored)
+    if isinstance(event, BlockRemoved):
+        removed = common_pb2.KvBlocksRemoved(block_hashes=event.block_hashes)
+        return common_pb2.KvCacheEvent(event_id=event_id, removed=removed)
+    return common_pb2.KvCacheEvent(event_id=event_id, cleared=common_pb2.KvCacheCleared())
+
+
+async def kv_event_batches(engine: AsyncEngine) -> AsyncIterator[common_pb2.KvEventBatch]:
+    """The engine's prefix-cache events from now on, one batch per wake-up of the reader."""
+    queue: asyncio.Queue[KVEvent] = asyncio.Queue()
+    unsubscribe = engine.core.pool.subscribe(queue.put_nowait)
+    event_ids = itertools.count()
+    try:
+        for sequence in itertools.count():
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            yield common_pb2.KvEventBatch(
+                sequence_number=sequence,
+                timestamp=time.time(),
+                events=[kv_event(e, next(event_ids)) for e in events],
+            )
+    finally:
+        unsubscribe()
+
+
+class ThroughputWindow:
+    """Tokens generated per second over the last `window_s`, from the engine's counter."""
+
+    def __init__(self, now_s: float, window_s: float = THROUGHPUT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque([(now_s, 0)])
+
+    def rate(self, now_s: float, tokens_generated: int) -> float:
+        self._samples.append((now_s, tokens_generated))
+        while len(self._samples) > 2 and now_s - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        t0, n0 = self._samples[0]
+        return (tokens_generated - n0) / (now_s - t0) if now_s > t0 else 0.0
+
+
+class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
+    def __init__(self, engine: AsyncEngine, card: ModelCard) -> None:
+        self.engine = engine
+        self.card = card
+        self.started = datetime.datetime.now(datetime.UTC)
+        self.throughput = ThroughputWindow(engine.clock.now())
+        self._tokenizer: asyncio.Future[TokenizerZip] | None = None
+
+    def to_request(self, r: pb.GenerateRequest) -> Request:
+        s = r.sampling_params
+        prompt = tuple(r.tokenized.input_ids)
+        if not prompt:
+            raise InvalidRequestError("tokenized.input_ids: empty (this worker takes token ids)")
+        vocab = self.card.vocab_size
+        bad = next((t for t in prompt if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary of {vocab}")
+        if s.HasField("max_new_tokens"):
+            max_tokens = s.max_new_tokens
+        else:
+            max_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, self.card.context_window - len(prompt)))
+        return Request(
+            request_id=r.request_id or uuid.uuid4().hex,
+            prompt_ids=prompt,
+            max_tokens=max_tokens,
+            min_tokens=s.min_new_tokens,
+            ignore_eos=s.ignore_eos,
+            stop_token_ids=frozenset(s.stop_token_ids),
+        )
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        # Modelled time starts when the request reaches us, not after we parsed it.
+        arrival_s = self.engine.clock.now()
+        if (why := not_emulated(request)) is not None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+        try:
+            domain = self.to_request(request)
+            stream = self.engine.submit(domain, arrival_s=arrival_s)
+        except MemorywallError as e:
+            await context.abort(status_for(e), str(e))
+        rid = domain.request_id
+        finished = False
+        try:
+            # Headers go out now, not with the first token: the gateway starts TTFT on them.
+            await context.send_initial_metadata(())
+            output: list[int] = []
+            async for event in stream:
+                if isinstance(event, TokenGroup):
+                    output.extend(event.token_ids)
+                    if request.stream:
+                        yield pb.GenerateResponse(
+                            request_id=rid, chunk=_chunk(event, stream, len(output))
+                        )
+                else:
+                    finished = True
+                    # Streamed ids went out in chunks: the final message repeats none of them.
+                    ids = () if request.stream else output
+                    yield pb.GenerateResponse(
+                        request_id=rid, complete=_complete(event, ids, stream)
+                    )
+        except MemorywallError as e:
+            await context.abort(status_for(e), str(e))
+        finally:
+            if not finished:
+                # Cancelled, deadline passed or client gone: free the slot and KV now.
+                self.engine.abort(rid)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        if self.engine.abort(request.request_id):
+            return pb.AbortResponse(success=True, message="aborted")
+        return pb.AbortResponse(success=False, message=f"{request.request_id!r} is not in flight")
+
+    async def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
+        if self.engine.draining:
+            return pb.HealthCheckResponse(healthy=False, message="draining: shutting down")
+        return pb.HealthCheckResponse(healthy=True, message="serving")
+
+    async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        c = self.card
+        return pb.GetModelInfoResponse(
+            model_path=c.model,
+            tokenizer_path=c.model,  # the files themselves come from GetTokenizer
+            is_generation=True,
+            served_model_name=c.model,
+            max_context_length=c.context_window,
+            vocab_size=c.vocab_size,
+            model_type="llama",
+            eos_token_ids=c.eos_token_ids,
+            max_req_input_len=c.context_window - 1,
+            architectures=["MemorywallEmulatedForCausalLM"],
+            weight_version=__version__,
+        )
+
+    async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        c, s = self.card, self.engine.stats()
+        args = Struct()
+        args.update(
+            {
+                "model_path": c.model,
+                "served_model_name": c.model,
+                "tokenizer_path": c.model,
+                "tp_size": c.tensor_parallel,
+                "pp_size": c.pipeline_parallel,
+                "dp_size": 1,
+                "max_running_requests": c.max_num_seqs,
+                "chunked_prefill_size": c.max_num_batched_tokens,
+                "context_length": c.context_window,
+                "max_total_tokens": c.kv_capacity_tokens,
+                "disaggregation_mode": "null",
+                "hardware": c.hardware,
+                "deployment": c.deployment,
+            }
+        )
+        info = Struct()
+        info.update(
+            {"max_total_num_tokens": c.kv_capacity_tokens, "kv_used_tokens": s.kv_used_tokens}
+        )
+        response = pb.GetServerInfoResponse(
+            server_args=args,
+            scheduler_info=info,
+            active_requests=s.running + s.waiting,
+            is_paused=False,
+            uptime_seconds=s.uptime_s,
+            sglang_version=f"memorywall-{__version__}",
+            server_type="grpc",
+            max_total_num_tokens=c.kv_capacity_tokens,
+        )
+        response.start_time.FromDatetime(self.started)
+        return response
+
+    async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
+        s = self.engine.stats()
+        usage = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
+        gen = self.throughput.rate(self.engine.clock.now(), s.tokens_generated)
+        max_running = self.card.max_num_seqs
+        load = pb.SchedulerLoad(
+            dp_rank=0,
+            num_running_reqs=s.running,
+            num_waiting_reqs=s.waiting,
+            num_total_reqs=s.running + s.waiting,
+            num_used_tokens=s.kv_used_tokens,
+            max_total_num_tokens=s.kv_total_tokens,
+            token_usage=usage,
+            gen_throughput=gen,
+            cache_hit_rate=cache_hit_rate(self.engine),
+            utilization=s.running / max_running,
+            max_running_requests=max_running,
+        )
+        aggregate = pb.AggregateMetrics(
+            total_running_reqs=s.running,
+            total_waiting_reqs=s.waiting,
+            total_reqs=s.running + s.waiting,
+            avg_token_usage=usage,
+            avg_throughput=gen,
+            avg_utilization=load.utilization,
+        )
+        now = datetime.datetime.now(datetime.UTC).isoformat()
+        return pb.GetLoadsResponse(
+            timestamp=now,
+            version=f"memorywall-{__version__}",
+            dp_rank_count=1,
+            loads=[load],
+            aggregate=aggregate,
+        )
+
+    async def GetTokenizer(self, request, context):
+        bundle = await self.tokenizer_bundle()
+        data = bundle.data
+        for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
+            end = start + TOKENIZER_CHUNK_BYTES
+            last = end >= len(data)
+            yield common_pb2.GetTokenizerChunk(
+                data=data[start:end], sha256=bundle.sha256 if last else ""
+            )
+
+    async def SubscribeKvEvents(self, request, context):
+        await context.send_initial_metadata(())  # the subscription is open from here
+        async for batch in kv_event_batches(self.engine):
+            yield batch
+
+    async def tokenizer_bundle(self) -> TokenizerZip:
+        """Built once, off the event loop (about a second for a 128k vocabulary); shielded,
+        so a caller that goes away mid-build does not cancel it for the next."""
+        if self._tokenizer is None:
+            self._tokenizer = asyncio.ensure_future(asyncio.to_thread(tokenizer_zip, self.card))
+        return await asyncio.shield(self._tokenizer)
+
+
+def add_to_server(servicer: SglangServicer, server: grpc.aio.Server) -> None:
+    sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
+
+
+def _chunk(group: TokenGroup, stream: RequestStream, completion: int) -> pb.GenerateStreamChunk:
+    return pb.GenerateStreamChunk(
+        token_ids=group.token_ids,
+        prompt_tokens=stream.sequence.prompt_len,
+        completion_tokens=completion,
+        cached_tokens=cached_tokens(stream),
+    )
+
+
+_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
+
+
+def _complete(f: Finished, ids, stream: RequestStream) -> pb.GenerateComplete:
+    out = pb.GenerateComplete(
+        output_ids=ids,
+        finish_reason=_FINISH[f.reason],
+        prompt_tokens=f.prompt_tokens,
+        completion_tokens=f.completion_tokens,
+        cached_tokens=f.cached_tokens,
+    )
+    produced = stream.sequence.output_ids
+    if f.reason is FinishReason.STOP and produced:
+        out.matched_token_id = produced[-1]
+    return out
