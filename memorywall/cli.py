@@ -121,6 +121,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    # Imported here: only `fleet` starts processes.
+    from memorywall.fleet import load_spec, run
+
+    return run(load_spec(args.spec), args.log_dir)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from memorywall.loadgen.cli import BenchError, run
 
@@ -334,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "fleet", help="run several emulated workers from a TOML spec, optionally behind smg"
+    )
+    p.add_argument("spec", type=Path, help="fleet .toml: [[worker]] tables, optional [gateway]")
+    p.add_argument(
+        "--log-dir", type=Path, help="write <name>.log per process here (default: a temp dir)"
+    )
+    p.set_defaults(func=_cmd_fleet)
 
     p = sub.add_parser(
         "bench",

@@ -1,0 +1,269 @@
+"""`memorywall fleet`: the spec, and a real fleet of worker processes (with smg if installed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from memorywall import fleet
+from memorywall.cli import main
+from memorywall.client import Client
+from memorywall.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}
+ROW = re.compile(r"^(\S+)\s+wse-3\s+llama-3\.1-8b\s+(\d+)\s+(\d+)\s+(127\.0\.0\.1:\d+)\s+(\S+)$")
+
+
+def _spec(*workers: dict, **top: object) -> dict:
+    return {"worker": list(workers), **top}
+
+
+def test_good_spec_parses_with_defaults():
+    spec = fleet.parse_spec(
+        _spec(
+            WORKER,
+            {**WORKER, "name": "b", "devices": 2, "port": 5000, "http_port": 0},
+            gateway={"policy": "round_robin", "port": 0},
+        )
+    )
+    a, b = spec.workers
+    assert (a.name, a.devices, a.port, a.http_port) == ("a", None, 0, None)
+    assert (b.devices, b.port, b.http_port) == (2, 5000, 0)
+    assert spec.gateway == fleet.GatewaySpec("round_robin", 0)
+    assert fleet.parse_spec(_spec(WORKER)).gateway is None
+    assert fleet.parse_spec(_spec(WORKER, gateway={})).gateway == fleet.GatewaySpec()
+
+
+def test_example_spec_is_valid():
+    spec = fleet.load_spec(ROOT / "examples" / "fleet.toml")
+    assert [w.hardware for w in spec.workers] == ["h100-sxm", "h100-sxm", "wse-3"]
+    assert spec.gateway is not None and spec.gateway.policy == "power_of_two"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({}, "worker"),
+        ({"worker": []}, "worker"),
+        (_spec(WORKER, extra=1), "extra"),
+        (_spec("x"), "worker[0]"),
+        (_spec({**WORKER, "colour": "red"}), "worker[0].colour"),
+        (_spec({k: v for k, v in WORKER.items() if k != "name"}), "worker[0].name"),
+        (_spec({k: v for k, v in WORKER.items() if k != "hardware"}), "worker[0].hardware"),
+        (_spec({k: v for k, v in WORKER.items() if k != "model"}), "worker[0].model"),
+        (_spec({**WORKER, "name": ""}), "worker[0].name"),
+        (_spec({**WORKER, "name": "../x"}), "worker[0].name"),
+        (_spec({**WORKER, "name": "gateway"}), "worker[0].name"),
+        (_spec(WORKER, WORKER), "worker[1].name"),
+        (_spec({**WORKER, "hardware": "abacus"}), "worker[0].hardware"),
+        (_spec({**WORKER, "hardware": 3}), "worker[0].hardware"),
+        (_spec({**WORKER, "model": "gpt-9"}), "worker[0].model"),
+        (_spec({**WORKER, "devices": 0}), "worker[0].devices"),
+        (_spec({**WORKER, "devices": "2"}), "worker[0].devices"),
+        (_spec({**WORKER, "devices": True}), "worker[0].devices"),
+        (_spec({**WORKER, "port": -1}), "worker[0].port"),
+        (_spec({**WORKER, "port": 70000}), "worker[0].port"),
+        (_spec({**WORKER, "port": "50051"}), "worker[0].port"),
+        (_spec({**WORKER, "http_port": 1.5}), "worker[0].http_port"),
+        (_spec({**WORKER, "port": 5000}, {**WORKER, "name": "b", "port": 5000}), "worker[1].port"),
+        (_spec({**WORKER, "port": 5000, "http_port": 5000}), "worker[0].http_port"),
+        (_spec(WORKER, gateway="smg"), "gateway"),
+        (_spec(WORKER, gateway={"policy": "fastest"}), "gateway.policy"),
+        (_spec(WORKER, gateway={"policy": "power_of_two"}), "gateway.policy"),
+        (_spec(WORKER, gateway={"port": 1e3}), "gateway.port"),
+        (_spec({**WORKER, "port": 5000}, gateway={"port": 5000}), "gateway.port"),
+        (_spec(WORKER, gateway={"host": "0.0.0.0"}), "gateway.host"),
+    ],
+)
+def test_bad_spec_names_the_field(data, field):
+    with pytest.raises(ConfigError) as e:
+        fleet.parse_spec(data, "f.toml")
+    message = str(e.value)
+    assert message.startswith(f"f.toml: {field}") and "\n" not in message
+
+
+def test_cli_bad_spec_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "f.toml"
+    path.write_text('[[worker]]\nname = "a"\nhardware = "wse-3"\n')
+    assert main(["fleet", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"memorywall: error: {path}: worker[0].model: missing\n"
+    path.write_text("[[worker]\n")
+    assert main(["fleet", str(path)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["fleet", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_gateway_without_smg_is_skipped(tmp_path, monkeypatch):
+    """With smg missing the gateway is skipped in one line; a stop before start exits 0."""
+    monkeypatch.setattr(fleet, "find_smg", lambda: None)
+    spec = fleet.parse_spec(_spec(WORKER, gateway={"policy": "round_robin"}))
+    stop = threading.Event()
+    stop.set()
+    out = io.StringIO()
+    assert fleet.Fleet(spec, tmp_path, out=out, stop=stop).run() == 0
+    lines = out.getvalue().splitlines()
+    skipped = [line for line in lines if line.startswith("gateway skipped")]
+    assert skipped == [
+        "gateway skipped: smg is not installed (pip install 'memorywall[gateway]'); "
+        "running the workers only"
+    ]
+
+
+def test_a_child_that_dies_stops_the_fleet(tmp_path):
+    """A worker whose hardware cannot hold its model exits at once: reported, exit 1."""
+    spec = fleet.parse_spec(
+        _spec(
+            WORKER,
+            {"name": "tiny", "hardware": "h100-sxm", "model": "llama-3.1-70b", "devices": 1},
+        )
+    )
+    out = io.StringIO()
+    f = fleet.Fleet(spec, tmp_path, out=out, startup_timeout_s=60)
+    assert f.run() == 1
+    assert "tiny exited early (status 2)" in out.getvalue()
+    assert "memorywall: error:" in out.getvalue()  # the last lines of its log
+    assert all(c.proc.poll() is not None for c in f.children)
+
+
+class _Running:
+    """`memorywall fleet SPEC` as a subprocess, its stdout read line by line in a thread."""
+
+    def __init__(self, spec: str, log_dir: Path) -> None:
+        path = log_dir.parent / "fleet.toml"
+        path.write_text(spec)
+        cmd = [sys.executable, "-m", "memorywall", "fleet", str(path), "--log-dir", str(log_dir)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, prefix: str, timeout_s: float = 90) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line is None:
+                pytest.fail(f"fleet exited: {self.seen}")
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return self.seen
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie is gone too: it runs nothing.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+_TWO_WORKERS = """
+[[worker]]
+name = "one"
+hardware = "wse-3"
+model = "llama-3.1-8b"
+port = 0
+
+[[worker]]
+name = "two"
+hardware = "wse-3"
+model = "llama-3.1-8b"
+port = 0
+http_port = 0
+"""
+
+
+def test_fleet_serves_and_sigint_stops_every_child(tmp_path):
+    log_dir = tmp_path / "logs"
+    running = _Running(_TWO_WORKERS, log_dir)
+    try:
+        seen = running.until("fleet up")
+        rows = [m.groups() for line in seen if (m := ROW.match(line))]
+        assert [r[0] for r in rows] == ["one", "two"]
+        assert rows[0][4] == "-" and rows[1][4].startswith("http://127.0.0.1:")
+        for _name, devices, _pid, target, _http in rows:
+            with Client(target) as client:
+                info = client.model_info(timeout_s=10)
+            assert (info.model, info.hardware, info.devices) == ("llama-3.1-8b", "wse-3", 1)
+            assert devices == "1"
+        assert sorted(p.name for p in log_dir.iterdir()) == ["one.log", "two.log"]
+    finally:
+        code = running.stop()
+    assert code == 0
+    pids = [int(r[2]) for r in rows]
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)
+    assert "stopped" in (log_dir / "one.log").read_text()
+
+
+def test_end_to_end_through_the_smg_gateway(tmp_path):
+    if fleet.find_smg() is None:
+        pytest.skip("smg is not installed (pip install 'memorywall[gateway]')")
+    log_dir = tmp_path / "logs"
+    running = _Running(_TWO_WORKERS + '\n[gateway]\npolicy = "round_robin"\nport = 0\n', log_dir)
+    try:
+        try:
+            seen = running.until("fleet up")
+        except BaseException:
+            if any(
+                s.startswith(("memorywall fleet: gateway", "memorywall fleet: the gateway"))
+                for s in running.seen
+            ):
+                pytest.skip(f"smg did not start here: {fleet._tail(log_dir / 'gateway.log', 3)}")
+            raise
+        url = next(m.group(1) for s in seen if (m := re.search(r"at (http://\S+)", s)))
+        body = json.dumps(
+            {
+                "model": "llama-3.1-8b",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 8,
+            }
+        ).encode()
+        deadline = time.monotonic() + 30
+        while True:  # smg loads each worker's tokenizer just after it registers the worker
+            req = urllib.request.Request(
+                f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    reply = json.load(r)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert reply["usage"]["completion_tokens"] >= 1
+        assert reply["choices"][0]["message"]["content"]
+    finally:
+        assert running.stop() == 0
