@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from memorywall.client import AsyncClient, ClientError
-from memorywall.loadgen import plots
+from memorywall.loadgen import plots, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import parse_slo
 from memorywall.loadgen.target import Backend
@@ -32,7 +32,11 @@ class BenchError(Exception):
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Validate everything before any load is sent."""
     try:
-        if args.workload:
+        if args.workload and str(args.workload).startswith(f"{prefix_workload.SCHEME}:"):
+            workload = prefix_workload.parse_shared_prefix(
+                str(args.workload), parse_length(args.input_len), parse_length(args.output_len)
+            )
+        elif args.workload:
             workload = TraceWorkload.from_jsonl(args.workload)
         else:
             workload = SyntheticWorkload(

@@ -207,6 +207,12 @@ def prompt_rng(salt: int, index: int) -> np.random.Generator:
     return np.random.default_rng([salt, int(index < 0), abs(index)])
 
 
+def prefix_rng(salt: int, group: int) -> np.random.Generator:
+    """A shared-prefix group's generator: a function of (salt, group) only, apart from
+    every request's own `prompt_rng`."""
+    return np.random.default_rng([salt, 2, abs(int(group))])
+
+
 def prompt_token_ids(n: int, rng: np.random.Generator) -> list[int]:
     return rng.integers(TOKEN_ID_LOW, TOKEN_ID_HIGH, size=n).tolist()
 
@@ -312,12 +318,18 @@ class OpenAITarget:
     def payload(self, spec: RequestSpec) -> dict[str, Any]:
         rng = prompt_rng(self.prompt_salt, spec.index)
         body: dict[str, Any] = {"model": self.model}
+        shared = min(spec.prefix_tokens, spec.prompt_tokens) if spec.prefix_group is not None else 0
+        own = spec.prompt_tokens - shared
+        group = prefix_rng(self.prompt_salt, spec.prefix_group or 0) if shared else None
         if self.chat:
-            text = prompt_text(spec.prompt_tokens, rng)
-            body["messages"] = [{"role": "user", "content": text}]
+            parts = [prompt_text(shared, group)] if group is not None else []
+            if own or not parts:
+                parts.append(prompt_text(own, rng))
+            body["messages"] = [{"role": "user", "content": " ".join(parts)}]
             body["max_completion_tokens"] = spec.output_tokens
         else:
-            body["prompt"] = prompt_token_ids(spec.prompt_tokens, rng)
+            ids = prompt_token_ids(shared, group) if group is not None else []
+            body["prompt"] = ids + prompt_token_ids(own, rng)
         body |= {
             "max_tokens": spec.output_tokens,
             "ignore_eos": True,

@@ -50,7 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", default="512", help="N | uniform:N:R | lognormal:N:SIGMA")
     p.add_argument("--output-len", default="128", help="N | uniform:N:R | lognormal:N:SIGMA")
     p.add_argument(
-        "--workload", type=Path, help="JSONL trace: prompt_tokens, output_tokens[, arrival_s]"
+        "--workload",
+        type=Path,
+        help="JSONL trace: prompt_tokens, output_tokens[, arrival_s]; or "
+        "shared-prefix:GROUPS:PREFIX_TOKENS (prompts of a group share their first tokens)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")

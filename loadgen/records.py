@@ -18,6 +18,10 @@ class RequestSpec:
     output_tokens: int
     # Open loop: seconds after the run's start. Closed loop: None (sent when a user is free).
     offset_s: float | None = None
+    # Shared-prefix workloads: requests of one group begin with the same `prefix_tokens`
+    # tokens (the OpenAI targets build that prefix from the group alone); None: no group.
+    prefix_group: int | None = None
+    prefix_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -353,12 +353,8 @@ class Fleet:
             if dead := self._dead():
                 self._report_death(dead)
                 return None
-            try:
-                with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as r:
-                    if json.load(r).get("data"):
-                        return base
-            except (OSError, ValueError):
-                pass
+            if _gateway_serves(base):
+                return base
             if self.stop.wait(0.2):
                 return None
         self.say(
@@ -395,3 +391,27 @@ def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _gateway_serves(base: str) -> bool:
+    """True once smg answers a one-token chat request: it lists the model in /v1/models
+    before it has fetched the workers' tokenizer, and answers 503 until then."""
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as r:
+            models = json.load(r).get("data") or []
+        if not models:
+            return False
+        body = json.dumps(
+            {
+                "model": models[0]["id"],
+                "messages": [{"role": "user", "content": "ready"}],
+                "max_tokens": 1,
+            }
+        ).encode()
+        request = urllib.request.Request(
+            f"{base}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status == 200
+    except (OSError, ValueError, KeyError):
+        return False
