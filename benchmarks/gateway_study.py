@@ -31,6 +31,16 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
+from memorywall.core import (
+    Batch,
+    PrefillChunk,
+    StepModel,
+    load_hardware,
+    load_model,
+    plan_deployment,
+)
 from memorywall.fleet import Fleet, FleetSpec, GatewaySpec, WorkerSpec, find_smg
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
@@ -201,6 +211,44 @@ def overhead_runs() -> list[dict]:
     return rows
 
 
+def prefix_ttft_run() -> dict:
+    """One h100 worker, one user at a time: TTFT of prefix-cache misses and hits, measured,
+    modelled by the server, and predicted by the core (prefill of the whole prompt vs of
+    the uncached tokens after the cached ones)."""
+    workload = SharedPrefixWorkload(GROUPS, PREFIX, Fixed(PROMPT), Fixed(OUTPUT))
+    facts = ServerFacts(hardware="h100-sxm", model=MODEL, devices=1, emulated=True)
+    with RunningFleet([("h100", "h100-sxm")], "round_robin") as fleet:
+        config = BenchConfig(
+            target=fleet.http["h100"],
+            workload=workload,
+            backend=Backend.OPENAI_CHAT,
+            model=MODEL,
+            num_prompts=3 * GROUPS,
+            concurrency=(1,),
+            warmup=0,
+            label="prefix",
+        )
+        _, records = run_level(config, Level("c1", 1, None), facts)
+    sm = StepModel(plan_deployment(load_hardware("h100-sxm"), load_model(MODEL)))
+    rows = {}
+    for kind, pick in (("miss", lambda c: c == 0), ("hit", lambda c: c > 0)):
+        chosen = [r for r in records if r.ok and pick(r.usage_cached_tokens or 0)]
+        if not chosen:
+            continue
+        prompt = round(np.mean([r.usage_prompt_tokens for r in chosen]))
+        cached = round(np.mean([r.usage_cached_tokens or 0 for r in chosen]))
+        chunk = PrefillChunk(prompt - cached, cached)
+        rows[kind] = {
+            "requests": len(chosen),
+            "prompt": prompt,
+            "cached": cached,
+            "measured_ms": np.mean([(r.chunk_ns[0] - r.sent_ns) / 1e6 for r in chosen]),
+            "modelled_ms": np.mean([r.modelled_ttft_s * 1e3 for r in chosen]),
+            "predicted_ms": sm.step_cost(Batch(prefill=(chunk,))).time_s * 1e3,
+        }
+    return rows
+
+
 def _f(v: float | None, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -297,6 +345,35 @@ def report(data: dict) -> str:
         + [(f"{o['path']} c{o['concurrency']}", o["result"]) for o in data["overhead"]]
         if r["suspect"]
     ]
+    prefix = data.get("prefix_ttft", {})
+    if prefix:
+        lines += [
+            "",
+            "## Prefix-cache hits against the core's prediction",
+            "",
+            "One h100-sxm worker, direct, one user at a time, the shared-prefix workload: mean",
+            "TTFT of requests whose prefix was not cached (miss) and was (hit); measured by the",
+            "client, modelled by the server, and predicted by the core as the prefill of the",
+            "uncached tokens after the cached ones.",
+            "",
+            "| | requests | prompt | cached | measured TTFT | modelled | core prediction |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for kind, r in prefix.items():
+            lines.append(
+                f"| {kind} | {r['requests']} | {r['prompt']} | {r['cached']} "
+                f"| {r['measured_ms']:.2f} ms | {r['modelled_ms']:.2f} ms "
+                f"| {r['predicted_ms']:.2f} ms |"
+            )
+        if {"hit", "miss"} <= prefix.keys():
+            drop = {
+                k: prefix["miss"][k] - prefix["hit"][k]
+                for k in ("measured_ms", "modelled_ms", "predicted_ms")
+            }
+            lines.append(
+                f"| drop | | | | {drop['measured_ms']:.2f} ms | {drop['modelled_ms']:.2f} ms "
+                f"| {drop['predicted_ms']:.2f} ms |"
+            )
     lines += [
         "",
         "## Notes",
@@ -332,6 +409,7 @@ def main() -> int:
         "policies": [policy_run(three, p) for p in POLICIES],
         "mixed": [policy_run(mixed, p) for p in MIXED_POLICIES],
         "overhead": overhead_runs(),
+        "prefix_ttft": prefix_ttft_run(),
     }
     data |= {
         "command": "python -m benchmarks.gateway_study"
