@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import grpc
@@ -50,6 +51,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         self.engine = engine
         self.card = card
         self.seed = seed
+        # Unnamed token-count prompts are numbered in arrival order, so each gets its own
+        # content (no accidental prefix-cache hits) and a given order replays the same.
+        self._unnamed = itertools.count()
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
         if r.model and r.model != self.card.model:
@@ -70,7 +74,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     f"prompt: token id {bad} is outside the vocabulary of {vocab}"
                 )
         elif kind == "token_count":
-            prompt = synthetic_prompt(r.token_count, digest(self.seed, r.request_id), vocab)
+            key = r.request_id or next(self._unnamed)
+            prompt = synthetic_prompt(r.token_count, digest(self.seed, key), vocab)
         else:
             raise InvalidRequestError("prompt: one of text, token_ids or token_count is required")
         if not prompt:
