@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from engine_fakes import FakeClock
 
 from memorywall.core import Batch, PrefillChunk, StepModel
 from memorywall.errors import DrainingError, DuplicateRequestError, InvalidRequestError
@@ -19,23 +20,6 @@ from memorywall.server.scheduler import EngineConfig, FinishReason, Request
 from memorywall.server.tokens import token_text
 
 TIMEOUT_S = 10.0
-
-
-class FakeClock:
-    """Jumps to each deadline at once: the engine runs as fast as the CPU allows."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep_until(self, deadline_s: float) -> None:
-        self.t = max(self.t, deadline_s)
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        pass
 
 
 def request(rid: str, max_tokens: int, prompt_len: int = 100, **kw) -> Request:

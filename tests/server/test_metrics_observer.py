@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import pytest
+from engine_fakes import FakeClock
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,23 +47,6 @@ REQUEST_HISTOGRAMS = (
     "vllm:request_prompt_tokens",
     "vllm:request_generation_tokens",
 )
-
-
-class FakeClock:
-    """Jumps to each deadline at once: the engine runs as fast as the CPU allows."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep_until(self, deadline_s: float) -> None:
-        self.t = max(self.t, deadline_s)
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        pass
 
 
 class Scrape:

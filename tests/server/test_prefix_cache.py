@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from engine_fakes import FakeStepModel
 from prometheus_client.parser import text_string_to_metric_families
 
 from memorywall.cli import build_parser
-from memorywall.core import Batch
 from memorywall.server.app import EmulatorServer, ServerConfig
 from memorywall.server.build import build_core
 from memorywall.server.engine import AsyncEngine
@@ -38,24 +37,6 @@ from memorywall.v1 import engine_pb2_grpc
 B = 16  # block size
 TIMEOUT_S = 10.0
 MAX_STEPS = 100_000
-
-
-@dataclass(frozen=True)
-class FakeCost:
-    time_s: float
-    energy_j: float
-
-
-@dataclass
-class FakeStepModel:
-    """time = 10 ms + 0.1 ms per query token; remembers every batch."""
-
-    batches: list[Batch] = field(default_factory=list)
-
-    def step_cost(self, batch: Batch) -> FakeCost:
-        self.batches.append(batch)
-        tokens = len(batch.decode_contexts) + sum(c.new_tokens for c in batch.prefill)
-        return FakeCost(time_s=0.01 + 1e-4 * tokens, energy_j=float(tokens))
 
 
 def make_core(*, caching: bool = True, kv_blocks: int = 4096, **config) -> EngineCore:

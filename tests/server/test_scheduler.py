@@ -6,10 +6,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
+from engine_fakes import FakeStepModel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memorywall.core import Batch
 from memorywall.errors import (
     ContextLengthError,
     DuplicateRequestError,
@@ -31,24 +31,6 @@ from memorywall.server.scheduler import (
 EOS = 0  # the fake vocabulary's only EOS id; 0 + 1 is an ordinary id
 VOCAB = 32_000
 MAX_STEPS = 100_000  # any run longer than this is a livelock
-
-
-@dataclass(frozen=True)
-class FakeCost:
-    time_s: float
-    energy_j: float
-
-
-@dataclass
-class FakeStepModel:
-    """time = 10 ms + 0.1 ms per query token; energy = 1 J per token; remembers every batch."""
-
-    batches: list[Batch] = field(default_factory=list)
-
-    def step_cost(self, batch: Batch) -> FakeCost:
-        self.batches.append(batch)
-        tokens = len(batch.decode_contexts) + sum(c.new_tokens for c in batch.prefill)
-        return FakeCost(time_s=0.01 + 1e-4 * tokens, energy_j=float(tokens))
 
 
 def limits(**overrides) -> ModelLimits:
