@@ -7,7 +7,7 @@ import random
 
 import grpc
 import pytest
-from engine_fakes import FakeStepModel
+from engine_fakes import FakeClock, FakeStepModel
 from prometheus_client.parser import text_string_to_metric_families
 
 from memorywall.cli import build_parser
@@ -461,22 +461,9 @@ async def test_grpc_usage_reports_cached_tokens(wse3_8b, caching):
 
 
 async def test_prometheus_counts_prefix_cache_tokens(wse3_8b):
-    class JumpClock:
-        t = 0.0
-
-        def now(self) -> float:
-            return self.t
-
-        async def sleep_until(self, deadline_s: float) -> None:
-            self.t = max(self.t, deadline_s)
-            await asyncio.sleep(0)
-
-        def close(self) -> None:
-            pass
-
     core, _ = build_core(wse3_8b, EngineConfig())
     metrics = PrometheusMetrics.for_deployment(wse3_8b, model_name="m")
-    engine = AsyncEngine(core, clock=JumpClock(), max_messages_per_s=16_000, observers=[metrics])
+    engine = AsyncEngine(core, clock=FakeClock(), max_messages_per_s=16_000, observers=[metrics])
     await engine.start()
     try:
         for rid in ("a", "b"):
