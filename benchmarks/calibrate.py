@@ -9,7 +9,9 @@ Prints the error tables as Markdown (the README's calibration table comes from h
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +28,11 @@ from memorywall.core.calibration import (
 from memorywall.core.hardware import Efficiency, load_hardware
 
 CAL_DIR = Path(__file__).resolve().parent.parent / "core" / "calibration"
+
+# A refit on another CPU differs in the last digits (BLAS and libm differ), so
+# freshness compares numbers within these tolerances, never the file text.
+FITTED_REL_TOL = 1e-9  # fitted constants, relative
+FIT_ERROR_ABS_TOL = 1e-9  # the fit's own error figures (fractions), absolute
 
 
 def _q(value: float, unit: str, source: str) -> str:
@@ -89,6 +96,39 @@ def wafer_toml(fit: WaferFit, efficiency: Efficiency) -> str:
     )
 
 
+def stale_values(written: str, refit: str) -> list[str]:
+    """What differs between a calibration file and a fresh fit, one line per value:
+    numbers within `FITTED_REL_TOL` (relative) or, for `*_error` figures,
+    `FIT_ERROR_ABS_TOL` (absolute); strings and keys exactly."""
+    out: list[str] = []
+    _diff(tomllib.loads(written), tomllib.loads(refit), "", out)
+    return out
+
+
+def _diff(old: object, new: object, name: str, out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            where = f"{name}.{key}" if name else key
+            if key not in new:
+                out.append(f"{where}: not produced by the fit")
+            elif key not in old:
+                out.append(f"{where}: missing from the file")
+            else:
+                _diff(old[key], new[key], where, out)
+        return
+    numbers = (int, float)
+    if isinstance(old, numbers) and isinstance(new, numbers):
+        if name.endswith("_error"):
+            ok = math.isclose(old, new, rel_tol=0.0, abs_tol=FIT_ERROR_ABS_TOL)
+        else:
+            ok = math.isclose(old, new, rel_tol=FITTED_REL_TOL, abs_tol=0.0)
+        if not ok:
+            rel = abs(new - old) / abs(old) if old else math.inf
+            out.append(f"{name}: {old!r} in the file, {new!r} refitted ({rel:.2e} relative)")
+    elif old != new:
+        out.append(f"{name}: {old!r} in the file, {new!r} refitted")
+
+
 def markdown(tables: list[ErrorTable]) -> str:
     out = ["| data set | points | median abs error | max abs error |", "|---|---|---|---|"]
     for t in tables:
@@ -126,9 +166,13 @@ def main() -> int:
         CAL_DIR / "wse-fit.toml": wafer_toml(wafer, gpu.efficiency),
     }
     if args.check:
-        stale = [p.name for p, text in files.items() if p.read_text() != text]
-        if stale:
-            print(f"stale: {', '.join(stale)}; run python benchmarks/calibrate.py", file=sys.stderr)
+        problems = [
+            f"{p.name}: {d}" for p, text in files.items() for d in stale_values(p.read_text(), text)
+        ]
+        if problems:
+            print("stale calibration; run python benchmarks/calibrate.py", file=sys.stderr)
+            for line in problems:
+                print(f"  {line}", file=sys.stderr)
             return 1
     else:
         for path, text in files.items():

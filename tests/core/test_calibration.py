@@ -104,3 +104,39 @@ def test_calibrate_check_exits_zero():
     )
     assert result.returncode == 0, result.stderr
     assert "| H100 decode |" in result.stdout
+
+
+def _calibrate_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import calibrate
+    finally:
+        sys.path.remove(str(REPO))
+    return calibrate
+
+
+def test_stale_values_ignores_last_digit_noise_from_another_cpu():
+    # Seen on another CPU: the same fit, different last digits.
+    cal = _calibrate_module()
+    here = '[latency]\nper_layer_s = { value = 7.257721103743893e-06, unit = "s", source = "x" }'
+    here += "\n[fit]\nmax_abs_error = 1.5543122344752192e-15\n"
+    there = here.replace("7.257721103743893e-06", "7.257721103743899e-06").replace(
+        "1.5543122344752192e-15", "5.551115123125783e-16"
+    )
+    assert cal.stale_values(here, there) == []
+
+
+def test_stale_values_names_the_value_that_moved_and_by_how_much():
+    cal = _calibrate_module()
+    here = "[latency]\nper_layer_s = { value = 7.0e-06, unit = \"s\", source = \"x\" }\n"
+    moved = here.replace("7.0e-06", "7.1e-06")
+    (line,) = cal.stale_values(here, moved)
+    assert line.startswith("latency.per_layer_s.value: 7e-06 in the file, 7.1e-06 refitted")
+    assert "1.43e-02 relative" in line
+    assert cal.stale_values(here, here.replace('"x"', '"y"')) == [
+        "latency.per_layer_s.source: 'x' in the file, 'y' refitted"
+    ]
+    worse = "[fit]\nmax_abs_error = 0.01\n"
+    assert cal.stale_values(worse, "[fit]\nmax_abs_error = 0.02\n")[0].startswith(
+        "fit.max_abs_error"
+    )
