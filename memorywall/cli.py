@@ -89,7 +89,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from memorywall.server.app import ServerConfig, serve_forever
-    from memorywall.server.scheduler import EngineConfig
+    from memorywall.server.engine.scheduler import EngineConfig
 
     budget = {"max_messages_per_s": args.max_messages_per_s} if args.max_messages_per_s else {}
     logging.basicConfig(

@@ -20,15 +20,15 @@ from grpc_reflection.v1alpha import reflection
 
 from memorywall.core import Deployment
 from memorywall.errors import ConfigError
-from memorywall.server.build import ModelCard, build_core
-from memorywall.server.engine import AsyncEngine
-from memorywall.server.grpc_servicer import EngineServicer
-from memorywall.server.http_front import HttpSite, OpenAIFront, ServedMetrics, metrics_app
-from memorywall.server.metrics import PrometheusMetrics
-from memorywall.server.scheduler import EngineConfig
-from memorywall.server.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
-from memorywall.server.sglang_servicer import SglangServicer, add_to_server
-from memorywall.server.tokenizer import load_tokenizer
+from memorywall.server.engine.build import ModelCard, build_core
+from memorywall.server.engine.live import AsyncEngine
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.fronts.grpc_servicer import EngineServicer
+from memorywall.server.fronts.http_front import HttpSite, OpenAIFront, ServedMetrics, metrics_app
+from memorywall.server.fronts.metrics import PrometheusMetrics
+from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
+from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
+from memorywall.server.fronts.tokenizer import load_tokenizer
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")

@@ -11,7 +11,7 @@ from memorywall.loadgen.openai_target import OpenAITarget
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload, parse_shared_prefix
 from memorywall.loadgen.records import RequestSpec
 from memorywall.loadgen.workload import Fixed, Uniform
-from memorywall.server.tokenizer import ApproximateTokenizer
+from memorywall.server.fronts.tokenizer import ApproximateTokenizer
 
 
 def specs(seed: int = 0, n: int = 40, groups: int = 4, prefix: int = 80) -> list[RequestSpec]:

@@ -14,10 +14,10 @@ from engine_fakes import FakeClock
 
 from memorywall.core import Batch, PrefillChunk, StepModel
 from memorywall.errors import DrainingError, DuplicateRequestError, InvalidRequestError
-from memorywall.server.build import build_core
-from memorywall.server.engine import AsyncEngine, Finished, RequestStream, TokenGroup
-from memorywall.server.scheduler import EngineConfig, FinishReason, Request
-from memorywall.server.tokens import token_text
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.engine.scheduler import EngineConfig, FinishReason, Request
+from memorywall.server.engine.tokens import token_text
 
 TIMEOUT_S = 10.0
 

@@ -18,11 +18,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memorywall.core import Deployment
 from memorywall.server.app import EmulatorServer, ServerConfig
-from memorywall.server.build import build_core
-from memorywall.server.engine import AsyncEngine
-from memorywall.server.grpc_servicer import EngineServicer
-from memorywall.server.scheduler import EngineConfig
-from memorywall.server.tokens import count_text_tokens
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.live import AsyncEngine
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.engine.tokens import count_text_tokens
+from memorywall.server.fronts.grpc_servicer import EngineServicer
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 

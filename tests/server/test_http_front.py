@@ -24,9 +24,9 @@ from aiohttp import web
 from memorywall import __version__
 from memorywall.core import Deployment
 from memorywall.server.app import EmulatorServer, ServerConfig, describe
-from memorywall.server.http_front import HttpSite
-from memorywall.server.scheduler import EngineConfig
-from memorywall.server.tokens import count_text_tokens
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.engine.tokens import count_text_tokens
+from memorywall.server.fronts.http_front import HttpSite
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 

@@ -17,22 +17,22 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from memorywall.core import Deployment, Speculative, StepModel, plan_deployment
-from memorywall.server.build import build_core
-from memorywall.server.engine import AsyncEngine, Finished, RequestStream, TokenGroup
-from memorywall.server.metrics import (
-    ITL_BUCKETS_S,
-    REQUEST_LATENCY_BUCKETS_S,
-    TTFT_BUCKETS_S,
-    PrometheusMetrics,
-    build_1_2_5_buckets,
-)
-from memorywall.server.scheduler import (
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.engine.scheduler import (
     Emission,
     EngineConfig,
     EngineCore,
     FinishReason,
     ModelLimits,
     Request,
+)
+from memorywall.server.fronts.metrics import (
+    ITL_BUCKETS_S,
+    REQUEST_LATENCY_BUCKETS_S,
+    TTFT_BUCKETS_S,
+    PrometheusMetrics,
+    build_1_2_5_buckets,
 )
 
 TIMEOUT_S = 10.0

@@ -1,5 +1,5 @@
-"""OpenAI request conversion and response shapes, with no server: `server/openai_api.py`,
-`server/openai_reply.py`."""
+"""OpenAI request conversion and response shapes, with no server: `server/fronts/openai_api.py`,
+`server/fronts/openai_reply.py`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 
 from memorywall.errors import InvalidRequestError, NotFoundError
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import Finished, TokenGroup
-from memorywall.server.openai_api import (
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.live import Finished, TokenGroup
+from memorywall.server.engine.scheduler import FinishReason
+from memorywall.server.fronts.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
     Endpoint,
@@ -20,9 +21,8 @@ from memorywall.server.openai_api import (
     error_for,
     status_for,
 )
-from memorywall.server.openai_reply import DONE, Reply
-from memorywall.server.scheduler import FinishReason
-from memorywall.server.tokenizer import ApproximateTokenizer
+from memorywall.server.fronts.openai_reply import DONE, Reply
+from memorywall.server.fronts.tokenizer import ApproximateTokenizer
 
 CARD = ModelCard(
     model="m",

@@ -12,17 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memorywall.cli import build_parser
 from memorywall.server.app import EmulatorServer, ServerConfig
-from memorywall.server.build import build_core
-from memorywall.server.engine import AsyncEngine
-from memorywall.server.kv import (
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.kv import (
     AllBlocksCleared,
     BlockPool,
     BlockRemoved,
     BlockStored,
     hash_block_tokens,
 )
-from memorywall.server.metrics import PrometheusMetrics
-from memorywall.server.scheduler import (
+from memorywall.server.engine.live import AsyncEngine
+from memorywall.server.engine.scheduler import (
     EngineConfig,
     EngineCore,
     FinishReason,
@@ -31,6 +30,7 @@ from memorywall.server.scheduler import (
     Sequence,
     Step,
 )
+from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 

@@ -16,8 +16,8 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.build import build_core
-from memorywall.server.scheduler import (
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.scheduler import (
     Emission,
     EngineConfig,
     EngineCore,

@@ -22,9 +22,9 @@ from tokenizers import Tokenizer
 
 from memorywall.core import Deployment
 from memorywall.server.app import EmulatorServer, ServerConfig
-from memorywall.server.scheduler import EngineConfig
-from memorywall.server.sglang_servicer import ThroughputWindow
-from memorywall.server.tokens import token_text
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.engine.tokens import token_text
+from memorywall.server.fronts.sglang_servicer import ThroughputWindow
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 SERVICE = "sglang.grpc.scheduler.SglangScheduler"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from memorywall.server.tokens import TokenSource, token_text
+from memorywall.server.engine.tokens import TokenSource, token_text
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memorywall.core import Deployment, StepModel, predict
-from memorywall.server.scheduler import EngineConfig, EngineCore, ModelLimits
+from memorywall.server.engine.scheduler import EngineConfig, EngineCore, ModelLimits
 
 PREDICTION_CONTEXT = 1024
 

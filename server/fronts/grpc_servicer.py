@@ -16,10 +16,10 @@ from memorywall.errors import (
     MemorywallError,
     NotFoundError,
 )
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import AsyncEngine, Finished, TokenGroup
-from memorywall.server.scheduler import FinishReason, Request
-from memorywall.server.tokens import digest, synthetic_prompt, text_token_ids
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.live import AsyncEngine, Finished, TokenGroup
+from memorywall.server.engine.scheduler import FinishReason, Request
+from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 

@@ -14,10 +14,10 @@ import json
 from typing import Any
 
 from memorywall.errors import MemorywallError
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import Finished, TokenGroup
-from memorywall.server.openai_api import Call, Endpoint, error_for
-from memorywall.server.scheduler import FinishReason
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.live import Finished, TokenGroup
+from memorywall.server.engine.scheduler import FinishReason
+from memorywall.server.fronts.openai_api import Call, Endpoint, error_for
 
 DONE = b"data: [DONE]\n\n"
 

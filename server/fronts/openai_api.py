@@ -32,9 +32,9 @@ from memorywall.errors import (
     MemorywallError,
     NotFoundError,
 )
-from memorywall.server.build import ModelCard
-from memorywall.server.scheduler import Request
-from memorywall.server.tokenizer import PromptTokenizer
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.scheduler import Request
+from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 1024

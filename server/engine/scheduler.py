@@ -27,8 +27,8 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.kv import BlockPool, PrefixCacheStats, blocks_for, extend_block_hashes
-from memorywall.server.tokens import TokenSource, digest
+from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for, extend_block_hashes
+from memorywall.server.engine.tokens import TokenSource, digest
 
 
 class StepCostModel(Protocol):

@@ -23,12 +23,12 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import AsyncEngine, Finished, RequestStream, TokenGroup
-from memorywall.server.grpc_servicer import status_for
-from memorywall.server.kv import BlockRemoved, BlockStored, KVEvent
-from memorywall.server.scheduler import FinishReason, Request
-from memorywall.server.sglang_tokenizer import TokenizerZip, tokenizer_zip
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.kv import BlockRemoved, BlockStored, KVEvent
+from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.engine.scheduler import FinishReason, Request
+from memorywall.server.fronts.grpc_servicer import status_for
+from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request leaves max_new_tokens unset

@@ -20,11 +20,11 @@ from aiohttp import web
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
-from memorywall.server.build import ModelCard
-from memorywall.server.engine import AsyncEngine, EngineObserver, Finished, RequestStream
-from memorywall.server.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
-from memorywall.server.openai_reply import Reply, model_list
-from memorywall.server.tokenizer import PromptTokenizer
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.live import AsyncEngine, EngineObserver, Finished, RequestStream
+from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
+from memorywall.server.fronts.openai_reply import Reply, model_list
+from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 # Prompts given as token ids run to ~7 bytes a token: room for a 128k-token context.
 MAX_BODY_BYTES = 16 * 2**20
@@ -34,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class MetricsSource(Protocol):
-    """What /metrics serves (`server/metrics.py`'s PrometheusMetrics)."""
+    """What /metrics serves (`server/fronts/metrics.py`'s PrometheusMetrics)."""
 
     def render(self) -> tuple[bytes, str]: ...  # body, content type
 

@@ -31,12 +31,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from memorywall.server.scheduler import FinishReason
+from memorywall.server.engine.scheduler import FinishReason
 
 if TYPE_CHECKING:
     from memorywall.core import Deployment
-    from memorywall.server.engine import AsyncEngine, Finished
-    from memorywall.server.scheduler import Emission, EngineCore, Step
+    from memorywall.server.engine.live import AsyncEngine, Finished
+    from memorywall.server.engine.scheduler import Emission, EngineCore, Step
 
 # The classic text format `generate_latest` writes, labelled as prometheus_client's
 # own handler labels it by default (`choose_encoder`); spelled out because the

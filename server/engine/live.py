@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from memorywall.errors import DrainingError, MemorywallError
-from memorywall.server.clock import Clock, MonotonicClock
-from memorywall.server.lag import LagSummary, LagTracker
-from memorywall.server.scheduler import (
+from memorywall.server.engine.clock import Clock, MonotonicClock
+from memorywall.server.engine.lag import LagSummary, LagTracker
+from memorywall.server.engine.scheduler import (
     Emission,
     EngineCore,
     FinishReason,
@@ -30,7 +30,7 @@ from memorywall.server.scheduler import (
     Sequence,
     Step,
 )
-from memorywall.server.tokens import token_text
+from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
 
