@@ -6,7 +6,7 @@ absolute end before applying it, so CPU time spent here never adds to modelled
 time. Tokens due together are handed to a stream as one group; under load the
 driver widens the grouping interval so the front end's message rate stays in
 budget, and every token keeps its modelled time. Transport agnostic: front
-ends (gRPC today) read `RequestStream`s.
+ends reach it only through `api.EngineClient`, which it implements.
 """
 
 from __future__ import annotations
@@ -15,52 +15,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from memorywall.errors import DrainingError, MemorywallError
-from memorywall.server.engine.clock import Clock, MonotonicClock
-from memorywall.server.engine.lag import LagSummary, LagTracker
-from memorywall.server.engine.scheduler import (
-    Emission,
-    EngineCore,
-    FinishReason,
+from memorywall.server.engine.api import (
+    EngineObserver,
+    EngineStats,
+    Event,
+    Finished,
+    KVEvent,
     Request,
-    Sequence,
-    Step,
+    StepReport,
+    TokenGroup,
 )
+from memorywall.server.engine.clock import Clock, MonotonicClock
+from memorywall.server.engine.lag import LagTracker
+from memorywall.server.engine.scheduler import Emission, EngineCore, Sequence, Step
 from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
 
 LAG_WARNING_INTERVAL_S = 5.0
-
-
-@dataclass(frozen=True)
-class TokenGroup:
-    token_ids: tuple[int, ...]
-    text: str
-    times_s: tuple[float, ...]  # modelled emission times, seconds after arrival
-
-
-@dataclass(frozen=True)
-class Finished:
-    request_id: str
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    queue_s: float
-    prefill_s: float
-    decode_s: float
-    ttft_s: float
-    e2e_s: float
-    preemptions: int
-    energy_j: float
-
-
-Event = TokenGroup | Finished
 
 
 class RequestStream:
@@ -102,9 +77,20 @@ class RequestStream:
                 ids, times = tuple(self._ids), self._times
                 self._ids, self._times = [], []
                 self._engine._record_lag(times[0])
-                arrival = self.sequence.arrival_s
+                seq = self.sequence
+                arrival = seq.arrival_s
                 text = "".join("" if i in self._engine.eos_ids else token_text(i) for i in ids)
-                return TokenGroup(ids, text, tuple(t - arrival for t in times))
+                # The last group is read once the engine has ended the request, so it
+                # carries the finish reason and the front needs no wait for `Finished`.
+                return TokenGroup(
+                    token_ids=ids,
+                    text=text,
+                    times_s=tuple(t - arrival for t in times),
+                    prompt_tokens=seq.prompt_len,
+                    cached_tokens=seq.cached_tokens,
+                    completion_tokens=len(seq.output_ids),
+                    finish_reason=seq.finish_reason if self._final is not None else None,
+                )
             if self._error is not None:
                 raise self._error
             if self._final is not None and not self._done:
@@ -119,33 +105,13 @@ class RequestStream:
         while (event := await self.next_event()) is not None:
             yield event
 
+    @property
+    def ended(self) -> bool:
+        return self._final is not None or self._error is not None
 
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_used_tokens: int
-    kv_total_tokens: int
-    lag: LagSummary
-    uptime_s: float
-    requests_finished: int
-    requests_aborted: int
-    tokens_generated: int
-    preemptions: int
-    steps: int
-    modelled_energy_j: float
-    draining: bool
-    stream_interval_s: float
-
-
-class EngineObserver(Protocol):
-    """Receives what the engine does, for metrics; called on the engine's loop, must not block."""
-
-    def on_step(self, step: Step, emissions: list[Emission], engine: AsyncEngine) -> None: ...
-
-    def on_finish(self, finished: Finished) -> None: ...
-
-    def on_lag(self, lag_s: float) -> None: ...
+    def close(self) -> None:
+        if not self.ended:
+            self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -170,8 +136,16 @@ class AsyncEngine:
         self._lag = LagTracker(threshold_s=lag_threshold_s)
         self._started_s = time.monotonic()
         self.observers = list(observers)
+        for observer in self.observers:
+            observer.watch(self.stats)
         self._last_warning_s = 0.0
         self.draining = False
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
+        return self.core.pool.subscribe(callback)
 
     @property
     def stream_interval_s(self) -> float:
@@ -247,6 +221,7 @@ class AsyncEngine:
             modelled_energy_j=c.energy_j,
             draining=self.draining,
             stream_interval_s=self.stream_interval_s,
+            prefix_cache=self.core.prefix_cache_stats(),
         )
 
     async def _run(self) -> None:
@@ -265,8 +240,10 @@ class AsyncEngine:
             await self.clock.sleep_until(step.end_s)
             emissions = self.core.complete(step)
             self._deliver(emissions, self.clock.now())
-            for observer in self.observers:
-                observer.on_step(step, emissions, self)
+            if self.observers:
+                report = step_report(step, emissions, self.core.counters.preemptions)
+                for observer in self.observers:
+                    observer.on_step(report)
             last_end = step.end_s
 
     def _deliver(self, emissions: list[Emission], now: float) -> None:
@@ -335,4 +312,35 @@ class AsyncEngine:
             e2e_s=last - arrival,
             preemptions=seq.preemptions,
             energy_j=seq.energy_j,
+            last_token_id=seq.output_ids[-1] if seq.output_ids else None,
         )
+
+
+def step_report(step: Step, emissions: list[Emission], preemptions_total: int) -> StepReport:
+    """What observers count of a completed step and the tokens it gave."""
+    first_tokens: list[tuple[int, float]] = []
+    gaps: list[tuple[float, int]] = []
+    generated = 0
+    for e in emissions:
+        k = len(e.token_ids)
+        generated += k
+        seq = e.sequence
+        if e.previous_token_s is None:
+            first_tokens.append((seq.prompt_len, e.time_s - seq.arrival_s))
+            continue
+        gap = (e.time_s - e.previous_token_s) / k
+        # Sequences decoded together share a gap: one run each.
+        if gaps and gaps[-1][0] == gap:
+            gaps[-1] = (gap, gaps[-1][1] + k)
+        else:
+            gaps.append((gap, k))
+    cost = step.cost
+    return StepReport(
+        time_s=cost.time_s,
+        energy_j=cost.energy_j,
+        tokens=cost.tokens,
+        generated=generated,
+        preemptions_total=preemptions_total,
+        first_tokens=first_tokens,
+        token_gaps=gaps,
+    )

@@ -8,29 +8,13 @@ import uuid
 import grpc
 
 from memorywall import __version__
-from memorywall.errors import (
-    CapacityError,
-    DrainingError,
-    DuplicateRequestError,
-    InvalidRequestError,
-    MemorywallError,
-    NotFoundError,
-)
+from memorywall.errors import InvalidRequestError, MemorywallError, NotFoundError
+from memorywall.server.engine.api import EngineClient, Finished, FinishReason, Request, TokenGroup
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.live import AsyncEngine, Finished, TokenGroup
-from memorywall.server.engine.scheduler import FinishReason, Request
 from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids
+from memorywall.server.fronts.status import grpc_status
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
-
-# Domain error -> status code; the most specific class in an error's MRO wins.
-STATUS_FOR = {
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    DuplicateRequestError: grpc.StatusCode.ALREADY_EXISTS,
-    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DrainingError: grpc.StatusCode.UNAVAILABLE,
-}
 
 _FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -39,15 +23,8 @@ _FINISH = {
 }
 
 
-def status_for(error: MemorywallError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_FOR:
-            return STATUS_FOR[cls]
-    return grpc.StatusCode.INTERNAL
-
-
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, engine: AsyncEngine, card: ModelCard, seed: int = 0) -> None:
+    def __init__(self, engine: EngineClient, card: ModelCard, seed: int = 0) -> None:
         self.engine = engine
         self.card = card
         self.seed = seed
@@ -97,16 +74,15 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         # Modelled time starts when the request reaches us, not after we parsed it.
-        arrival_s = self.engine.clock.now()
+        arrival_s = self.engine.now()
         try:
             domain = self.to_request(request)
             stream = self.engine.submit(
                 domain, min_interval_s=request.stream_options.min_interval_s, arrival_s=arrival_s
             )
         except MemorywallError as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(grpc_status(e), str(e))
         rid = domain.request_id
-        finished = False
         try:
             # Headers go out now, not with the first token: clients start TTFT clocks on them.
             await context.send_initial_metadata(())
@@ -117,14 +93,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     )
                     yield pb.GenerateResponse(request_id=rid, chunk=chunk)
                 else:
-                    finished = True
                     yield pb.GenerateResponse(request_id=rid, finished=_finished(event, request))
         except MemorywallError as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(grpc_status(e), str(e))
         finally:
-            if not finished:
-                # Cancelled, deadline passed or client gone: free the slot and KV now.
-                self.engine.abort(rid)
+            # Cancelled, deadline passed or client gone: free the slot and KV now.
+            stream.close()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(aborted=[r for r in request.request_ids if self.engine.abort(r)])

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.engine.api import EngineClient, EngineObserver, EventStream, Finished
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.live import AsyncEngine, EngineObserver, Finished, RequestStream
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.tokenizer import PromptTokenizer
@@ -61,7 +61,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 class OpenAIFront:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: EngineClient,
         card: ModelCard,
         tokenizer: PromptTokenizer,
         metrics: MetricsSource | None = None,
@@ -85,11 +85,11 @@ class OpenAIFront:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         # Modelled time starts when the request reaches us, not after we parsed it.
-        arrival_s = self.engine.clock.now()
+        arrival_s = self.engine.now()
         return await self._generate(request, Endpoint.COMPLETIONS, arrival_s)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        arrival_s = self.engine.clock.now()
+        arrival_s = self.engine.now()
         return await self._generate(request, Endpoint.CHAT, arrival_s)
 
     async def _generate(
@@ -109,12 +109,11 @@ class OpenAIFront:
                 return await self._stream(request, stream, call, reply)
             return await self._complete(stream, call, reply)
         finally:
-            if stream.sequence.finish_reason is None:
-                # Cancelled or client gone (aiohttp cancels the handler): free slot and KV now.
-                self.engine.abort(call.request.request_id)
+            # Cancelled or client gone (aiohttp cancels the handler): free slot and KV now.
+            stream.close()
 
     async def _stream(
-        self, request: web.Request, stream: RequestStream, call: Call, reply: Reply
+        self, request: web.Request, stream: EventStream, call: Call, reply: Reply
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_headers(call, "text/event-stream"))
         # Headers go out now, not with the first token: clients start TTFT clocks on them.
@@ -126,10 +125,7 @@ class OpenAIFront:
                     if isinstance(event, Finished):
                         await response.write(reply.end_events(event))
                         continue
-                    # A sequence has its finish reason when its last group is handed over,
-                    # so that group's chunk carries it, with no wait for `Finished`.
-                    reason = stream.sequence.finish_reason
-                    await response.write(opening + reply.group_event(event, reason))
+                    await response.write(opening + reply.group_event(event))
                     opening = b""
             except MemorywallError as e:  # the server drained before the request finished
                 await response.write(reply.error_events(e))
@@ -137,7 +133,7 @@ class OpenAIFront:
             pass  # the client left; the caller aborts the request
         return response
 
-    async def _complete(self, stream: RequestStream, call: Call, reply: Reply) -> web.Response:
+    async def _complete(self, stream: EventStream, call: Call, reply: Reply) -> web.Response:
         groups = []
         try:
             async for event in stream:

@@ -19,7 +19,7 @@ the engine's event loop; call `render` there too so a scrape sees one state.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,12 +31,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from memorywall.server.engine.scheduler import FinishReason
+from memorywall.server.engine.api import EngineStats, Finished, FinishReason, StepReport
 
 if TYPE_CHECKING:
     from memorywall.core import Deployment
-    from memorywall.server.engine.live import AsyncEngine, Finished
-    from memorywall.server.engine.scheduler import Emission, EngineCore, Step
 
 # The classic text format `generate_latest` writes, labelled as prometheus_client's
 # own handler labels it by default (`choose_encoder`); spelled out because the
@@ -119,7 +117,7 @@ class PrometheusMetrics:
     Per finished request (aborts included): success by reason and the request
     histograms. Scheduler gauges (running, waiting, KV usage) and the prefix cache
     counters (tokens looked up and found at admission; 0 with caching off) are read
-    from the engine's core when scraped, so they are current even after an abort
+    from the engine's stats (`watch`) when scraped, so they are current even after an abort
     between steps. Several instances never share state.
     """
 
@@ -132,7 +130,7 @@ class PrometheusMetrics:
         self.idle_power_w = idle_power_w
         self.rated_power_w = rated_power_w
         self._labels = [model_name, ENGINE_INDEX]
-        self._core: EngineCore | None = None
+        self._stats: Callable[[], EngineStats] | None = None
 
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -226,6 +224,10 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Read the gauges (running, waiting, KV, prefix cache) from `stats` when scraped."""
+        self._stats = stats
+
     @classmethod
     def for_deployment(
         cls, deployment: Deployment, *, model_name: str | None = None
@@ -242,7 +244,7 @@ class PrometheusMetrics:
 
     # EngineObserver
 
-    def on_step(self, step: Step, emissions: list[Emission], engine: AsyncEngine) -> None:
+    def on_step(self, step: StepReport) -> None:
         """Counters and per-token histograms for one step.
 
         vLLM counts a request's prompt when its first token is sampled, observes
@@ -251,43 +253,23 @@ class PrometheusMetrics:
         speculative drafts) observes its gap / k for each of the k tokens, so
         the ITL count is the decode tokens and its sum is the decode time.
         `vllm:iteration_tokens_total` observes the tokens the step ran through
-        the model (`StepCost.tokens`: prefill chunks plus decode queries, drafts
-        included). vLLM observes the prompts whose prefill completed plus the
-        tokens generated; the two agree on plain decode steps, and this one stays
-        within `max_num_batched_tokens` under chunked prefill.
+        the model (prefill chunks plus decode queries, drafts included). vLLM
+        observes the prompts whose prefill completed plus the tokens generated;
+        the two agree on plain decode steps, and this one stays within
+        `max_num_batched_tokens` under chunked prefill.
         """
-        core = engine.core
-        self._core = core
-        cost = step.cost
-        self._energy_j += cost.energy_j
-        self._step_time.observe(cost.time_s)
-        if cost.time_s > 0:
-            self._last_step_power_w = cost.energy_j / cost.time_s
-        self._iteration_tokens.observe(cost.tokens)
-        self._preemptions = core.counters.preemptions  # preemptions happen in `schedule`
-
-        # Sequences decoded in the previous step share a gap: observe each run once.
-        generated = 0
-        run_gap, run_n = 0.0, 0
-        for e in emissions:
-            k = len(e.token_ids)
-            generated += k
-            previous_s = e.previous_token_s
-            if previous_s is None:
-                seq = e.sequence
-                self._prompt_tokens += seq.prompt_len
-                self._ttft.observe(e.time_s - seq.arrival_s)
-                continue
-            gap = (e.time_s - previous_s) / k
-            if gap == run_gap:
-                run_n += k
-            else:
-                if run_n:
-                    self._itl.observe(run_gap, run_n)
-                run_gap, run_n = gap, k
-        if run_n:
-            self._itl.observe(run_gap, run_n)
-        self._generation_tokens += generated
+        self._energy_j += step.energy_j
+        self._step_time.observe(step.time_s)
+        if step.time_s > 0:
+            self._last_step_power_w = step.energy_j / step.time_s
+        self._iteration_tokens.observe(step.tokens)
+        self._preemptions = step.preemptions_total  # preemptions happen in scheduling
+        for prompt_tokens, ttft_s in step.first_tokens:
+            self._prompt_tokens += prompt_tokens
+            self._ttft.observe(ttft_s)
+        for gap_s, tokens in step.token_gaps:
+            self._itl.observe(gap_s, tokens)
+        self._generation_tokens += step.generated
 
     def on_finish(self, finished: Finished) -> None:
         """Request success by reason and the per-request histograms."""
@@ -310,17 +292,15 @@ class PrometheusMetrics:
     def collect(self) -> Iterator[Metric]:
         """The families as of now (prometheus_client's Collector protocol)."""
         labels = self._labels
-        core = self._core
         running = waiting = 0
         kv_usage = 0.0
         cache_queries = cache_hits = 0
         power_w = self.idle_power_w
-        if core is not None:
-            running, waiting = len(core.running), len(core.waiting)
-            kv_usage = core.pool.used_blocks / core.pool.total_blocks
-            cache = core.prefix_cache_stats()
-            cache_queries, cache_hits = cache.queries, cache.hits
-            if core.has_work() and self._last_step_power_w is not None:
+        if self._stats is not None:
+            s = self._stats()
+            running, waiting, kv_usage = s.running, s.waiting, s.kv_usage
+            cache_queries, cache_hits = s.prefix_cache.queries, s.prefix_cache.hits
+            if s.busy and self._last_step_power_w is not None:
                 power_w = self._last_step_power_w
 
         yield _gauge(

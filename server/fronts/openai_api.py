@@ -24,30 +24,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from memorywall.errors import (
-    CapacityError,
-    DrainingError,
-    DuplicateRequestError,
-    InvalidRequestError,
-    MemorywallError,
-    NotFoundError,
-)
+from memorywall.errors import InvalidRequestError, MemorywallError, NotFoundError
+from memorywall.server.engine.api import Request
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.scheduler import Request
+from memorywall.server.fronts.status import http_status
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_CHAT_MAX_TOKENS = 1024
 
-# Domain error -> HTTP status; the most specific class in an error's MRO wins.
-# ContextLengthError and RequestTooLargeError are InvalidRequestErrors: 400, as vLLM.
-STATUS_FOR = {
-    InvalidRequestError: 400,
-    NotFoundError: 404,
-    DuplicateRequestError: 409,
-    CapacityError: 429,
-    DrainingError: 503,
-}
 # The `type` of an error body: the OpenAI client's exception class for the status.
 ERROR_TYPE = {
     400: "BadRequestError",
@@ -90,13 +75,6 @@ class Call:
     min_interval_s: float
 
 
-def status_for(error: MemorywallError) -> int:
-    for cls in type(error).__mro__:
-        if cls in STATUS_FOR:
-            return STATUS_FOR[cls]
-    return 500
-
-
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """vLLM's ErrorResponse: `code` is the HTTP status."""
     return {
@@ -110,7 +88,7 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 
 def error_for(error: MemorywallError) -> tuple[int, dict[str, Any]]:
-    status = status_for(error)
+    status = http_status(error)
     return status, error_body(status, str(error), getattr(error, "param", None))
 
 

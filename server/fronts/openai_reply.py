@@ -14,9 +14,8 @@ import json
 from typing import Any
 
 from memorywall.errors import MemorywallError
+from memorywall.server.engine.api import Finished, FinishReason, TokenGroup
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.live import Finished, TokenGroup
-from memorywall.server.engine.scheduler import FinishReason
 from memorywall.server.fronts.openai_api import Call, Endpoint, error_for
 
 DONE = b"data: [DONE]\n\n"
@@ -64,8 +63,9 @@ class Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         return sse(self._chunk([choice]))
 
-    def group_event(self, group: TokenGroup, reason: FinishReason | None) -> bytes:
-        """One token group; the last carries the finish reason (`reason`: the sequence's)."""
+    def group_event(self, group: TokenGroup) -> bytes:
+        """One token group; the last carries the finish reason."""
+        reason = group.finish_reason
         self.completion_tokens += len(group.token_ids)
         finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
         stop_reason = self._stop_reason(group.token_ids, reason)

@@ -1,6 +1,6 @@
 """sglang.grpc.scheduler.SglangScheduler over gRPC: the worker API the smg gateway speaks.
 
-A thin adapter over the same `AsyncEngine` as memorywall.v1, served on the same
+A thin adapter over the same engine as memorywall.v1, served on the same
 port. Stubs come from the `smg-grpc-proto` package. The gateway tokenizes for
 itself with the tokenizer that `GetTokenizer` ships (`sglang_tokenizer`), sends
 prompt ids, and decodes the ids streamed back.
@@ -23,12 +23,19 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.engine.api import (
+    BlockRemoved,
+    BlockStored,
+    EngineClient,
+    Finished,
+    FinishReason,
+    KVEvent,
+    Request,
+    TokenGroup,
+)
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.kv import BlockRemoved, BlockStored, KVEvent
-from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
-from memorywall.server.engine.scheduler import FinishReason, Request
-from memorywall.server.fronts.grpc_servicer import status_for
 from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
+from memorywall.server.fronts.status import grpc_status
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request leaves max_new_tokens unset
@@ -51,21 +58,6 @@ def not_emulated(r: pb.GenerateRequest) -> str | None:
     return None
 
 
-# --- Seams to the prefix cache, which lands separately -------------------------------------
-# Point these at `engine.core.prefix_cache_stats()` and the engine's KV event hook when
-# they exist; until then nothing is cached and no KV event is published.
-
-
-def cache_hit_rate(engine: AsyncEngine) -> float:
-    """Fraction of looked-up prompt tokens served from the prefix cache (0 before any)."""
-    return engine.core.prefix_cache_stats().hit_rate or 0.0
-
-
-def cached_tokens(stream: RequestStream) -> int:
-    """Prompt tokens of this request served from the prefix cache."""
-    return stream.sequence.cached_tokens
-
-
 def kv_event(event: KVEvent, event_id: int) -> common_pb2.KvCacheEvent:
     """One engine KV event as SGLang's KvCacheEvent."""
     if isinstance(event, BlockStored):
@@ -86,10 +78,10 @@ def kv_event(event: KVEvent, event_id: int) -> common_pb2.KvCacheEvent:
     return common_pb2.KvCacheEvent(event_id=event_id, cleared=common_pb2.KvCacheCleared())
 
 
-async def kv_event_batches(engine: AsyncEngine) -> AsyncIterator[common_pb2.KvEventBatch]:
+async def kv_event_batches(engine: EngineClient) -> AsyncIterator[common_pb2.KvEventBatch]:
     """The engine's prefix-cache events from now on, one batch per wake-up of the reader."""
     queue: asyncio.Queue[KVEvent] = asyncio.Queue()
-    unsubscribe = engine.core.pool.subscribe(queue.put_nowait)
+    unsubscribe = engine.subscribe_kv_events(queue.put_nowait)
     event_ids = itertools.count()
     try:
         for sequence in itertools.count():
@@ -121,11 +113,11 @@ class ThroughputWindow:
 
 
 class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
-    def __init__(self, engine: AsyncEngine, card: ModelCard) -> None:
+    def __init__(self, engine: EngineClient, card: ModelCard) -> None:
         self.engine = engine
         self.card = card
         self.started = datetime.datetime.now(datetime.UTC)
-        self.throughput = ThroughputWindow(engine.clock.now())
+        self.throughput = ThroughputWindow(engine.now())
         self._tokenizer: asyncio.Future[TokenizerZip] | None = None
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
@@ -152,16 +144,15 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         # Modelled time starts when the request reaches us, not after we parsed it.
-        arrival_s = self.engine.clock.now()
+        arrival_s = self.engine.now()
         if (why := not_emulated(request)) is not None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
         try:
             domain = self.to_request(request)
             stream = self.engine.submit(domain, arrival_s=arrival_s)
         except MemorywallError as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(grpc_status(e), str(e))
         rid = domain.request_id
-        finished = False
         try:
             # Headers go out now, not with the first token: the gateway starts TTFT on them.
             await context.send_initial_metadata(())
@@ -170,22 +161,16 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
                 if isinstance(event, TokenGroup):
                     output.extend(event.token_ids)
                     if request.stream:
-                        yield pb.GenerateResponse(
-                            request_id=rid, chunk=_chunk(event, stream, len(output))
-                        )
+                        yield pb.GenerateResponse(request_id=rid, chunk=_chunk(event))
                 else:
-                    finished = True
                     # Streamed ids went out in chunks: the final message repeats none of them.
                     ids = () if request.stream else output
-                    yield pb.GenerateResponse(
-                        request_id=rid, complete=_complete(event, ids, stream)
-                    )
+                    yield pb.GenerateResponse(request_id=rid, complete=_complete(event, ids))
         except MemorywallError as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(grpc_status(e), str(e))
         finally:
-            if not finished:
-                # Cancelled, deadline passed or client gone: free the slot and KV now.
-                self.engine.abort(rid)
+            # Cancelled, deadline passed or client gone: free the slot and KV now.
+            stream.close()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         if self.engine.abort(request.request_id):
@@ -253,7 +238,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     async def GetLoads(self, request: pb.GetLoadsRequest, context) -> pb.GetLoadsResponse:
         s = self.engine.stats()
         usage = s.kv_used_tokens / s.kv_total_tokens if s.kv_total_tokens else 0.0
-        gen = self.throughput.rate(self.engine.clock.now(), s.tokens_generated)
+        gen = self.throughput.rate(self.engine.now(), s.tokens_generated)
         max_running = self.card.max_num_seqs
         load = pb.SchedulerLoad(
             dp_rank=0,
@@ -264,7 +249,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             max_total_num_tokens=s.kv_total_tokens,
             token_usage=usage,
             gen_throughput=gen,
-            cache_hit_rate=cache_hit_rate(self.engine),
+            cache_hit_rate=s.prefix_cache.hit_rate or 0.0,
             utilization=s.running / max_running,
             max_running_requests=max_running,
         )
@@ -312,19 +297,19 @@ def add_to_server(servicer: SglangServicer, server: grpc.aio.Server) -> None:
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
 
 
-def _chunk(group: TokenGroup, stream: RequestStream, completion: int) -> pb.GenerateStreamChunk:
+def _chunk(group: TokenGroup) -> pb.GenerateStreamChunk:
     return pb.GenerateStreamChunk(
         token_ids=group.token_ids,
-        prompt_tokens=stream.sequence.prompt_len,
-        completion_tokens=completion,
-        cached_tokens=cached_tokens(stream),
+        prompt_tokens=group.prompt_tokens,
+        completion_tokens=group.completion_tokens,
+        cached_tokens=group.cached_tokens,
     )
 
 
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
 
 
-def _complete(f: Finished, ids, stream: RequestStream) -> pb.GenerateComplete:
+def _complete(f: Finished, ids) -> pb.GenerateComplete:
     out = pb.GenerateComplete(
         output_ids=ids,
         finish_reason=_FINISH[f.reason],
@@ -332,7 +317,6 @@ def _complete(f: Finished, ids, stream: RequestStream) -> pb.GenerateComplete:
         completion_tokens=f.completion_tokens,
         cached_tokens=f.cached_tokens,
     )
-    produced = stream.sequence.output_ids
-    if f.reason is FinishReason.STOP and produced:
-        out.matched_token_id = produced[-1]
+    if f.reason is FinishReason.STOP and f.last_token_id is not None:
+        out.matched_token_id = f.last_token_id
     return out

@@ -14,8 +14,9 @@ from engine_fakes import FakeClock
 
 from memorywall.core import Batch, PrefillChunk, StepModel
 from memorywall.errors import DrainingError, DuplicateRequestError, InvalidRequestError
+from memorywall.server.engine.api import Finished, TokenGroup
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.engine.live import AsyncEngine, RequestStream
 from memorywall.server.engine.scheduler import EngineConfig, FinishReason, Request
 from memorywall.server.engine.tokens import token_text
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Iterable
-from types import SimpleNamespace
 
 import pytest
 from engine_fakes import FakeClock
@@ -17,8 +16,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from memorywall.core import Deployment, Speculative, StepModel, plan_deployment
+from memorywall.server.engine.api import Finished, TokenGroup
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.live import AsyncEngine, Finished, RequestStream, TokenGroup
+from memorywall.server.engine.live import AsyncEngine, RequestStream, step_report
 from memorywall.server.engine.scheduler import (
     Emission,
     EngineConfig,
@@ -343,20 +343,20 @@ def test_a_step_of_k_tokens_observes_its_gap_over_k_k_times(wse3_8b):
     a, b, c = (core.add(request(r, max_tokens=10, prompt_len=7), 5.0) for r in "abc")
     step = core.schedule(5.0)
     assert step is not None
-    engine = SimpleNamespace(core=core)
     metrics = metrics_for(wse3_8b)
 
-    metrics.on_step(step, [Emission(s, [11], 5.004, False, None) for s in (a, b, c)], engine)
+    first = [Emission(s, [11], 5.004, False, None) for s in (a, b, c)]
+    metrics.on_step(step_report(step, first, preemptions_total=0))
     # a: 3 tokens over 36 ms, b: 1 over 36 ms, c: 1 over 12 ms (a run of equal gaps, then two)
-    metrics.on_step(
-        step,
-        [
-            Emission(a, [12, 13, 14], 5.040, False, 5.004),
-            Emission(c, [12], 5.040, False, 5.028),
-            Emission(b, [12], 5.040, False, 5.004),
-        ],
-        engine,
-    )
+    later = [
+        Emission(a, [12, 13, 14], 5.040, False, 5.004),
+        Emission(c, [12], 5.040, False, 5.028),
+        Emission(b, [12], 5.040, False, 5.004),
+    ]
+    report = step_report(step, later, preemptions_total=0)
+    assert sum(n for _, n in report.token_gaps) == 5
+    assert sum(g * n for g, n in report.token_gaps) == pytest.approx(0.036 + 0.012 + 0.036)
+    metrics.on_step(report)
     scrape = Scrape(metrics)
 
     assert scrape.count("vllm:time_to_first_token_seconds") == 3

@@ -8,9 +8,8 @@ import json
 import pytest
 
 from memorywall.errors import InvalidRequestError, NotFoundError
+from memorywall.server.engine.api import Finished, FinishReason, TokenGroup
 from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.live import Finished, TokenGroup
-from memorywall.server.engine.scheduler import FinishReason
 from memorywall.server.fronts.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -19,7 +18,6 @@ from memorywall.server.fronts.openai_api import (
     OpenAIApi,
     chat_text,
     error_for,
-    status_for,
 )
 from memorywall.server.fronts.openai_reply import DONE, Reply
 from memorywall.server.fronts.tokenizer import ApproximateTokenizer
@@ -59,6 +57,19 @@ def finished(reason: FinishReason = FinishReason.LENGTH, completion: int = 3) ->
         e2e_s=0.03,
         preemptions=0,
         energy_j=1.5,
+        last_token_id=None,
+    )
+
+
+def group(ids: tuple[int, ...], text: str, times_s: tuple[float, ...], reason=None) -> TokenGroup:
+    return TokenGroup(
+        token_ids=ids,
+        text=text,
+        times_s=times_s,
+        prompt_tokens=4,
+        cached_tokens=0,
+        completion_tokens=len(ids),
+        finish_reason=reason,
     )
 
 
@@ -127,7 +138,7 @@ def test_errors_carry_param_and_status():
     with pytest.raises(NotFoundError) as e:
         API.to_call({"model": "x", "prompt": "a"}, Endpoint.COMPLETIONS)
     assert error_for(e.value)[1]["error"]["param"] == "model"
-    assert status_for(e.value) == 404
+    assert error_for(e.value)[0] == 404
 
 
 def test_last_group_carries_the_finish_reason_and_the_stop_token():
@@ -135,8 +146,8 @@ def test_last_group_carries_the_finish_reason_and_the_stop_token():
         {"prompt": "hi", "stop_token_ids": [7], "stream": True}, Endpoint.COMPLETIONS
     )
     reply = Reply(call, "m", 123)
-    first = events(reply.group_event(TokenGroup((1, 2), " a b", (0.1, 0.1)), None))[0]
-    last = events(reply.group_event(TokenGroup((7,), " c", (0.2,)), FinishReason.STOP))[0]
+    first = events(reply.group_event(group((1, 2), " a b", (0.1, 0.1))))[0]
+    last = events(reply.group_event(group((7,), " c", (0.2,), FinishReason.STOP)))[0]
     assert first["choices"][0]["finish_reason"] is None
     assert last["choices"][0] == {
         "index": 0,

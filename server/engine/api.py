@@ -1,0 +1,187 @@
+"""The one interface between the engine and its front ends and observers.
+
+Front ends (memorywall.v1 gRPC, SGLang's worker service, OpenAI HTTP) and
+observers (Prometheus metrics) import from here and nowhere else in the
+engine: they submit `Request`s, read `EventStream`s of `TokenGroup`s ending
+in `Finished`, abort, drain, take `EngineStats` snapshots and subscribe to
+prefix-cache `KVEvent`s. The live engine (`live.AsyncEngine`) and the
+in-memory twin that front tests run against (`twin.TwinEngine`) both
+implement `EngineClient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from memorywall.server.engine.kv import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    PrefixCacheStats,
+)
+from memorywall.server.engine.lag import LagSummary
+from memorywall.server.engine.scheduler import FinishReason, Request
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EngineClient",
+    "EngineObserver",
+    "EngineStats",
+    "Event",
+    "EventStream",
+    "FinishReason",
+    "Finished",
+    "KVEvent",
+    "LagSummary",
+    "PrefixCacheStats",
+    "Request",
+    "StepReport",
+    "TokenGroup",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGroup:
+    """Tokens handed over together, with what a front needs to write them out."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    times_s: tuple[float, ...]  # modelled emission times, seconds after arrival
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens found in the prefix cache
+    completion_tokens: int  # generated so far, this group included
+    finish_reason: FinishReason | None  # set on the request's last group
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A request's end: usage and its modelled timing summary."""
+
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    ttft_s: float
+    e2e_s: float
+    preemptions: int
+    energy_j: float
+    last_token_id: int | None  # the matched stop token when `reason` is STOP
+
+
+Event = TokenGroup | Finished
+
+
+class EventStream(Protocol):
+    """One request's output: token groups, then `Finished`, then None."""
+
+    request_id: str
+
+    @property
+    def ended(self) -> bool:
+        """The engine has finished or aborted the request (its slot and KV are free)."""
+        ...
+
+    async def next_event(self) -> Event | None: ...
+
+    def __aiter__(self) -> AsyncIterator[Event]: ...
+
+    def close(self) -> None:
+        """Abort the request unless it has ended: a front calls this when it stops
+        reading for any reason (done, cancelled, client gone)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_total_tokens: int
+    lag: LagSummary
+    uptime_s: float
+    requests_finished: int
+    requests_aborted: int
+    tokens_generated: int
+    preemptions: int
+    steps: int
+    modelled_energy_j: float
+    draining: bool
+    stream_interval_s: float
+    prefix_cache: PrefixCacheStats
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV capacity held by live requests."""
+        return self.kv_used_tokens / self.kv_total_tokens if self.kv_total_tokens else 0.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class StepReport:
+    """What one engine step did, as observers count it.
+
+    `first_tokens` holds (prompt tokens, TTFT) of each request that got its
+    first token; `token_gaps` holds (gap per token, tokens) runs for the
+    others: a request given k tokens after a gap g contributes (g / k, k).
+    """
+
+    time_s: float
+    energy_j: float
+    tokens: int  # run through the model: prefill chunks plus decode queries
+    generated: int  # tokens sampled
+    preemptions_total: int
+    first_tokens: list[tuple[int, float]]
+    token_gaps: list[tuple[float, int]]
+
+
+class EngineObserver(Protocol):
+    """Receives what the engine does, for metrics; called on the engine's loop, must not block."""
+
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Called once by the engine it observes: read current gauges from `stats`."""
+        ...
+
+    def on_step(self, step: StepReport) -> None: ...
+
+    def on_finish(self, finished: Finished) -> None: ...
+
+    def on_lag(self, lag_s: float) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What a front end may ask of the engine."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    def now(self) -> float:
+        """The engine clock, seconds: stamp a request's arrival with it."""
+        ...
+
+    def submit(
+        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+    ) -> EventStream:
+        """Queue a request; raises a `MemorywallError` for bad input, holding nothing."""
+        ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
+        """Call `callback` for each prefix-cache event from now on; returns an unsubscribe."""
+        ...
+
+    async def drain(self, grace_s: float) -> None: ...
