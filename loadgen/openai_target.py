@@ -49,10 +49,18 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+# TOKEN_ID_* and prompt_token_ids: re-exported, callers have imported them from here.
+from memorywall.loadgen.prompts import TOKEN_ID_HIGH as TOKEN_ID_HIGH
+from memorywall.loadgen.prompts import TOKEN_ID_LOW as TOKEN_ID_LOW
+from memorywall.loadgen.prompts import (
+    prefix_rng,
+    prompt_rng,
+    shared_tokens,
+    spec_token_ids,
+)
+from memorywall.loadgen.prompts import prompt_token_ids as prompt_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 
-TOKEN_ID_LOW = 1000
-TOKEN_ID_HIGH = 30000
 # Common words that are one token each (with their leading space) in Llama and GPT vocabularies.
 WORDS = (
     "the", "and", "for", "are", "but", "not", "you", "all", "any", "can", "had", "her", "was",
@@ -202,21 +210,6 @@ class SseDecoder:
 # ---- requests and chunks --------------------------------------------------------------------
 
 
-def prompt_rng(salt: int, index: int) -> np.random.Generator:
-    """One request's prompt generator: a function of (salt, index) only."""
-    return np.random.default_rng([salt, int(index < 0), abs(index)])
-
-
-def prefix_rng(salt: int, group: int) -> np.random.Generator:
-    """A shared-prefix group's generator: a function of (salt, group) only, apart from
-    every request's own `prompt_rng`."""
-    return np.random.default_rng([salt, 2, abs(int(group))])
-
-
-def prompt_token_ids(n: int, rng: np.random.Generator) -> list[int]:
-    return rng.integers(TOKEN_ID_LOW, TOKEN_ID_HIGH, size=n).tolist()
-
-
 def prompt_text(n: int, rng: np.random.Generator) -> str:
     """About `n` tokens of text: `n` three-letter words, 4 characters each with the space."""
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=n))
@@ -316,20 +309,19 @@ class OpenAITarget:
             pass
 
     def payload(self, spec: RequestSpec) -> dict[str, Any]:
-        rng = prompt_rng(self.prompt_salt, spec.index)
         body: dict[str, Any] = {"model": self.model}
-        shared = min(spec.prefix_tokens, spec.prompt_tokens) if spec.prefix_group is not None else 0
-        own = spec.prompt_tokens - shared
-        group = prefix_rng(self.prompt_salt, spec.prefix_group or 0) if shared else None
         if self.chat:
+            rng = prompt_rng(self.prompt_salt, spec.index)
+            shared = shared_tokens(spec)
+            own = spec.prompt_tokens - shared
+            group = prefix_rng(self.prompt_salt, spec.prefix_group or 0) if shared else None
             parts = [prompt_text(shared, group)] if group is not None else []
             if own or not parts:
                 parts.append(prompt_text(own, rng))
             body["messages"] = [{"role": "user", "content": " ".join(parts)}]
             body["max_completion_tokens"] = spec.output_tokens
         else:
-            ids = prompt_token_ids(shared, group) if group is not None else []
-            body["prompt"] = ids + prompt_token_ids(own, rng)
+            body["prompt"] = spec_token_ids(spec, self.prompt_salt)
         body |= {
             "max_tokens": spec.output_tokens,
             "ignore_eos": True,
