@@ -41,7 +41,8 @@ from memorywall.core import (
     load_model,
     plan_deployment,
 )
-from memorywall.fleet import Fleet, FleetSpec, GatewaySpec, WorkerSpec, find_smg
+from memorywall.fleet import Fleet, FleetReady, find_smg
+from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
 from memorywall.loadgen.target import Backend
@@ -53,12 +54,12 @@ MIXED_POLICIES = ("power_of_two", "cache_aware")
 CONCURRENCY = 16
 GROUPS, PREFIX, PROMPT, OUTPUT = 8, 800, 1000, 128
 REQUESTS = 96
-_GATEWAY = re.compile(r"gateway: smg \((\w+)\) at (http://\S+)")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 class RunningFleet:
-    """A fleet in a background thread; its workers' HTTP URLs and the gateway's URL."""
+    """A fleet in a background thread; its workers' HTTP URLs and the gateway's URL, read
+    from the fleet's ready file."""
 
     def __init__(self, workers: list[tuple[str, str]], policy: str | None) -> None:
         spec = FleetSpec(
@@ -69,8 +70,10 @@ class RunningFleet:
         )
         self.out = io.StringIO()
         self.stop = threading.Event()
+        folder = Path(tempfile.mkdtemp(prefix="gw-study-"))
+        self.ready_file = folder / "fleet.ready.json"
         self.fleet = Fleet(
-            spec, Path(tempfile.mkdtemp(prefix="gw-study-")), out=self.out, stop=self.stop
+            spec, folder / "logs", out=self.out, stop=self.stop, ready_file=self.ready_file
         )
         self.code: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -83,44 +86,16 @@ class RunningFleet:
     def __enter__(self) -> RunningFleet:
         self.thread.start()
         deadline = time.monotonic() + 120
-        while "fleet up" not in self.out.getvalue():
+        while not self.ready_file.exists():
             if self.code is not None or time.monotonic() > deadline:
                 self.stop.set()
                 raise RuntimeError(f"fleet did not start:\n{self.out.getvalue()}")
-            time.sleep(0.1)
-        text = self.out.getvalue()
-        self.http = {}
-        for line in text.splitlines():
-            cols = line.split()
-            if cols and cols[0] in self.names:
-                self.http[cols[0]] = cols[-1]
-        m = _GATEWAY.search(text)
-        self.gateway = m.group(2) if m else None
-        if self.gateway:
-            self._wait_for_tokenizer(deadline)
+            self.stop.wait(0.05)
+        up = FleetReady.from_dict(json.loads(self.ready_file.read_text()))
+        self.http = {name: w.http_url for name, w in up.workers.items()}
+        # The fleet is up only once smg has answered a request through the workers.
+        self.gateway = up.gateway.url if up.gateway else None
         return self
-
-    def _wait_for_tokenizer(self, deadline: float) -> None:
-        """smg lists the model before it has fetched the tokenizer (503 "not registered
-        yet" until then): send a one-token chat request until one succeeds."""
-        body = json.dumps(
-            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-        ).encode()
-        while True:
-            req = urllib.request.Request(
-                f"{self.gateway}/v1/chat/completions",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    r.read()
-                    return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    self.stop.set()
-                    raise RuntimeError(f"gateway not ready: {e}") from None
-            time.sleep(0.25)
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()

@@ -113,6 +113,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             grace_s=args.grace,
             **budget,
         ),
+        ready_file=args.ready_file,
     )
     try:
         asyncio.run(serving)
@@ -125,7 +126,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     # Imported here: only `fleet` starts processes.
     from memorywall.fleet import load_spec, run
 
-    return run(load_spec(args.spec), args.log_dir)
+    return run(load_spec(args.spec), args.log_dir, ready_file=args.ready_file)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -339,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         help="message budget (default 4000); above it the server groups tokens per message",
     )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once every port is bound, write a JSON file here (pid, addresses, hardware, "
+        "model, devices, limits); removed on exit",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_serve)
 
@@ -348,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, help="fleet .toml: [[worker]] tables, optional [gateway]")
     p.add_argument(
         "--log-dir", type=Path, help="write <name>.log per process here (default: a temp dir)"
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once every worker (and the gateway) answers, write a JSON file here: each "
+        "worker's addresses and devices, the gateway's URL; removed on exit",
     )
     p.set_defaults(func=_cmd_fleet)
 

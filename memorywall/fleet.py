@@ -1,16 +1,19 @@
 """`memorywall fleet SPEC.toml`: several emulated workers, optionally behind the smg gateway.
 
 Each worker is its own `python -m memorywall serve` process on 127.0.0.1, its stderr in
-`<log dir>/<name>.log`. With a `[gateway]` table and smg installed (`pip install
-'memorywall[gateway]'`), `smg launch` routes to the workers' gRPC ports, where each speaks
-SGLang's `SglangScheduler`; smg reads model and tokenizer from the workers themselves.
+`<log dir>/<name>.log`; the fleet learns its ports and devices from the ready file it
+writes (`<log dir>/<name>.ready.json`, see `memorywall.ready`). With a `[gateway]` table
+and smg installed (`pip install 'memorywall[gateway]'`), `smg launch` routes to the
+workers' gRPC ports, where each speaks SGLang's `SglangScheduler`; smg reads model and
+tokenizer from the workers themselves. Once everything answers, the fleet writes its own
+ready file (`--ready-file`): every worker's entry and the gateway's address.
 SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1).
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
 import shutil
 import signal
 import socket
@@ -25,150 +28,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from memorywall.core import load_hardware, load_model
-from memorywall.core._toml import load_toml
-from memorywall.errors import ConfigError, MemorywallError
+from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, load_spec
+from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
 
-# smg 1.13's --policy choices.
-POLICIES = (
-    "random",
-    "round_robin",
-    "passthrough",
-    "cache_aware",
-    "power_of_two",
-    "least_load",
-    "manual",
-    "consistent_hashing",
-    "prefix_hash",
-)
-GATEWAY_LOG = "gateway"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_STARTED = re.compile(r"memorywall serving .* on 127\.0\.0\.1:(\d+)")
-_HTTP = re.compile(r"memorywall serving .*(http://127\.0\.0\.1:\d+)")
-_DEVICES = re.compile(r"memorywall serving \S+ on (\d+) x ")
-_WORKER_KEYS = {"name", "hardware", "model", "devices", "port", "http_port"}
-_GATEWAY_KEYS = {"policy", "port"}
+__all__ = ["Fleet", "FleetReady", "find_smg", "load_spec", "run"]
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    name: str
-    hardware: str
-    model: str
-    devices: int | None = None
-    port: int = 0  # gRPC; 0: any free port
-    http_port: int | None = None
+@dataclass(frozen=True, kw_only=True)
+class GatewayReady:
+    url: str  # OpenAI API base URL
+    policy: str
+    pid: int
 
 
-@dataclass(frozen=True)
-class GatewaySpec:
-    policy: str = "cache_aware"
-    port: int = 30000  # 0: any free port
+@dataclass(frozen=True, kw_only=True)
+class FleetReady:
+    """What the fleet's ready file says: its pid, each worker by name, and the gateway."""
 
+    pid: int
+    log_dir: str
+    workers: dict[str, ServerReady]
+    gateway: GatewayReady | None
 
-@dataclass(frozen=True)
-class FleetSpec:
-    workers: tuple[WorkerSpec, ...]
-    gateway: GatewaySpec | None = None
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "log_dir": self.log_dir,
+            "workers": [{"name": n, **w.as_dict()} for n, w in self.workers.items()],
+            "gateway": None if self.gateway is None else vars(self.gateway).copy(),
+        }
 
-
-def load_spec(path: Path) -> FleetSpec:
-    """Read and check a fleet spec; every problem is a one-line ConfigError naming the field."""
-    return parse_spec(load_toml(path), str(path))
-
-
-def _port(origin: str, field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ConfigError(f"{origin}: {field}: must be an integer 0-65535, got {value!r}")
-    return value
-
-
-def _text(origin: str, field: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{origin}: {field}: must be a non-empty string, got {value!r}")
-    return value
-
-
-def _unknown(origin: str, where: str, table: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(table) - allowed)
-    if extra:
-        raise ConfigError(
-            f"{origin}: {where}{extra[0]}: unknown field (expected: {', '.join(sorted(allowed))})"
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FleetReady:
+        gw = data.get("gateway")
+        return cls(
+            pid=data["pid"],
+            log_dir=data["log_dir"],
+            workers={w["name"]: ServerReady.from_dict(w) for w in data["workers"]},
+            gateway=None if gw is None else GatewayReady(**gw),
         )
-
-
-def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
-    where = f"worker[{i}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: {where}: must be a table ([[worker]])")
-    _unknown(origin, f"{where}.", raw, _WORKER_KEYS)
-    for key in ("name", "hardware", "model"):
-        if key not in raw:
-            raise ConfigError(f"{origin}: {where}.{key}: missing")
-    name = _text(origin, f"{where}.name", raw["name"])
-    if not _NAME.fullmatch(name) or name == GATEWAY_LOG:
-        raise ConfigError(
-            f"{origin}: {where}.name: {name!r} must be letters, digits, '.', '_', '-' "
-            f"(it names the log file) and not {GATEWAY_LOG!r}"
-        )
-    hardware = _text(origin, f"{where}.hardware", raw["hardware"])
-    model = _text(origin, f"{where}.model", raw["model"])
-    for key, load in (("hardware", load_hardware), ("model", load_model)):
-        try:
-            load(raw[key])
-        except MemorywallError as e:
-            raise ConfigError(f"{origin}: {where}.{key}: {e}") from None
-    devices = raw.get("devices")
-    if devices is not None and (
-        isinstance(devices, bool) or not isinstance(devices, int) or devices < 1
-    ):
-        raise ConfigError(f"{origin}: {where}.devices: must be a positive integer, got {devices!r}")
-    http_port = raw.get("http_port")
-    return WorkerSpec(
-        name=name,
-        hardware=hardware,
-        model=model,
-        devices=devices,
-        port=_port(origin, f"{where}.port", raw.get("port", 0)),
-        http_port=None if http_port is None else _port(origin, f"{where}.http_port", http_port),
-    )
-
-
-def parse_spec(data: dict[str, Any], origin: str = "fleet spec") -> FleetSpec:
-    _unknown(origin, "", data, {"worker", "gateway"})
-    raw_workers = data.get("worker")
-    if not isinstance(raw_workers, list) or not raw_workers:
-        raise ConfigError(f"{origin}: worker: needs at least one [[worker]] table")
-    workers = tuple(_worker(origin, i, w) for i, w in enumerate(raw_workers))
-    seen_names: set[str] = set()
-    seen_ports: set[int] = set()
-    for i, w in enumerate(workers):
-        if w.name in seen_names:
-            raise ConfigError(f"{origin}: worker[{i}].name: {w.name!r} is used twice")
-        seen_names.add(w.name)
-        for key, p in (("port", w.port), ("http_port", w.http_port)):
-            if p:
-                if p in seen_ports:
-                    raise ConfigError(f"{origin}: worker[{i}].{key}: port {p} is used twice")
-                seen_ports.add(p)
-    gateway = None
-    if "gateway" in data:
-        raw = data["gateway"]
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{origin}: gateway: must be a table ([gateway])")
-        _unknown(origin, "gateway.", raw, _GATEWAY_KEYS)
-        policy = raw.get("policy", GatewaySpec.policy)
-        if policy not in POLICIES:
-            raise ConfigError(
-                f"{origin}: gateway.policy: {policy!r} is not one of {', '.join(POLICIES)}"
-            )
-        if policy == "power_of_two" and len(workers) < 2:
-            raise ConfigError(f"{origin}: gateway.policy: power_of_two needs at least 2 workers")
-        gw_port = _port(origin, "gateway.port", raw.get("port", GatewaySpec.port))
-        if gw_port and gw_port in seen_ports:
-            raise ConfigError(f"{origin}: gateway.port: port {gw_port} is used by a worker")
-        gateway = GatewaySpec(policy=policy, port=gw_port)
-    return FleetSpec(workers=workers, gateway=gateway)
 
 
 def find_smg() -> list[str] | None:
@@ -210,7 +108,11 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
 
 
 class Fleet:
-    """Starts, watches and stops the child processes of one fleet."""
+    """Starts, watches and stops the child processes of one fleet.
+
+    `ready_file`: where to write the fleet's ready file once it serves (removed on exit);
+    `self.ready` holds the same once it is written.
+    """
 
     def __init__(
         self,
@@ -219,6 +121,7 @@ class Fleet:
         *,
         out: TextIO = sys.stdout,
         stop: threading.Event | None = None,
+        ready_file: Path | None = None,
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 15.0,
     ) -> None:
@@ -226,6 +129,8 @@ class Fleet:
         self.log_dir = log_dir
         self.out = out
         self.stop = stop or threading.Event()
+        self.ready_file = ready_file
+        self.ready: FleetReady | None = None
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.children: list[_Child] = []
@@ -243,6 +148,9 @@ class Fleet:
         self.children.append(child)
         return child
 
+    def _worker_ready_file(self, name: str) -> Path:
+        return self.log_dir / f"{name}.ready.json"
+
     def _dead(self) -> _Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
@@ -257,6 +165,8 @@ class Fleet:
         try:
             return self._run()
         finally:
+            if self.ready_file is not None:
+                remove(self.ready_file)
             self.shutdown()
 
     def _run(self) -> int:
@@ -271,65 +181,74 @@ class Fleet:
                     "(pip install 'memorywall[gateway]'); running the workers only"
                 )
         for w in self.spec.workers:
+            ready = self._worker_ready_file(w.name)
+            remove(ready)
             cmd = [sys.executable, "-m", "memorywall", "serve", "--host", "127.0.0.1"]
             cmd += ["--hardware", w.hardware, "--model", w.model, "--port", str(w.port)]
+            cmd += ["--ready-file", str(ready)]
             if w.devices is not None:
                 cmd += ["--devices", str(w.devices)]
             if w.http_port is not None:
                 cmd += ["--http-port", str(w.http_port)]
             self._spawn(w.name, cmd)
-        lines = self._wait_for_workers()
-        if lines is None:
+        workers = self._wait_for_workers()
+        if workers is None:
             return 0 if self.stop.is_set() else 1
-        rows, urls = [], []
-        for w, child, line in zip(self.spec.workers, self.children, lines, strict=True):
-            grpc_addr = f"127.0.0.1:{_STARTED.search(line).group(1)}"
-            urls.append(f"grpc://{grpc_addr}")
-            http = _HTTP.search(line)
-            devices = _DEVICES.search(line)
-            rows.append(
-                (
-                    w.name,
-                    w.hardware,
-                    w.model,
-                    devices.group(1) if devices else str(w.devices or "auto"),
-                    str(child.proc.pid),
-                    grpc_addr,
-                    http.group(1) if http else "-",
-                )
+        rows = [
+            (
+                name,
+                r.hardware,
+                r.model,
+                str(r.devices),
+                str(r.pid),
+                r.grpc_target or "-",
+                r.http_url or "-",
             )
+            for name, r in workers.items()
+        ]
         header = ("name", "hardware", "model", "devices", "pid", "gRPC", "HTTP")
         self.say(_table(header, rows))
+        gateway = None
         if self.spec.gateway is not None and smg is not None:
+            urls = [f"grpc://{r.grpc_target}" for r in workers.values()]
             gw_url = self._start_gateway(smg, self.spec.gateway, urls)
             if gw_url is None:
                 return 0 if self.stop.is_set() else 1
-            self.say(
-                f"gateway: smg ({self.spec.gateway.policy}) at {gw_url} "
-                f"(OpenAI API, /v1/chat/completions), pid {self.children[-1].proc.pid}"
+            gateway = GatewayReady(
+                url=gw_url, policy=self.spec.gateway.policy, pid=self.children[-1].proc.pid
             )
+            self.say(
+                f"gateway: smg ({gateway.policy}) at {gw_url} "
+                f"(OpenAI API, /v1/chat/completions), pid {gateway.pid}"
+            )
+        self.ready = FleetReady(
+            pid=os.getpid(), log_dir=str(self.log_dir), workers=workers, gateway=gateway
+        )
+        if self.ready_file is not None:
+            write_json(self.ready_file, self.ready.as_dict())
         self.say("fleet up; Ctrl-C (SIGINT) or SIGTERM stops it")
         while not self.stop.wait(0.2):
             if dead := self._dead():
                 return self._report_death(dead)
         return 0
 
-    def _wait_for_workers(self) -> list[str] | None:
-        """Each worker's startup line, or None if one died, timed out, or a stop came."""
-        found: dict[str, str] = {}
+    def _wait_for_workers(self) -> dict[str, ServerReady] | None:
+        """Each worker's ready file by name, or None if one died, timed out, or a stop came."""
+        found: dict[str, ServerReady] = {}
         deadline = time.monotonic() + self.startup_timeout_s
-        while len(found) < len(self.children):
+        while True:
             for c in self.children:
                 if c.name in found:
                     continue
-                text = c.log.read_text(errors="replace")
-                if line := next((x for x in text.splitlines() if _STARTED.search(x)), None):
-                    found[c.name] = line
-                elif c.proc.poll() is not None:
+                try:
+                    data = poll(self._worker_ready_file(c.name), c.proc)
+                except ReadyError:
                     self._report_death(c)
                     return None
+                if data is not None:
+                    found[c.name] = ServerReady.from_dict(data, c.name)
             if len(found) == len(self.children):
-                break
+                return {c.name: found[c.name] for c in self.children}
             if time.monotonic() > deadline:
                 late = [c.name for c in self.children if c.name not in found]
                 self.say(
@@ -337,9 +256,8 @@ class Fleet:
                     f"{self.startup_timeout_s:g} s; see {self.log_dir}"
                 )
                 return None
-            if self.stop.wait(0.1):
+            if self.stop.wait(0.05):
                 return None
-        return [found[c.name] for c in self.children]
 
     def _start_gateway(self, smg: list[str], gw: GatewaySpec, urls: list[str]) -> str | None:
         port = gw.port or free_port()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memorywall.core import Deployment
 from memorywall.errors import ConfigError
+from memorywall.ready import ServerReady, remove, write_json
 from memorywall.server.engine.build import ModelCard, build_core
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
@@ -200,6 +202,28 @@ def quiet_gc() -> None:
     gc.set_threshold(50_000, 50, 1000)
 
 
+def ready_info(server: EmulatorServer) -> ServerReady:
+    """What the ready file says about a started server."""
+    card = server.card
+    return ServerReady(
+        pid=os.getpid(),
+        host=server.config.host,
+        grpc_port=server.port if server.server is not None else None,
+        http_port=server.http_port,
+        metrics_port=server.metrics_port,
+        hardware=card.hardware,
+        model=card.model,
+        devices=card.devices,
+        tensor_parallel=card.tensor_parallel,
+        pipeline_parallel=card.pipeline_parallel,
+        deployment=card.deployment,
+        max_num_seqs=card.max_num_seqs,
+        max_num_batched_tokens=card.max_num_batched_tokens,
+        kv_capacity_tokens=card.kv_capacity_tokens,
+        predicted_tokens_per_s_per_user=card.predicted_tokens_per_s_per_user,
+    )
+
+
 def describe(card: ModelCard, addresses: list[str]) -> str:
     return (
         f"memorywall serving {card.deployment} on {', '.join(addresses)}: predicted "
@@ -209,9 +233,16 @@ def describe(card: ModelCard, addresses: list[str]) -> str:
 
 
 async def serve_forever(
-    deployment: Deployment, engine_config: EngineConfig, config: ServerConfig
+    deployment: Deployment,
+    engine_config: EngineConfig,
+    config: ServerConfig,
+    *,
+    ready_file: Path | None = None,
 ) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    """Run until SIGINT or SIGTERM, then shut down gracefully.
+
+    `ready_file`: written (atomically) once every port is bound, removed on the way out.
+    """
     server = EmulatorServer(deployment, engine_config, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,7 +250,13 @@ async def serve_forever(
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     log.info(describe(server.card, server.addresses))
-    await stop.wait()
+    try:
+        if ready_file is not None:
+            write_json(ready_file, ready_info(server).as_dict())
+        await stop.wait()
+    finally:
+        if ready_file is not None:
+            remove(ready_file)
     log.info("shutting down: draining for up to %.1f s", server.config.grace_s)
     await server.stop()
     log.info("stopped")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
@@ -17,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from memorywall import fleet
+from memorywall import fleet, fleet_spec, ready
 from memorywall.cli import main
 from memorywall.client import Client
 from memorywall.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}
-ROW = re.compile(r"^(\S+)\s+wse-3\s+llama-3\.1-8b\s+(\d+)\s+(\d+)\s+(127\.0\.0\.1:\d+)\s+(\S+)$")
 
 
 def _spec(*workers: dict, **top: object) -> dict:
@@ -32,7 +29,7 @@ def _spec(*workers: dict, **top: object) -> dict:
 
 
 def test_good_spec_parses_with_defaults():
-    spec = fleet.parse_spec(
+    spec = fleet_spec.parse_spec(
         _spec(
             WORKER,
             {**WORKER, "name": "b", "devices": 2, "port": 5000, "http_port": 0},
@@ -42,13 +39,13 @@ def test_good_spec_parses_with_defaults():
     a, b = spec.workers
     assert (a.name, a.devices, a.port, a.http_port) == ("a", None, 0, None)
     assert (b.devices, b.port, b.http_port) == (2, 5000, 0)
-    assert spec.gateway == fleet.GatewaySpec("round_robin", 0)
-    assert fleet.parse_spec(_spec(WORKER)).gateway is None
-    assert fleet.parse_spec(_spec(WORKER, gateway={})).gateway == fleet.GatewaySpec()
+    assert spec.gateway == fleet_spec.GatewaySpec("round_robin", 0)
+    assert fleet_spec.parse_spec(_spec(WORKER)).gateway is None
+    assert fleet_spec.parse_spec(_spec(WORKER, gateway={})).gateway == fleet_spec.GatewaySpec()
 
 
 def test_example_spec_is_valid():
-    spec = fleet.load_spec(ROOT / "examples" / "fleet.toml")
+    spec = fleet_spec.load_spec(ROOT / "examples" / "fleet.toml")
     assert [w.hardware for w in spec.workers] == ["h100-sxm", "h100-sxm", "wse-3"]
     assert spec.gateway is not None and spec.gateway.policy == "power_of_two"
 
@@ -90,7 +87,7 @@ def test_example_spec_is_valid():
 )
 def test_bad_spec_names_the_field(data, field):
     with pytest.raises(ConfigError) as e:
-        fleet.parse_spec(data, "f.toml")
+        fleet_spec.parse_spec(data, "f.toml")
     message = str(e.value)
     assert message.startswith(f"f.toml: {field}") and "\n" not in message
 
@@ -110,7 +107,7 @@ def test_cli_bad_spec_is_one_line_exit_2(tmp_path, capsys):
 def test_gateway_without_smg_is_skipped(tmp_path, monkeypatch):
     """With smg missing the gateway is skipped in one line; a stop before start exits 0."""
     monkeypatch.setattr(fleet, "find_smg", lambda: None)
-    spec = fleet.parse_spec(_spec(WORKER, gateway={"policy": "round_robin"}))
+    spec = fleet_spec.parse_spec(_spec(WORKER, gateway={"policy": "round_robin"}))
     stop = threading.Event()
     stop.set()
     out = io.StringIO()
@@ -125,7 +122,7 @@ def test_gateway_without_smg_is_skipped(tmp_path, monkeypatch):
 
 def test_a_child_that_dies_stops_the_fleet(tmp_path):
     """A worker whose hardware cannot hold its model exits at once: reported, exit 1."""
-    spec = fleet.parse_spec(
+    spec = fleet_spec.parse_spec(
         _spec(
             WORKER,
             {"name": "tiny", "hardware": "h100-sxm", "model": "llama-3.1-70b", "devices": 1},
@@ -140,31 +137,25 @@ def test_a_child_that_dies_stops_the_fleet(tmp_path):
 
 
 class _Running:
-    """`memorywall fleet SPEC` as a subprocess, its stdout read line by line in a thread."""
+    """`memorywall fleet SPEC --ready-file F` as a subprocess; its stdout goes to a file."""
 
     def __init__(self, spec: str, log_dir: Path) -> None:
         path = log_dir.parent / "fleet.toml"
         path.write_text(spec)
+        self.ready_file = log_dir.parent / "fleet.ready.json"
+        self.stdout = log_dir.parent / "fleet.out"
         cmd = [sys.executable, "-m", "memorywall", "fleet", str(path), "--log-dir", str(log_dir)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        cmd += ["--ready-file", str(self.ready_file)]
+        with self.stdout.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def until(self, prefix: str, timeout_s: float = 90) -> list[str]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            if line is None:
-                pytest.fail(f"fleet exited: {self.seen}")
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return self.seen
+    def up(self, timeout_s: float = 90) -> fleet.FleetReady:
+        """The fleet's ready file; fails the test, with the fleet's output, if it never comes."""
+        try:
+            data = ready.wait_for(self.ready_file, self.proc, timeout_s=timeout_s)
+        except ready.ReadyError as e:
+            pytest.fail(f"fleet not up ({e}):\n{self.stdout.read_text()}")
+        return fleet.FleetReady.from_dict(data)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -184,6 +175,15 @@ def _gone(pid: int) -> bool:
     # A zombie is gone too: it runs nothing.
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 _TWO_WORKERS = """
@@ -206,43 +206,44 @@ def test_fleet_serves_and_sigint_stops_every_child(tmp_path):
     log_dir = tmp_path / "logs"
     running = _Running(_TWO_WORKERS, log_dir)
     try:
-        seen = running.until("fleet up")
-        rows = [m.groups() for line in seen if (m := ROW.match(line))]
-        assert [r[0] for r in rows] == ["one", "two"]
-        assert rows[0][4] == "-" and rows[1][4].startswith("http://127.0.0.1:")
-        for _name, devices, _pid, target, _http in rows:
-            with Client(target) as client:
+        up = running.up()
+        assert up.pid == running.proc.pid and up.gateway is None
+        assert list(up.workers) == ["one", "two"]
+        one, two = up.workers["one"], up.workers["two"]
+        assert one.http_url is None and two.http_url.startswith("http://127.0.0.1:")
+        for w in (one, two):
+            with Client(w.grpc_target) as client:
                 info = client.model_info(timeout_s=10)
             assert (info.model, info.hardware, info.devices) == ("llama-3.1-8b", "wse-3", 1)
-            assert devices == "1"
-        assert sorted(p.name for p in log_dir.iterdir()) == ["one.log", "two.log"]
+            assert w.devices == 1 and (w.tensor_parallel, w.pipeline_parallel) == (1, 1)
+            assert w.kv_capacity_tokens > 0 and w.max_num_seqs == 256
+        with urllib.request.urlopen(f"{two.http_url}/v1/models", timeout=10) as r:
+            assert json.load(r)["data"][0]["id"] == "llama-3.1-8b"
+        table = running.stdout.read_text()
+        assert f"{one.grpc_target}  -" in table and two.http_url in table
+        logs = sorted(p.name for p in log_dir.iterdir())
+        assert logs == ["one.log", "one.ready.json", "two.log", "two.ready.json"]
     finally:
         code = running.stop()
     assert code == 0
-    pids = [int(r[2]) for r in rows]
-    deadline = time.monotonic() + 10
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(_gone(p) for p in pids)
+    pids = [w.pid for w in up.workers.values()]
+    assert _wait_gone(pids)
     assert "stopped" in (log_dir / "one.log").read_text()
+    # Every ready file goes with its process.
+    assert sorted(p.name for p in log_dir.iterdir()) == ["one.log", "two.log"]
+    assert not running.ready_file.exists()
 
 
 def test_end_to_end_through_the_smg_gateway(tmp_path):
+    """With smg installed (as in CI) a gateway that does not start fails this test."""
     if fleet.find_smg() is None:
         pytest.skip("smg is not installed (pip install 'memorywall[gateway]')")
     log_dir = tmp_path / "logs"
     running = _Running(_TWO_WORKERS + '\n[gateway]\npolicy = "round_robin"\nport = 0\n', log_dir)
     try:
-        try:
-            seen = running.until("fleet up")
-        except BaseException:
-            if any(
-                s.startswith(("memorywall fleet: gateway", "memorywall fleet: the gateway"))
-                for s in running.seen
-            ):
-                pytest.skip(f"smg did not start here: {fleet._tail(log_dir / 'gateway.log', 3)}")
-            raise
-        url = next(m.group(1) for s in seen if (m := re.search(r"at (http://\S+)", s)))
+        up = running.up()
+        assert up.gateway is not None, running.stdout.read_text()
+        assert up.gateway.policy == "round_robin"
         body = json.dumps(
             {
                 "model": "llama-3.1-8b",
@@ -250,20 +251,14 @@ def test_end_to_end_through_the_smg_gateway(tmp_path):
                 "max_tokens": 8,
             }
         ).encode()
-        deadline = time.monotonic() + 30
-        while True:  # smg loads each worker's tokenizer just after it registers the worker
-            req = urllib.request.Request(
-                f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"}
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    reply = json.load(r)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        # The fleet is up only once smg has answered a request: no retry needed here.
+        req = urllib.request.Request(
+            f"{up.gateway.url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            reply = json.load(r)
         assert reply["usage"]["completion_tokens"] >= 1
         assert reply["choices"][0]["message"]["content"]
     finally:
         assert running.stop() == 0
+    assert _wait_gone([up.gateway.pid, *(w.pid for w in up.workers.values())])

@@ -1,0 +1,139 @@
+"""Ready files: how `memorywall serve` and `memorywall fleet` tell other processes they are up.
+
+A ready file is one JSON object, written atomically (a temporary file in the same folder,
+then a rename) once every listener is bound, and removed when the process exits. A reader
+never sees half a file, and never has to parse a log line to learn a port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from memorywall.errors import MemorywallError
+
+
+class ReadyError(MemorywallError):
+    """A process did not become ready: it exited, timed out, or wrote an unreadable file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerReady:
+    """What a running `memorywall serve` tells tools: where it listens and what it emulates."""
+
+    pid: int
+    host: str
+    grpc_port: int | None  # None: gRPC is off
+    http_port: int | None  # the OpenAI HTTP front (with /metrics); None: off
+    metrics_port: int | None  # /metrics alone; None: off
+    hardware: str
+    model: str
+    devices: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    deployment: str
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_capacity_tokens: int
+    predicted_tokens_per_s_per_user: float
+
+    @property
+    def grpc_target(self) -> str | None:
+        """host:port, as `memorywall bench --target` and `Client` take it."""
+        return None if self.grpc_port is None else f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP front's base URL (OpenAI clients take `{http_url}/v1`)."""
+        return None if self.http_port is None else f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where Prometheus metrics are served, if anywhere."""
+        if self.metrics_port is not None:
+            return f"http://{self.host}:{self.metrics_port}/metrics"
+        return None if self.http_url is None else f"{self.http_url}/metrics"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The file's content: every field, plus the addresses spelled out for tools."""
+        out = asdict(self)
+        out |= {
+            "grpc_target": self.grpc_target,
+            "http_url": self.http_url,
+            "metrics_url": self.metrics_url,
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "ready file") -> ServerReady:
+        if not isinstance(data, dict):
+            raise ReadyError(f"{origin}: not a JSON object")
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ReadyError(f"{origin}: missing {', '.join(missing)}")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` to `path` so that a reader sees either no file or all of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes it private; readers may be others
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def poll(path: Path, proc: subprocess.Popen) -> dict[str, Any] | None:
+    """The ready file `proc` wrote at `path`, or None while it is not there yet.
+
+    A file left by an earlier process (another pid) is not taken. Raises ReadyError
+    once `proc` has exited without writing it.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        data = None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReadyError(f"{path}: unreadable ready file ({e})") from None
+    if isinstance(data, dict) and data.get("pid") == proc.pid:
+        return data
+    if proc.poll() is not None:
+        raise ReadyError(f"exited with status {proc.returncode} before it was ready")
+    return None
+
+
+def wait_for(
+    path: Path,
+    proc: subprocess.Popen,
+    *,
+    timeout_s: float,
+    stop: threading.Event | None = None,
+    poll_s: float = 0.05,
+) -> dict[str, Any] | None:
+    """`poll` until the file is there; None if `stop` is set first, ReadyError if `proc`
+    exits or `timeout_s` passes."""
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + timeout_s
+    while (data := poll(path, proc)) is None:
+        if time.monotonic() > deadline:
+            raise ReadyError(f"not ready within {timeout_s:g} s")
+        if stop.wait(poll_s):
+            return None
+    return data
