@@ -163,8 +163,14 @@ def test_energy_and_time_are_positive(i, decodes, context, prompt):
     cost = step_model(i).step_cost(batch)
     assert cost.time_s > 0
     assert cost.energy_j > 0
-    for part in (cost.memory_s, cost.stream_s, cost.compute_s, cost.latency_s, cost.comm_s):
-        assert part >= 0
+    parts = (cost.memory_s, cost.stream_s, cost.compute_s, cost.latency_s, cost.comm_s)
+    assert min(parts) >= 0
+    # The step waits at least for its binding term plus the floors, and (without drafting,
+    # which adds draft steps) at most for every term in turn.
+    floor = cost.latency_s + cost.comm_s + max(cost.memory_s + cost.stream_s, cost.compute_s)
+    assert cost.time_s * SLACK >= floor
+    if CASES[i][4] is None:
+        assert cost.time_s <= sum(parts) * SLACK
 
 
 @pytest.mark.parametrize(
