@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,14 @@ def run_level(
 ) -> tuple[dict, list[RequestRecord]]:
     plan = plan_level(config, level)
     show = progress_printer(len(plan.specs), f"{config.label} {level.name}")
-    endpoint = TargetConfig(backend=config.backend, address=config.target, model=config.model)
+    # One salt per level: fresh prompts (no cache hits carried over from the last level),
+    # the same shared prefixes in every worker process.
+    endpoint = TargetConfig(
+        backend=config.backend,
+        address=config.target,
+        model=config.model,
+        prompt_salt=secrets.randbits(63),
+    )
     if config.workers > 1:
         results = run_workers(endpoint, plan, config.workers, progress=show)
     else:

@@ -8,12 +8,14 @@ process and in every worker process.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 from memorywall.client import AsyncClient, ClientError, ModelInfo
+from memorywall.loadgen.prompts import spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 
 
@@ -44,12 +46,15 @@ class TargetConfig:
     backend: Backend = Backend.MEMORYWALL_GRPC
     address: str  # host:port for gRPC; a base URL (http://host:port) for OpenAI backends
     model: str | None = None  # OpenAI backends: the `model` field of every request
+    # Seeds the synthetic prompt ids (`loadgen/prompts.py`); one value for every worker of
+    # a level, so shared prefixes are shared across processes. None: fresh per target.
+    prompt_salt: int | None = None
 
 
 def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Target:
     """The one factory for targets; `timeout_s` is the per-request deadline (None: none)."""
     if config.backend is Backend.MEMORYWALL_GRPC:
-        return GrpcTarget(config.address, timeout_s=timeout_s)
+        return GrpcTarget(config.address, timeout_s=timeout_s, prompt_salt=config.prompt_salt)
     if config.model is None:
         raise ValueError(f"{config.backend} needs a model name")
     from memorywall.loadgen.openai_target import OpenAITarget  # aiohttp only when used
@@ -59,15 +64,24 @@ def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Targ
         chat=config.backend is Backend.OPENAI_CHAT,
         model=config.model,
         timeout_s=timeout_s,
+        prompt_salt=config.prompt_salt,
     )
 
 
 class GrpcTarget:
-    """A memorywall engine over gRPC."""
+    """A memorywall engine over gRPC.
 
-    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+    A request without a prefix group sends only its prompt length (the server makes up
+    the prompt); one in a shared-prefix group sends its token ids, built as the OpenAI
+    targets build them, so the same workload hits the prefix cache on every backend.
+    """
+
+    def __init__(
+        self, address: str, *, timeout_s: float | None = None, prompt_salt: int | None = None
+    ) -> None:
         self.address = address
         self.client = AsyncClient(address, timeout_s=timeout_s)
+        self.prompt_salt = secrets.randbits(63) if prompt_salt is None else prompt_salt
 
     async def connect(self) -> None:
         """Open the channel now, so the first measured request does not pay for the handshake."""
@@ -79,9 +93,11 @@ class GrpcTarget:
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None:
         """Stream one request into `record`; a failure becomes `record.error`, not an exception."""
         try:
-            stream = self.client.generate(
-                prompt_tokens=spec.prompt_tokens, max_tokens=spec.output_tokens, ignore_eos=True
-            )
+            if spec.prefix_group is None:
+                prompt: dict = {"prompt_tokens": spec.prompt_tokens}
+            else:
+                prompt = {"prompt_token_ids": spec_token_ids(spec, self.prompt_salt)}
+            stream = self.client.generate(**prompt, max_tokens=spec.output_tokens, ignore_eos=True)
             record.sent_ns = stream.sent_ns
             async with stream:
                 async for chunk in stream:

@@ -112,3 +112,39 @@ def test_bench_cli_flag():
     assert config.num_prompts == 100
     with pytest.raises(BenchError, match="bad workload"):
         config_from_args(p.parse_args(["--workload", "shared-prefix:4:x"]))
+
+
+async def test_grpc_and_http_hit_the_prefix_cache_alike_for_the_same_seed():
+    """The same shared-prefix workload, over memorywall.v1 and over OpenAI completions,
+    each against a fresh server: the same cached tokens, request by request."""
+    from memorywall.core import load_hardware, load_model, plan_deployment
+    from memorywall.loadgen.runner import LoadPlan, run_plan
+    from memorywall.loadgen.target import Backend, TargetConfig, make_target
+    from memorywall.server.app import EmulatorServer, ServerConfig
+    from memorywall.server.engine.scheduler import EngineConfig
+
+    wse3_8b = plan_deployment(load_hardware("wse-3"), load_model("llama-3.1-8b"))
+    plan = LoadPlan(specs=tuple(specs(seed=5, n=12, groups=3, prefix=64)), concurrency=1)
+    cached: dict[Backend, list[int]] = {}
+    for backend in (Backend.MEMORYWALL_GRPC, Backend.OPENAI_COMPLETIONS):
+        server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0, http_port=0))
+        await server.start()
+        try:
+            address = server.target if backend is Backend.MEMORYWALL_GRPC else server.http_url
+            config = TargetConfig(
+                backend=backend, address=address, model=server.card.model, prompt_salt=11
+            )
+            target = make_target(config, timeout_s=30.0)
+            await target.connect()
+            try:
+                result = await run_plan(target, plan)
+            finally:
+                await target.aclose()
+        finally:
+            await server.stop(grace_s=0.0)
+        records = sorted(result.records, key=lambda r: r.index)
+        assert [r.error for r in records] == [None] * 12
+        cached[backend] = [r.usage_cached_tokens for r in records]
+    # One user: each group's first request misses, the other three hit the 64-token prefix.
+    assert sorted(cached[Backend.MEMORYWALL_GRPC]) == [0] * 3 + [64] * 9
+    assert cached[Backend.MEMORYWALL_GRPC] == cached[Backend.OPENAI_COMPLETIONS]
