@@ -1,74 +1,233 @@
-"""PNG plots of one or more sweeps: latency against load, and the interactivity trade-off."""
+"""PNG plots of one or more sweeps: latency and per-user speed against load, and the
+throughput-interactivity trade-off. Every axis has its unit and plain-number ticks; each
+sweep is drawn measured (solid, filled markers) beside the core's prediction (dashed,
+hollow markers) where the run has one.
+
+`plain_log_axis` and `level_axis` are the tick rules every plot in the project uses.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from memorywall.loadgen import rates
 
 Sweep = tuple[str, Sequence[dict]]  # (label, one result dict per load level)
+MAX_LEVEL_TICKS = 10
+
+
+def plain(value: float) -> str:
+    """A tick label without powers: 0.5, 8, 1,200, 2.5."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1:
+        return f"{value:,.2f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+_PLAIN = FuncFormatter(lambda v, _pos: plain(v))
+
+
+def _axis(ax: Axes, which: str):
+    return ax.xaxis if which == "x" else ax.yaxis
+
+
+def plain_log_axis(ax: Axes, which: str, values: Sequence[float | None]) -> None:
+    """A log axis ("x" or "y") over `values` with plain-number labels that never crowd.
+
+    Over less than a decade, a few evenly chosen round numbers (matplotlib would label
+    every minor tick there, in powers of ten, on top of each other); up to 2.5 decades,
+    1-2-5 steps; beyond that, powers of ten.
+    """
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = _axis(ax, which)
+    axis.set_major_formatter(_PLAIN)
+    axis.set_minor_formatter(NullFormatter())
+    data = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if not data:
+        return
+    lo, hi = min(data), max(data)
+    decades = math.log10(hi / lo)
+    if decades < 1:
+        ticks = [t for t in MaxNLocator(nbins=4).tick_values(lo, hi) if t > 0]
+        inside = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]
+        axis.set_major_locator(FixedLocator(inside if len(inside) >= 2 else [lo, hi]))
+    elif decades <= 2.5:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        axis.set_major_locator(LogLocator(base=10))
+
+
+def level_axis(ax: Axes, levels: Sequence[float], label: str) -> None:
+    """A load axis (users or requests/s) on a base-2 log scale, ticked at the levels run."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ticks = sorted({v for v in levels if v and v > 0})
+    if 0 < len(ticks) <= MAX_LEVEL_TICKS:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xlabel(label)
 
 
 def _load_axis(levels: Sequence[dict]) -> tuple[str, list[float]]:
     if all(r.get("request_rate") is not None for r in levels):
-        return "request rate (req/s)", [r["request_rate"] for r in levels]
+        return "request rate (requests/s)", [r["request_rate"] for r in levels]
     if all(r.get("max_concurrency") is not None for r in levels):
-        return "concurrency (users)", [r["max_concurrency"] for r in levels]
+        return "concurrent users", [r["max_concurrency"] for r in levels]
     # Trace replay sets neither: place it by the rate it achieved.
-    return "achieved request rate (req/s)", [r.get("request_throughput") or 0 for r in levels]
+    return "achieved request rate (requests/s)", [r.get("request_throughput") or 0 for r in levels]
 
 
-def latency_vs_load(sweeps: Sequence[Sweep], path: Path) -> Path:
-    """Mean TTFT and TPOT against the load level, one line per sweep."""
-    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, levels in sweeps:
-        axis, x = _load_axis(levels)
-        for ax, key in ((ax_ttft, "mean_ttft_ms"), (ax_tpot, "mean_tpot_ms")):
-            pts = [
-                (xi, r[key])
-                for xi, r in zip(x, levels, strict=True)
-                if r.get(key) is not None and xi > 0
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-            ax.set_xlabel(axis)
-            ax.set_xscale("log", base=2)
-    ax_ttft.set_ylabel("mean TTFT (ms)")
-    ax_tpot.set_ylabel("mean TPOT (ms)")
-    for ax in (ax_ttft, ax_tpot):
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Latency against load (emulated where the label says so)")
+def _kind(levels: Sequence[dict]) -> str:
+    """What the solid line shows: a client's measurement, or an offline simulation."""
+    return "simulated" if any(r.get("simulated") for r in levels) else "measured"
+
+
+def _draw(ax: Axes, x: Sequence[float], y: Sequence[float | None], label: str, **style) -> list:
+    pts = [(a, b) for a, b in zip(x, y, strict=True) if a and b is not None and a > 0 and b > 0]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), label=label, **style)
+    return [b for _, b in pts]
+
+
+def _pair(
+    ax: Axes,
+    colour: str,
+    label: str,
+    levels: Sequence[dict],
+    x: Sequence[float],
+    measured: Callable[[dict], float | None],
+    predicted: Callable[[dict], float | None],
+) -> list[float]:
+    """One sweep: measured solid, predicted dashed; returns every y drawn."""
+    ys = _draw(
+        ax,
+        x,
+        [measured(r) for r in levels],
+        f"{label}: {_kind(levels)}",
+        color=colour,
+        marker="o",
+        linestyle="-",
+    )
+    ys += _draw(
+        ax,
+        x,
+        [predicted(r) for r in levels],
+        f"{label}: core prediction",
+        color=colour,
+        marker="o",
+        mfc="none",
+        linestyle="--",
+    )
+    return ys
+
+
+def _colours(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def _save(fig, path: Path, title: str) -> Path:
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def latency_vs_load(sweeps: Sequence[Sweep], path: Path) -> Path:
+    """Mean TTFT and TPOT against the load level, one colour per sweep."""
+    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(11, 4.4))
+    xs, ttft, tpot = [], [], []
+    axis = "load"
+    for (label, levels), colour in zip(sweeps, _colours(len(sweeps)), strict=True):
+        axis, x = _load_axis(levels)
+        xs += x
+        ttft += _pair(
+            ax_ttft,
+            colour,
+            label,
+            levels,
+            x,
+            lambda r: r.get("mean_ttft_ms"),
+            lambda r: r.get("predicted_ttft_ms"),
+        )
+        tpot += _pair(
+            ax_tpot,
+            colour,
+            label,
+            levels,
+            x,
+            lambda r: r.get("mean_tpot_ms"),
+            lambda r: r.get("predicted_tpot_ms"),
+        )
+    for ax, ys, name in ((ax_ttft, ttft, "mean TTFT (ms)"), (ax_tpot, tpot, "mean TPOT (ms)")):
+        level_axis(ax, xs, axis)
+        plain_log_axis(ax, "y", ys)
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+        if ys:
+            ax.legend(fontsize=7)
+    return _save(fig, path, "Latency against load")
+
+
+def per_user_vs_load(sweeps: Sequence[Sweep], path: Path) -> Path:
+    """Per-user output tok/s against the load level: what each user sees as load grows."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    xs, ys = [], []
+    axis = "load"
+    for (label, levels), colour in zip(sweeps, _colours(len(sweeps)), strict=True):
+        axis, x = _load_axis(levels)
+        xs += x
+        ys += _pair(
+            ax,
+            colour,
+            label,
+            levels,
+            x,
+            lambda r: rates.measured(r).per_user,
+            lambda r: rates.predicted(r).per_user,
+        )
+    level_axis(ax, xs, axis)
+    plain_log_axis(ax, "y", ys)
+    ax.set_ylabel("output tok/s per user (1 / mean TPOT)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ys:
+        ax.legend(fontsize=7)
+    return _save(fig, path, "Per-user speed against load")
 
 
 def throughput_vs_interactivity(sweeps: Sequence[Sweep], path: Path) -> Path:
     """Output tok/s per device against per-user tok/s: the curve serving engineers trade along."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, levels in sweeps:
-        pts = [
-            (r["mean_output_tok_s_per_user"], r["output_throughput"] / r.get("devices", 1))
-            for r in levels
-            if r.get("mean_output_tok_s_per_user") is not None
-        ]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.set_xlabel("per-user output tok/s (1 / mean TPOT)")
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    xs, ys = [], []
+    for (label, levels), colour in zip(sweeps, _colours(len(sweeps)), strict=True):
+        for kind, get, style in (
+            (_kind(levels), rates.measured, {"marker": "o", "linestyle": "-"}),
+            ("core prediction", rates.predicted, {"marker": "o", "mfc": "none", "ls": "--"}),
+        ):
+            pts = [
+                (g.per_user, g.total / r.get("devices", 1))
+                for r in levels
+                if (g := get(r)).per_user and g.total
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), color=colour, label=f"{label}: {kind}", **style)
+                xs += [p[0] for p in pts]
+                ys += [p[1] for p in pts]
+    plain_log_axis(ax, "x", xs)
+    plain_log_axis(ax, "y", ys)
+    ax.set_xlabel("output tok/s per user (1 / mean TPOT)")
     ax.set_ylabel("output tok/s per device")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Throughput per device against interactivity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    if ys:
+        ax.legend(fontsize=7)
+    return _save(fig, path, "Throughput per device against interactivity")

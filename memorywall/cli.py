@@ -142,16 +142,22 @@ def _compare_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="memorywall bench compare", description="compare saved bench sweeps")
     p.add_argument("paths", nargs="+", type=Path, help="--out folders (or summary.json files)")
     p.add_argument("--out", type=Path, help="write comparison plots here")
+    p.add_argument(
+        "--label",
+        type=lambda text: text.split(","),
+        help="names for the sweeps, comma-separated, one per path (default: what each "
+        "measured, e.g. 'wse-3 x1 llama-3.1-8b')",
+    )
     return p
 
 
 def _cmd_compare(argv: Sequence[str]) -> int:
-    from memorywall.loadgen.cli import BenchError, compare
+    from memorywall.loadgen.compare import CompareError, compare
 
     args = _compare_parser().parse_args(argv)
     try:
-        return compare(args.paths, args.out)
-    except BenchError as e:
+        return compare(args.paths, args.out, args.label)
+    except CompareError as e:
         raise _UsageError(str(e)) from None
 
 
