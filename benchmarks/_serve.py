@@ -1,46 +1,47 @@
-"""Start `memorywall serve` in its own process for a benchmark and find its addresses."""
+"""Start `memorywall serve` in its own process for a benchmark and find its addresses
+through its ready file (`memorywall/ready.py`), never its log."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-_GRPC = re.compile(r"on 127\.0\.0\.1:(\d+)")
-_HTTP = re.compile(r"(http://127\.0\.0\.1:\d+)")
+from memorywall.ready import ServerReady, wait_for
+
+START_TIMEOUT_S = 60.0
 
 
 @contextmanager
-def serving(*args: str) -> Iterator[str]:
-    """Yield the startup line of `memorywall serve --port 0 ARGS`; stop the server after."""
-    cmd = [sys.executable, "-m", "memorywall", "serve", "--port", "0", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:
-            if _GRPC.search(line):
-                break
-        else:
-            raise RuntimeError(f"server exited: {' '.join(cmd)}")
-        yield line
-    finally:
-        proc.terminate()
+def serving(*args: str) -> Iterator[ServerReady]:
+    """Yield what `memorywall serve --port 0 ARGS` reports once ready; stop the server after."""
+    with tempfile.TemporaryDirectory(prefix="memorywall-bench-") as tmp:
+        ready = Path(tmp) / "ready.json"
+        cmd = [sys.executable, "-m", "memorywall", "serve", "--port", "0", "--ready-file"]
+        proc = subprocess.Popen([*cmd, str(ready), *args])
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            data = wait_for(ready, proc, timeout_s=START_TIMEOUT_S)
+            yield ServerReady.from_dict(data, str(ready))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @contextmanager
 def emulator(*args: str) -> Iterator[str]:
     """Yield the gRPC target (host:port) of a fresh server."""
-    with serving(*args) as line:
-        yield f"127.0.0.1:{_GRPC.search(line).group(1)}"
+    with serving(*args) as ready:
+        yield ready.grpc_target
 
 
 @contextmanager
 def emulator_with_http(*args: str) -> Iterator[tuple[str, str]]:
     """Yield (gRPC target, HTTP base URL) of a fresh server with both fronts on one engine."""
-    with serving(*args, "--http-port", "0") as line:
-        yield f"127.0.0.1:{_GRPC.search(line).group(1)}", _HTTP.search(line).group(1)
+    with serving(*args, "--http-port", "0") as ready:
+        yield ready.grpc_target, ready.http_url
