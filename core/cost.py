@@ -161,6 +161,17 @@ class StepModel:
         """Cost of one engine step (the engine's hot path)."""
         return self.cost(Work.of_batch(batch, self.deployment.model, self.queries_per_decode))
 
+    def decode_run(self, contexts: list[int], steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Time (s) and energy (J) of each of `steps` decode steps in a row over sequences
+        with cached `contexts`, each step's one token longer (no speculation): equal, bit
+        for bit, to `step_cost` of each step's batch. The offline engine's fast path.
+        """
+        if self.queries_per_decode != 1:
+            raise ValueError("decode_run: with speculation a step's tokens vary")
+        t = self._terms(Work.decode_run(contexts, steps, self.deployment.model))
+        shape = (steps,)
+        return np.broadcast_to(t["time_s"], shape), np.broadcast_to(t["energy_j"], shape)
+
     def bytes_by_tier(self, cost: StepCost) -> dict[str, float]:
         """Bytes a step moves through each memory tier and link, by the profile's names."""
         hw = self.deployment.hardware

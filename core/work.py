@@ -94,6 +94,37 @@ class Work:
         )
 
     @staticmethod
+    def decode_run(contexts: Sequence[int], steps: int, model: ModelShape) -> Work:
+        """`steps` decode steps in a row of the sequences with cached `contexts`, each step's
+        contexts one longer than the last's (one query per sequence, no speculation).
+
+        Fields are arrays over the steps, except those that stay the same (floats); each
+        step's values equal `of_batch` of its batch exactly, so costs agree bit for bit.
+        """
+        n = len(contexts)
+        j = np.arange(steps, dtype=np.int64)
+        ctx = np.asarray(contexts, dtype=np.int64)
+        ctx_sum = (int(ctx.sum()) + n * j).astype(np.float64)
+        window = model.window_tokens
+        if window:
+            grid = ctx[None, :] + j[:, None]
+            read_window = np.minimum(grid, window).sum(axis=1).astype(np.float64)
+            pairs_window = np.minimum(grid + 1, window).sum(axis=1).astype(np.float64)
+        else:
+            read_window = pairs_window = np.zeros(steps)
+        return Work(
+            tokens=float(n),
+            logits=float(n),
+            kv_read_full=ctx_sum,
+            kv_read_window=read_window,
+            pairs_full=ctx_sum + float(n),
+            pairs_window=pairs_window,
+            decode_seqs=float(n),
+            decode_read_full=ctx_sum,
+            decode_read_window=read_window,
+        )
+
+    @staticmethod
     def uniform_decode(
         batch: np.ndarray, context: np.ndarray, model: ModelShape, queries_per_decode: int = 1
     ) -> Work:

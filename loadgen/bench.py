@@ -139,8 +139,15 @@ def summarise(
     facts: ServerFacts,
     metrics: RunMetrics,
     results: list[WorkerResult],
+    *,
+    simulated: bool = False,
 ) -> dict:
-    """vLLM's result keys, then the run's settings, the client's health and the core's view."""
+    """vLLM's result keys, then the run's settings, the client's health and the core's view.
+
+    A simulated level (`memorywall simulate`) has no client and no wall clock: its
+    `backend` is "simulated", and `date`, `machine` and `client_cpu_fraction` are None, so
+    the same seed gives the same file on every machine.
+    """
     out = metrics.as_dict()
     cpu = max(w.cpu_s / w.wall_s for w in results if w.wall_s > 0) if results else None
     suspect = []
@@ -166,7 +173,7 @@ def summarise(
             "label": config.label,
             "level": level.name,
             "target": config.target,
-            "backend": str(config.backend),
+            "backend": "simulated" if simulated else str(config.backend),
             "max_concurrency": level.concurrency,
             "request_rate": level.request_rate,
             "burstiness": config.burstiness if level.request_rate is not None else None,
@@ -177,16 +184,21 @@ def summarise(
             "model": facts.model,
             "devices": facts.devices,
             "emulated": facts.emulated,
+            "simulated": simulated,
             "client_cpu_fraction": cpu,
             "suspect": suspect,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}",
+            "date": None if simulated else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": None if simulated else machine(),
         }
     )
     out.update(_overheads(out))
     out.update(predicted(facts, config, level, out))
     return out
+
+
+def machine() -> str:
+    """The host, for result files: where wall-clock figures were taken."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def _ttft_gap_ms(out: dict) -> float | None:

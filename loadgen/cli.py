@@ -11,9 +11,14 @@ from pathlib import Path
 from memorywall.client import AsyncClient, ClientError
 from memorywall.loadgen import plots, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
-from memorywall.loadgen.metrics import parse_slo
+from memorywall.loadgen.metrics import Slo, parse_slo
 from memorywall.loadgen.target import Backend
-from memorywall.loadgen.workload import SyntheticWorkload, TraceWorkload, parse_length
+from memorywall.loadgen.workload import (
+    SyntheticWorkload,
+    TraceWorkload,
+    Workload,
+    parse_length,
+)
 
 SUMMARY = "summary.json"
 DEFAULT_TARGETS = {
@@ -31,6 +36,25 @@ class BenchError(Exception):
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Validate everything before any load is sent."""
+    workload, slo = workload_from_args(args)
+    backend = Backend(args.backend)
+    target = _target(backend, args.target or DEFAULT_TARGETS[backend])
+    if args.model is not None and not backend.is_openai:
+        raise BenchError(f"--model is for the OpenAI backends; {backend} asks the server")
+    return sweep_config(
+        args,
+        workload,
+        slo,
+        target=target,
+        backend=backend,
+        model=args.model,
+        workers=args.workers,
+        timeout_s=args.timeout,
+    )
+
+
+def workload_from_args(args: argparse.Namespace) -> tuple[Workload, Slo | None]:
+    """The workload and SLO of the shared load options (`options.add_load_arguments`)."""
     try:
         if args.workload and str(args.workload).startswith(f"{prefix_workload.SCHEME}:"):
             workload = prefix_workload.parse_shared_prefix(
@@ -47,10 +71,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError(str(e)) from None
     if args.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
-    backend = Backend(args.backend)
-    target = _target(backend, args.target or DEFAULT_TARGETS[backend])
-    if args.model is not None and not backend.is_openai:
-        raise BenchError(f"--model is for the OpenAI backends; {backend} asks the server")
+    return workload, slo
+
+
+def sweep_config(
+    args: argparse.Namespace, workload: Workload, slo: Slo | None, **endpoint
+) -> BenchConfig:
+    """A sweep of the shared load options; `endpoint` names the target and how to reach it."""
     trace_arrivals = isinstance(workload, TraceWorkload) and workload.has_arrivals
     concurrency = args.concurrency or (() if args.request_rate or trace_arrivals else (1,))
     if isinstance(workload, TraceWorkload):
@@ -58,10 +85,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     else:
         num = args.num_prompts or 100
     return BenchConfig(
-        target=target,
         workload=workload,
-        backend=backend,
-        model=args.model,
         num_prompts=num,
         concurrency=concurrency,
         request_rates=args.request_rate or (),
@@ -70,10 +94,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         duration_s=args.duration,
         warmup=args.warmup,
         seed=args.seed,
-        workers=args.workers,
         slo=slo,
-        timeout_s=args.timeout,
         label=args.label,
+        **endpoint,
     )
 
 
@@ -167,13 +190,16 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_level(args.out, result, records)
     if args.out:
-        (args.out / SUMMARY).write_text(json.dumps(results, indent=2))
-        plots.latency_vs_load([(config.label, results)], args.out / "latency_vs_load.png")
-        plots.throughput_vs_interactivity(
-            [(config.label, results)], args.out / "throughput_vs_interactivity.png"
-        )
+        write_sweep(args.out, config.label, results)
         print(f"wrote {args.out}/")
     return 0
+
+
+def write_sweep(out: Path, label: str, results: list[dict]) -> None:
+    """The sweep's summary and plots (each level's files are written as it ends)."""
+    (out / SUMMARY).write_text(json.dumps(results, indent=2))
+    plots.latency_vs_load([(label, results)], out / "latency_vs_load.png")
+    plots.throughput_vs_interactivity([(label, results)], out / "throughput_vs_interactivity.png")
 
 
 def _ms(value: float | None) -> str:
@@ -194,7 +220,9 @@ def format_result(r: dict) -> str:
     load = _load_label(r)
     server = r["hardware"] or r.get("model") or "server"
     head = f"== {r['label']} · {load} · {server} x{r['devices']}"
-    if r["emulated"]:
+    if r.get("simulated"):
+        head += " (simulated)"
+    elif r["emulated"]:
         head += " (emulated)"
     rows = [
         ("requests", f"{r['completed']} completed, {r['failed']} failed"),

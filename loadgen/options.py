@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memorywall.argtypes import number_list, positive_float, positive_int
+from memorywall.argtypes import nonnegative_int, number_list, positive_float, positive_int
 
 BACKENDS = ("memorywall-grpc", "openai-completions", "openai-chat")  # loadgen.target.Backend
 
@@ -23,6 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "OpenAI: base URL (default http://127.0.0.1:8000)",
     )
     p.add_argument("--model", help="OpenAI backends: model name (default: first of /v1/models)")
+    add_load_arguments(p)
+    p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")
+    p.add_argument("--timeout", type=positive_float, help="per-request deadline in seconds")
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """What to send and how fast, and where results go: bench and simulate share these."""
     load = p.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency", type=number_list(int, low=1), help="closed loop: users, e.g. 1,4,16,64"
@@ -55,9 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="JSONL trace: prompt_tokens, output_tokens[, arrival_s]; or "
         "shared-prefix:GROUPS:PREFIX_TOKENS (prompts of a group share their first tokens)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for lengths and arrivals")
     p.add_argument("--slo", help="goodput bounds, e.g. ttft=500ms,tpot=30ms")
-    p.add_argument("--timeout", type=positive_float, help="per-request deadline in seconds")
     p.add_argument("--label", default="run", help="name for this sweep in files and plots")
     p.add_argument("--out", type=Path, help="write JSON, per-request JSONL and PNG plots here")

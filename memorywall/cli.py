@@ -8,10 +8,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from memorywall.argtypes import fraction, nonnegative_int, port, positive_float, positive_int
+from memorywall.argtypes import (
+    fraction,
+    nonnegative_int,
+    number_list,
+    port,
+    positive_float,
+    positive_int,
+)
 from memorywall.core import (
     Placement,
     Precision,
@@ -26,6 +35,9 @@ from memorywall.core import (
 from memorywall.core.deployment import Deployment
 from memorywall.core.predict import Prediction
 from memorywall.errors import MemorywallError
+
+if TYPE_CHECKING:
+    from memorywall.server.engine.scheduler import EngineConfig
 
 EXIT_USAGE = 2
 
@@ -62,6 +74,32 @@ def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine's batching options; shared by serve and simulate."""
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="running batch limit")
+    p.add_argument(
+        "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt in full (default: reuse cached KV of shared prefixes)",
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    # Imported here: predict/hardware/models do not need the engine.
+    from memorywall.server.engine.scheduler import EngineConfig
+
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+        enable_prefix_caching=args.prefix_caching,
+    )
+
+
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
     speculative = None
     if args.draft_tokens:
@@ -89,7 +127,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from memorywall.server.app import ServerConfig, serve_forever
-    from memorywall.server.engine.scheduler import EngineConfig
 
     budget = {"max_messages_per_s": args.max_messages_per_s} if args.max_messages_per_s else {}
     logging.basicConfig(
@@ -97,12 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     serving = serve_forever(
         deployment_from_args(args),
-        EngineConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            seed=args.seed,
-            enable_prefix_caching=args.prefix_caching,
-        ),
+        engine_config_from_args(args),
         ServerConfig(
             host=args.host,
             port=args.port,
@@ -129,11 +161,37 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     return run(load_spec(args.spec), args.log_dir, ready_file=args.ready_file)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # Imported here: only `demo` starts servers and the load generator.
+    from memorywall.demo import DemoConfig, run
+
+    config = DemoConfig(
+        hardware=tuple(h for h in args.hardware.split(",") if h),
+        model=args.model,
+        levels=args.levels,
+        prompt_tokens=args.input_len,
+        output_tokens=args.output_len,
+        out=args.out or Path(time.strftime("memorywall-demo-%Y%m%d-%H%M%S")),
+        keep_serving=args.keep_serving,
+    )
+    return run(config)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from memorywall.loadgen.cli import BenchError, run
 
     try:
         return run(args)
+    except BenchError as e:
+        raise _UsageError(str(e)) from None
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from memorywall.loadgen.cli import BenchError
+    from memorywall.simulate_cli import run
+
+    try:
+        return run(args, deployment_from_args(args), engine_config_from_args(args))
     except BenchError as e:
         raise _UsageError(str(e)) from None
 
@@ -327,17 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="local Hugging Face tokenizer.json (or its folder) to count HTTP prompt text "
         "(needs the `tokenizers` package; default ~4 characters per token)",
     )
-    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="running batch limit")
-    p.add_argument(
-        "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"
-    )
+    add_engine_arguments(p)
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for synthetic tokens")
-    p.add_argument(
-        "--no-prefix-caching",
-        dest="prefix_caching",
-        action="store_false",
-        help="recompute every prompt in full (default: reuse cached KV of shared prefixes)",
-    )
     p.add_argument(
         "--grace", type=positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
     )
@@ -354,6 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "demo",
+        help="start an emulated wafer and GPU, load both, and show what their users get",
+    )
+    p.add_argument(
+        "--hardware",
+        default="wse-3,h100-sxm",
+        help="profiles, comma-separated (default: %(default)s)",
+    )
+    p.add_argument("--model", default="llama-3.1-8b", help="model served by every server")
+    p.add_argument(
+        "--levels",
+        type=number_list(int, low=1),
+        default=(1, 8, 32),
+        help="closed-loop users per level, e.g. 1,8,32 (the default)",
+    )
+    p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens")
+    p.add_argument("--output-len", type=positive_int, default=64, help="output tokens")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="leave the servers up afterwards and print how to point tools at them",
+    )
+    p.add_argument(
+        "--out", type=Path, help="results folder (default: ./memorywall-demo-<date>-<time>)"
+    )
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "fleet", help="run several emulated workers from a TOML spec, optionally behind smg"
@@ -378,6 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "simulate",
+        help="the bench workload on the serving engine on a virtual clock: bench's result "
+        "files, far faster than real time",
+    )
+    add_deployment_arguments(p)
+    add_engine_arguments(p)
+    from memorywall.loadgen.options import add_load_arguments
+
+    add_load_arguments(p)
+    p.set_defaults(func=_cmd_simulate, label="sim")
 
     sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(
         func=_cmd_hardware
