@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from memorywall.core.calibration import (
+    HELD_OUT_RULE,
     MEASURED_FILE,
     ErrorTable,
     GpuFit,
@@ -25,7 +26,7 @@ from memorywall.core.calibration import (
     load_published,
     published_error_table,
 )
-from memorywall.core.hardware import Efficiency, load_hardware
+from memorywall.core.hardware import load_hardware
 
 CAL_DIR = Path(__file__).resolve().parent.parent / "core" / "calibration"
 
@@ -39,57 +40,97 @@ def _q(value: float, unit: str, source: str) -> str:
     return f'{{ value = {value!r}, unit = "{unit}", source = "{source}" }}'
 
 
-def _efficiency_lines(e: Efficiency, how: str, prefix: str = "") -> list[str]:
-    ceiling = (
-        f"{MEASURED_FILE}: measured weight-streaming ceiling at batch 1, 2919 GB/s, "
-        "over the 3350 GB/s datasheet"
-    )
+_FIT = (
+    f"least-squares fit of relative error on the fit points of {MEASURED_FILE} "
+    f"({HELD_OUT_RULE}; benchmarks/calibrate.py)"
+)
+_B256 = (
+    "weight streaming at batch 256, 2527.2 GB/s: the overlap at which the Llama-8B GEMMs "
+    "at 256 rows take that long (calibration.streaming_overlap)"
+)
+
+
+def _measured(what: str) -> str:
+    return f"{MEASURED_FILE}: {what}"
+
+
+def _gpu_sections(fit: GpuFit, prefix: str = "") -> list[str]:
+    """[efficiency] and [kernels] of the GPU fit; `prefix` says where they are borrowed."""
+    e, k = fit.efficiency, fit.kernels
     return [
         "[efficiency]",
-        "weight_read = " + _q(e.weight_read, "1", prefix + ceiling),
-        "kv_read = " + _q(e.kv_read, "1", prefix + how),
-        "compute = " + _q(e.compute, "1", prefix + how),
-        "attention = " + _q(e.attention, "1", prefix + how),
-        "overlap = " + _q(e.overlap, "1", prefix + how),
+        "weight_read = "
+        + _q(
+            e.weight_read,
+            "1",
+            prefix
+            + _measured("weight streaming at batch 1, 2919 GB/s, over the 3350 GB/s datasheet"),
+        ),
+        "kv_read = " + _q(e.kv_read, "1", prefix + _FIT),
+        "compute = "
+        + _q(
+            e.compute,
+            "1",
+            prefix
+            + _measured("dense bf16 8192^3 matmul, 771.2 TFLOP/s, over the 989 TFLOP/s datasheet"),
+        ),
+        "attention = " + _q(e.attention, "1", prefix + _FIT),
+        "overlap = " + _q(e.overlap, "1", prefix + _measured(_B256)),
+        "[kernels]",
+        "activation_bytes_per_hidden = " + _q(k.activation_bytes_per_hidden, "B", prefix + _FIT),
+        "kv_stream_bytes_per_s = " + _q(k.kv_stream_bytes_per_s, "B/s", prefix + _FIT),
     ]
 
 
+def _fit_lines(fit: GpuFit) -> list[str]:
+    out = ["[fit]"]
+    for kind, table in (("decode", fit.decode), ("prefill", fit.prefill)):
+        for held, tag in ((True, "held_out"), (False, "fitted")):
+            t = table.subset(held)
+            out += [
+                f"{kind}_{tag}_points = {len(t.rows)}",
+                f"{kind}_{tag}_median_abs_error = {t.median_abs_error!r}",
+                f"{kind}_{tag}_max_abs_error = {t.max_abs_error!r}",
+            ]
+    return out
+
+
 def gpu_toml(fit: GpuFit) -> str:
-    how = f"least-squares fit of relative error on {MEASURED_FILE} (benchmarks/calibrate.py)"
-    no_host = f"{MEASURED_FILE}: decode replayed from CUDA graphs has no per-step host overhead"
+    no_host = _measured("decode replayed from CUDA graphs has no per-step host overhead")
     one_shape = "not separable with one model shape in the data; the wafer fit uses it"
+    launch = _measured("median eager (kernel-by-kernel) batch-1 decode step, over 32 layers")
     return "\n".join(
         [
             "# Written by benchmarks/calibrate.py from the H100 Llama-3.1-8B data. Do not edit.",
             "# Every GPU profile uses these constants: nothing is fitted per GPU.",
-            *_efficiency_lines(fit.efficiency, how),
+            *_gpu_sections(fit),
             "[latency]",
             "per_step_s = " + _q(0.0, "s", no_host),
-            "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
+            "per_layer_s = " + _q(fit.latency.per_layer_s, "s", _FIT),
             "per_layer_per_hidden_s = " + _q(0.0, "s", one_shape),
-            "[fit]",
-            f"decode_median_abs_error = {fit.decode.median_abs_error!r}",
-            f"decode_max_abs_error = {fit.decode.max_abs_error!r}",
-            f"prefill_median_abs_error = {fit.prefill.median_abs_error!r}",
-            f"prefill_max_abs_error = {fit.prefill.max_abs_error!r}",
+            "launch_per_layer_s = " + _q(fit.latency.launch_per_layer_s, "s", launch),
+            *_fit_lines(fit),
             "",
         ]
     )
 
 
-def wafer_toml(fit: WaferFit, efficiency: Efficiency) -> str:
-    gpu_how = f"least-squares fit of relative error on {MEASURED_FILE} (benchmarks/calibrate.py)"
+def wafer_toml(fit: WaferFit, gpu: GpuFit) -> str:
     borrowed = "no wafer measurement exists; H100 fit reused: "
     how = "exact solve on the rows with fit = true in published.toml (benchmarks/calibrate.py)"
     two_rows = "not separable from per-layer latency with two published rows"
+    no_launch = (
+        "a wafer runs its layers as a resident dataflow program: no per-kernel host launches"
+    )
     return "\n".join(
         [
             "# Written by benchmarks/calibrate.py from the published Cerebras rows. Do not edit.",
-            *_efficiency_lines(efficiency, gpu_how, borrowed),
+            *_gpu_sections(gpu, borrowed),
             "[latency]",
             "per_step_s = " + _q(0.0, "s", two_rows),
             "per_layer_s = " + _q(fit.latency.per_layer_s, "s", how),
             "per_layer_per_hidden_s = " + _q(fit.latency.per_layer_per_hidden_s, "s", how),
+            "launch_per_layer_s = " + _q(0.0, "s", no_launch),
             f"[fit]\nmax_abs_error = {fit.rows.max_abs_error!r}",
             "",
         ]
@@ -129,24 +170,27 @@ def _diff(old: object, new: object, name: str, out: list[str]) -> None:
         out.append(f"{name}: {old!r} in the file, {new!r} refitted")
 
 
-def markdown(tables: list[ErrorTable]) -> str:
+def markdown(split: list[ErrorTable], tables: list[ErrorTable]) -> str:
+    """A summary line per table (the `split` ones as held out and fit points), then each point."""
     out = ["| data set | points | median abs error | max abs error |", "|---|---|---|---|"]
-    for t in tables:
+    summary = [t.subset(held) for t in split for held in (True, False)] + tables
+    for t in summary:
         out.append(
             f"| {t.name} | {len(t.rows)} | {t.median_abs_error:.1%} | {t.max_abs_error:.1%} |"
         )
-    for t in tables:
+    for t in split + tables:
         out += [
             "",
             f"**{t.name}**",
             "",
-            "| point | measured | predicted | error |",
-            "|---|---|---|---|",
+            "| point | measured | predicted | error | used |",
+            "|---|---|---|---|---|",
         ]
         for r in t.rows:
+            used = "held out" if r.held_out else ("fit" if t in split else "-")
             out.append(
                 f"| {r.label} | {r.measured_s * 1e3:.3f} ms "
-                f"| {r.predicted_s * 1e3:.3f} ms | {r.error:+.1%} |"
+                f"| {r.predicted_s * 1e3:.3f} ms | {r.error:+.1%} | {used} |"
             )
     return "\n".join(out)
 
@@ -160,10 +204,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     gpu = fit_gpu()
-    wafer = fit_wafer(replace(load_hardware("wse-3"), efficiency=gpu.efficiency))
+    wafer = fit_wafer(
+        replace(load_hardware("wse-3"), efficiency=gpu.efficiency, kernels=gpu.kernels)
+    )
     files = {
         CAL_DIR / "gpu-fit.toml": gpu_toml(gpu),
-        CAL_DIR / "wse-fit.toml": wafer_toml(wafer, gpu.efficiency),
+        CAL_DIR / "wse-fit.toml": wafer_toml(wafer, gpu),
     }
     if args.check:
         problems = [
@@ -180,7 +226,7 @@ def main() -> int:
     others = published_error_table(
         [r for r in load_published() if not r["fit"]], "Published rows not used in any fit"
     )
-    print(markdown([gpu.decode, gpu.prefill, wafer.rows, others]))
+    print(markdown([gpu.decode, gpu.prefill], [wafer.rows, others]))
     return 0
 
 

@@ -1,15 +1,16 @@
-"""Fitting the profiles' efficiency and latency constants on real measurements.
+"""Fitting the profiles' efficiency, latency and kernel constants on real measurements.
 
-GPU: five constants (KV-read, compute and attention efficiency, memory/compute
-overlap, per-layer latency) fitted on the H100 Llama-3.1-8B step times in
-`calibration/h100-llama8b-measured.json`; weight-read efficiency is that
-file's measured weight-streaming ceiling. Other GPUs reuse these constants.
+GPU (`fit_gpu`): H100 Llama-3.1-8B step times in
+`calibration/h100-llama8b-measured.json`. Four constants are that file's own
+device measurements, not fitted: weight-read efficiency (weight-streaming
+ceiling at batch 1), compute efficiency (dense 8192^3 matmul ceiling), overlap
+(weight streaming at batch 256, where GEMMs turn compute-bound) and the launch
+floor of an eager step (median eager batch-1 decode step). Five are fitted by
+least squares of relative error on the fit points only; every second point of
+each series is held out (`held_out`). Other GPUs reuse all of them.
 
 Wafer: per-layer latency `a + hidden * b` fitted on the published Cerebras
 rows marked `fit = true` in `calibration/published.toml`.
-
-Published comparison: every row of that file predicted in its own metric
-(`published_comparisons`, printed by `benchmarks/published_table.py`).
 
 Pure computation over package data; `benchmarks/calibrate.py` writes the
 results to the calibration TOML files.
@@ -26,7 +27,14 @@ import numpy as np
 
 from memorywall.core.cost import StepModel, combine_s
 from memorywall.core.deployment import plan_deployment
-from memorywall.core.hardware import Efficiency, Hardware, LatencyFloors, load_hardware
+from memorywall.core.gemm import Tiling, gemm_compute_s, weight_gemms
+from memorywall.core.hardware import (
+    Efficiency,
+    Hardware,
+    KernelCosts,
+    LatencyFloors,
+    load_hardware,
+)
 from memorywall.core.model import load_model
 from memorywall.core.precision import Precision
 from memorywall.core.work import Batch, PrefillChunk
@@ -34,8 +42,11 @@ from memorywall.core.work import Batch, PrefillChunk
 _DATA = resources.files("memorywall.core") / "calibration"
 MEASURED_FILE = "h100-llama8b-measured.json"
 PUBLISHED_FILE = "published.toml"
-_UNIT = Efficiency(weight_read=1.0, kv_read=1.0, compute=1.0, attention=1.0, overlap=0.0)
 _NO_FLOOR = LatencyFloors(per_step_s=0.0, per_layer_s=0.0, per_layer_per_hidden_s=0.0)
+HELD_OUT_RULE = (
+    "every second point of each series (decode points sharing a context, by batch; "
+    "prefill points by prompt length) is held out"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class ErrorRow:
     label: str
     measured_s: float
     predicted_s: float
+    held_out: bool = False
 
     @property
     def error(self) -> float:
@@ -63,19 +75,46 @@ class ErrorTable:
     def max_abs_error(self) -> float:
         return max(abs(r.error) for r in self.rows)
 
+    def subset(self, held_out: bool) -> ErrorTable:
+        """The held-out rows (True) or the fit rows (False)."""
+        which = "held out" if held_out else "fit points"
+        rows = tuple(r for r in self.rows if r.held_out == held_out)
+        return ErrorTable(f"{self.name}, {which}", rows)
+
+
+@dataclass(frozen=True)
+class GpuPoint:
+    """One measured step: `batch` decodes over `context`, or one prefill of `prompt` tokens."""
+
+    label: str
+    batch: Batch
+    measured_s: float
+    series: str  # points of one series are ordered and split by `held_out`
+    order: int
+    held_out: bool = False
+
 
 @dataclass(frozen=True)
 class GpuMeasurements:
-    decode: tuple[tuple[int, int, float], ...]  # (batch, context, step_s)
-    prefill: tuple[tuple[int, float], ...]  # (prompt, prefill_s)
-    weight_streaming_bytes_per_s: float
+    decode: tuple[GpuPoint, ...]
+    prefill: tuple[GpuPoint, ...]
+    weight_streaming_bytes_per_s: float  # batch 1
+    weight_streaming_b256_bytes_per_s: float
+    matmul_flops_per_s: float
+    eager_decode_b1_s: tuple[float, ...]
     datasheet_bandwidth_bytes_per_s: float
+    datasheet_flops_per_s: float
+
+    @property
+    def points(self) -> tuple[GpuPoint, ...]:
+        return self.decode + self.prefill
 
 
 @dataclass(frozen=True)
 class GpuFit:
     efficiency: Efficiency
     latency: LatencyFloors
+    kernels: KernelCosts
     decode: ErrorTable
     prefill: ErrorTable
 
@@ -86,16 +125,48 @@ class WaferFit:
     rows: ErrorTable
 
 
+def held_out(points: list[GpuPoint]) -> tuple[GpuPoint, ...]:
+    """Mark every second point of each series held out (`HELD_OUT_RULE`), keeping file order."""
+    rank: dict[int, int] = {}
+    for series in {p.series for p in points}:
+        members = sorted((p.order, i) for i, p in enumerate(points) if p.series == series)
+        rank |= {i: k for k, (_, i) in enumerate(members)}
+    return tuple(replace(p, held_out=rank[i] % 2 == 1) for i, p in enumerate(points))
+
+
 def load_gpu_measurements() -> GpuMeasurements:
     data = json.loads((_DATA / MEASURED_FILE).read_text())
+    decode = [
+        GpuPoint(
+            f"decode b={r['batch']} ctx={r['context']}",
+            Batch(decode_contexts=(r["context"],) * r["batch"]),
+            r["step_s_graph"],
+            f"decode ctx={r['context']}",
+            r["batch"],
+        )
+        for r in data["decode"]
+    ]
+    prefill = [
+        GpuPoint(
+            f"prefill {r['prompt']}",
+            Batch(prefill=(PrefillChunk(r["prompt"]),)),
+            r["prefill_s"],
+            "prefill",
+            r["prompt"],
+        )
+        for r in data["prefill"]
+    ]
+    ceilings = data["device_ceilings_measured"]
+    streaming = ceilings["weight_streaming_GBps_by_batch"]
     return GpuMeasurements(
-        decode=tuple((r["batch"], r["context"], r["step_s_graph"]) for r in data["decode"]),
-        prefill=tuple((r["prompt"], r["prefill_s"]) for r in data["prefill"]),
-        weight_streaming_bytes_per_s=data["device_ceilings_measured"][
-            "weight_streaming_GBps_by_batch"
-        ]["b1"]
-        * 1e9,
+        decode=held_out(decode),
+        prefill=held_out(prefill),
+        weight_streaming_bytes_per_s=streaming["b1"] * 1e9,
+        weight_streaming_b256_bytes_per_s=streaming["b256"] * 1e9,
+        matmul_flops_per_s=ceilings["bf16_dense_matmul_TFLOPs_8192cubed"] * 1e12,
+        eager_decode_b1_s=tuple(r["step_s_eager"] for r in data["decode"] if r["batch"] == 1),
         datasheet_bandwidth_bytes_per_s=data["datasheet"]["hbm_GBps"] * 1e9,
+        datasheet_flops_per_s=data["datasheet"]["bf16_dense_TFLOPs"] * 1e12,
     )
 
 
@@ -103,82 +174,128 @@ def load_published() -> list[dict]:
     return tomllib.loads((_DATA / PUBLISHED_FILE).read_text())["row"]
 
 
-def _gpu_batches(m: GpuMeasurements) -> tuple[list[Batch], list[Batch]]:
-    decode = [Batch(decode_contexts=(c,) * b) for b, c, _ in m.decode]
-    prefill = [Batch(prefill=(PrefillChunk(p),)) for p, _ in m.prefill]
-    return decode, prefill
-
-
 def gpu_error_tables(step_model: StepModel, m: GpuMeasurements) -> tuple[ErrorTable, ErrorTable]:
-    """Predicted against measured, for every decode and prefill point."""
-    decode, prefill = _gpu_batches(m)
-    d_rows = tuple(
-        ErrorRow(f"decode b={b} ctx={c}", s, step_model.step_cost(batch).time_s)
-        for (b, c, s), batch in zip(m.decode, decode, strict=True)
-    )
-    p_rows = tuple(
-        ErrorRow(f"prefill {p}", s, step_model.step_cost(batch).time_s)
-        for (p, s), batch in zip(m.prefill, prefill, strict=True)
-    )
-    return ErrorTable("H100 decode", d_rows), ErrorTable("H100 prefill", p_rows)
+    """Predicted against measured, for every decode and prefill point, held-out ones marked."""
+
+    def rows(points: tuple[GpuPoint, ...]) -> tuple[ErrorRow, ...]:
+        return tuple(
+            ErrorRow(p.label, p.measured_s, step_model.step_cost(p.batch).time_s, p.held_out)
+            for p in points
+        )
+
+    return ErrorTable("H100 decode", rows(m.decode)), ErrorTable("H100 prefill", rows(m.prefill))
+
+
+def streaming_overlap(hardware: Hardware, m: GpuMeasurements, compute: float) -> float:
+    """The overlap at which the 8B GEMMs at 256 rows take as long as the measured streaming
+    at batch 256 says (bisection; time grows with overlap)."""
+    model = load_model("llama-3.1-8b")
+    par = hardware.parallelism
+    tiling = Tiling(units=par.units, tile_m=par.gemm_tile_m, tile_n=par.gemm_tile_n)
+    unit_flops = hardware.compute_peak(Precision.BF16) * compute / par.units
+    bw = m.weight_streaming_bytes_per_s
+    terms = [
+        (g.params * 2 / bw, gemm_compute_s(256, g, tiling, unit_flops))
+        for g in weight_gemms(model, 1)
+    ]
+    target = sum(mem for mem, _ in terms) * bw / m.weight_streaming_b256_bytes_per_s
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(combine_s(0.0, mem, comp, mid, 0.0) for mem, comp in terms) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) -> GpuFit:
-    """Least squares of relative error over all points: a grid over the four
-    efficiencies and the overlap, refined twice; the latency floor is solved
-    in closed form at every grid point."""
+    """Measured constants first (module docstring), then least squares of relative error on
+    the fit points: a grid over KV-read efficiency, per-stream KV bandwidth and attention
+    efficiency, refined three times; per-layer latency and activation traffic, which add
+    linearly, solved in closed form at every grid point."""
     hardware = hardware or load_hardware("h100-sxm")
     m = m or load_gpu_measurements()
     model = load_model("llama-3.1-8b")
     weight_read = m.weight_streaming_bytes_per_s / m.datasheet_bandwidth_bytes_per_s
-    raw = StepModel(
-        plan_deployment(replace(hardware, efficiency=_UNIT, latency=_NO_FLOOR), model, devices=1)
+    compute = m.matmul_flops_per_s / m.datasheet_flops_per_s
+    overlap = streaming_overlap(hardware, m, compute)
+    launch = float(np.median(m.eager_decode_b1_s)) / model.n_layers
+    fit_points = [p for p in m.points if not p.held_out]
+    y = np.array([p.measured_s for p in fit_points])
+    eager = np.array([bool(p.batch.prefill) for p in fit_points])
+    tokens = np.array(
+        [
+            sum(c.new_tokens for c in p.batch.prefill) or len(p.batch.decode_contexts)
+            for p in fit_points
+        ],
+        dtype=float,
     )
-    decode, prefill = _gpu_batches(m)
-    costs = [raw.step_cost(b) for b in decode + prefill]
-    bw = hardware.resident.bandwidth_bytes_per_s
-    peak = hardware.compute_peak(Precision.BF16)
-    weight_s = np.array([c.weight_bytes / bw for c in costs]) / weight_read
-    kv_s = np.array([c.kv_bytes / bw for c in costs])
-    attn_s = np.array([c.attention_flops / peak for c in costs])
-    linear_s = np.array([(c.flops - c.attention_flops) / peak for c in costs])
-    y = np.array([s for *_, s in m.decode] + [s for _, s in m.prefill])
+    act_bw = hardware.resident.bandwidth_bytes_per_s * weight_read
+    per_layer_col = np.full_like(y, float(model.n_layers))
+    act_col = tokens * model.hidden_size * model.n_layers / act_bw
+    launch_s = launch * model.n_layers
 
-    centre = np.array([0.7, 0.6, 0.6, 0.5])  # kv_read, compute, attention, overlap
-    span = np.array([0.3, 0.4, 0.4, 0.5])
-    for _ in range(3):
+    def constants(kv_read: float, stream_bw: float, attention: float, a: float, c: float):
+        eff = Efficiency(
+            weight_read=weight_read,
+            kv_read=kv_read,
+            compute=compute,
+            attention=attention,
+            overlap=overlap,
+        )
+        lat = replace(_NO_FLOOR, per_layer_s=a, launch_per_layer_s=launch)
+        ker = KernelCosts(activation_bytes_per_hidden=c, kv_stream_bytes_per_s=stream_bw)
+        return eff, lat, ker
+
+    def base(kv_read: float, stream_bw: float, attention: float) -> np.ndarray:
+        eff, lat, ker = constants(kv_read, stream_bw, attention, 0.0, 0.0)
+        hw = replace(
+            hardware, efficiency=eff, latency=replace(lat, launch_per_layer_s=0.0), kernels=ker
+        )
+        sm = StepModel(plan_deployment(hw, model, devices=1))
+        return np.array([sm.step_cost(p.batch).time_s for p in fit_points])
+
+    def solve(x: np.ndarray) -> tuple[float, float, float]:
+        """Nonnegative (a, c) minimising relative error of max(x + a L + c A, launch)."""
+        keep = np.ones_like(y, dtype=bool)
+        for _ in range(3):
+            w = keep / y
+            cols = np.stack([per_layer_col * w, act_col * w], axis=1)
+            (a, c), *_ = np.linalg.lstsq(cols, (y - x) * w, rcond=None)
+            a, c = max(a, 0.0), max(c * 1.0, 0.0)
+            pred = x + a * per_layer_col + c * act_col
+            keep = ~(eager & (pred < launch_s))
+        pred = np.where(eager, np.maximum(pred, launch_s), pred)
+        return float(a), float(c), float((((pred - y) / y) ** 2).sum())
+
+    centre = np.array([0.75, 250e9, 0.6])  # kv_read, per-stream bandwidth (B/s), attention
+    span = np.array([0.25, 240e9, 0.4])
+    best = None
+    for _ in range(4):
+        axes = [np.linspace(cn - sp, cn + sp, 11) for cn, sp in zip(centre, span, strict=True)]
         axes = [
-            np.clip(np.linspace(c - s, c + s, 21), 0.05, 1.0)
-            for c, s in zip(centre, span, strict=True)
+            np.clip(axes[0], 0.05, 1.0),
+            np.clip(axes[1], 1e9, None),
+            np.clip(axes[2], 0.05, 1.0),
         ]
-        axes[3] = np.clip(axes[3], 0.0, 1.0)
-        kv, comp, attn, ov = np.meshgrid(*axes, indexing="ij", sparse=True)
-        mem = weight_s + kv_s / kv[..., None]
-        cmp = linear_s / comp[..., None] + attn_s / attn[..., None]
-        x = combine_s(0.0, mem, cmp, ov[..., None], 0.0)
-        # a = argmin sum(((x + a - y) / y)^2)
-        a = ((y - x) / y**2).sum(-1) / (1.0 / y**2).sum()
-        a = np.maximum(a, 0.0)
-        loss = ((((x + a[..., None]) - y) / y) ** 2).sum(-1)
-        best = np.unravel_index(np.argmin(loss), loss.shape)
-        centre = np.array([axes[i][best[i]] for i in range(4)])
-        span = span / 8
-    floor = float(a[best])
-    efficiency = Efficiency(
-        weight_read=weight_read,
-        kv_read=float(centre[0]),
-        compute=float(centre[1]),
-        attention=float(centre[2]),
-        overlap=float(centre[3]),
-    )
-    latency = LatencyFloors(
-        per_step_s=0.0, per_layer_s=floor / model.n_layers, per_layer_per_hidden_s=0.0
-    )
+        for kv in axes[0]:
+            for sb in axes[1]:
+                for at in axes[2]:
+                    a, c, loss = solve(base(kv, sb, at))
+                    if best is None or loss < best[0]:
+                        best = (loss, kv, sb, at, a, c)
+        centre = np.array(best[1:4])
+        span = span / 5
+    _, kv, sb, at, a, c = best
+    eff, lat, ker = constants(float(kv), float(sb), float(at), a, c)
     fitted = StepModel(
-        plan_deployment(replace(hardware, efficiency=efficiency, latency=latency), model, devices=1)
+        plan_deployment(
+            replace(hardware, efficiency=eff, latency=lat, kernels=ker), model, devices=1
+        )
     )
     d_table, p_table = gpu_error_tables(fitted, m)
-    return GpuFit(efficiency=efficiency, latency=latency, decode=d_table, prefill=p_table)
+    return GpuFit(efficiency=eff, latency=lat, kernels=ker, decode=d_table, prefill=p_table)
 
 
 def published_step_model(row: dict, hardware: Hardware | None = None) -> StepModel:

@@ -1,9 +1,17 @@
 """Step cost: the time, bound, bytes, FLOPs and energy of one engine step on a deployment.
 
-    time = latency + max(memory, compute) + overlap * min(memory, compute) + comm
+A step is a sequence of kernels; each kernel is as slow as the slower of its
+memory traffic and its compute, plus the share of the faster one it fails to
+hide (`overlap`). Kernels run one after another, so their times add:
 
-Each term is a small formula below; `StepModel` composes them once for the
-engine (scalars, microseconds a call) and for numpy sweeps (arrays).
+    gpu    = fixed + sum over weight GEMMs of combine(weight bytes, wave-quantised FLOPs)
+             + combine(KV bytes at the reachable bandwidth, attention FLOPs)
+             + activation bytes (norms, rotary, activation function, residuals)
+             + interconnect
+    time   = max(gpu, n_layers x launch_per_layer)  for steps with prefill (not graph-replayed)
+
+Each term is a small formula below or in `gemm.py`; `StepModel` composes them
+once for the engine (scalars, microseconds a call) and for numpy sweeps (arrays).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from enum import Enum
 import numpy as np
 
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
+from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, weight_gemms
 from memorywall.core.work import Batch, Number, Work
 
 _PJ = 1e-12
@@ -145,13 +154,38 @@ class StepModel:
                 hw.stream.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s
             )
             self._stream_pj = hw.stream.energy_pj_per_bit + hw.external_io.energy_pj_per_bit
+        gemm_bw = self._stream_bw if self._streamed else self._weight_bw
         peak = hw.compute_peak(d.weight_precision)
         self._linear_flops_per_s = peak * eff.compute
         self._attn_flops_per_s = peak * eff.attention
         self._overlap = eff.overlap
+
+        # Weight GEMMs: (gemm, seconds to read its weights on one device).
+        self._gemms = tuple((g, g.params * wb / gemm_bw) for g in weight_gemms(m, self._tp))
+        self._tiling = (
+            Tiling(units=par.units, tile_m=par.gemm_tile_m, tile_n=par.gemm_tile_n)
+            if (par := hw.parallelism) is not None
+            else None
+        )
+        self._unit_flops_per_s = self._linear_flops_per_s / par.units if par else 0.0
+        self._expert_flops_per_token = (
+            2.0 * m.expert_params() * (m.moe.experts_per_token if m.moe else 0)
+        )
+        # Decode attention streams per sequence on one device (KV heads, or MLA's query heads).
+        self._streams_per_seq = max(1, (m.n_heads if m.mla else m.n_kv_heads) // self._tp)
+        self._kv_stream_bw = hw.kernels.kv_stream_bytes_per_s
+        # Non-GEMM kernels: activation bytes per token, plus the norm weights, at streaming speed.
+        self._act_bytes_per_token = (
+            hw.kernels.activation_bytes_per_hidden * m.hidden_size * m.n_layers
+        )
+        gemm_params = sum(g.params for g, _ in self._gemms) * self._tp
+        self._small_weight_bytes = max(0.0, m.always_read_params() - gemm_params) * wb
+        self._act_bw = res.bandwidth_bytes_per_s * eff.weight_read
+
         self._latency_s = lat.per_step_s + m.n_layers * (
             lat.per_layer_s + m.hidden_size * lat.per_layer_per_hidden_s
         )
+        self._launch_s = m.n_layers * lat.launch_per_layer_s
         self._scale_up = hw.scale_up
         self._io = hw.external_io
         self._resident_pj = res.energy_pj_per_bit
@@ -211,27 +245,47 @@ class StepModel:
     def _terms(self, w: Work) -> dict[str, Number]:
         tp = self._tp
         weight_bytes = self._always_bytes
+        expert_mem_s = expert_comp_s = 0.0 * w.tokens
         if self._moe is not None:
             experts = distinct_experts(self._moe.n_experts, self._moe.experts_per_token, w.tokens)
-            weight_bytes = weight_bytes + self._n_moe * experts * self._expert_bytes
-        kv_read = self._kv_layer_bytes * (
-            self._n_full * w.kv_read_full + self._n_window * w.kv_read_window
-        )
-        kv_bytes = kv_read + self._kv_layer_bytes * self._n_layers * w.tokens
+            routed_bytes = self._n_moe * experts * self._expert_bytes
+            weight_bytes = weight_bytes + routed_bytes
+            expert_mem_s = (
+                routed_bytes / tp / (self._stream_bw if self._streamed else self._weight_bw)
+            )
+            expert_comp_s = (
+                self._n_moe
+                * self._expert_flops_per_token
+                * w.tokens
+                / tp
+                / self._linear_flops_per_s
+            )
 
-        # Pipeline stages run one after another for a step, so totals divide by tp only.
-        kv_s = kv_bytes / self._kv_shards / self._kv_bw
-        if self._streamed:
-            memory_s, stream_s = kv_s, weight_bytes / tp / self._stream_bw
-        else:
-            memory_s, stream_s = weight_bytes / tp / self._weight_bw + kv_s, 0.0 * kv_s
-        linear_flops = self._body_flops_per_token * w.tokens + self._head_flops_per_logit * w.logits
+        gemm_mem_s, gemm_comp_s, gemm_s = expert_mem_s, expert_comp_s, 0.0 * w.tokens
+        gemm_s = gemm_s + combine_s(0.0, expert_mem_s, expert_comp_s, self._overlap, 0.0)
+        for g, mem_s in self._gemms:
+            comp_s = self._gemm_compute_s(w.logits if g.head else w.tokens, g)
+            gemm_mem_s = gemm_mem_s + mem_s
+            gemm_comp_s = gemm_comp_s + comp_s
+            gemm_s = gemm_s + combine_s(0.0, mem_s, comp_s, self._overlap, 0.0)
+
+        layer_kv = self._kv_layer_bytes
+        decode_kv = layer_kv * (
+            self._n_full * w.decode_read_full + self._n_window * w.decode_read_window
+        )
+        kv_read = layer_kv * (self._n_full * w.kv_read_full + self._n_window * w.kv_read_window)
+        kv_bytes = kv_read + layer_kv * self._n_layers * w.tokens
+        kv_s = (kv_bytes - decode_kv) / self._kv_shards / self._kv_bw
+        kv_s = kv_s + decode_kv / self._kv_shards / self._decode_kv_bw(w.decode_seqs)
         attn_flops = self._attn_flops_per_pair * (
             self._n_full * w.pairs_full + self._n_window * w.pairs_window
         )
-        compute_s = (
-            linear_flops / tp / self._linear_flops_per_s + attn_flops / tp / self._attn_flops_per_s
-        )
+        attn_comp_s = attn_flops / tp / self._attn_flops_per_s
+        attn_s = combine_s(0.0, kv_s, attn_comp_s, self._overlap, 0.0)
+
+        small_bw = self._stream_bw if self._streamed else self._act_bw
+        small_s = self._small_weight_bytes / tp / small_bw  # norm weights
+        act_s = self._act_bytes_per_token * w.tokens / self._act_bw + small_s
 
         hidden_values = w.tokens * self._hidden
         comm_s = 0.0 * hidden_values
@@ -250,8 +304,17 @@ class StepModel:
             )
             link_bytes = link_bytes + (self._pp - 1) * hop_bytes
 
-        time_s = combine_s(self._latency_s, memory_s + stream_s, compute_s, self._overlap, comm_s)
+        busy_s = gemm_s + attn_s + act_s + comm_s
+        gpu_s = self._latency_s + busy_s
+        # Steps with prefill are launched kernel by kernel, not replayed from a graph.
+        eager = w.tokens > self.queries_per_decode * w.decode_seqs
+        if isinstance(eager, bool | np.bool_):
+            time_s = max(gpu_s, self._launch_s) if eager else gpu_s
+        else:
+            time_s = np.where(eager, np.maximum(gpu_s, self._launch_s), gpu_s)
 
+        latency_s = time_s - busy_s
+        linear_flops = self._body_flops_per_token * w.tokens + self._head_flops_per_logit * w.logits
         energy_j = self._energy_j(weight_bytes, kv_bytes, link_bytes, time_s, tp)
         if self._draft is not None:
             draft = self._draft._terms(_draft_work(w))
@@ -259,12 +322,16 @@ class StepModel:
             time_s = time_s + steps * draft["time_s"]
             energy_j = energy_j + steps * draft["energy_j"]
 
+        if self._streamed:
+            memory_s, stream_s = kv_s + act_s - small_s, gemm_mem_s + small_s
+        else:
+            memory_s, stream_s = gemm_mem_s + kv_s + act_s, 0.0 * kv_s
         return {
             "time_s": time_s,
             "memory_s": memory_s,
             "stream_s": stream_s,
-            "compute_s": compute_s,
-            "latency_s": self._latency_s + 0.0 * time_s,
+            "compute_s": gemm_comp_s + attn_comp_s,
+            "latency_s": latency_s,
             "comm_s": comm_s,
             "weight_bytes": weight_bytes + 0.0 * time_s,
             "kv_bytes": kv_bytes,
@@ -274,6 +341,22 @@ class StepModel:
             "energy_j": energy_j,
             "tokens": w.tokens,
         }
+
+    def _gemm_compute_s(self, rows: Number, g: Gemm) -> Number:
+        """Wave-quantised on a GPU; plain FLOPs over the usable peak on a dataflow device."""
+        if self._tiling is not None:
+            return gemm_compute_s(rows, g, self._tiling, self._unit_flops_per_s)
+        return 2.0 * g.params * rows / self._linear_flops_per_s
+
+    def _decode_kv_bw(self, decode_seqs: Number) -> Number:
+        """Bandwidth decode attention reaches: full, or streams x per-stream where too few
+        streams (sequences x KV heads on a device) run to fill a GPU."""
+        if self._tiling is None:
+            return self._kv_bw
+        streams = self._streams_per_seq * decode_seqs
+        if isinstance(streams, float | int):
+            return min(self._kv_bw, max(streams, 1.0) * self._kv_stream_bw)
+        return np.minimum(self._kv_bw, np.maximum(streams, 1.0) * self._kv_stream_bw)
 
     def _energy_j(
         self, weight_bytes: Number, kv_bytes: Number, link_bytes: Number, time_s: Number, tp: int

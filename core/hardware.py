@@ -1,9 +1,9 @@
 """Hardware profiles: TOML data files loaded into validated frozen dataclasses.
 
-Every number in a profile is `{ value, unit, source }`. Efficiency factors and
-latency floors come from a calibration file named by the profile's
-`calibration` key (written by `benchmarks/calibrate.py`); a profile may
-override any of them inline. Bandwidths are decimal (1 TB/s = 1e12 B/s).
+Every number in a profile is `{ value, unit, source }`. Efficiency factors,
+latency floors and kernel costs come from a calibration file named by the
+profile's `calibration` key (written by `benchmarks/calibrate.py`); a profile
+may override any of them inline. Bandwidths are decimal (1 TB/s = 1e12 B/s).
 """
 
 from __future__ import annotations
@@ -71,6 +71,33 @@ class LatencyFloors:
     per_step_s: float
     per_layer_s: float
     per_layer_per_hidden_s: float
+    # Host time to launch one layer's kernels when a step is not replayed from a
+    # CUDA graph (steps with prefill): such a step takes at least n_layers x this.
+    launch_per_layer_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelCosts:
+    """What real kernels add to the bytes of weights and KV cache.
+
+    `activation_bytes_per_hidden`: bytes the non-GEMM kernels (norms, rotary,
+    activation function, residual adds, copies) move per token per layer, per
+    unit of hidden size. `kv_stream_bytes_per_s`: the bandwidth one decode
+    attention stream (one sequence's KV head) draws; a step whose streams are too
+    few to fill the chip reads KV at streams x this, not at full bandwidth.
+    """
+
+    activation_bytes_per_hidden: float
+    kv_stream_bytes_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parallelism:
+    """How a GPU spreads a kernel: SM count and the GEMM output tile (rows x columns)."""
+
+    units: int
+    gemm_tile_m: int
+    gemm_tile_n: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +117,8 @@ class Hardware:
     static_w: float
     efficiency: Efficiency
     latency: LatencyFloors
+    kernels: KernelCosts
+    parallelism: Parallelism | None  # None: a dataflow device (wafer), no SM waves
     calibration: str
     sources: Mapping[str, str]
 
@@ -162,8 +191,9 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
     calibration = r.text(data, "calibration")
     cal, cal_origin = _calibration_tables(calibration, path)
     cal_reader = QuantityReader(cal_origin, r.sources)
-    inline_tables = {s: r.table(data, s, optional=True) for s in ("efficiency", "latency")}
-    cal_tables = {s: cal_reader.table(cal, s, optional=True) for s in ("efficiency", "latency")}
+    sections = ("efficiency", "latency", "kernels")
+    inline_tables = {s: r.table(data, s, optional=True) for s in sections}
+    cal_tables = {s: cal_reader.table(cal, s, optional=True) for s in sections}
 
     def calibrated(section: str, key: str, unit: str, **bounds: Any) -> float:
         """A profile's inline value if it gives one, else the calibration file's."""
@@ -200,7 +230,15 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
             per_step_s=floor("per_step_s"),
             per_layer_s=floor("per_layer_s"),
             per_layer_per_hidden_s=floor("per_layer_per_hidden_s"),
+            launch_per_layer_s=floor("launch_per_layer_s"),
         ),
+        kernels=KernelCosts(
+            activation_bytes_per_hidden=calibrated(
+                "kernels", "activation_bytes_per_hidden", "B", strict=False
+            ),
+            kv_stream_bytes_per_s=calibrated("kernels", "kv_stream_bytes_per_s", "B/s"),
+        ),
+        parallelism=_parallelism(r, r.table(data, "parallelism", optional=True)),
         calibration=calibration,
         sources=dict(r.sources),
     )
@@ -225,6 +263,23 @@ def _memory_tiers(r: QuantityReader, memory: dict[str, Any]) -> list[tuple[str, 
             )
         )
     return tiers
+
+
+def _parallelism(r: QuantityReader, table: dict[str, Any]) -> Parallelism | None:
+    if not table:
+        return None
+
+    def count(key: str, unit: str) -> int:
+        value = r.quantity(table, key, unit, "parallelism.")
+        if value != int(value):
+            raise ConfigError(f"{r.origin}: parallelism.{key}.value: must be a whole number")
+        return int(value)
+
+    return Parallelism(
+        units=count("units", "SMs"),
+        gemm_tile_m=count("gemm_tile_m", "rows"),
+        gemm_tile_n=count("gemm_tile_n", "columns"),
+    )
 
 
 def _link(r: QuantityReader, table: dict[str, Any], prefix: str) -> Link:

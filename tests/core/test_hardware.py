@@ -39,6 +39,9 @@ def expected_source_keys(hw: Hardware) -> set[str]:
     keys |= {"scale_up.domain_devices", "power.tdp_w", "power.static_w"}
     keys |= {f"efficiency.{f.name}" for f in dataclasses.fields(hw.efficiency)}
     keys |= {f"latency.{f.name}" for f in dataclasses.fields(hw.latency)}
+    keys |= {f"kernels.{f.name}" for f in dataclasses.fields(hw.kernels)}
+    if hw.parallelism is not None:
+        keys |= {f"parallelism.{f.name}" for f in dataclasses.fields(hw.parallelism)}
     return keys
 
 
@@ -154,8 +157,10 @@ def test_inline_override_of_one_efficiency_and_one_latency(h100_text, write_prof
 
 def test_local_calibration_file_next_to_profile(h100_text, write_profile, tmp_path):
     builtin_fit = (resources.files("memorywall.core") / "calibration" / "gpu-fit.toml").read_text()
-    assert "value = 0.52," in builtin_fit  # the fitted attention efficiency
-    (tmp_path / "my-fit.toml").write_text(builtin_fit.replace("value = 0.52,", "value = 0.5,"))
+    fitted = load_hardware("h100-sxm").efficiency.attention
+    old = f"attention = {{ value = {fitted!r},"
+    assert old in builtin_fit
+    (tmp_path / "my-fit.toml").write_text(builtin_fit.replace(old, "attention = { value = 0.5,"))
     text = h100_text.replace('calibration = "gpu-fit"', 'calibration = "my-fit.toml"')
     hw = load_hardware(write_profile(text))
     assert hw.efficiency.attention == 0.5

@@ -1,0 +1,107 @@
+"""The weight GEMMs of a layer stack, and how long a GPU takes to compute one.
+
+A GPU computes a GEMM's output in tiles of `tile_m` rows (tokens) by
+`tile_n` columns, one tile per streaming multiprocessor (SM) at a time, so
+the time goes in whole waves of tiles (wave quantisation):
+
+    tiles = ceil(rows / tile_m) x ceil(n / tile_n)
+    tiles >= SMs:  ceil(tiles / SMs) waves, each one tile's work
+    tiles <  SMs:  one wave; the library splits K over floor(SMs / tiles) slices
+
+    tile work = 2 x tile_m x tile_n x k FLOPs at (peak x compute efficiency) / SMs
+
+Padding a tile costs as much as filling it; splitting K is what cuBLAS and
+CUTLASS do when a GEMM has too few tiles to fill the chip. Routed MoE experts
+are not tiled here (their per-expert row counts vary); they use the plain
+FLOP count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from memorywall.core.model import ModelShape
+from memorywall.core.work import Number
+
+
+@dataclass(frozen=True, slots=True)
+class Gemm:
+    """`count` GEMMs (one per layer) of k x n weights on each device."""
+
+    name: str
+    k: int
+    n: int
+    count: int
+    head: bool = False  # the LM head: its rows are the step's logits, not its tokens
+
+    @property
+    def params(self) -> int:
+        return self.k * self.n * self.count
+
+
+@dataclass(frozen=True, slots=True)
+class Tiling:
+    """How a GPU spreads a GEMM: SM count and output tile shape."""
+
+    units: int
+    tile_m: int
+    tile_n: int
+
+
+def weight_gemms(model: ModelShape, tp: int) -> tuple[Gemm, ...]:
+    """Every weight GEMM of one decode or prefill pass, per device under tensor parallelism.
+
+    Column-parallel projections (QKV, gate/up) split n, row-parallel ones (O,
+    down) split k; the MoE router is replicated. MLA's projections are taken
+    as one GEMM of k = hidden.
+    """
+    h, nl = model.hidden_size, model.n_layers
+    out: list[Gemm] = []
+    if model.mla is None:
+        q_cols = model.n_heads * model.head_dim
+        kv_cols = 2 * model.n_kv_heads * model.head_dim
+        out.append(Gemm("qkv", h, _split(q_cols + kv_cols, tp), nl))
+        out.append(Gemm("o", _split(q_cols, tp), h, nl))
+    else:
+        out.append(Gemm("attention", h, _split(model.attention_params_per_layer() // h, tp), nl))
+    if model.n_dense_layers:
+        f = model.dense_intermediate
+        out.append(Gemm("gate_up", h, _split(2 * f, tp), model.n_dense_layers))
+        out.append(Gemm("down", _split(f, tp), h, model.n_dense_layers))
+    if model.moe is not None:
+        m = model.moe
+        out.append(Gemm("router", h, m.n_experts, model.n_moe_layers))
+        if m.n_shared_experts:
+            f = m.n_shared_experts * m.shared_intermediate
+            out.append(Gemm("shared_gate_up", h, _split(2 * f, tp), model.n_moe_layers))
+            out.append(Gemm("shared_down", _split(f, tp), h, model.n_moe_layers))
+    out.append(Gemm("lm_head", h, _split(model.vocab_size, tp), 1, head=True))
+    return tuple(out)
+
+
+def _split(n: int, tp: int) -> int:
+    return max(1, -(-n // tp))
+
+
+def gemm_compute_s(rows: Number, gemm: Gemm, tiling: Tiling, unit_flops_per_s: float) -> Number:
+    """Wave-quantised compute time of `gemm.count` GEMMs of `rows` x k x n (module docstring).
+
+    `unit_flops_per_s` is one SM's share of the usable peak. Zero rows take no time.
+    """
+    n_tiles = -(-gemm.n // tiling.tile_n)
+    tile_s = 2.0 * tiling.tile_m * tiling.tile_n * gemm.k / unit_flops_per_s * gemm.count
+    u = tiling.units
+    if isinstance(rows, float | int):
+        if rows <= 0:
+            return 0.0
+        tiles = math.ceil(rows / tiling.tile_m) * n_tiles
+        waves = math.ceil(tiles / u) if tiles >= u else 1.0 / (u // tiles)
+        return waves * tile_s
+    tiles = np.ceil(np.asarray(rows, dtype=np.float64) / tiling.tile_m) * n_tiles
+    safe = np.maximum(tiles, 1.0)
+    slices = np.maximum(np.floor(u / safe), 1.0)  # K slices when tiles < u
+    waves = np.where(tiles >= u, np.ceil(safe / u), 1.0 / slices)
+    return np.where(tiles > 0, waves * tile_s, 0.0)
