@@ -93,8 +93,15 @@ def load_label(r: dict) -> str:
 
 
 def table(sweeps: Sequence[tuple[str, list[dict]]]) -> str:
-    header = ("sweep", "load", "TTFT mean", "TPOT mean", "tok/s/user", "output tok/s",
-              "tok/s/device")  # fmt: skip
+    header = (
+        "sweep",
+        "load",
+        "TTFT mean",
+        "TPOT mean",
+        "tok/s/user",
+        "output tok/s",
+        "tok/s/device",
+    )
     rows = [header]
     for label, results in sweeps:
         for r in results:
@@ -111,8 +118,9 @@ def table(sweeps: Sequence[tuple[str, list[dict]]]) -> str:
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     return "\n".join(lines)
 
 

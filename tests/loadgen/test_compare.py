@@ -78,10 +78,14 @@ def legends(monkeypatch) -> dict[str, list[str]]:
 
 def test_default_labels_say_what_each_sweep_measured(tmp_path, legends):
     wse = saved(tmp_path / "out" / "wse", hardware="wse-3", model="llama-3.1-8b", emulated=True)
-    h100 = saved(tmp_path / "out" / "h100", hardware="h100-sxm", model="llama-3.1-8b",
-                 devices=2, emulated=True)  # fmt: skip
-    vllm = saved(tmp_path / "vllm", model="meta-llama/Llama-3.1-8B",
-                 target="http://10.0.0.5:8000")  # fmt: skip
+    h100 = saved(
+        tmp_path / "out" / "h100",
+        hardware="h100-sxm",
+        model="llama-3.1-8b",
+        devices=2,
+        emulated=True,
+    )
+    vllm = saved(tmp_path / "vllm", model="meta-llama/Llama-3.1-8B", target="http://10.0.0.5:8000")
     bare = saved(tmp_path / "mystery", target="")
     rc, stdout, err = run(str(wse), str(h100), str(vllm), str(bare), "--out", str(tmp_path / "c"))
     assert rc == 0, err
@@ -117,8 +121,9 @@ def test_label_option_overrides_and_must_match_the_paths(tmp_path, legends):
 
 
 def test_a_label_set_at_bench_time_is_kept_and_collisions_name_the_folder(tmp_path):
-    named = saved(tmp_path / "n", hardware="wse-3", model="llama-3.1-8b", emulated=True,
-                  label="baseline")  # fmt: skip
+    named = saved(
+        tmp_path / "n", hardware="wse-3", model="llama-3.1-8b", emulated=True, label="baseline"
+    )
     one = saved(tmp_path / "first", hardware="wse-3", model="llama-3.1-8b", emulated=True)
     two = saved(tmp_path / "second", hardware="wse-3", model="llama-3.1-8b", emulated=True)
     rc, stdout, err = run(str(named), str(one), str(two / "summary.json"))

@@ -1,0 +1,269 @@
+"""`memorywall demo`: an emulated wafer and an emulated GPU serving the same load, side by side.
+
+Starts one real `memorywall serve` process per hardware on loopback (free ports, learnt
+from each server's ready file), drives each in turn with a short closed-loop sweep from the
+load generator, stops them, and prints what users got on each: TTFT, TPOT, per-user and
+aggregate tokens/s, tokens/s per device and per kW of rated power, each measured figure
+above the core's prediction for the same load. Plots and raw results go to one folder.
+
+Ctrl-C (SIGINT) or SIGTERM stops the servers and exits 130; a server that does not start
+is a one-line error and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from memorywall.core import load_hardware, load_model, plan_deployment
+from memorywall.demo_report import hints, table, users_text
+from memorywall.errors import ConfigError, MemorywallError
+from memorywall.ready import ReadyError, ServerReady, poll
+
+EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+DEFAULT_HARDWARE = ("wse-3", "h100-sxm")
+DEFAULT_MODEL = "llama-3.1-8b"
+DEFAULT_LEVELS = (1, 8, 32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    hardware: tuple[str, ...] = DEFAULT_HARDWARE
+    model: str = DEFAULT_MODEL
+    levels: tuple[int, ...] = DEFAULT_LEVELS  # closed-loop users
+    prompt_tokens: int = 128
+    output_tokens: int = 64
+    out: Path
+    keep_serving: bool = False
+    startup_timeout_s: float = 60.0
+    stop_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.hardware:
+            raise ConfigError("--hardware: name at least one profile")
+        twice = sorted({h for h in self.hardware if self.hardware.count(h) > 1})
+        if twice:
+            raise ConfigError(f"--hardware: {', '.join(twice)} named twice")
+        for hw in self.hardware:  # unknown names and models that cannot fit fail here
+            plan_deployment(load_hardware(hw), load_model(self.model))
+
+    def requests(self, users: int) -> int:
+        """Two rounds of requests per user, and at least four, at each level."""
+        return max(4, 2 * users)
+
+
+class DemoError(Exception):
+    """Something failed while the demo ran (not a bad flag): exit 1 with this one line."""
+
+
+@dataclass
+class _Server:
+    hardware: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    ready_file: Path
+    ready: ServerReady | None = None
+
+    @property
+    def name(self) -> str:
+        return self.hardware if self.ready is None else f"{self.hardware} x{self.ready.devices}"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()}" if lines else ""
+
+
+@dataclass
+class Servers:
+    """The demo's `memorywall serve` processes: started together, always stopped."""
+
+    config: DemoConfig
+    folder: Path
+    running: list[_Server] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for hw in self.config.hardware:
+            ready_file = self.folder / f"{hw}.ready.json"
+            ready_file.unlink(missing_ok=True)
+            log = self.folder / f"{hw}.log"
+            cmd = [sys.executable, "-m", "memorywall", "serve", "--hardware", hw]
+            cmd += ["--model", self.config.model, "--host", "127.0.0.1", "--port", "0"]
+            cmd += ["--http-port", "0", "--grace", "1", "--ready-file", str(ready_file)]
+            with log.open("wb") as f:
+                # Their own session: a terminal's Ctrl-C reaches the demo, which stops them.
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True
+                )
+            self.running.append(_Server(hw, proc, log, ready_file))
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while any(s.ready is None for s in self.running):
+            for s in self.running:
+                if s.ready is not None:
+                    continue
+                try:
+                    data = poll(s.ready_file, s.proc)
+                except ReadyError as e:
+                    raise DemoError(f"the {s.hardware} server {e}{_last_line(s.log)}") from None
+                if data is not None:
+                    s.ready = ServerReady.from_dict(data, str(s.ready_file))
+            if time.monotonic() > deadline:
+                late = ", ".join(s.hardware for s in self.running if s.ready is None)
+                raise DemoError(
+                    f"the {late} server did not start within "
+                    f"{self.config.startup_timeout_s:g} s; see {self.folder}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM each server still running, wait, then SIGKILL."""
+        alive = [s for s in self.running if s.proc.poll() is None]
+        for s in alive:
+            s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        for s in alive:
+            try:
+                s.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, even where the demo was started with
+    SIGINT ignored (a background job of a script), so either one stops the servers."""
+    previous = {
+        sig: signal.signal(sig, signal.default_int_handler)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[dict]:
+    """The closed-loop levels against one server, each level's files written as it ends."""
+    from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level, write_level
+    from memorywall.loadgen.workload import Fixed, SyntheticWorkload
+
+    ready = server.ready
+    facts = ServerFacts(
+        hardware=ready.hardware, model=ready.model, devices=ready.devices, emulated=True
+    )
+    tdp_w = load_hardware(server.hardware).tdp_w
+    results = []
+    for users in config.levels:
+        bench = BenchConfig(
+            target=ready.grpc_target,
+            workload=SyntheticWorkload(Fixed(config.prompt_tokens), Fixed(config.output_tokens)),
+            num_prompts=config.requests(users),
+            concurrency=(users,),
+            warmup=1,
+            label=server.hardware,
+        )
+        started = time.perf_counter()
+        result, records = run_level(bench, Level(f"c{users}", users, None), facts)
+        result["tdp_w"] = tdp_w  # rated power per device, for tokens/s per kW
+        write_level(out, result, records)
+        results.append(result)
+        # The load generator's bar (a terminal only) ends without a newline.
+        end = "\n" if err.isatty() else ""
+        print(
+            f"{end}{server.name}: {users_text(users)}, {bench.num_prompts} requests in "
+            f"{time.perf_counter() - started:.1f} s",
+            file=err,
+            flush=True,
+        )
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _write(
+    config: DemoConfig, servers: list[_Server], sweeps: dict[str, list[dict]], text: str
+) -> None:
+    from memorywall.loadgen import plots
+
+    out = config.out
+    labelled = [(s.name, sweeps[s.hardware]) for s in servers]
+    plots.per_user_vs_load(labelled, out / "per_user_vs_load.png")
+    plots.throughput_vs_interactivity(labelled, out / "throughput_vs_interactivity.png")
+    plots.latency_vs_load(labelled, out / "latency_vs_load.png")
+    (out / "table.txt").write_text(text + "\n")
+    raw = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "servers": {s.hardware: s.ready.as_dict() for s in servers},
+        "results": sweeps,
+    }
+    (out / "results.json").write_text(json.dumps(raw, indent=2))
+
+
+def _wait_for_interrupt(servers: Servers, out: TextIO) -> None:
+    print("servers up; Ctrl-C (SIGINT) or SIGTERM stops them", file=out, flush=True)
+    while True:
+        for s in servers.running:
+            if s.proc.poll() is not None:
+                raise DemoError(f"the {s.hardware} server exited (status {s.proc.returncode})")
+        time.sleep(0.2)
+
+
+def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run the demo; 0 when done, 1 on a runtime failure, 130 when interrupted."""
+    started = time.perf_counter()
+    servers = Servers(config, config.out / "servers")
+    try:
+        with _interruptible():
+            config.out.mkdir(parents=True, exist_ok=True)
+            print(
+                f"starting {', '.join(config.hardware)} serving {config.model} ...",
+                file=err,
+                flush=True,
+            )
+            servers.start()
+            servers.wait_ready()
+            names = ", ".join(f"{s.name} at {s.ready.grpc_target}" for s in servers.running)
+            print(f"ready: {names}", file=err, flush=True)
+            sweeps = {
+                s.hardware: _sweep(s, config, config.out / s.hardware, err) for s in servers.running
+            }
+            if not config.keep_serving:
+                servers.stop()
+            text = table(config, [(s.name, sweeps[s.hardware]) for s in servers.running])
+            print(text, file=out)
+            _write(config, servers.running, sweeps, text)
+            print(
+                f"\nwrote {config.out}/ (table, plots, raw results) in "
+                f"{time.perf_counter() - started:.0f} s",
+                file=out,
+                flush=True,
+            )
+            if config.keep_serving:
+                print(hints(config, [s.ready for s in servers.running]), file=out, flush=True)
+                _wait_for_interrupt(servers, out)
+    except KeyboardInterrupt:
+        servers.stop()
+        print("\nmemorywall demo: interrupted; servers stopped", file=err, flush=True)
+        return EXIT_INTERRUPTED
+    except (DemoError, OSError, MemorywallError) as e:
+        print(f"memorywall: error: {e}", file=err, flush=True)
+        return EXIT_RUNTIME
+    finally:
+        servers.stop()
+    return 0

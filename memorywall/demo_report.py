@@ -1,0 +1,162 @@
+"""What `memorywall demo` prints: the side-by-side table, and where to point tools next."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from memorywall.loadgen import rates
+
+if TYPE_CHECKING:
+    from memorywall.demo import DemoConfig
+    from memorywall.ready import ServerReady
+
+# The server's modelled TPOT this far above the core's step means the host could not keep
+# the emulated pace (the engine moves its timeline later rather than catch up); chunked
+# prefills of new requests legitimately add less (8% at 32 users on h100-sxm).
+MAX_TIMELINE_STRETCH = 1.25
+
+HEADER = (
+    "users",
+    "hardware",
+    "",
+    "TTFT ms",
+    "TPOT ms",
+    "tok/s/user",
+    "tok/s total",
+    "tok/s/device",
+    "tok/s/kW",
+)
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.2f}" if v < 10 else f"{v:,.1f}"
+
+
+def _rate(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _figures(r: dict, kind: str) -> list[str]:
+    """One row of figures: the level measured, or the core's prediction for it."""
+    measured = kind == "measured"
+    got = rates.measured(r) if measured else rates.predicted(r)
+    devices = r.get("devices", 1)
+    kw = devices * r["tdp_w"] / 1e3 if r.get("tdp_w") else None
+    total = got.total
+    return [
+        _ms(r.get("mean_ttft_ms" if measured else "predicted_ttft_ms")),
+        _ms(r.get("mean_tpot_ms" if measured else "predicted_tpot_ms")),
+        _rate(got.per_user),
+        _rate(total),
+        _rate(None if total is None else total / devices),
+        _rate(None if total is None or kw is None else total / kw),
+    ]
+
+
+def users_text(n: int) -> str:
+    return f"{n} user" if n == 1 else f"{n} users"
+
+
+def _stretch(r: dict) -> list[str]:
+    """A note when the server's own timeline ran slower than the core's step."""
+    modelled, core = r.get("mean_modelled_tpot_ms"), r.get("predicted_tpot_ms")
+    if not modelled or not core or modelled <= MAX_TIMELINE_STRETCH * core:
+        return []
+    return [
+        f"the server's timeline ran {modelled / core:.1f}x slower than the core's step "
+        f"(modelled TPOT {_ms(modelled)} ms, core {_ms(core)} ms): this machine could not "
+        "keep the emulated pace"
+    ]
+
+
+def _ratio_line(sweeps: Sequence[tuple[str, list[dict]]], levels: Sequence[int]) -> str | None:
+    """Per-user speed of the first backend over the second's, at each level (measured)."""
+    if len(sweeps) < 2:
+        return None
+    (a, ra), (b, rb) = sweeps[0], sweeps[1]
+    parts = []
+    for users, x, y in zip(levels, ra, rb, strict=True):
+        px, py = rates.measured(x).per_user, rates.measured(y).per_user
+        if px and py:
+            parts.append(f"{px / py:.1f}x at {users_text(users)}")
+    return f"Per-user speed, {a} over {b} (measured): {', '.join(parts)}." if parts else None
+
+
+def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
+    """Every level of every backend: a measured row, then the core's prediction below it."""
+    rows: list[Sequence[str]] = [HEADER]
+    notes = []
+    for i, users in enumerate(config.levels):
+        for j, (name, results) in enumerate(sweeps):
+            r = results[i]
+            doubts = [*r.get("suspect", []), *_stretch(r)]
+            mark = "*" if doubts else ""
+            if doubts:
+                notes.append(f"* {name}, {users_text(users)}: {'; '.join(doubts)}")
+            first = str(users) if j == 0 else ""
+            rows.append((first, name, "measured" + mark, *_figures(r, "measured")))
+            rows.append(("", "", "predicted", *_figures(r, "predicted")))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(HEADER))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if k < 3 else c.rjust(w)
+            for k, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    head = (
+        f"{config.model}, closed loop: {config.prompt_tokens}-token prompts, "
+        f"{config.output_tokens} output tokens.\n"
+        "measured: this machine's client against the emulated server. predicted: the core's "
+        "steady state for the same load\n(its TTFT is one prompt's prefill, without queueing). "
+        "tok/s/kW: per kW of the devices' rated power."
+    )
+    out = [head, "", *lines]
+    if ratio := _ratio_line(sweeps, config.levels):
+        out += ["", ratio]
+    if notes:
+        out += ["", "* not a fact about the emulated hardware:", *notes]
+    return "\n".join(out)
+
+
+def hints(config: DemoConfig, servers: Sequence[ServerReady]) -> str:
+    """How to point `bench`, curl, the openai client and smg at the servers left up."""
+    model = config.model
+    lines = ["", "The servers are still up:"]
+    for s in servers:
+        lines.append(
+            f"  {s.hardware} x{s.devices}: gRPC {s.grpc_target}, HTTP {s.http_url}, pid {s.pid}"
+        )
+    first = servers[0]
+    body = f'{{"model": "{model}", "prompt": "Hello", "max_tokens": 32, "stream": true}}'
+    client = (
+        "from openai import OpenAI; "
+        f"c = OpenAI(base_url='{first.http_url}/v1', api_key='none'); "
+        f"print(c.completions.create(model='{model}', prompt='Hello', max_tokens=16)"
+        ".choices[0].text)"
+    )
+    workers = " ".join(f"grpc://{s.grpc_target}" for s in servers)
+    out = shlex.quote(str(config.out))
+    lines += [
+        "",
+        "Try:",
+        f"  memorywall bench --target {first.grpc_target} --concurrency 1,4,16 "
+        f"--out {out}/more-{first.hardware}",
+        f"  curl -N {first.http_url}/v1/completions -H 'Content-Type: application/json' "
+        f"-d '{body}'",
+        f'  python -c "{client}"',  # no $, ` or " inside: safe in double quotes
+        f"  smg launch --worker-urls {workers} --policy round_robin --port 30000"
+        "   # pip install 'memorywall[gateway]'",
+        "  memorywall bench compare "
+        + " ".join(f"{out}/{s.hardware}" for s in servers)
+        + f" --out {out}/compare",
+    ]
+    return "\n".join(lines)

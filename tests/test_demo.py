@@ -1,0 +1,177 @@
+"""`memorywall demo` end to end at a tiny size: real servers, real load, nothing left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from memorywall import demo
+from memorywall.cli import main
+from memorywall.client import Client
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEMO = [sys.executable, "-m", "memorywall", "demo"]
+TINY = ["--levels", "1,2", "--input-len", "32", "--output-len", "8"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")  # a zombie runs nothing
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _all_gone(pids: list[int], timeout_s: float = 15) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _ready_servers(folder: Path, proc: subprocess.Popen, names: list[str]) -> dict[str, dict]:
+    """Each server's ready file as the demo's servers write it (the demo's own signal)."""
+    out: dict[str, dict] = {}
+    deadline = time.monotonic() + 90
+    while len(out) < len(names):
+        assert proc.poll() is None, f"demo exited {proc.returncode}"
+        assert time.monotonic() < deadline, "servers never became ready"
+        for name in names:
+            path = folder / "servers" / f"{name}.ready.json"
+            if name not in out and path.exists():
+                out[name] = json.loads(path.read_text())
+        time.sleep(0.05)
+    return out
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [*DEMO, *TINY, "--out", str(out)], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # Both backends at both levels, measured with the core's prediction below.
+    for name in ("wse-3 x1", "h100-sxm x1"):
+        rows = [line for line in lines if re.match(rf"^\d*\s+{name}\s+measured\*?\s+\d", line)]
+        assert len(rows) == 2, proc.stdout
+    predicted = [line for line in lines if line.split()[:1] == ["predicted"]]
+    assert len(predicted) == 4
+    assert "Per-user speed, wse-3 x1 over h100-sxm x1 (measured)" in proc.stdout
+    assert f"wrote {out}/" in proc.stdout
+    assert "ready: wse-3 x1 at 127.0.0.1:" in proc.stderr
+
+    raw = json.loads((out / "results.json").read_text())
+    assert set(raw["servers"]) == {"wse-3", "h100-sxm"}
+    for hw, levels in raw["results"].items():
+        assert [r["max_concurrency"] for r in levels] == [1, 2]
+        for r in levels:
+            assert r["completed"] == 4 and r["failed"] == 0
+            assert r["hardware"] == hw and r["model"] == "llama-3.1-8b"
+            assert r["predicted_tpot_ms"] > 0 and r["tdp_w"] > 0
+        assert json.loads((out / hw / "summary.json").read_text()) == levels
+        assert (out / hw / f"{hw}-c2.requests.jsonl").exists()
+    # The wafer's step is shorter than the GPU's, in the core's prediction.
+    wse, h100 = raw["results"]["wse-3"][0], raw["results"]["h100-sxm"][0]
+    assert wse["predicted_tpot_ms"] < h100["predicted_tpot_ms"]
+    assert (out / "table.txt").read_text().strip() in proc.stdout
+    for png in ("per_user_vs_load.png", "throughput_vs_interactivity.png", "latency_vs_load.png"):
+        assert (out / png).read_bytes().startswith(PNG_MAGIC), png
+    # The servers are gone, and so are their ready files.
+    assert _all_gone([s["pid"] for s in raw["servers"].values()])
+    assert sorted(p.name for p in (out / "servers").iterdir()) == ["h100-sxm.log", "wse-3.log"]
+
+
+def test_sigint_mid_run_leaves_no_process_behind(tmp_path):
+    out = tmp_path / "demo"
+    # h100-sxm first, 2000-token outputs: its first level alone would take about a minute.
+    cmd = [*DEMO, "--hardware", "h100-sxm,wse-3", "--levels", "1", "--output-len", "2000"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        servers = _ready_servers(out, proc, ["h100-sxm", "wse-3"])
+        deadline = time.monotonic() + 30
+        with Client(servers["h100-sxm"]["grpc_target"], timeout_s=5) as client:
+            while client.server_info().running < 1:  # the sweep is under way
+                assert time.monotonic() < deadline, "the sweep never started"
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == demo.EXIT_INTERRUPTED, stderr
+    assert "interrupted; servers stopped" in stderr
+    assert "wrote" not in stdout
+    assert _all_gone([s["pid"] for s in servers.values()])
+    assert not list((out / "servers").glob("*.ready.json"))
+
+
+def test_keep_serving_leaves_servers_up_until_sigterm(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [*DEMO, "--hardware", "wse-3", "--levels", "1", "--output-len", "4", "--keep-serving"]
+    log = tmp_path / "stdout"
+    with log.open("w") as f:
+        proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wse = _ready_servers(out, proc, ["wse-3"])["wse-3"]
+        deadline = time.monotonic() + 60
+        while "servers up" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        assert f"memorywall bench --target {wse['grpc_target']}" in text
+        assert f"curl -N {wse['http_url']}/v1/completions" in text
+        assert f"OpenAI(base_url='{wse['http_url']}/v1'" in text
+        assert f"smg launch --worker-urls grpc://{wse['grpc_target']}" in text
+        with urllib.request.urlopen(f"{wse['http_url']}/v1/models", timeout=10) as r:
+            assert json.load(r)["data"][0]["id"] == "llama-3.1-8b"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == demo.EXIT_INTERRUPTED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _all_gone([wse["pid"]])
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--hardware", "abacus"], "abacus"),
+        (["--hardware", "wse-3,wse-3"], "--hardware: wse-3 named twice"),
+        (["--model", "gpt-9"], "gpt-9"),
+        (["--levels", "0"], "--levels"),
+        (["--levels", "1,x"], "--levels"),
+        (["--output-len", "0"], "--output-len"),
+    ],
+)
+def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, fragment):
+    assert main(["demo", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memorywall: error:") and err.count("\n") == 1 and fragment in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_server_that_cannot_start_is_one_line_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.sys, "executable", "/bin/false")  # every spawn exits at once
+    config = demo.DemoConfig(hardware=("wse-3",), levels=(1,), out=tmp_path / "o")
+    err = io.StringIO()
+    assert demo.run(config, out=io.StringIO(), err=err) == 1
+    last = err.getvalue().splitlines()[-1]
+    assert last == "memorywall: error: the wse-3 server exited with status 1 before it was ready"
