@@ -22,7 +22,7 @@ from memorywall.server.engine.kv import (
     KVEvent,
     PrefixCacheStats,
 )
-from memorywall.server.engine.lag import LagSummary
+from memorywall.server.engine.lag import LagSummary, StallSummary
 from memorywall.server.engine.scheduler import FinishReason, Request
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "LagSummary",
     "PrefixCacheStats",
     "Request",
+    "StallSummary",
     "StepReport",
     "TokenGroup",
 ]
@@ -75,6 +76,12 @@ class Finished:
     preemptions: int
     energy_j: float
     last_token_id: int | None  # the matched stop token when `reason` is STOP
+    # Host stalls while the request was live moved its timeline this much later than the
+    # model alone would (in total, and between its first and last token): the timing above
+    # includes them, so the model's own decode time is `decode_s - decode_host_stall_s`.
+    host_stall_s: float = 0.0
+    decode_host_stall_s: float = 0.0
+    max_lag_s: float = 0.0  # the latest any of its tokens reached the front after its time
 
 
 Event = TokenGroup | Finished
@@ -107,6 +114,7 @@ class EngineStats:
     kv_used_tokens: int
     kv_total_tokens: int
     lag: LagSummary
+    host_stall: StallSummary
     uptime_s: float
     requests_finished: int
     requests_aborted: int
@@ -115,7 +123,7 @@ class EngineStats:
     steps: int
     modelled_energy_j: float
     draining: bool
-    stream_interval_s: float
+    stream_interval_s: float  # the longest a token is held for grouping now (0: none held)
     prefix_cache: PrefixCacheStats
 
     @property

@@ -47,3 +47,55 @@ class LagTracker:
             self.late,
             self.threshold_s,
         )
+
+
+@dataclass(frozen=True)
+class StallSummary:
+    """Host stalls: the engine woke past a deadline by more than its tolerance, so it moved the
+    modelled timeline later instead of running steps back to back to catch up."""
+
+    stalls: int
+    stalled_s: float  # modelled time the stalls added, in total
+    degraded: bool  # a stall within the last `window_s`
+    window_s: float
+
+
+class StallTracker:
+    """Decides when the host is late enough to re-anchor the timeline, and counts the cost.
+
+    The tolerance is `tolerance_s`, or `tolerance_fraction` of the step when that is shorter:
+    a wafer's 0.5 ms step may slip by a quarter millisecond, not by two of itself.
+    """
+
+    def __init__(
+        self, *, tolerance_s: float = 0.001, tolerance_fraction: float = 0.5, window_s: float = 5.0
+    ) -> None:
+        self.tolerance_s = tolerance_s
+        self.tolerance_fraction = tolerance_fraction
+        self.window_s = window_s
+        self.stalls = 0
+        self.stalled_s = 0.0
+        self._last_s = -float("inf")
+        self._reported_s = -float("inf")
+
+    def too_late(self, late_s: float, step_s: float | None = None) -> bool:
+        """Whether a wake-up `late_s` past its deadline breaks pacing (then call `record`)."""
+        tolerance = self.tolerance_s
+        if step_s is not None and step_s * self.tolerance_fraction < tolerance:
+            tolerance = step_s * self.tolerance_fraction
+        return late_s > tolerance
+
+    def record(self, lost_s: float, now_s: float) -> bool:
+        """Count a stall that cost `lost_s`; True when it opens a new report interval."""
+        self.stalls += 1
+        self.stalled_s += lost_s
+        self._last_s = now_s
+        if now_s - self._reported_s >= self.window_s:
+            self._reported_s = now_s
+            return True
+        return False
+
+    def summary(self, now_s: float) -> StallSummary:
+        return StallSummary(
+            self.stalls, self.stalled_s, now_s - self._last_s < self.window_s, self.window_s
+        )

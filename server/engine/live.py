@@ -3,10 +3,20 @@
 Steps run back to back on the modelled timeline: each starts where the last
 ended (or when work arrives, if idle), and the driver sleeps to each step's
 absolute end before applying it, so CPU time spent here never adds to modelled
-time. Tokens due together are handed to a stream as one group; under load the
-driver widens the grouping interval so the front end's message rate stays in
-budget, and every token keeps its modelled time. Transport agnostic: front
-ends reach it only through `api.EngineClient`, which it implements.
+time.
+
+Never faster than the model: when the host wakes past a deadline by more than a
+small tolerance (`lag.StallTracker`), the next step starts from the wake-up,
+not from the missed deadline, so the engine never runs steps back to back to
+catch up and no stream gets two tokens closer together than their modelled
+gap. The lost time is counted per request (`Finished.host_stall_s`), in
+`EngineStats.host_stall` and in a "degraded" log line once per interval.
+
+Each token goes to its stream alone while the message budget
+(`pacing.MessageBudget`) lasts; past it a token waits for its stream's next
+one, never longer than one step, and every token keeps its modelled time.
+Transport agnostic: front ends reach it only through `api.EngineClient`, which
+it implements.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
 
 from memorywall.errors import DrainingError, MemorywallError
 from memorywall.server.engine.api import (
@@ -29,19 +40,24 @@ from memorywall.server.engine.api import (
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock, MonotonicClock
-from memorywall.server.engine.lag import LagTracker
+from memorywall.server.engine.lag import LagTracker, StallTracker
+from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.scheduler import Emission, EngineCore, Sequence, Step
 from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
 
-LAG_WARNING_INTERVAL_S = 5.0
+# A held token waits for its stream's next one only if that comes within this many of its
+# own step times; a longer step (a big prefill chunk joined the batch) sends it first.
+HOLD_STEPS = 2.0
 
 
 class RequestStream:
     """One request's output as the front end reads it: token groups, then `Finished`."""
 
-    def __init__(self, engine: AsyncEngine, seq: Sequence, min_interval_s: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, seq: Sequence, min_interval_s: float, stalled_s: float
+    ) -> None:
         self._engine = engine
         self.sequence = seq
         self.request_id = seq.request.request_id
@@ -53,14 +69,18 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._last_flush_s = -1.0
         self._done = False
+        self._max_lag_s = 0.0
+        # The engine's stall total when the request arrived and when its first token came.
+        self.stalled_at_arrival_s = stalled_s
+        self.stalled_at_first_s: float | None = None
 
-    def _push(self, ids: tuple[int, ...], time_s: float) -> None:
+    def _push(self, ids: list[int], time_s: float) -> None:
         self._ids.extend(ids)
         self._times.extend([time_s] * len(ids))
 
-    def _due(self, now: float, interval_s: float) -> bool:
-        first = self._last_flush_s < 0
-        return first or now - self._last_flush_s >= max(interval_s, self.min_interval_s)
+    def _paced(self, now: float) -> bool:
+        """The client's own `min_interval_s` holds its tokens now."""
+        return self._last_flush_s >= 0 and now - self._last_flush_s < self.min_interval_s
 
     def _flush(self, now: float) -> None:
         self._last_flush_s = now
@@ -76,16 +96,19 @@ class RequestStream:
             if self._ids:
                 ids, times = tuple(self._ids), self._times
                 self._ids, self._times = [], []
-                self._engine._record_lag(times[0])
+                lag = self._engine._record_lag(times[0])
+                if lag > self._max_lag_s:
+                    self._max_lag_s = lag
                 seq = self.sequence
                 arrival = seq.arrival_s
-                text = "".join("" if i in self._engine.eos_ids else token_text(i) for i in ids)
+                eos = self._engine.eos_ids
+                text = "".join("" if i in eos else token_text(i) for i in ids)
                 # The last group is read once the engine has ended the request, so it
                 # carries the finish reason and the front needs no wait for `Finished`.
                 return TokenGroup(
                     token_ids=ids,
                     text=text,
-                    times_s=tuple(t - arrival for t in times),
+                    times_s=tuple([t - arrival for t in times]),
                     prompt_tokens=seq.prompt_len,
                     cached_tokens=seq.cached_tokens,
                     completion_tokens=len(seq.output_ids),
@@ -95,7 +118,7 @@ class RequestStream:
                 raise self._error
             if self._final is not None and not self._done:
                 self._done = True
-                return self._final
+                return replace(self._final, max_lag_s=self._max_lag_s)
             if self._done:
                 return None
             self._ready.clear()
@@ -115,6 +138,9 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """`max_messages_per_s`: the message budget (see `pacing`). `stall_tolerance_s`: how late
+    a wake-up may be before the timeline is re-anchored (or half a step, if shorter)."""
+
     def __init__(
         self,
         core: EngineCore,
@@ -122,6 +148,7 @@ class AsyncEngine:
         clock: Clock | None = None,
         max_messages_per_s: float,
         lag_threshold_s: float = 0.010,
+        stall_tolerance_s: float = 0.001,
         observers: Iterable[EngineObserver] = (),
     ) -> None:
         self.core = core
@@ -129,16 +156,20 @@ class AsyncEngine:
         self.max_messages_per_s = max_messages_per_s
         self.eos_ids = core.limits.eos_token_ids
         self._streams: dict[str, RequestStream] = {}
-        self._held: set[RequestStream] = set()  # streams with tokens waiting for their interval
+        # Tokens held for grouping, one step at most: stream -> latest time it may still go.
+        self._held: dict[RequestStream, float] = {}
+        self._paced: set[RequestStream] = set()  # streams held by their own min_interval_s
+        self._hold_s = 0.0  # how long the last step held tokens (0: none)
+        self._budget = MessageBudget(max_messages_per_s)
         self._idle = asyncio.Event()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lag = LagTracker(threshold_s=lag_threshold_s)
+        self._stalls = StallTracker(tolerance_s=stall_tolerance_s)
         self._started_s = time.monotonic()
         self.observers = list(observers)
         for observer in self.observers:
             observer.watch(self.stats)
-        self._last_warning_s = 0.0
         self.draining = False
 
     def now(self) -> float:
@@ -149,8 +180,8 @@ class AsyncEngine:
 
     @property
     def stream_interval_s(self) -> float:
-        """Grouping interval that keeps messages per second within budget."""
-        return len(self._streams) / self.max_messages_per_s
+        """The longest grouping holds a token now: 0 while every token goes out alone."""
+        return self._hold_s if self._held else 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="memorywall-engine")
@@ -166,7 +197,7 @@ class AsyncEngine:
             raise DrainingError("server is shutting down; not admitting new requests")
         now = self.clock.now()
         seq = self.core.add(request, now if arrival_s is None else min(arrival_s, now))
-        stream = RequestStream(self, seq, min_interval_s)
+        stream = RequestStream(self, seq, min_interval_s, self._stalls.stalled_s)
         self._streams[request.request_id] = stream
         self._work.set()
         return stream
@@ -179,7 +210,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             self._close(stream)
-            stream._end(self._report(self._finished(seq)))
+            stream._end(self._report(self._finished(stream)))
         return True
 
     async def drain(self, grace_s: float) -> None:
@@ -193,7 +224,7 @@ class AsyncEngine:
             seq = self.core.abort(request_id)
             self._close(stream)
             if seq is not None:
-                self._report(self._finished(seq))  # metrics count it as aborted
+                self._report(self._finished(stream))  # metrics count it as aborted
             stream._end(None, DrainingError("server shut down before the request finished"))
 
     async def stop(self) -> None:
@@ -212,6 +243,7 @@ class AsyncEngine:
             kv_used_tokens=self.core.kv_used_tokens,
             kv_total_tokens=self.core.pool.capacity_tokens,
             lag=self._lag.summary(),
+            host_stall=self._stalls.summary(self.clock.now()),
             uptime_s=time.monotonic() - self._started_s,
             requests_finished=c.finished,
             requests_aborted=c.aborted,
@@ -231,74 +263,122 @@ class AsyncEngine:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            # Back to back on the modelled timeline. An idle engine starts at the
-            # arrival that woke it: the time Python took to get here is not modelled.
-            step = self.core.schedule(max(last_end, self.core.next_arrival_s()))
+            start = last_end
+            arrival = self.core.next_arrival_s()
+            if arrival > last_end:
+                # Idle until this arrival: the step starts then, unless the host took too
+                # long to get here; then it starts now (the request's TTFT shows the wait).
+                start = arrival
+                now = self.clock.now()
+                if self._stalls.too_late(now - arrival):
+                    self._stall(now - arrival, now)
+                    start = now
+            step = self.core.schedule(start)
             if step is None:
                 await asyncio.sleep(0)
                 continue
+            if self._held and step.end_s > min(self._held.values()):
+                self._flush_held(self.clock.now())  # the next step is too long to wait for
             await self.clock.sleep_until(step.end_s)
+            woke = self.clock.now()
             emissions = self.core.complete(step)
-            self._deliver(emissions, self.clock.now())
+            self._deliver(emissions, woke, step.end_s - step.start_s)
             if self.observers:
                 report = step_report(step, emissions, self.core.counters.preemptions)
                 for observer in self.observers:
                     observer.on_step(report)
             last_end = step.end_s
+            late = woke - step.end_s
+            if self._stalls.too_late(late, step.end_s - step.start_s):
+                # Never catch up: the next step starts from the wake-up, not the deadline.
+                self._stall(late, woke)
+                last_end = woke
 
-    def _deliver(self, emissions: list[Emission], now: float) -> None:
-        interval = self.stream_interval_s
+    def _deliver(self, emissions: list[Emission], now: float, step_s: float) -> None:
+        """Hand a step's tokens to their streams, one message each while the budget lasts."""
+        budget = self._budget
+        budget.refill(now)
+        overdue, self._held = self._held, {}
+        stalled = self._stalls.stalled_s
         for e in emissions:
             stream = self._streams.get(e.sequence.request.request_id)
             if stream is None:
                 continue
             stream._push(e.token_ids, e.time_s)
+            if e.previous_token_s is None:
+                stream.stalled_at_first_s = stalled
             if e.finished:
+                overdue.pop(stream, None)
                 self._close(stream)
-                stream._end(self._report(self._finished(e.sequence)))
-            elif stream._due(now, interval):
+                stream._end(self._report(self._finished(stream)))
+                budget.spend()
+            elif stream.min_interval_s:
+                if stream._paced(now):
+                    self._paced.add(stream)
+                else:
+                    self._paced.discard(stream)
+                    stream._flush(now)
+                    budget.spend()
+            elif overdue.pop(stream, None) is not None or e.previous_token_s is None:
+                stream._flush(now)  # held a step already, or a first token: out now
+                budget.spend()
+            elif budget.take():
                 stream._flush(now)
             else:
-                self._held.add(stream)
-        for stream in [s for s in self._held if s._due(now, interval)]:
-            self._held.discard(stream)
+                self._held[stream] = e.time_s + HOLD_STEPS * step_s
+        for stream in overdue:  # held a step and given nothing since (preempted)
             stream._flush(now)
+            budget.spend()
+        self._hold_s = step_s
+        for stream in [s for s in self._paced if not s._paced(now)]:
+            self._paced.discard(stream)
+            stream._flush(now)
+
+    def _flush_held(self, now: float) -> None:
+        for stream in self._held:
+            stream._flush(now)
+            self._budget.spend()
+        self._held = {}
 
     def _close(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request_id, None)
-        self._held.discard(stream)
+        self._held.pop(stream, None)
+        self._paced.discard(stream)
         if not self._streams:
             self._idle.set()
 
-    def _record_lag(self, due_s: float) -> None:
-        now = self.clock.now()
-        lag = now - due_s
+    def _stall(self, lost_s: float, now: float) -> None:
+        if self._stalls.record(lost_s, now):
+            s = self._stalls
+            log.warning(
+                "degraded: the host woke %.2f ms past a modelled deadline; the timeline moved "
+                "later instead of catching up (%d stalls, %.1f ms lost so far). Clients see "
+                "slower tokens than the model: lower the load or the message rate.",
+                lost_s * 1e3,
+                s.stalls,
+                s.stalled_s * 1e3,
+            )
+
+    def _record_lag(self, due_s: float) -> float:
+        lag = self.clock.now() - due_s
         self._lag.record(lag)
         for observer in self.observers:
             observer.on_lag(lag)
-        if lag > self._lag.threshold_s and now - self._last_warning_s > LAG_WARNING_INTERVAL_S:
-            self._last_warning_s = now
-            s = self._lag.summary()
-            log.warning(
-                "emulation lagging: tokens handed out %.1f ms after their modelled time "
-                "(p99 %.1f ms over %d groups; %d late steps). Modelled time is kept, so "
-                "clients see late tokens: lower the load or the message rate.",
-                lag * 1e3,
-                s.p99_s * 1e3,
-                s.samples,
-                s.late_steps,
-            )
+        return lag
 
     def _report(self, finished: Finished) -> Finished:
         for observer in self.observers:
             observer.on_finish(finished)
         return finished
 
-    def _finished(self, seq: Sequence) -> Finished:
+    def _finished(self, stream: RequestStream) -> Finished:
+        seq = stream.sequence
         arrival = seq.arrival_s
         first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival
         first = seq.first_token_s if seq.first_token_s is not None else first_sched
         last = seq.last_token_s if seq.last_token_s is not None else first
+        stalled = self._stalls.stalled_s
+        stalled_first = stream.stalled_at_first_s
         return Finished(
             request_id=seq.request.request_id,
             reason=seq.finish_reason,
@@ -313,6 +393,8 @@ class AsyncEngine:
             preemptions=seq.preemptions,
             energy_j=seq.energy_j,
             last_token_id=seq.output_ids[-1] if seq.output_ids else None,
+            host_stall_s=stalled - stream.stalled_at_arrival_s,
+            decode_host_stall_s=0.0 if stalled_first is None else stalled - stalled_first,
         )
 
 

@@ -28,6 +28,7 @@ from memorywall.server.engine.api import (
     LagSummary,
     PrefixCacheStats,
     Request,
+    StallSummary,
     StepReport,
     TokenGroup,
 )
@@ -160,6 +161,7 @@ class TwinEngine:
             kv_used_tokens=used,
             kv_total_tokens=self.kv_total_tokens,
             lag=LagSummary(0, 0.0, 0.0, 0.0, 0.0, 0, 0.010),
+            host_stall=StallSummary(0, 0.0, False, 5.0),
             uptime_s=self._clock_s,
             requests_finished=self._done,
             requests_aborted=self._aborted,

@@ -152,6 +152,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             draining=s.draining,
             stream_interval_s=s.stream_interval_s,
             server_version=__version__,
+            host_stall=pb.HostStall(
+                stalls=s.host_stall.stalls,
+                stalled_s=s.host_stall.stalled_s,
+                degraded=s.host_stall.degraded,
+                window_s=s.host_stall.window_s,
+            ),
         )
 
 
@@ -173,4 +179,9 @@ def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:
         ),
         energy_j=f.energy_j,
         sampling=request.sampling,
+        lag=pb.RequestLag(
+            host_stall_s=f.host_stall_s,
+            decode_host_stall_s=f.decode_host_stall_s,
+            max_lag_s=f.max_lag_s,
+        ),
     )

@@ -8,7 +8,8 @@ series live under `memorywall:`.
 
 Every time is the engine's modelled time, what the emulated hardware would
 show, never the host's clock; `memorywall:emulation_lag_seconds` is the gap
-between the two.
+between the two, and `memorywall:degraded` says the host is falling behind
+(`memorywall:host_stall_seconds` counts the modelled time it cost).
 
 `on_step` runs after every engine step (every ~0.5 ms on a wafer), so it only
 adds to plain numbers: prometheus_client's metric objects take a lock per
@@ -296,10 +297,13 @@ class PrometheusMetrics:
         kv_usage = 0.0
         cache_queries = cache_hits = 0
         power_w = self.idle_power_w
+        degraded, stalls, stalled_s = False, 0, 0.0
         if self._stats is not None:
             s = self._stats()
             running, waiting, kv_usage = s.running, s.waiting, s.kv_usage
             cache_queries, cache_hits = s.prefix_cache.queries, s.prefix_cache.hits
+            stall = s.host_stall
+            degraded, stalls, stalled_s = stall.degraded, stall.stalls, stall.stalled_s
             if s.busy and self._last_step_power_w is not None:
                 power_w = self._last_step_power_w
 
@@ -370,6 +374,25 @@ class PrometheusMetrics:
             "the hardware's static power when idle.",
             labels,
             power_w,
+        )
+        yield _gauge(
+            "memorywall:degraded",
+            "1 while the host is falling behind the modelled timeline (a stall in the last "
+            "few seconds): tokens then come slower than the model, never faster.",
+            labels,
+            float(degraded),
+        )
+        yield _counter(
+            "memorywall:host_stalls",
+            "Times the engine woke past a modelled deadline and moved its timeline later.",
+            labels,
+            stalls,
+        )
+        yield _counter(
+            "memorywall:host_stall_seconds",
+            "Modelled time added by host stalls, in total.",
+            labels,
+            stalled_s,
         )
         yield _gauge(
             "memorywall:rated_power_watts",

@@ -146,6 +146,11 @@ def summary(f: Finished) -> dict[str, Any]:
             "preemptions": f.preemptions,
         },
         "energy_j": f.energy_j,
+        "lag": {
+            "host_stall_s": f.host_stall_s,
+            "decode_host_stall_s": f.decode_host_stall_s,
+            "max_lag_s": f.max_lag_s,
+        },
     }
 
 

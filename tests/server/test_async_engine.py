@@ -230,20 +230,6 @@ async def test_min_interval_groups_tokens_but_never_holds_the_first(fake_engine)
     assert times_of(groups) == sorted(times_of(groups))
 
 
-async def test_message_budget_widens_grouping_under_load(wse3_8b):
-    engine = await make_engine(wse3_8b, clock=FakeClock(), rate=200.0)
-    try:
-        streams = [engine.submit(request(f"r{i}", max_tokens=200)) for i in range(4)]
-        assert engine.stream_interval_s == pytest.approx(4 / 200.0)
-        results = await asyncio.gather(*(collect(s) for s in streams))
-        for groups, final in results:
-            assert len(ids_of(groups)) == final.completion_tokens == 200
-            assert len(groups) < 50
-        assert engine.stream_interval_s == 0
-    finally:
-        await asyncio.wait_for(engine.stop(), TIMEOUT_S)
-
-
 async def test_natural_length_stream_ends_with_eos_and_no_eos_text(fake_engine, wse3_8b):
     eos = set(wse3_8b.model.eos_token_ids)
     stopped = 0

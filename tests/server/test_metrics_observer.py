@@ -235,6 +235,9 @@ async def test_every_series_carries_the_model_name_and_vllm_types(wse3_8b):
         "memorywall:step_time_seconds": "histogram",
         "memorywall:modelled_energy_joules": "counter",
         "memorywall:modelled_power_watts": "gauge",
+        "memorywall:degraded": "gauge",
+        "memorywall:host_stalls": "counter",
+        "memorywall:host_stall_seconds": "counter",
         "memorywall:rated_power_watts": "gauge",
     }
     for (_, labels), _value in scrape.samples.items():

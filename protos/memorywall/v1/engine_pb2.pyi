@@ -115,18 +115,30 @@ class RequestTiming(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timing", "energy_j", "sampling")
+    __slots__ = ("finish_reason", "usage", "timing", "energy_j", "sampling", "lag")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timing: RequestTiming
     energy_j: float
     sampling: SamplingParams
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[RequestTiming, _Mapping]] = ..., energy_j: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    lag: RequestLag
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[RequestTiming, _Mapping]] = ..., energy_j: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., lag: _Optional[_Union[RequestLag, _Mapping]] = ...) -> None: ...
+
+class RequestLag(_message.Message):
+    __slots__ = ("host_stall_s", "decode_host_stall_s", "max_lag_s")
+    HOST_STALL_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_HOST_STALL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    host_stall_s: float
+    decode_host_stall_s: float
+    max_lag_s: float
+    def __init__(self, host_stall_s: _Optional[float] = ..., decode_host_stall_s: _Optional[float] = ..., max_lag_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "finished")
@@ -213,7 +225,7 @@ class LagStats(_message.Message):
     def __init__(self, samples: _Optional[int] = ..., mean_s: _Optional[float] = ..., p50_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., max_s: _Optional[float] = ..., late_steps: _Optional[int] = ..., threshold_s: _Optional[float] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage_fraction", "lag", "uptime_s", "requests_finished", "requests_aborted", "tokens_generated", "preemptions", "steps", "modelled_energy_j", "draining", "stream_interval_s", "server_version")
+    __slots__ = ("running", "waiting", "kv_used_tokens", "kv_total_tokens", "kv_usage_fraction", "lag", "uptime_s", "requests_finished", "requests_aborted", "tokens_generated", "preemptions", "steps", "modelled_energy_j", "draining", "stream_interval_s", "server_version", "host_stall")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +242,7 @@ class ServerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     STREAM_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_STALL_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_used_tokens: int
@@ -246,4 +259,17 @@ class ServerInfo(_message.Message):
     draining: bool
     stream_interval_s: float
     server_version: str
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage_fraction: _Optional[float] = ..., lag: _Optional[_Union[LagStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., modelled_energy_j: _Optional[float] = ..., draining: _Optional[bool] = ..., stream_interval_s: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
+    host_stall: HostStall
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_usage_fraction: _Optional[float] = ..., lag: _Optional[_Union[LagStats, _Mapping]] = ..., uptime_s: _Optional[float] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., preemptions: _Optional[int] = ..., steps: _Optional[int] = ..., modelled_energy_j: _Optional[float] = ..., draining: _Optional[bool] = ..., stream_interval_s: _Optional[float] = ..., server_version: _Optional[str] = ..., host_stall: _Optional[_Union[HostStall, _Mapping]] = ...) -> None: ...
+
+class HostStall(_message.Message):
+    __slots__ = ("stalls", "stalled_s", "degraded", "window_s")
+    STALLS_FIELD_NUMBER: _ClassVar[int]
+    STALLED_S_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    stalls: int
+    stalled_s: float
+    degraded: bool
+    window_s: float
+    def __init__(self, stalls: _Optional[int] = ..., stalled_s: _Optional[float] = ..., degraded: _Optional[bool] = ..., window_s: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,39 @@
+"""How many messages the host may send: a budget refilled on the engine clock.
+
+The live engine hands each token to its stream alone while the budget lasts;
+past it, a token waits for the stream's next one (never more than one step),
+so the message rate halves before the host falls behind.
+"""
+
+from __future__ import annotations
+
+
+class MessageBudget:
+    """`rate_per_s` messages a second, never saved up (or owed) beyond one refill interval."""
+
+    __slots__ = ("_last_s", "available", "rate_per_s")
+
+    def __init__(self, rate_per_s: float) -> None:
+        if rate_per_s <= 0:
+            raise ValueError(f"rate_per_s: must be > 0, got {rate_per_s}")
+        self.rate_per_s = rate_per_s
+        self.available = 0.0
+        self._last_s: float | None = None
+
+    def refill(self, now_s: float) -> None:
+        """Add what accrued since the last refill; at least one message's worth is allowed."""
+        accrued = 1.0 if self._last_s is None else self.rate_per_s * (now_s - self._last_s)
+        self._last_s = now_s
+        cap = max(accrued, 1.0)
+        self.available = max(min(self.available + accrued, cap), -cap)
+
+    def take(self) -> bool:
+        """Spend one message if the budget has it."""
+        if self.available >= 1.0:
+            self.available -= 1.0
+            return True
+        return False
+
+    def spend(self) -> None:
+        """Spend one message that must go out regardless (it may run the budget into debt)."""
+        self.available -= 1.0
