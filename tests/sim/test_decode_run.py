@@ -67,7 +67,7 @@ def run(core: EngineCore, arrivals: list[tuple[float, Request]], fast: bool) -> 
         "timelines": {k: (v.group_times_s, v.group_tokens, v) for k, v in engine.timelines.items()},
         "outputs": {k: tuple(s.output_ids) for k, s in core.live.items()},
         "counters": core.counters,
-        "pool": (pool.free_blocks, dict(pool.cached), list(pool.ref_counts), pool.cached_free_blocks),
+        "pool": (pool.free_blocks, dict(pool.cached), list(pool.ref_counts), len(pool._lru)),
         "now": engine.now_s,
     }
 

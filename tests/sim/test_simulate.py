@@ -1,0 +1,168 @@
+"""`memorywall simulate`: bench's files from the engine on a virtual clock, deterministic,
+released as the bench releases requests, and in step with a live server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memorywall.cli import main
+from memorywall.core import load_hardware, load_model, plan_deployment
+from memorywall.loadgen.bench import BenchConfig, Level
+from memorywall.loadgen.workload import Fixed, SyntheticWorkload, TraceWorkload
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.simulate import simulate_level
+
+WSE = ["--hardware", "wse-3", "--model", "llama-3.1-8b"]
+SMALL = ["--input-len", "64", "--output-len", "16"]
+
+
+def simulate(tmp: Path, *argv: str) -> list[dict]:
+    assert main(["simulate", *WSE, *argv, "--out", str(tmp)]) == 0
+    return json.loads((tmp / "summary.json").read_text())
+
+
+def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
+    results = simulate(tmp_path, "--concurrency", "1,4", "--num-prompts", "12", *SMALL)
+    for name in ("sim-c1.json", "sim-c4.json", "sim-c1.requests.jsonl", "sim-c4.requests.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    for name in ("latency_vs_load.png", "throughput_vs_interactivity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    c1, c4 = results
+    assert c1["simulated"] and c1["backend"] == "simulated"
+    assert c1["date"] is None and c1["machine"] is None and c1["client_cpu_fraction"] is None
+    assert (c1["completed"], c1["failed"], c1["warmup_requests"]) == (12, 0, 1)
+    assert c1["total_output_tokens"] == 12 * 16
+    # The client sees the modelled times (to the nanosecond the records keep).
+    assert c1["mean_ttft_ms"] == pytest.approx(c1["mean_modelled_ttft_ms"], abs=2e-6)
+    assert c1["mean_tpot_ms"] == pytest.approx(c1["predicted_tpot_ms"], rel=0.05)
+    assert c4["mean_tpot_ms"] > c1["mean_tpot_ms"]
+    wall = json.loads((tmp_path / "wall_time.json").read_text())
+    assert [lv["level"] for lv in wall["levels"]] == ["c1", "c4"]
+    assert all(lv["speedup"] > 1 for lv in wall["levels"])
+    assert "(simulated)" in capsys.readouterr().out
+    assert main(["bench", "compare", str(tmp_path)]) == 0
+
+
+def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
+    argv = ["--request-rate", "50", "--num-prompts", "30", "--input-len", "lognormal:200:0.5"]
+    argv += ["--output-len", "uniform:20:0.5", "--slo", "ttft=5ms"]
+    for run in ("a", "b"):
+        simulate(tmp_path / run, *argv, "--seed", "3")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.suffix in (".json", ".jsonl"))
+    names.remove("wall_time.json")
+    assert names == ["sim-rate50.json", "sim-rate50.requests.jsonl", "summary.json"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    other = simulate(tmp_path / "c", *argv, "--seed", "4")[0]
+    assert (
+        other["total_input_tokens"]
+        != json.loads((tmp_path / "a/summary.json").read_text())[0]["total_input_tokens"]
+    )
+
+
+def deployment():
+    return plan_deployment(load_hardware("wse-3"), load_model("llama-3.1-8b"))
+
+
+def config(**kw) -> BenchConfig:
+    values = {"target": "sim", "workload": SyntheticWorkload(Fixed(64), Fixed(32))}
+    values.update(kw)
+    return BenchConfig(**values)
+
+
+def in_flight(records) -> int:
+    """The most requests in flight at once (sent, not yet finished)."""
+    events = sorted(
+        [(r.sent_ns, 1) for r in records] + [(r.finished_ns, -1) for r in records],
+        key=lambda e: (e[0], e[1]),  # a finish frees its slot before a send at that instant
+    )
+    most = now = 0
+    for _, delta in events:
+        now += delta
+        most = max(most, now)
+    return most
+
+
+def test_closed_loop_sends_the_next_request_as_one_finishes() -> None:
+    run = simulate_level(
+        deployment(), EngineConfig(), config(num_prompts=20, warmup=2), Level("c3", 3, None)
+    )
+    records = [r for r in run.records if not r.warmup]
+    warm = [r for r in run.records if r.warmup]
+    assert warm[1].sent_ns == warm[0].finished_ns  # warm-ups one at a time, first
+    assert min(r.sent_ns for r in records) == warm[1].finished_ns
+    assert in_flight(records) == 3
+    finishes = {r.finished_ns for r in run.records}
+    assert all(r.sent_ns in finishes for r in records[3:])
+
+
+def test_open_loop_cap_and_duration() -> None:
+    cfg = config(num_prompts=40, request_rates=(400.0,), max_concurrency=2, warmup=0)
+    run = simulate_level(deployment(), EngineConfig(), cfg, Level("rate400", 2, 400.0))
+    assert in_flight(run.records) == 2
+    assert all(r.sent_ns >= r.scheduled_ns for r in run.records)
+    assert any(r.sent_ns > r.scheduled_ns for r in run.records)  # some waited for a slot
+    cfg = config(num_prompts=40, duration_s=0.02, request_rates=(400.0,))
+    short = simulate_level(deployment(), EngineConfig(), cfg, Level("rate400", None, 400.0))
+    assert 0 < len(short.records) < 40
+    assert all(r.scheduled_ns < 0.02e9 for r in short.records)
+
+
+def test_trace_arrivals_and_refused_requests(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    lines = [{"prompt_tokens": 32, "output_tokens": 8, "arrival_s": 0.1 * i} for i in range(5)]
+    lines[2]["prompt_tokens"] = 200_000  # past the context window: the engine refuses it
+    trace.write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = config(workload=TraceWorkload.from_jsonl(trace), num_prompts=5)
+    run = simulate_level(deployment(), EngineConfig(), cfg, Level("trace", None, None))
+    sent = [r.sent_ns for r in run.records if not r.warmup]
+    assert sent == [round(0.1 * i * 1e9) for i in range(5)]
+    assert run.result["failed"] == 1
+    assert "ContextLengthError" in next(iter(run.result["error_counts"]))
+
+
+def test_shared_prefix_hits_the_prefix_cache(tmp_path: Path) -> None:
+    results = simulate(
+        tmp_path, "--workload", "shared-prefix:2:256", "--input-len", "300", "--num-prompts", "10"
+    )
+    rows = [json.loads(line) for line in (tmp_path / "sim-c1.requests.jsonl").open()]
+    cached = [r["usage_cached_tokens"] for r in rows if not r["warmup"]]
+    # Each group's first request computes the group's 256 shared tokens (the warm-up has
+    # no group); every later one finds them cached, 16 whole blocks.
+    assert sorted(cached) == [0, 0] + [256] * 8
+    assert results[0]["mean_ttft_ms"] < 1.0
+
+
+BAD = {
+    "no hardware": ["--model", "llama-3.1-8b"],
+    "unknown hardware": ["--hardware", "h9000", "--model", "llama-3.1-8b"],
+    "zero users": [*WSE, "--concurrency", "0"],
+    "rate and users": [*WSE, "--concurrency", "2", "--request-rate", "4"],
+    "bad length": [*WSE, "--input-len", "lots"],
+    "bad slo": [*WSE, "--slo", "ttft=fast"],
+    "negative seed": [*WSE, "--seed", "-1"],
+    "missing trace": [*WSE, "--workload", "/nonexistent/trace.jsonl"],
+    "bad prefix": [*WSE, "--workload", "shared-prefix:0:10"],
+    "negative warmup": [*WSE, "--warmup", "-1"],
+    "zero seqs": [*WSE, "--max-num-seqs", "0"],
+    "bad precision": [*WSE, "--weight-precision", "fp3"],
+    "bench-only flag": [*WSE, "--target", "127.0.0.1:1"],
+}
+
+
+@pytest.mark.parametrize("argv", BAD.values(), ids=BAD.keys())
+def test_bad_flags_are_one_line_errors_with_exit_2(argv: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "memorywall", "simulate", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("memorywall: error: ")
+    assert proc.stderr.count("\n") == 1, proc.stderr
