@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memorywall import serve_options
 from memorywall.argtypes import (
     fraction,
     nonnegative_int,
@@ -144,6 +145,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             grace_s=args.grace,
             **budget,
+            **serve_options.server_options(args),
         ),
         ready_file=args.ready_file,
     )
@@ -402,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model, devices, limits); removed on exit",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve_options.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

@@ -13,9 +13,16 @@ class MemorywallError(Exception):
       says how many are needed.
     - `InvalidRequestError`: a generate request with a bad field; subclasses
       `ContextLengthError` (prompt + output beyond the context window) and
-      `RequestTooLargeError` (more KV than the whole deployment holds).
+      `RequestTooLargeError` (more KV than the whole deployment holds) and
+      `PayloadTooLargeError` (a request body or prompt beyond the server's limits).
     - `DuplicateRequestError`: a request id that is already live.
     - `DrainingError`: the server is shutting down and admits nothing new.
+    - `OverloadedError`: the waiting queue is full (`--max-waiting`); carries
+      `retry_after_s`.
+    - `UnauthenticatedError`: a missing or wrong API key.
+    - `InjectedFaultError`: a fault injected on purpose (`--faults`); one
+      subclass per status it answers with: `InjectedUnavailableError`,
+      `InjectedOverloadError`, `InjectedInternalError`, `InjectedTimeoutError`.
     """
 
 
@@ -43,9 +50,49 @@ class RequestTooLargeError(InvalidRequestError):
     """A request needs more KV cache than the whole deployment has."""
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """A request body or prompt beyond the server's limits (`--max-request-bytes`)."""
+
+
 class DuplicateRequestError(MemorywallError):
     """A request id that is already in flight."""
 
 
 class DrainingError(MemorywallError):
     """The engine is shutting down."""
+
+
+class OverloadedError(MemorywallError):
+    """The waiting queue is at its bound; the client may retry after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnauthenticatedError(MemorywallError):
+    """No API key, or not the server's."""
+
+
+class InjectedFaultError(MemorywallError):
+    """A failure injected on purpose; `fault` names it as the spec does (`error:internal`)."""
+
+    def __init__(self, message: str, *, fault: str) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+class InjectedUnavailableError(InjectedFaultError):
+    """An injected refusal or mid-stream abort that answers UNAVAILABLE / 503."""
+
+
+class InjectedOverloadError(InjectedFaultError):
+    """An injected refusal that answers RESOURCE_EXHAUSTED / 429."""
+
+
+class InjectedInternalError(InjectedFaultError):
+    """An injected refusal that answers INTERNAL / 500."""
+
+
+class InjectedTimeoutError(InjectedFaultError):
+    """An injected refusal that answers DEADLINE_EXCEEDED / 504."""

@@ -11,7 +11,7 @@ import gc
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,10 +23,18 @@ from memorywall.core import Deployment
 from memorywall.errors import ConfigError
 from memorywall.ready import ServerReady, remove, write_json
 from memorywall.server.engine.build import ModelCard, build_core
+from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.fronts.grpc_servicer import EngineServicer
-from memorywall.server.fronts.http_front import HttpSite, OpenAIFront, ServedMetrics, metrics_app
+from memorywall.server.fronts.guard_metrics import GuardMetrics
+from memorywall.server.fronts.http_front import (
+    MAX_BODY_BYTES,
+    HttpSite,
+    OpenAIFront,
+    ServedMetrics,
+    metrics_app,
+)
 from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
 from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
@@ -53,6 +61,9 @@ class ServerConfig:
     # message, and on a 2-core machine shared with the client, 4,000 messages/s
     # kept the p99 token lateness lowest (benchmarks/server_fidelity.py).
     max_messages_per_s: float = 4_000.0
+    guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
+    # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
+    max_request_bytes: int = MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:
@@ -85,11 +96,27 @@ class EmulatorServer:
             max_messages_per_s=config.max_messages_per_s,
             observers=[metrics] if metrics is not None else (),
         )
+        self.guard_metrics = GuardMetrics(self.card.model)
+        if isinstance(metrics, PrometheusMetrics):
+            metrics.registry.register(self.guard_metrics)
+        # What every front talks to: admission and faults in front of the engine.
+        self.guarded = GuardedEngine(
+            self.engine,
+            config.guard,
+            waiting=lambda: len(core.waiting),
+            observers=[self.guard_metrics],
+        )
         self.server = self._grpc_server(engine_config.seed) if config.grpc else None
         self.http: HttpSite | None = None
         if config.http_port is not None:
             tokenizer = load_tokenizer(config.tokenizer, self.card.vocab_size)
-            front = OpenAIFront(self.engine, self.card, tokenizer, metrics)
+            front = OpenAIFront(
+                self.guarded,
+                self.card,
+                tokenizer,
+                metrics,
+                max_request_bytes=config.max_request_bytes,
+            )
             self.http = HttpSite(front.app())
         self.metrics_site: HttpSite | None = None
         if config.metrics_port is not None:
@@ -98,12 +125,19 @@ class EmulatorServer:
 
     def _grpc_server(self, seed: int) -> grpc.aio.Server:
         self.health = health_aio.HealthServicer()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        limit = self.config.max_request_bytes
+        options = [
+            ("grpc.so_reuseport", 0),
+            # Up to twice the limit reaches the servicer, which answers INVALID_ARGUMENT
+            # naming the limit; grpc itself refuses larger (RESOURCE_EXHAUSTED) unread.
+            ("grpc.max_receive_message_length", 2 * limit),
+        ]
+        server = grpc.aio.server(options=options)
         engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(self.engine, self.card, seed), server
+            EngineServicer(self.guarded, self.card, seed, max_request_bytes=limit), server
         )
         # SGLang's worker API, for the smg gateway: the same engine, the same port.
-        add_to_server(SglangServicer(self.engine, self.card), server)
+        add_to_server(SglangServicer(self.guarded, self.card), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

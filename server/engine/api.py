@@ -82,6 +82,7 @@ class Finished:
     host_stall_s: float = 0.0
     decode_host_stall_s: float = 0.0
     max_lag_s: float = 0.0  # the latest any of its tokens reached the front after its time
+    fault: str | None = None  # an injected fault that shaped the request (`stall:0.5`)
 
 
 Event = TokenGroup | Finished

@@ -8,11 +8,18 @@ import uuid
 import grpc
 
 from memorywall import __version__
-from memorywall.errors import InvalidRequestError, MemorywallError, NotFoundError
+from memorywall.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    MemorywallError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
 from memorywall.server.engine.api import EngineClient, Finished, FinishReason, Request, TokenGroup
 from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.guard import fault_from_header, submit_with_fault
 from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids
-from memorywall.server.fronts.status import grpc_status
+from memorywall.server.fronts.status import FAULT_HEADER, grpc_status, grpc_trailers
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 
@@ -24,15 +31,26 @@ _FINISH = {
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, engine: EngineClient, card: ModelCard, seed: int = 0) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        card: ModelCard,
+        seed: int = 0,
+        *,
+        max_request_bytes: int | None = None,
+    ) -> None:
         self.engine = engine
         self.card = card
         self.seed = seed
+        self.max_request_bytes = max_request_bytes
         # Unnamed token-count prompts are numbered in arrival order, so each gets its own
         # content (no accidental prefix-cache hits) and a given order replays the same.
         self._unnamed = itertools.count()
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
+        limit = self.max_request_bytes
+        if limit is not None and (size := r.ByteSize()) > limit:
+            raise PayloadTooLargeError(f"request: {size:,} bytes, more than the limit of {limit:,}")
         if r.model and r.model != self.card.model:
             raise NotFoundError(
                 f"model {r.model!r} is not served here; this server serves {self.card.model!r}"
@@ -51,6 +69,12 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     f"prompt: token id {bad} is outside the vocabulary of {vocab}"
                 )
         elif kind == "token_count":
+            # Checked before the prompt is built: a uint32 count could take gigabytes.
+            if r.token_count > self.card.context_window:
+                raise ContextLengthError(
+                    f"prompt: token_count {r.token_count:,} is more than the context window "
+                    f"of {self.card.context_window:,}"
+                )
             key = r.request_id or next(self._unnamed)
             prompt = synthetic_prompt(r.token_count, digest(self.seed, key), vocab)
         else:
@@ -77,11 +101,15 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         arrival_s = self.engine.now()
         try:
             domain = self.to_request(request)
-            stream = self.engine.submit(
-                domain, min_interval_s=request.stream_options.min_interval_s, arrival_s=arrival_s
+            stream = submit_with_fault(
+                self.engine,
+                domain,
+                fault_from_header(_metadata(context, FAULT_HEADER)),
+                min_interval_s=request.stream_options.min_interval_s,
+                arrival_s=arrival_s,
             )
         except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e))
+            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
         rid = domain.request_id
         try:
             # Headers go out now, not with the first token: clients start TTFT clocks on them.
@@ -95,7 +123,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 else:
                     yield pb.GenerateResponse(request_id=rid, finished=_finished(event, request))
         except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e))
+            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
         finally:
             # Cancelled, deadline passed or client gone: free the slot and KV now.
             stream.close()
@@ -161,6 +189,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         )
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """The first value of invocation metadata `key` (lower case), or None."""
+    return next((v for k, v in context.invocation_metadata() or () if k == key), None)
+
+
 def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:
     return pb.Finished(
         finish_reason=_FINISH[f.reason],
@@ -184,4 +217,5 @@ def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:
             decode_host_stall_s=f.decode_host_stall_s,
             max_lag_s=f.max_lag_s,
         ),
+        fault=f.fault or "",
     )

@@ -22,8 +22,10 @@ from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
 from memorywall.server.engine.api import EngineClient, EngineObserver, EventStream, Finished
 from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.guard import fault_from_header, submit_with_fault
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
+from memorywall.server.fronts.status import FAULT_HEADER, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 # Prompts given as token ids run to ~7 bytes a token: room for a 128k-token context.
@@ -43,8 +45,13 @@ class ServedMetrics(EngineObserver, MetricsSource, Protocol):
     """Metrics the engine feeds and /metrics renders."""
 
 
-def error_response(status: int, body: dict) -> web.Response:
-    return web.json_response(body, status=status)
+def error_response(status: int, body: dict, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def error_reply(error: MemorywallError) -> web.Response:
+    """A domain error as its status, OpenAI error body and headers (Retry-After, ...)."""
+    return error_response(*error_for(error), http_headers(error))
 
 
 @web.middleware
@@ -65,15 +72,18 @@ class OpenAIFront:
         card: ModelCard,
         tokenizer: PromptTokenizer,
         metrics: MetricsSource | None = None,
+        *,
+        max_request_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.engine = engine
+        self.max_request_bytes = max_request_bytes
         self.card = card
         self.api = OpenAIApi(card, tokenizer)
         self.metrics = metrics
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[openai_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -98,11 +108,15 @@ class OpenAIFront:
         try:
             body = await _json_body(request)
             call = self.api.to_call(body, endpoint, request.headers.get("X-Request-Id"))
-            stream = self.engine.submit(
-                call.request, min_interval_s=call.min_interval_s, arrival_s=arrival_s
+            stream = submit_with_fault(
+                self.engine,
+                call.request,
+                fault_from_header(request.headers.get(FAULT_HEADER)),
+                min_interval_s=call.min_interval_s,
+                arrival_s=arrival_s,
             )
         except MemorywallError as e:
-            return error_response(*error_for(e))
+            return error_reply(e)
         reply = Reply(call, self.card.model, int(time.time()))
         try:
             if call.stream:
@@ -141,7 +155,7 @@ class OpenAIFront:
                     return web.json_response(reply.body(groups, event), headers=_headers(call))
                 groups.append(event)
         except MemorywallError as e:
-            return error_response(*error_for(e))
+            return error_reply(e)
         raise AssertionError("a request stream ends with Finished")
 
     async def models(self, request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ DEFAULT_CHAT_MAX_TOKENS = 1024
 # The `type` of an error body: the OpenAI client's exception class for the status.
 ERROR_TYPE = {
     400: "BadRequestError",
+    401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     409: "ConflictError",
@@ -43,6 +44,7 @@ ERROR_TYPE = {
     429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
 }
 
 

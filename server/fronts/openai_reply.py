@@ -136,7 +136,7 @@ class Reply:
 
 def summary(f: Finished) -> dict[str, Any]:
     """The engine's modelled account of one request, as gRPC's `Finished` carries it."""
-    return {
+    out: dict[str, Any] = {
         "timing": {
             "queue_s": f.queue_s,
             "prefill_s": f.prefill_s,
@@ -152,6 +152,9 @@ def summary(f: Finished) -> dict[str, Any]:
             "max_lag_s": f.max_lag_s,
         },
     }
+    if f.fault is not None:
+        out["fault"] = f.fault
+    return out
 
 
 def model_list(card: ModelCard, created: int) -> dict[str, Any]:

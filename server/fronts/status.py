@@ -1,11 +1,17 @@
 """Domain errors to wire statuses: one table that every front end uses.
 
 The most specific class in an error's MRO wins. ContextLengthError and
-RequestTooLargeError are InvalidRequestErrors: INVALID_ARGUMENT / 400, as vLLM.
+RequestTooLargeError are InvalidRequestErrors: INVALID_ARGUMENT / 400, as vLLM;
+PayloadTooLargeError is INVALID_ARGUMENT / 413. Injected faults have a table of
+their own (`FAULT_STATUS`): they are the only errors that may answer INTERNAL on
+purpose. Besides the status, some errors carry metadata: an overloaded server
+says when to retry (HTTP `Retry-After`, gRPC `grpc-retry-pushback-ms` as gRPC's
+retry design reads it) and an injected fault names itself (`x-memorywall-fault`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -14,10 +20,20 @@ from memorywall.errors import (
     CapacityError,
     DrainingError,
     DuplicateRequestError,
+    InjectedFaultError,
+    InjectedInternalError,
+    InjectedOverloadError,
+    InjectedTimeoutError,
+    InjectedUnavailableError,
     InvalidRequestError,
     MemorywallError,
     NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnauthenticatedError,
 )
+
+FAULT_HEADER = "x-memorywall-fault"
 
 
 @dataclass(frozen=True)
@@ -28,18 +44,28 @@ class WireStatus:
 
 STATUS_FOR: dict[type[MemorywallError], WireStatus] = {
     InvalidRequestError: WireStatus(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    PayloadTooLargeError: WireStatus(grpc.StatusCode.INVALID_ARGUMENT, 413),
+    UnauthenticatedError: WireStatus(grpc.StatusCode.UNAUTHENTICATED, 401),
     NotFoundError: WireStatus(grpc.StatusCode.NOT_FOUND, 404),
     DuplicateRequestError: WireStatus(grpc.StatusCode.ALREADY_EXISTS, 409),
     CapacityError: WireStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    OverloadedError: WireStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DrainingError: WireStatus(grpc.StatusCode.UNAVAILABLE, 503),
+}
+FAULT_STATUS: dict[type[InjectedFaultError], WireStatus] = {
+    InjectedUnavailableError: WireStatus(grpc.StatusCode.UNAVAILABLE, 503),
+    InjectedOverloadError: WireStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    InjectedInternalError: WireStatus(grpc.StatusCode.INTERNAL, 500),
+    InjectedTimeoutError: WireStatus(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
 }
 INTERNAL = WireStatus(grpc.StatusCode.INTERNAL, 500)
 
 
 def wire_status(error: MemorywallError) -> WireStatus:
+    table = FAULT_STATUS if isinstance(error, InjectedFaultError) else STATUS_FOR
     for cls in type(error).__mro__:
-        if cls in STATUS_FOR:
-            return STATUS_FOR[cls]
+        if cls in table:
+            return table[cls]
     return INTERNAL
 
 
@@ -49,3 +75,23 @@ def grpc_status(error: MemorywallError) -> grpc.StatusCode:
 
 def http_status(error: MemorywallError) -> int:
     return wire_status(error).http
+
+
+def http_headers(error: MemorywallError) -> dict[str, str]:
+    """Headers an HTTP error answer carries besides its body."""
+    if isinstance(error, OverloadedError):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    if isinstance(error, InjectedFaultError):
+        return {FAULT_HEADER: error.fault}
+    if isinstance(error, UnauthenticatedError):
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
+def grpc_trailers(error: MemorywallError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata a gRPC error status carries."""
+    if isinstance(error, OverloadedError):
+        return (("grpc-retry-pushback-ms", str(max(0, round(error.retry_after_s * 1e3)))),)
+    if isinstance(error, InjectedFaultError):
+        return ((FAULT_HEADER, error.fault),)
+    return ()

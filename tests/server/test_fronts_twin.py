@@ -82,7 +82,7 @@ def test_every_domain_error_has_one_status_per_wire():
         assert grpc_status(error) is status.grpc
         assert http_status(error) == status.http
         assert status.grpc is not grpc.StatusCode.INTERNAL
-        assert status.http in (400, 404, 409, 429, 503)
+        assert status.http in (400, 401, 404, 409, 413, 429, 503, 504)
 
 
 # --- memorywall.v1 ------------------------------------------------------------------------

@@ -362,6 +362,9 @@ async def test_deadline_shorter_than_request_frees_kv(wse3):
 class CancelledAtHeaders:
     """A servicer context whose client goes away while the response headers are being sent."""
 
+    def invocation_metadata(self) -> tuple:
+        return ()
+
     async def send_initial_metadata(self, metadata) -> None:
         raise asyncio.CancelledError
 

@@ -115,20 +115,22 @@ class RequestTiming(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timing", "energy_j", "sampling", "lag")
+    __slots__ = ("finish_reason", "usage", "timing", "energy_j", "sampling", "fault", "lag")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     LAG_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timing: RequestTiming
     energy_j: float
     sampling: SamplingParams
+    fault: str
     lag: RequestLag
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[RequestTiming, _Mapping]] = ..., energy_j: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., lag: _Optional[_Union[RequestLag, _Mapping]] = ...) -> None: ...
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[RequestTiming, _Mapping]] = ..., energy_j: _Optional[float] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., fault: _Optional[str] = ..., lag: _Optional[_Union[RequestLag, _Mapping]] = ...) -> None: ...
 
 class RequestLag(_message.Message):
     __slots__ = ("host_stall_s", "decode_host_stall_s", "max_lag_s")
