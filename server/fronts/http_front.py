@@ -130,10 +130,10 @@ class OpenAIFront:
         self, request: web.Request, stream: EventStream, call: Call, reply: Reply
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_headers(call, "text/event-stream"))
-        # Headers go out now, not with the first token: clients start TTFT clocks on them.
-        await response.prepare(request)
         opening = reply.role_event() if reply.chat else b""
         try:
+            # Headers go out now, not with the first token: clients start TTFT clocks on them.
+            await response.prepare(request)
             try:
                 async for event in stream:
                     if isinstance(event, Finished):
