@@ -23,6 +23,7 @@ from memorywall.core import (
     plan_deployment,
     predict,
 )
+from memorywall.loadgen.plots import level_axis, plain_log_axis
 
 BACKEND_COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "b200": "tab:green"}
 BREAKDOWN_CONTEXT = 640  # the study's prompt plus half its output
@@ -41,30 +42,49 @@ def _per_user(r: dict, key: str = "mean_modelled_tpot_ms") -> float | None:
     return 1e3 / r[key] if r.get(key) else None
 
 
-def _model_grid(results, models, draw, ylabel, path, logy=True):
+def _model_grid(results, models, draw, ylabel, path, title):
+    """One panel per model against concurrent users; `draw` returns the y values it drew."""
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
+        ys, xs = [], []
         for hw, colour in BACKEND_COLOURS.items():
-            draw(ax, _by(results, model, hw), hw, colour)
+            if rows := _by(results, model, hw):
+                xs += [r["max_concurrency"] for r in rows]
+                ys += draw(ax, rows, hw, colour)
         ax.set_title(model)
-        ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
+        level_axis(ax, xs, "concurrent users")
+        plain_log_axis(ax, "y", ys)
         ax.grid(True, which="both", alpha=0.3)
-        ax.set_xlabel("concurrent users")
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("emulated: solid = server's modelled timeline, hollow = measured by the client")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _curve(modelled_key, measured_key, transform):
+    """The server's modelled timeline (solid) and the client's measurement (hollow)."""
+
     def draw(ax, rows, hw, colour):
         x = [r["max_concurrency"] for r in rows]
-        ax.plot(x, [transform(r, modelled_key) for r in rows], "-o", color=colour, label=hw)
-        ax.plot(x, [transform(r, measured_key) for r in rows], "o", mfc="none", color=colour)
+        modelled = [transform(r, modelled_key) for r in rows]
+        measured = [transform(r, measured_key) for r in rows]
+        ax.plot(x, modelled, "-o", color=colour, label=f"{hw}: modelled")
+        ax.plot(x, measured, "o", mfc="none", color=colour, label=f"{hw}: measured")
+        return [v for v in modelled + measured if v is not None]
+
+    return draw
+
+
+def _modelled_only(key):
+    """A quantity only the server's model knows (e.g. energy): one solid line per backend."""
+
+    def draw(ax, rows, hw, colour):
+        x = [r["max_concurrency"] for r in rows]
+        y = [r.get(key) for r in rows]
+        ax.plot(x, y, "-o", color=colour, label=f"{hw}: modelled")
+        return [v for v in y if v is not None]
 
     return draw
 
@@ -80,24 +100,30 @@ def modelled_throughput(r: dict) -> float:
 def _tradeoff(results, models, path):
     fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 7.5), squeeze=False)
     for col, model in enumerate(models):
+        xs, ys = [], [[], []]
         for hw, colour in BACKEND_COLOURS.items():
-            rows = _by(results, model, hw)
+            if not (rows := _by(results, model, hw)):
+                continue
             x = [_per_user(r) for r in rows]
             per_device = [modelled_throughput(r) / r["devices"] for r in rows]
             per_kw = [modelled_throughput(r) / (r["devices"] * r["tdp_w"] / 1e3) for r in rows]
-            axes[0][col].plot(x, per_device, "-o", color=colour, label=hw)
-            axes[1][col].plot(x, per_kw, "-o", color=colour, label=hw)
+            axes[0][col].plot(x, per_device, "-o", color=colour, label=f"{hw}: modelled")
+            axes[1][col].plot(x, per_kw, "-o", color=colour, label=f"{hw}: modelled")
+            xs += x
+            ys[0] += per_device
+            ys[1] += per_kw
         axes[0][col].set_title(model)
         for row in (0, 1):
             ax = axes[row][col]
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            plain_log_axis(ax, "x", xs)
+            plain_log_axis(ax, "y", ys[row])
             ax.grid(True, which="both", alpha=0.3)
-            ax.set_xlabel("per-user output tok/s (modelled)")
+            ax.set_xlabel("output tok/s per user (modelled)")
     axes[0][0].set_ylabel("output tok/s per device (modelled)")
     axes[1][0].set_ylabel("output tok/s per kW of rated power (modelled)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Throughput against interactivity, concurrency 1-64 (emulated)")
+    axes[0][-1].legend(fontsize=7)
+    users = [r["max_concurrency"] for r in results if r["request_rate"] is None]
+    fig.suptitle(f"Throughput against interactivity,\n{min(users)}-{max(users)} users (emulated)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -181,7 +207,7 @@ def context_scaling(model: str, path: Path) -> list[dict]:
                 rate,
                 style,
                 color=colour,
-                label=f"{hw} x{deployment.devices}, batch {batch}",
+                label=f"{hw} x{deployment.devices}, batch {batch}: core",
             )
             longest = int(contexts[fits].max()) if fits.any() else 0
             rows.append(
@@ -194,10 +220,10 @@ def context_scaling(model: str, path: Path) -> list[dict]:
                     "longest_context": longest,
                 }
             )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    plain_log_axis(ax, "x", contexts)
+    plain_log_axis(ax, "y", [v for line in ax.get_lines() for v in line.get_ydata()])
     ax.set_xlabel("context (cached tokens per sequence)")
-    ax.set_ylabel("per-user tok/s (core)")
+    ax.set_ylabel("output tok/s per user (core)")
     ax.set_title(f"{model}: per-user speed against context; lines end where KV runs out")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -233,12 +259,14 @@ def write(data: dict, out: Path) -> None:
     models = sorted(
         {r["model"] for r in results}, key=lambda m: [r["model"] for r in results].index(m)
     )
+    both = "emulated: solid = the server's modelled timeline,\nhollow = measured by the client"
     _model_grid(
         results,
         models,
         _curve("mean_modelled_tpot_ms", "mean_tpot_ms", _per_user),
-        "per-user output tok/s",
+        "output tok/s per user",
         out / "per_user_vs_concurrency.png",
+        both,
     )
     _model_grid(
         results,
@@ -246,18 +274,16 @@ def write(data: dict, out: Path) -> None:
         _curve("mean_modelled_ttft_ms", "mean_ttft_ms", lambda r, k: r.get(k)),
         "mean TTFT (ms)",
         out / "ttft_vs_concurrency.png",
+        both,
     )
     _tradeoff(results, models, out / "throughput_vs_interactivity.png")
     _model_grid(
         results,
         models,
-        _curve(
-            "modelled_energy_j_per_output_token",
-            "modelled_energy_j_per_output_token",
-            lambda r, k: r.get(k),
-        ),
-        "modelled J per output token",
+        _modelled_only("modelled_energy_j_per_output_token"),
+        "energy per output token (J, modelled)",
         out / "energy_per_token.png",
+        "emulated: energy from the server's model\n(no client can measure it)",
     )
     breakdown = step_breakdowns(MODELS)
     _breakdown_plot(breakdown, out / "step_breakdown.png")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from memorywall.client import AsyncClient, ClientError
-from memorywall.loadgen import plots, prefix_workload
+from memorywall.loadgen import compare, plots, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
 from memorywall.loadgen.target import Backend
@@ -20,7 +20,6 @@ from memorywall.loadgen.workload import (
     parse_length,
 )
 
-SUMMARY = "summary.json"
 DEFAULT_TARGETS = {
     Backend.MEMORYWALL_GRPC: "127.0.0.1:50051",
     Backend.OPENAI_COMPLETIONS: "http://127.0.0.1:8000",  # vLLM's default port
@@ -196,23 +195,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_sweep(out: Path, label: str, results: list[dict]) -> None:
-    """The sweep's summary and plots (each level's files are written as it ends)."""
-    (out / SUMMARY).write_text(json.dumps(results, indent=2))
-    plots.latency_vs_load([(label, results)], out / "latency_vs_load.png")
-    plots.throughput_vs_interactivity([(label, results)], out / "throughput_vs_interactivity.png")
+    """The sweep's summary and plots (each level's files are written as it ends); the
+    plots name the sweep as `bench compare` would."""
+    (out / compare.SUMMARY).write_text(json.dumps(results, indent=2))
+    named = label if label != compare.BENCH_DEFAULT_LABEL else compare.describe(results, out)
+    sweeps = [(named, results)]
+    plots.latency_vs_load(sweeps, out / "latency_vs_load.png")
+    plots.throughput_vs_interactivity(sweeps, out / "throughput_vs_interactivity.png")
 
 
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.2f} ms"
 
 
-def _load_label(r: dict, *, short: bool = False) -> str:
+def _load_label(r: dict) -> str:
     if r["request_rate"]:
-        return f"{r['request_rate']:g}/s" if short else f"rate {r['request_rate']:g}/s"
+        return f"rate {r['request_rate']:g}/s"
     if r["max_concurrency"]:
-        c = r["max_concurrency"]
-        return f"c={c}" if short else f"concurrency {c}"
-    return "trace" if short else "trace replay"
+        return f"concurrency {r['max_concurrency']}"
+    return "trace replay"
 
 
 def format_result(r: dict) -> str:
@@ -271,57 +272,3 @@ def format_result(r: dict) -> str:
         lines += [f"  error x{n}: {e}" for e, n in r["error_counts"].items()]
     lines += [f"  SUSPECT: {s}" for s in r["suspect"]]
     return "\n".join(lines)
-
-
-def compare(paths: list[Path], out: Path | None) -> int:
-    """Side-by-side table (and plots) of several saved sweeps."""
-    sweeps = []
-    for path in paths:
-        summary = path / SUMMARY if path.is_dir() else path
-        try:
-            results = json.loads(summary.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BenchError(f"{summary}: not a bench summary ({e})") from None
-        needed = {"label", "request_rate", "max_concurrency", "output_throughput"}
-        if (
-            not isinstance(results, list)
-            or not results
-            or not all(isinstance(r, dict) and needed <= r.keys() for r in results)
-        ):
-            raise BenchError(f"{summary}: not a bench summary (a non-empty list of level results)")
-        sweeps.append((results[0]["label"], results))
-    header = (
-        "sweep",
-        "load",
-        "TTFT mean",
-        "TPOT mean",
-        "tok/s/user",
-        "output tok/s",
-        "tok/s/device",
-    )
-    rows = [header]
-    for label, results in sweeps:
-        for r in results:
-            load = _load_label(r, short=True)
-            per_user = r.get("mean_output_tok_s_per_user")
-            tput = r.get("output_throughput")
-            rows.append(
-                (
-                    label,
-                    load,
-                    _ms(r.get("mean_ttft_ms")),
-                    _ms(r.get("mean_tpot_ms")),
-                    "n/a" if per_user is None else f"{per_user:,.1f}",
-                    "n/a" if tput is None else f"{tput:,.1f}",
-                    "n/a" if tput is None else f"{tput / r.get('devices', 1):,.1f}",
-                )
-            )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        plots.latency_vs_load(sweeps, out / "latency_vs_load.png")
-        plots.throughput_vs_interactivity(sweeps, out / "throughput_vs_interactivity.png")
-        print(f"wrote {out}/")
-    return 0

@@ -45,8 +45,9 @@ def plain_log_axis(ax: Axes, which: str, values: Sequence[float | None]) -> None
     """A log axis ("x" or "y") over `values` with plain-number labels that never crowd.
 
     Over less than a decade, a few evenly chosen round numbers (matplotlib would label
-    every minor tick there, in powers of ten, on top of each other); up to 2.5 decades,
-    1-2-5 steps; beyond that, powers of ten.
+    every minor tick there, in powers of ten, on top of each other); then 1-2-5 steps up
+    to 3 decades on a y axis and 2 on an x axis (its labels are wider); beyond that,
+    powers of ten.
     """
     (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     axis = _axis(ax, which)
@@ -58,13 +59,27 @@ def plain_log_axis(ax: Axes, which: str, values: Sequence[float | None]) -> None
     lo, hi = min(data), max(data)
     decades = math.log10(hi / lo)
     if decades < 1:
-        ticks = [t for t in MaxNLocator(nbins=4).tick_values(lo, hi) if t > 0]
-        inside = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]
-        axis.set_major_locator(FixedLocator(inside if len(inside) >= 2 else [lo, hi]))
-    elif decades <= 2.5:
+        ticks = _round_ticks(lo, hi)
+        if len(ticks) < 2:  # a sliver of a decade: evenly spaced round numbers
+            ticks = [t for t in MaxNLocator(nbins=3).tick_values(lo, hi) if lo <= t <= hi]
+        axis.set_major_locator(FixedLocator(ticks if len(ticks) >= 2 else [lo, hi]))
+    elif decades <= (3.0 if which == "y" else 2.0):
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     else:
         axis.set_major_locator(LogLocator(base=10))
+
+
+def _round_ticks(lo: float, hi: float, most: int = 5) -> list[float]:
+    """Round numbers in [lo, hi], about evenly spaced on a log scale, at most `most`."""
+    mantissas = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)
+    powers = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    candidates = sorted(float(f"{m * 10.0**k:.6g}") for k in powers for m in mantissas)
+    gap = math.log10(hi / lo) / most
+    picked: list[float] = []
+    for c in candidates:
+        if lo <= c <= hi and (not picked or math.log10(c / picked[-1]) >= gap):
+            picked.append(c)
+    return picked
 
 
 def level_axis(ax: Axes, levels: Sequence[float], label: str) -> None:

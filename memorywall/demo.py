@@ -162,6 +162,7 @@ def _interruptible() -> Iterator[None]:
 def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[dict]:
     """The closed-loop levels against one server, each level's files written as it ends."""
     from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level, write_level
+    from memorywall.loadgen.cli import write_sweep
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
 
     ready = server.ready
@@ -192,7 +193,7 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
             file=err,
             flush=True,
         )
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    write_sweep(out, server.hardware, results)  # summary.json, as `bench --out` writes it
     return results
 
 
