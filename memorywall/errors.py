@@ -17,6 +17,9 @@ class MemorywallError(Exception):
       `PayloadTooLargeError` (a request body or prompt beyond the server's limits).
     - `DuplicateRequestError`: a request id that is already live.
     - `DrainingError`: the server is shutting down and admits nothing new.
+    - `DisaggregationError`: a prefill/decode pair that could not complete its KV
+      hand-off; subclasses `PartnerTimeoutError` (the other half never came) and
+      `PartnerLostError` (the other half or its worker went away mid-transfer).
     - `OverloadedError`: the waiting queue is full (`--max-waiting`); carries
       `retry_after_s`.
     - `UnauthenticatedError`: a missing or wrong API key.
@@ -60,6 +63,18 @@ class DuplicateRequestError(MemorywallError):
 
 class DrainingError(MemorywallError):
     """The engine is shutting down."""
+
+
+class DisaggregationError(MemorywallError):
+    """A disaggregated request's prefill and decode halves could not hand off its KV."""
+
+
+class PartnerTimeoutError(DisaggregationError):
+    """The other half of a bootstrap room did not arrive in time."""
+
+
+class PartnerLostError(DisaggregationError):
+    """The other half, or its worker, went away before the KV transfer completed."""
 
 
 class OverloadedError(MemorywallError):

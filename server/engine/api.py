@@ -83,6 +83,11 @@ class Finished:
     decode_host_stall_s: float = 0.0
     max_lag_s: float = 0.0  # the latest any of its tokens reached the front after its time
     fault: str | None = None  # an injected fault that shaped the request (`stall:0.5`)
+    # Disaggregated decode: the KV transfer's share of `ttft_s` (from the prefill's end to
+    # the KV landing here) and its size; `ttft_s` and `e2e_s` then count from when this
+    # half reached the decode worker, the remote prefill included.
+    kv_transfer_s: float = 0.0
+    kv_transfer_bytes: float = 0.0
 
 
 Event = TokenGroup | Finished

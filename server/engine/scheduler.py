@@ -78,6 +78,9 @@ class Request:
     ignore_eos: bool = False
     stop_token_ids: frozenset[int] = frozenset()
     sampling_seed: int | None = None
+    # Disaggregated decode: the prompt's KV arrived from a prefill worker, so at first
+    # admission all but the last prompt token count as computed (a preempted one recomputes).
+    kv_transferred: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -261,7 +264,9 @@ class EngineCore:
             seq = self.waiting[0]  # holds no blocks and has computed nothing
             total = seq.total_tokens
             hits = self._lookup(seq) if caching else []
-            computed = len(hits) * block
+            hit_tokens = computed = len(hits) * block
+            if seq.request.kv_transferred and not seq.preemptions:
+                computed = total - 1
             n = min(total - computed, budget)
             need = blocks_for(computed + n, block) - len(hits)
             if need + pool.free_among(hits) > pool.free_blocks:
@@ -272,7 +277,7 @@ class EngineCore:
             seq.computed = computed
             seq.cached_blocks = len(hits)
             if caching:
-                self._count_lookup(seq, total, computed)
+                self._count_lookup(seq, total, hit_tokens)
                 if (computed + n) // block > seq.cached_blocks:
                     self._cache(seq, (computed + n) // block)
             self.waiting.popleft()

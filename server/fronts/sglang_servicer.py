@@ -36,6 +36,7 @@ from memorywall.server.engine.api import (
 from memorywall.server.engine.build import ModelCard
 from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
 from memorywall.server.fronts.status import grpc_status
+from memorywall.server.pd import Bootstrap, Disaggregation
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request leaves max_new_tokens unset
@@ -43,15 +44,22 @@ THROUGHPUT_WINDOW_S = 10.0
 TOKENIZER_CHUNK_BYTES = 512 * 1024
 
 
-def not_emulated(r: pb.GenerateRequest) -> str | None:
-    """Why this worker cannot serve `r` as asked (-> UNIMPLEMENTED), or None."""
+def bootstrap_of(r: pb.GenerateRequest) -> Bootstrap | None:
+    """Where a disaggregated request's halves meet (smg's PD mode), or None."""
     d = r.disaggregated_params
     if r.HasField("disaggregated_params") and (
         d.bootstrap_host or d.bootstrap_port or d.bootstrap_room
     ):
+        return Bootstrap(host=d.bootstrap_host, port=d.bootstrap_port, room=d.bootstrap_room)
+    return None
+
+
+def not_emulated(r: pb.GenerateRequest, *, disaggregated: bool = False) -> str | None:
+    """Why this worker cannot serve `r` as asked (-> UNIMPLEMENTED), or None."""
+    if not disaggregated and bootstrap_of(r) is not None:
         return (
-            "prefill/decode disaggregation (bootstrap parameters) is not emulated: "
-            "memorywall workers serve both phases; send requests without disaggregated_params"
+            "prefill/decode disaggregation (disaggregated_params) needs workers started with "
+            "--role prefill or --role decode; this one serves both phases (--role both)"
         )
     if r.sampling_params.n > 1:
         return f"sampling_params.n={r.sampling_params.n}: one sample per request only"
@@ -113,9 +121,12 @@ class ThroughputWindow:
 
 
 class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
-    def __init__(self, engine: EngineClient, card: ModelCard) -> None:
+    def __init__(
+        self, engine: EngineClient, card: ModelCard, disaggregation: Disaggregation | None = None
+    ) -> None:
         self.engine = engine
         self.card = card
+        self.pd = disaggregation  # this worker's prefill or decode role, if it has one
         self.started = datetime.datetime.now(datetime.UTC)
         self.throughput = ThroughputWindow(engine.now())
         self._tokenizer: asyncio.Future[TokenizerZip] | None = None
@@ -145,11 +156,14 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         # Modelled time starts when the request reaches us, not after we parsed it.
         arrival_s = self.engine.now()
-        if (why := not_emulated(request)) is not None:
+        if (why := not_emulated(request, disaggregated=self.pd is not None)) is not None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
         try:
             domain = self.to_request(request)
-            stream = self.engine.submit(domain, arrival_s=arrival_s)
+            if self.pd is not None and (bootstrap := bootstrap_of(request)) is not None:
+                stream = self.pd.submit(domain, bootstrap, arrival_s=arrival_s)
+            else:
+                stream = self.engine.submit(domain, arrival_s=arrival_s)
         except MemorywallError as e:
             await context.abort(grpc_status(e), str(e))
         rid = domain.request_id
@@ -213,7 +227,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
                 "chunked_prefill_size": c.max_num_batched_tokens,
                 "context_length": c.context_window,
                 "max_total_tokens": c.kv_capacity_tokens,
-                "disaggregation_mode": "null",
+                "disaggregation_mode": "null" if self.pd is None else self.pd.role.value,
                 "hardware": c.hardware,
                 "deployment": c.deployment,
             }

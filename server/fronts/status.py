@@ -18,6 +18,7 @@ import grpc
 
 from memorywall.errors import (
     CapacityError,
+    DisaggregationError,
     DrainingError,
     DuplicateRequestError,
     InjectedFaultError,
@@ -29,6 +30,7 @@ from memorywall.errors import (
     MemorywallError,
     NotFoundError,
     OverloadedError,
+    PartnerTimeoutError,
     PayloadTooLargeError,
     UnauthenticatedError,
 )
@@ -51,6 +53,8 @@ STATUS_FOR: dict[type[MemorywallError], WireStatus] = {
     CapacityError: WireStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     OverloadedError: WireStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DrainingError: WireStatus(grpc.StatusCode.UNAVAILABLE, 503),
+    DisaggregationError: WireStatus(grpc.StatusCode.UNAVAILABLE, 503),
+    PartnerTimeoutError: WireStatus(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
 }
 FAULT_STATUS: dict[type[InjectedFaultError], WireStatus] = {
     InjectedUnavailableError: WireStatus(grpc.StatusCode.UNAVAILABLE, 503),
