@@ -11,8 +11,8 @@ import pytest
 from benchmarks._serve import emulator
 from memorywall.cli import main
 
-DEPLOYMENT = ["--hardware", "wse-3", "--model", "llama-3.1-8b"]
-LOAD = ["--concurrency", "1", "--num-prompts", "6", "--input-len", "256", "--output-len", "32"]
+DEPLOYMENT = ["--hardware", "h100-sxm", "--model", "llama-3.1-8b"]
+LOAD = ["--concurrency", "1", "--num-prompts", "8", "--input-len", "256", "--output-len", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,27 @@ def runs(tmp_path_factory) -> tuple[dict, dict, Path, Path]:
     return live, sim, live_dir, sim_dir
 
 
+def records(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.open()) if not r["warmup"]]
+
+
 def test_modelled_timelines_agree(runs) -> None:
-    live, sim, _, _ = runs
-    assert live["completed"] == sim["completed"] == 6
-    assert sim["mean_tpot_ms"] == pytest.approx(live["mean_modelled_tpot_ms"], rel=0.01)
-    assert sim["mean_ttft_ms"] == pytest.approx(live["mean_modelled_ttft_ms"], rel=0.05)
+    """Every request here is alike, so the simulated ones all take the same time. Live, a
+    host that wakes late re-anchors the timeline (a host stall) and the requests it hits
+    take longer, never less: the fastest live request is the model's own time. On a
+    loaded machine that happens often against a wafer's 0.5 ms steps, hence a GPU here."""
+    live, sim, live_dir, _ = runs
+    assert live["completed"] == sim["completed"] == 8
+    live_tpot = [
+        r["modelled_decode_s"] / (r["usage_completion_tokens"] - 1)
+        for r in records(live_dir / "run-c1.requests.jsonl")
+    ]
+    live_ttft = [r["modelled_ttft_s"] for r in records(live_dir / "run-c1.requests.jsonl")]
+    sim_tpot, sim_ttft = sim["mean_tpot_ms"] / 1e3, sim["mean_ttft_ms"] / 1e3
+    assert sim["std_tpot_ms"] == pytest.approx(0.0, abs=1e-6)
+    assert min(live_tpot) == pytest.approx(sim_tpot, rel=0.01)
+    assert min(live_ttft) == pytest.approx(sim_ttft, rel=0.05)
+    assert all(t >= sim_tpot * 0.99 for t in live_tpot)
     # Live, the client sees transport on top; the simulated client is ideal.
     assert live["client_overhead_ttft_ms"] > -0.01
     assert sim["client_overhead_ttft_ms"] == pytest.approx(0.0, abs=1e-5)
