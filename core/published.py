@@ -7,13 +7,13 @@ wafer fit's own data and come out at ~0% by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memorywall.core.calibration import ErrorTable, load_published
 from memorywall.core.cost import StepModel
 from memorywall.core.deployment import Deployment, Speculative, plan_deployment
-from memorywall.core.hardware import load_hardware
-from memorywall.core.model import load_model
+from memorywall.core.hardware import Hardware, load_hardware
+from memorywall.core.model import ModelShape, load_model
 from memorywall.core.precision import Precision
 from memorywall.core.predict import predict
 from memorywall.core.work import Batch, PrefillChunk
@@ -37,12 +37,49 @@ class PublishedComparison:
         return self.predicted / self.published - 1.0
 
 
+def fused_activation_bytes_per_hidden(model: ModelShape, tp: int) -> float:
+    """Bytes per token per layer, per unit of hidden size, that a serving stack with fused
+    elementwise kernels moves outside GEMMs and attention (bf16 activations):
+
+        2 fused residual-add + RMSNorm kernels, each reading x and the residual and
+        writing both: 2 x 4 x 2h; SiLU-and-multiply reading 2f and writing f: 3 x 2f;
+        rotary embedding in place on q and k: 2 x 2 (q + k); f, q, k per device.
+
+    A count of the kernels vLLM and TensorRT-LLM run (fused_add_rms_norm, silu_and_mul,
+    rotary_embedding), not a fit; the unfused PyTorch layers the H100 fit was measured on
+    move about four times as much (gpu-fit's `activation_bytes_per_hidden`).
+    """
+    h = model.hidden_size
+    q, k = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
+    f = model.dense_intermediate
+    return (16 * h + (6 * f + 4 * (q + k)) / tp) / h
+
+
+def _fused_stack(hardware: Hardware, model: ModelShape, tp: int) -> Hardware:
+    """A compiled serving stack: fused elementwise kernels, and no host launch floor (its
+    steps are CUDA graphs or launched from C++, not op by op from Python)."""
+    kernels = replace(
+        hardware.kernels, activation_bytes_per_hidden=fused_activation_bytes_per_hidden(model, tp)
+    )
+    return replace(
+        hardware, kernels=kernels, latency=replace(hardware.latency, launch_per_layer_s=0.0)
+    )
+
+
 def published_deployment(row: dict) -> Deployment:
     """The row's deployment. Its device count is the source's (or a stated assumption), not
-    chosen, so no KV reserve is demanded beyond the weights fitting."""
+    chosen, so no KV reserve is demanded beyond the weights fitting. Rows with
+    `kernels = "fused"` run on a compiled stack (`_fused_stack`)."""
     spec = row.get("speculative")
+    d = _plan(row, load_hardware(row["hardware"]), spec)
+    if row.get("kernels") == "fused":
+        d = _plan(row, _fused_stack(d.hardware, d.model, d.tensor_parallel), spec)
+    return d
+
+
+def _plan(row: dict, hardware: Hardware, spec: dict | None) -> Deployment:
     return plan_deployment(
-        load_hardware(row["hardware"]),
+        hardware,
         load_model(row["model"]),
         devices=row["devices"],
         weight_precision=Precision.parse(row["weight_precision"], field="weight_precision"),
@@ -101,7 +138,29 @@ def _per_user(row: dict, d: Deployment) -> tuple[float, str]:
     """tok/s of one stream = tokens per decode step / decode step time (batch 1)."""
     ctx = decode_context(row)
     step = _decode_step_s(d, 1, ctx)
-    return 1.0 / step, f"1 / decode step, batch 1, context {ctx}{_spec_note(d)}"
+    how = f"1 / decode step, batch 1, context {ctx}{_spec_note(d)}"
+    if d.speculative is not None:
+        how += _speculative_bounds(row, d, ctx)
+    return 1.0 / step, how
+
+
+def _speculative_bounds(row: dict, d: Deployment, ctx: int) -> str:
+    """What reaching the published speed would take: tokens per target step if drafting
+    were free, and the most the assumed draft gives at acceptance 1 (k up to 16)."""
+    target = StepModel(replace(d, speculative=None))
+    one = target.step_cost(Batch(decode_contexts=(ctx,))).time_s
+    needed = row["value"] * one
+    best = 0.0
+    for k in range(1, 17):
+        perfect = replace(d.speculative, draft_tokens=k, acceptance_rate=1.0)
+        sm = StepModel(replace(d, speculative=perfect))
+        step = sm.step_cost(Batch(decode_contexts=(ctx,))).time_s
+        best = max(best, sm.tokens_per_decode_step / step)
+    return (
+        f"; to publish {row['value']:,} tok/s the target must emit {needed:.1f} tokens "
+        f"per {one * 1e3:.2f} ms step even with free drafting, and this draft at "
+        f"acceptance 1 peaks at {best:,.0f} tok/s"
+    )
 
 
 def _itl(row: dict, d: Deployment) -> tuple[float, str]:

@@ -126,3 +126,59 @@ def test_script_prints_one_line_per_row():
     for row, line in zip(load_published(), body, strict=True):
         assert line.startswith(f"| {row['label']} |")
         assert re.search(r"\| [+-]\d+\.\d% \|", line), line
+
+
+def test_fused_activation_traffic_by_hand():
+    from memorywall.core.model import load_model
+    from memorywall.core.published import fused_activation_bytes_per_hidden
+
+    # Llama 3.1 8B: (16 x 4096 + 6 x 14336 + 4 x (4096 + 1024)) / 4096 = 172032 / 4096 = 42
+    model = load_model("llama-3.1-8b")
+    assert fused_activation_bytes_per_hidden(model, 1) == pytest.approx(42.0, rel=1e-12)
+    # TP2 splits the per-device f, q and k: (65536 + (86016 + 20480) / 2) / 4096 = 29
+    assert fused_activation_bytes_per_hidden(model, 2) == pytest.approx(29.0, rel=1e-12)
+
+
+def test_fused_rows_run_without_launch_floor_and_with_fused_traffic():
+    from memorywall.core.published import published_deployment
+
+    for r in load_published():
+        d = published_deployment(r)
+        if r.get("kernels") == "fused":
+            assert d.hardware.latency.launch_per_layer_s == 0.0, r["label"]
+            assert d.hardware.kernels.activation_bytes_per_hidden < 60, r["label"]
+        elif d.hardware.kind.value == "gpu":
+            assert d.hardware.latency.launch_per_layer_s > 0.0, r["label"]
+
+
+def test_speculative_rows_say_what_the_published_speed_would_take():
+    rows = [c for c in table().rows if "speculative" in c.how]
+    assert len(rows) == 3
+    for c in rows:
+        assert "even with free drafting" in c.how, c.label
+        peak = float(re.search(r"peaks at ([\d,]+) tok/s", c.how).group(1).replace(",", ""))
+        # The assumed 8B draft cannot reach the published figure at any k, acceptance 1.
+        assert c.predicted < peak < c.published, c.label
+
+
+def _published_table_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import published_table
+    finally:
+        sys.path.remove(str(REPO))
+    return published_table
+
+
+def test_loaded_rows_run_on_the_offline_engine():
+    pt = _published_table_module()
+    rows = load_published()
+    loaded = [r for r in rows if r.get("concurrency", 1) > 1]
+    assert len(loaded) == 3
+    assert all(pt.simulated(r) is None for r in rows if r not in loaded)
+    itl_row = next(r for r in loaded if r["metric"] == "itl_s")
+    sim = pt.simulated(itl_row)
+    assert sim.requests == itl_row["concurrency"] * pt.SIM_REQUESTS_PER_USER
+    formula = next(c for c in table().rows if c.label == itl_row["label"])
+    # Prefills share steps with the decodes, so a token waits longer than a pure decode step.
+    assert sim.itl_s > formula.predicted
