@@ -46,9 +46,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenGroup:
-    """Tokens handed over together, with what a front needs to write them out."""
+    """Tokens handed over together, with what a front needs to write them out.
+
+    Read-only by convention; not frozen, since one is built per message on the hot path
+    and a frozen dataclass's `__init__` costs several times as much.
+    """
 
     token_ids: tuple[int, ...]
     text: str

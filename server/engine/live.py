@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from memorywall.errors import DrainingError, MemorywallError
@@ -66,7 +66,7 @@ class RequestStream:
         self._times: list[float] = []
         self._final: Finished | None = None
         self._error: MemorywallError | None = None
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
         self._last_flush_s = -1.0
         self._done = False
         self._max_lag_s = 0.0
@@ -82,38 +82,52 @@ class RequestStream:
         """The client's own `min_interval_s` holds its tokens now."""
         return self._last_flush_s >= 0 and now - self._last_flush_s < self.min_interval_s
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _flush(self, now: float) -> None:
         self._last_flush_s = now
-        self._ready.set()
+        self._wake()
 
     def _end(self, final: Finished | None, error: MemorywallError | None = None) -> None:
         self._final, self._error = final, error
-        self._ready.set()
+        self._wake()
+
+    def _take(self) -> TokenGroup:
+        """The tokens handed over so far, as one group (the hot path: one per message)."""
+        ids, times = self._ids, self._times
+        self._ids, self._times = [], []
+        lag = self._engine._record_lag(times[0])
+        if lag > self._max_lag_s:
+            self._max_lag_s = lag
+        seq = self.sequence
+        arrival = seq.arrival_s
+        eos = self._engine.eos_ids
+        if len(ids) == 1:
+            text = "" if ids[0] in eos else token_text(ids[0])
+        else:
+            text = "".join(["" if i in eos else token_text(i) for i in ids])
+        # The last group is read once the engine has ended the request, so it
+        # carries the finish reason and the front needs no wait for `Finished`.
+        return TokenGroup(
+            token_ids=tuple(ids),
+            text=text,
+            times_s=tuple([t - arrival for t in times]),
+            prompt_tokens=seq.prompt_len,
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=len(seq.output_ids),
+            finish_reason=seq.finish_reason if self._final is not None else None,
+        )
 
     async def next_event(self) -> Event | None:
         """The next group or the final summary; None once the stream is over."""
         while True:
             if self._ids:
-                ids, times = tuple(self._ids), self._times
-                self._ids, self._times = [], []
-                lag = self._engine._record_lag(times[0])
-                if lag > self._max_lag_s:
-                    self._max_lag_s = lag
-                seq = self.sequence
-                arrival = seq.arrival_s
-                eos = self._engine.eos_ids
-                text = "".join("" if i in eos else token_text(i) for i in ids)
-                # The last group is read once the engine has ended the request, so it
-                # carries the finish reason and the front needs no wait for `Finished`.
-                return TokenGroup(
-                    token_ids=ids,
-                    text=text,
-                    times_s=tuple([t - arrival for t in times]),
-                    prompt_tokens=seq.prompt_len,
-                    cached_tokens=seq.cached_tokens,
-                    completion_tokens=len(seq.output_ids),
-                    finish_reason=seq.finish_reason if self._final is not None else None,
-                )
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self._final is not None and not self._done:
@@ -121,12 +135,17 @@ class RequestStream:
                 return replace(self._final, max_lag_s=self._max_lag_s)
             if self._done:
                 return None
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while (event := await self.next_event()) is not None:
-            yield event
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
 
     @property
     def ended(self) -> bool:

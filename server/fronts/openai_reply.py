@@ -6,11 +6,17 @@ Field for field as vLLM's OpenAI server (`vllm/entrypoints/openai/protocol.py`:
 (`data: {json}` and a blank line; `data: [DONE]` last). Every chunk also carries
 a `memorywall` object (token ids and their modelled times, seconds after
 arrival); OpenAI clients keep unknown fields and ignore them.
+
+Mid-stream chunks, the hot path, are written from a template: the chunk is
+encoded once per request with markers where the text, token ids and times go,
+and each group fills them in with the encoders `json.dumps` itself uses, so
+the bytes are the same as encoding the whole object.
 """
 
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii  # json.dumps's own (C) string encoder
 from typing import Any
 
 from memorywall.errors import MemorywallError
@@ -19,6 +25,7 @@ from memorywall.server.engine.build import ModelCard
 from memorywall.server.fronts.openai_api import Call, Endpoint, error_for
 
 DONE = b"data: [DONE]\n\n"
+_TEXT, _IDS, _TIMES = "\x00text\x00", "\x00ids\x00", "\x00times\x00"  # template markers
 
 
 def sse(obj: dict[str, Any]) -> bytes:
@@ -38,6 +45,7 @@ class Reply:
         self.chat = chat
         self.completion_tokens = 0
         self.finish_reason: str | None = None  # set once a chunk carried it
+        self._template: tuple[bytes, bytes, bytes, bytes] | None = None
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -63,10 +71,43 @@ class Reply:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
         return sse(self._chunk([choice]))
 
+    def _mid_template(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """A chunk with no finish reason and no usage, split where text, ids and times go."""
+        chunk = self._chunk([self._choice(_TEXT, None, None)])
+        chunk["memorywall"] = {"token_ids": _IDS, "modelled_times_s": _TIMES}
+        head, rest = sse(chunk).split(encode_basestring_ascii(_TEXT).encode())
+        middle, rest = rest.split(encode_basestring_ascii(_IDS).encode())
+        before_times, tail = rest.split(encode_basestring_ascii(_TIMES).encode())
+        return head, middle, before_times, tail
+
     def group_event(self, group: TokenGroup) -> bytes:
         """One token group; the last carries the finish reason."""
-        reason = group.finish_reason
         self.completion_tokens += len(group.token_ids)
+        reason = group.finish_reason
+        finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
+        self.finish_reason = finish
+        if finish is not None or self.call.continuous_usage:
+            return sse(self.group_chunk(group))
+        if self._template is None:
+            self._template = self._mid_template()
+        head, middle, before_times, tail = self._template
+        ids = ",".join(map(str, group.token_ids))
+        times = ",".join(map(float.__repr__, group.times_s))  # as json.dumps writes floats
+        return b"".join(
+            (
+                head,
+                encode_basestring_ascii(group.text).encode(),
+                middle,
+                f"[{ids}]".encode(),
+                before_times,
+                f"[{times}]".encode(),
+                tail,
+            )
+        )
+
+    def group_chunk(self, group: TokenGroup) -> dict[str, Any]:
+        """One token group's chunk as an object (what `group_event` encodes)."""
+        reason = group.finish_reason
         finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
         stop_reason = self._stop_reason(group.token_ids, reason)
         chunk = self._chunk([self._choice(group.text, finish, stop_reason)])
@@ -76,8 +117,7 @@ class Reply:
         }
         if self.call.continuous_usage:
             chunk["usage"] = self._usage(len(self.call.request.prompt_ids), 0)
-        self.finish_reason = finish
-        return sse(chunk)
+        return chunk
 
     def end_events(self, f: Finished) -> bytes:
         """After the last group: a finish chunk if none carried it, usage if asked, [DONE]."""
