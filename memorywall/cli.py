@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memorywall import serve_options
+from memorywall import pd_options, serve_options
 from memorywall.argtypes import (
     fraction,
     nonnegative_int,
@@ -133,8 +133,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    deployment = deployment_from_args(args)
     serving = serve_forever(
-        deployment_from_args(args),
+        deployment,
         engine_config_from_args(args),
         ServerConfig(
             host=args.host,
@@ -146,6 +147,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             grace_s=args.grace,
             **budget,
             **serve_options.server_options(args),
+            **pd_options.server_options(args, deployment),
         ),
         ready_file=args.ready_file,
     )
@@ -405,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve_options.add_arguments(p)
+    pd_options.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

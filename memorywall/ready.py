@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class ServerReady:
     max_num_batched_tokens: int
     kv_capacity_tokens: int
     predicted_tokens_per_s_per_user: float
+    role: str = "both"  # disaggregated serving: prefill, decode, or both phases
+    bootstrap_port: int | None = None  # a prefill worker's rendezvous port
 
     @property
     def grpc_target(self) -> str | None:
@@ -75,10 +77,11 @@ class ServerReady:
     def from_dict(cls, data: Any, origin: str = "ready file") -> ServerReady:
         if not isinstance(data, dict):
             raise ReadyError(f"{origin}: not a JSON object")
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        required = [f for f in fields(cls) if f.default is MISSING]
+        missing = [f.name for f in required if f.name not in data]
         if missing:
             raise ReadyError(f"{origin}: missing {', '.join(missing)}")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
 from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
 from memorywall.server.fronts.tokenizer import load_tokenizer
+from memorywall.server.pd import PdConfig, disaggregation_for
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")
@@ -61,6 +62,7 @@ class ServerConfig:
     # message, and on a 2-core machine shared with the client, 4,000 messages/s
     # kept the p99 token lateness lowest (benchmarks/server_fidelity.py).
     max_messages_per_s: float = 4_000.0
+    disaggregation: PdConfig = field(default_factory=PdConfig)  # --role prefill|decode
     guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
     # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
     max_request_bytes: int = MAX_BODY_BYTES
@@ -106,6 +108,8 @@ class EmulatorServer:
             waiting=lambda: len(core.waiting),
             observers=[self.guard_metrics],
         )
+        registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None
+        self.pd = disaggregation_for(self.guarded, deployment, config.disaggregation, registry)
         self.server = self._grpc_server(engine_config.seed) if config.grpc else None
         self.http: HttpSite | None = None
         if config.http_port is not None:
@@ -137,7 +141,7 @@ class EmulatorServer:
             EngineServicer(self.guarded, self.card, seed, max_request_bytes=limit), server
         )
         # SGLang's worker API, for the smg gateway: the same engine, the same port.
-        add_to_server(SglangServicer(self.guarded, self.card), server)
+        add_to_server(SglangServicer(self.guarded, self.card, self.pd), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -195,6 +199,8 @@ class EmulatorServer:
                 await self.http.start(c.host, c.http_port)
             if self.metrics_site is not None:
                 await self.metrics_site.start(c.host, c.metrics_port)
+            if self.pd is not None:
+                await self.pd.start(c.host)
         except OSError:
             await self._stop_http()
             await self.engine.stop()
@@ -213,6 +219,8 @@ class EmulatorServer:
             for name in HEALTH_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.engine.drain(grace)  # HTTP /health answers 503 from here on
+        if self.pd is not None:
+            await self.pd.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await self._stop_http()
@@ -255,6 +263,8 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         max_num_batched_tokens=card.max_num_batched_tokens,
         kv_capacity_tokens=card.kv_capacity_tokens,
         predicted_tokens_per_s_per_user=card.predicted_tokens_per_s_per_user,
+        role=server.config.disaggregation.role.value,
+        bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
     )
 
 

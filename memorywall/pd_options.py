@@ -1,0 +1,69 @@
+"""`memorywall serve` options for disaggregated serving (prefill and decode on different workers).
+
+Kept apart from `cli.py`: they build the server's `PdConfig`, and only `serve` uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from memorywall.argtypes import port, positive_float
+from memorywall.core.deployment import Deployment
+from memorywall.core.kv_transfer import parse_link
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from memorywall.server.pd.config import DEFAULT_BOOTSTRAP_PORT, Role
+
+    g = p.add_argument_group("disaggregated serving (behind smg --pd-disaggregation)")
+    g.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        default=Role.BOTH.value,
+        help="prefill: run prompts and hand their KV off; decode: take the KV and decode; "
+        "both: serve whole requests (the default)",
+    )
+    g.add_argument(
+        "--kv-link",
+        default="nic",
+        metavar="nvlink|nic|GBPS",
+        help="decode: the link the KV crosses from the prefill worker: nvlink (one scale-up "
+        "domain), nic (each side's external I/O, the default) or a bandwidth in GB/s",
+    )
+    g.add_argument(
+        "--kv-layer-overlap",
+        action="store_true",
+        help="decode: send layer i's KV while layer i+1 prefills (only what outlasts the "
+        "prefill adds to TTFT)",
+    )
+    g.add_argument(
+        "--bootstrap-port",
+        type=port,
+        default=DEFAULT_BOOTSTRAP_PORT,
+        help="prefill: where decode workers meet it, on --host (0: any free port, named in "
+        "the ready file; default %(default)s, as SGLang's)",
+    )
+    g.add_argument(
+        "--pd-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a half waits for its partner before it ends DEADLINE_EXCEEDED",
+    )
+
+
+def server_options(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
+    """`ServerConfig` keyword arguments; a bad `--kv-link` is a one-line ConfigError."""
+    from memorywall.server.pd.config import DeploymentRef, PdConfig, Role
+
+    return {
+        "disaggregation": PdConfig(
+            role=Role(args.role),
+            link=parse_link(args.kv_link),
+            layer_overlap=args.kv_layer_overlap,
+            bootstrap_port=args.bootstrap_port,
+            partner_timeout_s=args.pd_timeout,
+            # As given, so that a partner process rebuilds it from the same profile file.
+            deployment=DeploymentRef.of(deployment, hardware=args.hardware, model=args.model),
+        )
+    }
