@@ -12,6 +12,7 @@ is a one-line error and exit 1.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from memorywall.ready import ReadyError, ServerReady, poll
 
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEFAULT_HARDWARE = ("wse-3", "h100-sxm")
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_LEVELS = (1, 8, 32)
@@ -86,6 +88,12 @@ def _last_line(path: Path) -> str:
     return f": {lines[-1].strip()}" if lines else ""
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the demo dies, even by SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Servers:
     """The demo's `memorywall serve` processes: started together, always stopped."""
@@ -106,7 +114,12 @@ class Servers:
             with log.open("wb") as f:
                 # Their own session: a terminal's Ctrl-C reaches the demo, which stops them.
                 proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=f,
+                    stderr=f,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             self.running.append(_Server(hw, proc, log, ready_file))
 
@@ -177,7 +190,7 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
             workload=SyntheticWorkload(Fixed(config.prompt_tokens), Fixed(config.output_tokens)),
             num_prompts=config.requests(users),
             concurrency=(users,),
-            warmup=1,
+            warmup=2,  # a fresh server's first streams are slow; keep them out
             label=server.hardware,
         )
         started = time.perf_counter()

@@ -122,6 +122,21 @@ def test_sigint_mid_run_leaves_no_process_behind(tmp_path):
     assert not list((out / "servers").glob("*.ready.json"))
 
 
+def test_servers_die_with_a_killed_demo(tmp_path):
+    """SIGKILL gives the demo no chance to clean up: its servers stop by themselves."""
+    out = tmp_path / "demo"
+    cmd = [*DEMO, "--hardware", "h100-sxm", "--levels", "1", "--output-len", "2000"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        servers = _ready_servers(out, proc, ["h100-sxm"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _all_gone([s["pid"] for s in servers.values()])
+
+
 def test_keep_serving_leaves_servers_up_until_sigterm(tmp_path):
     out = tmp_path / "demo"
     cmd = [*DEMO, "--hardware", "wse-3", "--levels", "1", "--output-len", "4", "--keep-serving"]
