@@ -190,6 +190,12 @@ class Fleet:
                 cmd += ["--devices", str(w.devices)]
             if w.http_port is not None:
                 cmd += ["--http-port", str(w.http_port)]
+            if w.role != "both":
+                cmd += ["--role", w.role]
+            if w.role == "prefill":
+                cmd += ["--bootstrap-port", "0"]  # the ready file names it
+            if w.kv_link is not None:
+                cmd += ["--kv-link", w.kv_link]
             self._spawn(w.name, cmd)
         workers = self._wait_for_workers()
         if workers is None:
@@ -210,8 +216,7 @@ class Fleet:
         self.say(_table(header, rows))
         gateway = None
         if self.spec.gateway is not None and smg is not None:
-            urls = [f"grpc://{r.grpc_target}" for r in workers.values()]
-            gw_url = self._start_gateway(smg, self.spec.gateway, urls)
+            gw_url = self._start_gateway(smg, self.spec.gateway, gateway_workers(workers))
             if gw_url is None:
                 return 0 if self.stop.is_set() else 1
             gateway = GatewayReady(
@@ -259,9 +264,9 @@ class Fleet:
             if self.stop.wait(0.05):
                 return None
 
-    def _start_gateway(self, smg: list[str], gw: GatewaySpec, urls: list[str]) -> str | None:
+    def _start_gateway(self, smg: list[str], gw: GatewaySpec, worker_args: list[str]) -> str | None:
         port = gw.port or free_port()
-        cmd = [*smg, "launch", "--worker-urls", *urls, "--policy", gw.policy]
+        cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
         child = self._spawn(GATEWAY_LOG, cmd)
@@ -294,6 +299,20 @@ class Fleet:
                 self.say(f"memorywall fleet: {c.name} did not stop; killing it")
                 c.proc.kill()
                 c.proc.wait()
+
+
+def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:
+    """smg's worker arguments: `--worker-urls`, or in PD mode each prefill worker with its
+    bootstrap port and each decode worker."""
+    if all(r.role == "both" for r in workers.values()):
+        return ["--worker-urls", *(f"grpc://{r.grpc_target}" for r in workers.values())]
+    args = ["--pd-disaggregation"]
+    for r in workers.values():
+        if r.role == "prefill":
+            args += ["--prefill", f"grpc://{r.grpc_target}", str(r.bootstrap_port)]
+        else:
+            args += ["--decode", f"grpc://{r.grpc_target}"]
+    return args
 
 
 def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:

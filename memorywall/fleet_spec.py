@@ -9,6 +9,7 @@ from typing import Any
 
 from memorywall.core import load_hardware, load_model
 from memorywall.core._toml import load_toml
+from memorywall.core.kv_transfer import parse_link
 from memorywall.errors import ConfigError, MemorywallError
 
 # smg 1.13's --policy choices.
@@ -25,7 +26,9 @@ POLICIES = (
 )
 GATEWAY_LOG = "gateway"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_WORKER_KEYS = {"name", "hardware", "model", "devices", "port", "http_port"}
+_WORKER_KEYS = {"name", "hardware", "model", "devices", "port", "http_port", "role", "kv_link"}
+# Disaggregated serving: a fleet of prefill and decode workers, behind smg's PD mode.
+ROLES = ("both", "prefill", "decode")
 _GATEWAY_KEYS = {"policy", "port"}
 
 
@@ -37,6 +40,8 @@ class WorkerSpec:
     devices: int | None = None
     port: int = 0  # gRPC; 0: any free port
     http_port: int | None = None
+    role: str = "both"  # prefill, decode, or both phases (`serve --role`)
+    kv_link: str | None = None  # a decode worker's `--kv-link` (nvlink, nic, GB/s)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class GatewaySpec:
 class FleetSpec:
     workers: tuple[WorkerSpec, ...]
     gateway: GatewaySpec | None = None
+
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill and decode workers (the gateway runs in smg's PD mode)."""
+        return any(w.role != "both" for w in self.workers)
 
 
 def load_spec(path: Path) -> FleetSpec:
@@ -103,6 +113,20 @@ def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
     ):
         raise ConfigError(f"{origin}: {where}.devices: must be a positive integer, got {devices!r}")
     http_port = raw.get("http_port")
+    role = raw.get("role", "both")
+    if role not in ROLES:
+        raise ConfigError(f"{origin}: {where}.role: {role!r} is not one of {', '.join(ROLES)}")
+    kv_link = raw.get("kv_link")
+    if kv_link is not None:
+        if role != "decode":
+            raise ConfigError(f"{origin}: {where}.kv_link: only a decode worker takes one")
+        if isinstance(kv_link, bool) or not isinstance(kv_link, str | int | float):
+            raise ConfigError(f"{origin}: {where}.kv_link: expected nvlink, nic or GB/s")
+        kv_link = str(kv_link)
+        try:
+            parse_link(kv_link)
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {where}.kv_link: {e}") from None
     return WorkerSpec(
         name=name,
         hardware=hardware,
@@ -110,6 +134,8 @@ def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
         devices=devices,
         port=_port(origin, f"{where}.port", raw.get("port", 0)),
         http_port=None if http_port is None else _port(origin, f"{where}.http_port", http_port),
+        role=role,
+        kv_link=kv_link,
     )
 
 
@@ -130,6 +156,12 @@ def parse_spec(data: dict[str, Any], origin: str = "fleet spec") -> FleetSpec:
                 if p in seen_ports:
                     raise ConfigError(f"{origin}: worker[{i}].{key}: port {p} is used twice")
                 seen_ports.add(p)
+    roles = {w.role for w in workers}
+    if roles != {"both"} and roles != {"prefill", "decode"}:
+        raise ConfigError(
+            f"{origin}: worker.role: a disaggregated fleet needs prefill and decode workers "
+            f"and no others, got {', '.join(sorted(roles))}"
+        )
     gateway = None
     if "gateway" in data:
         raw = data["gateway"]
