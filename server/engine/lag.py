@@ -78,12 +78,15 @@ class StallTracker:
         self._last_s = -float("inf")
         self._reported_s = -float("inf")
 
+    def tolerance(self, step_s: float | None = None) -> float:
+        """How late a wake-up after a step of `step_s` may be (None: after idle)."""
+        if step_s is not None and step_s * self.tolerance_fraction < self.tolerance_s:
+            return step_s * self.tolerance_fraction
+        return self.tolerance_s
+
     def too_late(self, late_s: float, step_s: float | None = None) -> bool:
         """Whether a wake-up `late_s` past its deadline breaks pacing (then call `record`)."""
-        tolerance = self.tolerance_s
-        if step_s is not None and step_s * self.tolerance_fraction < tolerance:
-            tolerance = step_s * self.tolerance_fraction
-        return late_s > tolerance
+        return late_s > self.tolerance(step_s)
 
     def record(self, lost_s: float, now_s: float) -> bool:
         """Count a stall that cost `lost_s`; True when it opens a new report interval."""

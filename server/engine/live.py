@@ -157,8 +157,8 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """`max_messages_per_s`: the message budget (see `pacing`). `stall_tolerance_s`: how late
-    a wake-up may be before the timeline is re-anchored (or half a step, if shorter)."""
+    """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stall_tolerance_s`:
+    how late a wake-up may be before the timeline is re-anchored (or half a step, if shorter)."""
 
     def __init__(
         self,
@@ -308,7 +308,9 @@ class AsyncEngine:
                     observer.on_step(report)
             last_end = step.end_s
             late = woke - step.end_s
-            if self._stalls.too_late(late, step.end_s - step.start_s):
+            step_s = step.end_s - step.start_s
+            self._budget.adapt(late, self._stalls.tolerance(step_s))
+            if self._stalls.too_late(late, step_s):
                 # Never catch up: the next step starts from the wake-up, not the deadline.
                 self._stall(late, woke)
                 last_end = woke

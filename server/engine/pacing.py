@@ -2,23 +2,38 @@
 
 The live engine hands each token to its stream alone while the budget lasts;
 past it, a token waits for the stream's next one (never more than one step),
-so the message rate halves before the host falls behind.
+so the message rate halves before the host falls behind. The rate adapts: it
+backs off whenever the engine wakes late (halfway to a stall: the fronts are
+using up the loop) and creeps back to its ceiling while the host keeps time.
 """
 
 from __future__ import annotations
 
+BACKOFF = 0.8  # rate factor after a late wake-up
+RECOVER = 1.01  # rate factor after each step on time
+FLOOR_PER_S = 100.0
+
 
 class MessageBudget:
-    """`rate_per_s` messages a second, never saved up (or owed) beyond one refill interval."""
+    """Up to `ceiling_per_s` messages a second, never saved up (or owed) beyond one refill
+    interval."""
 
-    __slots__ = ("_last_s", "available", "rate_per_s")
+    __slots__ = ("_last_s", "available", "ceiling_per_s", "rate_per_s")
 
-    def __init__(self, rate_per_s: float) -> None:
-        if rate_per_s <= 0:
-            raise ValueError(f"rate_per_s: must be > 0, got {rate_per_s}")
-        self.rate_per_s = rate_per_s
+    def __init__(self, ceiling_per_s: float) -> None:
+        if ceiling_per_s <= 0:
+            raise ValueError(f"ceiling_per_s: must be > 0, got {ceiling_per_s}")
+        self.ceiling_per_s = ceiling_per_s
+        self.rate_per_s = ceiling_per_s
         self.available = 0.0
         self._last_s: float | None = None
+
+    def adapt(self, late_s: float, tolerance_s: float) -> None:
+        """After a step: back off if the engine woke over half its stall tolerance late."""
+        if late_s > tolerance_s / 2:
+            self.rate_per_s = max(self.rate_per_s * BACKOFF, min(FLOOR_PER_S, self.ceiling_per_s))
+        elif self.rate_per_s < self.ceiling_per_s:
+            self.rate_per_s = min(self.rate_per_s * RECOVER, self.ceiling_per_s)
 
     def refill(self, now_s: float) -> None:
         """Add what accrued since the last refill; at least one message's worth is allowed."""

@@ -19,7 +19,7 @@ import pytest
 from memorywall.server.engine.api import Finished, TokenGroup
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.live import HOLD_STEPS, AsyncEngine
-from memorywall.server.engine.pacing import MessageBudget
+from memorywall.server.engine.pacing import FLOOR_PER_S, MessageBudget
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.fronts.metrics import PrometheusMetrics
 
@@ -232,5 +232,31 @@ def test_message_budget_refills_on_the_clock_and_bounds_debt():
     assert b.available == pytest.approx(-5.0)
     b.refill(0.012)  # the allowance (and the debt) is the rate over the time since the last
     assert b.available == pytest.approx(-2.0)
-    with pytest.raises(ValueError, match="rate_per_s"):
+    with pytest.raises(ValueError, match="ceiling_per_s"):
         MessageBudget(0)
+
+
+def test_message_budget_backs_off_when_the_host_wakes_late_and_recovers():
+    b = MessageBudget(10_000.0)
+    b.adapt(late_s=0.0001, tolerance_s=0.0003)  # under half the tolerance: on time
+    assert b.rate_per_s == 10_000.0
+    b.adapt(late_s=0.0002, tolerance_s=0.0003)
+    assert b.rate_per_s == pytest.approx(8_000.0)
+    for _ in range(100):
+        b.adapt(late_s=0.0002, tolerance_s=0.0003)
+    assert b.rate_per_s == FLOOR_PER_S
+    for _ in range(1000):
+        b.adapt(late_s=0.0, tolerance_s=0.0003)
+    assert b.rate_per_s == 10_000.0  # back to the ceiling, never past it
+
+
+@pytest.mark.parametrize(("late_s", "grouped"), [(0.0001, False), (0.0002, True)])
+async def test_grouping_starts_when_wakeups_run_late_not_before(wse3_8b, late_s, grouped):
+    # A wafer step is ~0.56 ms, so its stall tolerance is ~0.28 ms: 0.2 ms late every step is
+    # a host using up its loop (group, do not stall); 0.1 ms is ordinary jitter.
+    clock = SteppingClock(stalls={i: late_s for i in range(10_000)})
+    engine, results = await run(wse3_8b, clock, streams=8, max_tokens=60, rate=1e6)
+    sizes = {n for r in results for n in r.group_sizes}
+    assert (max(sizes) > 1) is grouped
+    assert max(sizes) <= 2
+    assert engine.stats().host_stall.stalls == 0
