@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-messages-per-s",
         type=positive_float,
-        help="message budget (default 4000); above it the server groups tokens per message",
+        help="message budget ceiling (default 40000); the server groups tokens per message "
+        "above it, or below it when the host falls behind",
     )
     p.add_argument(
         "--ready-file",
