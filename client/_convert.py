@@ -104,6 +104,7 @@ class StreamAssembler:
             chunks=tuple(self.chunks),
             sent_ns=self.sent_ns,
             finished_ns=finished_ns,
+            fault=f.fault or None,
         )
 
     def end(self) -> GenerateResult:

@@ -83,6 +83,7 @@ class GenerateResult:
     chunks: tuple[TokenChunk, ...]
     sent_ns: int
     finished_ns: int
+    fault: str | None = None  # a fault the server injected on purpose ("stall:0.5")
 
 
 @dataclass(frozen=True, kw_only=True)

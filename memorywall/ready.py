@@ -43,6 +43,7 @@ class ServerReady:
     max_num_batched_tokens: int
     kv_capacity_tokens: int
     predicted_tokens_per_s_per_user: float
+    tls: bool = False  # every port speaks TLS (https, secure gRPC)
     role: str = "both"  # disaggregated serving: prefill, decode, or both phases
     bootstrap_port: int | None = None  # a prefill worker's rendezvous port
 
@@ -54,13 +55,15 @@ class ServerReady:
     @property
     def http_url(self) -> str | None:
         """The HTTP front's base URL (OpenAI clients take `{http_url}/v1`)."""
-        return None if self.http_port is None else f"http://{self.host}:{self.http_port}"
+        scheme = "https" if self.tls else "http"
+        return None if self.http_port is None else f"{scheme}://{self.host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str | None:
         """Where Prometheus metrics are served, if anywhere."""
         if self.metrics_port is not None:
-            return f"http://{self.host}:{self.metrics_port}/metrics"
+            scheme = "https" if self.tls else "http"
+            return f"{scheme}://{self.host}:{self.metrics_port}/metrics"
         return None if self.http_url is None else f"{self.http_url}/metrics"
 
     def as_dict(self) -> dict[str, Any]:

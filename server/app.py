@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from memorywall.server.engine.build import ModelCard, build_core
 from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.fronts.grpc_gate import GrpcGate
 from memorywall.server.fronts.grpc_servicer import EngineServicer
 from memorywall.server.fronts.guard_metrics import GuardMetrics
 from memorywall.server.fronts.http_front import (
@@ -38,6 +40,7 @@ from memorywall.server.fronts.http_front import (
 from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
 from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
+from memorywall.server.fronts.tls import TlsConfig
 from memorywall.server.fronts.tokenizer import load_tokenizer
 from memorywall.server.pd import PdConfig, disaggregation_for
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
@@ -47,6 +50,7 @@ log = logging.getLogger("memorywall.server")
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 # Every service on the gRPC port, each with a health status of its own ("" is the server's).
 HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME)
+MAX_PENDING_CALLS = 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +70,8 @@ class ServerConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
     # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
     max_request_bytes: int = MAX_BODY_BYTES
+    tls: TlsConfig | None = None  # None: plaintext on every port
+    api_key: str | None = None  # None: no key asked (see fronts/auth.py for what it guards)
 
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:
@@ -110,6 +116,7 @@ class EmulatorServer:
         )
         registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None
         self.pd = disaggregation_for(self.guarded, deployment, config.disaggregation, registry)
+        self._ssl = config.tls.ssl_context() if config.tls is not None else None
         self.server = self._grpc_server(engine_config.seed) if config.grpc else None
         self.http: HttpSite | None = None
         if config.http_port is not None:
@@ -120,11 +127,12 @@ class EmulatorServer:
                 tokenizer,
                 metrics,
                 max_request_bytes=config.max_request_bytes,
+                api_key=config.api_key,
             )
-            self.http = HttpSite(front.app())
+            self.http = HttpSite(front.app(), ssl_context=self._ssl)
         self.metrics_site: HttpSite | None = None
         if config.metrics_port is not None:
-            self.metrics_site = HttpSite(metrics_app(metrics))
+            self.metrics_site = HttpSite(metrics_app(metrics), ssl_context=self._ssl)
         self.port = 0
 
     def _grpc_server(self, seed: int) -> grpc.aio.Server:
@@ -135,8 +143,16 @@ class EmulatorServer:
             # Up to twice the limit reaches the servicer, which answers INVALID_ARGUMENT
             # naming the limit; grpc itself refuses larger (RESOURCE_EXHAUSTED) unread.
             ("grpc.max_receive_message_length", 2 * limit),
+            # grpc core cancels calls that wait for the Python loop to take them beyond
+            # 1,000 (randomly) to 3,000 (all): a burst of 10,000 streams then sees
+            # CANCELLED. Admission is ours to decide (--max-waiting, with a status that
+            # says so), so core's backlog bounds sit far above any burst we serve.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ]
-        server = grpc.aio.server(options=options)
+        # Every call passes the gate first: the API key, and a request that decodes.
+        gate = GrpcGate(api_key=self.config.api_key)
+        server = grpc.aio.server(options=options, interceptors=[gate])
         engine_pb2_grpc.add_EngineServicer_to_server(
             EngineServicer(self.guarded, self.card, seed, max_request_bytes=limit), server
         )
@@ -164,9 +180,15 @@ class EmulatorServer:
         return self.http.port if self.http is not None else None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls is not None else "http"
+
+    @property
     def http_url(self) -> str | None:
         """The HTTP front's base URL (OpenAI clients take `{http_url}/v1`)."""
-        return f"http://{self.config.host}:{self.http.port}" if self.http is not None else None
+        if self.http is None:
+            return None
+        return f"{self.scheme}://{self.config.host}:{self.http.port}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -180,17 +202,22 @@ class EmulatorServer:
         if self.http is not None:
             out.append(self.http_url)
         if self.metrics_site is not None:
-            out.append(f"http://{host}:{self.metrics_site.port}/metrics")
+            out.append(f"{self.scheme}://{host}:{self.metrics_site.port}/metrics")
         return out
 
     async def start(self) -> int:
         """Bind every port, then serve; returns the gRPC port (0 without gRPC)."""
         quiet_gc()
         c = self.config
+        if (risk := exposure_risk(c)) is not None:
+            log.warning(risk)
         if self.server is not None:
             address = f"{c.host}:{c.port}"
             try:
-                self.port = self.server.add_insecure_port(address)
+                if c.tls is not None:
+                    self.port = self.server.add_secure_port(address, c.tls.grpc_credentials())
+                else:
+                    self.port = self.server.add_insecure_port(address)
             except RuntimeError as e:  # grpc reports a failed bind this way
                 raise OSError(f"cannot serve on {address}: {e}") from None
         await self.engine.start()
@@ -232,6 +259,34 @@ class EmulatorServer:
                 await site.stop()
 
 
+def exposure_risk(config: ServerConfig) -> str | None:
+    """A warning for a server reachable beyond this machine without TLS or an API key."""
+    if config.tls is not None and config.api_key is not None:
+        return None
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:  # a name: only localhost is known to stay on this machine
+        loopback = config.host == "localhost"
+    if loopback:
+        return None
+    missing = [
+        text
+        for text, absent in (
+            (
+                "without TLS: prompts, outputs and any key cross the network in clear text",
+                config.tls is None,
+            ),
+            (
+                "without an API key: anyone who can reach the port can send requests, abort "
+                "them and read the server's state",
+                config.api_key is None,
+            ),
+        )
+        if absent
+    ]
+    return f"serving on {config.host}, beyond loopback, " + "; and ".join(missing)
+
+
 def quiet_gc() -> None:
     """Keep the cyclic collector from pausing token delivery.
 
@@ -250,6 +305,7 @@ def ready_info(server: EmulatorServer) -> ServerReady:
     return ServerReady(
         pid=os.getpid(),
         host=server.config.host,
+        tls=server.config.tls is not None,
         grpc_port=server.port if server.server is not None else None,
         http_port=server.http_port,
         metrics_port=server.metrics_port,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 
 import grpc
@@ -83,8 +84,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             raise InvalidRequestError("prompt: empty")
         if r.max_tokens < 1:
             raise InvalidRequestError("max_tokens: required and must be >= 1")
-        if r.stream_options.min_interval_s < 0:
-            raise InvalidRequestError("stream_options.min_interval_s: must be >= 0")
+        if not 0 <= r.stream_options.min_interval_s < math.inf:
+            raise InvalidRequestError("stream_options.min_interval_s: must be finite and >= 0")
         s = r.sampling
         return Request(
             request_id=r.request_id or uuid.uuid4().hex,

@@ -12,6 +12,7 @@ accepted socket, so Nagle never holds a small write (a test checks it).
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -23,6 +24,7 @@ from memorywall.errors import InvalidRequestError, MemorywallError
 from memorywall.server.engine.api import EngineClient, EngineObserver, EventStream, Finished
 from memorywall.server.engine.build import ModelCard
 from memorywall.server.engine.guard import fault_from_header, submit_with_fault
+from memorywall.server.fronts.auth import require_api_key
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.status import FAULT_HEADER, http_headers
@@ -74,16 +76,21 @@ class OpenAIFront:
         metrics: MetricsSource | None = None,
         *,
         max_request_bytes: int = MAX_BODY_BYTES,
+        api_key: str | None = None,
     ) -> None:
         self.engine = engine
         self.max_request_bytes = max_request_bytes
+        self.api_key = api_key
         self.card = card
         self.api = OpenAIApi(card, tokenizer)
         self.metrics = metrics
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_request_bytes, middlewares=[openai_errors])
+        middlewares = [openai_errors]
+        if self.api_key is not None:
+            middlewares.append(require_api_key(self.api_key, error_reply))
+        app = web.Application(client_max_size=self.max_request_bytes, middlewares=middlewares)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -187,7 +194,8 @@ def metrics_app(metrics: MetricsSource) -> web.Application:
 class HttpSite:
     """One aiohttp application bound to host:port. `await start()` returns the bound port."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         # handler_cancellation: a client that disconnects cancels its handler at once, which
         # aborts its request, even while it waits in the queue with nothing to write.
         self.runner = web.AppRunner(
@@ -197,7 +205,7 @@ class HttpSite:
 
     async def start(self, host: str, port: int) -> int:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_port=False)
+        site = web.TCPSite(self.runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as e:

@@ -19,6 +19,7 @@ Decisions where the emulator differs from a real server:
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from enum import Enum
@@ -271,6 +272,8 @@ def _number(body: dict[str, Any], name: str, param: str | None = None) -> float 
     v = body.get(name)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
         raise FieldError(param or name, f"must be a number, got {v!r}")
+    if v is not None and not math.isfinite(v):  # JSON bodies may carry NaN and Infinity
+        raise FieldError(param or name, f"must be finite, got {v!r}")
     return v
 
 

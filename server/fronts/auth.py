@@ -1,0 +1,45 @@
+"""The API key (`--api-key` or MEMORYWALL_API_KEY): one check for both fronts.
+
+As vLLM's `--api-key`: HTTP routes under /v1/ need `Authorization: Bearer KEY`
+(401 with an OpenAI error body otherwise); /health, /version and /metrics stay
+open, so load balancers and Prometheus need no secret. gRPC: see `grpc_gate.py`.
+Keys are compared with `hmac.compare_digest`, in time that does not depend on
+where they differ.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from memorywall.errors import UnauthenticatedError
+
+PROTECTED_PREFIX = "/v1/"
+
+
+def bearer_matches(value: str | None, key: str) -> bool:
+    """`Bearer KEY` (scheme case-insensitive), compared in constant time."""
+    if value is None:
+        return False
+    scheme, _, token = value.partition(" ")
+    same = hmac.compare_digest(token.strip().encode(), key.encode())
+    return same and scheme.lower() == "bearer"
+
+
+def require_api_key(key: str, reply) -> web.middleware:
+    """aiohttp middleware: /v1/ routes answer `reply(UnauthenticatedError)` without the key."""
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path.startswith(PROTECTED_PREFIX) and not bearer_matches(
+            request.headers.get("Authorization"), key
+        ):
+            return reply(
+                UnauthenticatedError(
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                )
+            )
+        return await handler(request)
+
+    return check
