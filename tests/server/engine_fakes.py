@@ -1,5 +1,5 @@
-"""Stand-ins the engine tests share: a step-cost model with round numbers, and a clock
-that jumps to each deadline."""
+"""Stand-ins the engine tests share: a step-cost model with round numbers, a clock that
+jumps to each deadline, and one that steps to them (and can wake late: a stalled host)."""
 
 import asyncio
 from dataclasses import dataclass, field
@@ -37,6 +37,28 @@ class FakeClock:
     async def sleep_until(self, deadline_s: float) -> None:
         self.t = max(self.t, deadline_s)
         await asyncio.sleep(0)
+
+    def close(self) -> None:
+        pass
+
+
+class SteppingClock:
+    """A test clock: each sleep first lets ready readers run (at the time their tokens were
+    handed out), then jumps to the deadline, plus `stalls[i]` seconds on the i-th sleep: a
+    host that woke that late."""
+
+    def __init__(self, stalls: dict[int, float] | None = None) -> None:
+        self.t = 1000.0
+        self.sleeps = 0
+        self.stalls = stalls or {}
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline_s: float) -> None:
+        await asyncio.sleep(0)
+        self.t = max(self.t, deadline_s) + self.stalls.get(self.sleeps, 0.0)
+        self.sleeps += 1
 
     def close(self) -> None:
         pass

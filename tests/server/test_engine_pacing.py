@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 import pytest
+from engine_fakes import SteppingClock
 
 from memorywall.server.engine.api import Finished, TokenGroup
 from memorywall.server.engine.build import build_core
@@ -24,28 +25,6 @@ from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.fronts.metrics import PrometheusMetrics
 
 TIMEOUT_S = 10.0
-
-
-class SteppingClock:
-    """A test clock: each sleep first lets ready readers run (at the time their tokens were
-    handed out), then jumps to the deadline, plus `stalls[i]` seconds on the i-th sleep: a
-    host that woke that late."""
-
-    def __init__(self, stalls: dict[int, float] | None = None) -> None:
-        self.t = 1000.0
-        self.sleeps = 0
-        self.stalls = stalls or {}
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep_until(self, deadline_s: float) -> None:
-        await asyncio.sleep(0)
-        self.t = max(self.t, deadline_s) + self.stalls.get(self.sleeps, 0.0)
-        self.sleeps += 1
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
