@@ -49,7 +49,6 @@ measured ones; modelled TPOT = modelled_decode_s (else modelled E2E - TTFT) /
 from __future__ import annotations
 
 import enum
-import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -162,14 +161,13 @@ METRICS: tuple[MetricDef, ...] = (
 # --- Per-record views -------------------------------------------------------------------
 
 
-def _itls_s(chunk_ns: Sequence[int], chunk_tokens: Sequence[int]) -> tuple[float, ...]:
+def _itls_s(gaps_ns: np.ndarray, chunk_tokens: Sequence[int]) -> tuple[float, ...]:
+    """`gaps_ns`: between consecutive token-carrying messages (numpy, one pass per record)."""
     # Without a token count per message, count one token per message (vLLM's view).
-    counts = chunk_tokens if len(chunk_tokens) == len(chunk_ns) else [1] * len(chunk_ns)
-    out: list[float] = []
-    for (prev, now), k in zip(itertools.pairwise(chunk_ns), counts[1:], strict=True):
-        k = max(k, 1)
-        out.extend([(now - prev) / k / _NS_PER_S] * k)
-    return tuple(out)
+    if len(chunk_tokens) != len(gaps_ns) + 1:
+        return tuple((gaps_ns / _NS_PER_S).tolist())
+    counts = np.maximum(np.asarray(chunk_tokens[1:], dtype=np.int64), 1)
+    return tuple(np.repeat(gaps_ns / counts / _NS_PER_S, counts).tolist())
 
 
 def _view(r: RequestRecord) -> _View:
@@ -177,7 +175,8 @@ def _view(r: RequestRecord) -> _View:
     if not r.ok:
         return _View(ok=False, send_lag_s=lag)
     chunks = r.chunk_ns
-    if chunks[0] < r.sent_ns or any(b < a for a, b in itertools.pairwise(chunks)):
+    gaps_ns = np.diff(np.asarray(chunks, dtype=np.int64))
+    if chunks[0] < r.sent_ns or (gaps_ns < 0).any():
         raise ValueError(f"record {r.index}: message times go backwards")
     first, last = chunks[0], chunks[-1]
     ttft = (first - r.sent_ns) / _NS_PER_S
@@ -196,7 +195,7 @@ def _view(r: RequestRecord) -> _View:
         ttft_s=ttft,
         e2el_s=e2el,
         tpot_s=tpot,
-        itls_s=_itls_s(chunks, r.chunk_tokens),
+        itls_s=_itls_s(gaps_ns, r.chunk_tokens),
         ttft_scheduled_s=None if sched is None else (first - sched) / _NS_PER_S,
         e2el_scheduled_s=None if sched is None else (last - sched) / _NS_PER_S,
         send_lag_s=lag,

@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from memorywall.core import Deployment
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, levels, plan_level, summarise
 from memorywall.loadgen.metrics import compute_metrics
@@ -47,6 +49,8 @@ class LevelRun:
     records: list[RequestRecord]
     modelled_s: float  # virtual time from the first warm-up's arrival to the last token
     wall_s: float  # host time the simulation took (not part of `result`)
+    engine_s: float  # of which running the engine and releasing requests (not records, metrics)
+    cpu_s: float  # this process's CPU time for it: the host's own cost, were it not shared
     steps: int
     tokens: int  # generated, warm-ups included
 
@@ -175,7 +179,8 @@ def fill_record(record: RequestRecord, timeline: Timeline) -> None:
         record.error = f"{type(timeline.error).__name__}: {timeline.error}"
         return
     first, last = timeline.first_token_s, timeline.last_token_s
-    record.chunk_ns = [_ns(t) for t in timeline.group_times_s]
+    # np.rint rounds half to even, as round() does.
+    record.chunk_ns = np.rint(np.asarray(timeline.group_times_s) * 1e9).astype(np.int64).tolist()
     record.chunk_tokens = list(timeline.group_tokens)
     record.finished_ns = record.chunk_ns[-1]
     record.usage_prompt_tokens = timeline.prompt_tokens
@@ -190,12 +195,14 @@ def simulate_level(
     deployment: Deployment, engine_config: EngineConfig, config: BenchConfig, level: Level
 ) -> LevelRun:
     """Run one level of `config` on a fresh engine for `deployment`."""
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     core, card = build_core(deployment, engine_config)
     engine = OfflineEngine(core)
     driver = _LevelDriver(config, level, engine)
     driver.start()
+    engine0 = time.perf_counter()
     engine.run()
+    engine_s = time.perf_counter() - engine0
     records = list(driver.records.values())
     facts = ServerFacts(
         hardware=card.hardware, model=card.model, devices=card.devices, emulated=True
@@ -207,6 +214,8 @@ def simulate_level(
         records=records,
         modelled_s=engine.now_s,
         wall_s=time.perf_counter() - wall0,
+        engine_s=engine_s,
+        cpu_s=time.process_time() - cpu0,
         steps=core.counters.steps,
         tokens=core.counters.tokens_generated,
     )

@@ -57,6 +57,7 @@ def wall_report(runs: list[LevelRun]) -> dict:
             {
                 "level": lr.result["level"],
                 "wall_s": lr.wall_s,
+                "cpu_s": lr.cpu_s,
                 "modelled_s": lr.modelled_s,
                 "speedup": lr.speedup,
                 "steps": lr.steps,

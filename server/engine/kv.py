@@ -150,24 +150,30 @@ class BlockPool:
     # allocation
 
     def allocate(self, n: int) -> list[int] | None:
-        """`n` blocks with one reference each, or None (nothing taken) if too few are free."""
+        """`n` blocks with one reference each, or None (nothing taken) if too few are free.
+
+        Empty blocks go first (the most recently emptied first), then never-used ids, and
+        only then are cached blocks evicted, least recently used first.
+        """
         if n > self.free_blocks:
             return None
         self.free_blocks -= n
-        ids = []
         refs = self.ref_counts
-        for _ in range(n):
-            if self._empty:
-                block = self._empty.pop()
-            elif len(refs) < self.total_blocks:
-                block = len(refs)
-                refs.append(0)
-                self.block_hashes.append(None)
-            else:
-                block = self._lru.popitem(last=False)[0]
-                self._evict(block)
-            refs[block] = 1
+        empty = self._empty
+        take = min(n, len(empty))
+        ids = empty[: -take - 1 : -1] if take else []
+        del empty[len(empty) - take :]
+        fresh = min(n - take, self.total_blocks - len(refs))
+        if fresh:
+            ids += range(len(refs), len(refs) + fresh)
+            refs += [0] * fresh
+            self.block_hashes += [None] * fresh
+        for _ in range(n - take - fresh):
+            block = self._lru.popitem(last=False)[0]
+            self._evict(block)
             ids.append(block)
+        for block in ids:
+            refs[block] = 1
         return ids
 
     def _evict(self, block: int) -> None:

@@ -102,9 +102,8 @@ class TokenSource:
     def next_ids(self, n: int) -> list[int]:
         ids = self._ids
         if len(ids) < n:
-            block = self._rng.integers(0, self._vocab, size=self.BLOCK + n).tolist()
             # Popped from the end, so keep the block reversed to hand ids out in draw order.
-            self._ids = ids = [self._not_eos(i) for i in reversed(block)] + ids
+            self._ids = ids = self._draw(self.BLOCK + n) + ids
         if n == 1:
             return [ids.pop()]
         return [ids.pop() for _ in range(n)]
@@ -115,13 +114,19 @@ class TokenSource:
         while k:
             ids = self._ids
             if not ids:
-                block = self._rng.integers(0, self._vocab, size=self.BLOCK + 1).tolist()
-                self._ids = ids = [self._not_eos(i) for i in reversed(block)]
+                self._ids = ids = self._draw(self.BLOCK + 1)
             m = min(k, len(ids))
             out.extend(reversed(ids[-m:]))
             del ids[-m:]
             k -= m
         return out
+
+    def _draw(self, n: int) -> list[int]:
+        """`n` fresh ids, EOS draws moved off EOS, in reverse draw order."""
+        block = self._rng.integers(0, self._vocab, size=n)[::-1]
+        if any((block == eos).any() for eos in self._eos):
+            return [self._not_eos(i) for i in block.tolist()]
+        return block.tolist()
 
     def _not_eos(self, token: int) -> int:
         """Move an EOS draw to the next non-EOS id, wrapping inside the vocabulary."""

@@ -1,0 +1,125 @@
+"""How fast `memorywall simulate` runs: modelled time per host second, and what it costs.
+
+    python -m benchmarks.sim_speed            # full: 10,000 requests at 64 users (a few minutes)
+    python -m benchmarks.sim_speed --quick    # smaller counts, for a smoke run
+
+Four tables, Llama 3.1 8B, prompts 512 and outputs 128 tokens, closed loop:
+1. the targets: 10,000 requests at 64 users on h100-sxm and wse-3; speedup is modelled
+   time over host time, "engine" the share spent stepping the engine (the rest builds
+   records and metrics);
+2. the scheduler's hot path per sequence per step: `schedule` + `complete` one step at a
+   time, against the fast path that applies plain decode steps many at once;
+3. cost against users (1 to 1,024) at a fixed number of requests;
+4. cost against requests at 64 users.
+Host time is the best of `--repeat` runs (the host is shared; the least disturbed run is
+the closest to the code's own cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+from memorywall.core import Deployment, load_hardware, load_model, plan_deployment
+from memorywall.loadgen.bench import BenchConfig, Level
+from memorywall.loadgen.workload import Fixed, SyntheticWorkload
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.offline import OfflineEngine
+from memorywall.server.engine.scheduler import EngineConfig, Request
+from memorywall.simulate import LevelRun, simulate_level
+
+MODEL = "llama-3.1-8b"
+HARDWARE = ("h100-sxm", "wse-3")
+TARGETS = {"h100-sxm": 200.0, "wse-3": 50.0}  # x real time, issue 12
+PROMPT, OUTPUT = 512, 128
+
+
+def deployment(hardware: str) -> Deployment:
+    return plan_deployment(load_hardware(hardware), load_model(MODEL))
+
+
+def run(hardware: str, users: int, requests: int, repeat: int) -> LevelRun:
+    config = BenchConfig(
+        target="sim",
+        workload=SyntheticWorkload(Fixed(PROMPT), Fixed(OUTPUT)),
+        num_prompts=requests,
+        warmup=1,
+    )
+    level = Level(f"c{users}", users, None)
+    runs = [
+        simulate_level(deployment(hardware), EngineConfig(), config, level) for _ in range(repeat)
+    ]
+    return min(runs, key=lambda r: r.wall_s)
+
+
+def row(lr: LevelRun, *cells: str) -> str:
+    per_request_us = lr.wall_s / lr.result["num_prompts"] * 1e6
+    return (
+        f"| {' | '.join(cells)} | {lr.modelled_s:,.1f} s | {lr.wall_s:,.2f} s "
+        f"({lr.engine_s / lr.wall_s:.0%} engine) | **{lr.speedup:,.0f}x** | "
+        f"{lr.tokens / lr.wall_s:,.0f} | {per_request_us:,.0f} us | "
+        f"{lr.wall_s / lr.steps * 1e6:,.1f} us |"
+    )
+
+
+HEAD = "| modelled | host | speedup | tokens per host second | per request | per step |"
+RULE = "|---|---|---|---|---|---|"
+
+
+def hot_path(hardware: str, batch: int, fast: bool, steps: int = 200) -> float:
+    """Host seconds per sequence per decode step, `batch` sequences decoding together."""
+    core, _ = build_core(deployment(hardware), EngineConfig(max_num_seqs=batch))
+    engine = OfflineEngine(core, fast=fast)
+    for i in range(batch):
+        prompt = tuple(range(1000 + i * 64, 1064 + i * 64))
+        request = Request(request_id=str(i), prompt_ids=prompt, max_tokens=steps, ignore_eos=True)
+        engine.submit(request, 0.0)
+    t0 = time.perf_counter()
+    engine.run()
+    return (time.perf_counter() - t0) / core.counters.steps / batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per point; best kept")
+    args = parser.parse_args()
+    big = 2_000 if args.quick else 10_000
+    small = 500 if args.quick else 2_000
+    print(f"machine: {platform.machine()}, Python {platform.python_version()}")
+    print(f"Llama 3.1 8B, prompt {PROMPT}, output {OUTPUT} tokens, closed loop\n")
+
+    print(f"1. {big:,} requests at 64 users\n")
+    print(f"| hardware | target {HEAD}")
+    print(f"|---{RULE}")
+    for hw in HARDWARE:
+        lr = run(hw, 64, big, args.repeat)
+        print(row(lr, hw, f">= {TARGETS[hw]:g}x"), flush=True)
+
+    print("\n2. Scheduler hot path, host time per sequence per decode step\n")
+    print("| hardware | batch | step by step | fast path |")
+    print("|---|---|---|---|")
+    for hw in HARDWARE:
+        for batch in (1, 64, 1024):
+            slow, fast = hot_path(hw, batch, False), hot_path(hw, batch, True)
+            print(f"| {hw} | {batch} | {slow * 1e6:.2f} us | {fast * 1e6:.3f} us |", flush=True)
+
+    print(f"\n3. Cost against users, {small:,} requests\n")
+    print(f"| hardware | users {HEAD}")
+    print(f"|---{RULE}")
+    for hw in HARDWARE:
+        for users in (1, 4, 16, 64, 256, 1024):
+            print(row(run(hw, users, small, args.repeat), hw, str(users)), flush=True)
+
+    print("\n4. Cost against requests, 64 users\n")
+    print(f"| hardware | requests {HEAD}")
+    print(f"|---{RULE}")
+    for hw in HARDWARE:
+        for n in (small // 4, small, big):
+            print(row(run(hw, 64, n, args.repeat), hw, f"{n:,}"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
