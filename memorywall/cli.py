@@ -200,6 +200,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         raise _UsageError(str(e)) from None
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memorywall.plan_cli import PlanError, run
+
+    try:
+        return run(args)
+    except PlanError as e:
+        raise _UsageError(str(e)) from None
+
+
 def _compare_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="memorywall bench compare", description="compare saved bench sweeps")
     p.add_argument("paths", nargs="+", type=Path, help="--out folders (or summary.json files)")
@@ -474,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_load_arguments(p)
     p.set_defaults(func=_cmd_simulate, label="sim")
+
+    p = sub.add_parser(
+        "plan",
+        help="cheapest deployment per backend that holds a latency SLO (simulated search)",
+    )
+    from memorywall.plan_cli import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)
+    p.set_defaults(func=_cmd_plan)
 
     sub.add_parser("hardware", help="list built-in hardware profiles").set_defaults(
         func=_cmd_hardware

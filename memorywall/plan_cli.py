@@ -1,0 +1,205 @@
+"""`memorywall plan`: options, and the run that prints the table and writes the files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memorywall.argtypes import nonnegative_int, number, number_list, positive_float, positive_int
+from memorywall.core import Placement, Precision, load_hardware, load_model
+
+if TYPE_CHECKING:
+    from memorywall.plan import Query, Space
+
+DEFAULT_HARDWARE = "wse-3,h100-sxm,h200,b200"
+PLAN_JSON, PARETO_PNG = "plan.json", "pareto.png"
+LOADS = ("rate", "users")  # plan.LoadKind's values; the plan module loads only when run
+
+
+class PlanError(Exception):
+    """A bad combination of plan options (the CLI prints it as one line, exit 2)."""
+
+
+def _choices(kind: type[Enum], parse: Callable[[str], Enum] | None = None):
+    """A parser for a comma-separated list of `kind`'s values."""
+
+    def one(text: str) -> Enum:
+        try:
+            return parse(text) if parse else kind(text)
+        except Exception:
+            valid = ", ".join(str(k.value) for k in kind)
+            raise argparse.ArgumentTypeError(f"unknown {text!r} (valid: {valid})") from None
+
+    def parse_list(text: str) -> tuple:
+        return tuple(one(t.strip()) for t in text.split(","))
+
+    return parse_list
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="built-in name or HF config.json path")
+    p.add_argument(
+        "--hardware",
+        default=DEFAULT_HARDWARE,
+        help=f"profiles to search, comma-separated (default {DEFAULT_HARDWARE})",
+    )
+    p.add_argument("--slo", help="bounds held at p99, e.g. ttft=500ms,tpot=30ms (or e2el=)")
+    p.add_argument(
+        "--per-user-tok-s",
+        type=positive_float,
+        help="slowest 1%% of users still get this many tok/s: a p99 TPOT bound of 1/N s",
+    )
+    p.add_argument("--input-len", default="512", help="N | uniform:N:R | lognormal:N:SIGMA")
+    p.add_argument("--output-len", default="128", help="N | uniform:N:R | lognormal:N:SIGMA")
+    p.add_argument(
+        "--workload",
+        type=Path,
+        help="shared-prefix:GROUPS:PREFIX_TOKENS, or a JSONL trace of lengths (no arrivals)",
+    )
+    p.add_argument(
+        "--load",
+        choices=LOADS,
+        default=LOADS[0],
+        help="raise open-loop Poisson arrivals (rate) or closed-loop users (default rate)",
+    )
+    p.add_argument("--num-prompts", type=positive_int, default=200, help="requests per load level")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for lengths and arrivals")
+    p.add_argument(
+        "--burstiness", type=positive_float, default=1.0, help="gamma shape (1: Poisson)"
+    )
+    p.add_argument(
+        "--target-rate",
+        type=positive_float,
+        help="requests/s the service must carry: rank by devices needed (replicas x devices)",
+    )
+    p.add_argument(
+        "--precisions",
+        type=_choices(Precision),
+        default=(Precision.BF16, Precision.FP8),
+        help="weight precisions to search (default bf16,fp8)",
+    )
+    p.add_argument(
+        "--kv-precision", choices=[x.value for x in Precision], default="bf16", help="KV cache"
+    )
+    p.add_argument(
+        "--placements",
+        type=_choices(Placement, Placement.parse),
+        default=(Placement.RESIDENT, Placement.STREAM),
+        help="resident and/or stream (wafer weights over external I/O; default both)",
+    )
+    p.add_argument(
+        "--max-devices", type=positive_int, default=8, help="largest deployment (default 8)"
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=number_list(int, low=1),
+        default=(32, 128, 512),
+        help="engine batch limits to search (default 32,128,512)",
+    )
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    p.add_argument(
+        "--tolerance",
+        type=number(float, low=0.01, high=1.0),
+        default=0.1,
+        help="bisect the highest held load to within this share (default 0.1)",
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="rows per backend in the table")
+    p.add_argument("--json", action="store_true", help="print the JSON document, not the table")
+    p.add_argument("--out", type=Path, help=f"write {PLAN_JSON} and {PARETO_PNG} here")
+
+
+def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
+    """Raises `PlanError` (and the core's `MemorywallError`) for bad options."""
+    from memorywall.loadgen.cli import BenchError, workload_from_args
+    from memorywall.loadgen.slo import Slo, parse_slo
+    from memorywall.loadgen.workload import TraceWorkload
+    from memorywall.plan import LoadKind, Query, Space
+
+    try:
+        if args.slo is not None and not args.slo.strip():
+            parse_slo(args.slo)  # raises: empty SLO
+        workload, slo = workload_from_args(_load(args))
+    except (BenchError, ValueError) as e:
+        raise PlanError(str(e)) from None
+    if isinstance(workload, TraceWorkload) and workload.has_arrivals:
+        raise PlanError("--workload: a trace with arrival times; plan sets its own arrivals")
+    if args.per_user_tok_s is not None:
+        if slo is not None and slo.tpot_s is not None:
+            raise PlanError("give a TPOT bound once: --per-user-tok-s or tpot= in --slo")
+        tpot = 1.0 / args.per_user_tok_s
+        slo = Slo(tpot_s=tpot) if slo is None else dataclasses.replace(slo, tpot_s=tpot)
+    if slo is None:
+        raise PlanError("give an SLO: --slo ttft=...,tpot=... and/or --per-user-tok-s N")
+    names = [h.strip() for h in args.hardware.split(",") if h.strip()]
+    if not names:
+        raise PlanError("--hardware: no profile named")
+    query = Query(
+        model=load_model(args.model),
+        workload=workload,
+        slo=slo,
+        load=LoadKind(args.load),
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        burstiness=args.burstiness,
+        target_rate=args.target_rate,
+    )
+    space = Space(
+        hardware=tuple(load_hardware(n) for n in names),
+        precisions=args.precisions,
+        kv_precision=Precision(args.kv_precision),
+        placements=args.placements,
+        max_devices=args.max_devices,
+        max_num_seqs=tuple(sorted(set(args.max_num_seqs))),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tolerance=args.tolerance,
+    )
+    return query, space
+
+
+def _load(args: argparse.Namespace) -> argparse.Namespace:
+    """The attributes `loadgen.cli.workload_from_args` reads; plan sends no warm-ups."""
+    return argparse.Namespace(
+        workload=args.workload,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        slo=args.slo,
+        warmup=0,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from memorywall.loadgen.runner import progress_printer
+    from memorywall.plan import plan
+    from memorywall.plan_report import as_json, pareto_plot, summary, table
+
+    query, space = query_and_space(args)
+    bar: Callable[[int], None] | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress_printer(total, f"plan {query.model.name}")
+        bar(done)
+
+    result = plan(query, space, progress)
+    if bar is not None and sys.stderr.isatty():
+        print(file=sys.stderr)
+    doc = as_json(result)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(summary(result))
+        print(table(result, args.top))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / PLAN_JSON).write_text(json.dumps(doc, indent=2))
+        pareto_plot(result, args.out / PARETO_PNG)
+        if not args.json:
+            print(f"wrote {args.out / PLAN_JSON} and {args.out / PARETO_PNG}")
+    return 0

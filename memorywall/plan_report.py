@@ -1,0 +1,254 @@
+"""What `memorywall plan` prints and writes: a ranked table, JSON, and a Pareto plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt
+
+from memorywall.loadgen.plots import plain, plain_log_axis
+from memorywall.loadgen.workload import SyntheticWorkload, Workload
+from memorywall.plan import Evaluation, LoadKind, PlanResult, Status, Trial
+
+LOAD_UNITS = {LoadKind.RATE: "req/s", LoadKind.USERS: "users"}
+
+
+def slo_text(result: PlanResult) -> str:
+    slo = result.query.slo
+    parts = [
+        f"{name} <= {bound * 1e3:g} ms"
+        for name, bound in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s), ("E2E", slo.e2el_s))
+        if bound is not None
+    ]
+    return "p99 " + ", p99 ".join(parts)
+
+
+def workload_text(w: Workload) -> str:
+    if isinstance(w, SyntheticWorkload):
+        return f"prompts {w.input} tokens, outputs {w.output} tokens"
+    return str(w)
+
+
+def _per_user(t: Trial) -> float | None:
+    return t.result.get("mean_output_tok_s_per_user")
+
+
+def _fmt(v: float | None, spec: str = ",.0f") -> str:
+    return "-" if v is None else f"{v:{spec}}"
+
+
+def table(result: PlanResult, top: int = 5) -> str:
+    """The `top` cheapest candidates per backend that hold the SLO, and why others do not."""
+    q = result.query
+    unit = LOAD_UNITS[q.load]
+    header = ["rank", "deployment", f"max load ({unit})", "goodput tok/s", "tok/s/device"]
+    header += ["tok/s/kW", "p99 TTFT ms", "p99 TPOT ms", "tok/s/user"]
+    if q.target_rate:
+        header.append(f"devices for {q.target_rate:g} req/s")
+    rows: list[list[str]] = []
+    for hw in result.space.hardware:
+        ranked = result.ranked(hw.name)
+        if not ranked:
+            rows.append(
+                ["-", f"{hw.name}: {_why_none(result, hw.name)}"] + [""] * (len(header) - 2)
+            )
+            continue
+        for i, ev in enumerate(ranked[:top], 1):
+            b = ev.best
+            r = b.result
+            row = [
+                str(i),
+                ev.candidate.describe(),
+                plain(b.load),
+                _fmt(ev.goodput_tok_s),
+                _fmt(ev.tok_s_per_device),
+                _fmt(ev.tok_s_per_kw),
+                _fmt(r.get("p99_ttft_ms"), ",.1f"),
+                _fmt(r.get("p99_tpot_ms"), ",.2f"),
+                _fmt(_per_user(b), ",.1f"),
+            ]
+            if q.target_rate:
+                row.append(f"{ev.replicas_for(q.target_rate) * ev.candidate.devices:,}")
+            rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _why_none(result: PlanResult, hw: str) -> str:
+    evs = [e for e in result.evaluations if e.candidate.hardware == hw]
+    if not evs:
+        reasons = sorted({s.reason for s in result.skipped if s.hardware == hw})
+        return "nothing fits (" + "; ".join(reasons) + ")" if reasons else "nothing fits"
+    return f"no candidate holds the SLO ({len(evs)} tried)"
+
+
+def summary(result: PlanResult) -> str:
+    q = result.query
+    simulated = sum(len(e.trials) for e in result.evaluations if e.status is not Status.SAME)
+    counts = {s: sum(e.status is s for e in result.evaluations) for s in Status}
+    return (
+        f"{q.model.name}, {slo_text(result)}; {len(result.evaluations)} candidates "
+        f"({counts[Status.HOLDS]} hold somewhere, {counts[Status.UNREACHABLE]} never, "
+        f"{counts[Status.PRUNED]} pruned by the core's estimate, {counts[Status.SAME]} same as "
+        f"another batch limit), {len(result.skipped)} layouts skipped, "
+        f"{simulated} levels simulated"
+    )
+
+
+def _trial(t: Trial) -> dict:
+    r = t.result
+    return {
+        "load": t.load,
+        "holds": t.holds,
+        "peak_in_flight": t.peak_in_flight,
+        "goodput_tok_s": t.goodput_tok_s,
+        "output_throughput": r.get("output_throughput"),
+        "request_goodput": r.get("request_goodput"),
+        "tok_s_per_user": _per_user(t),
+        **{k: r.get(k) for k in ("p99_ttft_ms", "p99_tpot_ms", "p99_e2el_ms", "mean_tpot_ms")},
+    }
+
+
+def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
+    d = ev.candidate.deployment
+    best = ev.best
+    replicas = ev.replicas_for(target_rate) if target_rate else None
+    return {
+        "hardware": d.hardware.name,
+        "devices": d.devices,
+        "tensor_parallel": d.tensor_parallel,
+        "pipeline_parallel": d.pipeline_parallel,
+        "weight_precision": d.weight_precision.value,
+        "kv_precision": d.kv_precision.value,
+        "placement": d.placement.value,
+        "max_num_seqs": ev.candidate.engine.max_num_seqs,
+        "max_num_batched_tokens": ev.candidate.engine.max_num_batched_tokens,
+        "describe": ev.candidate.describe(),
+        "status": ev.status.value,
+        "note": ev.note,
+        "core_estimate_tok_s_per_device": ev.estimate_tok_s_per_device,
+        "max_load": best.load if best else None,
+        "goodput_tok_s": ev.goodput_tok_s,
+        "tok_s_per_device": ev.tok_s_per_device,
+        "tok_s_per_kw": ev.tok_s_per_kw,
+        "replicas_for_target": replicas,
+        "devices_for_target": replicas * d.devices if replicas else None,
+        "at_max_load": _trial(best) if best else None,
+        "trials": [_trial(t) for t in ev.trials],
+    }
+
+
+def as_json(result: PlanResult) -> dict:
+    """Everything the plan found; the same seed gives the same document on every machine."""
+    q, s = result.query, result.space
+    slo = q.slo
+    best = {}
+    for hw in s.hardware:
+        ranked = result.ranked(hw.name)
+        best[hw.name] = _evaluation(ranked[0], q.target_rate) if ranked else None
+    return {
+        "model": q.model.name,
+        "workload": workload_text(q.workload),
+        "slo": {"percentile": 99, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2el_s": slo.e2el_s},
+        "load": q.load.value,
+        "num_prompts": q.num_prompts,
+        "seed": q.seed,
+        "burstiness": q.burstiness,
+        "target_rate": q.target_rate,
+        "space": {
+            "hardware": [h.name for h in s.hardware],
+            "precisions": [p.value for p in s.precisions],
+            "kv_precision": s.kv_precision.value,
+            "placements": [p.value for p in s.placements],
+            "max_devices": s.max_devices,
+            "max_num_seqs": list(s.max_num_seqs),
+            "max_num_batched_tokens": s.max_num_batched_tokens,
+            "tolerance": s.tolerance,
+        },
+        "best": best,
+        "candidates": [_evaluation(e, q.target_rate) for e in result.evaluations],
+        "skipped": [
+            {"hardware": k.hardware, "layout": k.layout, "reason": k.reason} for k in result.skipped
+        ],
+    }
+
+
+# The study's colours for the built-in profiles; others take the default cycle.
+COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "h200": "tab:purple", "b200": "tab:green"}
+
+
+def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other beats on both per-user and per-device speed, by per-user speed."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+def pareto_plot(result: PlanResult, path: Path) -> Path:
+    """Output tok/s per device against tok/s per user, every simulated level of every
+    candidate: filled where the SLO held, hollow where it broke; each backend's frontier
+    of held levels as a line, its pick as a star; the TPOT bound as a vertical line."""
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    xs, ys = [], []
+    for i, hw in enumerate(result.space.hardware):
+        colour = COLOURS.get(hw.name, f"C{i % 10}")
+        held, broke = [], []
+        for ev in result.evaluations:
+            if ev.candidate.hardware != hw.name or ev.status is Status.SAME:
+                continue
+            for t in ev.trials:
+                x, y = _per_user(t), t.result.get("output_throughput")
+                if x and y:
+                    (held if t.holds else broke).append((x, y / ev.candidate.devices))
+        for pts, style in ((held, {}), (broke, {"mfc": "none", "alpha": 0.35})):
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o", ms=3.5, color=colour, **style)
+        front = _frontier(held)
+        if front:
+            ax.plot(*zip(*front, strict=True), "-", color=colour, label=f"{hw.name}: SLO held")
+        ranked = result.ranked(hw.name)
+        if ranked:
+            b = ranked[0].best
+            star = (_per_user(b), b.result["output_throughput"] / ranked[0].candidate.devices)
+            ax.plot(*star, "*", ms=14, color=colour, mec="black", label=f"{hw.name}: pick")
+        xs += [p[0] for p in held + broke]
+        ys += [p[1] for p in held + broke]
+    tpot = result.query.slo.tpot_s
+    if tpot:
+        ax.axvline(1 / tpot, color="black", ls="--", lw=1)
+        ax.text(
+            1 / tpot,
+            1.0,
+            f" TPOT bound: {1 / tpot:,.3g} tok/s per user",
+            rotation=90,
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            ha="right",
+            fontsize=7,
+        )
+        xs.append(1 / tpot)
+    plain_log_axis(ax, "x", xs)
+    plain_log_axis(ax, "y", ys)
+    ax.set_xlabel("output tok/s per user (mean over requests)")
+    ax.set_ylabel("output tok/s per device")
+    ax.grid(True, which="both", alpha=0.3)
+    if ys:
+        ax.legend(fontsize=7)
+    q = result.query
+    ax.set_title(
+        f"{q.model.name}: {slo_text(result)}\n"
+        f"filled: SLO held, hollow: broke ({q.load.value} sweep, simulated)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
