@@ -53,6 +53,7 @@ class LevelRun:
     cpu_s: float  # this process's CPU time for it: the host's own cost, were it not shared
     steps: int
     tokens: int  # generated, warm-ups included
+    energy_j: float  # modelled energy of every step, warm-ups included
 
     @property
     def speedup(self) -> float:
@@ -218,6 +219,7 @@ def simulate_level(
         cpu_s=time.process_time() - cpu0,
         steps=core.counters.steps,
         tokens=core.counters.tokens_generated,
+        energy_j=core.counters.energy_j,
     )
 
 
