@@ -1,152 +1,245 @@
-"""Does the emulator deliver tokens when the core says it should?
+"""Does the emulator deliver every token when the core says it should, on each front?
 
-    python benchmarks/server_fidelity.py [--quick]
+    python -m benchmarks.server_fidelity [--runs h100-sxm:256,wse-3:64,h100-sxm:1024]
+                                         [--fronts grpc,http] [--workers 2] [--requests 2]
 
-For each backend and concurrency: start `memorywall serve` in its own
-process, run that many closed-loop streams from this process (each request
-follows the last), and compare what the client observes with the server's
-modelled timeline, which the core computed for the exact batches the
-requests were in:
-- TPOT: (last token - first token) / (tokens - 1), client clock vs modelled.
-- tok/s per stream: 1 / TPOT.
-- TTFT: client (send -> first token) vs modelled (arrival -> first token);
-  the difference is transport plus server overhead, reported as is.
-- Lateness: each token's receive time minus its modelled time, with both
-  clocks aligned on the request's first token (so it shows jitter and drift,
-  not the TTFT offset).
-Also printed: the core's steady-state prediction for a batch of that size
-(`memorywall predict --batch C --context P+O/2`), and the server's own lag
-statistics and grouping interval.
+For each run (backend and number of streams) a fresh `memorywall serve` (gRPC
+and HTTP on one engine, `--max-num-seqs` at least the streams) is driven by
+`--workers` client processes, each running its share of closed-loop users
+(256-token prompts, 128 output tokens, `--requests` requests each, after one
+warm-up). Every token's receive time is kept with its modelled time (the
+engine's, seconds after arrival), so the table compares, per front:
+- TPOT: client (last token - first) / (tokens - 1) against the model alone
+  (`decode_s - decode_host_stall_s` from each request's final message) and
+  against the timeline the engine ran (host stalls included);
+- ITL p99: gaps between consecutive tokens as received (a grouped token counts
+  a 0 gap) against the gaps between their modelled times;
+- lateness p99: each token's receive time minus its modelled time, clocks
+  aligned on the request's first token;
+- tokens per message, output tokens/s, and host stalls during the run (count
+  and share of the run's wall time; any stall marks the run degraded);
+- load: the machine's 1-minute load average before the run (others share it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import multiprocessing as mp
+import os
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from benchmarks._serve import emulator
-from memorywall.core import load_hardware, load_model, plan_deployment, predict
+from benchmarks._serve import serving
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc as pb_grpc
 
-PROMPT = 128
-OUTPUT = 256
+PROMPT = 256
+OUTPUT = 128
+MODEL = "llama-3.1-8b"
 
 
 @dataclass
 class Record:
-    sent: float
-    received: list[float]
-    modelled: list[float]
-    modelled_ttft_s: float
-    modelled_decode_s: float
+    """One request as a client saw it; times on the client's monotonic clock, seconds."""
+
+    sent_s: float
+    received_s: list[float] = field(default_factory=list)  # per token
+    modelled_s: list[float] = field(default_factory=list)  # per token, after arrival
+    messages: int = 0
+    decode_s: float = 0.0
+    decode_host_stall_s: float = 0.0
 
 
-async def _one(stub: pb_grpc.EngineStub, output: int) -> Record:
-    received: list[float] = []
-    modelled: list[float] = []
-    sent = time.perf_counter()
+async def _grpc_request(stub: pb_grpc.EngineStub, output: int) -> Record:
+    record = Record(time.perf_counter())
     request = pb.GenerateRequest(token_count=PROMPT, max_tokens=output, ignore_eos=True)
     async for msg in stub.Generate(request):
         now = time.perf_counter()
         if msg.HasField("chunk"):
-            received += [now] * len(msg.chunk.token_ids)
-            modelled += list(msg.chunk.modelled_times_s)
+            record.received_s += [now] * len(msg.chunk.token_ids)
+            record.modelled_s += msg.chunk.modelled_times_s
+            record.messages += 1
         else:
-            timing = msg.finished.timing
-    return Record(sent, received, modelled, timing.ttft_s, timing.decode_s)
+            record.decode_s = msg.finished.timing.decode_s
+            record.decode_host_stall_s = msg.finished.lag.decode_host_stall_s
+    return record
 
 
-async def _closed_loop(target: str, concurrency: int, per_stream: int, output: int):
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.EngineStub(channel)
-        await _one(stub, 4)  # warm-up
+async def _http_request(session, url: str, output: int, key: int) -> Record:
+    prompt = [(key * 7919 + j * 104729) % 100_000 + 1 for j in range(PROMPT)]  # no cache hits
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": output,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    record = Record(time.perf_counter())
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        async for line in response.content:
+            now = time.perf_counter()
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            extra = chunk.get("memorywall", {})
+            if "token_ids" in extra:
+                record.received_s += [now] * len(extra["token_ids"])
+                record.modelled_s += extra["modelled_times_s"]
+                record.messages += 1
+            elif "timing" in extra:
+                record.decode_s = extra["timing"]["decode_s"]
+                record.decode_host_stall_s = extra["lag"]["decode_host_stall_s"]
+    return record
 
-        async def user() -> list[Record]:
-            return [await _one(stub, output) for _ in range(per_stream)]
 
-        users = asyncio.gather(*(user() for _ in range(concurrency)))
-        # Sample the grouping interval while the streams are live.
-        await asyncio.sleep(0.05)
-        live = await stub.GetServerInfo(pb.GetServerInfoRequest())
-        runs = await users
-        info = await stub.GetServerInfo(pb.GetServerInfoRequest())
-    return [r for run in runs for r in run], info, live.stream_interval_s
+async def _worker_async(front: str, address: str, users: int, requests: int, seed: int):
+    if front == "grpc":
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.EngineStub(channel)
+            await _grpc_request(stub, 4)
+
+            async def user(_: int) -> list[Record]:
+                return [await _grpc_request(stub, OUTPUT) for _ in range(requests)]
+
+            return await asyncio.gather(*(user(u) for u in range(users)))
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await _http_request(session, address, 4, seed * 1_000_000)
+
+        async def user(u: int) -> list[Record]:
+            base = seed * 1_000_000 + u * 1000
+            return [
+                await _http_request(session, address, OUTPUT, base + i) for i in range(requests)
+            ]
+
+        return await asyncio.gather(*(user(u) for u in range(users)))
 
 
-def _summarise(records: list[Record]) -> dict[str, float]:
-    tpot = np.array([(r.received[-1] - r.received[0]) / (len(r.received) - 1) for r in records])
-    m_tpot = np.array([r.modelled_decode_s / (len(r.received) - 1) for r in records])
-    ttft = np.array([r.received[0] - r.sent for r in records])
-    m_ttft = np.array([r.modelled_ttft_s for r in records])
-    late = np.concatenate(
-        [
-            (np.array(r.received) - r.received[0]) - (np.array(r.modelled) - r.modelled[0])
-            for r in records
-        ]
-    )
+def _worker(conn, *args) -> None:
+    runs = asyncio.run(_worker_async(*args))
+    conn.send([r for run in runs for r in run])
+
+
+def drive(front: str, address: str, users: int, workers: int, requests: int) -> list[Record]:
+    """Closed-loop users split over `workers` client processes."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    for w in range(workers):
+        share = users // workers + (1 if w < users % workers else 0)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, front, address, share, requests, w + 1))
+        proc.start()
+        procs.append((proc, parent))
+    records = []
+    for proc, parent in procs:
+        records += parent.recv()
+        proc.join()
+    return records
+
+
+def summarise(records: list[Record]) -> dict[str, float]:
+    tpot, model, timeline, gaps, m_gaps, late = [], [], [], [], [], []
+    for r in records:
+        n = len(r.received_s)
+        rec, mod = np.array(r.received_s), np.array(r.modelled_s)
+        tpot.append((rec[-1] - rec[0]) / (n - 1))
+        timeline.append(r.decode_s / (n - 1))
+        model.append((r.decode_s - r.decode_host_stall_s) / (n - 1))
+        gaps.append(np.diff(rec))
+        m_gaps.append(np.diff(mod))
+        late.append((rec - rec[0]) - (mod - mod[0]))
+    tpot_mean, model_mean = float(np.mean(tpot)), float(np.mean(model))
+    tokens = sum(len(r.received_s) for r in records)
+    span = max(r.received_s[-1] for r in records) - min(r.sent_s for r in records)
     return {
-        "tpot_ms": tpot.mean() * 1e3,
-        "model_tpot_ms": m_tpot.mean() * 1e3,
-        "tpot_err": tpot.mean() / m_tpot.mean() - 1,
-        "rate_err": (1 / tpot).mean() / (1 / m_tpot).mean() - 1,
-        "ttft_ms": ttft.mean() * 1e3,
-        "model_ttft_ms": m_ttft.mean() * 1e3,
-        "late_p50_ms": np.percentile(late, 50) * 1e3,
-        "late_p99_ms": np.percentile(late, 99) * 1e3,
-        "tok_s": sum(len(r.received) for r in records)
-        / (max(r.received[-1] for r in records) - min(r.sent for r in records)),
+        "tpot_ms": tpot_mean * 1e3,
+        "model_tpot_ms": model_mean * 1e3,
+        "tpot_err": tpot_mean / model_mean - 1,
+        "timeline_err": tpot_mean / float(np.mean(timeline)) - 1,
+        "itl_p99_ms": float(np.percentile(np.concatenate(gaps), 99)) * 1e3,
+        "model_itl_p99_ms": float(np.percentile(np.concatenate(m_gaps), 99)) * 1e3,
+        "late_p99_ms": float(np.percentile(np.concatenate(late), 99)) * 1e3,
+        "tokens_per_message": tokens / sum(r.messages for r in records),
+        "tok_s": tokens / span,
+        "span_s": span,
     }
 
 
+def host_stall(target: str) -> pb.HostStall:
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.EngineStub(channel).GetServerInfo(pb.GetServerInfoRequest()).host_stall
+
+
 HEADER = (
-    "| backend | streams | client TPOT | modelled TPOT | err | predicted (core, uniform batch) "
-    "| client TTFT | modelled TTFT | lateness p50 / p99 | server lag p99 | grouping | tok/s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| backend | streams | front | load | client TPOT | model TPOT | err | err vs timeline "
+    "| ITL p99 client / model | lateness p99 | tokens/msg | tok/s | host stalls |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def measure(hw: str, levels: list[int], per_stream: int, extra: list[str]) -> Iterator[str]:
-    """One Markdown row per concurrency level against a fresh `memorywall serve`."""
-    deployment = plan_deployment(load_hardware(hw), load_model("llama-3.1-8b"))
-    with emulator("--hardware", hw, "--model", "llama-3.1-8b", *extra) as target:
-        for c in levels:
-            records, info, interval_s = asyncio.run(_closed_loop(target, c, per_stream, OUTPUT))
-            s = _summarise(records)
-            ideal = predict(deployment, batch=c, context=PROMPT + OUTPUT // 2).decode_step_s
-            yield (
-                f"| {hw} | {c} | {s['tpot_ms']:.3f} ms | {s['model_tpot_ms']:.3f} ms "
-                f"| {s['tpot_err']:+.2%} | {ideal * 1e3:.3f} ms | {s['ttft_ms']:.2f} ms "
-                f"| {s['model_ttft_ms']:.2f} ms "
-                f"| {s['late_p50_ms']:.2f} / {s['late_p99_ms']:.2f} ms "
-                f"| {info.lag.p99_s * 1e3:.2f} ms | {interval_s * 1e3:.2f} ms "
-                f"| {s['tok_s']:,.0f} |"
-            )
+def measure(
+    hw: str,
+    levels: list[int],
+    requests: int,
+    extra: list[str],
+    *,
+    fronts: tuple[str, ...] = ("grpc",),
+    workers: int = 2,
+) -> Iterator[str]:
+    """One Markdown row per level and front against one fresh `memorywall serve ARGS`."""
+    args = ["--hardware", hw, "--model", MODEL, "--http-port", "0"]
+    args += ["--max-num-seqs", str(max(256, *levels)), *extra]
+    with serving(*args) as ready:
+        for users in levels:
+            for front in fronts:
+                address = ready.grpc_target if front == "grpc" else ready.http_url
+                load = os.getloadavg()[0]
+                before = host_stall(ready.grpc_target)
+                records = drive(front, address, users, workers, requests)
+                after = host_stall(ready.grpc_target)
+                s = summarise(records)
+                stalls = after.stalls - before.stalls
+                lost = after.stalled_s - before.stalled_s
+                marked = f"{stalls} ({lost / s['span_s']:.1%} of the run)" if stalls else "0"
+                yield (
+                    f"| {hw} | {users} | {front} | {load:.1f} | {s['tpot_ms']:.3f} ms "
+                    f"| {s['model_tpot_ms']:.3f} ms | {s['tpot_err']:+.2%} "
+                    f"| {s['timeline_err']:+.2%} "
+                    f"| {s['itl_p99_ms']:.2f} / {s['model_itl_p99_ms']:.2f} ms "
+                    f"| {s['late_p99_ms']:.2f} ms | {s['tokens_per_message']:.2f} "
+                    f"| {s['tok_s']:,.0f} | {marked} |"
+                )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer requests per stream")
-    parser.add_argument("--backends", default="h100-sxm,wse-3")
-    parser.add_argument("--levels", help="comma-separated concurrency levels")
-    parser.add_argument("--max-messages-per-s", help="passed to memorywall serve")
+    parser.add_argument("--runs", default="h100-sxm:256,wse-3:64,h100-sxm:1024")
+    parser.add_argument("--fronts", default="grpc,http")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument("--requests", type=int, default=2, help="requests per user")
     args = parser.parse_args()
-    default_levels = {"h100-sxm": "1,4,16,64,128,256", "wse-3": "1,4,8,16,32,64,128"}
-    print(f"# {platform.machine()}, {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; {args.workers} client processes; "
+        f"{PROMPT}-token prompts, {OUTPUT} output tokens\n"
+    )
     print(HEADER)
-    extra = ["--max-messages-per-s", args.max_messages_per_s] if args.max_messages_per_s else []
-    for hw in args.backends.split(","):
-        levels = [int(x) for x in (args.levels or default_levels[hw]).split(",")]
-        for row in measure(hw, levels, 1 if args.quick else 2, extra):
+    fronts = tuple(args.fronts.split(","))
+    for run in args.runs.split(","):
+        hw, users = run.split(":")
+        rows = measure(hw, [int(users)], args.requests, [], fronts=fronts, workers=args.workers)
+        for row in rows:
             print(row, flush=True)
     return 0
 

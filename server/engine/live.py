@@ -158,7 +158,8 @@ class RequestStream:
 
 class AsyncEngine:
     """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stall_tolerance_s`:
-    how late a wake-up may be before the timeline is re-anchored (or half a step, if shorter)."""
+    how late a wake-up may be before the timeline is re-anchored (or half a step, if shorter).
+    `cpu_time`: this process's CPU seconds, which the budget adapts to (tests pass a fake)."""
 
     def __init__(
         self,
@@ -168,6 +169,7 @@ class AsyncEngine:
         max_messages_per_s: float,
         lag_threshold_s: float = 0.010,
         stall_tolerance_s: float = 0.001,
+        cpu_time: Callable[[], float] = time.process_time,
         observers: Iterable[EngineObserver] = (),
     ) -> None:
         self.core = core
@@ -180,6 +182,8 @@ class AsyncEngine:
         self._paced: set[RequestStream] = set()  # streams held by their own min_interval_s
         self._hold_s = 0.0  # how long the last step held tokens (0: none)
         self._budget = MessageBudget(max_messages_per_s)
+        self._cpu_time = cpu_time
+        self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last wake-up
         self._idle = asyncio.Event()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -309,7 +313,7 @@ class AsyncEngine:
             last_end = step.end_s
             late = woke - step.end_s
             step_s = step.end_s - step.start_s
-            self._budget.adapt(late, self._stalls.tolerance(step_s))
+            self._adapt(woke)
             if self._stalls.too_late(late, step_s):
                 # Never catch up: the next step starts from the wake-up, not the deadline.
                 self._stall(late, woke)
@@ -354,6 +358,14 @@ class AsyncEngine:
         for stream in [s for s in self._paced if not s._paced(now)]:
             self._paced.discard(stream)
             stream._flush(now)
+
+    def _adapt(self, woke: float) -> None:
+        """Let the message budget see how busy this process was since the last wake-up."""
+        cpu = self._cpu_time()
+        wall_0, cpu_0 = self._mark
+        if woke > wall_0:
+            self._budget.adapt((cpu - cpu_0) / (woke - wall_0))
+        self._mark = (woke, cpu)
 
     def _flush_held(self, now: float) -> None:
         for stream in self._held:

@@ -2,15 +2,18 @@
 
 The live engine hands each token to its stream alone while the budget lasts;
 past it, a token waits for the stream's next one (never more than one step),
-so the message rate halves before the host falls behind. The rate adapts: it
-backs off whenever the engine wakes late (halfway to a stall: the fronts are
-using up the loop) and creeps back to its ceiling while the host keeps time.
+so the message rate halves before the host falls behind. The rate adapts to
+the server process's own CPU use between engine wake-ups: busy nearly all the
+time means its fronts are using up the host, so the rate backs off; with time
+to spare it creeps back to its ceiling. (Wake-up lateness alone would also
+react to other processes taking the CPU, which grouping cannot help.)
 """
 
 from __future__ import annotations
 
-BACKOFF = 0.8  # rate factor after a late wake-up
-RECOVER = 1.01  # rate factor after each step on time
+BUSY = 0.9  # CPU seconds per wall second above which the process counts as saturated
+BACKOFF = 0.8  # rate factor after a busy step
+RECOVER = 1.01  # rate factor after a step with time to spare
 FLOOR_PER_S = 100.0
 
 
@@ -28,9 +31,9 @@ class MessageBudget:
         self.available = 0.0
         self._last_s: float | None = None
 
-    def adapt(self, late_s: float, tolerance_s: float) -> None:
-        """After a step: back off if the engine woke over half its stall tolerance late."""
-        if late_s > tolerance_s / 2:
+    def adapt(self, busy: float) -> None:
+        """After a step: `busy` is the process's CPU time over the wall time it took."""
+        if busy > BUSY:
             self.rate_per_s = max(self.rate_per_s * BACKOFF, min(FLOOR_PER_S, self.ceiling_per_s))
         elif self.rate_per_s < self.ceiling_per_s:
             self.rate_per_s = min(self.rate_per_s * RECOVER, self.ceiling_per_s)

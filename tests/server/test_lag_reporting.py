@@ -33,7 +33,12 @@ class Context:
 
 async def test_grpc_final_message_and_server_info_carry_the_host_stall(wse3_8b):
     core, card = build_core(wse3_8b, EngineConfig())
-    engine = AsyncEngine(core, clock=SteppingClock(stalls={30: STALL_S}), max_messages_per_s=1e6)
+    engine = AsyncEngine(
+        core,
+        clock=SteppingClock(stalls={30: STALL_S}),
+        max_messages_per_s=1e6,
+        cpu_time=lambda: 0.0,  # never busy: every token goes out alone
+    )
     await engine.start()
     servicer = EngineServicer(engine, card)
     try:
