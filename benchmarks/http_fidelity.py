@@ -1,37 +1,58 @@
-"""The OpenAI HTTP front against the gRPC front of the same engine.
+"""The OpenAI HTTP front against the gRPC front of the same engine, as `bench --workers` sees them.
 
-    python -m benchmarks.http_fidelity
+    python -m benchmarks.http_fidelity [--runs h100-sxm:256,wse-3:64,h100-sxm:1024]
+                                       [--workers 2] [--requests-per-user 2]
 
-One `memorywall serve --http-port 0` process per backend (h100-sxm, wse-3;
-Llama 3.1 8B) serves both fronts from one engine. At concurrency 1, 16 and 64,
-`memorywall bench` runs the same closed-loop workload through
-`--backend memorywall-grpc` and `--backend openai-completions` and prints the
-measured mean TTFT and TPOT of each, their difference, the modelled values,
-the output token rate and whether the run marked itself suspect.
+One `memorywall serve --http-port 0` process per run serves both fronts from
+one engine (`--max-num-seqs` at least the users). At each run's concurrency,
+the load generator (`memorywall bench`'s code, its requests spread over
+`--workers` client processes) runs the same closed-loop workload (256-token
+prompts, 128 output tokens) through `--backend memorywall-grpc` and
+`--backend openai-completions`, and the table prints the measured mean TTFT,
+mean and p99 TPOT, p99 ITL, the modelled TTFT and TPOT (the timeline the engine
+ran), the output token rate, whether the run marked itself suspect, the host
+stalls the server counted during the run (any stall: the host fell behind and
+the modelled timeline moved later, so the run is degraded), and the machine's
+1-minute load average before it.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import platform
 import time
 
-from benchmarks._serve import emulator_with_http
+import grpc
+
+from benchmarks._serve import serving
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.target import Backend
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload
+from memorywall.v1 import engine_pb2 as pb
+from memorywall.v1 import engine_pb2_grpc as pb_grpc
 
-LEVELS = (1, 16, 64)
+MODEL = "llama-3.1-8b"
 
 
-def _run(target: str, backend: Backend, users: int, facts: ServerFacts) -> dict:
+def _stalls(target: str) -> tuple[int, float]:
+    with grpc.insecure_channel(target) as channel:
+        info = pb_grpc.EngineStub(channel).GetServerInfo(pb.GetServerInfoRequest())
+    return info.host_stall.stalls, info.host_stall.stalled_s
+
+
+def _run(
+    target: str, backend: Backend, users: int, facts: ServerFacts, workers: int, per_user: int
+) -> dict:
     config = BenchConfig(
         target=target,
         backend=backend,
-        model="llama-3.1-8b" if backend.is_openai else None,
-        workload=SyntheticWorkload(Fixed(128), Fixed(128)),
-        num_prompts=max(8, 2 * users),
+        model=MODEL if backend.is_openai else None,
+        workload=SyntheticWorkload(Fixed(256), Fixed(128)),
+        num_prompts=per_user * users,
         concurrency=(users,),
-        warmup=2,
+        warmup=min(users, 8),
+        workers=workers,
         label=backend.value,
     )
     result, _ = run_level(config, Level(f"c{users}", users, None), facts)
@@ -39,31 +60,51 @@ def _run(target: str, backend: Backend, users: int, facts: ServerFacts) -> dict:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", default="h100-sxm:256,wse-3:64,h100-sxm:1024")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument("--requests-per-user", type=int, default=2)
+    args = parser.parse_args()
     print(
-        f"# HTTP vs gRPC fronts: {platform.machine()}, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}\n"
+        f"# HTTP vs gRPC fronts through bench --workers {args.workers}: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}\n"
     )
     print(
-        "| backend | users | front | TTFT | TPOT | TTFT vs gRPC | TPOT vs gRPC "
-        "| modelled TTFT / TPOT | output tok/s | suspect |"
+        "| backend | users | front | load | TTFT | TPOT mean / p99 | ITL p99 "
+        "| modelled TTFT / TPOT | TPOT vs modelled | output tok/s | suspect | host stalls |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for hw in ("h100-sxm", "wse-3"):
-        facts = ServerFacts(hardware=hw, model="llama-3.1-8b", devices=1, emulated=True)
-        with emulator_with_http("--hardware", hw, "--model", "llama-3.1-8b") as (grpc, http):
-            for users in LEVELS:
-                base = _run(grpc, Backend.MEMORYWALL_GRPC, users, facts)
-                over = _run(http, Backend.OPENAI_COMPLETIONS, users, facts)
-                for front, r in (("gRPC", base), ("HTTP", over)):
-                    ttft_d = r["mean_ttft_ms"] / base["mean_ttft_ms"] - 1
-                    tpot_d = r["mean_tpot_ms"] / base["mean_tpot_ms"] - 1
-                    print(
-                        f"| {hw} | {users} | {front} | {r['mean_ttft_ms']:.2f} ms "
-                        f"| {r['mean_tpot_ms']:.3f} ms | {ttft_d:+.1%} | {tpot_d:+.2%} "
-                        f"| {r['mean_modelled_ttft_ms']:.2f} / {r['mean_modelled_tpot_ms']:.3f} ms "
-                        f"| {r['output_throughput']:,.0f} | {'; '.join(r['suspect']) or '-'} |",
-                        flush=True,
-                    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in args.runs.split(","):
+        hw, users = run.split(":")
+        n = int(users)
+        facts = ServerFacts(hardware=hw, model=MODEL, devices=1, emulated=True)
+        serve_args = ["--hardware", hw, "--model", MODEL, "--http-port", "0"]
+        with serving(*serve_args, "--max-num-seqs", str(max(256, n))) as ready:
+            fronts = (
+                ("gRPC", ready.grpc_target, Backend.MEMORYWALL_GRPC),
+                ("HTTP", ready.http_url, Backend.OPENAI_COMPLETIONS),
+            )
+            for front, target, backend in fronts:
+                load = os.getloadavg()[0]
+                before = _stalls(ready.grpc_target)
+                r = _run(target, backend, n, facts, args.workers, args.requests_per_user)
+                after = _stalls(ready.grpc_target)
+                stalls, lost = after[0] - before[0], after[1] - before[1]
+                share = lost / r["duration"] if r["duration"] else 0.0
+                marked = f"{stalls} ({share:.1%} of the run)" if stalls else "0"
+                tpot_err = r["mean_tpot_ms"] / r["mean_modelled_tpot_ms"] - 1
+                print(
+                    f"| {hw} | {n} | {front} | {load:.1f} | {r['mean_ttft_ms']:.2f} ms "
+                    f"| {r['mean_tpot_ms']:.3f} / {r['p99_tpot_ms']:.3f} ms "
+                    f"| {r['p99_itl_ms']:.2f} ms "
+                    f"| {r['mean_modelled_ttft_ms']:.2f} / {r['mean_modelled_tpot_ms']:.3f} ms "
+                    f"| {tpot_err:+.2%} | {r['output_throughput']:,.0f} "
+                    f"| {'; '.join(r['suspect']) or '-'} | {marked} |",
+                    flush=True,
+                )
     return 0
 
 
