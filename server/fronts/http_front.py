@@ -91,13 +91,17 @@ class OpenAIFront:
         if self.api_key is not None:
             middlewares.append(require_api_key(self.api_key, error_reply))
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=middlewares)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/version", self.version)
+        routes = [
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+            ("GET", "/v1/models", self.models),
+            ("GET", "/health", self.health),
+            ("GET", "/version", self.version),
+        ]
         if self.metrics is not None:
-            app.router.add_get("/metrics", metrics_handler(self.metrics))
+            routes.append(("GET", "/metrics", metrics_handler(self.metrics)))
+        for method, path, handler in routes:
+            app.router.add_route(method, path, handler, expect_handler=expect_continue)
         return app
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -176,6 +180,18 @@ class OpenAIFront:
         return web.json_response({"version": __version__})
 
 
+async def expect_continue(request: web.Request) -> None:
+    """aiohttp's own `Expect` handling, except that an unknown value is quoted ASCII-escaped
+    (aiohttp's 417 raised UnicodeEncodeError, a 500, on a non-UTF-8 value)."""
+    expect = request.headers.get("Expect", "")
+    if request.version != (1, 1):
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect!a}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not part of the body
+
+
 def metrics_handler(metrics: MetricsSource) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         body, content_type = metrics.render()
@@ -198,8 +214,15 @@ class HttpSite:
         self.ssl_context = ssl_context
         # handler_cancellation: a client that disconnects cancels its handler at once, which
         # aborts its request, even while it waits in the queue with nothing to write.
+        # lingering_time=0: a body the handler did not read (refused early, or undecodable)
+        # closes the connection instead of being read on, which for an undecodable one
+        # made aiohttp log an "Unhandled exception".
         self.runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            access_log=None,
+            lingering_time=0,
         )
         self.port = 0
 
@@ -226,7 +249,10 @@ def _headers(call: Call, content_type: str | None = None) -> dict[str, str]:
 
 
 async def _json_body(request: web.Request) -> object:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError as e:  # a body its Content-Encoding cannot decode, say
+        raise InvalidRequestError(f"request body: unreadable ({e})") from None
     try:
         return json.loads(raw)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError

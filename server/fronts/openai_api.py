@@ -137,6 +137,9 @@ class OpenAIApi:
     def to_call(self, body: Any, endpoint: Endpoint, request_id: str | None = None) -> Call:
         if not isinstance(body, dict):
             raise InvalidRequestError("request body: must be a JSON object")
+        # It comes back in a header and in every chunk's id: printable ASCII only.
+        if request_id is not None and not (request_id.isascii() and request_id.isprintable()):
+            raise InvalidRequestError(f"X-Request-Id: must be printable ASCII, got {request_id!a}")
         model = body.get("model")
         if model is not None and model != self.card.model:
             raise UnknownModelError(
