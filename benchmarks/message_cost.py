@@ -14,8 +14,9 @@ system, from /proc) over messages is the cost per message; the null stream's is
 what pacing and the transport cost by themselves.
 
 `--ttft`: one user, sequential requests: client time to the first token minus
-the engine's modelled TTFT, against the null stream's first message (sent at
-once), on each front: the overhead over the transport's own floor.
+the model's own TTFT (the engine's, less any host stall before the first
+token), against the null stream's first message (sent at once), on each front:
+the overhead over the transport's own floor.
 """
 
 from __future__ import annotations
@@ -362,7 +363,11 @@ async def _ttft_http(session, address: str) -> float:
                 first = time.perf_counter() - sent
             chunk = json.loads(line[6:])
             if "usage" in chunk and "memorywall" in chunk:
-                modelled = chunk["memorywall"]["timing"]["ttft_s"]
+                summary = chunk["memorywall"]
+                lag = summary["lag"]
+                # The model's own TTFT: less any host stall before the first token.
+                stalled = lag["host_stall_s"] - lag["decode_host_stall_s"]
+                modelled = summary["timing"]["ttft_s"] - stalled
     return first - modelled
 
 
@@ -379,7 +384,9 @@ async def _ttft_grpc(channel) -> float:
         if first is None:
             first = time.perf_counter() - sent
         if msg.HasField("finished"):
-            return first - msg.finished.timing.ttft_s
+            f = msg.finished
+            stalled = f.lag.host_stall_s - f.lag.decode_host_stall_s
+            return first - (f.timing.ttft_s - stalled)
     raise RuntimeError("stream ended without Finished")
 
 
