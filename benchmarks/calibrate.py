@@ -3,7 +3,8 @@
     python benchmarks/calibrate.py          # fit, print error tables, write files
     python benchmarks/calibrate.py --check  # fit and fail if the files are stale
 
-Prints the error tables as Markdown (the README's calibration table comes from here).
+Prints the error tables as Markdown (the README's calibration table comes from here);
+`python -m benchmarks.accuracy` writes the full accuracy page, docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from pathlib import Path
 from memorywall.core.calibration import (
     HELD_OUT_RULE,
     MEASURED_FILE,
+    ErrorRow,
     ErrorTable,
     GpuFit,
     WaferFit,
     fit_gpu,
     fit_wafer,
     load_published,
-    published_error_table,
 )
 from memorywall.core.hardware import load_hardware
+from memorywall.core.published import published_comparisons
 
 CAL_DIR = Path(__file__).resolve().parent.parent / "core" / "calibration"
 
@@ -79,6 +81,7 @@ def _gpu_sections(fit: GpuFit, prefix: str = "") -> list[str]:
         "[kernels]",
         "activation_bytes_per_hidden = " + _q(k.activation_bytes_per_hidden, "B", prefix + _FIT),
         "kv_stream_bytes_per_s = " + _q(k.kv_stream_bytes_per_s, "B/s", prefix + _FIT),
+        "split_k_s = " + _q(k.split_k_s, "s", prefix + _FIT),
     ]
 
 
@@ -223,8 +226,13 @@ def main() -> int:
     else:
         for path, text in files.items():
             path.write_text(text)
-    others = published_error_table(
-        [r for r in load_published() if not r["fit"]], "Published rows not used in any fit"
+    others = ErrorTable(
+        "Published single-stream ITL rows not used in any fit",
+        tuple(
+            ErrorRow(c.label, c.published, c.predicted)
+            for row, c in zip(load_published(), published_comparisons().rows, strict=True)
+            if c.metric == "itl_s" and row["concurrency"] == 1
+        ),
     )
     print(markdown([gpu.decode, gpu.prefill], [wafer.rows, others]))
     return 0

@@ -27,7 +27,7 @@ import numpy as np
 
 from memorywall.core.cost import StepModel, combine_s
 from memorywall.core.deployment import plan_deployment
-from memorywall.core.gemm import Tiling, gemm_compute_s, weight_gemms
+from memorywall.core.gemm import Tiling, gemm_compute_s, split_k_gemms, weight_gemms
 from memorywall.core.hardware import (
     Efficiency,
     Hardware,
@@ -234,9 +234,22 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     act_bw = hardware.resident.bandwidth_bytes_per_s * weight_read
     per_layer_col = np.full_like(y, float(model.n_layers))
     act_col = tokens * model.hidden_size * model.n_layers / act_bw
+    par = hardware.parallelism
+    tiling = Tiling(units=par.units, tile_m=par.gemm_tile_m, tile_n=par.gemm_tile_n)
+    split_col = np.array(
+        [
+            sum(
+                split_k_gemms(float(len(p.batch.prefill) or t) if g.head else float(t), g, tiling)
+                for g in weight_gemms(model, 1)
+            )
+            for p, t in zip(fit_points, tokens, strict=True)
+        ]
+    )
     launch_s = launch * model.n_layers
 
-    def constants(kv_read: float, stream_bw: float, attention: float, a: float, c: float):
+    def constants(
+        kv_read: float, stream_bw: float, attention: float, a: float, c: float, k: float = 0.0
+    ):
         eff = Efficiency(
             weight_read=weight_read,
             kv_read=kv_read,
@@ -245,7 +258,9 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
             overlap=overlap,
         )
         lat = replace(_NO_FLOOR, per_layer_s=a, launch_per_layer_s=launch)
-        ker = KernelCosts(activation_bytes_per_hidden=c, kv_stream_bytes_per_s=stream_bw)
+        ker = KernelCosts(
+            activation_bytes_per_hidden=c, kv_stream_bytes_per_s=stream_bw, split_k_s=k
+        )
         return eff, lat, ker
 
     def base(kv_read: float, stream_bw: float, attention: float) -> np.ndarray:
@@ -256,18 +271,33 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
         sm = StepModel(plan_deployment(hw, model, devices=1))
         return np.array([sm.step_cost(p.batch).time_s for p in fit_points])
 
-    def solve(x: np.ndarray) -> tuple[float, float, float]:
-        """Nonnegative (a, c) minimising relative error of max(x + a L + c A, launch)."""
+    linear = np.stack([per_layer_col, act_col, split_col], axis=1)
+
+    def solve(x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Nonnegative (per-layer, activation, split-K) coefficients minimising the relative
+        error of max(x + linear @ coef, launch) for eager points: exact NNLS over the
+        subsets of free coefficients, with points held up by the launch floor left out."""
         keep = np.ones_like(y, dtype=bool)
         for _ in range(3):
             w = keep / y
-            cols = np.stack([per_layer_col * w, act_col * w], axis=1)
-            (a, c), *_ = np.linalg.lstsq(cols, (y - x) * w, rcond=None)
-            a, c = max(a, 0.0), max(c * 1.0, 0.0)
-            pred = x + a * per_layer_col + c * act_col
-            keep = ~(eager & (pred < launch_s))
+            best_coef, best_loss = np.zeros(3), np.inf
+            for mask in range(1, 8):
+                cols = [i for i in range(3) if mask >> i & 1]
+                sol, *_ = np.linalg.lstsq(linear[:, cols] * w[:, None], (y - x) * w, rcond=None)
+                if (sol < 0).any():
+                    continue
+                coef = np.zeros(3)
+                coef[cols] = sol
+                loss = float((((x + linear @ coef - y) * w) ** 2).sum())
+                if loss < best_loss:
+                    best_coef, best_loss = coef, loss
+            pred = x + linear @ best_coef
+            held_up = eager & (pred < launch_s)
+            if (keep == ~held_up).all():
+                break
+            keep = ~held_up
         pred = np.where(eager, np.maximum(pred, launch_s), pred)
-        return float(a), float(c), float((((pred - y) / y) ** 2).sum())
+        return best_coef, float((((pred - y) / y) ** 2).sum())
 
     centre = np.array([0.75, 250e9, 0.6])  # kv_read, per-stream bandwidth (B/s), attention
     span = np.array([0.25, 240e9, 0.4])
@@ -282,13 +312,13 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
         for kv in axes[0]:
             for sb in axes[1]:
                 for at in axes[2]:
-                    a, c, loss = solve(base(kv, sb, at))
+                    coef, loss = solve(base(kv, sb, at))
                     if best is None or loss < best[0]:
-                        best = (loss, kv, sb, at, a, c)
+                        best = (loss, kv, sb, at, coef)
         centre = np.array(best[1:4])
         span = span / 5
-    _, kv, sb, at, a, c = best
-    eff, lat, ker = constants(float(kv), float(sb), float(at), a, c)
+    _, kv, sb, at, (a, c, k) = best
+    eff, lat, ker = constants(float(kv), float(sb), float(at), float(a), float(c), float(k))
     fitted = StepModel(
         plan_deployment(
             replace(hardware, efficiency=eff, latency=lat, kernels=ker), model, devices=1

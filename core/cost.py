@@ -4,7 +4,8 @@ A step is a sequence of kernels; each kernel is as slow as the slower of its
 memory traffic and its compute, plus the share of the faster one it fails to
 hide (`overlap`). Kernels run one after another, so their times add:
 
-    gpu    = fixed + sum over weight GEMMs of combine(weight bytes, wave-quantised FLOPs)
+    gpu    = fixed (per layer, plus a reduction pass per split-K GEMM)
+             + sum over weight GEMMs of combine(weight bytes, wave-quantised FLOPs)
              + combine(KV bytes at the reachable bandwidth, attention FLOPs)
              + activation bytes (norms, rotary, activation function, residuals)
              + interconnect
@@ -22,7 +23,7 @@ from enum import Enum
 import numpy as np
 
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
-from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, weight_gemms
+from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, split_k_gemms, weight_gemms
 from memorywall.core.work import Batch, Number, Work
 
 _PJ = 1e-12
@@ -174,6 +175,7 @@ class StepModel:
         # Decode attention streams per sequence on one device (KV heads, or MLA's query heads).
         self._streams_per_seq = max(1, (m.n_heads if m.mla else m.n_kv_heads) // self._tp)
         self._kv_stream_bw = hw.kernels.kv_stream_bytes_per_s
+        self._split_k_s = hw.kernels.split_k_s
         # Non-GEMM kernels: activation bytes per token, plus the norm weights, at streaming speed.
         self._act_bytes_per_token = (
             hw.kernels.activation_bytes_per_hidden * m.hidden_size * m.n_layers
@@ -262,9 +264,13 @@ class StepModel:
             )
 
         gemm_mem_s, gemm_comp_s, gemm_s = expert_mem_s, expert_comp_s, 0.0 * w.tokens
+        split_s = 0.0 * w.tokens  # reduction passes of split-K GEMMs: fixed kernel time
         gemm_s = gemm_s + combine_s(0.0, expert_mem_s, expert_comp_s, self._overlap, 0.0)
         for g, mem_s in self._gemms:
-            comp_s = self._gemm_compute_s(w.logits if g.head else w.tokens, g)
+            rows = w.logits if g.head else w.tokens
+            comp_s = self._gemm_compute_s(rows, g)
+            if self._tiling is not None and self._split_k_s:
+                split_s = split_s + self._split_k_s * split_k_gemms(rows, g, self._tiling)
             gemm_mem_s = gemm_mem_s + mem_s
             gemm_comp_s = gemm_comp_s + comp_s
             gemm_s = gemm_s + combine_s(0.0, mem_s, comp_s, self._overlap, 0.0)
@@ -305,7 +311,7 @@ class StepModel:
             link_bytes = link_bytes + (self._pp - 1) * hop_bytes
 
         busy_s = gemm_s + attn_s + act_s + comm_s
-        gpu_s = self._latency_s + busy_s
+        gpu_s = self._latency_s + split_s + busy_s
         # Steps with prefill are launched kernel by kernel, not replayed from a graph.
         eager = w.tokens > self.queries_per_decode * w.decode_seqs
         if isinstance(eager, bool | np.bool_):

@@ -11,7 +11,10 @@ the time goes in whole waves of tiles (wave quantisation):
     tile work = 2 x tile_m x tile_n x k FLOPs at (peak x compute efficiency) / SMs
 
 Padding a tile costs as much as filling it; splitting K is what cuBLAS and
-CUTLASS do when a GEMM has too few tiles to fill the chip. Routed MoE experts
+CUTLASS do when a GEMM has too few tiles to fill the chip, and a split GEMM
+then runs a reduction pass over its partial sums (`split_k_gemms` counts them;
+the profile's `split_k_s` prices one). A one-row GEMM is a matrix-vector
+product and does not split. Routed MoE experts
 are not tiled here (their per-expert row counts vary); they use the plain
 FLOP count.
 """
@@ -105,3 +108,16 @@ def gemm_compute_s(rows: Number, gemm: Gemm, tiling: Tiling, unit_flops_per_s: f
     slices = np.maximum(np.floor(u / safe), 1.0)  # K slices when tiles < u
     waves = np.where(tiles >= u, np.ceil(safe / u), 1.0 / slices)
     return np.where(tiles > 0, waves * tile_s, 0.0)
+
+
+def split_k_gemms(rows: Number, gemm: Gemm, tiling: Tiling) -> Number:
+    """How many of `gemm.count` GEMMs split K (at most half as many tiles as SMs, so at
+    least two slices), and so run a reduction pass after the GEMM; one row is a
+    matrix-vector product, which does not split."""
+    n_tiles = -(-gemm.n // tiling.tile_n)
+    if isinstance(rows, float | int):
+        split = rows > 1 and 2 * math.ceil(rows / tiling.tile_m) * n_tiles <= tiling.units
+        return float(gemm.count) if split else 0.0
+    r = np.asarray(rows, dtype=np.float64)
+    split = (r > 1) & (2 * np.ceil(r / tiling.tile_m) * n_tiles <= tiling.units)
+    return np.where(split, float(gemm.count), 0.0)

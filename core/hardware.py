@@ -89,6 +89,7 @@ class KernelCosts:
 
     activation_bytes_per_hidden: float
     kv_stream_bytes_per_s: float
+    split_k_s: float = 0.0  # the reduction pass a GEMM that splits K runs after it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,6 +238,7 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
                 "kernels", "activation_bytes_per_hidden", "B", strict=False
             ),
             kv_stream_bytes_per_s=calibrated("kernels", "kv_stream_bytes_per_s", "B/s"),
+            split_k_s=calibrated("kernels", "split_k_s", "s", strict=False),
         ),
         parallelism=_parallelism(r, r.table(data, "parallelism", optional=True)),
         calibration=calibration,

@@ -284,3 +284,76 @@ def test_decode_sweep_equals_step_cost(hardware, model, speculative):
             assert sweep.compute_s[i, j] == pytest.approx(exact.compute_s, rel=1e-9)
             assert sweep.comm_s[i, j] == pytest.approx(exact.comm_s, rel=1e-9, abs=1e-15)
             assert bounds[i, j] == exact.bound.value
+
+
+# --- wave quantisation and split-K ---------------------------------------------------------------
+
+
+def test_gemm_compute_s_by_hand():
+    from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, split_k_gemms
+
+    tiling = Tiling(units=132, tile_m=128, tile_n=128)
+    g = Gemm("o", k=4096, n=4096, count=2)  # 32 column tiles
+    unit = 1e12  # FLOP/s per SM
+    tile_s = 2 * 128 * 128 * 4096 / unit * 2  # one tile's work, both GEMMs
+    # 1 row: 32 tiles < 132 SMs, K split 132 // 32 = 4 ways: a quarter of a tile's work
+    assert gemm_compute_s(1, g, tiling, unit) == pytest.approx(tile_s / 4, rel=1e-12)
+    assert gemm_compute_s(128, g, tiling, unit) == pytest.approx(tile_s / 4, rel=1e-12)
+    # 129 rows: 64 tiles, split 2 ways
+    assert gemm_compute_s(129, g, tiling, unit) == pytest.approx(tile_s / 2, rel=1e-12)
+    # 512 rows: 128 tiles, one wave, no split; 640 rows: 160 tiles, two waves
+    assert gemm_compute_s(512, g, tiling, unit) == pytest.approx(tile_s, rel=1e-12)
+    assert gemm_compute_s(640, g, tiling, unit) == pytest.approx(2 * tile_s, rel=1e-12)
+    assert gemm_compute_s(0, g, tiling, unit) == 0.0
+    rows = np.array([0.0, 1.0, 128.0, 129.0, 512.0, 640.0])
+    np.testing.assert_allclose(
+        gemm_compute_s(rows, g, tiling, unit),
+        [gemm_compute_s(float(r), g, tiling, unit) for r in rows],
+        rtol=1e-12,
+    )
+    # Split-K GEMMs run a reduction pass: not for one row, nor past half the SMs in tiles.
+    assert [split_k_gemms(r, g, tiling) for r in (1, 2, 128, 256, 257)] == [0, 2, 2, 2, 0]
+    np.testing.assert_array_equal(
+        split_k_gemms(np.array([1.0, 2.0, 257.0]), g, tiling), [0.0, 2.0, 0.0]
+    )
+
+
+def test_weight_gemms_cover_the_always_read_weights_but_norms():
+    from memorywall.core.gemm import weight_gemms
+
+    for name in ("llama-3.1-8b", "llama-3.1-70b", "qwen3-235b-a22b", "deepseek-v3"):
+        m = load_model(name)
+        norms = m.n_layers * 2 * m.hidden_size + m.hidden_size
+        gemm_params = sum(g.params for g in weight_gemms(m, 1))
+        # MLA's projections are one GEMM of k = hidden: n rounds down to whole columns.
+        rel = 1e-3 if m.mla else 0.0
+        assert gemm_params == pytest.approx(m.always_read_params() - norms, rel=rel), name
+    # Tensor parallel: column-parallel n and row-parallel k split 4 ways.
+    by_name = {g.name: g for g in weight_gemms(load_model("llama-3.1-70b"), 4)}
+    assert (by_name["qkv"].k, by_name["qkv"].n) == (8192, (8192 + 2 * 1024) // 4)
+    assert (by_name["o"].k, by_name["o"].n) == (8192 // 4, 8192)
+
+
+def test_decode_attention_streams_cap_the_kv_bandwidth():
+    # Batch 1 of Llama 8B: 8 KV-head streams, each at most kv_stream_bytes_per_s.
+    hw = load_hardware("h100-sxm")
+    sm = StepModel(plan_deployment(hw, load_model("llama-3.1-8b")))
+    full = hw.resident.bandwidth_bytes_per_s * hw.efficiency.kv_read
+    per = hw.kernels.kv_stream_bytes_per_s
+    assert sm._decode_kv_bw(1.0) == pytest.approx(min(full, 8 * per), rel=1e-12)
+    assert sm._decode_kv_bw(64.0) == pytest.approx(full, rel=1e-12)
+    # Long context at batch 1 reads its KV slower per byte than a full batch does.
+    one = sm.step_cost(Batch(decode_contexts=(65536,))).time_s
+    short = sm.step_cost(Batch(decode_contexts=(0,))).time_s
+    kv_bytes = 65536 * 131072
+    assert (one - short) > kv_bytes / full
+
+
+def test_eager_launch_floor_binds_short_prefills_only():
+    hw = load_hardware("h100-sxm")
+    sm = StepModel(plan_deployment(hw, load_model("llama-3.1-8b")))
+    floor = 32 * hw.latency.launch_per_layer_s
+    assert sm.step_cost(Batch(prefill=(PrefillChunk(16),))).time_s == pytest.approx(floor)
+    assert sm.step_cost(Batch(prefill=(PrefillChunk(4096),))).time_s > floor
+    # Decode-only steps are replayed from graphs: no launch floor.
+    assert sm.step_cost(Batch(decode_contexts=(16,))).time_s < floor
