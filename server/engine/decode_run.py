@@ -96,7 +96,8 @@ def _timeline(
     ends, energies = [start_s], []
     while len(energies) < steps and ends[-1] < horizon_s:
         done = len(energies)
-        chunk = min(steps - done, max(FIRST_CHUNK, done))
+        # With no horizon every step is taken: cost them in one call.
+        chunk = steps - done if horizon_s == math.inf else min(steps - done, max(FIRST_CHUNK, done))
         times, more = _costs(core.step_model, [c + done for c in contexts], chunk)
         ends += itertools.accumulate(times, initial=ends[-1])
         del ends[-chunk - 1]  # the chunk's initial value, already there
