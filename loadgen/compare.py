@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from memorywall.loadgen import plots
+from memorywall.loadgen import plots, rates
 
 SUMMARY = "summary.json"
 BENCH_DEFAULT_LABEL = "run"  # `memorywall bench --label`'s default: says nothing
@@ -112,7 +112,7 @@ def table(sweeps: Sequence[tuple[str, list[dict]]]) -> str:
                     load_label(r),
                     _ms(r.get("mean_ttft_ms")),
                     _ms(r.get("mean_tpot_ms")),
-                    _rate(r.get("mean_output_tok_s_per_user")),
+                    _rate(rates.measured(r).per_user),
                     _rate(tput),
                     _rate(None if tput is None else tput / r.get("devices", 1)),
                 )

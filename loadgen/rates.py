@@ -1,8 +1,8 @@
 """Output rates of one level result, as measured and as the core predicts them.
 
-Both come from a level's result dict (`bench.summarise`): measured rates are vLLM's
-`output_throughput` and our `mean_output_tok_s_per_user`; predicted ones follow from the
-core's `predicted_tpot_ms` and `predicted_e2el_ms` for the same load.
+Both come from a level's result dict (`bench.summarise`): measured rates from vLLM's
+`output_throughput` and `mean_tpot_ms`; predicted ones from the core's `predicted_tpot_ms`
+and `predicted_e2el_ms` for the same load.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ class Rates:
 
 
 def measured(r: dict) -> Rates:
-    return Rates(per_user=r.get("mean_output_tok_s_per_user"), total=r.get("output_throughput"))
+    """Per user: 1 / mean TPOT, as the prediction is 1 / predicted TPOT (the mean of each
+    request's own rate, `mean_output_tok_s_per_user`, runs high when tokens come in bursts)."""
+    tpot = r.get("mean_tpot_ms")
+    return Rates(per_user=1e3 / tpot if tpot else None, total=r.get("output_throughput"))
 
 
 def predicted(r: dict) -> Rates:

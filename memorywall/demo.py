@@ -198,8 +198,8 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
         result["tdp_w"] = tdp_w  # rated power per device, for tokens/s per kW
         write_level(out, result, records)
         results.append(result)
-        # The load generator's bar (a terminal only) ends without a newline.
-        end = "\n" if err.isatty() else ""
+        # The load generator's bar (on a terminal only) ends without a newline: clear it.
+        end = "\r\033[K" if err.isatty() else ""
         print(
             f"{end}{server.name}: {users_text(users)}, {bench.num_prompts} requests in "
             f"{time.perf_counter() - started:.1f} s",

@@ -4,14 +4,17 @@ import ast
 import contextlib
 import io
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from memorywall import ready
+from memorywall.cli import _compare_parser, build_parser
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-PORT_LINE = re.compile(r"on 127\.0\.0\.1:(\d+)")
 
 
 def _python_block(heading: str) -> str:
@@ -20,17 +23,13 @@ def _python_block(heading: str) -> str:
 
 
 @pytest.fixture
-def served_target():
+def served_target(tmp_path):
+    ready_file = tmp_path / "ready.json"
     cmd = [sys.executable, "-m", "memorywall", "serve", "--hardware", "wse-3"]
-    cmd += ["--model", "llama-3.1-8b", "--port", "0"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    cmd += ["--model", "llama-3.1-8b", "--port", "0", "--ready-file", str(ready_file)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
-        for line in proc.stderr:
-            if match := PORT_LINE.search(line):
-                yield f"127.0.0.1:{match.group(1)}"
-                break
-        else:
-            pytest.fail("server did not start")
+        yield ready.wait_for(ready_file, proc, timeout_s=60)["grpc_target"]
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -56,3 +55,31 @@ def test_core_example_runs():
     devices, tok_s, _ttft, _bound = out.getvalue().split()
     assert devices == "4"
     assert float(tok_s) == pytest.approx(450, rel=0.01)
+
+
+def _sh_commands() -> list[list[str]]:
+    """Every `memorywall ...` command in the README's sh blocks, as argv after the name."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", README, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.split(" # ")[0].strip().rstrip("&"))
+                if words and words[0].endswith("memorywall"):
+                    commands.append(words[1:])
+    return commands
+
+
+def test_first_command_installs_and_runs_the_demo():
+    first = re.search(r"```sh\n(.*?)```", README, flags=re.S).group(1)
+    assert "pip install -e '.[dev,gateway]'" in first
+    assert first.strip().endswith("memorywall demo")
+
+
+def test_every_memorywall_command_in_the_readme_parses():
+    commands = _sh_commands()
+    assert ["demo"] in commands and len(commands) > 15
+    for argv in commands:
+        if argv[:2] == ["bench", "compare"]:
+            _compare_parser().parse_args(argv[2:])
+        else:
+            build_parser().parse_args(argv)  # raises on an unknown flag or bad value
