@@ -36,13 +36,13 @@ from memorywall.server.engine.api import (
     Finished,
     KVEvent,
     Request,
-    StepReport,
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock, MonotonicClock
 from memorywall.server.engine.lag import LagTracker, StallTracker
 from memorywall.server.engine.pacing import MessageBudget
-from memorywall.server.engine.scheduler import Emission, EngineCore, Sequence, Step
+from memorywall.server.engine.reports import finished, step_report
+from memorywall.server.engine.scheduler import Emission, EngineCore, Sequence
 from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
@@ -405,57 +405,10 @@ class AsyncEngine:
         return finished
 
     def _finished(self, stream: RequestStream) -> Finished:
-        seq = stream.sequence
-        arrival = seq.arrival_s
-        first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival
-        first = seq.first_token_s if seq.first_token_s is not None else first_sched
-        last = seq.last_token_s if seq.last_token_s is not None else first
         stalled = self._stalls.stalled_s
-        stalled_first = stream.stalled_at_first_s
-        return Finished(
-            request_id=seq.request.request_id,
-            reason=seq.finish_reason,
-            prompt_tokens=len(seq.request.prompt_ids),
-            completion_tokens=len(seq.output_ids),
-            cached_tokens=seq.cached_tokens,
-            queue_s=first_sched - arrival,
-            prefill_s=first - first_sched,
-            decode_s=last - first,
-            ttft_s=first - arrival,
-            e2e_s=last - arrival,
-            preemptions=seq.preemptions,
-            energy_j=seq.energy_j,
-            last_token_id=seq.output_ids[-1] if seq.output_ids else None,
+        first = stream.stalled_at_first_s
+        return finished(
+            stream.sequence,
             host_stall_s=stalled - stream.stalled_at_arrival_s,
-            decode_host_stall_s=0.0 if stalled_first is None else stalled - stalled_first,
+            decode_host_stall_s=0.0 if first is None else stalled - first,
         )
-
-
-def step_report(step: Step, emissions: list[Emission], preemptions_total: int) -> StepReport:
-    """What observers count of a completed step and the tokens it gave."""
-    first_tokens: list[tuple[int, float]] = []
-    gaps: list[tuple[float, int]] = []
-    generated = 0
-    for e in emissions:
-        k = len(e.token_ids)
-        generated += k
-        seq = e.sequence
-        if e.previous_token_s is None:
-            first_tokens.append((seq.prompt_len, e.time_s - seq.arrival_s))
-            continue
-        gap = (e.time_s - e.previous_token_s) / k
-        # Sequences decoded together share a gap: one run each.
-        if gaps and gaps[-1][0] == gap:
-            gaps[-1] = (gap, gaps[-1][1] + k)
-        else:
-            gaps.append((gap, k))
-    cost = step.cost
-    return StepReport(
-        time_s=cost.time_s,
-        energy_j=cost.energy_j,
-        tokens=cost.tokens,
-        generated=generated,
-        preemptions_total=preemptions_total,
-        first_tokens=first_tokens,
-        token_gaps=gaps,
-    )

@@ -1,0 +1,61 @@
+"""What the engine reports of its work: a step to observers, a request's end to its stream."""
+
+from __future__ import annotations
+
+from memorywall.server.engine.api import Finished, StepReport
+from memorywall.server.engine.scheduler import Emission, Sequence, Step
+
+
+def finished(seq: Sequence, *, host_stall_s: float, decode_host_stall_s: float) -> Finished:
+    """A request's end from its sequence's modelled timeline and the host stalls it saw."""
+    arrival = seq.arrival_s
+    first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival
+    first = seq.first_token_s if seq.first_token_s is not None else first_sched
+    last = seq.last_token_s if seq.last_token_s is not None else first
+    return Finished(
+        request_id=seq.request.request_id,
+        reason=seq.finish_reason,
+        prompt_tokens=len(seq.request.prompt_ids),
+        completion_tokens=len(seq.output_ids),
+        cached_tokens=seq.cached_tokens,
+        queue_s=first_sched - arrival,
+        prefill_s=first - first_sched,
+        decode_s=last - first,
+        ttft_s=first - arrival,
+        e2e_s=last - arrival,
+        preemptions=seq.preemptions,
+        energy_j=seq.energy_j,
+        last_token_id=seq.output_ids[-1] if seq.output_ids else None,
+        host_stall_s=host_stall_s,
+        decode_host_stall_s=decode_host_stall_s,
+    )
+
+
+def step_report(step: Step, emissions: list[Emission], preemptions_total: int) -> StepReport:
+    """What observers count of a completed step and the tokens it gave."""
+    first_tokens: list[tuple[int, float]] = []
+    gaps: list[tuple[float, int]] = []
+    generated = 0
+    for e in emissions:
+        k = len(e.token_ids)
+        generated += k
+        seq = e.sequence
+        if e.previous_token_s is None:
+            first_tokens.append((seq.prompt_len, e.time_s - seq.arrival_s))
+            continue
+        gap = (e.time_s - e.previous_token_s) / k
+        # Sequences decoded together share a gap: one run each.
+        if gaps and gaps[-1][0] == gap:
+            gaps[-1] = (gap, gaps[-1][1] + k)
+        else:
+            gaps.append((gap, k))
+    cost = step.cost
+    return StepReport(
+        time_s=cost.time_s,
+        energy_j=cost.energy_j,
+        tokens=cost.tokens,
+        generated=generated,
+        preemptions_total=preemptions_total,
+        first_tokens=first_tokens,
+        token_gaps=gaps,
+    )
