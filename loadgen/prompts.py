@@ -2,8 +2,11 @@
 
 A request's own tokens come from a generator seeded by (salt, request index); a
 shared-prefix group's first tokens from one seeded by (salt, group). The OpenAI
-targets send these ids (completions) and the offline simulator feeds them to the
-engine, so a shared-prefix workload hits the prefix cache the same way in both.
+targets send these ids (completions), so any worker process builds any request's
+prompt alone. The offline simulator, one process that sees every request in a fixed
+order, uses `PromptSource`: the same group prefixes, and each request's own tokens
+drawn in turn from one generator (seeding a generator per request costs more than
+the rest of simulating it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ from __future__ import annotations
 import numpy as np
 
 from memorywall.loadgen.records import RequestSpec
+
+__all__ = [
+    "TOKEN_ID_HIGH",
+    "TOKEN_ID_LOW",
+    "PromptSource",
+    "prefix_rng",
+    "prompt_rng",
+    "prompt_token_ids",
+    "shared_tokens",
+    "spec_token_ids",
+]
 
 TOKEN_ID_LOW = 1000
 TOKEN_ID_HIGH = 30000  # fits every common vocabulary
@@ -43,3 +57,25 @@ def spec_token_ids(spec: RequestSpec, salt: int) -> list[int]:
     shared = shared_tokens(spec)
     prefix = prompt_token_ids(shared, prefix_rng(salt, spec.prefix_group or 0)) if shared else []
     return prefix + prompt_token_ids(spec.prompt_tokens - shared, prompt_rng(salt, spec.index))
+
+
+class PromptSource:
+    """Prompt ids for requests taken in a fixed order: group prefixes as `spec_token_ids`
+    builds them, each request's own tokens the next draws of one generator."""
+
+    def __init__(self, salt: int) -> None:
+        self.salt = salt
+        self._rng = np.random.default_rng([salt, 3])
+        self._prefixes: dict[int, list[int]] = {}
+
+    def token_ids(self, spec: RequestSpec) -> tuple[int, ...]:
+        shared = shared_tokens(spec)
+        own = prompt_token_ids(spec.prompt_tokens - shared, self._rng)
+        if not shared:
+            return tuple(own)
+        group = spec.prefix_group or 0
+        prefix = self._prefixes.get(group)
+        if prefix is None or len(prefix) < shared:
+            prefix = prompt_token_ids(shared, prefix_rng(self.salt, group))
+            self._prefixes[group] = prefix
+        return (*prefix[:shared], *own)

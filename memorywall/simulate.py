@@ -14,9 +14,10 @@ with integer-nanosecond times on the virtual clock: sent at its arrival, one
 token-carrying message per step that emitted tokens for it. The same metrics
 code then writes the same result keys, marked `"simulated": true`.
 
-Prompts are token ids from `loadgen.prompts` salted with the sweep's seed, so
-shared-prefix workloads hit the prefix cache; the engine's synthetic tokens
-use the same seed. Same seed, same results, on every machine.
+Prompts are token ids from `loadgen.prompts.PromptSource` seeded with the
+sweep's seed (a group's prefix as the OpenAI targets build it), so shared-prefix
+workloads hit the prefix cache; the engine's synthetic tokens use the same seed.
+Same seed, same results, on every machine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from memorywall.core import Deployment
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, levels, plan_level, summarise
 from memorywall.loadgen.metrics import compute_metrics
-from memorywall.loadgen.prompts import spec_token_ids
+from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import OfflineEngine, Timeline
@@ -117,7 +118,7 @@ class _LevelDriver:
 
     def __init__(self, config: BenchConfig, level: Level, engine: OfflineEngine) -> None:
         self.plan = plan_level(config, level)
-        self.salt = config.seed
+        self.prompts = PromptSource(config.seed)
         self.engine = engine
         self.records: dict[str, RequestRecord] = {}
         self._warmups = deque(self.plan.warmup)
@@ -156,7 +157,7 @@ class _LevelDriver:
         )
         request = Request(
             request_id=request_id,
-            prompt_ids=tuple(spec_token_ids(spec, self.salt)),
+            prompt_ids=self.prompts.token_ids(spec),
             max_tokens=spec.output_tokens,
             ignore_eos=True,  # as the bench targets send it
         )
