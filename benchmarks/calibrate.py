@@ -173,6 +173,53 @@ def _diff(old: object, new: object, name: str, out: list[str]) -> None:
         out.append(f"{name}: {old!r} in the file, {new!r} refitted")
 
 
+# What each constant means; the value and how it was obtained come from the fit.
+MEANINGS = {
+    "efficiency.weight_read": "fraction of datasheet HBM bandwidth a weight GEMM streams at",
+    "efficiency.kv_read": "fraction of datasheet HBM bandwidth attention reads KV at, chip full",
+    "efficiency.compute": "fraction of datasheet dense FLOP/s a large GEMM reaches",
+    "efficiency.attention": "fraction of datasheet FLOP/s prefill attention reaches",
+    "efficiency.overlap": "share of a kernel's shorter term (memory or compute) not hidden",
+    "kernels.activation_bytes_per_hidden": "bytes per token, layer and hidden unit moved by "
+    "norms, rotary, SwiGLU, residual adds (unfused PyTorch here)",
+    "kernels.kv_stream_bytes_per_s": "bandwidth one decode-attention stream (sequence x KV "
+    "head) draws; caps attention when streams are too few to fill the SMs",
+    "kernels.split_k_s": "reduction pass of a GEMM that splits K to fill the SMs",
+    "latency.per_layer_s": "fixed kernel time per layer of a graph-replayed step",
+    "latency.launch_per_layer_s": "host time to launch a layer's kernels op by op (steps with "
+    "prefill); the step takes at least layers x this",
+    "latency.per_layer_per_hidden_s": "wafer: extra per-layer latency per hidden unit",
+}
+
+
+def constants_markdown(gpu: GpuFit, wafer: WaferFit) -> str:
+    """The GPU constants (every GPU profile) and the wafer's own latency, with meaning and how
+    each was obtained (measured on the device, fitted, or solved)."""
+    text = tomllib.loads(gpu_toml(gpu))
+    out = ["| constant | value | meaning | obtained |", "|---|---|---|---|"]
+    for section in ("efficiency", "kernels", "latency"):
+        for key, q in text[section].items():
+            name = f"{section}.{key}"
+            if name not in MEANINGS or name == "latency.per_layer_per_hidden_s":
+                continue
+            how = (
+                "fitted" if q["source"] == _FIT else q["source"].removeprefix(f"{MEASURED_FILE}: ")
+            )
+            unit = "" if q["unit"] == "1" else f" {q['unit']}"
+            out.append(f"| `{name}` | {q['value']:.4g}{unit} | {MEANINGS[name]} | {how} |")
+    lat = wafer.latency
+    solved = "solved exactly from the two fit rows of published.toml"
+    out.append(
+        f"| wafer `latency.per_layer_s` | {lat.per_layer_s:.4g} s "
+        f"| wafer: latency per layer as the activations cross the fabric | {solved} |"
+    )
+    out.append(
+        f"| wafer `latency.per_layer_per_hidden_s` | {lat.per_layer_per_hidden_s:.4g} s "
+        f"| {MEANINGS['latency.per_layer_per_hidden_s']} | {solved} |"
+    )
+    return "\n".join(out)
+
+
 def markdown(split: list[ErrorTable], tables: list[ErrorTable]) -> str:
     """A summary line per table (the `split` ones as held out and fit points), then each point."""
     out = ["| data set | points | median abs error | max abs error |", "|---|---|---|---|"]
@@ -234,6 +281,8 @@ def main() -> int:
             if c.metric == "itl_s" and row["concurrency"] == 1
         ),
     )
+    print(constants_markdown(gpu, wafer))
+    print()
     print(markdown([gpu.decode, gpu.prefill], [wafer.rows, others]))
     return 0
 
