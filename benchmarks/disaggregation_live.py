@@ -1,0 +1,208 @@
+"""The live part of the disaggregation study: split fleets behind smg's PD mode, light load.
+
+For each model and prefill GPU: one prefill worker and one wse-3 decode worker behind
+smg (`memorywall fleet`, PD mode), and for reference one aggregated wse-3 worker behind
+smg; streaming chat requests one at a time (`memorywall bench`'s closed loop at
+concurrency 1). The median client TTFT is set against the core's prefill of the
+uncached prompt on the GPU + the KV transfer + the wafer's first decode step; TPOT against
+the wafer's batch-1 decode steps over the request's contexts. The aggregated worker's
+TTFT over its own modelled prefill (less its host stalls) is the gateway's overhead on
+this machine; every worker's `memorywall:host_stall_seconds` tells how much modelled time
+a late-waking host cost.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from memorywall.core import Batch, PrefillChunk, StepModel, load_hardware, load_model
+from memorywall.core import plan_deployment as plan
+from memorywall.core.kv_transfer import kv_link, kv_transfer
+from memorywall.fleet import Fleet, FleetReady, find_smg
+from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
+from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
+from memorywall.loadgen.records import RequestRecord
+from memorywall.loadgen.target import Backend
+from memorywall.loadgen.workload import Fixed, SyntheticWorkload
+
+DECODE_HW = "wse-3"
+OUTPUT = 64
+STALLS = "memorywall:host_stall_seconds"
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+class RunningFleet:
+    """A fleet in a background thread, up once smg has answered through it."""
+
+    def __init__(self, workers: tuple[WorkerSpec, ...]) -> None:
+        spec = FleetSpec(workers=workers, gateway=GatewaySpec(policy="round_robin", port=0))
+        self.out = io.StringIO()
+        self.stop = threading.Event()
+        folder = Path(tempfile.mkdtemp(prefix="pd-study-"))
+        self.ready_file = folder / "fleet.ready.json"
+        self.fleet = Fleet(
+            spec, folder / "logs", out=self.out, stop=self.stop, ready_file=self.ready_file
+        )
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.code = self.fleet.run()
+
+    def __enter__(self) -> RunningFleet:
+        self.thread.start()
+        deadline = time.monotonic() + 180
+        while not self.ready_file.exists():
+            if self.code is not None or time.monotonic() > deadline:
+                self.stop.set()
+                raise RuntimeError(f"fleet did not start:\n{self.out.getvalue()}")
+            self.stop.wait(0.05)
+        up = FleetReady.from_dict(json.loads(self.ready_file.read_text()))
+        assert up.gateway is not None, self.out.getvalue()
+        self.url = up.gateway.url
+        self.metrics_urls = [w.metrics_url for w in up.workers.values()]
+        return self
+
+    def stalled_s(self) -> float:
+        """Modelled time every worker lost to host stalls so far (`memorywall:degraded`'s
+        counter): the emulator is never faster than the model, so a loaded host shows here."""
+        total = 0.0
+        for url in self.metrics_urls:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                for line in r.read().decode().splitlines():
+                    m = _SAMPLE.match(line)
+                    if m and m.group(1) == f"{STALLS}_total":
+                        total += float(m.group(3))
+        return total
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def drive(url: str, model: str, prompt: int, n: int, seed: int) -> list[RequestRecord]:
+    config = BenchConfig(
+        target=url,
+        workload=SyntheticWorkload(Fixed(prompt), Fixed(OUTPUT)),
+        backend=Backend.OPENAI_CHAT,
+        model=model,
+        num_prompts=n,
+        concurrency=(1,),
+        warmup=1,
+        seed=seed,
+        label=f"{model} {prompt}",
+    )
+    facts = ServerFacts(hardware=DECODE_HW, model=model, devices=1, emulated=True)
+    _, records = run_level(config, Level("c1", 1, None), facts)
+    return [r for r in records if r.ok and not r.warmup]
+
+
+def _measured(records: list[RequestRecord]) -> tuple[list[float], list[float]]:
+    """Client TTFT and TPOT of each request, seconds."""
+    ttft = [(r.chunk_ns[0] - r.sent_ns) / 1e9 for r in records]
+    tpot = [
+        (r.chunk_ns[-1] - r.chunk_ns[0]) / 1e9 / (r.completion_tokens - 1)
+        for r in records
+        if r.completion_tokens > 1
+    ]
+    return ttft, tpot
+
+
+def _prefill(r: RequestRecord) -> Batch:
+    """The prefill of a request's prompt after what its worker found cached."""
+    cached = r.usage_cached_tokens or 0
+    return Batch(prefill=[PrefillChunk(r.usage_prompt_tokens - cached, cached)])
+
+
+def _decode_tpot_s(model_steps: StepModel, prompt: int, tokens: int) -> float:
+    """Mean batch-1 decode step over a request's contexts (its first token excluded)."""
+    steps = [
+        model_steps.step_cost(Batch(decode_contexts=[prompt + k])).time_s for k in range(tokens - 1)
+    ]
+    return float(np.mean(steps))
+
+
+def live_rows(
+    models: Sequence[str], prefill_hw: Sequence[str], prompts: Sequence[int], quick: bool
+) -> list[dict]:
+    if find_smg() is None:
+        raise SystemExit("smg is not installed (pip install 'memorywall[gateway]')")
+    n = 3 if quick else 10
+    rows = []
+    for model in models:
+        wafer = plan(load_hardware(DECODE_HW), load_model(model))
+        wafer_steps = StepModel(wafer)
+        decode = WorkerSpec(
+            name="decode", hardware=DECODE_HW, model=model, role="decode", http_port=0
+        )
+        aggregated = WorkerSpec(name="wafer", hardware=DECODE_HW, model=model, http_port=0)
+        reference: dict[int, dict[str, float]] = {}
+        with RunningFleet((aggregated,)) as fleet:
+            for prompt in prompts:
+                before = fleet.stalled_s()
+                records = drive(fleet.url, model, prompt, n, seed=prompt)
+                stalls = (fleet.stalled_s() - before) / (n + 1)  # the warm-up request too
+                ttft, tpot = _measured(records)
+                modelled = [wafer_steps.step_cost(_prefill(r)).time_s for r in records]
+                reference[prompt] = {
+                    "gateway_s": float(np.median(ttft) - np.median(modelled) - stalls),
+                    "tpot_s": float(np.median(tpot)),
+                    "stall_s": stalls,
+                }
+        for hw in prefill_hw:
+            gpu = plan(load_hardware(hw), load_model(model))
+            gpu_steps = StepModel(gpu)
+            link = kv_link(gpu, wafer)
+            prefill = WorkerSpec(
+                name="prefill", hardware=hw, model=model, role="prefill", http_port=0
+            )
+            with RunningFleet((prefill, decode)) as fleet:
+                for prompt in prompts:
+                    before = fleet.stalled_s()
+                    records = drive(fleet.url, model, prompt, n, seed=prompt)
+                    stalls = (fleet.stalled_s() - before) / (n + 1)
+                    ttft, tpot = _measured(records)
+                    parts = []
+                    for r in records:
+                        tokens = r.usage_prompt_tokens
+                        p = gpu_steps.step_cost(_prefill(r)).time_s
+                        t = kv_transfer(gpu, link, tokens).exposed_s
+                        first = PrefillChunk(1, tokens - 1)
+                        s = wafer_steps.step_cost(Batch(prefill=[first])).time_s
+                        parts.append((p, t, s, _decode_tpot_s(wafer_steps, tokens, OUTPUT)))
+                    p, t, s, model_tpot = (float(np.median(x)) for x in zip(*parts, strict=True))
+                    ref = reference[prompt]
+                    tokens = float(np.mean([r.usage_prompt_tokens for r in records]))
+                    rows.append(
+                        {
+                            "model": model,
+                            "prefill_hw": f"{hw} x{gpu.devices}",
+                            "decode_hw": f"{DECODE_HW} x{wafer.devices}",
+                            "link": link.describe(),
+                            "prompt": prompt,
+                            "prompt_tokens": tokens,
+                            "requests": len(records),
+                            "ttft_ms": 1e3 * float(np.median(ttft)),
+                            "prefill_ms": 1e3 * p,
+                            "transfer_ms": 1e3 * t,
+                            "first_step_ms": 1e3 * s,
+                            "modelled_ttft_ms": 1e3 * (p + t + s),
+                            "gateway_ms": 1e3 * ref["gateway_s"],
+                            "stall_ms": 1e3 * stalls,
+                            "reference_stall_ms": 1e3 * ref["stall_s"],
+                            "tpot_ms": 1e3 * float(np.median(tpot)),
+                            "modelled_tpot_ms": 1e3 * model_tpot,
+                            "reference_tpot_ms": 1e3 * ref["tpot_s"],
+                        }
+                    )
+    return rows
