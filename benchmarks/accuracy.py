@@ -306,16 +306,18 @@ def markdown(aic: dict) -> str:
             "",
             "The same shapes on the other GPU profiles: their datasheet bandwidth, peak FLOP/s "
             "and SM count, and every constant fitted on H100 (nothing is refitted per GPU). "
-            "Batch-1 decode at short context streams weights at the H100-measured fraction "
-            "of the datasheet bandwidth, so it speeds up nearly by the bandwidth ratio "
-            "(4.8 / 3.35 = 1.43x on H200, 8 / 3.35 = 2.39x on B200) less the fixed per-layer "
-            "kernel time, which does not shrink. Batch-1 long-context attention is limited "
-            "by its 8 KV-head streams, each drawing at most `kv_stream_bytes_per_s`, a "
-            "per-SM figure that does not grow with HBM bandwidth, so it gains less. "
-            "Prefills are compute-bound: H200 has H100's 989 TFLOP/s bf16 and SM count, so "
-            "the core predicts the same time; B200 gains by its 2.25 PFLOP/s and 148 SMs. "
-            "The 128-token prefill is held up by the host launching kernels one by one, "
-            "the same on every GPU.",
+            "Decode streams weights at the H100-measured fraction of the datasheet bandwidth, "
+            "which grows 1.43x on H200 (4.8 / 3.35 TB/s) and 2.39x on B200 (8 / 3.35), but "
+            "the fixed per-layer and split-K kernel time does not shrink, so a decode step "
+            "gains less than the bandwidth ratio, and least at batch 1 with a long context, "
+            "where attention is held to its 8 KV-head streams at `kv_stream_bytes_per_s` "
+            "each, a per-SM figure that does not grow with HBM bandwidth. Prefill GEMMs are "
+            "compute-bound: H200 has H100's 989 TFLOP/s bf16 and 132 SMs, so only the "
+            "memory-bound parts of a prefill (activation traffic, weight reads) speed up; "
+            "B200 gains by its 2.25 PFLOP/s and 148 SMs. The 128-token prefill waits on the "
+            "host launching kernels one by one, the same on every GPU. AIConfigurator's "
+            "vLLM databases for H200 and B200 stand beside for comparison (measured kernels of "
+            "another stack, not this one).",
             "",
             *other_gpu_table(load_aiconfigurator()),
             "",
