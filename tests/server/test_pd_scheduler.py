@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 from engine_fakes import FakeStepModel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_scheduler import check_invariants
 
 from memorywall.core import PrefillChunk
 from memorywall.server.engine.scheduler import (
@@ -95,3 +98,40 @@ def test_a_preempted_transferred_request_recomputes_its_prompt():
     assert readmitted
     assert a.finish_reason is b.finish_reason is FinishReason.LENGTH
     assert core.pool.used_blocks == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(
+        st.tuples(st.integers(1, 150), st.integers(1, 40), st.booleans()),  # prompt, out, moved
+        min_size=1,
+        max_size=16,
+    ),
+    kv_blocks=st.integers(14, 40),
+    caching=st.booleans(),
+)
+def test_kv_accounting_holds_after_every_step_with_transferred_requests(specs, kv_blocks, caching):
+    """Used + free = total, each block held once, and every sequence holds the KV of what it
+    has computed, the transferred prompts included; all KV back when done."""
+    core = make_core(kv_tokens=kv_blocks * BLOCK, caching=caching)
+    added = []
+    for i, (prompt, out, moved) in enumerate(specs):
+        out = min(out, kv_blocks * BLOCK - prompt)
+        added.append(core.add(request(f"r{i}", prompt, out, kv_transferred=moved), 0.0))
+    now = 0.0
+    for _ in range(100_000):
+        check_invariants(core, added)
+        for seq in core.running:
+            assert seq.blocks * BLOCK >= seq.computed
+        if not core.has_work():
+            break
+        step = core.schedule(now)
+        check_invariants(core, added)
+        for seq, n, _ in step.scheduled:
+            assert seq.blocks * BLOCK >= seq.computed + n or n == 0
+        core.complete(step)
+        now = step.end_s
+    else:
+        raise AssertionError("livelock")
+    assert core.pool.used_blocks == 0
+    assert all(len(s.output_ids) == s.request.max_tokens for s in added)
