@@ -429,15 +429,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="wse-3,h100-sxm",
         help="profiles, comma-separated (default: %(default)s)",
     )
-    p.add_argument("--model", default="llama-3.1-8b", help="model served by every server")
+    p.add_argument(
+        "--model", default="llama-3.1-8b", help="model every server serves (default: %(default)s)"
+    )
     p.add_argument(
         "--levels",
         type=number_list(int, low=1),
         default=(1, 8, 32),
         help="closed-loop users per level, e.g. 1,8,32 (the default)",
     )
-    p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens")
-    p.add_argument("--output-len", type=positive_int, default=64, help="output tokens")
+    p.add_argument(
+        "--input-len", type=positive_int, default=128, help="prompt tokens (default: %(default)s)"
+    )
+    p.add_argument(
+        "--output-len",
+        type=positive_int,
+        default=64,
+        help="output tokens per request (default: %(default)s)",
+    )
     p.add_argument(
         "--keep-serving",
         action="store_true",
