@@ -9,6 +9,7 @@ from memorywall.client import _errors as errors
 from memorywall.client._types import (
     FinishReason,
     GenerateResult,
+    HostStall,
     LagStats,
     ModelInfo,
     RequestTiming,
@@ -48,8 +49,10 @@ def lag_from_proto(msg: pb.LagStats) -> LagStats:
 
 
 def server_info_from_proto(msg: pb.ServerInfo) -> ServerInfo:
-    values = {f.name: getattr(msg, f.name) for f in fields(ServerInfo) if f.name != "lag"}
-    return ServerInfo(lag=lag_from_proto(msg.lag), **values)
+    nested = ("lag", "host_stall")
+    values = {f.name: getattr(msg, f.name) for f in fields(ServerInfo) if f.name not in nested}
+    stall = HostStall(**{f.name: getattr(msg.host_stall, f.name) for f in fields(HostStall)})
+    return ServerInfo(lag=lag_from_proto(msg.lag), host_stall=stall, **values)
 
 
 def sampling_to_dict(msg: pb.SamplingParams) -> dict[str, Any]:

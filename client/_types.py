@@ -123,6 +123,18 @@ class LagStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HostStall:
+    """Times the server's host woke past a modelled deadline, so the server moved its
+    timeline later rather than send tokens faster than the model; `degraded`: one came
+    within the last `window_s` (mark a benchmark run taken now)."""
+
+    stalls: int
+    stalled_s: float  # modelled time the stalls added, in total
+    degraded: bool
+    window_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerInfo:
     running: int
     waiting: int
@@ -140,3 +152,4 @@ class ServerInfo:
     draining: bool
     stream_interval_s: float
     server_version: str
+    host_stall: HostStall

@@ -13,6 +13,7 @@ import memorywall.client
 from memorywall.client import (
     FinishReason,
     GenerateArgs,
+    HostStall,
     LagStats,
     ModelInfo,
     ProtocolError,
@@ -28,7 +29,8 @@ from memorywall.v1 import engine_pb2 as pb
 PUBLIC = [
     "STATUS_ERRORS", "AlreadyExists", "AsyncClient", "AsyncGenerateStream", "Cancelled",
     "Client", "ClientError", "DeadlineExceeded", "FinishReason", "GenerateArgs",
-    "GenerateResult", "GenerateStream", "InvalidRequest", "LagStats", "ModelInfo", "NotFound",
+    "GenerateResult", "GenerateStream", "HostStall", "InvalidRequest", "LagStats", "ModelInfo",
+    "NotFound",
     "ProtocolError", "RequestTiming", "ResourceExhausted", "SamplingParams", "ServerInfo",
     "StreamNotFinished", "TokenChunk", "Unavailable", "Unimplemented", "Usage",
     "build_generate_request",
@@ -57,6 +59,7 @@ def test_generate_args_match_the_builder():
 @pytest.mark.parametrize(
     ("ours", "proto"),
     [(ModelInfo, pb.ModelInfo), (ServerInfo, pb.ServerInfo), (LagStats, pb.LagStats),
+     (HostStall, pb.HostStall),
      (Usage, pb.Usage), (RequestTiming, pb.RequestTiming), (SamplingParams, pb.SamplingParams)],
 )  # fmt: skip
 def test_dataclasses_mirror_the_proto(ours, proto):
