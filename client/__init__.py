@@ -12,11 +12,12 @@ with Client("127.0.0.1:50051") as client:
 ```
 
 Arguments are checked before anything is sent (`memorywall.errors.ConfigError`);
-failed calls raise a `ClientError` subclass chosen by gRPC status code.
+failed calls raise a `ClientError` subclass chosen by gRPC status code. A server
+behind TLS and an API key: `Client(target, tls=Tls(ca="ca.pem"), api_key="...")`.
 """
 
 from memorywall.client._async import AsyncClient, AsyncGenerateStream
-from memorywall.client._base import STATUS_ERRORS, GenerateArgs, build_generate_request
+from memorywall.client._base import STATUS_ERRORS, GenerateArgs, Tls, build_generate_request
 from memorywall.client._errors import (
     AlreadyExists,
     Cancelled,
@@ -27,6 +28,7 @@ from memorywall.client._errors import (
     ProtocolError,
     ResourceExhausted,
     StreamNotFinished,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -34,9 +36,9 @@ from memorywall.client._sync import Client, GenerateStream
 from memorywall.client._types import (
     FinishReason,
     GenerateResult,
+    HostStall,
     LagStats,
     ModelInfo,
-    HostStall,
     RequestTiming,
     SamplingParams,
     ServerInfo,
@@ -57,9 +59,9 @@ __all__ = [
     "GenerateArgs",
     "GenerateResult",
     "GenerateStream",
+    "HostStall",
     "InvalidRequest",
     "LagStats",
-    "HostStall",
     "ModelInfo",
     "NotFound",
     "ProtocolError",
@@ -68,7 +70,9 @@ __all__ = [
     "SamplingParams",
     "ServerInfo",
     "StreamNotFinished",
+    "Tls",
     "TokenChunk",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Usage",

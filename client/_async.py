@@ -97,14 +97,20 @@ class AsyncClient(_base.BaseClient):
         *,
         timeout_s: float | None = None,
         options: _base.ChannelOptions = (),
+        tls: _base.Tls | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(target, timeout_s=timeout_s, options=options)
+        super().__init__(target, timeout_s=timeout_s, options=options, tls=tls, api_key=api_key)
         self._channel: grpc.aio.Channel | None = None
 
     def _open(self) -> grpc.aio.Channel:
         # Made on first use, inside the running loop: an aio channel belongs to one loop.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            self._channel = (
+                grpc.aio.insecure_channel(self.target, options=self._options)
+                if self.tls is None
+                else grpc.aio.secure_channel(self.target, self.tls.credentials(), self._options)
+            )
             self._engine = engine_pb2_grpc.EngineStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
         return self._channel
@@ -114,7 +120,7 @@ class AsyncClient(_base.BaseClient):
         request, timeout_s = self._prepare(dict(args))
         self._open()
         sent_ns = _base.now_ns()
-        call = self._engine.Generate(request, timeout=timeout_s)
+        call = self._engine.Generate(request, timeout=timeout_s, metadata=self._metadata)
         return AsyncGenerateStream(call, request.request_id, sent_ns)
 
     async def complete(self, **args: Unpack[GenerateArgs]) -> GenerateResult:
@@ -127,7 +133,9 @@ class AsyncClient(_base.BaseClient):
     async def _unary(self, method: str, request: Any, timeout_s: float | None) -> Any:
         self._open()
         try:
-            return await getattr(self._engine, method)(request, timeout=self._deadline_s(timeout_s))
+            return await getattr(self._engine, method)(
+                request, timeout=self._deadline_s(timeout_s), metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise translate(exc) from exc
 

@@ -6,6 +6,8 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Required, TypedDict
 
 import grpc
@@ -46,6 +48,7 @@ STATUS_ERRORS: dict[grpc.StatusCode, type[errors.ClientError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
     grpc.StatusCode.CANCELLED: errors.Cancelled,
     grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 
 
@@ -167,15 +170,54 @@ def build_generate_request(
     return req
 
 
-class BaseClient:
-    """What both clients hold: the target, the default deadline and the channel options."""
+@dataclass(frozen=True, kw_only=True)
+class Tls:
+    """TLS to the server: PEM files. `ca`: the roots that sign the server's certificate
+    (None: the system's); `cert` and `key`: this client's own, for servers that ask for one."""
 
-    def __init__(self, target: str, *, timeout_s: float | None, options: ChannelOptions) -> None:
+    ca: Path | str | None = None
+    cert: Path | str | None = None
+    key: Path | str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("tls: give both cert and key, or neither")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tls {name}: no such file {str(path)!r}")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | str | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+class BaseClient:
+    """What both clients hold: the target, the default deadline, the channel options, TLS
+    and the API key (sent as `authorization: Bearer KEY` metadata on every call)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None,
+        options: ChannelOptions,
+        tls: Tls | None = None,
+        api_key: str | None = None,
+    ) -> None:
         if not isinstance(target, str) or not target:
             raise ConfigError(f"target must be a non-empty 'host:port' string, got {target!r}")
+        if tls is not None and not isinstance(tls, Tls):
+            raise ConfigError(f"tls must be a Tls, got {type(tls).__name__}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.isprintable()):
+            raise ConfigError("api_key must be a printable string")
         self.target = target
         self.timeout_s = check_timeout(timeout_s)
         self._options = list(options)
+        self.tls = tls
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _deadline_s(self, timeout_s: float | None) -> float | None:
         """The per-call timeout if given, else the client default."""

@@ -11,7 +11,8 @@ class ClientError(MemorywallError):
     """An RPC failed; `code` is the gRPC status and `details` the server's message.
 
     Subclasses: `InvalidRequest`, `NotFound`, `AlreadyExists`, `ResourceExhausted`,
-    `Unavailable`, `DeadlineExceeded`, `Cancelled`, `Unimplemented`, `ProtocolError`.
+    `Unavailable`, `DeadlineExceeded`, `Cancelled`, `Unimplemented`, `Unauthenticated`,
+    `ProtocolError`.
     Any other status raises `ClientError` itself.
     """
 
@@ -51,6 +52,10 @@ class Cancelled(ClientError):
 
 class Unimplemented(ClientError):
     """UNIMPLEMENTED: the server does not offer this RPC yet."""
+
+
+class Unauthenticated(ClientError):
+    """UNAUTHENTICATED: the server wants an API key (`api_key=`) and got none or another."""
 
 
 class ProtocolError(ClientError):

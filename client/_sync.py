@@ -89,14 +89,20 @@ class Client(_base.BaseClient):
         *,
         timeout_s: float | None = None,
         options: _base.ChannelOptions = (),
+        tls: _base.Tls | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(target, timeout_s=timeout_s, options=options)
+        super().__init__(target, timeout_s=timeout_s, options=options, tls=tls, api_key=api_key)
         self._channel: grpc.Channel | None = None
 
     def _open(self) -> grpc.Channel:
         # Made on first use, like AsyncClient's, so the twins open and close alike.
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.target, options=self._options)
+            self._channel = (
+                grpc.insecure_channel(self.target, options=self._options)
+                if self.tls is None
+                else grpc.secure_channel(self.target, self.tls.credentials(), self._options)
+            )
             self._engine = engine_pb2_grpc.EngineStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
         return self._channel
@@ -106,7 +112,7 @@ class Client(_base.BaseClient):
         request, timeout_s = self._prepare(dict(args))
         self._open()
         sent_ns = _base.now_ns()
-        call = self._engine.Generate(request, timeout=timeout_s)
+        call = self._engine.Generate(request, timeout=timeout_s, metadata=self._metadata)
         return GenerateStream(call, request.request_id, sent_ns)
 
     def complete(self, **args: Unpack[GenerateArgs]) -> GenerateResult:
@@ -119,7 +125,9 @@ class Client(_base.BaseClient):
     def _unary(self, method: str, request: Any, timeout_s: float | None) -> Any:
         self._open()
         try:
-            return getattr(self._engine, method)(request, timeout=self._deadline_s(timeout_s))
+            return getattr(self._engine, method)(
+                request, timeout=self._deadline_s(timeout_s), metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise translate(exc) from exc
 

@@ -8,7 +8,7 @@ import os
 import platform
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from memorywall.loadgen.runner import (
     run_single,
     run_workers,
 )
-from memorywall.loadgen.target import Backend, TargetConfig
+from memorywall.loadgen.target import Access, Backend, TargetConfig
 from memorywall.loadgen.workload import TraceWorkload, Workload
 
 # A run whose client fell behind is marked suspect rather than reported as fact.
@@ -63,6 +63,7 @@ class BenchConfig:
     slo: Slo | None = None
     timeout_s: float | None = None
     label: str = "run"
+    access: Access = field(default_factory=Access)  # TLS and API key
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def run_level(
         address=config.target,
         model=config.model,
         prompt_salt=secrets.randbits(63),
+        access=config.access,
     )
     if config.workers > 1:
         results = run_workers(endpoint, plan, config.workers, progress=show)

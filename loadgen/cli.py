@@ -8,11 +8,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from memorywall.client import AsyncClient, ClientError
+from memorywall.client import ClientError
 from memorywall.loadgen import compare, plots, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
-from memorywall.loadgen.target import Backend
+from memorywall.loadgen.target import Access, Backend
 from memorywall.loadgen.workload import (
     SyntheticWorkload,
     TraceWorkload,
@@ -49,6 +49,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         model=args.model,
         workers=args.workers,
         timeout_s=args.timeout,
+        access=Access(tls=args.tls, tls_ca=args.tls_ca, api_key=args.api_key),
     )
 
 
@@ -123,11 +124,11 @@ def _target(backend: Backend, target: str) -> str:
 def server_facts(config: BenchConfig) -> ServerFacts:
     """Ask the server what it is; unreachable is an error before any load."""
     if config.backend.is_openai:
-        return openai_server_facts(config.target, config.model)
-    return grpc_server_facts(config.target)
+        return openai_server_facts(config.target, config.model, config.access)
+    return grpc_server_facts(config.target, config.access)
 
 
-def openai_server_facts(base: str, model: str | None) -> ServerFacts:
+def openai_server_facts(base: str, model: str | None, access: Access | None = None) -> ServerFacts:
     """The served model from `GET /v1/models` (`model`, or the first listed).
 
     The server is taken for the memorywall emulator only when that model's entry has
@@ -137,7 +138,7 @@ def openai_server_facts(base: str, model: str | None) -> ServerFacts:
     from memorywall.loadgen.openai_target import EndpointError, fetch_models
 
     try:
-        models = asyncio.run(fetch_models(base))
+        models = asyncio.run(fetch_models(base, access=access))
     except EndpointError as e:
         raise BenchError(f"cannot use an OpenAI-compatible server at {base}: {e}") from None
     ids = [m["id"] for m in models]
@@ -158,11 +159,11 @@ def openai_server_facts(base: str, model: str | None) -> ServerFacts:
     )
 
 
-def grpc_server_facts(target: str) -> ServerFacts:
+def grpc_server_facts(target: str, access: Access | None = None) -> ServerFacts:
     """Ask a memorywall gRPC server what it emulates."""
 
     async def ask() -> ServerFacts:
-        async with AsyncClient(target, timeout_s=5.0) as client:
+        async with (access or Access()).client(target, timeout_s=5.0) as client:
             if not await client.health():
                 raise BenchError(f"server at {target} is not serving")
             info = await client.model_info()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import codecs
 import json
 import secrets
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from memorywall.loadgen.prompts import (
 )
 from memorywall.loadgen.prompts import prompt_token_ids as prompt_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
+from memorywall.loadgen.target import Access
 
 # Common words that are one token each (with their leading space) in Llama and GPT vocabularies.
 WORDS = (
@@ -94,13 +96,19 @@ def base_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
-async def fetch_models(base: str, *, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+async def fetch_models(
+    base: str, *, timeout_s: float = 5.0, access: Access | None = None
+) -> list[dict[str, Any]]:
     """The entries of `GET /v1/models` (each with a string `id`); EndpointError if none."""
     url = f"{base}/v1/models"
+    access = access or Access()
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
-            session.get(url) as resp,
+            aiohttp.ClientSession(
+                timeout=timeout, connector=aiohttp.TCPConnector(ssl=_ssl(access))
+            ) as session,
+            session.get(url, headers=access.headers()) as resp,
         ):
             body = await resp.read()
             status, reason = resp.status, resp.reason
@@ -282,8 +290,10 @@ class OpenAITarget:
         model: str,
         timeout_s: float | None = None,
         prompt_salt: int | None = None,
+        access: Access | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.access = access or Access()
         self.chat = chat
         self.model = model
         self.timeout_s = timeout_s
@@ -296,14 +306,20 @@ class OpenAITarget:
         # The runner decides how many requests are in flight: the pool must never queue
         # them (aiohttp's default is 100 connections), hence no limit.
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE_S
+            limit=0,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=KEEPALIVE_S,
+            ssl=_ssl(self.access),
         )
         # total=None is no deadline; aiohttp's default would be 300 s.
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         warm = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
         try:
-            async with self._session.get(f"{self.base_url}/v1/models", timeout=warm) as resp:
+            async with self._session.get(
+                f"{self.base_url}/v1/models", timeout=warm, headers=self.access.headers()
+            ) as resp:
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError):
             pass
@@ -336,6 +352,7 @@ class OpenAITarget:
             raise RuntimeError("send before connect")
         data = json.dumps(self.payload(spec)).encode()
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        headers |= self.access.headers()
         record.sent_ns = time.perf_counter_ns()
         try:
             async with self._session.post(self.url, data=data, headers=headers) as resp:
@@ -378,3 +395,8 @@ class OpenAITarget:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _ssl(access: Access) -> ssl.SSLContext | bool:
+    """aiohttp's `ssl=`: the given roots, or True (default verification for https)."""
+    return access.ssl_context() or True

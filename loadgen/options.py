@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from memorywall.argtypes import nonnegative_int, number_list, positive_float, positive_int
@@ -26,6 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
     p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")
     p.add_argument("--timeout", type=positive_float, help="per-request deadline in seconds")
+    add_access_arguments(p)
+
+
+def add_access_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS and the API key, for servers started with --tls-cert / --api-key."""
+    p.add_argument("--tls", action="store_true", help="gRPC: speak TLS (https URLs always do)")
+    p.add_argument("--tls-ca", help="PEM roots that sign the server's certificate (implies --tls)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MEMORYWALL_API_KEY"),
+        help="send 'Authorization: Bearer KEY' (default: $MEMORYWALL_API_KEY)",
+    )
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:

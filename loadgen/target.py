@@ -9,12 +9,13 @@ process and in every worker process.
 from __future__ import annotations
 
 import secrets
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from memorywall.client import AsyncClient, ClientError, ModelInfo
+from memorywall.client import AsyncClient, ClientError, ModelInfo, Tls
 from memorywall.loadgen.prompts import spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 
@@ -40,6 +41,32 @@ class Backend(StrEnum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Access:
+    """What a server behind TLS or an API key needs (`--tls`, `--tls-ca`, `--api-key`).
+
+    gRPC targets (host:port) speak TLS when `tls` is set; OpenAI targets when their URL
+    is https. `tls_ca`: PEM roots that sign the server's certificate (None: the system's).
+    """
+
+    tls: bool = False
+    tls_ca: str | None = None
+    api_key: str | None = None
+
+    def grpc_tls(self) -> Tls | None:
+        return Tls(ca=self.tls_ca) if self.tls or self.tls_ca else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For https: the given roots, else None (aiohttp's default verification)."""
+        return ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, address: str, *, timeout_s: float | None) -> AsyncClient:
+        return AsyncClient(address, timeout_s=timeout_s, tls=self.grpc_tls(), api_key=self.api_key)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TargetConfig:
     """Where and how to send: picklable, so worker processes build their own target."""
 
@@ -49,12 +76,18 @@ class TargetConfig:
     # Seeds the synthetic prompt ids (`loadgen/prompts.py`); one value for every worker of
     # a level, so shared prefixes are shared across processes. None: fresh per target.
     prompt_salt: int | None = None
+    access: Access = field(default_factory=Access)
 
 
 def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Target:
     """The one factory for targets; `timeout_s` is the per-request deadline (None: none)."""
     if config.backend is Backend.MEMORYWALL_GRPC:
-        return GrpcTarget(config.address, timeout_s=timeout_s, prompt_salt=config.prompt_salt)
+        return GrpcTarget(
+            config.address,
+            timeout_s=timeout_s,
+            prompt_salt=config.prompt_salt,
+            access=config.access,
+        )
     if config.model is None:
         raise ValueError(f"{config.backend} needs a model name")
     from memorywall.loadgen.openai_target import OpenAITarget  # aiohttp only when used
@@ -65,6 +98,7 @@ def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Targ
         model=config.model,
         timeout_s=timeout_s,
         prompt_salt=config.prompt_salt,
+        access=config.access,
     )
 
 
@@ -77,10 +111,15 @@ class GrpcTarget:
     """
 
     def __init__(
-        self, address: str, *, timeout_s: float | None = None, prompt_salt: int | None = None
+        self,
+        address: str,
+        *,
+        timeout_s: float | None = None,
+        prompt_salt: int | None = None,
+        access: Access | None = None,
     ) -> None:
         self.address = address
-        self.client = AsyncClient(address, timeout_s=timeout_s)
+        self.client = (access or Access()).client(address, timeout_s=timeout_s)
         self.prompt_salt = secrets.randbits(63) if prompt_salt is None else prompt_salt
 
     async def connect(self) -> None:

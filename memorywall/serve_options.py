@@ -1,12 +1,15 @@
-"""`memorywall serve` options for faults, admission and request limits.
+"""`memorywall serve` options for faults, admission, request limits, TLS and the API key.
 
-Kept apart from `cli.py`: they build the server's `GuardConfig` and limits, and
-only `serve` uses them.
+Kept apart from `cli.py`: they build the server's `GuardConfig`, limits and
+security settings, and only `serve` uses them. The API key may come from the
+environment (MEMORYWALL_API_KEY), so it need not show in `ps`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from memorywall.argtypes import nonnegative_int, positive_float, positive_int
@@ -24,6 +27,7 @@ def fault_spec(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_security_arguments(p)
     g = p.add_argument_group("faults and admission")
     g.add_argument(
         "--faults",
@@ -48,8 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-waiting",
         type=nonnegative_int,
-        help="refuse requests (429 / RESOURCE_EXHAUSTED) while this many wait (default: no "
-        "bound)",
+        help="refuse requests (429 / RESOURCE_EXHAUSTED) while this many wait (default: no bound)",
     )
     g.add_argument(
         "--retry-after",
@@ -63,6 +66,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest request body (HTTP, 413 beyond) or message (gRPC, INVALID_ARGUMENT) "
         "(default 16 MiB)",
     )
+
+
+API_KEY_ENV = "MEMORYWALL_API_KEY"
+
+
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS and API key (see the README's security section)")
+    g.add_argument("--tls-cert", type=Path, help="serve TLS on every port: certificate chain (PEM)")
+    g.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    g.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates signed by this CA (PEM; needs --tls-cert)",
+    )
+    g.add_argument(
+        "--api-key",
+        help=f"require this key: HTTP 'Authorization: Bearer KEY' on /v1/ routes, gRPC "
+        f"'authorization' metadata (default: ${API_KEY_ENV}, else none)",
+    )
+
+
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`ServerConfig.tls` and `api_key`; raises ConfigError for a half-given TLS pair."""
+    from memorywall.server.fronts.tls import TlsConfig
+
+    out: dict[str, Any] = {"api_key": args.api_key or os.environ.get(API_KEY_ENV) or None}
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.tls_cert is not None:
+        out["tls"] = TlsConfig(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    return out
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,4 +116,4 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_request_bytes is not None:
         out["max_request_bytes"] = args.max_request_bytes
-    return out
+    return out | security_options(args)

@@ -13,6 +13,7 @@ from memorywall.client import (
     NotFound,
     ResourceExhausted,
     SamplingParams,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -29,10 +30,10 @@ ERROR_CASES = [
     (S.DEADLINE_EXCEEDED, DeadlineExceeded),
     (S.CANCELLED, Cancelled),
     (S.UNIMPLEMENTED, Unimplemented),
+    (S.UNAUTHENTICATED, Unauthenticated),
     # Anything unlisted is the base class.
     (S.INTERNAL, ClientError),
     (S.PERMISSION_DENIED, ClientError),
-    (S.UNAUTHENTICATED, ClientError),
     (S.DATA_LOSS, ClientError),
     (S.ABORTED, ClientError),
     (S.UNKNOWN, ClientError),

@@ -32,7 +32,8 @@ PUBLIC = [
     "GenerateResult", "GenerateStream", "HostStall", "InvalidRequest", "LagStats", "ModelInfo",
     "NotFound",
     "ProtocolError", "RequestTiming", "ResourceExhausted", "SamplingParams", "ServerInfo",
-    "StreamNotFinished", "TokenChunk", "Unavailable", "Unimplemented", "Usage",
+    "StreamNotFinished", "Tls", "TokenChunk", "Unauthenticated", "Unavailable", "Unimplemented",
+    "Usage",
     "build_generate_request",
 ]  # fmt: skip
 
