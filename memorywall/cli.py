@@ -420,31 +420,38 @@ def build_parser() -> argparse.ArgumentParser:
     pd_options.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
+    from memorywall import demo
+
     p = sub.add_parser(
         "demo",
         help="start an emulated wafer and GPU, load both, and show what their users get",
     )
     p.add_argument(
         "--hardware",
-        default="wse-3,h100-sxm",
+        default=",".join(demo.DEFAULT_HARDWARE),
         help="profiles, comma-separated (default: %(default)s)",
     )
     p.add_argument(
-        "--model", default="llama-3.1-8b", help="model every server serves (default: %(default)s)"
+        "--model",
+        default=demo.DEFAULT_MODEL,
+        help="model every server serves (default: %(default)s)",
     )
     p.add_argument(
         "--levels",
         type=number_list(int, low=1),
-        default=(1, 8, 32),
-        help="closed-loop users per level, e.g. 1,8,32 (the default)",
+        default=demo.DEFAULT_LEVELS,
+        help=f"closed-loop users per level (default: {','.join(map(str, demo.DEFAULT_LEVELS))})",
     )
     p.add_argument(
-        "--input-len", type=positive_int, default=128, help="prompt tokens (default: %(default)s)"
+        "--input-len",
+        type=positive_int,
+        default=demo.DEFAULT_PROMPT_TOKENS,
+        help="prompt tokens (default: %(default)s)",
     )
     p.add_argument(
         "--output-len",
         type=positive_int,
-        default=64,
+        default=demo.DEFAULT_OUTPUT_TOKENS,
         help="output tokens per request (default: %(default)s)",
     )
     p.add_argument(

@@ -35,6 +35,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 DEFAULT_HARDWARE = ("wse-3", "h100-sxm")
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_LEVELS = (1, 8, 32)
+DEFAULT_PROMPT_TOKENS = 128
+DEFAULT_OUTPUT_TOKENS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +44,8 @@ class DemoConfig:
     hardware: tuple[str, ...] = DEFAULT_HARDWARE
     model: str = DEFAULT_MODEL
     levels: tuple[int, ...] = DEFAULT_LEVELS  # closed-loop users
-    prompt_tokens: int = 128
-    output_tokens: int = 64
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    output_tokens: int = DEFAULT_OUTPUT_TOKENS
     out: Path
     keep_serving: bool = False
     startup_timeout_s: float = 60.0
