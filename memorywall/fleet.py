@@ -7,7 +7,11 @@ and smg installed (`pip install 'memorywall[gateway]'`), `smg launch` routes to 
 workers' gRPC ports, where each speaks SGLang's `SglangScheduler`; smg reads model and
 tokenizer from the workers themselves. Once everything answers, the fleet writes its own
 ready file (`--ready-file`): every worker's entry and the gateway's address.
-SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1).
+SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1),
+unless a `[[fault]]` of the spec killed it (`fleet_faults.py`: kill, pause, resume on a
+schedule). With `[tls]` every worker serves TLS and smg checks it against `tls.ca`; an
+API key in MEMORYWALL_API_KEY reaches the workers through their environment and smg
+through `--api-key`.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, load_spec
+from memorywall.fleet_faults import FaultSchedule
+from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
 from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "load_spec", "run"]
@@ -55,7 +60,7 @@ class FleetReady:
             "pid": self.pid,
             "log_dir": self.log_dir,
             "workers": [{"name": n, **w.as_dict()} for n, w in self.workers.items()],
-            "gateway": None if self.gateway is None else vars(self.gateway).copy(),
+            "gateway": None if self.gateway is None else asdict(self.gateway),
         }
 
     @classmethod
@@ -134,6 +139,7 @@ class Fleet:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.children: list[_Child] = []
+        self.faults = FaultSchedule(spec.faults, log_dir)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -152,7 +158,15 @@ class Fleet:
         return self.log_dir / f"{name}.ready.json"
 
     def _dead(self) -> _Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        """A child that died unplanned (not killed by a scheduled fault)."""
+        return next(
+            (
+                c
+                for c in self.children
+                if c.name not in self.faults.killed and c.proc.poll() is not None
+            ),
+            None,
+        )
 
     def _report_death(self, child: _Child) -> int:
         self.say(
@@ -183,20 +197,7 @@ class Fleet:
         for w in self.spec.workers:
             ready = self._worker_ready_file(w.name)
             remove(ready)
-            cmd = [sys.executable, "-m", "memorywall", "serve", "--host", "127.0.0.1"]
-            cmd += ["--hardware", w.hardware, "--model", w.model, "--port", str(w.port)]
-            cmd += ["--ready-file", str(ready)]
-            if w.devices is not None:
-                cmd += ["--devices", str(w.devices)]
-            if w.http_port is not None:
-                cmd += ["--http-port", str(w.http_port)]
-            if w.role != "both":
-                cmd += ["--role", w.role]
-            if w.role == "prefill":
-                cmd += ["--bootstrap-port", "0"]  # the ready file names it
-            if w.kv_link is not None:
-                cmd += ["--kv-link", w.kv_link]
-            self._spawn(w.name, cmd)
+            self._spawn(w.name, self._serve_command(w, ready))
         workers = self._wait_for_workers()
         if workers is None:
             return 0 if self.stop.is_set() else 1
@@ -232,10 +233,36 @@ class Fleet:
         if self.ready_file is not None:
             write_json(self.ready_file, self.ready.as_dict())
         self.say("fleet up; Ctrl-C (SIGINT) or SIGTERM stops it")
-        while not self.stop.wait(0.2):
+        self.faults.start()
+        pids = {name: r.pid for name, r in workers.items()}
+        while not self.stop.wait(0.05):
+            for fault in self.faults.apply_due(pids):
+                self.say(f"fault: {fault.action.value} {fault.worker} at {fault.at_s:g} s")
             if dead := self._dead():
                 return self._report_death(dead)
         return 0
+
+    def _serve_command(self, w: WorkerSpec, ready: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "memorywall", "serve", "--host", "127.0.0.1"]
+        cmd += ["--hardware", w.hardware, "--model", w.model, "--port", str(w.port)]
+        cmd += ["--ready-file", str(ready)]
+        if w.devices is not None:
+            cmd += ["--devices", str(w.devices)]
+        if w.http_port is not None:
+            cmd += ["--http-port", str(w.http_port)]
+        if w.role != "both":
+            cmd += ["--role", w.role]
+        if w.role == "prefill":
+            cmd += ["--bootstrap-port", "0"]  # the ready file names it
+        if w.kv_link is not None:
+            cmd += ["--kv-link", w.kv_link]
+        if w.faults is not None:
+            cmd += ["--faults", w.faults, "--fault-seed", str(w.fault_seed)]
+        if (tls := self.spec.tls) is not None:
+            cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            if tls.client_ca is not None:
+                cmd += ["--tls-client-ca", str(tls.client_ca)]
+        return cmd
 
     def _wait_for_workers(self) -> dict[str, ServerReady] | None:
         """Each worker's ready file by name, or None if one died, timed out, or a stop came."""
@@ -268,6 +295,10 @@ class Fleet:
         port = gw.port or free_port()
         cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
+        if self.spec.tls is not None:
+            cmd += ["--ca-cert-paths", str(self.spec.tls.roots)]
+        if api_key := os.environ.get("MEMORYWALL_API_KEY"):
+            cmd += ["--api-key", api_key]
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
         child = self._spawn(GATEWAY_LOG, cmd)
         base = f"http://127.0.0.1:{port}"
@@ -290,6 +321,7 @@ class Fleet:
         """SIGTERM every child still running (the gateway first), wait, then SIGKILL."""
         alive = [c for c in reversed(self.children) if c.proc.poll() is None]
         for c in alive:
+            c.proc.send_signal(signal.SIGCONT)  # a paused worker must run to stop
             c.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         for c in alive:
