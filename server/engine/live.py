@@ -6,11 +6,12 @@ absolute end before applying it, so CPU time spent here never adds to modelled
 time.
 
 Never faster than the model: when the host wakes past a deadline by more than a
-small tolerance (`lag.StallTracker`), the next step starts from the wake-up,
-not from the missed deadline, so the engine never runs steps back to back to
-catch up and no stream gets two tokens closer together than their modelled
-gap. The lost time is counted per request (`Finished.host_stall_s`), in
-`EngineStats.host_stall` and in a "degraded" log line once per interval.
+small tolerance (`lag.StallTracker`), that step's tokens are stamped at the
+wake-up and the next step starts from there, not from the missed deadline, so
+the engine never runs steps back to back to catch up and no stream gets two
+tokens closer together than their modelled gap. The lost time is counted per
+request (`Finished.host_stall_s`), in `EngineStats.host_stall` and in a
+"degraded" log line once per interval.
 
 Each token goes to its stream alone while the message budget
 (`pacing.MessageBudget`) lasts; past it a token waits for its stream's next
@@ -70,11 +71,14 @@ class RequestStream:
         self._last_flush_s = -1.0
         self._done = False
         self._max_lag_s = 0.0
+        self._stalled_s = 0.0  # how late the host made the tokens waiting here (re-timed)
         # The engine's stall total when the request arrived and when its first token came.
         self.stalled_at_arrival_s = stalled_s
         self.stalled_at_first_s: float | None = None
 
-    def _push(self, ids: list[int], time_s: float) -> None:
+    def _push(self, ids: list[int], time_s: float, stalled_s: float) -> None:
+        if stalled_s > self._stalled_s:
+            self._stalled_s = stalled_s
         self._ids.extend(ids)
         self._times.extend([time_s] * len(ids))
 
@@ -101,7 +105,9 @@ class RequestStream:
         """The tokens handed over so far, as one group (the hot path: one per message)."""
         ids, times = self._ids, self._times
         self._ids, self._times = [], []
-        lag = self._engine._record_lag(times[0])
+        # Lag against the deadline the tokens had before a stall moved them, if one did.
+        lag = self._engine._record_lag(times[0] - self._stalled_s)
+        self._stalled_s = 0.0
         if lag > self._max_lag_s:
             self._max_lag_s = lag
         seq = self.sequence
@@ -304,23 +310,29 @@ class AsyncEngine:
                 self._flush_held(self.clock.now())  # the next step is too long to wait for
             await self.clock.sleep_until(step.end_s)
             woke = self.clock.now()
+            late = woke - step.end_s
+            step_s = step.end_s - step.start_s
+            stalled = self._stalls.too_late(late, step_s)
+            if stalled:
+                # Never catch up: the step ends when the host got to it (its tokens are
+                # stamped then), and the next one starts from there, not from the deadline.
+                self._stall(late, woke)
+                step.start_s += late
+                step.end_s = woke
             emissions = self.core.complete(step)
-            self._deliver(emissions, woke, step.end_s - step.start_s)
+            self._deliver(emissions, woke, step_s, late if stalled else 0.0)
             if self.observers:
                 report = step_report(step, emissions, self.core.counters.preemptions)
                 for observer in self.observers:
                     observer.on_step(report)
             last_end = step.end_s
-            late = woke - step.end_s
-            step_s = step.end_s - step.start_s
             self._adapt(woke)
-            if self._stalls.too_late(late, step_s):
-                # Never catch up: the next step starts from the wake-up, not the deadline.
-                self._stall(late, woke)
-                last_end = woke
 
-    def _deliver(self, emissions: list[Emission], now: float, step_s: float) -> None:
-        """Hand a step's tokens to their streams, one message each while the budget lasts."""
+    def _deliver(
+        self, emissions: list[Emission], now: float, step_s: float, stalled_s: float
+    ) -> None:
+        """Hand a step's tokens to their streams, one message each while the budget lasts;
+        `stalled_s`: how far past its deadline the host woke for this step."""
         budget = self._budget
         budget.refill(now)
         overdue, self._held = self._held, {}
@@ -329,7 +341,7 @@ class AsyncEngine:
             stream = self._streams.get(e.sequence.request.request_id)
             if stream is None:
                 continue
-            stream._push(e.token_ids, e.time_s)
+            stream._push(e.token_ids, e.time_s, stalled_s)
             if e.previous_token_s is None:
                 stream.stalled_at_first_s = stalled
             if e.finished:

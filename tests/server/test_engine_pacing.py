@@ -94,13 +94,13 @@ async def test_a_stalled_host_moves_the_timeline_instead_of_bursting(wse3_8b, ca
         # modelled decode step (back-to-back steps would hand several out at one time).
         assert min(g for g in gaps(r.got_s) if g > 0) >= decode_step_s * 0.999
         assert all(g > 0 for g in gaps(r.got_s))
-        # Every token went out at its (re-anchored) time but for the stalled step's.
+        # Every token went out at its modelled time: the stalled step's are stamped when
+        # the host got to them, and the timeline runs on from there.
         late = [got - due for got, due in zip(r.got_s, r.due_s, strict=True)]
-        assert min(late) >= 0
-        assert sorted(late)[-2] < 1e-9
-        assert max(late) == pytest.approx(STALL_S, rel=0.01)
+        assert max(abs(x) for x in late) < 1e-9
+        assert max(gaps(r.due_s)) == pytest.approx(decode_step_s + STALL_S, rel=0.05)
         # The request says how much later the host made it, all of it while decoding.
-        f = r.final
+        f = r.final  # its lag: against the deadline the stall moved
         assert f.host_stall_s == pytest.approx(STALL_S, rel=1e-6)
         assert f.decode_host_stall_s == pytest.approx(STALL_S, rel=1e-6)
         assert f.max_lag_s == pytest.approx(STALL_S, rel=0.01)
