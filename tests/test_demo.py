@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memorywall import demo
+from memorywall import demo, demo_report
 from memorywall.cli import main
 from memorywall.client import Client
 
@@ -190,3 +190,40 @@ def test_a_server_that_cannot_start_is_one_line_exit_1(tmp_path, monkeypatch):
     assert demo.run(config, out=io.StringIO(), err=err) == 1
     last = err.getvalue().splitlines()[-1]
     assert last == "memorywall: error: the wse-3 server exited with status 1 before it was ready"
+
+
+def _level(users: int, **extra: object) -> dict:
+    return {
+        "max_concurrency": users,
+        "request_rate": None,
+        "level": f"c{users}",
+        "completed": 4,
+        "total_output_tokens": 256,
+        "output_throughput": 500.0 * users,
+        "mean_ttft_ms": 3.0,
+        "mean_tpot_ms": 2.0,
+        "predicted_ttft_ms": 2.5,
+        "predicted_tpot_ms": 1.9,
+        "predicted_e2el_ms": 2.5 + 63 * 1.9,
+        "devices": 2,
+        "tdp_w": 500.0,
+        "suspect": [],
+        **extra,
+    }
+
+
+def test_table_marks_rows_the_machine_could_not_emulate(tmp_path):
+    config = demo.DemoConfig(hardware=("h100-sxm",), levels=(1, 8), out=tmp_path)
+    quiet = _level(1, host_stalls=2, host_stalled_s=0.01, host_window_s=1.0)  # 1%
+    stalled = _level(8, host_stalls=40, host_stalled_s=0.2, host_window_s=1.0)  # 20%
+    text = demo_report.table(config, [("h100-sxm x2", [quiet, stalled])])
+    rows = [line for line in text.splitlines() if "measured" in line and "x2" in line]
+    assert rows[0].split()[3] == "measured"  # users, hardware (two words), mark
+    assert rows[1].split()[3] == "measured*"
+    assert (
+        "* h100-sxm x2, 8 users: the server's host stalled 40 times, moving its timeline "
+        "200 ms later in 1.0 s" in text
+    )
+    assert "1 user:" not in text
+    # 500 tok/s in total: 250 per device, 500 per kW of rated power (2 devices x 500 W).
+    assert rows[0].split()[-3:] == ["500", "250", "500"]
