@@ -75,6 +75,7 @@ class RequestStream:
         # The engine's stall total when the request arrived and when its first token came.
         self.stalled_at_arrival_s = stalled_s
         self.stalled_at_first_s: float | None = None
+        self.stalled_at_last_s = stalled_s  # at its latest token (or arrival)
 
     def _push(self, ids: list[int], time_s: float, stalled_s: float) -> None:
         if stalled_s > self._stalled_s:
@@ -320,9 +321,10 @@ class AsyncEngine:
                 step.start_s += late
                 step.end_s = woke
             emissions = self.core.complete(step)
-            self._deliver(emissions, woke, step_s, late if stalled else 0.0)
+            in_gaps = self._deliver(emissions, woke, step_s, late if stalled else 0.0)
             if self.observers:
-                report = step_report(step, emissions, self.core.counters.preemptions)
+                preemptions = self.core.counters.preemptions
+                report = step_report(step, emissions, preemptions, host_stalls_s=in_gaps)
                 for observer in self.observers:
                     observer.on_step(report)
             last_end = step.end_s
@@ -330,18 +332,22 @@ class AsyncEngine:
 
     def _deliver(
         self, emissions: list[Emission], now: float, step_s: float, stalled_s: float
-    ) -> None:
+    ) -> list[float]:
         """Hand a step's tokens to their streams, one message each while the budget lasts;
-        `stalled_s`: how far past its deadline the host woke for this step."""
+        `stalled_s`: how far past its deadline the host woke for this step. Returns the host
+        stall inside each emission's gap since its last token (or arrival)."""
         budget = self._budget
         budget.refill(now)
         overdue, self._held = self._held, {}
         stalled = self._stalls.stalled_s
-        for e in emissions:
+        in_gaps = [0.0] * len(emissions)
+        for i, e in enumerate(emissions):
             stream = self._streams.get(e.sequence.request.request_id)
             if stream is None:
                 continue
             stream._push(e.token_ids, e.time_s, stalled_s)
+            in_gaps[i] = stalled - stream.stalled_at_last_s
+            stream.stalled_at_last_s = stalled
             if e.previous_token_s is None:
                 stream.stalled_at_first_s = stalled
             if e.finished:
@@ -370,6 +376,7 @@ class AsyncEngine:
         for stream in [s for s in self._paced if not s._paced(now)]:
             self._paced.discard(stream)
             stream._flush(now)
+        return in_gaps
 
     def _adapt(self, woke: float) -> None:
         """Let the message budget see how busy this process was since the last wake-up."""

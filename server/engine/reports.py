@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from memorywall.server.engine.api import Finished, StepReport
-from memorywall.server.engine.scheduler import Emission, Sequence, Step
+from memorywall.server.engine.scheduler import Emission, Step
+from memorywall.server.engine.scheduler import Sequence as EngineSequence
 
 
-def finished(seq: Sequence, *, host_stall_s: float, decode_host_stall_s: float) -> Finished:
+def finished(seq: EngineSequence, *, host_stall_s: float, decode_host_stall_s: float) -> Finished:
     """A request's end from its sequence's modelled timeline and the host stalls it saw."""
     arrival = seq.arrival_s
     first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival
@@ -31,19 +34,26 @@ def finished(seq: Sequence, *, host_stall_s: float, decode_host_stall_s: float) 
     )
 
 
-def step_report(step: Step, emissions: list[Emission], preemptions_total: int) -> StepReport:
-    """What observers count of a completed step and the tokens it gave."""
+def step_report(
+    step: Step,
+    emissions: list[Emission],
+    preemptions_total: int,
+    host_stalls_s: Sequence[float] | None = None,
+) -> StepReport:
+    """What observers count of a completed step and the tokens it gave, in the model's own
+    time: `host_stalls_s[i]` (host stall inside emission i's gap or TTFT) is taken out."""
     first_tokens: list[tuple[int, float]] = []
     gaps: list[tuple[float, int]] = []
     generated = 0
-    for e in emissions:
+    for i, e in enumerate(emissions):
         k = len(e.token_ids)
         generated += k
         seq = e.sequence
+        stall = host_stalls_s[i] if host_stalls_s is not None else 0.0
         if e.previous_token_s is None:
-            first_tokens.append((seq.prompt_len, e.time_s - seq.arrival_s))
+            first_tokens.append((seq.prompt_len, e.time_s - seq.arrival_s - stall))
             continue
-        gap = (e.time_s - e.previous_token_s) / k
+        gap = (e.time_s - e.previous_token_s - stall) / k
         # Sequences decoded together share a gap: one run each.
         if gaps and gaps[-1][0] == gap:
             gaps[-1] = (gap, gaps[-1][1] + k)

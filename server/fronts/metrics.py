@@ -273,17 +273,24 @@ class PrometheusMetrics:
         self._generation_tokens += step.generated
 
     def on_finish(self, finished: Finished) -> None:
-        """Request success by reason and the per-request histograms."""
-        self._success[finished.reason] += 1
-        self._e2e.observe(finished.e2e_s)
-        self._queue.observe(finished.queue_s)
-        self._prefill.observe(finished.prefill_s)
-        self._decode.observe(finished.decode_s)
-        self._inference.observe(finished.prefill_s + finished.decode_s)
-        self._request_prompt.observe(finished.prompt_tokens)
-        self._request_generation.observe(finished.completion_tokens)
-        if finished.completion_tokens > 1:  # vLLM records 0 s here; no data is not 0 s
-            self._tpot.observe(finished.decode_s / (finished.completion_tokens - 1))
+        """Request success by reason and the per-request histograms, in the model's own time:
+        host stalls are taken out (those before the first token from the queue time first,
+        where an idle engine's late start lands, then from the prefill)."""
+        f = finished
+        self._success[f.reason] += 1
+        before_first = f.host_stall_s - f.decode_host_stall_s
+        queue = max(f.queue_s - before_first, 0.0)
+        prefill = f.prefill_s - (before_first - (f.queue_s - queue))
+        decode = f.decode_s - f.decode_host_stall_s
+        self._e2e.observe(f.e2e_s - f.host_stall_s)
+        self._queue.observe(queue)
+        self._prefill.observe(prefill)
+        self._decode.observe(decode)
+        self._inference.observe(prefill + decode)
+        self._request_prompt.observe(f.prompt_tokens)
+        self._request_generation.observe(f.completion_tokens)
+        if f.completion_tokens > 1:  # vLLM records 0 s here; no data is not 0 s
+            self._tpot.observe(decode / (f.completion_tokens - 1))
 
     def on_lag(self, lag_s: float) -> None:
         self._lag.observe(lag_s)

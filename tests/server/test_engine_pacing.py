@@ -134,6 +134,10 @@ def scrape(metrics: PrometheusMetrics) -> dict[str, float]:
         "memorywall:host_stall_seconds_total",
         "memorywall:emulation_lag_seconds_count",
         "memorywall:emulation_lag_seconds_sum",
+        "vllm:inter_token_latency_seconds_sum",
+        "vllm:time_to_first_token_seconds_sum",
+        "vllm:e2e_request_latency_seconds_sum",
+        "vllm:request_decode_time_seconds_sum",
     ):
         m = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)
         out[name] = float(m.group(1))
@@ -163,6 +167,14 @@ async def test_stall_metrics_move_when_the_engine_is_starved(wse3_8b):
     assert after["memorywall:host_stall_seconds_total"] == pytest.approx(0.07)
     # Each stream got one group 50 ms late and one 20 ms late.
     assert after["memorywall:emulation_lag_seconds_sum"] == pytest.approx(2 * 0.07, rel=0.01)
+    # vLLM's series stay in the model's own time: the same batches, the same figures.
+    for name in (
+        "vllm:inter_token_latency_seconds_sum",
+        "vllm:time_to_first_token_seconds_sum",
+        "vllm:e2e_request_latency_seconds_sum",
+        "vllm:request_decode_time_seconds_sum",
+    ):
+        assert after[name] == pytest.approx(before[name], rel=1e-9), name
 
 
 # --- grouping: one token per message while the budget lasts ------------------------------------
