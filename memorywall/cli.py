@@ -200,6 +200,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         raise _UsageError(str(e)) from None
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from memorywall.calibrate_cli import CalibrateError, run
+
+    try:
+        return run(args, deployment_from_args(args), engine_config_from_args(args))
+    except CalibrateError as e:
+        raise _UsageError(str(e)) from None
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from memorywall.plan_cli import PlanError, run
 
@@ -499,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_load_arguments(p)
     p.set_defaults(func=_cmd_simulate, label="sim")
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a hardware profile's efficiencies to your own runs (step times, bench results)",
+    )
+    add_deployment_arguments(p)
+    add_engine_arguments(p)
+    from memorywall.calibrate_cli import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(p)
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser(
         "plan",

@@ -1,0 +1,47 @@
+"""`memorywall calibrate RESULTS... --hardware BASE --model MODEL --out my-gpu.toml`."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+from pathlib import Path
+
+from memorywall.argtypes import nonnegative_int
+from memorywall.calibrate import MIN_FIT, CalibrateError, calibrate, error_table, profile_toml
+from memorywall.core import Deployment
+from memorywall.server.engine.scheduler import EngineConfig
+
+__all__ = ["CalibrateError", "add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "results",
+        nargs="+",
+        type=Path,
+        help="step-time CSVs (batch,context,new_tokens,seconds) and bench result JSON files",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the calibrated profile (.toml)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the replays")
+
+
+def base_profile_text(hardware: str) -> str:
+    builtin = resources.files("memorywall.core") / "profiles" / f"{hardware}.toml"
+    return builtin.read_text() if builtin.is_file() else Path(hardware).read_text()
+
+
+def run(args: argparse.Namespace, deployment: Deployment, engine_config: EngineConfig) -> int:
+    if args.out.suffix != ".toml":
+        raise CalibrateError(f"--out: expected a .toml path, got {args.out}")
+    result = calibrate(list(args.results), deployment, engine_config)
+    text = profile_toml(base_profile_text(args.hardware), result, args.out.stem)
+    print(error_table(result))
+    if not any(r.observation.held_out for r in result.rows):
+        print(f"\nnothing held out: fewer than {MIN_FIT + 2} observations to fit and check")
+    fitted = ", ".join(
+        f"{k} {getattr(result.efficiency, k):.4f}" for k in ("weight_read", "kv_read", "compute")
+    )
+    print(f"\nfitted: {fitted}")
+    args.out.write_text(text)
+    print(f"wrote {args.out} (memorywall serve --hardware {args.out})")
+    return 0
