@@ -313,3 +313,27 @@ def test_scalar_compute_entry_is_a_config_error(h100_text, write_profile):
     )
     with pytest.raises(ConfigError, match=r"compute\.bf16"):
         load_hardware(write_profile(text))
+
+
+def test_gpu_profiles_carry_sm_counts_and_the_wafer_none():
+    assert {n: load_hardware(n).parallelism.units for n in GPUS} == {
+        "b200": 148,
+        "h100-sxm": 132,
+        "h200": 132,
+    }
+    assert load_hardware("wse-3").parallelism is None
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('units = { value = 132.5, unit = "SMs", source = "x" }', "must be a whole number"),
+        ('units = { value = 132, unit = "cores", source = "x" }', "expected 'SMs'"),
+        ('units = { value = 0, unit = "SMs", source = "x" }', "must be > 0"),
+    ],
+)
+def test_parallelism_errors_name_the_field(h100_text, write_profile, line, message):
+    text = set_line(h100_text, "units", line)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_hardware(write_profile(text))
+    assert "parallelism.units" in str(e.value)
