@@ -9,9 +9,10 @@ tokenizer from the workers themselves. Once everything answers, the fleet writes
 ready file (`--ready-file`): every worker's entry and the gateway's address.
 SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1),
 unless a `[[fault]]` of the spec killed it (`fleet_faults.py`: kill, pause, resume on a
-schedule). With `[tls]` every worker serves TLS and smg checks it against `tls.ca`; an
-API key in MEMORYWALL_API_KEY reaches the workers through their environment and smg
-through `--api-key`.
+schedule). With `[tls]` every worker serves TLS; an API key in MEMORYWALL_API_KEY reaches
+the workers through their environment. Neither goes with a gateway: smg 1.13 connects to
+gRPC workers in plaintext (with `grpc://` or `grpcs://` URLs, `--ca-cert-paths` or not)
+and sends no key on gRPC (its `--api-key` did not reach the worker's health check).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from memorywall.errors import ConfigError
 from memorywall.fleet_faults import FaultSchedule
 from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
 from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "load_spec", "run"]
+
+API_KEY_ENV = "MEMORYWALL_API_KEY"  # as `serve` reads it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,10 +299,6 @@ class Fleet:
         port = gw.port or free_port()
         cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
-        if self.spec.tls is not None:
-            cmd += ["--ca-cert-paths", str(self.spec.tls.roots)]
-        if api_key := os.environ.get("MEMORYWALL_API_KEY"):
-            cmd += ["--api-key", api_key]
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
         child = self._spawn(GATEWAY_LOG, cmd)
         base = f"http://127.0.0.1:{port}"
@@ -349,6 +349,11 @@ def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:
 
 def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:
     """Run a fleet in the foreground until SIGINT/SIGTERM (0) or a child's death (1)."""
+    if spec.gateway is not None and os.environ.get(API_KEY_ENV):
+        raise ConfigError(
+            f"{API_KEY_ENV} is set, but smg sends no API key to gRPC workers: unset it or "
+            "drop [gateway] (the workers listen on 127.0.0.1 only)"
+        )
     if log_dir is None:
         log_dir = Path(tempfile.mkdtemp(prefix="memorywall-fleet-"))
     fleet = Fleet(spec, log_dir, **kwargs)

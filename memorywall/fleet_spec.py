@@ -1,4 +1,5 @@
-"""The fleet spec: `[[worker]]` tables and an optional `[gateway]`, checked field by field."""
+"""The fleet spec: `[[worker]]` tables, an optional `[gateway]`, `[tls]` and `[[fault]]`
+schedule (`fleet_faults.py`), checked field by field."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from memorywall.core import load_hardware, load_model
 from memorywall.core._toml import load_toml
 from memorywall.core.kv_transfer import parse_link
 from memorywall.errors import ConfigError, MemorywallError
+from memorywall.fleet_faults import WorkerFault, parse_faults
 
 # smg 1.13's --policy choices.
 POLICIES = (
@@ -26,7 +28,11 @@ POLICIES = (
 )
 GATEWAY_LOG = "gateway"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_WORKER_KEYS = {"name", "hardware", "model", "devices", "port", "http_port", "role", "kv_link"}
+_WORKER_KEYS = {
+    "name", "hardware", "model", "devices", "port", "http_port", "role", "kv_link",
+    "faults", "fault_seed",
+}  # fmt: skip
+_TLS_KEYS = {"cert", "key", "client_ca", "ca"}
 # Disaggregated serving: a fleet of prefill and decode workers, behind smg's PD mode.
 ROLES = ("both", "prefill", "decode")
 _GATEWAY_KEYS = {"policy", "port"}
@@ -42,6 +48,8 @@ class WorkerSpec:
     http_port: int | None = None
     role: str = "both"  # prefill, decode, or both phases (`serve --role`)
     kv_link: str | None = None  # a decode worker's `--kv-link` (nvlink, nic, GB/s)
+    faults: str | None = None  # `serve --faults` (error:0.2, ...); None: none
+    fault_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,26 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """Every worker serves TLS with `cert`/`key` (`client_ca`: and wants client certificates);
+    `ca` signs `cert`, for those who connect (default: `cert` itself, self-signed)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    ca: Path | None = None
+
+    @property
+    def roots(self) -> Path:
+        return self.ca or self.cert
+
+
+@dataclass(frozen=True)
 class FleetSpec:
     workers: tuple[WorkerSpec, ...]
     gateway: GatewaySpec | None = None
+    tls: TlsSpec | None = None
+    faults: tuple[WorkerFault, ...] = ()  # kill / pause / resume on a schedule
 
     @property
     def disaggregated(self) -> bool:
@@ -62,8 +87,9 @@ class FleetSpec:
 
 
 def load_spec(path: Path) -> FleetSpec:
-    """Read and check a fleet spec; every problem is a one-line ConfigError naming the field."""
-    return parse_spec(load_toml(path), str(path))
+    """Read and check a fleet spec; every problem is a one-line ConfigError naming the field.
+    Relative paths in it (TLS files) are relative to its folder."""
+    return parse_spec(load_toml(path), str(path), base=Path(path).parent)
 
 
 def _port(origin: str, field: str, value: Any) -> int:
@@ -127,6 +153,17 @@ def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
             parse_link(kv_link)
         except ConfigError as e:
             raise ConfigError(f"{origin}: {where}.kv_link: {e}") from None
+    faults = raw.get("faults")
+    if faults is not None:
+        from memorywall.server.engine.faults import parse_spec as parse_faults_spec
+
+        try:
+            parse_faults_spec(_text(origin, f"{where}.faults", faults))
+        except ConfigError as e:
+            raise ConfigError(f"{origin}: {where}.faults: {e}") from None
+    fault_seed = raw.get("fault_seed", 0)
+    if isinstance(fault_seed, bool) or not isinstance(fault_seed, int) or fault_seed < 0:
+        raise ConfigError(f"{origin}: {where}.fault_seed: must be an integer >= 0")
     return WorkerSpec(
         name=name,
         hardware=hardware,
@@ -136,11 +173,33 @@ def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
         http_port=None if http_port is None else _port(origin, f"{where}.http_port", http_port),
         role=role,
         kv_link=kv_link,
+        faults=faults,
+        fault_seed=fault_seed,
     )
 
 
-def parse_spec(data: dict[str, Any], origin: str = "fleet spec") -> FleetSpec:
-    _unknown(origin, "", data, {"worker", "gateway"})
+def _tls(origin: str, raw: Any, base: Path | None) -> TlsSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: tls: must be a table ([tls])")
+    _unknown(origin, "tls.", raw, _TLS_KEYS)
+    paths: dict[str, Path] = {}
+    for key in sorted(_TLS_KEYS & set(raw)):
+        path = Path(_text(origin, f"tls.{key}", raw[key]))
+        if base is not None and not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise ConfigError(f"{origin}: tls.{key}: no such file {str(path)!r}")
+        paths[key] = path
+    for key in ("cert", "key"):
+        if key not in paths:
+            raise ConfigError(f"{origin}: tls.{key}: missing")
+    return TlsSpec(**paths)
+
+
+def parse_spec(
+    data: dict[str, Any], origin: str = "fleet spec", *, base: Path | None = None
+) -> FleetSpec:
+    _unknown(origin, "", data, {"worker", "gateway", "tls", "fault"})
     raw_workers = data.get("worker")
     if not isinstance(raw_workers, list) or not raw_workers:
         raise ConfigError(f"{origin}: worker: needs at least one [[worker]] table")
@@ -179,4 +238,10 @@ def parse_spec(data: dict[str, Any], origin: str = "fleet spec") -> FleetSpec:
         if gw_port and gw_port in seen_ports:
             raise ConfigError(f"{origin}: gateway.port: port {gw_port} is used by a worker")
         gateway = GatewaySpec(policy=policy, port=gw_port)
-    return FleetSpec(workers=workers, gateway=gateway)
+    tls = _tls(origin, data["tls"], base) if "tls" in data else None
+    if tls is not None and gateway is not None:
+        raise ConfigError(
+            f"{origin}: tls: not with [gateway]: smg 1.13 connects to gRPC workers in plaintext"
+        )
+    faults = parse_faults(origin, data.get("fault", []), seen_names)
+    return FleetSpec(workers=workers, gateway=gateway, tls=tls, faults=faults)
