@@ -73,8 +73,9 @@ class TransferPlan:
         return cls(**{k: float(data[k]) for k in ("end_s", "time_s", "exposed_s", "bytes")})
 
 
-async def read_message(reader: asyncio.StreamReader, timeout_s: float) -> dict[str, Any]:
-    """The next line as a JSON object; ConnectionError at end of file."""
+async def read_message(reader: asyncio.StreamReader, timeout_s: float | None) -> dict[str, Any]:
+    """The next line as a JSON object (within `timeout_s`, None: no limit); ConnectionError
+    at end of file."""
     line = await asyncio.wait_for(reader.readline(), timeout_s)
     if not line.endswith(b"\n"):
         raise ConnectionError("connection closed")
@@ -105,8 +106,12 @@ class Room:
         self.plan: asyncio.Future[TransferPlan] = loop.create_future()
         self.landed: asyncio.Future[None] = loop.create_future()
         self.gone = asyncio.Event()  # the prefill half ended before the KV landed
-        self.attached = False  # a prefill half holds it
+        self.arrived = asyncio.Event()  # a prefill half holds it (its prefill may be queued)
         self.claimed = False  # a decode connection holds it
+
+    @property
+    def attached(self) -> bool:
+        return self.arrived.is_set()
 
     def fail(self, error: DisaggregationError) -> None:
         for future in (self.prefilled, self.plan, self.landed):
@@ -153,7 +158,7 @@ class BootstrapServer:
             raise InvalidRequestError(
                 f"bootstrap room {room_id} is already in use on this prefill worker"
             )
-        room.attached = True
+        room.arrived.set()
         return room
 
     def discard(self, room: Room) -> None:
@@ -197,7 +202,7 @@ class BootstrapServer:
         self, room: Room, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            prefilled = await asyncio.wait_for(asyncio.shield(room.prefilled), self.timeout_s)
+            await asyncio.wait_for(room.arrived.wait(), self.timeout_s)
         except TimeoutError:
             message = (
                 f"no prefill half of bootstrap room {room.room_id} reached the prefill worker "
@@ -205,6 +210,9 @@ class BootstrapServer:
             )
             await write_message(writer, {"error": "timeout", "message": message})
             return
+        try:
+            # However long the prefill queues: its half ends the room if it fails.
+            prefilled = await asyncio.shield(room.prefilled)
         except DisaggregationError as e:
             await write_message(writer, {"error": "lost", "message": str(e)})
             return

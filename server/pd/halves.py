@@ -46,9 +46,6 @@ from memorywall.server.pd.bootstrap import (
 from memorywall.server.pd.config import Bootstrap, DeploymentRef, PdConfig, Role
 
 CONNECT_TIMEOUT_S = 5.0
-# The decode half waits this much longer than the prefill worker's own timeout, so that in
-# the usual case it hears the prefill side's clear answer rather than a silence.
-ANSWER_MARGIN_S = 5.0
 
 
 class TransferObserver(Protocol):
@@ -179,6 +176,8 @@ class DecodeHalf(_Half):
             except BaseException:
                 self._closed = True
                 raise
+            if self._closed:
+                return None  # closed while the KV moved: nothing to decode for
             request = replace(self._request, kv_transferred=True)
             self._inner = self._engine.submit(request, arrival_s=self._plan.end_s)
         event = await self._inner.next_event()
@@ -196,7 +195,7 @@ class DecodeHalf(_Half):
         return event
 
     async def _meet(self) -> TransferPlan:
-        b, timeout_s = self._bootstrap, self._pd.config.partner_timeout_s
+        b = self._bootstrap
         where = f"{b.host}:{b.port}"
         try:
             reader, writer = await asyncio.wait_for(
@@ -210,7 +209,9 @@ class DecodeHalf(_Half):
         try:
             claimed_s = self._engine.now()
             await write_message(writer, {"room": b.room, "request_id": self.request_id})
-            answer = await read_message(reader, timeout_s + ANSWER_MARGIN_S)
+            # No limit of its own: the prefill side times out a prefill half that never came
+            # and ends the connection when its half ends; the client's deadline bounds the rest.
+            answer = await read_message(reader, None)
             if "error" in answer:
                 error = PartnerTimeoutError if answer["error"] == "timeout" else PartnerLostError
                 raise error(str(answer.get("message", answer["error"])))

@@ -130,7 +130,7 @@ async def test_halves_pair_by_room_and_ttft_is_prefill_plus_transfer_plus_a_step
     modelled_ttft_s = d_done.ttft_s - (d_done.host_stall_s - d_done.decode_host_stall_s)
     assert modelled_ttft_s == pytest.approx(p_done.ttft_s + expected.exposed_s + step, abs=1e-9)
     assert d_done.completion_tokens == 8
-    assert [t for g in d_groups for t in g.token_ids][0] == p_groups[0].token_ids[0]
+    assert d_groups[0].token_ids[0] == p_groups[0].token_ids[0]
     assert d_groups[0].times_s[0] <= d_done.ttft_s + 1e-9
     assert pd.kv_used() == (0, 0)
     assert not pd.prefill.bootstrap.rooms
@@ -249,3 +249,16 @@ async def test_decode_half_gone_mid_transfer_ends_the_prefill_half(pair):
         await prefill
     assert pd.kv_used() == (0, 0)
     assert not pd.prefill.bootstrap.rooms
+
+
+async def test_a_prefill_slower_than_the_timeout_still_pairs(pair):
+    """The timeout is for a partner that never comes, not for a long (or queued) prefill."""
+    pd = await pair(timeout_s=0.3)
+    long_prompt = request(prompt_len=20_000, max_tokens=2)  # three chunks, ~0.8 s on an h100
+    b = pd.bootstrap(room=14)
+    (_, d_done), (_, p_done) = await asyncio.gather(
+        drain(pd.decode.submit(long_prompt, b)),
+        drain(pd.prefill.submit(long_prompt, b)),
+    )
+    assert p_done.ttft_s > 2 * 0.3
+    assert d_done.completion_tokens == 2 and d_done.kv_transfer_bytes == 20_000 * 131_072
