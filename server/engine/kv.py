@@ -44,9 +44,14 @@ def extend_block_hashes(
 ) -> list[int]:
     """`hashes` (a sequence's block hashes so far) extended in place to its first
     `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens."""
-    parent = hashes[-1] if hashes else None
-    for i in range(len(hashes), full_blocks):
-        parent = hash_block_tokens(parent, token_ids(i * block_size, (i + 1) * block_size))
+    done = len(hashes)
+    if done >= full_blocks:
+        return hashes
+    # `hash_block_tokens`, inlined: a prompt's blocks are hashed on every admission.
+    parent = hashes[-1] if hashes else ROOT_HASH
+    tokens = token_ids(done * block_size, full_blocks * block_size)
+    for start in range(0, len(tokens), block_size):
+        parent = hash((parent, tokens[start : start + block_size]))
         hashes.append(parent)
     return hashes
 
@@ -168,20 +173,20 @@ class BlockPool:
             ids += range(len(refs), len(refs) + fresh)
             refs += [0] * fresh
             self.block_hashes += [None] * fresh
-        for _ in range(n - take - fresh):
-            block = self._lru.popitem(last=False)[0]
-            self._evict(block)
-            ids.append(block)
+        evict = n - take - fresh
+        if evict:
+            lru, hashes, cached = self._lru, self.block_hashes, self.cached
+            for _ in range(evict):
+                block = lru.popitem(last=False)[0]
+                block_hash = hashes[block]
+                hashes[block] = None
+                del cached[block_hash]
+                if self._subscribers:
+                    self._emit(BlockRemoved((block_hash,)))
+                ids.append(block)
         for block in ids:
             refs[block] = 1
         return ids
-
-    def _evict(self, block: int) -> None:
-        block_hash = self.block_hashes[block]
-        self.block_hashes[block] = None
-        del self.cached[block_hash]
-        if self._subscribers:
-            self._emit(BlockRemoved((block_hash,)))
 
     def release(self, block_ids: list[int]) -> None:
         """Drop one reference on each block; last-first, so a sequence's tail is evicted
