@@ -176,15 +176,15 @@ def sim_case(model: str, hw: str, prompt: int, n: int) -> dict:
     cap = capacity(gpu, wafer, prompt)
     workers = min(MAX_PREFILL_WORKERS, math.ceil(cap.decode_req_s / cap.prefill_req_s))
     fleet = PdFleet(prefill=gpu, prefill_workers=workers, decode=wafer, decode_workers=1)
-    rate = LOAD * min(cap.decode_req_s, workers * cap.prefill_req_s)
-    requests = schedule(rate, n, prompt)
-    arrivals = [t for t, _ in requests]
-    split = simulate_pd(fleet, requests)
-    transfers = [t.transfer.exposed_s for t in split if t.transfer is not None]
     # Capacity: a burst of three full decode batches per decode worker.
     batch = max(1, min(256, wafer.kv_capacity_tokens // (prompt + OUTPUT)))
     at, many = burst(3 * batch, prompt)
     split_cap = saturated_tok_s(at, [t.decode for t in simulate_pd(fleet, many)])
+    rate = LOAD * split_cap / OUTPUT
+    requests = schedule(rate, n, prompt)
+    arrivals = [t for t, _ in requests]
+    split = simulate_pd(fleet, requests)
+    transfers = [t.transfer.exposed_s for t in split if t.transfer is not None]
     rows = [
         fleet_row(
             f"split: {fleet.describe()}",

@@ -6,9 +6,9 @@ smg; streaming chat requests one at a time (`memorywall bench`'s closed loop at
 concurrency 1). The median client TTFT is set against the core's prefill of the
 uncached prompt on the GPU + the KV transfer + the wafer's first decode step; TPOT against
 the wafer's batch-1 decode steps over the request's contexts. The aggregated worker's
-TTFT over its own modelled prefill (less its host stalls) is the gateway's overhead on
-this machine; every worker's `memorywall:host_stall_seconds` tells how much modelled time
-a late-waking host cost.
+TTFT over its own modelled prefill is the gateway's overhead on this machine (host stalls
+included); every worker's `memorywall:host_stall_seconds` tells how much modelled time a
+late-waking host cost each request, first token to last.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def live_rows(
                 ttft, tpot = _measured(records)
                 modelled = [wafer_steps.step_cost(_prefill(r)).time_s for r in records]
                 reference[prompt] = {
-                    "gateway_s": float(np.median(ttft) - np.median(modelled) - stalls),
+                    "gateway_s": float(np.median(ttft) - np.median(modelled)),
                     "tpot_s": float(np.median(tpot)),
                     "stall_s": stalls,
                 }

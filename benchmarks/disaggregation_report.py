@@ -42,16 +42,16 @@ def _live(data: dict) -> list[str]:
         "(`--pd-disaggregation`, round robin), streaming chat requests one at a time",
         f"({rows[0]['requests']} per row, medians). Modelled TTFT = the core's prefill of the",
         "uncached prompt on the GPU + the transfer + the wafer's first decode step (its last",
-        "prompt token). 'gateway': smg's own share on this machine, an aggregated wafer",
-        "worker's client TTFT over its modelled prefill and its host stalls. 'stalls': the",
-        "modelled time the split's workers lost per request to a host that woke late",
+        "prompt token). 'gateway': what smg and this host add, an aggregated wafer worker's",
+        "client TTFT over its modelled prefill. 'stalls': the modelled time the split's",
+        "workers lost per request, over its whole life, to a host that woke late",
         "(`memorywall:host_stall_seconds`; the emulator is never faster than the model, so",
         "a loaded host shows there). Targets: TTFT within 5% of modelled + gateway; TPOT",
         "within 2% of the wafer's batch-1 decode steps. 'agg TPOT': the same wafer's TPOT",
         "through smg without the split, on this machine.",
         "",
         "| model | prefill | decode | prompt tok | TTFT ms | modelled ms (prefill + transfer "
-        "+ step) | gateway ms | stalls ms | TTFT gap vs modelled + gateway (+ stalls) "
+        "+ step) | gateway ms | stalls ms | TTFT gap vs modelled + gateway "
         "| TPOT ms | modelled | agg TPOT ms | TPOT gap vs modelled (vs agg) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -59,7 +59,6 @@ def _live(data: dict) -> list[str]:
     for r in rows:
         expected = r["modelled_ttft_ms"] + r["gateway_ms"]
         gap = r["ttft_ms"] / expected - 1
-        gap_stalls = r["ttft_ms"] / (expected + r["stall_ms"]) - 1
         tpot_gap = r["tpot_ms"] / r["modelled_tpot_ms"] - 1
         tpot_ref = r["tpot_ms"] / r["reference_tpot_ms"] - 1
         ttft_ok += abs(gap) <= 0.05
@@ -68,7 +67,7 @@ def _live(data: dict) -> list[str]:
             f"| {r['model']} | {r['prefill_hw']} | {r['decode_hw']} | {r['prompt_tokens']:,.0f} "
             f"| {r['ttft_ms']:,.2f} | {r['modelled_ttft_ms']:,.2f} ({r['prefill_ms']:,.2f} + "
             f"{r['transfer_ms']:,.2f} + {r['first_step_ms']:.2f}) | {r['gateway_ms']:.2f} | "
-            f"{r['stall_ms']:.2f} | {gap:+.1%} ({gap_stalls:+.1%}) | {r['tpot_ms']:.3f} | "
+            f"{r['stall_ms']:.2f} | {gap:+.1%} | {r['tpot_ms']:.3f} | "
             f"{r['modelled_tpot_ms']:.3f} | {r['reference_tpot_ms']:.3f} | "
             f"{tpot_gap:+.1%} ({tpot_ref:+.1%}) |"
         )
@@ -88,8 +87,8 @@ def _sim(data: dict) -> list[str]:
         "Virtual clock (`server/pd/offline.py`): the same engines as the live workers, round",
         "robin. The split fleet has one decode worker and as many prefill workers as keep",
         "its decode fed (the core's prefill and decode capacities; at most 48). Offered load:",
-        f"Poisson at {c['load']:.0%} of the split fleet's capacity, {c['output']} output tokens "
-        "per request; the",
+        f"Poisson at {c['load']:.0%} of the split fleet's simulated capacity, {c['output']} "
+        "output tokens per request; the",
         "same schedule on every fleet. Aggregated fleets of the same device count and of the",
         "same rated power (TDP; a CS-3 is 23 kW) serve whole requests. TTFT and TPOT: at",
         "that offered load. Capacity (tok/s, per device, per kW): output tokens per second of",
@@ -117,45 +116,61 @@ def _sim(data: dict) -> list[str]:
     return lines
 
 
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}} to {hi:{fmt}}"
+
+
 def _verdict(data: dict) -> list[str]:
-    """Where the split pays and where it does not, read off the simulated rows."""
+    """Where the split pays and where it does not, read off the rows below."""
     lines = [
         "## Where the split pays, and where the link eats the gain",
         "",
-        "Against the aggregated fleets of the same power (section 3): capacity per kW, and",
-        "median TTFT and TPOT at the same offered load.",
+        "Read off sections 1 and 3: the split fleet against the aggregated fleets of the",
+        "same rated power, capacity per kW (saturated) and median TTFT and TPOT at the same",
+        "offered load.",
         "",
     ]
+    by_kind: dict[str, list[tuple[str, float, float, float]]] = {"wse-3": [], "GPU": []}
+    shares = []
     for case in data["sim"]:
         split = case["rows"][0]
+        name = f"{case['model']} {case['prompt']:,}-token prompts, {case['prefill_hw']} prefill"
         for rival in (r for r in case["rows"][1:] if r["fleet"].startswith("same power")):
-            per_kw = split["tok_s_per_kw"] / rival["tok_s_per_kw"] - 1
-            ttft = (split["ttft_p50_ms"] or 0) / (rival["ttft_p50_ms"] or float("inf"))
-            tpot = (split["tpot_ms"] or 0) / (rival["tpot_ms"] or float("inf"))
-            lines.append(
-                f"- {case['model']}, {case['prefill_hw']} prefill, {case['prompt']:,}-token "
-                f"prompts, against {rival['fleet'].removeprefix('same power: ')}: capacity per "
-                f"kW {per_kw:+.0%}, median TTFT {ttft:.2f}x, TPOT {tpot:.2f}x"
-                + (f" ({rival['failed']} of its requests failed)" if rival["failed"] else "")
-                + "."
+            kind = "wse-3" if rival["fleet"].endswith("wse-3") else "GPU"
+            by_kind[kind].append(
+                (
+                    name,
+                    split["tok_s_per_kw"] / rival["tok_s_per_kw"] - 1,
+                    (split["ttft_p50_ms"] or 0) / (rival["ttft_p50_ms"] or float("inf")),
+                    (split["tpot_ms"] or 0) / (rival["tpot_ms"] or float("inf")),
+                )
             )
-        share = split["transfer_ms"] / split["ttft_p50_ms"] if split["ttft_p50_ms"] else None
+        if split["ttft_p50_ms"]:
+            shares.append(split["transfer_ms"] / split["ttft_p50_ms"])
+    for kind, label in (("GPU", "GPUs alone"), ("wse-3", "wafers alone")):
+        rows = by_kind[kind]
+        if not rows:
+            continue
+        pays = [f"{n} ({k:+.0%})" for n, k, _, _ in rows if k > 0]
         lines.append(
-            f"  The transfer is {_f(None if share is None else share * 100, '.0f')}% of the "
-            "split's median TTFT."
+            f"- Against {label}: capacity per kW {_span([r[1] for r in rows], '+.0%')}; "
+            f"median TTFT {_span([r[2] for r in rows], '.2f')}x theirs; TPOT "
+            f"{_span([r[3] for r in rows], '.2f')}x theirs. The split holds more capacity per "
+            f"kW in {len(pays)} of {len(rows)} cases" + (f": {'; '.join(pays)}." if pays else ".")
         )
     link = data["link"]
-    if link:
-        worst = max(link, key=lambda r: r["transfer_share"])
-        lines += [
-            "",
-            f"- The link's share of the split's TTFT grows with the prompt only as fast as the "
-            f"GPU's prefill does (both linear in tokens, until attention makes prefill "
-            f"quadratic): at most {worst['transfer_share']:.0%} here ({worst['model']}, "
-            f"{worst['prefill_hw']}, {worst['prompt']:,} tokens, {worst['link']}). What eats "
-            "the gain is the GPU's prefill itself: the wafer prefills the same prompt in a "
-            "fraction of the time (section 1), so for TTFT the split only adds.",
-        ]
+    if link and shares:
+        slower = [(r["gpu_prefill_ms"] + r["transfer_ms"]) / r["wafer_prefill_ms"] for r in link]
+        link_share = _span([r["transfer_share"] * 100 for r in link], ".0f")
+        prompts = _span([float(r["prompt"]) for r in link], ",.0f")
+        lines.append(
+            f"- The link: the transfer is {_span([x * 100 for x in shares], '.0f')}% of the "
+            f"split's median TTFT in section 3, and {link_share}% of GPU prefill + transfer "
+            f"for prompts of {prompts} tokens (section 1). GPU prefill + transfer takes "
+            f"{_span(slower, '.1f')}x as long as the wafer prefilling the prompt itself: what "
+            "eats the split's TTFT is the GPU's prefill; the link adds the smaller part."
+        )
     return lines
 
 
