@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
 
 from memorywall.core import Placement, Precision, load_hardware, load_model, plan_deployment
 from memorywall.core.deployment import Deployment
 from memorywall.core.kv_transfer import LinkKind
-from memorywall.errors import ConfigError, DisaggregationError, MemorywallError
+from memorywall.errors import ConfigError, DisaggregationError
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's, and what smg assumes when a prefill URL names none
 
@@ -69,11 +69,12 @@ class DeploymentRef:
     @classmethod
     def from_dict(cls, data: Any) -> DeploymentRef:
         try:
-            ref = cls(**data)
-            ref.build()
-        except (TypeError, ValueError, MemorywallError) as e:
-            raise DisaggregationError(f"the prefill worker's deployment is unusable: {e}") from e
-        return ref
+            return cls(**{k: data[k] for k in _REF_FIELDS})
+        except (TypeError, KeyError) as e:
+            raise DisaggregationError(f"bad deployment from the prefill worker: {e}") from e
+
+
+_REF_FIELDS = tuple(f.name for f in fields(DeploymentRef))
 
 
 @dataclass(frozen=True, kw_only=True)

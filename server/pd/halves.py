@@ -350,8 +350,11 @@ class Disaggregation:
         `overlap`: whether `--kv-layer-overlap` may hide part of it behind the prefill."""
         ref = prefilled.deployment
         prefill = self._prefill_deployments.get(ref)
-        if prefill is None:
-            prefill = self._prefill_deployments[ref] = ref.build()
+        if prefill is None:  # built once per prefill deployment: it reads profile files
+            try:
+                prefill = self._prefill_deployments[ref] = ref.build()
+            except MemorywallError as e:
+                raise DisaggregationError(f"the prefill worker's deployment: {e}") from None
         if prefill.model.name != self.deployment.model.name:
             raise DisaggregationError(
                 f"the prefill worker serves {prefill.model.name}, this decode worker "
