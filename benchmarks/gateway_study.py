@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.gateway_faults import section_in, write_section
 from memorywall.core import (
     Batch,
     PrefillChunk,
@@ -396,7 +397,10 @@ def main() -> int:
     text = report(data)
     print(text)
     if args.out:
+        kept = section_in(args.out)  # benchmarks/gateway_faults.py's section stays
         args.out.write_text(text)
+        if kept is not None:
+            write_section(args.out, kept)
     return 0
 
 

@@ -48,6 +48,7 @@ class GatewayReady:
     url: str  # OpenAI API base URL
     policy: str
     pid: int
+    metrics_url: str | None = None  # smg's Prometheus endpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,7 +226,10 @@ class Fleet:
             if gw_url is None:
                 return 0 if self.stop.is_set() else 1
             gateway = GatewayReady(
-                url=gw_url, policy=self.spec.gateway.policy, pid=self.children[-1].proc.pid
+                url=gw_url,
+                policy=self.spec.gateway.policy,
+                pid=self.children[-1].proc.pid,
+                metrics_url=f"http://127.0.0.1:{self.gateway_metrics_port}/metrics",
             )
             self.say(
                 f"gateway: smg ({gateway.policy}) at {gw_url} "
@@ -299,7 +303,9 @@ class Fleet:
         port = gw.port or free_port()
         cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+        self.gateway_metrics_port = free_port()
+        cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port"]
+        cmd += [str(self.gateway_metrics_port), *gw.args]
         child = self._spawn(GATEWAY_LOG, cmd)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.startup_timeout_s

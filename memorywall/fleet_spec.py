@@ -35,7 +35,7 @@ _WORKER_KEYS = {
 _TLS_KEYS = {"cert", "key", "client_ca", "ca"}
 # Disaggregated serving: a fleet of prefill and decode workers, behind smg's PD mode.
 ROLES = ("both", "prefill", "decode")
-_GATEWAY_KEYS = {"policy", "port"}
+_GATEWAY_KEYS = {"policy", "port", "args"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class WorkerSpec:
 class GatewaySpec:
     policy: str = "cache_aware"
     port: int = 30000  # 0: any free port
+    args: tuple[str, ...] = ()  # more `smg launch` options (retries, circuit breaker, ...)
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,10 @@ def parse_spec(
         gw_port = _port(origin, "gateway.port", raw.get("port", GatewaySpec.port))
         if gw_port and gw_port in seen_ports:
             raise ConfigError(f"{origin}: gateway.port: port {gw_port} is used by a worker")
-        gateway = GatewaySpec(policy=policy, port=gw_port)
+        args = raw.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+            raise ConfigError(f"{origin}: gateway.args: must be a list of strings")
+        gateway = GatewaySpec(policy=policy, port=gw_port, args=tuple(args))
     tls = _tls(origin, data["tls"], base) if "tls" in data else None
     if tls is not None and gateway is not None:
         raise ConfigError(

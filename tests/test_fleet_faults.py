@@ -149,3 +149,10 @@ def test_tls_or_a_key_with_a_gateway_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMORYWALL_API_KEY", "sk-x")
     with pytest.raises(ConfigError, match="smg sends no API key"):
         fleet.run(fleet_spec.parse_spec(_spec(WORKER, gateway={})), tmp_path)
+
+
+def test_gateway_args_pass_smg_options():
+    spec = fleet_spec.parse_spec(_spec(WORKER, gateway={"args": ["--disable-retries"]}))
+    assert spec.gateway.args == ("--disable-retries",)
+    with pytest.raises(ConfigError, match=r"gateway\.args: must be a list of strings"):
+        fleet_spec.parse_spec(_spec(WORKER, gateway={"args": "--disable-retries"}))
