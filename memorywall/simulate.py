@@ -54,6 +54,7 @@ class LevelRun:
     cpu_s: float  # this process's CPU time for it: the host's own cost, were it not shared
     steps: int
     tokens: int  # generated, warm-ups included
+    preemptions: int
     energy_j: float  # modelled energy of every step, warm-ups included
 
     @property
@@ -194,12 +195,18 @@ def fill_record(record: RequestRecord, timeline: Timeline) -> None:
 
 
 def simulate_level(
-    deployment: Deployment, engine_config: EngineConfig, config: BenchConfig, level: Level
+    deployment: Deployment,
+    engine_config: EngineConfig,
+    config: BenchConfig,
+    level: Level,
+    *,
+    fast: bool = True,
 ) -> LevelRun:
-    """Run one level of `config` on a fresh engine for `deployment`."""
+    """Run one level of `config` on a fresh engine for `deployment`; `fast=False` steps
+    every decode step one at a time (the same result, slower)."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     core, card = build_core(deployment, engine_config)
-    engine = OfflineEngine(core)
+    engine = OfflineEngine(core, fast=fast)
     driver = _LevelDriver(config, level, engine)
     driver.start()
     engine0 = time.perf_counter()
@@ -220,6 +227,7 @@ def simulate_level(
         cpu_s=time.process_time() - cpu0,
         steps=core.counters.steps,
         tokens=core.counters.tokens_generated,
+        preemptions=core.counters.preemptions,
         energy_j=core.counters.energy_j,
     )
 

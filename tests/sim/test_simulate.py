@@ -13,7 +13,14 @@ import pytest
 from memorywall.cli import main
 from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.loadgen.bench import BenchConfig, Level
-from memorywall.loadgen.workload import Fixed, SyntheticWorkload, TraceWorkload
+from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
+from memorywall.loadgen.workload import (
+    Fixed,
+    LogNormal,
+    SyntheticWorkload,
+    TraceWorkload,
+    Uniform,
+)
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.simulate import simulate_level
 
@@ -166,3 +173,32 @@ def test_bad_flags_are_one_line_errors_with_exit_2(argv: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("memorywall: error: ")
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+SHAPES = {
+    "open loop, capped, shared prefixes": dict(
+        workload=SharedPrefixWorkload(3, 128, Uniform(600, 0.5), Uniform(60, 0.9)),
+        request_rates=(2000.0,),
+        max_concurrency=120,
+        num_prompts=300,
+    ),
+    "closed loop, natural ends": dict(
+        workload=SyntheticWorkload(LogNormal(400, 0.8), Uniform(80, 0.9)), num_prompts=300
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_path_gives_the_same_files_as_stepping(shape: str) -> None:
+    """End to end through the load generator's rules, with KV pressure: 120 users on a
+    deployment with ~53k tokens of KV preempt."""
+    kw = SHAPES[shape]
+    level = Level("x", 120, kw.get("request_rates", (None,))[0])
+    tight = plan_deployment(load_hardware("wse-3"), load_model("llama-3.1-70b"))
+    engine = EngineConfig(max_num_batched_tokens=4096)
+    fast = simulate_level(tight, engine, config(**kw), level, fast=True)
+    slow = simulate_level(tight, engine, config(**kw), level, fast=False)
+    assert fast.result == slow.result
+    assert [r.as_dict() for r in fast.records] == [r.as_dict() for r in slow.records]
+    assert fast.steps == slow.steps
+    assert fast.preemptions == slow.preemptions > 0
