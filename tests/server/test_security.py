@@ -166,8 +166,8 @@ async def test_openai_client_over_https_with_the_key(secured, pki):
             stream=True,
             extra_body={"ignore_eos": True},
         )
-        words = [c.choices[0].delta.content async for c in stream if c.choices]
-        assert len([w for w in words if w]) == 3
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert len(text.split()) == 3  # one word a token; chunks may carry several
 
 
 async def test_http_answers_401_with_an_openai_error_without_the_key(secured, pki):
