@@ -55,7 +55,7 @@ __all__ = [
 PRUNE_FRACTION = 0.5
 # Requests per level, at least this many times the batch limit (or the users): the batch
 # fills and drains more than once, so the run reaches a steady state.
-FILLS = 3
+FILLS = 2
 # Open loop: arrivals span at least this many median request times (more requests if
 # not, up to MAX_PROMPTS), so the middle of the run is past the fill.
 SPAN_E2E, MAX_PROMPTS = 4.0, 16384

@@ -14,8 +14,8 @@ from memorywall.loadgen.slo import Slo
 SATURATED_GAIN = 1.05  # a doubling of load that adds less goodput than this has saturated
 FLOOR_FRACTION = 1 / 64  # the lightest load tried, as a share of the starting load
 MAX_DOUBLINGS = 8
-# Open loop: a queue that grows by more than this from the middle arrival to the last
-# means the load was not sustained (see `kept_up`).
+# Open loop: a queue that grows by more than this from the second quarter of the run to
+# the last means the load was not sustained (see `kept_up`).
 QUEUE_GROWTH, QUEUE_SLACK = 1.2, 8
 PERCENTILE = "p99"
 
@@ -69,17 +69,22 @@ def in_flight(records: Sequence[RequestRecord]) -> tuple[list[int], list[int], i
 
 
 def kept_up(sent: Sequence[int], done: Sequence[int]) -> bool:
-    """Open loop: requests in flight at the last arrival are not many more than at the
-    middle one. A run of finitely many requests can end before an overload's queue pushes
-    TTFT past its bound; a queue still growing at the end gives the overload away."""
-    if len(sent) < 4:
+    """Open loop: requests in flight, averaged over the arrivals of the last quarter of the
+    run, are not many more than over the second quarter. A run of finitely many requests
+    can end before an overload's queue pushes TTFT past its bound; a queue still growing
+    gives the overload away. Averaging over a quarter's arrivals smooths the Poisson
+    swings of a steady state (single instants swing by half)."""
+    n = len(sent)
+    if n < 8:
         return True
 
-    def at(t: int) -> int:
-        return bisect.bisect_right(sent, t) - bisect.bisect_right(done, t)
+    def mean_at(times: Sequence[int]) -> float:
+        return sum(
+            bisect.bisect_right(sent, t) - bisect.bisect_right(done, t) for t in times
+        ) / len(times)
 
-    mid, last = at(sent[len(sent) // 2]), at(sent[-1])
-    return last <= QUEUE_GROWTH * mid + QUEUE_SLACK
+    second, last = mean_at(sent[n // 4 : n // 2]), mean_at(sent[3 * n // 4 :])
+    return last <= QUEUE_GROWTH * second + QUEUE_SLACK
 
 
 def search_load(run: Callable[[float], Trial], start: float, integer: bool, tol: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from memorywall.core import Precision, load_hardware, load_model, plan_deployment, predict
@@ -104,6 +105,17 @@ def test_kept_up_spots_a_growing_queue():
     backlog = [t + 50 + 2 * i * 10 for i, t in enumerate(sent)]  # served at half the rate
     assert kept_up(sent, sorted(steady))
     assert not kept_up(sent, sorted(backlog))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kept_up_does_not_mistake_poisson_swings_for_a_queue(seed):
+    """A steady state (every request served in the same time) swings in flight by half
+    from instant to instant; the check must not call that an overload."""
+    rng = np.random.default_rng(seed)
+    sent = np.cumsum(rng.exponential(1e7, 512)).astype(np.int64)  # 100 req/s
+    done = sent + 400_000_000  # 0.4 s each: ~40 in flight
+    assert kept_up(list(sent), list(done))
+    assert not kept_up(list(sent), sorted(sent + 400_000_000 + 2 * (sent - sent[0]) // 10))
 
 
 def test_json_document_shape_and_same_seed_same_document(tmp_path):
