@@ -179,7 +179,7 @@ def sim_case(model: str, hw: str, prompt: int, n: int) -> dict:
     # Capacity: a burst of three full decode batches per decode worker.
     batch = max(1, min(256, wafer.kv_capacity_tokens // (prompt + OUTPUT)))
     at, many = burst(3 * batch, prompt)
-    split_cap = saturated_tok_s(at, [t.decode for t in simulate_pd(fleet, many)])
+    split_cap = saturated_tok_s(at, [t.timeline for t in simulate_pd(fleet, many)])
     rate = LOAD * split_cap / OUTPUT
     requests = schedule(rate, n, prompt)
     arrivals = [t for t, _ in requests]
@@ -190,7 +190,7 @@ def sim_case(model: str, hw: str, prompt: int, n: int) -> dict:
             f"split: {fleet.describe()}",
             fleet.devices,
             fleet.power_w,
-            metrics(arrivals, [t.decode for t in split]),
+            metrics(arrivals, [t.timeline for t in split]),
             split_cap,
             transfer_ms=1e3 * float(np.mean(transfers)),
         )

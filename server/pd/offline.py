@@ -1,28 +1,23 @@
-"""Disaggregated serving on a virtual clock: x prefill engines, y decode engines, one link.
+"""Split and aggregated fleets on a virtual clock, for a given schedule of requests.
 
-The live path in one pass, without sockets or sleeping: each request prefills on
-a prefill engine (a one-token request, as `halves.PrefillHalf` submits it), its
-KV crosses the link (`core.kv_transfer`, from the prefill's end), and it decodes
-on a decode engine from the moment the KV lands, with its prompt's KV in place
-(`Request.kv_transferred`). Requests go to workers round robin, as smg's
-`round_robin` policy sends them. A prefill worker's work never waits on the
-decode side (it frees its KV when the prefill ends), so every prefill engine runs
-first and then every decode engine: exact for an open-loop schedule.
-
-`simulate_aggregated` runs the same requests on workers that serve both phases,
-so a split and an aggregated fleet are compared on one code path.
+`PdFleet` names a split fleet: x prefill workers, y decode workers, the link.
+`simulate_pd` runs requests through it (`cosim.PdOfflineEngine`: the live path
+without sockets or sleeping, workers round robin as smg's `round_robin` sends
+them); `simulate_aggregated` runs the same requests on workers that serve both
+phases, so the two are compared on one code path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from memorywall.core.deployment import Deployment
-from memorywall.core.kv_transfer import KvTransfer, LinkKind, kv_link, kv_transfer
+from memorywall.core.kv_transfer import KvTransfer, LinkKind
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import OfflineEngine, Timeline
 from memorywall.server.engine.scheduler import EngineConfig, Request
+from memorywall.server.pd.cosim import PdOfflineEngine
 
 __all__ = ["PdFleet", "PdTimeline", "simulate_aggregated", "simulate_pd"]
 
@@ -63,61 +58,37 @@ class PdFleet:
 
 @dataclass(frozen=True, kw_only=True)
 class PdTimeline:
-    """One request through the split fleet; `decode` holds its tokens (its `arrival_s` is
-    when the KV landed), `arrival_s` when it reached the fleet."""
+    """One request through the split fleet: what its client sees, and its prefill side."""
 
-    arrival_s: float
-    prefill_end_s: float
-    transfer: KvTransfer | None  # None: refused by the prefill worker (`decode.error`)
-    decode: Timeline
+    timeline: Timeline  # from its arrival at the fleet to its last token
+    prefill_end_s: float | None  # None: refused by the prefill worker (`timeline.error`)
+    transfer: KvTransfer | None
+
+    @property
+    def landed_s(self) -> float | None:
+        """When its KV reached the decode worker."""
+        if self.prefill_end_s is None or self.transfer is None:
+            return None
+        return self.prefill_end_s + self.transfer.exposed_s
 
 
 def simulate_pd(fleet: PdFleet, requests: Sequence[tuple[float, Request]]) -> list[PdTimeline]:
     """Run `(arrival_s, request)` pairs through `fleet`; one timeline each, in order."""
-    prefills = [
-        OfflineEngine(build_core(fleet.prefill, fleet.engine)[0])
-        for _ in range(fleet.prefill_workers)
-    ]
-    for i, (arrival_s, r) in enumerate(requests):
-        prefill = replace(r, max_tokens=1, min_tokens=0)
-        prefills[i % len(prefills)].submit(prefill, arrival_s)
-    for engine in prefills:
-        engine.run()
-    link = kv_link(fleet.prefill, fleet.decode, fleet.link)
-    decodes = [
-        OfflineEngine(build_core(fleet.decode, fleet.engine)[0])
-        for _ in range(fleet.decode_workers)
-    ]
-    transfers: list[tuple[float, KvTransfer | None]] = []
-    refused: dict[int, Timeline] = {}
-    for i, (arrival_s, r) in enumerate(requests):
-        p = _timeline(prefills[i % len(prefills)], r.request_id)
-        if p.error is not None:
-            refused[i] = p  # as the live prefill half ends: at arrival, with its error
-            transfers.append((arrival_s, None))
-            continue
-        end_s = p.first_token_s
-        prefill_s = end_s - (p.first_scheduled_s or p.arrival_s)
-        t = kv_transfer(
-            fleet.prefill,
-            link,
-            len(r.prompt_ids),
-            prefill_s=prefill_s,
-            layer_overlap=fleet.layer_overlap,
+    engine = PdOfflineEngine(fleet)
+    for arrival_s, r in requests:
+        engine.submit(r, arrival_s)
+    engine.run()
+    out = []
+    for _, r in requests:
+        phase = engine.phases[r.request_id]
+        out.append(
+            PdTimeline(
+                timeline=engine.timelines[r.request_id],
+                prefill_end_s=phase.prefill_end_s,
+                transfer=phase.transfer,
+            )
         )
-        decodes[i % len(decodes)].submit(replace(r, kv_transferred=True), end_s + t.exposed_s)
-        transfers.append((end_s, t))
-    for engine in decodes:
-        engine.run()
-    return [
-        PdTimeline(
-            arrival_s=arrival_s,
-            prefill_end_s=end_s,
-            transfer=t,
-            decode=refused.get(i) or _timeline(decodes[i % len(decodes)], r.request_id),
-        )
-        for i, ((arrival_s, r), (end_s, t)) in enumerate(zip(requests, transfers, strict=True))
-    ]
+    return out
 
 
 def simulate_aggregated(
