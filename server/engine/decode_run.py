@@ -64,9 +64,10 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         r = seq.request
         if r.stop_token_ids and not r.ignore_eos:
             return None
-        steps = min(steps, seq.stop_at - done - 1)  # its last token is for `complete`
-    if steps < MIN_STEPS:
-        return None
+        left = seq.stop_at - done - 1  # its last token is for `complete`
+        if left < MIN_STEPS:
+            return None  # checked as it goes: a busy batch usually has one about to end
+        steps = min(steps, left)
     horizon_s = math.inf if full else admit_by_s
     if horizon_s <= start_s:
         return None
