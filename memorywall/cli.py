@@ -193,9 +193,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from memorywall.loadgen.cli import BenchError
     from memorywall.simulate_cli import run
+    from memorywall.simulate_pd import fleet_from_args
 
+    deployment, engine_config = deployment_from_args(args), engine_config_from_args(args)
     try:
-        return run(args, deployment_from_args(args), engine_config_from_args(args))
+        fleet = fleet_from_args(args, deployment, engine_config)
+        return run(args, deployment, engine_config, fleet=fleet)
     except BenchError as e:
         raise _UsageError(str(e)) from None
 
@@ -507,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memorywall.loadgen.options import add_load_arguments
 
     add_load_arguments(p)
+    from memorywall.simulate_pd import add_arguments as add_pd_arguments
+
+    add_pd_arguments(p)
     p.set_defaults(func=_cmd_simulate, label="sim")
 
     p = sub.add_parser(

@@ -16,18 +16,32 @@ from memorywall.core import Deployment
 from memorywall.loadgen.bench import levels, machine, write_level
 from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.pd.offline import PdFleet
 from memorywall.simulate import LevelRun, simulate_level
 
 WALL_TIME = "wall_time.json"
 
 
-def run(args: argparse.Namespace, deployment: Deployment, engine_config: EngineConfig) -> int:
-    """Simulate every level; raises `loadgen.cli.BenchError` for bad load options."""
+def run(
+    args: argparse.Namespace,
+    deployment: Deployment,
+    engine_config: EngineConfig,
+    *,
+    fleet: PdFleet | None = None,
+) -> int:
+    """Simulate every level (on the split `fleet` when one is given, `simulate_pd`); raises
+    `loadgen.cli.BenchError` for bad load options."""
+    from memorywall.simulate_pd import simulate_pd_level
+
     workload, slo = workload_from_args(args)
-    config = sweep_config(args, workload, slo, target=deployment.describe())
+    target = deployment.describe() if fleet is None else fleet.describe()
+    config = sweep_config(args, workload, slo, target=target)
     runs = []
     for level in levels(config):
-        lr = simulate_level(deployment, engine_config, config, level)
+        if fleet is None:
+            lr = simulate_level(deployment, engine_config, config, level)
+        else:
+            lr = simulate_pd_level(fleet, config, level)
         runs.append(lr)
         print(format_result(lr.result), flush=True)
         print(f"  {speed_line(lr)}", flush=True)

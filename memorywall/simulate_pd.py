@@ -1,0 +1,107 @@
+"""`memorywall simulate` on a disaggregated deployment: prefill and decode pools, one link.
+
+With `--prefill-hardware`, the deployment that `--hardware`/`--model`/`--devices` name
+becomes the decode pool (`--decode-workers` of it) and `--prefill-workers` workers of
+`--prefill-hardware` x `--prefill-devices` prefill for it, the KV crossing `--kv-link`.
+Each level runs on `server.pd.cosim.PdOfflineEngine`, released by the same rules as
+an aggregated level (`memorywall.simulate`), and writes the same result files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from memorywall.argtypes import positive_int
+from memorywall.core import load_hardware, plan_deployment
+from memorywall.core.deployment import Deployment
+from memorywall.core.kv_transfer import parse_link
+from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, summarise
+from memorywall.loadgen.metrics import compute_metrics
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.pd.cosim import PdOfflineEngine
+from memorywall.server.pd.offline import PdFleet
+
+# The bench runner's release rules, as an aggregated simulation applies them: one way.
+from memorywall.simulate import LevelRun, _LevelDriver
+
+__all__ = ["add_arguments", "fleet_from_args", "simulate_pd_level"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "disaggregated deployment (the deployment above becomes the decode pool)"
+    )
+    g.add_argument("--prefill-hardware", help="prefill pool's hardware: turns disaggregation on")
+    g.add_argument(
+        "--prefill-devices", type=positive_int, help="devices per prefill worker (default: fewest)"
+    )
+    g.add_argument("--prefill-workers", type=positive_int, default=1, help="prefill workers (x)")
+    g.add_argument("--decode-workers", type=positive_int, default=1, help="decode workers (y)")
+    g.add_argument(
+        "--kv-link",
+        default="nic",
+        metavar="nvlink|nic|GBPS",
+        help="the link between the pools: nvlink, nic (each side's external I/O) or GB/s",
+    )
+    g.add_argument(
+        "--kv-layer-overlap",
+        action="store_true",
+        help="send layer i's KV while layer i+1 prefills",
+    )
+
+
+def fleet_from_args(
+    args: argparse.Namespace, decode: Deployment, engine: EngineConfig
+) -> PdFleet | None:
+    """The split fleet the options name, or None without `--prefill-hardware`."""
+    if args.prefill_hardware is None:
+        return None
+    prefill = plan_deployment(
+        load_hardware(args.prefill_hardware),
+        decode.model,
+        devices=args.prefill_devices,
+        weight_precision=decode.weight_precision,
+        kv_precision=decode.kv_precision,
+    )
+    return PdFleet(
+        prefill=prefill,
+        prefill_workers=args.prefill_workers,
+        decode=decode,
+        decode_workers=args.decode_workers,
+        link=parse_link(args.kv_link),
+        layer_overlap=args.kv_layer_overlap,
+        engine=engine,
+    )
+
+
+def simulate_pd_level(fleet: PdFleet, config: BenchConfig, level: Level) -> LevelRun:
+    """One level of `config` on a fresh split fleet."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    engine = PdOfflineEngine(fleet)
+    driver = _LevelDriver(config, level, engine)
+    driver.start()
+    engine0 = time.perf_counter()
+    engine.run()
+    engine_s = time.perf_counter() - engine0
+    records = list(driver.records.values())
+    # Named by the fleet; no one profile to predict from, so the prediction columns stay empty.
+    facts = ServerFacts(
+        hardware=fleet.describe(), model=fleet.decode.model.name, devices=fleet.devices,
+        emulated=True,
+    )  # fmt: skip
+    metrics = compute_metrics(records, slo=config.slo)
+    result = summarise(config, level, facts, metrics, [], simulated=True)
+    steps, tokens, preemptions, energy_j = engine.counters()
+    return LevelRun(
+        result=result,
+        records=records,
+        modelled_s=engine.now_s,
+        wall_s=time.perf_counter() - wall0,
+        engine_s=engine_s,
+        cpu_s=time.process_time() - cpu0,
+        steps=steps,
+        tokens=tokens,
+        preemptions=preemptions,
+        energy_j=energy_j,
+    )
