@@ -22,6 +22,7 @@ from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.pd import Bootstrap, Disaggregation, PdConfig, Role
 from memorywall.server.pd.metrics import KvTransferMetrics
+from memorywall.server.pd.offline import PdFleet, simulate_pd
 
 TIMEOUT_S = 20.0
 PROMPT = 1000
@@ -129,6 +130,11 @@ async def test_halves_pair_by_room_and_ttft_is_prefill_plus_transfer_plus_a_step
     # A host stall on the decode worker (a loaded machine) moves its timeline later, counted.
     modelled_ttft_s = d_done.ttft_s - (d_done.host_stall_s - d_done.decode_host_stall_s)
     assert modelled_ttft_s == pytest.approx(p_done.ttft_s + expected.exposed_s + step, abs=1e-9)
+    # Live and simulated agree: the offline split fleet gives the same first token.
+    fleet = PdFleet(prefill=h100_8b, prefill_workers=1, decode=wse3_8b, decode_workers=1, link=10.0)
+    (offline,) = simulate_pd(fleet, [(0.0, request())])
+    p_stall_s = p_done.host_stall_s - p_done.decode_host_stall_s
+    assert modelled_ttft_s - p_stall_s == pytest.approx(offline.timeline.first_token_s, abs=1e-9)
     assert d_done.completion_tokens == 8
     assert d_groups[0].token_ids[0] == p_groups[0].token_ids[0]
     assert d_groups[0].times_s[0] <= d_done.ttft_s + 1e-9
