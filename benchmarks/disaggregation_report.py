@@ -206,5 +206,8 @@ def report(data: dict) -> str:
         "  the link's full rate. Under heavy load that flatters the split.",
         "- One run per row (seed 0); the load generator and every process share this",
         "  machine's CPUs.",
+        "- Other splits, loads and workloads: `memorywall simulate --hardware wse-3 --model M",
+        "  --prefill-hardware h100-sxm --prefill-workers X --decode-workers Y --kv-link nic`",
+        "  with any of bench's load options writes bench's result files for a split fleet.",
     ]
     return "\n".join(lines) + "\n"
