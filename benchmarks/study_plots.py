@@ -51,24 +51,28 @@ def users_grid(data: dict, models, sim_value, live_value, ylabel: str, path: Pat
             ax.plot(*zip(*pts, strict=True), "-o", ms=3, color=colour, label=f"{hw}: simulated")
             xs += [p[0] for p in pts]
             ys += [p[1] for p in pts]
-            live = [(s["users"], live_value(s)) for s in by(spots, model, hw) if live_value]
-            live = [p for p in live if p[1]]
-            if live:
-                ax.plot(
-                    *zip(*live, strict=True),
-                    "o",
-                    ms=8,
-                    mfc="none",
-                    color=colour,
-                    label=f"{hw}: live",
-                )
-                ys += [p[1] for p in live]
+            for suspect, marker, name in ((False, "o", "live"), (True, "x", "live, suspect")):
+                live = [
+                    (s["users"], live_value(s))
+                    for s in by(spots, model, hw)
+                    if live_value and bool(s["suspect"]) == suspect and live_value(s)
+                ]
+                if live:
+                    ax.plot(
+                        *zip(*live, strict=True),
+                        marker,
+                        ms=8,
+                        mfc="none",
+                        color=colour,
+                        label=f"{hw}: {name}",
+                    )
+                    ys += [p[1] for p in live]
         ax.set_title(model)
         level_axis(ax, xs, "concurrent users")
         plain_log_axis(ax, "y", ys)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)  # the first model has every backend's spot checks
     _save(fig, path, title)
 
 

@@ -175,16 +175,29 @@ def _plan_lines(data) -> list[str]:
 
 
 def _spot_lines(data) -> list[str]:
+    out = []
+    spots = [
+        s for s in data["spot_checks"] if s["live_mean_tpot_ms"] and s["live_modelled_tpot_ms"]
+    ]
+    if spots:
+        gap = max(abs(s["live_mean_tpot_ms"] / s["live_modelled_tpot_ms"] - 1) for s in spots)
+        drift = max(abs(s["live_modelled_tpot_ms"] / s["sim_mean_tpot_ms"] - 1) for s in spots)
+        out.append(
+            f"- **Live, the client's TPOT follows the server's own timeline within {gap:.2%} "
+            f"in every spot check; that timeline is up to {drift:.1%} from the simulation** "
+            "where the live server's host started steps late (the machine was shared)."
+        )
     kept = [s for s in data["spot_checks"] if not s["suspect"] and s["tpot_error"] is not None]
     if not kept:
-        return []
+        return out
     worst = max(kept, key=lambda s: abs(s["tpot_error"]))
-    return [
+    out.append(
         f"- **Live and simulated agree on TPOT within {abs(worst['tpot_error']):.2%}** over "
         f"the {_count(len(kept), 'spot check')} where neither the client nor the server's "
         f"host fell behind (worst: {worst['model']} on {worst['hardware']} at "
         f"{_count(worst['users'], 'user')})."
-    ]
+    )
+    return out
 
 
 def reading(data, breakdown, context, placement, context_model) -> list[str]:

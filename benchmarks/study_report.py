@@ -42,7 +42,10 @@ def breakdown_context(data: dict) -> int:
 
 def write(data: dict, out: Path) -> None:
     models = _models(data)
-    grid = "solid: simulated (offline engine), hollow: live spot check (client-measured)"
+    grid = (
+        "solid: simulated (offline engine); circles: live spot checks (client-measured), "
+        "crosses where the host limited them"
+    )
     users_grid(
         data,
         models,
