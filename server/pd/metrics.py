@@ -1,4 +1,10 @@
-"""KV transfer series for /metrics, counted on the decode worker where the KV lands."""
+"""KV transfer series for /metrics, counted on the decode worker where the KV lands.
+
+The decode worker's own vLLM series see its part of a request: its
+`vllm:time_to_first_token_seconds` runs from the KV's landing to the first token
+(one decode step when nothing queues); the client's TTFT adds the remote prefill
+and the transfer, as `Finished.ttft_s` does.
+"""
 
 from __future__ import annotations
 
