@@ -59,6 +59,9 @@ FILLS = 2
 # Open loop: arrivals span at least this many median request times (more requests if
 # not, up to MAX_PROMPTS), so the middle of the run is past the fill.
 SPAN_E2E, MAX_PROMPTS = 4.0, 16384
+# Open loop: a level whose queue seemed to grow runs again with this many times the
+# requests before it counts as broken.
+CONFIRM_FACTOR = 3
 
 
 class LoadKind(Enum):
@@ -183,9 +186,15 @@ class _Runner:
                 n = min(MAX_PROMPTS, math.ceil(n * need_s / span_s))
                 run = self._simulate(load, n)
                 sent, done, peak = in_flight(run.records)
+        holds = slo_holds(q.slo, run.result)
+        if holds and rate and not kept_up(sent, done) and n < MAX_PROMPTS:
+            # A short run's queue swings for a while; confirm an overload on a longer one.
+            run = self._simulate(load, min(MAX_PROMPTS, CONFIRM_FACTOR * n))
+            sent, done, peak = in_flight(run.records)
+            holds = slo_holds(q.slo, run.result)
         trial = Trial(
             load=load,
-            holds=slo_holds(q.slo, run.result) and (not rate or kept_up(sent, done)),
+            holds=holds and (not rate or kept_up(sent, done)),
             result=run.result,
             peak_in_flight=peak,
         )
