@@ -71,7 +71,8 @@ def table(result: PlanResult, top: int = 5) -> str:
                 _fmt(_per_user(b), ",.1f"),
             ]
             if q.target_rate:
-                row.append(f"{ev.replicas_for(q.target_rate) * ev.candidate.devices:,}")
+                replicas = ev.replicas_for(q.target_rate)
+                row.append("-" if replicas is None else f"{replicas * ev.candidate.devices:,}")
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -60,3 +61,18 @@ def test_no_slo_is_an_error(capsys):
     argv = TINY[: TINY.index("--slo")]
     assert main(argv) == 2
     assert "give an SLO" in capsys.readouterr().err
+
+
+def test_target_rate_counts_replicas(capsys):
+    assert main([*TINY, "--target-rate", "100", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]["h100-sxm"]
+    per_replica = best["at_max_load"]["request_goodput"]
+    assert best["replicas_for_target"] == math.ceil(100 / per_replica)
+    assert best["devices_for_target"] == best["replicas_for_target"] * best["devices"]
+
+
+def test_shared_prefix_workload_and_closed_loop(capsys):
+    argv = [*TINY, "--workload", "shared-prefix:2:32", "--load", "users"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "max load (users)" in out and "1 x h100-sxm TP1 fp8" in out
