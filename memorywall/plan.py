@@ -155,7 +155,8 @@ class PlanResult:
         target = self.query.target_rate
 
         def key(e: Evaluation) -> tuple:
-            need = e.replicas_for(target) * e.candidate.devices if target else 0
+            replicas = e.replicas_for(target) if target else 0
+            need = math.inf if replicas is None else replicas * e.candidate.devices
             return (need, -(e.tok_s_per_device or 0.0), e.candidate.devices)
 
         return sorted(held, key=key)
