@@ -75,12 +75,13 @@ def _step_lines(breakdown, models, wafer, gpus) -> list[str]:
     if multi["devices"] > 1:
         layers = load_model(multi["model"]).n_layers
         lat = multi["latency_s"] / multi["step_s"]
-        head = "depth costs, hops barely do" if lat > 0.5 else "hops and depth both cost"
+        hops = multi["interconnect_s"] / multi["step_s"]
         out.append(
-            f"- **On the wafer, {head}.** {multi['model']} needs {multi['devices']} wafers; "
-            f"of its {multi['step_s'] * 1e3:.2f} ms step the pipeline hops over external "
-            f"I/O take {multi['interconnect_s'] * 1e6:.0f} us and per-layer latency over "
-            f"{layers} layers {multi['latency_s'] * 1e3:.2f} ms ({lat:.0%})."
+            f"- **Across {multi['devices']} wafers, per-layer latency is {lat:.0%} of a "
+            f"{multi['model']} step and the hops between wafers {hops:.0%}.** Of its "
+            f"{multi['step_s'] * 1e3:.2f} ms step the pipeline hops over external I/O take "
+            f"{multi['interconnect_s'] * 1e6:.0f} us and per-layer latency over {layers} "
+            f"layers {multi['latency_s'] * 1e3:.2f} ms."
         )
     for other in gpus[1:]:
         o1 = step(small, other, lo)
@@ -185,7 +186,7 @@ def _spot_lines(data) -> list[str]:
         out.append(
             f"- **Live, the client's TPOT follows the server's own timeline within {gap:.2%} "
             f"in every spot check; that timeline is up to {drift:.1%} from the simulation** "
-            "where the live server's host started steps late (the machine was shared)."
+            "where the live server's host started steps late."
         )
     kept = [s for s in data["spot_checks"] if not s["suspect"] and s["tpot_error"] is not None]
     if not kept:
