@@ -253,6 +253,8 @@ def plan(
             scored.append((c, e))
     scored.sort(key=lambda ce: (-ce[1].tok_s_per_device, ce[0].devices))
     best_on: dict[str, float] = {}
+    if progress:
+        progress(0, len(scored))
     evaluations: list[Evaluation] = []
     for i, (c, est) in enumerate(scored):
         evaluations.append(_evaluate(query, space, c, est, best_on, evaluations))
