@@ -49,12 +49,11 @@ def table(result: PlanResult, top: int = 5) -> str:
     if q.target_rate:
         header.append(f"devices for {q.target_rate:g} req/s")
     rows: list[list[str]] = []
+    notes: list[str] = []  # backends with no answer, below the table
     for hw in result.space.hardware:
         ranked = result.ranked(hw.name)
         if not ranked:
-            rows.append(
-                ["-", f"{hw.name}: {_why_none(result, hw.name)}"] + [""] * (len(header) - 2)
-            )
+            notes.append(f"{hw.name}: {_why_none(result, hw.name)}")
             continue
         for i, ev in enumerate(ranked[:top], 1):
             b = ev.best
@@ -78,7 +77,7 @@ def table(result: PlanResult, top: int = 5) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 def _why_none(result: PlanResult, hw: str) -> str:
