@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 PRUNE_FRACTION = 0.5
-# Requests per level, at least this many times the batch limit (or the users): the batch
-# fills and drains more than once, so the run reaches a steady state.
+# Requests per level, at least this many times the users (closed loop) or the batch
+# limit (open loop): the batch fills and drains more than once, so the run reaches a
+# steady state.
 FILLS = 2
 # Open loop: arrivals span at least this many median request times (more requests if
 # not, up to MAX_PROMPTS), so the middle of the run is past the fill.
@@ -175,7 +176,8 @@ class _Runner:
         q, c = self.query, self.candidate
         rate = q.load is LoadKind.RATE
         users = None if rate else int(load)
-        n = max(q.num_prompts, FILLS * max(users or 0, c.engine.max_num_seqs))
+        # Closed loop: each user several requests; open loop: enough to fill the batch.
+        n = max(q.num_prompts, FILLS * (users or c.engine.max_num_seqs))
         run = self._simulate(load, n)
         sent, done, peak = in_flight(run.records)
         if rate and run.result.get("median_e2el_ms") and len(sent) > 1:
