@@ -4,8 +4,10 @@ For one model and workload, every candidate deployment (device count, tensor and
 pipeline split, weight precision, resident or streamed weights, the engine's batch
 limit) on each hardware profile is run on the offline simulator (`memorywall.simulate`,
 the engine that serves live) at rising load, to find the highest load at which the
-SLO's bounds hold at the 99th percentile. A candidate's worth is its goodput there:
-output tokens/s of requests that met every bound, per device and per kW of rated power.
+SLO's bounds hold at the 99th percentile (and, open loop, the queue is not still
+growing at the end of the run: a finite run can end before an overload's queue breaks
+a TTFT bound). A candidate's worth is its goodput there: output tokens/s of requests
+that met every bound, per device and per kW of rated power.
 
 The search is pruned four ways:
 - a layout that cannot hold the weights, or whose KV cache cannot hold one request, is
