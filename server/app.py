@@ -111,7 +111,6 @@ class EmulatorServer:
         self.guarded = GuardedEngine(
             self.engine,
             config.guard,
-            waiting=lambda: len(core.waiting),
             observers=[self.guard_metrics],
         )
         registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None

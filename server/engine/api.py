@@ -198,6 +198,10 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def waiting(self) -> int:
+        """Requests queued for admission; cheap enough to read on every submit."""
+        ...
+
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         """Call `callback` for each prefix-cache event from now on; returns an unsubscribe."""
         ...

@@ -112,8 +112,6 @@ def submit_with_fault(
 class GuardedEngine:
     """`EngineClient` that admits, refuses and injects faults in front of `inner`.
 
-    `waiting`: the inner engine's waiting-queue length, read on every submit (by default
-    from `inner.stats()`; the live engine's composer passes something cheaper).
     `clock`: reads the same monotonic time as `inner.now()` and sleeps for fault streams.
     """
 
@@ -123,14 +121,12 @@ class GuardedEngine:
         config: GuardConfig,
         *,
         clock: Clock | None = None,
-        waiting: Callable[[], int] | None = None,
         observers: Iterable[GuardObserver] = (),
     ) -> None:
         self.inner = inner
         self.config = config
         self.plan = FaultPlan(config.faults, config.fault_seed)
         self.clock = clock or LoopClock()
-        self._waiting = waiting or (lambda: inner.stats().waiting)
         self._drawing = bool(config.faults) or config.allow_fault_headers
         self.observers = list(observers)
 
@@ -161,7 +157,7 @@ class GuardedEngine:
             self._count(fate.kind)
             raise fate.error("request refused")
         limit = self.config.max_waiting
-        if limit is not None and (n := self._waiting()) >= limit:
+        if limit is not None and (n := self.inner.waiting()) >= limit:
             for observer in self.observers:
                 observer.on_rejected("max_waiting")
             raise OverloadedError(
@@ -182,6 +178,9 @@ class GuardedEngine:
 
     def stats(self) -> EngineStats:
         return self.inner.stats()
+
+    def waiting(self) -> int:
+        return self.inner.waiting()
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         return self.inner.subscribe_kv_events(callback)

@@ -265,6 +265,9 @@ class AsyncEngine:
             self._task = None
         self.clock.close()
 
+    def waiting(self) -> int:
+        return len(self.core.waiting)
+
     def stats(self) -> EngineStats:
         c = self.core.counters
         return EngineStats(

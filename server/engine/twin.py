@@ -153,6 +153,9 @@ class TwinEngine:
         self._report(stream)
         return True
 
+    def waiting(self) -> int:
+        return 0  # every stream runs at once
+
     def stats(self) -> EngineStats:
         used = sum(len(s.request.prompt_ids) + len(s.produced) for s in self._live.values())
         return EngineStats(

@@ -87,7 +87,6 @@ def guard(engine: AsyncEngine, counts: Counts, **config) -> GuardedEngine:
         engine,
         GuardConfig(**config),
         clock=Sleeps(engine),
-        waiting=lambda: len(engine.core.waiting),
         observers=[counts],
     )
 
