@@ -22,12 +22,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.demo_report import hints, table, users_text
 from memorywall.errors import ConfigError, MemorywallError
 from memorywall.ready import ReadyError, ServerReady, poll
+
+if TYPE_CHECKING:
+    from memorywall.loadgen.bench import BenchConfig
 
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -207,6 +210,7 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
         result["host_stalls"] = after.stalls - before.stalls
         result["host_stalled_s"] = after.stalled_s - before.stalled_s
         result["host_window_s"] = time.perf_counter() - started
+        result["offline"] = _simulated(server, ready, bench, users)
         write_level(out, result, records)
         results.append(result)
         # The load generator's bar (on a terminal only) ends without a newline: clear it.
@@ -219,6 +223,24 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
         )
     write_sweep(out, server.hardware, results)  # summary.json, as `bench --out` writes it
     return results
+
+
+def _simulated(server: _Server, ready: ServerReady, bench: BenchConfig, users: int) -> dict:
+    """The same level on the same engine and core, on a virtual clock (`memorywall simulate`):
+    what the emulator should deliver when its host keeps up."""
+    from memorywall.loadgen.bench import Level
+    from memorywall.server.engine.scheduler import EngineConfig
+    from memorywall.simulate import simulate_level
+
+    deployment = plan_deployment(
+        load_hardware(server.hardware), load_model(ready.model), devices=ready.devices
+    )
+    engine = EngineConfig(
+        max_num_seqs=ready.max_num_seqs, max_num_batched_tokens=ready.max_num_batched_tokens
+    )
+    run = simulate_level(deployment, engine, bench, Level(f"c{users}", users, None))
+    keys = ("mean_ttft_ms", "mean_tpot_ms", "output_throughput")
+    return {k: run.result.get(k) for k in keys}
 
 
 def _write(

@@ -42,15 +42,18 @@ def _rate(v: float | None) -> str:
 
 
 def _figures(r: dict, kind: str) -> list[str]:
-    """One row of figures: the level measured, or the core's prediction for it."""
-    measured = kind == "measured"
-    got = rates.measured(r) if measured else rates.predicted(r)
+    """One row of figures: the level measured, simulated, or the core's steady state."""
+    if kind == "predicted":
+        got, ttft, tpot = rates.predicted(r), r.get("predicted_ttft_ms"), r.get("predicted_tpot_ms")
+    else:
+        m = r if kind == "measured" else r.get("offline") or {}
+        got, ttft, tpot = rates.measured(m), m.get("mean_ttft_ms"), m.get("mean_tpot_ms")
     devices = r.get("devices", 1)
     kw = devices * r["tdp_w"] / 1e3 if r.get("tdp_w") else None
     total = got.total
     return [
-        _ms(r.get("mean_ttft_ms" if measured else "predicted_ttft_ms")),
-        _ms(r.get("mean_tpot_ms" if measured else "predicted_tpot_ms")),
+        _ms(ttft),
+        _ms(tpot),
         _rate(got.per_user),
         _rate(total),
         _rate(None if total is None else total / devices),
@@ -88,7 +91,8 @@ def _ratio_line(sweeps: Sequence[tuple[str, list[dict]]], levels: Sequence[int])
 
 
 def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
-    """Every level of every backend: a measured row, then the core's prediction below it."""
+    """Every level of every backend: a measured row, the simulated one (when run) and the
+    core's steady-state prediction below it."""
     rows: list[Sequence[str]] = [HEADER]
     notes = []
     for i, users in enumerate(config.levels):
@@ -100,6 +104,8 @@ def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
                 notes.append(f"* {name}, {users_text(users)}: {'; '.join(doubts)}")
             first = str(users) if j == 0 else ""
             rows.append((first, name, "measured" + mark, *_figures(r, "measured")))
+            if r.get("offline"):
+                rows.append(("", "", "simulated", *_figures(r, "simulated")))
             rows.append(("", "", "predicted", *_figures(r, "predicted")))
     widths = [max(len(row[k]) for row in rows) for k in range(len(HEADER))]
     lines = []
@@ -114,9 +120,10 @@ def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
     head = (
         f"{config.model}, closed loop: {config.prompt_tokens}-token prompts, "
         f"{config.output_tokens} output tokens.\n"
-        "measured: this machine's client against the emulated server. predicted: the core's "
-        "steady state for the same load\n(its TTFT is one prompt's prefill, without queueing). "
-        "tok/s/kW: per kW of the devices' rated power."
+        "measured: this machine's client against the emulated server. simulated: the same "
+        "engine and load on a\nvirtual clock (memorywall simulate: what the emulator should "
+        "deliver, queueing included). predicted: the\ncore's steady state (its TTFT is one "
+        "prompt's prefill, without queueing). tok/s/kW: per kW of rated power."
     )
     out = [head, "", *lines]
     if ratio := _ratio_line(sweeps, config.levels):

@@ -70,6 +70,8 @@ def test_demo_end_to_end(tmp_path):
         assert len(rows) == 2, proc.stdout
     predicted = [line for line in lines if line.split()[:1] == ["predicted"]]
     assert len(predicted) == 4
+    simulated = [line for line in lines if line.split()[:1] == ["simulated"]]
+    assert len(simulated) == 4
     assert "Per-user speed, wse-3 x1 over h100-sxm x1 (measured)" in proc.stdout
     assert f"wrote {out}/" in proc.stdout
     assert "ready: wse-3 x1 at 127.0.0.1:" in proc.stderr
@@ -84,6 +86,10 @@ def test_demo_end_to_end(tmp_path):
             assert r["predicted_tpot_ms"] > 0 and r["tdp_w"] > 0
         assert json.loads((out / hw / "summary.json").read_text()) == levels
         assert (out / hw / f"{hw}-c2.requests.jsonl").exists()
+        # One user on the virtual clock decodes at the core's steady-state step.
+        assert levels[0]["offline"]["mean_tpot_ms"] == pytest.approx(
+            levels[0]["predicted_tpot_ms"], rel=0.02
+        )
     # The wafer's step is shorter than the GPU's, in the core's prediction.
     wse, h100 = raw["results"]["wse-3"][0], raw["results"]["h100-sxm"][0]
     assert wse["predicted_tpot_ms"] < h100["predicted_tpot_ms"]
