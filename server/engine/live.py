@@ -331,7 +331,7 @@ class AsyncEngine:
                 for observer in self.observers:
                     observer.on_step(report)
             last_end = step.end_s
-            self._adapt(woke)
+            self._adapt(woke, late, self._stalls.tolerance(step_s))
 
     def _deliver(
         self, emissions: list[Emission], now: float, step_s: float, stalled_s: float
@@ -381,12 +381,14 @@ class AsyncEngine:
             stream._flush(now)
         return in_gaps
 
-    def _adapt(self, woke: float) -> None:
-        """Let the message budget see how busy this process was since the last wake-up."""
+    def _adapt(self, woke: float, late_s: float, tolerance_s: float) -> None:
+        """Let the message budget see how busy this process was since the last wake-up and
+        how late this one came."""
         cpu = self._cpu_time()
         wall_0, cpu_0 = self._mark
         if woke > wall_0:
-            self._budget.adapt((cpu - cpu_0) / (woke - wall_0))
+            busy = (cpu - cpu_0) / (woke - wall_0)
+            self._budget.adapt(busy=busy, late_s=late_s, tolerance_s=tolerance_s)
         self._mark = (woke, cpu)
 
     def _flush_held(self, now: float) -> None:

@@ -2,17 +2,19 @@
 
 The live engine hands each token to its stream alone while the budget lasts;
 past it, a token waits for the stream's next one (never more than one step),
-so the message rate halves before the host falls behind. The rate adapts to
-the server process's own CPU use between engine wake-ups: busy nearly all the
-time means its fronts are using up the host, so the rate backs off; with time
-to spare it creeps back to its ceiling. (Wake-up lateness alone would also
-react to other processes taking the CPU, which grouping cannot help.)
+so the message rate halves before the host falls behind. The rate adapts: it
+backs off when the server process is busy nearly all the time between engine
+wake-ups (its fronts use up a core) or when the engine wakes over half its
+stall tolerance late (the machine is short of CPU, clients included: fewer
+messages cost less on both sides); with time to spare it creeps back to its
+ceiling. Holding a token one step costs less than a stall, which moves the
+whole timeline.
 """
 
 from __future__ import annotations
 
 BUSY = 0.9  # CPU seconds per wall second above which the process counts as saturated
-BACKOFF = 0.8  # rate factor after a busy step
+BACKOFF = 0.8  # rate factor after a busy or late step
 RECOVER = 1.01  # rate factor after a step with time to spare
 FLOOR_PER_S = 100.0
 
@@ -31,9 +33,10 @@ class MessageBudget:
         self.available = 0.0
         self._last_s: float | None = None
 
-    def adapt(self, busy: float) -> None:
-        """After a step: `busy` is the process's CPU time over the wall time it took."""
-        if busy > BUSY:
+    def adapt(self, *, busy: float, late_s: float, tolerance_s: float) -> None:
+        """After a step: `busy` is the process's CPU time over the wall time it took, `late_s`
+        how late the engine woke for it, `tolerance_s` the lateness that would be a stall."""
+        if busy > BUSY or late_s > tolerance_s / 2:
             self.rate_per_s = max(self.rate_per_s * BACKOFF, min(FLOOR_PER_S, self.ceiling_per_s))
         elif self.rate_per_s < self.ceiling_per_s:
             self.rate_per_s = min(self.rate_per_s * RECOVER, self.ceiling_per_s)
