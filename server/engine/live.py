@@ -68,6 +68,7 @@ class RequestStream:
         self._final: Finished | None = None
         self._error: MemorywallError | None = None
         self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
+        self._released = False  # the engine handed the waiting tokens over (not held)
         self._last_flush_s = -1.0
         self._done = False
         self._max_lag_s = 0.0
@@ -88,6 +89,7 @@ class RequestStream:
         return self._last_flush_s >= 0 and now - self._last_flush_s < self.min_interval_s
 
     def _wake(self) -> None:
+        self._released = True
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -133,7 +135,9 @@ class RequestStream:
     async def next_event(self) -> Event | None:
         """The next group or the final summary; None once the stream is over."""
         while True:
-            if self._ids:
+            # Held tokens wait for their release even when the reader comes by early.
+            if self._ids and self._released:
+                self._released = False
                 return self._take()
             if self._error is not None:
                 raise self._error

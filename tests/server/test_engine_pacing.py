@@ -263,3 +263,18 @@ async def test_grouping_starts_when_the_host_is_saturated_not_before(
     assert (max(sizes) > 1) is grouped
     assert max(sizes) <= 2
     assert engine.stats().host_stall.stalls == 0
+
+
+async def test_a_reader_that_comes_by_early_does_not_take_a_held_token(wse3_8b):
+    core, _ = build_core(wse3_8b, EngineConfig())
+    engine = AsyncEngine(core, clock=SteppingClock(), max_messages_per_s=1e6)
+    request = Request(request_id="r", prompt_ids=(1, 2, 3), max_tokens=8, ignore_eos=True)
+    stream = engine.submit(request)  # the engine is not running: the test hands tokens over
+    stream._push([5], engine.now(), 0.0)  # given to the stream, held for grouping
+    reader = asyncio.ensure_future(stream.next_event())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    stream._flush(engine.now())
+    group = await asyncio.wait_for(reader, TIMEOUT_S)
+    assert group.token_ids == (5,)
+    assert engine.abort("r")
