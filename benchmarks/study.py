@@ -132,7 +132,7 @@ def spot_check(model: str, hw: str, users: int) -> dict:
         if abs(drift) > TPOT_BOUND:
             row["suspect"].append(
                 f"server host limited: its own timeline's TPOT is {drift:+.1%} from the "
-                "simulation (steps started late on a busy host)"
+                "simulation (its host started steps late)"
             )
     for name in ("ttft", "tpot"):
         a, b = row[f"live_mean_{name}_ms"], row[f"sim_mean_{name}_ms"]

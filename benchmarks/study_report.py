@@ -223,7 +223,9 @@ def _spot_checks(data: dict) -> list[str]:
         "server = the live server's own modelled timeline; simulated = the offline engine. "
         "TTFT measured includes transport and the client, which the simulation leaves out; "
         "`suspect` marks levels where the load generator (one process on this machine, "
-        "beside the server) could not keep up.",
+        "beside the server) could not keep up, or where the live server's own timeline "
+        f"strayed more than {bound:.0%} from the simulation because its host started steps "
+        "late: there the gap is the host's, not the engine's.",
         "",
         "| model | backend | users | TTFT measured / server / simulated | error "
         "| TPOT measured / server / simulated | error | suspect |",
