@@ -105,7 +105,9 @@ async def _serve_async(conn, hardware: str) -> None:
 
     @contextlib.asynccontextmanager
     async def paced(period_s: float):
-        ticker = tickers.setdefault(period_s, Ticker(period_s))
+        if period_s not in tickers:  # one timer per period, built once (it opens a timerfd)
+            tickers[period_s] = Ticker(period_s)
+        ticker = tickers[period_s]
         ticker.waiters += 1
         try:
             yield ticker
