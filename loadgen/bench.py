@@ -3,6 +3,7 @@ check the client kept up, and put the core's prediction beside what was measured
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,8 @@ from memorywall.loadgen.target import Access, Backend, TargetConfig
 from memorywall.loadgen.workload import TraceWorkload, Workload
 
 # A run whose client fell behind is marked suspect rather than reported as fact.
+# Host stalls beyond this share of a level's run mark it suspect (`HostStallWatch`).
+MAX_STALLED_FRACTION = 0.05
 MAX_CLIENT_CPU_FRACTION = 0.90
 MAX_SEND_LAG_P99_S = 0.005
 # Against the emulator: measured TTFT this far above the modelled one means queueing
@@ -124,6 +127,8 @@ def run_level(
         prompt_salt=secrets.randbits(63),
         access=config.access,
     )
+    stalls = HostStallWatch(config, facts)
+    started = time.perf_counter()
     if config.workers > 1:
         results = run_workers(endpoint, plan, config.workers, progress=show)
     else:
@@ -132,7 +137,60 @@ def run_level(
     records = [r for w in results for r in w.records]
     metrics = compute_metrics(records, slo=config.slo)
     result = summarise(config, level, facts, metrics, results)
+    result.update(stalls.report(time.perf_counter() - started, result["suspect"]))
     return result, records
+
+
+def stall_doubt(stalls: int, stalled_s: float, window_s: float) -> str | None:
+    """Why a level's figures are the host's, when its stalls exceed the allowed share."""
+    if stalled_s <= MAX_STALLED_FRACTION * window_s:
+        return None
+    return (
+        f"the server's host stalled {stalls} times, moving its timeline "
+        f"{stalled_s * 1e3:,.0f} ms later in {window_s:.1f} s: this machine could not "
+        "keep the emulated pace"
+    )
+
+
+class HostStallWatch:
+    """The emulator's own word on whether its host kept the modelled pace over a level.
+
+    A memorywall server that wakes late moves its timeline later rather than deliver
+    tokens early (`GetServerInfo.host_stall`); its modelled times then include the
+    stall. A level whose stalls add up to more than `MAX_STALLED_FRACTION` of its run is
+    marked suspect: the machine, not the emulated hardware, set its figures. Other
+    servers (and OpenAI backends) report nothing here.
+    """
+
+    def __init__(self, config: BenchConfig, facts: ServerFacts) -> None:
+        self._client = None
+        self._before = None
+        if config.backend is Backend.MEMORYWALL_GRPC and facts.emulated:
+            from memorywall.client import Client, ClientError
+
+            access = config.access
+            self._client = Client(
+                config.target, timeout_s=10, tls=access.grpc_tls(), api_key=access.api_key
+            )
+            with contextlib.suppress(ClientError):
+                self._before = self._client.server_info().host_stall
+
+    def report(self, window_s: float, suspect: list[str]) -> dict:
+        unknown = {"host_stalls": None, "host_stalled_s": None, "host_window_s": None}
+        if self._client is None or self._before is None:
+            return unknown
+        from memorywall.client import ClientError
+
+        try:
+            with self._client:
+                after = self._client.server_info().host_stall
+        except ClientError:  # the server went away mid-level: its requests say so already
+            return unknown
+        stalls = after.stalls - self._before.stalls
+        stalled_s = after.stalled_s - self._before.stalled_s
+        if (doubt := stall_doubt(stalls, stalled_s, window_s)) is not None:
+            suspect.append(doubt)
+        return {"host_stalls": stalls, "host_stalled_s": stalled_s, "host_window_s": window_s}
 
 
 def summarise(

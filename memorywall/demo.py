@@ -179,7 +179,6 @@ def _interruptible() -> Iterator[None]:
 
 def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[dict]:
     """The closed-loop levels against one server, each level's files written as it ends."""
-    from memorywall.client import Client
     from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level, write_level
     from memorywall.loadgen.cli import write_sweep
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
@@ -200,16 +199,8 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
             label=server.hardware,
         )
         started = time.perf_counter()
-        with Client(ready.grpc_target, timeout_s=10) as client:
-            before = client.server_info().host_stall
-            result, records = run_level(bench, Level(f"c{users}", users, None), facts)
-            after = client.server_info().host_stall
+        result, records = run_level(bench, Level(f"c{users}", users, None), facts)
         result["tdp_w"] = tdp_w  # rated power per device, for tokens/s per kW
-        # The server's own word on whether this machine kept the emulated pace, over the
-        # whole level (warm-ups included).
-        result["host_stalls"] = after.stalls - before.stalls
-        result["host_stalled_s"] = after.stalled_s - before.stalled_s
-        result["host_window_s"] = time.perf_counter() - started
         result["offline"] = _simulated(server, ready, bench, users)
         write_level(out, result, records)
         results.append(result)

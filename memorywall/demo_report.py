@@ -12,10 +12,6 @@ if TYPE_CHECKING:
     from memorywall.demo import DemoConfig
     from memorywall.ready import ServerReady
 
-# Host stalls that moved the server's timeline later by more than this share of a level's
-# run stretch its figures past the model's: the machine, not the hardware, set them.
-MAX_STALLED_FRACTION = 0.05
-
 HEADER = (
     "users",
     "hardware",
@@ -65,18 +61,6 @@ def users_text(n: int) -> str:
     return f"{n} user" if n == 1 else f"{n} users"
 
 
-def _stalls(r: dict) -> list[str]:
-    """A note when the server's host stalled enough to stretch the level's timeline."""
-    stalled, window = r.get("host_stalled_s"), r.get("host_window_s")
-    if not stalled or not window or stalled <= MAX_STALLED_FRACTION * window:
-        return []
-    return [
-        f"the server's host stalled {r['host_stalls']} times, moving its timeline "
-        f"{stalled * 1e3:,.0f} ms later in {window:.1f} s: this machine could not keep the "
-        "emulated pace"
-    ]
-
-
 def _ratio_line(sweeps: Sequence[tuple[str, list[dict]]], levels: Sequence[int]) -> str | None:
     """Per-user speed of the first backend over the second's, at each level (measured)."""
     if len(sweeps) < 2:
@@ -98,7 +82,7 @@ def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
     for i, users in enumerate(config.levels):
         for j, (name, results) in enumerate(sweeps):
             r = results[i]
-            doubts = [*r.get("suspect", []), *_stalls(r)]
+            doubts = r.get("suspect", [])
             mark = "*" if doubts else ""
             if doubts:
                 notes.append(f"* {name}, {users_text(users)}: {'; '.join(doubts)}")

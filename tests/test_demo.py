@@ -18,6 +18,7 @@ import pytest
 from memorywall import demo, demo_report
 from memorywall.cli import main
 from memorywall.client import Client
+from memorywall.loadgen.bench import stall_doubt
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEMO = [sys.executable, "-m", "memorywall", "demo"]
@@ -220,8 +221,10 @@ def _level(users: int, **extra: object) -> dict:
 
 def test_table_marks_rows_the_machine_could_not_emulate(tmp_path):
     config = demo.DemoConfig(hardware=("h100-sxm",), levels=(1, 8), out=tmp_path)
-    quiet = _level(1, host_stalls=2, host_stalled_s=0.01, host_window_s=1.0)  # 1%
-    stalled = _level(8, host_stalls=40, host_stalled_s=0.2, host_window_s=1.0)  # 20%
+    quiet = _level(1, suspect=[])
+    doubt = stall_doubt(40, 0.2, 1.0)  # 20% of the level
+    assert stall_doubt(2, 0.01, 1.0) is None  # 1%
+    stalled = _level(8, suspect=[doubt])
     text = demo_report.table(config, [("h100-sxm x2", [quiet, stalled])])
     rows = [line for line in text.splitlines() if "measured" in line and "x2" in line]
     assert rows[0].split()[3] == "measured"  # users, hardware (two words), mark
