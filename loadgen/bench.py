@@ -246,6 +246,11 @@ def summarise(
             "emulated": facts.emulated,
             "simulated": simulated,
             "client_cpu_fraction": cpu,
+            # The emulator's host stalls over the level: filled by `run_level` for a
+            # memorywall gRPC target, None otherwise (simulated levels have no host).
+            "host_stalls": None,
+            "host_stalled_s": None,
+            "host_window_s": None,
             "suspect": suspect,
             "date": None if simulated else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": None if simulated else machine(),

@@ -45,9 +45,15 @@ def test_modelled_timelines_agree(runs) -> None:
     live_ttft = [r["modelled_ttft_s"] for r in records(live_dir / "run-c1.requests.jsonl")]
     sim_tpot, sim_ttft = sim["mean_tpot_ms"] / 1e3, sim["mean_ttft_ms"] / 1e3
     assert sim["std_tpot_ms"] == pytest.approx(0.0, abs=1e-6)
-    assert min(live_tpot) == pytest.approx(sim_tpot, rel=0.01)
-    assert min(live_ttft) == pytest.approx(sim_ttft, rel=0.05)
+    # Never faster than the model; slower only by what the server reported as host stalls
+    # over the level (a busy CI host may stall every request a little).
+    stalled_s = live["host_stalled_s"]
+    assert stalled_s is not None
+    tokens = min(r["usage_completion_tokens"] for r in records(live_dir / "run-c1.requests.jsonl"))
     assert all(t >= sim_tpot * 0.99 for t in live_tpot)
+    assert min(live_tpot) <= sim_tpot * 1.01 + stalled_s / (tokens - 1)
+    assert min(live_ttft) >= sim_ttft * 0.95
+    assert min(live_ttft) <= sim_ttft * 1.05 + stalled_s
     # Live, the client sees transport on top; the simulated client is ideal.
     assert live["client_overhead_ttft_ms"] > -0.01
     assert sim["client_overhead_ttft_ms"] == pytest.approx(0.0, abs=1e-5)
