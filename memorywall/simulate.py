@@ -221,21 +221,38 @@ def simulate_level(
 ) -> LevelRun:
     """Run one level of `config` on a fresh engine for `deployment`; `fast=False` steps
     every decode step one at a time (the same result, slower)."""
+
+    def build() -> tuple[OfflineEngine, ServerFacts, Callable[[], tuple[int, int, int, float]]]:
+        core, card = build_core(deployment, engine_config)
+        facts = ServerFacts(
+            hardware=card.hardware, model=card.model, devices=card.devices, emulated=True
+        )
+        c = core.counters
+        return (
+            OfflineEngine(core, fast=fast),
+            facts,
+            lambda: (c.steps, c.tokens_generated, c.preemptions, c.energy_j),
+        )
+
+    return drive_level(build, config, level)
+
+
+def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -> LevelRun:
+    """Release `config`'s `level` into the offline engine `build` makes and summarise it as
+    bench does. `build` returns the engine (anything with `submit`, `run`, `now_s`), the
+    facts the result names, and a function giving (steps, tokens, preemptions, energy_j)."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with _no_cycle_collection():
-        core, card = build_core(deployment, engine_config)
-        engine = OfflineEngine(core, fast=fast)
+        engine, facts, counters = build()
         driver = _LevelDriver(config, level, engine)
         driver.start()
         engine0 = time.perf_counter()
         engine.run()
         engine_s = time.perf_counter() - engine0
         records = list(driver.records.values())
-        facts = ServerFacts(
-            hardware=card.hardware, model=card.model, devices=card.devices, emulated=True
-        )
         metrics = compute_metrics(records, slo=config.slo)
         result = summarise(config, level, facts, metrics, [], simulated=True)
+    steps, tokens, preemptions, energy_j = counters()
     return LevelRun(
         result=result,
         records=records,
@@ -243,10 +260,10 @@ def simulate_level(
         wall_s=time.perf_counter() - wall0,
         engine_s=engine_s,
         cpu_s=time.process_time() - cpu0,
-        steps=core.counters.steps,
-        tokens=core.counters.tokens_generated,
-        preemptions=core.counters.preemptions,
-        energy_j=core.counters.energy_j,
+        steps=steps,
+        tokens=tokens,
+        preemptions=preemptions,
+        energy_j=energy_j,
     )
 
 

@@ -10,20 +10,19 @@ an aggregated level (`memorywall.simulate`), and writes the same result files.
 from __future__ import annotations
 
 import argparse
-import time
+from collections.abc import Callable
 
 from memorywall.argtypes import positive_int
 from memorywall.core import load_hardware, plan_deployment
 from memorywall.core.deployment import Deployment
 from memorywall.core.kv_transfer import parse_link
-from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, summarise
-from memorywall.loadgen.metrics import compute_metrics
+from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet
 
 # The bench runner's release rules, as an aggregated simulation applies them: one way.
-from memorywall.simulate import LevelRun, _LevelDriver
+from memorywall.simulate import LevelRun, drive_level
 
 __all__ = ["add_arguments", "fleet_from_args", "simulate_pd_level"]
 
@@ -77,31 +76,17 @@ def fleet_from_args(
 
 def simulate_pd_level(fleet: PdFleet, config: BenchConfig, level: Level) -> LevelRun:
     """One level of `config` on a fresh split fleet."""
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    engine = PdOfflineEngine(fleet)
-    driver = _LevelDriver(config, level, engine)
-    driver.start()
-    engine0 = time.perf_counter()
-    engine.run()
-    engine_s = time.perf_counter() - engine0
-    records = list(driver.records.values())
-    # Named by the fleet; no one profile to predict from, so the prediction columns stay empty.
-    facts = ServerFacts(
-        hardware=fleet.describe(), model=fleet.decode.model.name, devices=fleet.devices,
-        emulated=True,
-    )  # fmt: skip
-    metrics = compute_metrics(records, slo=config.slo)
-    result = summarise(config, level, facts, metrics, [], simulated=True)
-    steps, tokens, preemptions, energy_j = engine.counters()
-    return LevelRun(
-        result=result,
-        records=records,
-        modelled_s=engine.now_s,
-        wall_s=time.perf_counter() - wall0,
-        engine_s=engine_s,
-        cpu_s=time.process_time() - cpu0,
-        steps=steps,
-        tokens=tokens,
-        preemptions=preemptions,
-        energy_j=energy_j,
-    )
+
+    def build() -> tuple[PdOfflineEngine, ServerFacts, Callable[[], tuple]]:
+        engine = PdOfflineEngine(fleet)
+        # Named by the fleet; no one profile to predict from, so the prediction columns
+        # stay empty.
+        facts = ServerFacts(
+            hardware=fleet.describe(),
+            model=fleet.decode.model.name,
+            devices=fleet.devices,
+            emulated=True,
+        )
+        return engine, facts, engine.counters
+
+    return drive_level(build, config, level)
