@@ -214,9 +214,11 @@ async def send(
 def assert_stream_times(record: RequestRecord, chunks: int) -> None:
     assert record.error is None and record.ok
     assert len(record.chunk_ns) == len(record.chunk_tokens) == chunks
-    assert record.chunk_ns[0] - record.sent_ns >= 0.8 * TTFT_S * 1e9
-    gaps = [b - a for a, b in zip(record.chunk_ns, record.chunk_ns[1:], strict=False)]
-    assert all(g >= 0.8 * ITL_S * 1e9 for g in gaps)  # increasing, by about the fake's ITL
+    # A loaded host may read several chunks at once, so gaps can shrink at the client;
+    # what cannot happen is a chunk arriving before the fake has slept long enough to send it.
+    assert record.chunk_ns == sorted(record.chunk_ns)
+    for i, at in enumerate(record.chunk_ns):
+        assert at - record.sent_ns >= 0.8 * (TTFT_S + i * ITL_S) * 1e9
     assert record.finished_ns is not None and record.finished_ns >= record.chunk_ns[-1]
 
 
