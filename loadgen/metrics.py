@@ -102,7 +102,6 @@ class _View:
     ttft_s: float | None = None
     e2el_s: float | None = None
     tpot_s: float | None = None
-    itls_s: tuple[float, ...] = ()
     ttft_scheduled_s: float | None = None
     e2el_scheduled_s: float | None = None
     send_lag_s: float | None = None
@@ -119,7 +118,7 @@ class MetricDef:
     unit: Unit
     formula: str
     scope: Scope
-    values: Callable[[_View], Iterable[float]]
+    values: Callable[[_View], Iterable[float]] | None  # None: ITL, pooled over every message
     optional: bool = False  # needs inputs not every run has; left out of tables when empty
 
 
@@ -138,7 +137,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("tpot", "TPOT", _SEC, "(e2el - ttft) / (completion_tokens - 1), if > 1 token", _C,
               _one("tpot_s")),
     MetricDef("itl", "ITL", _SEC, "chunk gap / k, k times for a k-token chunk; pooled", _C,
-              lambda v: v.itls_s),
+              None),
     MetricDef("e2el", "E2EL", _SEC, "last chunk - sent", _C, _one("e2el_s")),
     MetricDef("ttft_scheduled", "TTFT from schedule", _SEC, "first chunk - scheduled", _C,
               _one("ttft_scheduled_s"), optional=True),
@@ -161,13 +160,32 @@ METRICS: tuple[MetricDef, ...] = (
 # --- Per-record views -------------------------------------------------------------------
 
 
-def _itls_s(gaps_ns: np.ndarray, chunk_tokens: Sequence[int]) -> tuple[float, ...]:
-    """`gaps_ns`: between consecutive token-carrying messages (numpy, one pass per record)."""
-    # Without a token count per message, count one token per message (vLLM's view).
-    if len(chunk_tokens) != len(gaps_ns) + 1:
-        return tuple((gaps_ns / _NS_PER_S).tolist())
-    counts = np.maximum(np.asarray(chunk_tokens[1:], dtype=np.int64), 1)
-    return tuple(np.repeat(gaps_ns / counts / _NS_PER_S, counts).tolist())
+def _pooled_itls_s(records: Sequence[RequestRecord]) -> np.ndarray:
+    """Every record's ITL values, pooled, in one numpy pass over all their messages (a
+    pass per record cost more than the rest of the metrics); raises if any record's
+    message times go backwards."""
+    lengths = np.fromiter((len(r.chunk_ns) for r in records), np.int64, len(records))
+    if not lengths.size:
+        return np.empty(0)
+    flat: list[int] = []
+    counted: list[int] = []
+    for r in records:
+        flat += r.chunk_ns
+        # Without a token count per message, count one token per message (vLLM's view).
+        counted += (
+            r.chunk_tokens if len(r.chunk_tokens) == len(r.chunk_ns) else [1] * len(r.chunk_ns)
+        )
+    times = np.asarray(flat, dtype=np.int64)
+    gaps = np.diff(times)
+    firsts = np.cumsum(lengths)[:-1] - 1  # gap from one record's last message to the next's first
+    keep = np.ones(gaps.size, dtype=bool)
+    keep[firsts] = False
+    if (gaps[keep] < 0).any():
+        owner = np.repeat(np.arange(len(records)), lengths - 1)
+        bad = records[int(owner[np.flatnonzero(gaps[keep] < 0)[0]])]
+        raise ValueError(f"record {bad.index}: message times go backwards")
+    counts = np.maximum(np.asarray(counted, dtype=np.int64)[1:][keep], 1)
+    return np.repeat(gaps[keep] / counts / _NS_PER_S, counts)
 
 
 def _view(r: RequestRecord) -> _View:
@@ -175,10 +193,9 @@ def _view(r: RequestRecord) -> _View:
     if not r.ok:
         return _View(ok=False, send_lag_s=lag)
     chunks = r.chunk_ns
-    gaps_ns = np.diff(np.asarray(chunks, dtype=np.int64))
-    if chunks[0] < r.sent_ns or (gaps_ns < 0).any():
-        raise ValueError(f"record {r.index}: message times go backwards")
     first, last = chunks[0], chunks[-1]
+    if first < r.sent_ns:
+        raise ValueError(f"record {r.index}: message times go backwards")
     ttft = (first - r.sent_ns) / _NS_PER_S
     e2el = (last - r.sent_ns) / _NS_PER_S
     n = r.completion_tokens
@@ -195,7 +212,6 @@ def _view(r: RequestRecord) -> _View:
         ttft_s=ttft,
         e2el_s=e2el,
         tpot_s=tpot,
-        itls_s=_itls_s(gaps_ns, r.chunk_tokens),
         ttft_scheduled_s=None if sched is None else (first - sched) / _NS_PER_S,
         e2el_scheduled_s=None if sched is None else (last - sched) / _NS_PER_S,
         send_lag_s=lag,
@@ -221,7 +237,7 @@ class Distribution:
 
     @classmethod
     def of(cls, values: Sequence[float], percentiles: Sequence[float]) -> Distribution | None:
-        if not values:
+        if not len(values):
             return None
         a = np.asarray(values, dtype=np.float64)
         pct = np.percentile(a, list(percentiles)) if percentiles else []
@@ -356,7 +372,9 @@ def compute_metrics(
     `duration_s` overrides the measured span (first send to last receipt).
     """
     pcts = tuple(float(p) for p in percentiles)
-    values: dict[str, list[float]] = {m.name: [] for m in METRICS}
+    values: dict[str, Sequence[float]] = {m.name: [] for m in METRICS}
+    per_record = [(m.name, m.values, m.scope) for m in METRICS if m.values is not None]
+    ok: list[RequestRecord] = []
     errors: Counter[str] = Counter()
     completed = failed = warmup = total_in = total_out = 0
     good = good_sched = 0
@@ -372,14 +390,15 @@ def compute_metrics(
             if t is not None and (last_receipt is None or t > last_receipt):
                 last_receipt = t
         v = _view(r)
-        for m in METRICS:
-            if v.ok or m.scope is Scope.SENT:
-                values[m.name].extend(m.values(v))
+        for name, get, scope in per_record:
+            if v.ok or scope is Scope.SENT:
+                values[name].extend(get(v))
         if not v.ok:
             failed += 1
             errors[r.error if r.error is not None else NO_TOKENS_ERROR] += 1
             continue
         completed += 1
+        ok.append(r)
         total_in += r.usage_prompt_tokens if r.usage_prompt_tokens is not None else r.prompt_tokens
         total_out += r.completion_tokens
         if slo is not None:
@@ -391,6 +410,7 @@ def compute_metrics(
                 good_sched += slo.met(
                     ttft_s=v.ttft_scheduled_s, tpot_s=v.tpot_s, e2el_s=v.e2el_scheduled_s
                 )
+    values["itl"] = _pooled_itls_s(ok)
     if duration_s is None and first_sent is not None and last_receipt is not None:
         duration_s = (last_receipt - first_sent) / _NS_PER_S
     return RunMetrics(

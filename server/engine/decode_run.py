@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memorywall.core import Batch
-from memorywall.server.engine.kv import blocks_for
+from memorywall.server.engine.kv import blocks_for, extend_block_hashes
 from memorywall.server.engine.scheduler import EngineCore, Sequence, StepCostModel
 
 MIN_STEPS = 4  # below this, stepping normally is as cheap
@@ -151,6 +151,45 @@ def _kv_events(core: EngineCore, steps: int) -> list[tuple[int, int, int, int]]:
     return events
 
 
+def _kv_in_bulk(core: EngineCore, events: list[tuple[int, int, int, int]]) -> bool:
+    """Apply the run's KV events with one allocation and one cache call per sequence,
+    when that ends as taking them one by one would; else change nothing, return False.
+
+    Equal when nobody watches the events' order, and none of the blocks the run fills is
+    cached already (by another block, or by another sequence in the run): then evicting
+    before caching can change no duplicate check, and the blocks handed out are the same
+    ones in the same order (allocation order is the events' order)."""
+    pool = core.pool
+    if pool.has_subscribers:
+        return False
+    running = core.running
+    size = core.config.block_size
+    cache_to: dict[int, int] = {}
+    grows: list[tuple[int, int]] = []
+    for _, i, kind, count in events:
+        if kind == _GROW:
+            grows.append((i, count))
+        else:
+            cache_to[i] = count
+    fresh = []
+    for i, full in cache_to.items():
+        seq = running[i]
+        hashes = extend_block_hashes(seq.block_hashes, full, size, seq.token_ids)
+        fresh += hashes[seq.cached_blocks : full]
+    if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):
+        return False
+    new = pool.allocate(sum(count for _, count in grows)) if grows else []
+    at = 0
+    for i, count in grows:
+        seq = running[i]
+        seq.block_ids += new[at : at + count]
+        seq.blocks += count
+        at += count
+    for i, full in cache_to.items():
+        core._cache(running[i], full)
+    return True
+
+
 def _apply(
     core: EngineCore,
     events: list[tuple[int, int, int, int]],
@@ -162,16 +201,16 @@ def _apply(
     n = len(running)
     for seq in running:
         seq.output_ids.extend(seq.tokens.next_each(steps))
-    pool = core.pool
-    for j, i, kind, count in events:
-        if j >= steps:
-            break
-        seq = running[i]
-        if kind == _GROW:
-            seq.block_ids += pool.allocate(count)
-            seq.blocks += count
-        else:
-            core._cache(seq, count)
+    taken = list(itertools.takewhile(lambda e: e[0] < steps, events))
+    if not _kv_in_bulk(core, taken):
+        pool = core.pool
+        for _, i, kind, count in taken:
+            seq = running[i]
+            if kind == _GROW:
+                seq.block_ids += pool.allocate(count)
+                seq.blocks += count
+            else:
+                core._cache(seq, count)
     # Sums in the order `complete` adds them, so floats agree to the last bit.
     per_token = np.empty((steps + 1, n))
     per_token[0] = [seq.energy_j for seq in running]

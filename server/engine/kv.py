@@ -148,6 +148,10 @@ class BlockPool:
 
         return unsubscribe
 
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subscribers)
+
     def _emit(self, event: KVEvent) -> None:
         for callback in list(self._subscribers):
             callback(event)
@@ -175,15 +179,21 @@ class BlockPool:
             self.block_hashes += [None] * fresh
         evict = n - take - fresh
         if evict:
-            lru, hashes, cached = self._lru, self.block_hashes, self.cached
-            for _ in range(evict):
-                block = lru.popitem(last=False)[0]
-                block_hash = hashes[block]
-                hashes[block] = None
-                del cached[block_hash]
-                if self._subscribers:
-                    self._emit(BlockRemoved((block_hash,)))
-                ids.append(block)
+            # One comprehension per field rather than one loop over blocks: evicting is the
+            # pool's hottest path once the cache is full (every allocation evicts).
+            pop = self._lru.popitem
+            blocks = [pop(False)[0] for _ in range(evict)]
+            hashes = self.block_hashes
+            gone = [hashes[b] for b in blocks]
+            for b in blocks:
+                hashes[b] = None
+            cached = self.cached
+            for h in gone:
+                del cached[h]
+            if self._subscribers:
+                for h in gone:
+                    self._emit(BlockRemoved((h,)))
+            ids += blocks
         for block in ids:
             refs[block] = 1
         return ids
@@ -193,17 +203,21 @@ class BlockPool:
         before its prefix."""
         refs = self.ref_counts
         hashes = self.block_hashes
+        freed = []
         for block in reversed(block_ids):
             count = refs[block] - 1
-            if count < 0:
-                raise AssertionError(f"KV block {block} released more often than referenced")
             refs[block] = count
-            if count == 0:
-                self.free_blocks += 1
-                if hashes[block] is None:
-                    self._empty.append(block)
-                else:
-                    self._lru[block] = None
+            if count <= 0:
+                if count < 0:
+                    raise AssertionError(f"KV block {block} released more often than referenced")
+                freed.append(block)
+        if not freed:
+            return
+        self.free_blocks += len(freed)
+        cached = [b for b in freed if hashes[b] is not None]
+        if len(cached) < len(freed):
+            self._empty += [b for b in freed if hashes[b] is None]
+        self._lru.update(dict.fromkeys(cached))
 
     # prefix caching
 

@@ -83,21 +83,47 @@ def token_text(token_id: int) -> str:
     return " " + _WORDS[token_id % len(_WORDS)]
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / the golden ratio
+_MASK = (1 << 64) - 1
+_TOKEN_STREAM, _LENGTH_STREAM, _DRAFT_STREAM = 0, 1, 2
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function over uint64 counters (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _splitmix_one(x: int) -> int:
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
 class TokenSource:
     """Output ids for one request: uniform over the vocabulary, never an EOS id.
 
-    Draws in blocks: numpy's per-call overhead, not the draw, is the cost here,
-    and the engine asks for a token per sequence per step.
+    Draw i of a stream is splitmix64 of (seed, stream, i): a counter-based generator,
+    so a request's source costs nothing to create (seeding a numpy Generator cost
+    ~20 us, a tenth of simulating a request) and the same seed gives the same ids on
+    every machine. Ids are drawn in blocks: numpy's per-call overhead, not the
+    arithmetic, is the cost here, and the engine asks for a token per sequence per step.
     """
 
     BLOCK = 256
 
     def __init__(self, seed: int, vocab_size: int, eos_ids: frozenset[int]) -> None:
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed & _MASK
         self._vocab = vocab_size
         self._eos = eos_ids
         self._ids: list[int] = []
-        self._uniform: list[float] = []
+        self._drawn = 0  # token draws so far
+        self._drafts = 0  # draft-acceptance draws so far
+
+    def _base(self, stream: int) -> int:
+        return _splitmix_one(self._seed ^ (stream * _GOLDEN))
 
     def next_ids(self, n: int) -> list[int]:
         ids = self._ids
@@ -114,7 +140,7 @@ class TokenSource:
         while k:
             ids = self._ids
             if not ids:
-                self._ids = ids = self._draw(self.BLOCK + 1)
+                self._ids = ids = self._draw(max(self.BLOCK, k) + 1)
             m = min(k, len(ids))
             out.extend(reversed(ids[-m:]))
             del ids[-m:]
@@ -122,11 +148,14 @@ class TokenSource:
         return out
 
     def _draw(self, n: int) -> list[int]:
-        """`n` fresh ids, EOS draws moved off EOS, in reverse draw order."""
-        block = self._rng.integers(0, self._vocab, size=n)[::-1]
-        if any((block == eos).any() for eos in self._eos):
-            return [self._not_eos(i) for i in block.tolist()]
-        return block.tolist()
+        """The next `n` ids, EOS draws moved off EOS, in reverse draw order."""
+        counters = np.arange(self._drawn + n, self._drawn, -1, dtype=np.uint64)
+        self._drawn += n
+        base = np.uint64(self._base(_TOKEN_STREAM))
+        ids = (_splitmix(counters * np.uint64(_GOLDEN) + base) % np.uint64(self._vocab)).tolist()
+        if self._eos.isdisjoint(ids):
+            return ids
+        return [self._not_eos(i) for i in ids]
 
     def _not_eos(self, token: int) -> int:
         """Move an EOS draw to the next non-EOS id, wrapping inside the vocabulary."""
@@ -136,7 +165,7 @@ class TokenSource:
 
     def natural_length(self, low: int, high: int) -> int:
         """Where an unconstrained sample would end: uniform in [low, high]."""
-        return int(self._rng.integers(low, high + 1))
+        return low + self._base(_LENGTH_STREAM) % (high - low + 1)
 
     def accepted_drafts(self, draft_tokens: int, acceptance: float) -> int:
         """Drafts accepted before the first rejection, each with probability `acceptance`."""
@@ -146,6 +175,6 @@ class TokenSource:
         return accepted
 
     def _uniform_draw(self) -> float:
-        if not self._uniform:
-            self._uniform = self._rng.random(self.BLOCK).tolist()
-        return self._uniform.pop()
+        self._drafts += 1
+        base = self._base(_DRAFT_STREAM)
+        return (_splitmix_one(base + self._drafts * _GOLDEN) >> 11) * 2.0**-53

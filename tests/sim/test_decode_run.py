@@ -123,3 +123,33 @@ def test_core_decode_run_equals_step_costs() -> None:
         for j in range(20):
             cost = sm.step_cost(Batch(decode_contexts=[c + j for c in contexts]))
             assert (cost.time_s, cost.energy_j) == (times[j], energies[j])
+
+
+def twins(seed: int) -> list[tuple[float, Request]]:
+    """Identical requests (same prompt, so the same output tokens) arriving apart: their
+    decode blocks hash alike, so a run meets blocks that are cached already."""
+    rng = np.random.default_rng(seed)
+    prompt = tuple(int(x) for x in rng.integers(1, 32_000, 40))
+    out = []
+    for i in range(12):
+        t = float(rng.uniform(0, 2.0))
+        out.append(
+            (t, Request(request_id=f"t{i}", prompt_ids=prompt, max_tokens=150, ignore_eos=True))
+        )
+    return sorted(out, key=lambda x: x[0])
+
+
+@pytest.mark.parametrize("watched", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_matches_stepping_with_repeated_blocks(seed: int, watched: bool) -> None:
+    """Runs whose blocks are cached already, or watched by a KV-event subscriber, take their
+    KV events one at a time; the state and the event stream still match stepping."""
+    arrivals = twins(seed)
+    got = []
+    for fast in (True, False):
+        core = fake_core(EngineConfig(max_num_batched_tokens=64), 4096)
+        events: list = []
+        if watched:
+            core.pool.subscribe(events.append)
+        got.append((run(core, arrivals, fast=fast), events))
+    assert got[0] == got[1]
