@@ -6,6 +6,9 @@ its room, and the two exchange one JSON object per line:
     decode  -> prefill  {"room": R, "request_id": ...}
     prefill -> decode   {"prefill": {end_s, prefill_s, tokens, deployment}}  once prefilled,
                         or {"error": "timeout" | "lost", "message": ...}
+    decode  -> prefill  {"book": {start_s, size_bytes, send_bytes_per_s,
+                                  receive_bytes_per_s, ingress: PORT}}
+    prefill -> decode   {"booking": {start_s, end_s, segments: [[start_s, end_s, B/s]...]}}
     decode  -> prefill  {"transfer": {end_s, time_s, exposed_s, bytes}}
     decode  -> prefill  {"done": true}  when the KV has landed (at end_s)
 
@@ -14,6 +17,11 @@ connection stays open until the KV has landed, so a worker that dies (the
 kernel closes its sockets) or a half that ends early shows up on the other side
 as end of file: that half then ends UNAVAILABLE. Either half may come first; one
 whose partner does not come within the timeout ends DEADLINE_EXCEEDED.
+
+The transfer is booked on both ends of the link (`core.kv_transfer.book`): the
+decode worker sends its ingress port (PORT: {after_s, segments}) while it holds
+it for this booking, and the prefill worker books the transfer on that and its
+own egress port, keeps the booking and answers with it.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from memorywall.core.kv_transfer import Booking, LinkPort, Segment, book
 from memorywall.errors import DisaggregationError, InvalidRequestError, PartnerLostError
 from memorywall.server.pd.config import DeploymentRef
 
@@ -71,6 +81,49 @@ class TransferPlan:
     @classmethod
     def from_dict(cls, data: Any) -> TransferPlan:
         return cls(**{k: float(data[k]) for k in ("end_s", "time_s", "exposed_s", "bytes")})
+
+
+def port_as_dict(port: LinkPort) -> dict[str, Any]:
+    after = None if math.isinf(port.after_s) else port.after_s
+    return {"after_s": after, "segments": _segments_as_list(port.segments)}
+
+
+def port_from_dict(data: Any) -> LinkPort:
+    after = data["after_s"]
+    return LinkPort(_segments(data["segments"]), after_s=-math.inf if after is None else after)
+
+
+def booking_as_dict(b: Booking) -> dict[str, Any]:
+    return {"start_s": b.start_s, "end_s": b.end_s, "segments": _segments_as_list(b.segments)}
+
+
+def booking_from_dict(data: Any) -> Booking:
+    return Booking(
+        start_s=float(data["start_s"]),
+        end_s=float(data["end_s"]),
+        segments=tuple(_segments(data["segments"])),
+    )
+
+
+def _segments_as_list(segments: Any) -> list[list[float]]:
+    return [[s.start_s, s.end_s, s.bytes_per_s] for s in segments]
+
+
+def _segments(data: Any) -> list[Segment]:
+    return [Segment(start_s=float(a), end_s=float(b), bytes_per_s=float(r)) for a, b, r in data]
+
+
+def book_for(egress: LinkPort, ask: Any) -> Booking:
+    """The prefill worker's side of a `book` message: the transfer placed on its egress and
+    the decode worker's ingress as sent."""
+    return book(
+        egress,
+        port_from_dict(ask["ingress"]),
+        start_s=float(ask["start_s"]),
+        size_bytes=float(ask["size_bytes"]),
+        send_bytes_per_s=float(ask["send_bytes_per_s"]),
+        receive_bytes_per_s=float(ask["receive_bytes_per_s"]),
+    )
 
 
 async def read_message(reader: asyncio.StreamReader, timeout_s: float | None) -> dict[str, Any]:
@@ -124,6 +177,7 @@ class BootstrapServer:
     def __init__(self, *, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.rooms: dict[int, Room] = {}
+        self.egress = LinkPort()  # this worker's end of the link, shared by its transfers
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -217,6 +271,10 @@ class BootstrapServer:
             await write_message(writer, {"error": "lost", "message": str(e)})
             return
         await write_message(writer, {"prefill": prefilled.as_dict()})
+        message = await self._read_unless_gone(room, reader, self.timeout_s)
+        booking = book_for(self.egress, message["book"])
+        self.egress.add(booking)
+        await write_message(writer, {"booking": booking_as_dict(booking)})
         message = await self._read_unless_gone(room, reader, self.timeout_s)
         plan = TransferPlan.from_dict(message["transfer"])
         room.plan.set_result(plan)

@@ -11,21 +11,30 @@ could still come in before it. Each request prefills on a prefill worker (a
 one-token request, as the live prefill half), its KV crosses the link
 (`core.kv_transfer`), and it decodes on a decode worker from the moment the KV
 lands (`Request.kv_transferred`); workers are taken round robin.
+
+Transfers share the link: each is booked, in the order the prefills end, on its
+prefill worker's egress port and its decode worker's ingress port
+(`kv_transfer.book`), as the live halves book them. Until it lands, the prefill
+worker keeps the prompt's KV blocks (`kv_hold`), so a loaded prefill worker runs
+short of KV as a real one does. A prefill's end, and a transfer's landing, are
+events on the one clock, taken before any step that starts at or after them.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from memorywall.core.kv_transfer import KvTransfer, kv_link, kv_transfer
+from memorywall.core.kv_transfer import KvTransfer, LinkPort, kv_link, transfer_window
 from memorywall.errors import MemorywallError
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import Timeline
 from memorywall.server.engine.scheduler import EngineCore, Request, Sequence
+from memorywall.server.pd.kv_hold import KvPin, pin_prompt
 
 if TYPE_CHECKING:
     from memorywall.server.pd.offline import PdFleet
@@ -42,12 +51,13 @@ class PdPhase:
 
 
 class _Worker:
-    """One worker's engine core, its clock and its arrivals."""
+    """One worker's engine core, its clock, its arrivals and its end of the link."""
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.now_s = 0.0  # end of its last step
         self.arrivals: list[tuple[float, int, Request]] = []
+        self.port = LinkPort()
 
     def next_s(self) -> float:
         """When its next event (a step, or admitting an arrival) starts; inf if none."""
@@ -77,6 +87,9 @@ class PdOfflineEngine:
         self.now_s = 0.0
         self._requests: dict[str, Request] = {}
         self._submitted = 0
+        # Prefill ends and KV landings, by time: (time, order, action at that time).
+        self._events: list[tuple[float, int, Callable[[float], None]]] = []
+        self._order = itertools.count()
         self._next_prefill = self._next_decode = 0
 
     @property
@@ -102,9 +115,14 @@ class PdOfflineEngine:
     def run(self) -> None:
         """Step until every request (and any `on_finish` submits) has finished."""
         workers = self.workers
+        events = self._events
         while True:
             worker = min(workers, key=_Worker.next_s)
             start = worker.next_s()
+            if events and events[0][0] <= start:
+                at_s, _, action = heapq.heappop(events)
+                action(at_s)
+                continue
             if math.isinf(start):
                 return
             self._admit(worker, start)
@@ -113,7 +131,11 @@ class PdOfflineEngine:
                 continue
             step = core.schedule(start)
             if step is None:
-                raise RuntimeError(f"worker has work but scheduled nothing at {start} s")
+                if not events:
+                    raise RuntimeError(f"worker has work but scheduled nothing at {start} s")
+                # Out of KV, held for transfers still under way: wait for the next landing.
+                worker.now_s = events[0][0]
+                continue
             emissions = core.complete(step)
             worker.now_s = step.end_s
             self.now_s = max(self.now_s, step.end_s)
@@ -122,7 +144,7 @@ class PdOfflineEngine:
                 if decoding:
                     self._decoded(e.sequence, e.token_ids, step.end_s, e.finished)
                 elif e.finished:
-                    self._prefilled(e.sequence, step.end_s)
+                    self._prefilled(worker, e.sequence, step.end_s)
 
     def _admit(self, worker: _Worker, until_s: float) -> None:
         arrivals = worker.arrivals
@@ -135,24 +157,43 @@ class PdOfflineEngine:
                 timeline.error = e
                 self._finish(timeline)
 
-    def _prefilled(self, seq: Sequence, end_s: float) -> None:
+    def _at(self, at_s: float, action: Callable[[float], None]) -> None:
+        heapq.heappush(self._events, (at_s, next(self._order), action))
+
+    def _prefilled(self, worker: _Worker, seq: Sequence, end_s: float) -> None:
+        """Called as the prefill's step completes, before its worker plans another."""
         rid = seq.request.request_id
         timeline, phase = self.timelines[rid], self.phases[rid]
         timeline.first_scheduled_s = seq.first_scheduled_s
         timeline.cached_tokens = seq.cached_tokens
         timeline.energy_j = seq.energy_j
+        phase.prefill_end_s = end_s
+        pin = pin_prompt(worker.core, seq)
         prefill_s = end_s - (seq.first_scheduled_s or end_s)
-        t = kv_transfer(
+        tokens = seq.prompt_len
+        self._at(end_s, lambda at_s: self._send(worker, pin, rid, tokens, prefill_s, at_s))
+
+    def _send(
+        self, worker: _Worker, pin: KvPin, rid: str, tokens: int, prefill_s: float, ready_s: float
+    ) -> None:
+        """Book the KV transfer of a prefill that ended at `ready_s`."""
+        decode = self.decodes[self._next_decode % len(self.decodes)]
+        self._next_decode += 1
+        window = transfer_window(
             self.fleet.prefill,
             self.link,
-            seq.prompt_len,
+            tokens,
+            ready_s=ready_s,
             prefill_s=prefill_s,
             layer_overlap=self.fleet.layer_overlap,
         )
-        phase.prefill_end_s, phase.transfer = end_s, t
-        worker = self.decodes[self._next_decode % len(self.decodes)]
-        self._next_decode += 1
-        self._push(worker, replace(self._requests[rid], kv_transferred=True), end_s + t.exposed_s)
+        booking = window.book(worker.port, decode.port, self.link)
+        worker.port.add(booking)
+        decode.port.add(booking)
+        t = self.phases[rid].transfer = window.timed(booking, self.link)
+        landed_s = ready_s + t.exposed_s
+        self._push(decode, replace(self._requests[rid], kv_transferred=True), landed_s)
+        self._at(landed_s, lambda _: pin.release())
 
     def _decoded(self, seq: Sequence, ids: list[int], end_s: float, finished: bool) -> None:
         timeline = self.timelines[seq.request.request_id]

@@ -5,7 +5,8 @@ token is sampled here, as SGLang's prefill does); its `Finished` is held back
 until the decode half reports that the KV has landed, so the RPC ends only once
 the transfer is over. Decode half: meets the prefill at its bootstrap server,
 times the transfer with `core.kv_transfer` (prefill deployment, this one, the
-link), waits until the KV lands, then submits the request with its prompt's KV
+link, and the transfers already booked on the prefill worker's egress and this
+worker's ingress), waits until the KV lands, then submits the request with its prompt's KV
 in place (`Request.kv_transferred`), arriving at that moment: its first token
 comes one decode step later, so TTFT = prefill + exposed transfer + first step.
 """
@@ -18,7 +19,14 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from memorywall.core.deployment import Deployment
-from memorywall.core.kv_transfer import KvTransfer, kv_link, kv_transfer
+from memorywall.core.kv_transfer import (
+    KvLink,
+    KvTransfer,
+    LinkPort,
+    TransferWindow,
+    kv_link,
+    transfer_window,
+)
 from memorywall.errors import (
     DisaggregationError,
     InvalidRequestError,
@@ -40,6 +48,8 @@ from memorywall.server.pd.bootstrap import (
     Prefilled,
     Room,
     TransferPlan,
+    booking_from_dict,
+    port_as_dict,
     read_message,
     write_message,
 )
@@ -219,9 +229,12 @@ class DecodeHalf(_Half):
             # The KV moves once both ends are there: from the prefill's end, or, when this
             # half came later, from its claim, with no prefill left to overlap.
             late = claimed_s > prefilled.end_s
-            transfer = self._pd.transfer(prefilled, overlap=not late)
+            window, link = self._pd.window(
+                prefilled, ready_s=max(prefilled.end_s, claimed_s), overlap=not late
+            )
+            transfer = await self._book(reader, writer, window, link)
             plan = TransferPlan(
-                end_s=max(prefilled.end_s, claimed_s) + transfer.exposed_s,
+                end_s=window.ready_s + transfer.exposed_s,
                 time_s=transfer.time_s,
                 exposed_s=transfer.exposed_s,
                 bytes=transfer.bytes,
@@ -246,6 +259,32 @@ class DecodeHalf(_Half):
             writer.close()
         self._pd.observe(transfer)
         return plan
+
+    async def _book(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        window: TransferWindow,
+        link: KvLink,
+    ) -> KvTransfer:
+        """Have the prefill worker book the transfer on its egress and this worker's
+        ingress, held meanwhile so that no other booking on it goes in between."""
+        ingress = self._pd.ingress
+        async with self._pd.ingress_lock:
+            ask = {
+                "start_s": window.start_s,
+                "size_bytes": window.idle.bytes,
+                "send_bytes_per_s": link.send_bytes_per_s,
+                "receive_bytes_per_s": link.receive_bytes_per_s,
+                "ingress": port_as_dict(ingress),
+            }
+            await write_message(writer, {"book": ask})
+            answer = await read_message(reader, None)
+            if "error" in answer:
+                raise PartnerLostError(str(answer.get("message", answer["error"])))
+            booking = booking_from_dict(answer["booking"])
+            ingress.add(booking)
+        return window.timed(booking, link)
 
     async def _eof_before(self, reader: asyncio.StreamReader, deadline_s: float) -> bool:
         """Wait until `deadline_s` on the engine clock; True if the prefill side hung up first."""
@@ -296,6 +335,9 @@ class Disaggregation:
         self.bootstrap: BootstrapServer | None = None
         self.bootstrap_port: int | None = None
         self._prefill_deployments: dict[DeploymentRef, Deployment] = {}
+        # A decode worker's end of the link; one booking on it at a time.
+        self.ingress = LinkPort()
+        self.ingress_lock = asyncio.Lock()
 
     @property
     def role(self) -> Role:
@@ -345,9 +387,12 @@ class Disaggregation:
             engine=self.engine,
         )
 
-    def transfer(self, prefilled: Prefilled, *, overlap: bool = True) -> KvTransfer:
-        """The KV transfer of a prefill that ran on the worker `prefilled` describes;
-        `overlap`: whether `--kv-layer-overlap` may hide part of it behind the prefill."""
+    def window(
+        self, prefilled: Prefilled, *, ready_s: float, overlap: bool = True
+    ) -> tuple[TransferWindow, KvLink]:
+        """The KV transfer of a prefill that ran on the worker `prefilled` describes, ready to
+        leave at `ready_s`, and its link; `overlap`: whether `--kv-layer-overlap` may hide
+        part of it behind the prefill."""
         ref = prefilled.deployment
         prefill = self._prefill_deployments.get(ref)
         if prefill is None:  # built once per prefill deployment: it reads profile files
@@ -364,13 +409,15 @@ class Disaggregation:
             link = kv_link(prefill, self.deployment, self.config.link)
         except MemorywallError as e:
             raise DisaggregationError(str(e)) from None
-        return kv_transfer(
+        window = transfer_window(
             prefill,
             link,
             prefilled.tokens,
+            ready_s=ready_s,
             prefill_s=prefilled.prefill_s,
             layer_overlap=self.config.layer_overlap and overlap,
         )
+        return window, link
 
     def observe(self, transfer: KvTransfer) -> None:
         if self.observer is not None:
