@@ -203,6 +203,7 @@ class EngineCore:
             if request.ignore_eos
             else tokens.natural_length(low, request.max_tokens)
         )
+        tokens.expect(stop_at)
         seq = Sequence(request=request, arrival_s=now, tokens=tokens, stop_at=stop_at)
         self.live[request.request_id] = seq
         self.waiting.append(seq)

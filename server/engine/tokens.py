@@ -113,6 +113,7 @@ class TokenSource:
     """
 
     BLOCK = 256
+    MAX_BLOCK = 4096
 
     def __init__(self, seed: int, vocab_size: int, eos_ids: frozenset[int]) -> None:
         self._seed = seed & _MASK
@@ -121,6 +122,11 @@ class TokenSource:
         self._ids: list[int] = []
         self._drawn = 0  # token draws so far
         self._drafts = 0  # draft-acceptance draws so far
+        self._block = self.BLOCK
+
+    def expect(self, n: int) -> None:
+        """About `n` ids will be asked for: draw them in one block (at most `MAX_BLOCK`)."""
+        self._block = max(1, min(n, self.MAX_BLOCK))
 
     def _base(self, stream: int) -> int:
         return _splitmix_one(self._seed ^ (stream * _GOLDEN))
@@ -129,7 +135,7 @@ class TokenSource:
         ids = self._ids
         if len(ids) < n:
             # Popped from the end, so keep the block reversed to hand ids out in draw order.
-            self._ids = ids = self._draw(self.BLOCK + n) + ids
+            self._ids = ids = self._draw(max(self._next_block(), n)) + ids
         if n == 1:
             return [ids.pop()]
         return [ids.pop() for _ in range(n)]
@@ -140,12 +146,17 @@ class TokenSource:
         while k:
             ids = self._ids
             if not ids:
-                self._ids = ids = self._draw(max(self.BLOCK, k) + 1)
+                self._ids = ids = self._draw(max(self._next_block(), k))
             m = min(k, len(ids))
             out.extend(reversed(ids[-m:]))
             del ids[-m:]
             k -= m
         return out
+
+    def _next_block(self) -> int:
+        """What is left of the expected ids, or a block once past them."""
+        left = self._block - self._drawn
+        return left if left > 0 else self.BLOCK
 
     def _draw(self, n: int) -> list[int]:
         """The next `n` ids, EOS draws moved off EOS, in reverse draw order."""
