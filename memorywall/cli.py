@@ -134,25 +134,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     deployment = deployment_from_args(args)
-    serving = serve_forever(
-        deployment,
-        engine_config_from_args(args),
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            grpc=args.grpc,
-            http_port=args.http_port,
-            metrics_port=args.metrics_port,
-            tokenizer=args.tokenizer,
-            grace_s=args.grace,
-            **budget,
-            **serve_options.server_options(args),
-            **pd_options.server_options(args, deployment),
-        ),
-        ready_file=args.ready_file,
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        grpc=args.grpc,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        tokenizer=args.tokenizer,
+        grace_s=args.grace,
+        **budget,
+        **serve_options.server_options(args),
+        **pd_options.server_options(args, deployment),
     )
     try:
-        asyncio.run(serving)
+        if args.api_servers > 1:
+            from memorywall.server.multi.procs import serve_processes
+
+            return serve_processes(
+                deployment,
+                engine_config_from_args(args),
+                config,
+                api_servers=args.api_servers,
+                ready_file=args.ready_file,
+                log_level=args.log_level,
+            )
+        asyncio.run(
+            serve_forever(
+                deployment, engine_config_from_args(args), config, ready_file=args.ready_file
+            )
+        )
     except OSError as e:
         raise _UsageError(str(e)) from None
     return 0
@@ -426,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="once every port is bound, write a JSON file here (pid, addresses, hardware, "
         "model, devices, limits); removed on exit",
+    )
+    p.add_argument(
+        "--api-servers",
+        type=positive_int,
+        default=1,
+        help="front-end processes around one engine process, all on the same ports "
+        "(SO_REUSEPORT), like vLLM's --api-server-count (default 1: one process)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve_options.add_arguments(p)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from memorywall.core import Deployment
 from memorywall.errors import ConfigError
 from memorywall.ready import ServerReady, remove, write_json
+from memorywall.server.engine.api import EngineClient
 from memorywall.server.engine.build import ModelCard, build_core
 from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
@@ -42,7 +44,7 @@ from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERV
 from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
 from memorywall.server.fronts.tls import TlsConfig
 from memorywall.server.fronts.tokenizer import load_tokenizer
-from memorywall.server.pd import PdConfig, disaggregation_for
+from memorywall.server.pd import Disaggregation, PdConfig, disaggregation_for
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")
@@ -116,7 +118,11 @@ class EmulatorServer:
         registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None
         self.pd = disaggregation_for(self.guarded, deployment, config.disaggregation, registry)
         self._ssl = config.tls.ssl_context() if config.tls is not None else None
-        self.server = self._grpc_server(engine_config.seed) if config.grpc else None
+        self.server: grpc.aio.Server | None = None
+        if config.grpc:
+            self.server, self.health = grpc_server(
+                self.guarded, self.card, config, engine_config.seed, self.pd
+            )
         self.http: HttpSite | None = None
         if config.http_port is not None:
             tokenizer = load_tokenizer(config.tokenizer, self.card.vocab_size)
@@ -133,41 +139,6 @@ class EmulatorServer:
         if config.metrics_port is not None:
             self.metrics_site = HttpSite(metrics_app(metrics), ssl_context=self._ssl)
         self.port = 0
-
-    def _grpc_server(self, seed: int) -> grpc.aio.Server:
-        self.health = health_aio.HealthServicer()
-        limit = self.config.max_request_bytes
-        options = [
-            ("grpc.so_reuseport", 0),
-            # Up to twice the limit reaches the servicer, which answers INVALID_ARGUMENT
-            # naming the limit; grpc itself refuses larger (RESOURCE_EXHAUSTED) unread.
-            ("grpc.max_receive_message_length", 2 * limit),
-            # grpc core cancels calls that wait for the Python loop to take them beyond
-            # 1,000 (randomly) to 3,000 (all): a burst of 10,000 streams then sees
-            # CANCELLED. Admission is ours to decide (--max-waiting, with a status that
-            # says so), so core's backlog bounds sit far above any burst we serve.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-        ]
-        # Every call passes the gate first: the API key, and a request that decodes.
-        gate = GrpcGate(api_key=self.config.api_key)
-        server = grpc.aio.server(options=options, interceptors=[gate])
-        engine_pb2_grpc.add_EngineServicer_to_server(
-            EngineServicer(self.guarded, self.card, seed, max_request_bytes=limit), server
-        )
-        # SGLang's worker API, for the smg gateway: the same engine, the same port.
-        add_to_server(SglangServicer(self.guarded, self.card, self.pd), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                SGLANG_SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        return server
 
     @property
     def target(self) -> str:
@@ -211,14 +182,7 @@ class EmulatorServer:
         if (risk := exposure_risk(c)) is not None:
             log.warning(risk)
         if self.server is not None:
-            address = f"{c.host}:{c.port}"
-            try:
-                if c.tls is not None:
-                    self.port = self.server.add_secure_port(address, c.tls.grpc_credentials())
-                else:
-                    self.port = self.server.add_insecure_port(address)
-            except RuntimeError as e:  # grpc reports a failed bind this way
-                raise OSError(f"cannot serve on {address}: {e}") from None
+            self.port = bind_grpc(self.server, c, c.port)
         await self.engine.start()
         try:
             if self.http is not None:
@@ -256,6 +220,68 @@ class EmulatorServer:
         for site in (self.http, self.metrics_site):
             if site is not None:
                 await site.stop()
+
+
+def grpc_server(
+    engine: EngineClient,
+    card: ModelCard,
+    config: ServerConfig,
+    seed: int,
+    pd: Disaggregation | None = None,
+    *,
+    reuse_port: bool = False,
+    unnamed_prompts: Iterator[int] | None = None,
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+    """The gRPC server (memorywall.v1, SGLang, health, reflection) over `engine`, unbound.
+
+    `reuse_port`: several processes bind the same port (`--api-servers`).
+    `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
+    """
+    health = health_aio.HealthServicer()
+    limit = config.max_request_bytes
+    options = [
+        ("grpc.so_reuseport", int(reuse_port)),
+        # Up to twice the limit reaches the servicer, which answers INVALID_ARGUMENT
+        # naming the limit; grpc itself refuses larger (RESOURCE_EXHAUSTED) unread.
+        ("grpc.max_receive_message_length", 2 * limit),
+        # grpc core cancels calls that wait for the Python loop to take them beyond
+        # 1,000 (randomly) to 3,000 (all): a burst of 10,000 streams then sees
+        # CANCELLED. Admission is ours to decide (--max-waiting, with a status that
+        # says so), so core's backlog bounds sit far above any burst we serve.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+    ]
+    # Every call passes the gate first: the API key, and a request that decodes.
+    gate = GrpcGate(api_key=config.api_key)
+    server = grpc.aio.server(options=options, interceptors=[gate])
+    servicer = EngineServicer(
+        engine, card, seed, max_request_bytes=limit, unnamed_prompts=unnamed_prompts
+    )
+    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    # SGLang's worker API, for the smg gateway: the same engine, the same port.
+    add_to_server(SglangServicer(engine, card, pd), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            SGLANG_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health
+
+
+def bind_grpc(server: grpc.aio.Server, config: ServerConfig, port: int) -> int:
+    """Bind `server` to config.host:`port`; returns the bound port, OSError if it cannot."""
+    address = f"{config.host}:{port}"
+    try:
+        if config.tls is not None:
+            return server.add_secure_port(address, config.tls.grpc_credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc reports a failed bind this way
+        raise OSError(f"cannot serve on {address}: {e}") from None
 
 
 def exposure_risk(config: ServerConfig) -> str | None:
@@ -300,14 +326,39 @@ def quiet_gc() -> None:
 
 def ready_info(server: EmulatorServer) -> ServerReady:
     """What the ready file says about a started server."""
-    card = server.card
-    return ServerReady(
+    return card_ready(
+        server.card,
         pid=os.getpid(),
         host=server.config.host,
         tls=server.config.tls is not None,
         grpc_port=server.port if server.server is not None else None,
         http_port=server.http_port,
         metrics_port=server.metrics_port,
+        role=server.config.disaggregation.role.value,
+        bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
+    )
+
+
+def card_ready(
+    card: ModelCard,
+    *,
+    pid: int,
+    host: str,
+    tls: bool,
+    grpc_port: int | None,
+    http_port: int | None,
+    metrics_port: int | None,
+    role: str = "both",
+    bootstrap_port: int | None = None,
+) -> ServerReady:
+    """A ready file's content: where a process listens, and the model card it serves."""
+    return ServerReady(
+        pid=pid,
+        host=host,
+        tls=tls,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
         hardware=card.hardware,
         model=card.model,
         devices=card.devices,
@@ -318,8 +369,8 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         max_num_batched_tokens=card.max_num_batched_tokens,
         kv_capacity_tokens=card.kv_capacity_tokens,
         predicted_tokens_per_s_per_user=card.predicted_tokens_per_s_per_user,
-        role=server.config.disaggregation.role.value,
-        bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
+        role=role,
+        bootstrap_port=bootstrap_port,
     )
 
 

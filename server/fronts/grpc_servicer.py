@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import uuid
+from collections.abc import Iterator
 
 import grpc
 
@@ -39,14 +40,17 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         seed: int = 0,
         *,
         max_request_bytes: int | None = None,
+        unnamed_prompts: Iterator[int] | None = None,
     ) -> None:
+        """`unnamed_prompts`: the numbers unnamed token-count prompts take, in arrival order
+        (default 0, 1, 2, ...; each front process of `--api-servers` takes its own share)."""
         self.engine = engine
         self.card = card
         self.seed = seed
         self.max_request_bytes = max_request_bytes
         # Unnamed token-count prompts are numbered in arrival order, so each gets its own
         # content (no accidental prefix-cache hits) and a given order replays the same.
-        self._unnamed = itertools.count()
+        self._unnamed = itertools.count() if unnamed_prompts is None else unnamed_prompts
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
         limit = self.max_request_bytes

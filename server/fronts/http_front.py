@@ -210,8 +210,15 @@ def metrics_app(metrics: MetricsSource) -> web.Application:
 class HttpSite:
     """One aiohttp application bound to host:port. `await start()` returns the bound port."""
 
-    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,  # several processes bind the same port (`--api-servers`)
+    ) -> None:
         self.ssl_context = ssl_context
+        self.reuse_port = reuse_port
         # handler_cancellation: a client that disconnects cancels its handler at once, which
         # aborts its request, even while it waits in the queue with nothing to write.
         # lingering_time=0: a body the handler did not read (refused early, or undecodable)
@@ -228,7 +235,9 @@ class HttpSite:
 
     async def start(self, host: str, port: int) -> int:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_port=False, ssl_context=self.ssl_context)
+        site = web.TCPSite(
+            self.runner, host, port, reuse_port=self.reuse_port, ssl_context=self.ssl_context
+        )
         try:
             await site.start()
         except OSError as e:

@@ -1,0 +1,334 @@
+"""A front process's `EngineClient`: the engine in another process, over `wire`.
+
+What the fronts ask synchronously is answered here: `submit` checks what the
+engine would refuse (from the model card the engine sent) and returns a stream
+at once, `stats` and `waiting` come from the snapshot the engine pushes when
+they change, `now` is CLOCK_MONOTONIC, which every process on the machine
+shares, so arrival stamps made here mean the same in the engine. A duplicate
+request id held by another front is only seen by the engine: that stream ends
+with the engine's error as its first event.
+
+`abort` by request id aborts a stream of this front and answers True; for any
+other id it asks the engine to abort it wherever it runs and answers False,
+since it cannot know the outcome without waiting (a client's Abort normally
+shares the connection, hence the front, of the stream it cancels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+
+from memorywall.errors import (
+    ContextLengthError,
+    DrainingError,
+    DuplicateRequestError,
+    InvalidRequestError,
+    MemorywallError,
+    RequestTooLargeError,
+)
+from memorywall.server.engine.api import (
+    EngineStats,
+    Event,
+    KVEvent,
+    Request,
+    TokenGroup,
+)
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.faults import FaultKind
+from memorywall.server.engine.kv import blocks_for
+from memorywall.server.multi.wire import Kind, Outbox, error_from, group_from, read_frame
+
+METRICS_TIMEOUT_S = 10.0
+
+
+class EngineLostError(DrainingError):
+    """The engine process went away; every stream of this front ends with it."""
+
+
+class RemoteStream:
+    """One request's events as the engine forwards them; see `api.EventStream`."""
+
+    __slots__ = ("_done", "_engine", "_events", "_waiter", "ended", "key", "request_id")
+
+    def __init__(self, engine: RemoteEngine, key: int, request_id: str) -> None:
+        self._engine = engine
+        self.key = key
+        self.request_id = request_id
+        self._events: deque[Event | MemorywallError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False  # the reader has taken the last event
+        self.ended = False  # the engine has finished or aborted it (or it was closed)
+
+    def _put(self, event: Event | MemorywallError) -> None:
+        if type(event) is not TokenGroup or event.finish_reason is not None:
+            self.ended = True
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def next_event(self) -> Event | None:
+        events = self._events
+        while not events:
+            if self._done:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        event = events.popleft()
+        if type(event) is TokenGroup:
+            if events and type(events[0]) is TokenGroup:
+                return _merged(event, events)  # a reader that fell behind takes them at once
+            return event
+        self._done = True
+        if isinstance(event, MemorywallError):
+            raise event
+        return event
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        """The front stops reading: abort the request unless it has ended."""
+        if not self.ended:
+            self.ended = True
+            self._engine._close(self)
+        self._engine._forget(self)
+
+
+def _merged(first: TokenGroup, queue: deque) -> TokenGroup:
+    """`first` and the token groups queued after it, as one group (as the engine's own
+    stream hands over everything released since the reader last came)."""
+    groups = [first]
+    while queue and type(queue[0]) is TokenGroup:
+        groups.append(queue.popleft())
+    last = groups[-1]
+    return TokenGroup(
+        token_ids=tuple(t for g in groups for t in g.token_ids),
+        text="".join(g.text for g in groups),
+        times_s=tuple(t for g in groups for t in g.times_s),
+        prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
+        completion_tokens=last.completion_tokens,
+        finish_reason=last.finish_reason,
+    )
+
+
+def check_request(request: Request, card: ModelCard, block_size: int) -> None:
+    """Refuse what the engine core would refuse (`EngineCore.add`), with its errors, so that
+    a front answers bad input with the right status before it starts a response."""
+    r = request
+    if r.max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
+    if r.min_tokens > r.max_tokens:
+        raise InvalidRequestError(f"min_tokens: {r.min_tokens} exceeds max_tokens {r.max_tokens}")
+    if not r.prompt_ids:
+        raise InvalidRequestError("prompt: empty")
+    total = len(r.prompt_ids) + r.max_tokens
+    if total > card.context_window:
+        raise ContextLengthError(
+            f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = {total} "
+            f"exceeds the context window of {card.context_window}"
+        )
+    if blocks_for(total, block_size) * block_size > card.kv_capacity_tokens:
+        raise RequestTooLargeError(
+            f"prompt + max_tokens = {total} tokens exceeds the KV capacity of "
+            f"{card.kv_capacity_tokens} tokens"
+        )
+
+
+class RemoteEngine:
+    """`EngineClient` over one front's socket to the engine process. `await connect()` first.
+
+    Also the front guard's observer: its fault and refusal counts go to the engine, whose
+    /metrics counts every front's.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._out = Outbox(writer)
+        self._streams: dict[int, RemoteStream] = {}
+        self._by_id: dict[str, RemoteStream] = {}
+        self._keys = itertools.count()
+        self._kv_callbacks: list[Callable[[KVEvent], None]] = []
+        self._metrics: dict[int, asyncio.Future[tuple[bytes, str]]] = {}
+        self._draining = False
+        self.drained = asyncio.Event()  # the engine has drained (asked by any front or itself)
+        self.lost = asyncio.Event()  # the engine's socket closed
+        self.card: ModelCard | None = None
+        self.block_size = 0
+        self._stats: EngineStats | None = None
+        self._task: asyncio.Task | None = None
+
+    async def connect(self) -> ModelCard:
+        """Wait for the engine's hello (the model card and first stats), then serve."""
+        frame = await read_frame(self._reader)
+        if not frame or frame[0][0] is not Kind.HELLO:
+            raise ConnectionError("the engine process closed before it said hello")
+        _, self.card, self._stats, self.block_size = frame[0]
+        self._dispatch(frame[1:])
+        self._task = asyncio.create_task(self._read(), name="memorywall-remote-engine")
+        return self.card
+
+    async def _read(self) -> None:
+        try:
+            while (messages := await read_frame(self._reader)) is not None:
+                self._dispatch(messages)
+        finally:
+            self._lose()
+
+    def _dispatch(self, messages: list[tuple]) -> None:
+        streams = self._streams
+        for m in messages:
+            kind = m[0]
+            if kind is Kind.GROUP:
+                if (stream := streams.get(m[1])) is not None:
+                    stream._put(group_from(m))
+            elif kind is Kind.FINISHED:
+                if (stream := streams.get(m[1])) is not None:
+                    stream._put(m[2])
+            elif kind is Kind.ERROR:
+                if (stream := streams.get(m[1])) is not None:
+                    stream._put(error_from(m))
+            elif kind is Kind.STATS:
+                self._stats = m[1]
+            elif kind is Kind.KV_EVENT:
+                for callback in list(self._kv_callbacks):
+                    callback(m[1])
+            elif kind is Kind.METRICS_BODY:
+                future = self._metrics.pop(m[1], None)
+                if future is not None and not future.done():
+                    future.set_result((m[2], m[3]))
+            elif kind is Kind.DRAINING:
+                self._draining = True
+            elif kind is Kind.DRAINED:
+                self._draining = True
+                self.drained.set()
+
+    def _lose(self) -> None:
+        """The engine is gone: end every stream with an error and let waiters go."""
+        self._draining = True
+        error = EngineLostError("the engine process exited; the request cannot finish")
+        for stream in list(self._streams.values()):
+            if not stream.ended:
+                stream._put(error)
+        for future in self._metrics.values():
+            if not future.done():
+                future.set_exception(EngineLostError("the engine process exited"))
+        self.drained.set()
+        self.lost.set()
+
+    # EngineClient
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def submit(
+        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+    ) -> RemoteStream:
+        if self._draining:
+            raise DrainingError("server is shutting down; not admitting new requests")
+        rid = request.request_id
+        if rid in self._by_id:
+            raise DuplicateRequestError(f"request_id {rid!r} is already in flight")
+        check_request(request, self.card, self.block_size)
+        key = next(self._keys)
+        stream = RemoteStream(self, key, rid)
+        self._streams[key] = stream
+        self._by_id[rid] = stream
+        arrival = time.monotonic() if arrival_s is None else arrival_s
+        self._out.put((Kind.SUBMIT, key, request, min_interval_s, arrival))
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        stream = self._by_id.get(request_id)
+        if stream is None:
+            self._out.put((Kind.ABORT_ID, request_id))
+            return False
+        if stream.ended:
+            return False
+        stream.ended = True
+        self._close(stream)  # its reader gets the engine's Finished (reason abort)
+        return True
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def waiting(self) -> int:
+        return self._stats.waiting
+
+    def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
+        if not self._kv_callbacks:
+            self._out.put((Kind.KV_EVENTS, True))
+        self._kv_callbacks.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._kv_callbacks:
+                self._kv_callbacks.remove(callback)
+                if not self._kv_callbacks:
+                    self._out.put((Kind.KV_EVENTS, False))
+
+        return unsubscribe
+
+    async def drain(self, grace_s: float) -> None:
+        """Ask the engine to drain (every front asks; it drains once) and wait until it has:
+        the engine gives streams `grace_s`, this waits a little longer for its answer."""
+        self._draining = True
+        if not self.drained.is_set():
+            self._out.put((Kind.DRAIN,))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained.wait(), timeout=grace_s + 5.0)
+
+    # What only the multi-process fronts use
+
+    async def render_metrics(self) -> tuple[bytes, str]:
+        """The engine's /metrics body and content type."""
+        if self.lost.is_set():
+            raise EngineLostError("the engine process exited")
+        token = next(self._keys)
+        future = asyncio.get_running_loop().create_future()
+        self._metrics[token] = future
+        self._out.put((Kind.METRICS, token))
+        try:
+            return await asyncio.wait_for(future, timeout=METRICS_TIMEOUT_S)
+        finally:
+            self._metrics.pop(token, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._out.close()
+
+    # GuardObserver
+
+    def on_fault(self, kind: FaultKind) -> None:
+        self._out.put((Kind.GUARD_FAULT, kind.value))
+
+    def on_rejected(self, reason: str) -> None:
+        self._out.put((Kind.GUARD_REJECTED, reason))
+
+    # RemoteStream's
+
+    def _close(self, stream: RemoteStream) -> None:
+        self._out.put((Kind.CLOSE, stream.key))
+
+    def _forget(self, stream: RemoteStream) -> None:
+        self._streams.pop(stream.key, None)
+        if self._by_id.get(stream.request_id) is stream:
+            del self._by_id[stream.request_id]

@@ -1,0 +1,328 @@
+"""`memorywall serve --api-servers N`: one engine process behind N front processes.
+
+The engine side is tested in-process over a real socketpair (`EngineHost` and
+`RemoteEngine`, the same code the processes run); the process tree is tested as
+a user runs it, on 127.0.0.1 with port 0 (front 0 binds any free port, the
+others join it with SO_REUSEPORT). A test reaches a given front by opening
+connections until each front has answered one (`X-Memorywall-Front`), then
+keeps those connections alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memorywall.cli import main
+from memorywall.errors import DuplicateRequestError
+from memorywall.ready import ServerReady, wait_for
+from memorywall.server.engine.api import Finished, Request, TokenGroup
+from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.multi.engine_host import EngineHost
+from memorywall.server.multi.front import FRONT_HEADER
+from memorywall.server.multi.remote import RemoteEngine
+
+H100_8B = ["--hardware", "h100-sxm", "--model", "llama-3.1-8b"]
+START_TIMEOUT_S = 60.0  # three spawned interpreters importing numpy and grpc on 2 busy cores
+EXIT_TIMEOUT_S = 30.0
+FIND_FRONT_TRIES = 64  # connections spread by a hash of the port pair: 2**-63 to miss one
+PROMPT = "the quick brown fox jumps over the lazy dog " * 6  # ~66 tokens: 4 full blocks
+
+
+# In process: the engine host and fronts' RemoteEngine over socketpairs
+
+
+async def _engine_with_fronts(deployment, fronts: int) -> tuple[EngineHost, asyncio.Task, list]:
+    host = EngineHost(deployment, EngineConfig(), max_messages_per_s=40_000.0, grace_s=1.0)
+    pairs = [socket.socketpair() for _ in range(fronts)]
+    tasks = [asyncio.create_task(host.serve([a for a, _ in pairs]))]
+    remotes = []
+    for _, b in pairs:
+        remote = RemoteEngine(*await asyncio.open_unix_connection(sock=b))
+        await remote.connect()
+        remotes.append(remote)
+    return host, tasks[0], remotes
+
+
+def _request(request_id: str, prompt: tuple[int, ...], max_tokens: int) -> Request:
+    return Request(request_id=request_id, prompt_ids=prompt, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def _drain(stream) -> list:
+    return [event async for event in stream]
+
+
+async def test_fronts_share_one_kv_pool(h100_8b):
+    host, serving, (a, b) = await _engine_with_fronts(h100_8b, 2)
+    prompt = tuple(range(1, 100))  # 6 full blocks of 16
+    first = await _drain(a.submit(_request("a", prompt, 4)))
+    second = await _drain(b.submit(_request("b", prompt, 4)))
+    assert first[-1].cached_tokens == 0
+    assert second[-1].cached_tokens == 96  # what front A's request left in the pool
+    assert [type(e) for e in second] == [TokenGroup] * 4 + [Finished]
+    assert host.engine.stats().prefix_cache.hits == 96
+    for remote in (a, b):
+        await remote.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+async def test_a_closed_front_frees_everything_its_streams_held(h100_8b):
+    host, serving, (a, b) = await _engine_with_fronts(h100_8b, 2)
+    held = [a.submit(_request(f"a{i}", tuple(range(1, 200)), 5000)) for i in range(3)]
+    kept = b.submit(_request("b", tuple(range(300, 400)), 5000))
+    for stream in (*held, kept):
+        assert isinstance(await stream.next_event(), TokenGroup)
+    assert host.engine.stats().running == 4
+    await a.close()  # front A's process is gone: its socket closes
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while host.engine.stats().running != 1:
+        assert time.monotonic() < deadline, host.engine.stats()
+        await asyncio.sleep(0.01)
+    stats = host.engine.stats()
+    assert stats.requests_aborted == 3
+    assert isinstance(await kept.next_event(), TokenGroup)  # front B's stream goes on
+    kept.close()
+    await b.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+    stats = host.engine.stats()
+    assert (stats.running, stats.waiting, stats.kv_used_tokens) == (0, 0, 0)
+
+
+async def test_an_id_live_on_another_front_is_refused_by_the_engine(h100_8b):
+    _, serving, (a, b) = await _engine_with_fronts(h100_8b, 2)
+    live = a.submit(_request("same", tuple(range(1, 50)), 5000))
+    assert isinstance(await live.next_event(), TokenGroup)
+    with pytest.raises(DuplicateRequestError):  # the front's own check
+        a.submit(_request("same", tuple(range(1, 50)), 4))
+    with pytest.raises(DuplicateRequestError, match="already in flight"):
+        await b.submit(_request("same", tuple(range(1, 50)), 4)).next_event()
+    live.close()
+    for remote in (a, b):
+        await remote.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+# As a user runs it: the process tree
+
+
+class Tree:
+    """A running `serve --api-servers N` and what its ready file says."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.ready_file = tmp_path / "ready.json"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memorywall",
+                "serve",
+                *args,
+                "--ready-file",
+                str(self.ready_file),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "stderr.log", "w"),  # noqa: SIM115 - closed with the process
+        )
+        self.log = tmp_path / "stderr.log"
+        self.ready = ServerReady.from_dict(
+            wait_for(self.ready_file, self.process, timeout_s=START_TIMEOUT_S)
+        )
+        self.children = _children(self.process.pid)
+
+    def connect_to_each_front(self, count: int) -> dict[int, http.client.HTTPConnection]:
+        """One kept-alive connection per front, by index."""
+        found: dict[int, http.client.HTTPConnection] = {}
+        for _ in range(FIND_FRONT_TRIES):
+            conn = http.client.HTTPConnection("127.0.0.1", self.ready.http_port, timeout=30)
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            index = int(response.getheader(FRONT_HEADER))
+            if index in found:
+                conn.close()
+            else:
+                found[index] = conn
+            if len(found) == count:
+                return found
+        raise AssertionError(f"only fronts {sorted(found)} answered {FIND_FRONT_TRIES} connections")
+
+
+@pytest.fixture
+def tree(tmp_path) -> Iterator:
+    started: list[Tree] = []
+
+    def start(*args: str) -> Tree:
+        started.append(Tree(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for t in started:
+        if t.process.poll() is None:
+            t.process.kill()  # the children see their parent go and stop by themselves
+        t.process.wait(timeout=EXIT_TIMEOUT_S)
+        _wait_gone(t.children)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+
+
+def _post(conn: http.client.HTTPConnection, body: dict) -> http.client.HTTPResponse:
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return conn.getresponse()
+
+
+def _stream(conn: http.client.HTTPConnection, max_tokens: int) -> list[tuple[float, list[float]]]:
+    """(arrival after the request was sent, modelled times) of each chunk with tokens."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    t0 = time.monotonic()
+    response = _post(conn, body)
+    assert response.status == 200
+    out = []
+    while line := response.readline():
+        if line.startswith(b"data: {"):
+            times = json.loads(line[6:])["memorywall"].get("modelled_times_s")
+            if times:
+                out.append((time.monotonic() - t0, times))
+    return out
+
+
+def _cached_tokens(conn: http.client.HTTPConnection) -> int:
+    response = _post(conn, {"prompt": PROMPT, "max_tokens": 2, "ignore_eos": True})
+    assert response.status == 200
+    return json.loads(response.read())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_two_fronts_stream_modelled_times_and_share_the_kv_pool(tree):
+    t = tree(*H100_8B, "--port", "0", "--http-port", "0", "--api-servers", "2")
+    assert len(t.children) >= 3  # the engine, two fronts (and multiprocessing's tracker)
+    fronts = t.connect_to_each_front(2)
+    # A prompt sent through front 0, then through front 1, hits the blocks front 0 left.
+    assert _cached_tokens(fronts[0]) == 0
+    assert _cached_tokens(fronts[1]) == 64
+    step_s = 1.0 / t.ready.predicted_tokens_per_s_per_user
+    for conn in fronts.values():
+        chunks = _stream(conn, 48)
+        times = [time for _, ts in chunks for time in ts]
+        assert len(times) == 48
+        gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+        # Decode steps at batch 1 and context ~100: near the card's prediction (context 1024).
+        assert step_s * 0.7 < sum(gaps) / len(gaps) < step_s * 1.3
+        for arrived_s, ts in chunks:
+            # Never before the model's time (the server stamped arrival after we sent), and
+            # not long after it, even on a loaded 2-core machine.
+            assert ts[-1] - 0.001 <= arrived_s <= ts[-1] + 0.5
+        conn.close()
+
+
+def test_sigterm_to_the_parent_stops_every_process(tree):
+    t = tree(*H100_8B, "--port", "0", "--http-port", "0", "--api-servers", "2")
+    children = t.children
+    t.process.send_signal(signal.SIGTERM)
+    assert t.process.wait(timeout=EXIT_TIMEOUT_S) == 0
+    _wait_gone(children)
+    assert not t.ready_file.exists()
+    assert "Traceback" not in t.log.read_text()
+
+
+def _serving_pid(conn: http.client.HTTPConnection, candidates: list[int]) -> int:
+    """The process holding the server end of `conn` (Linux: /proc/net/tcp, then fds)."""
+    local_port = conn.sock.getsockname()[1]
+    server_port = conn.sock.getpeername()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == (
+            local_port
+        ):
+            inode = fields[9]
+    assert inode is not None
+    for pid in candidates:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except FileNotFoundError:
+                continue
+    raise AssertionError(f"no process among {candidates} holds socket {inode}")
+
+
+def _metric(conn: http.client.HTTPConnection, line_start: str) -> float:
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    text = response.read().decode()
+    assert response.status == 200
+    values = [float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line_start)]
+    assert len(values) == 1, line_start
+    return values[0]
+
+
+def test_a_killed_front_frees_its_streams_and_the_rest_stops(tree):
+    t = tree(*H100_8B, "--port", "0", "--http-port", "0", "--api-servers", "2", "--grace", "5")
+    fronts = t.connect_to_each_front(2)
+    body = {"prompt": PROMPT, "max_tokens": 20_000, "ignore_eos": True, "stream": True}
+    held = _post(fronts[0], body)  # headers only: the stream runs on in the engine
+    kept_conn = http.client.HTTPConnection("127.0.0.1", t.ready.http_port, timeout=30)
+    while True:  # a second connection to front 1 for /metrics while front 1 streams
+        kept_conn.request("GET", "/health")
+        response = kept_conn.getresponse()
+        response.read()
+        if response.getheader(FRONT_HEADER) == "1":
+            break
+        kept_conn.close()
+        kept_conn = http.client.HTTPConnection("127.0.0.1", t.ready.http_port, timeout=30)
+    kept = _post(fronts[1], body)
+    assert held.status == kept.status == 200
+    running = 'vllm:num_requests_running{engine="0",model_name="llama-3.1-8b"}'
+    aborted = 'vllm:request_success_total{engine="0",finished_reason="abort"'
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while _metric(kept_conn, running) != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(_serving_pid(fronts[0], t.children), signal.SIGKILL)
+    # The engine frees front 0's stream at once; front 1's runs on through the drain.
+    while _metric(kept_conn, running) != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert _metric(kept_conn, aborted) == 1
+    assert t.process.wait(timeout=EXIT_TIMEOUT_S) == 1  # the parent stopped everything
+    _wait_gone(t.children)
+    assert "front 0" in t.log.read_text()
+
+
+def test_api_servers_0_is_a_one_line_usage_error(capsys):
+    assert main(["serve", *H100_8B, "--port", "0", "--api-servers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--api-servers" in err and ">= 1" in err
