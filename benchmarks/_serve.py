@@ -1,11 +1,13 @@
 """Start `memorywall serve` in its own process for a benchmark and find its addresses
-through its ready file (`memorywall/ready.py`), never its log."""
+through its ready file (`memorywall/ready.py`), never its log; read a server's /metrics."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 from memorywall.ready import ServerReady, wait_for
 
 START_TIMEOUT_S = 60.0
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 @contextmanager
@@ -45,3 +48,14 @@ def emulator_with_http(*args: str) -> Iterator[tuple[str, str]]:
     """Yield (gRPC target, HTTP base URL) of a fresh server with both fronts on one engine."""
     with serving(*args, "--http-port", "0") as ready:
         yield ready.grpc_target, ready.http_url
+
+
+def scrape(url: str) -> list[tuple[str, str, float]]:
+    """Every sample a Prometheus text endpoint serves: (name, its `{labels}` text or "", value)."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    samples = []
+    for line in text.splitlines():
+        if not line.startswith("#") and (m := _SAMPLE.match(line)):
+            samples.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    return samples

@@ -17,20 +17,14 @@ appended), so `benchmarks/gateway_study.py` and this script share docs/gateway.m
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
-import re
-import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from memorywall.fleet import Fleet, FleetReady, find_smg
+from benchmarks._serve import scrape
+from memorywall.fleet import find_smg, in_background
 from memorywall.fleet_faults import WorkerAction, WorkerFault
 from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
@@ -47,7 +41,6 @@ GATEWAYS = {
     "smg defaults": (),
     "no retries, no breaker": ("--disable-retries", "--disable-circuit-breaker"),
 }
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 def fleet_spec(scenario: str, gateway_args: tuple[str, ...]) -> FleetSpec:
@@ -62,35 +55,10 @@ def fleet_spec(scenario: str, gateway_args: tuple[str, ...]) -> FleetSpec:
     return FleetSpec(workers=workers, gateway=gateway, faults=faults)
 
 
-@contextmanager
-def running(spec: FleetSpec) -> Iterator[FleetReady]:
-    folder = Path(tempfile.mkdtemp(prefix="gw-faults-"))
-    ready_file, stop, out = folder / "fleet.ready.json", threading.Event(), io.StringIO()
-    fleet = Fleet(spec, folder / "logs", out=out, stop=stop, ready_file=ready_file)
-    thread = threading.Thread(target=fleet.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not ready_file.exists():
-        if not thread.is_alive() or time.monotonic() > deadline:
-            stop.set()
-            raise RuntimeError(f"fleet did not start:\n{out.getvalue()}")
-        time.sleep(0.05)
-    try:
-        yield FleetReady.from_dict(json.loads(ready_file.read_text()))
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-
-
 def smg_counters(url: str) -> Counter[str]:
     """Retries on the chat endpoint and circuit breakers opened, from smg's /metrics."""
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
     out: Counter[str] = Counter()
-    for line in text.splitlines():
-        if line.startswith("#") or not (m := _SAMPLE.match(line)):
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+    for name, labels, value in scrape(url):
         if name == "smg_worker_retries_total" and 'endpoint="chat"' in labels:
             out["retries"] += value
         if name == "smg_worker_cb_transitions_total" and 'to="open"' in labels:
@@ -99,7 +67,7 @@ def smg_counters(url: str) -> Counter[str]:
 
 
 def run(scenario: str, gateway: str) -> dict:
-    with running(fleet_spec(scenario, GATEWAYS[gateway])) as up:
+    with in_background(fleet_spec(scenario, GATEWAYS[gateway]), prefix="gw-faults-") as up:
         before = smg_counters(up.gateway.metrics_url)
         config = BenchConfig(
             target=up.gateway.url,

@@ -20,19 +20,14 @@ Everything is emulated: the workers model the hardware's timeline; smg is real.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import platform
-import re
-import tempfile
-import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks._serve import scrape
 from benchmarks.gateway_faults import section_in, write_section
 from memorywall.core import (
     Batch,
@@ -42,7 +37,7 @@ from memorywall.core import (
     load_model,
     plan_deployment,
 )
-from memorywall.fleet import Fleet, FleetReady, find_smg
+from memorywall.fleet import FleetReady, find_smg, in_background
 from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
@@ -55,65 +50,32 @@ MIXED_POLICIES = ("power_of_two", "cache_aware")
 CONCURRENCY = 16
 GROUPS, PREFIX, PROMPT, OUTPUT = 8, 800, 1000, 128
 REQUESTS = 96
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
-class RunningFleet:
-    """A fleet in a background thread; its workers' HTTP URLs and the gateway's URL, read
-    from the fleet's ready file."""
+def fleet_spec(workers: list[tuple[str, str]], policy: str) -> FleetSpec:
+    """Workers (name, hardware) with HTTP fronts, behind smg with `policy`."""
+    return FleetSpec(
+        workers=tuple(
+            WorkerSpec(name=n, hardware=hw, model=MODEL, http_port=0) for n, hw in workers
+        ),
+        gateway=GatewaySpec(policy=policy, port=0),
+    )
 
-    def __init__(self, workers: list[tuple[str, str]], policy: str | None) -> None:
-        spec = FleetSpec(
-            workers=tuple(
-                WorkerSpec(name=n, hardware=hw, model=MODEL, http_port=0) for n, hw in workers
-            ),
-            gateway=GatewaySpec(policy=policy, port=0) if policy else None,
-        )
-        self.out = io.StringIO()
-        self.stop = threading.Event()
-        folder = Path(tempfile.mkdtemp(prefix="gw-study-"))
-        self.ready_file = folder / "fleet.ready.json"
-        self.fleet = Fleet(
-            spec, folder / "logs", out=self.out, stop=self.stop, ready_file=self.ready_file
-        )
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.names = [n for n, _ in workers]
-        self.hardware = dict(workers)
 
-    def _run(self) -> None:
-        self.code = self.fleet.run()
+def gateway_url(up: FleetReady) -> str:
+    assert up.gateway is not None, "the fleet was started with a gateway"
+    return up.gateway.url
 
-    def __enter__(self) -> RunningFleet:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.ready_file.exists():
-            if self.code is not None or time.monotonic() > deadline:
-                self.stop.set()
-                raise RuntimeError(f"fleet did not start:\n{self.out.getvalue()}")
-            self.stop.wait(0.05)
-        up = FleetReady.from_dict(json.loads(self.ready_file.read_text()))
-        self.http = {name: w.http_url for name, w in up.workers.items()}
-        # The fleet is up only once smg has answered a request through the workers.
-        self.gateway = up.gateway.url if up.gateway else None
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
-
-    def metrics(self) -> dict[str, dict[str, float]]:
-        """Per worker: metric name (labels dropped) -> sum of its samples."""
-        out = {}
-        for name, url in self.http.items():
-            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            sums: dict[str, float] = defaultdict(float)
-            for line in text.splitlines():
-                if (m := _SAMPLE.match(line)) and not line.startswith("#"):
-                    sums[m.group(1)] += float(m.group(3))
-            out[name] = dict(sums)
-        return out
+def worker_metrics(up: FleetReady) -> dict[str, dict[str, float]]:
+    """Per worker: metric name (labels dropped) -> sum of its samples."""
+    out = {}
+    for name, worker in up.workers.items():
+        sums: dict[str, float] = defaultdict(float)
+        for metric, _, value in scrape(f"{worker.http_url}/metrics"):
+            sums[metric] += value
+        out[name] = dict(sums)
+    return out
 
 
 def _delta(before: dict, after: dict, worker: str, key: str) -> float:
@@ -159,11 +121,11 @@ def _per_worker(before: dict, after: dict, names: list[str]) -> dict[str, dict]:
 
 def policy_run(workers: list[tuple[str, str]], policy: str) -> dict:
     workload = SharedPrefixWorkload(GROUPS, PREFIX, Fixed(PROMPT), Fixed(OUTPUT))
-    with RunningFleet(workers, policy) as fleet:
-        before = fleet.metrics()
-        result = drive(fleet.gateway, workload, CONCURRENCY, REQUESTS, policy)
-        after = fleet.metrics()
-        per = _per_worker(before, after, fleet.names)
+    with in_background(fleet_spec(workers, policy), prefix="gw-study-") as up:
+        before = worker_metrics(up)
+        result = drive(gateway_url(up), workload, CONCURRENCY, REQUESTS, policy)
+        after = worker_metrics(up)
+        per = _per_worker(before, after, [n for n, _ in workers])
     q = sum(p["queries"] for p in per.values())
     h = sum(p["hits"] for p in per.values())
     return {
@@ -177,11 +139,11 @@ def policy_run(workers: list[tuple[str, str]], policy: str) -> dict:
 
 def overhead_runs() -> list[dict]:
     rows = []
-    with RunningFleet([("h100", "h100-sxm")], "round_robin") as fleet:
+    with in_background(fleet_spec([("h100", "h100-sxm")], "round_robin")) as up:
         for c in (1, 16):
             n = 8 if c == 1 else 64
             workload = SyntheticWorkload(Fixed(512), Fixed(OUTPUT))
-            for path, url in (("direct", fleet.http["h100"]), ("smg", fleet.gateway)):
+            for path, url in (("direct", up.workers["h100"].http_url), ("smg", gateway_url(up))):
                 r = drive(url, workload, c, n, f"{path} c{c}", seed=c)
                 rows.append({"path": path, "concurrency": c, "result": r})
     return rows
@@ -193,9 +155,9 @@ def prefix_ttft_run() -> dict:
     the uncached tokens after the cached ones)."""
     workload = SharedPrefixWorkload(GROUPS, PREFIX, Fixed(PROMPT), Fixed(OUTPUT))
     facts = ServerFacts(hardware="h100-sxm", model=MODEL, devices=1, emulated=True)
-    with RunningFleet([("h100", "h100-sxm")], "round_robin") as fleet:
+    with in_background(fleet_spec([("h100", "h100-sxm")], "round_robin")) as up:
         config = BenchConfig(
-            target=fleet.http["h100"],
+            target=up.workers["h100"].http_url,
             workload=workload,
             backend=Backend.OPENAI_CHAT,
             model=MODEL,

@@ -17,6 +17,7 @@ and sends no key on gRPC (its `--api-key` did not reach the worker's health chec
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,7 +40,7 @@ from memorywall.fleet_faults import FaultSchedule
 from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
 from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
 
-__all__ = ["Fleet", "FleetReady", "find_smg", "load_spec", "run"]
+__all__ = ["Fleet", "FleetReady", "find_smg", "in_background", "load_spec", "run"]
 
 API_KEY_ENV = "MEMORYWALL_API_KEY"  # as `serve` reads it
 
@@ -371,6 +373,31 @@ def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def in_background(
+    spec: FleetSpec, *, start_timeout_s: float = 120.0, prefix: str = "memorywall-fleet-"
+) -> Iterator[FleetReady]:
+    """Run a fleet in a background thread for the block (an experiment's fleet): yields its
+    ready document once every worker, and smg if any, answers; stops it after. Logs go to a
+    fresh temporary folder; a fleet that does not come up raises RuntimeError with its
+    output."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    ready_file, stop, out = folder / "fleet.ready.json", threading.Event(), io.StringIO()
+    fleet = Fleet(spec, folder / "logs", out=out, stop=stop, ready_file=ready_file)
+    thread = threading.Thread(target=fleet.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not ready_file.exists():
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"fleet did not start:\n{out.getvalue()}")
+            stop.wait(0.05)
+        yield FleetReady.from_dict(json.loads(ready_file.read_text()))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
 
 
 def _gateway_serves(base: str) -> bool:

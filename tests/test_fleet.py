@@ -262,3 +262,30 @@ def test_end_to_end_through_the_smg_gateway(tmp_path):
     finally:
         assert running.stop() == 0
     assert _wait_gone([up.gateway.pid, *(w.pid for w in up.workers.values())])
+
+
+def test_in_background_serves_for_the_block_and_stops_after():
+    spec = fleet_spec.FleetSpec(workers=(fleet_spec.WorkerSpec(**WORKER, http_port=0),))
+    with fleet.in_background(spec, start_timeout_s=60) as up:
+        worker = up.workers["a"]
+        with urllib.request.urlopen(f"{worker.http_url}/health", timeout=10) as r:
+            assert r.status == 200
+        pid = worker.pid
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def test_in_background_raises_with_the_fleets_output_when_a_worker_fails():
+    bad = fleet_spec.FleetSpec(workers=(fleet_spec.WorkerSpec(**{**WORKER, "hardware": "nope"}),))
+    with pytest.raises(RuntimeError, match="unknown hardware"), fleet.in_background(bad):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
