@@ -12,6 +12,7 @@ from memorywall.client._types import (
     HostStall,
     LagStats,
     ModelInfo,
+    RequestLag,
     RequestTiming,
     ServerInfo,
     TokenChunk,
@@ -108,6 +109,9 @@ class StreamAssembler:
             sent_ns=self.sent_ns,
             finished_ns=finished_ns,
             fault=f.fault or None,
+            lag=RequestLag(f.lag.host_stall_s, f.lag.decode_host_stall_s, f.lag.max_lag_s)
+            if f.HasField("lag")
+            else None,
         )
 
     def end(self) -> GenerateResult:

@@ -64,6 +64,17 @@ class RequestTiming:
     preemptions: int
 
 
+@dataclass(frozen=True)
+class RequestLag:
+    """Host lag the server reported for one request (see the proto's `RequestLag`): when its
+    host woke late the server moved the request's timeline later, never caught up faster.
+    The model's own decode time is `RequestTiming.decode_s - decode_host_stall_s`."""
+
+    host_stall_s: float
+    decode_host_stall_s: float
+    max_lag_s: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class GenerateResult:
     """A finished request: the server's `Finished` summary plus everything streamed.
@@ -84,6 +95,7 @@ class GenerateResult:
     sent_ns: int
     finished_ns: int
     fault: str | None = None  # a fault the server injected on purpose ("stall:0.5")
+    lag: RequestLag | None = None  # None: the server reported none
 
 
 @dataclass(frozen=True, kw_only=True)

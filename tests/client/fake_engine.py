@@ -128,9 +128,10 @@ class FakeEngine(engine_pb2_grpc.EngineServicer):
             ttft_s=ttft_s, e2e_s=e2e_s, preemptions=0,
         )  # fmt: skip
         usage = pb.Usage(prompt_tokens=prompt_tokens(request), completion_tokens=n)
+        lag = pb.RequestLag(host_stall_s=0.002, decode_host_stall_s=0.001, max_lag_s=0.0005)
         finished = pb.Finished(
             finish_reason=reason, usage=usage, timing=timing, energy_j=0.5 * n,
-            sampling=request.sampling,
+            sampling=request.sampling, lag=lag,
         )  # fmt: skip
         return pb.GenerateResponse(request_id=request.request_id, finished=finished)
 

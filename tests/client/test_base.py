@@ -17,6 +17,7 @@ from memorywall.client import (
     LagStats,
     ModelInfo,
     ProtocolError,
+    RequestLag,
     RequestTiming,
     SamplingParams,
     ServerInfo,
@@ -31,7 +32,8 @@ PUBLIC = [
     "Client", "ClientError", "DeadlineExceeded", "FinishReason", "GenerateArgs",
     "GenerateResult", "GenerateStream", "HostStall", "InvalidRequest", "LagStats", "ModelInfo",
     "NotFound",
-    "ProtocolError", "RequestTiming", "ResourceExhausted", "SamplingParams", "ServerInfo",
+    "ProtocolError", "RequestLag", "RequestTiming", "ResourceExhausted", "SamplingParams",
+    "ServerInfo",
     "StreamNotFinished", "Tls", "TokenChunk", "Unauthenticated", "Unavailable", "Unimplemented",
     "Usage",
     "build_generate_request",
@@ -61,7 +63,8 @@ def test_generate_args_match_the_builder():
     ("ours", "proto"),
     [(ModelInfo, pb.ModelInfo), (ServerInfo, pb.ServerInfo), (LagStats, pb.LagStats),
      (HostStall, pb.HostStall),
-     (Usage, pb.Usage), (RequestTiming, pb.RequestTiming), (SamplingParams, pb.SamplingParams)],
+     (Usage, pb.Usage), (RequestTiming, pb.RequestTiming), (RequestLag, pb.RequestLag),
+     (SamplingParams, pb.SamplingParams)],
 )  # fmt: skip
 def test_dataclasses_mirror_the_proto(ours, proto):
     assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in proto.DESCRIPTOR.fields]
@@ -134,3 +137,9 @@ def test_assembler_needs_finished():
         assembler.end()
     assembler.feed(_finished(), received_ns=2)
     assert assembler.end().token_ids == (1,)
+
+
+def test_a_finished_without_lag_gives_no_lag():
+    assembler = StreamAssembler("r", sent_ns=0)
+    assembler.feed(_finished(), received_ns=1)
+    assert assembler.end().lag is None

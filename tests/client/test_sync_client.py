@@ -21,6 +21,7 @@ from memorywall.client import (
     FinishReason,
     NotFound,
     ProtocolError,
+    RequestLag,
     SamplingParams,
     StreamNotFinished,
 )
@@ -57,6 +58,7 @@ def test_stream_round_trips_chunks_and_result(client, fake):
     assert result.timing.ttft_s == pytest.approx(times_s[0])
     assert result.timing.e2e_s == pytest.approx(times_s[-1])
     assert result.energy_j == pytest.approx(2.5)
+    assert result.lag == RequestLag(0.002, 0.001, 0.0005)
     assert result.sampling == {"temperature": 0.5, "seed": 7, "stop": ["END"]}
     assert result.sent_ns <= received[0] <= received[-1] <= result.finished_ns
 
