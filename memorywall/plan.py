@@ -32,18 +32,22 @@ from enum import Enum
 import numpy as np
 
 from memorywall.core import ModelShape
+from memorywall.core.hardware import DeviceKind
 from memorywall.errors import ConfigError
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
 from memorywall.loadgen.workload import Workload
+from memorywall.plan_pd import PdCandidate, PdSpace, backend, pd_candidates
 from memorywall.plan_search import SATURATED_GAIN, Trial, in_flight, kept_up, search_load, slo_holds
-from memorywall.plan_space import Candidate, Estimate, Skipped, Space, candidates, estimate
-from memorywall.simulate import LevelRun, simulate_level
+from memorywall.plan_space import Candidate, Estimate, Skipped, Space, candidates
+from memorywall.simulate import LevelRun
 
 __all__ = [
     "Candidate",
     "Evaluation",
     "LoadKind",
+    "PdCandidate",
+    "PdSpace",
     "PlanResult",
     "Query",
     "Skipped",
@@ -95,9 +99,12 @@ class Status(Enum):
     SAME = "same"  # another batch limit gives the same runs
 
 
+AnyCandidate = Candidate | PdCandidate
+
+
 @dataclass(kw_only=True)
 class Evaluation:
-    candidate: Candidate
+    candidate: AnyCandidate
     estimate_tok_s_per_device: float
     status: Status
     trials: list[Trial] = field(default_factory=list)
@@ -129,8 +136,7 @@ class Evaluation:
     @property
     def tok_s_per_kw(self) -> float | None:
         g = self.goodput_tok_s
-        d = self.candidate.deployment
-        return None if g is None else g / (d.devices * d.hardware.tdp_w / 1e3)
+        return None if g is None else g / (self.candidate.power_w / 1e3)
 
     def replicas_for(self, target_rate: float) -> int | None:
         """Copies of this deployment that carry `target_rate` requests/s at the SLO."""
@@ -146,6 +152,17 @@ class PlanResult:
     space: Space
     evaluations: list[Evaluation]
     skipped: list[Skipped]
+    pd: PdSpace | None = None
+
+    def backends(self) -> list[str]:
+        """Each hardware searched, then each disaggregated split (GPU prefill, wafer decode)."""
+        names = [h.name for h in self.space.hardware]
+        if self.pd is None:
+            return names
+        kinds = {h.name: h.kind for h in self.space.hardware}
+        gpus = [n for n in names if kinds[n] is DeviceKind.GPU]
+        wafers = [n for n in names if kinds[n] is DeviceKind.WAFER]
+        return names + [backend(g, w) for g in gpus for w in wafers]
 
     def ranked(self, hardware: str) -> list[Evaluation]:
         """Candidates on `hardware` that hold the SLO, cheapest first: fewest devices for
@@ -168,7 +185,7 @@ class PlanResult:
 class _Runner:
     """Simulates one candidate at a load, once per load."""
 
-    def __init__(self, query: Query, c: Candidate) -> None:
+    def __init__(self, query: Query, c: AnyCandidate) -> None:
         self.query, self.candidate = query, c
         self.trials: dict[float, Trial] = {}
 
@@ -179,7 +196,7 @@ class _Runner:
         rate = q.load is LoadKind.RATE
         users = None if rate else int(load)
         # Closed loop: each user several requests; open loop: enough to fill the batch.
-        n = max(q.num_prompts, FILLS * (users or c.engine.max_num_seqs))
+        n = max(q.num_prompts, FILLS * (users or c.slots))
         run = self._simulate(load, n)
         sent, done, peak = in_flight(run.records)
         if rate and run.result.get("median_e2el_ms") and len(sent) > 1:
@@ -222,7 +239,7 @@ class _Runner:
             label=c.describe(),
         )
         level = Level(f"rate{load:.6g}", None, load) if rate else Level(f"c{users}", users, None)
-        return simulate_level(c.deployment, c.engine, config, level)
+        return c.simulate(config, level)
 
 
 def _mean_lengths(query: Query) -> tuple[float, float]:
@@ -234,22 +251,32 @@ def _mean_lengths(query: Query) -> tuple[float, float]:
 
 
 def plan(
-    query: Query, space: Space, progress: Callable[[int, int], None] | None = None
+    query: Query,
+    space: Space,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    pd: PdSpace | None = None,
 ) -> PlanResult:
-    """Evaluate every candidate, best estimate first; `progress(done, total)` after each."""
+    """Evaluate every candidate, best estimate first; `progress(done, total)` after each.
+    With `pd`, disaggregated fleets (GPU prefill, wafer decode) of `space`'s hardware too."""
     if not space.hardware:
         raise ConfigError("plan: no hardware to search")
+    found: list[AnyCandidate]
     found, skipped = candidates(query.model, space)
+    if pd is not None:
+        split, split_skipped = pd_candidates(query.model, space, pd)
+        found += split
+        skipped += split_skipped
     prompt, output = _mean_lengths(query)
-    scored: list[tuple[Candidate, Estimate]] = []
+    scored: list[tuple[AnyCandidate, Estimate]] = []
     for c in found:
-        e = estimate(c, prompt, output, query.slo)
+        e = c.estimate(prompt, output, query.slo)
         if e is None:
             skipped.append(
                 Skipped(
                     hardware=c.hardware,
                     layout=c.describe(),
-                    reason=f"KV cache ({c.deployment.kv_capacity_tokens:,} tokens) cannot "
+                    reason=f"KV cache ({c.kv_capacity_tokens:,} tokens) cannot "
                     f"hold one request of {prompt + output:,.0f} tokens",
                 )
             )
@@ -267,13 +294,13 @@ def plan(
             best_on[c.hardware] = max(best_on.get(c.hardware, 0.0), ev.tok_s_per_device)
         if progress:
             progress(i + 1, len(scored))
-    return PlanResult(query=query, space=space, evaluations=evaluations, skipped=skipped)
+    return PlanResult(query=query, space=space, evaluations=evaluations, skipped=skipped, pd=pd)
 
 
 def _evaluate(
     query: Query,
     space: Space,
-    c: Candidate,
+    c: AnyCandidate,
     est: Estimate,
     best_on: dict[str, float],
     done: Sequence[Evaluation],
@@ -291,7 +318,7 @@ def _evaluate(
         return ev
     for other in done:
         o = other.candidate
-        if o.deployment == c.deployment and other.trials and other.status is not Status.SAME:
+        if o.layout == c.layout and other.trials and other.status is not Status.SAME:
             peak = max(t.peak_in_flight for t in other.trials)
             if peak < min(o.engine.max_num_seqs, c.engine.max_num_seqs):
                 ev.status, ev.trials = Status.SAME, other.trials

@@ -15,7 +15,7 @@ from memorywall.argtypes import nonnegative_int, number, number_list, positive_f
 from memorywall.core import Placement, Precision, load_hardware, load_model
 
 if TYPE_CHECKING:
-    from memorywall.plan import Query, Space
+    from memorywall.plan import PdSpace, Query, Space
 
 DEFAULT_HARDWARE = "wse-3,h100-sxm,h200,b200"
 PLAN_JSON, PARETO_PNG = "plan.json", "pareto.png"
@@ -109,6 +109,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="bisect the highest held load to within this share (default 0.1)",
     )
+    g = p.add_argument_group("disaggregated fleets (prefill on GPUs, decode on wafers)")
+    g.add_argument(
+        "--pd",
+        action=argparse.BooleanOptionalAction,
+        help="also search prefill on each GPU profile named with decode on each wafer profile "
+        "(default: on when --hardware names both a GPU and a wafer)",
+    )
+    g.add_argument(
+        "--pd-prefill-workers",
+        type=number_list(int, low=1),
+        default=(1, 2, 4, 8),
+        help="prefill workers per split to search (x of xPyD; default 1,2,4,8)",
+    )
+    g.add_argument(
+        "--pd-decode-workers", type=positive_int, default=1, help="decode workers (y; default 1)"
+    )
+    g.add_argument(
+        "--kv-link",
+        default="nic",
+        metavar="nvlink|nic|GBPS",
+        help="the link between the pools: nic (each side's external I/O, the default) or a "
+        "bandwidth in GB/s",
+    )
     p.add_argument("--top", type=positive_int, default=5, help="rows per backend in the table")
     p.add_argument("--json", action="store_true", help="print the JSON document, not the table")
     p.add_argument("--out", type=Path, help=f"write {PLAN_JSON} and {PARETO_PNG} here")
@@ -162,6 +185,29 @@ def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
     return query, space
 
 
+def pd_space(args: argparse.Namespace, space: Space) -> PdSpace | None:
+    """The disaggregated fleets to search, or None; raises `PlanError` for `--pd` without a
+    GPU and a wafer to split across (and the core's `ConfigError` for a bad `--kv-link`)."""
+    from memorywall.core.hardware import DeviceKind
+    from memorywall.core.kv_transfer import LinkKind, parse_link
+    from memorywall.plan import PdSpace
+
+    kinds = {h.kind for h in space.hardware}
+    both = DeviceKind.GPU in kinds and DeviceKind.WAFER in kinds
+    if args.pd and not both:
+        raise PlanError("--pd: --hardware must name a GPU profile (prefill) and a wafer (decode)")
+    if not (both if args.pd is None else args.pd):
+        return None
+    link = parse_link(args.kv_link)
+    if link is LinkKind.NVLINK:
+        raise PlanError("--kv-link: nvlink cannot join a GPU and a wafer; use nic or GB/s")
+    return PdSpace(
+        prefill_workers=tuple(sorted(set(args.pd_prefill_workers))),
+        decode_workers=args.pd_decode_workers,
+        link=link,
+    )
+
+
 def _load(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes `loadgen.cli.workload_from_args` reads; plan sends no warm-ups."""
     return argparse.Namespace(
@@ -179,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from memorywall.plan_report import as_json, pareto_plot, summary, table
 
     query, space = query_and_space(args)
+    pd = pd_space(args, space)
     bar: Callable[[int], None] | None = None
 
     def progress(done: int, total: int) -> None:
@@ -187,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             bar = progress_printer(total, f"plan {query.model.name}")
         bar(done)
 
-    result = plan(query, space, progress)
+    result = plan(query, space, progress, pd=pd)
     if bar is not None and sys.stderr.isatty():
         print(file=sys.stderr)
     doc = as_json(result)

@@ -9,9 +9,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
+from memorywall.core import Deployment
+from memorywall.core.kv_transfer import LinkKind, kv_link
 from memorywall.loadgen.plots import plain, plain_log_axis
 from memorywall.loadgen.workload import SyntheticWorkload, Workload
-from memorywall.plan import Evaluation, LoadKind, PlanResult, Status, Trial
+from memorywall.plan import Evaluation, LoadKind, PdCandidate, PdSpace, PlanResult, Status, Trial
+from memorywall.plan_space import Candidate
 
 LOAD_UNITS = {LoadKind.RATE: "req/s", LoadKind.USERS: "users"}
 
@@ -50,10 +53,10 @@ def table(result: PlanResult, top: int = 5) -> str:
         header.append(f"devices for {q.target_rate:g} req/s")
     rows: list[list[str]] = []
     notes: list[str] = []  # backends with no answer, below the table
-    for hw in result.space.hardware:
-        ranked = result.ranked(hw.name)
+    for hw in result.backends():
+        ranked = result.ranked(hw)
         if not ranked:
-            notes.append(f"{hw.name}: {_why_none(result, hw.name)}")
+            notes.append(f"{hw}: {_why_none(result, hw)}")
             continue
         for i, ev in enumerate(ranked[:top], 1):
             b = ev.best
@@ -115,10 +118,7 @@ def _trial(t: Trial) -> dict:
     }
 
 
-def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
-    d = ev.candidate.deployment
-    best = ev.best
-    replicas = ev.replicas_for(target_rate) if target_rate else None
+def _pool(d: Deployment) -> dict:
     return {
         "hardware": d.hardware.name,
         "devices": d.devices,
@@ -127,9 +127,39 @@ def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
         "weight_precision": d.weight_precision.value,
         "kv_precision": d.kv_precision.value,
         "placement": d.placement.value,
-        "max_num_seqs": ev.candidate.engine.max_num_seqs,
-        "max_num_batched_tokens": ev.candidate.engine.max_num_batched_tokens,
-        "describe": ev.candidate.describe(),
+    }
+
+
+def _layout(c: Candidate | PdCandidate) -> dict:
+    """An aggregated candidate's deployment; a split's pools under `pd`, its label as
+    `hardware` and both pools' devices as `devices`."""
+    if isinstance(c, Candidate):
+        return {"kind": "aggregated", **_pool(c.deployment)}
+    f = c.fleet
+    link = kv_link(f.prefill, f.decode, f.link)
+    pd = {
+        "prefill": _pool(f.prefill),
+        "prefill_workers": f.prefill_workers,
+        "decode": _pool(f.decode),
+        "decode_workers": f.decode_workers,
+        "link": {
+            "kind": link.kind.value,
+            "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s,
+            "latency_s": link.latency_s,
+        },
+    }
+    return {"kind": "pd", "hardware": c.hardware, "devices": c.devices, "pd": pd}
+
+
+def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
+    c = ev.candidate
+    best = ev.best
+    replicas = ev.replicas_for(target_rate) if target_rate else None
+    return {
+        **_layout(c),
+        "max_num_seqs": c.engine.max_num_seqs,
+        "max_num_batched_tokens": c.engine.max_num_batched_tokens,
+        "describe": c.describe(),
         "status": ev.status.value,
         "note": ev.note,
         "core_estimate_tok_s_per_device": ev.estimate_tok_s_per_device,
@@ -138,7 +168,7 @@ def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
         "tok_s_per_device": ev.tok_s_per_device,
         "tok_s_per_kw": ev.tok_s_per_kw,
         "replicas_for_target": replicas,
-        "devices_for_target": replicas * d.devices if replicas else None,
+        "devices_for_target": replicas * c.devices if replicas else None,
         "at_max_load": _trial(best) if best else None,
         "trials": [_trial(t) for t in ev.trials],
     }
@@ -149,9 +179,9 @@ def as_json(result: PlanResult) -> dict:
     q, s = result.query, result.space
     slo = q.slo
     best = {}
-    for hw in s.hardware:
-        ranked = result.ranked(hw.name)
-        best[hw.name] = _evaluation(ranked[0], q.target_rate) if ranked else None
+    for hw in result.backends():
+        ranked = result.ranked(hw)
+        best[hw] = _evaluation(ranked[0], q.target_rate) if ranked else None
     return {
         "model": q.model.name,
         "workload": workload_text(q.workload),
@@ -170,6 +200,7 @@ def as_json(result: PlanResult) -> dict:
             "max_num_seqs": list(s.max_num_seqs),
             "max_num_batched_tokens": s.max_num_batched_tokens,
             "tolerance": s.tolerance,
+            "pd": None if result.pd is None else _pd_space(result.pd),
         },
         "best": best,
         "candidates": [_evaluation(e, q.target_rate) for e in result.evaluations],
@@ -179,8 +210,19 @@ def as_json(result: PlanResult) -> dict:
     }
 
 
+def _pd_space(pd: PdSpace) -> dict:
+    link = pd.link if isinstance(pd.link, LinkKind) else None
+    return {
+        "prefill_workers": list(pd.prefill_workers),
+        "decode_workers": pd.decode_workers,
+        "link": link.value if link else None,
+        "link_gbps": None if link else pd.link,
+    }
+
+
 # The study's colours for the built-in profiles; others take the default cycle.
 COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "h200": "tab:purple", "b200": "tab:green"}
+SPLIT_COLOURS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -195,14 +237,17 @@ def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def pareto_plot(result: PlanResult, path: Path) -> Path:
     """Output tok/s per device against tok/s per user, every simulated level of every
     candidate: filled where the SLO held, hollow where it broke; each backend's frontier
-    of held levels as a line, its pick as a star; the TPOT bound as a vertical line."""
+    of held levels as a line (dashed for a disaggregated split), its pick as a star; the
+    TPOT bound as a vertical line."""
     fig, ax = plt.subplots(figsize=(8, 5.2))
     xs, ys = [], []
-    for i, hw in enumerate(result.space.hardware):
-        colour = COLOURS.get(hw.name, f"C{i % 10}")
+    for i, hw in enumerate(result.backends()):
+        k = i - len(result.space.hardware)
+        split = k >= 0
+        colour = SPLIT_COLOURS[k % len(SPLIT_COLOURS)] if split else COLOURS.get(hw, f"C{i % 10}")
         held, broke = [], []
         for ev in result.evaluations:
-            if ev.candidate.hardware != hw.name or ev.status is Status.SAME:
+            if ev.candidate.hardware != hw or ev.status is Status.SAME:
                 continue
             for t in ev.trials:
                 x, y = _per_user(t), t.result.get("output_throughput")
@@ -213,12 +258,13 @@ def pareto_plot(result: PlanResult, path: Path) -> Path:
                 ax.plot(*zip(*pts, strict=True), "o", ms=3.5, color=colour, **style)
         front = _frontier(held)
         if front:
-            ax.plot(*zip(*front, strict=True), "-", color=colour, label=f"{hw.name}: SLO held")
-        ranked = result.ranked(hw.name)
+            line = "--" if split else "-"
+            ax.plot(*zip(*front, strict=True), line, color=colour, label=f"{hw}: SLO held")
+        ranked = result.ranked(hw)
         if ranked:
             b = ranked[0].best
             star = (_per_user(b), b.result["output_throughput"] / ranked[0].candidate.devices)
-            ax.plot(*star, "*", ms=14, color=colour, mec="black", label=f"{hw.name}: pick")
+            ax.plot(*star, "*", ms=14, color=colour, mec="black", label=f"{hw}: pick")
         xs += [p[0] for p in held + broke]
         ys += [p[1] for p in held + broke]
     tpot = result.query.slo.tpot_s

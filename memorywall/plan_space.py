@@ -22,8 +22,10 @@ from memorywall.core import (
 )
 from memorywall.core.hardware import DeviceKind
 from memorywall.errors import MemorywallError
+from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.simulate import LevelRun, simulate_level
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,31 @@ class Candidate:
     @property
     def devices(self) -> int:
         return self.deployment.devices
+
+    @property
+    def power_w(self) -> float:
+        """Rated power (TDP) of its devices."""
+        return self.deployment.devices * self.deployment.hardware.tdp_w
+
+    @property
+    def layout(self) -> Deployment:
+        """What runs, bar the engine's batch limit."""
+        return self.deployment
+
+    @property
+    def slots(self) -> int:
+        """The most requests it runs at once."""
+        return self.engine.max_num_seqs
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.deployment.kv_capacity_tokens
+
+    def estimate(self, prompt: float, output: float, slo: Slo) -> Estimate | None:
+        return estimate(self, prompt, output, slo)
+
+    def simulate(self, config: BenchConfig, level: Level) -> LevelRun:
+        return simulate_level(self.deployment, self.engine, config, level)
 
     def describe(self) -> str:
         d = self.deployment

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from memorywall.core.kv_transfer import KvTransfer, LinkPort, kv_link, transfer_window
 from memorywall.errors import MemorywallError
 from memorywall.server.engine.build import build_core
+from memorywall.server.engine.decode_run import DecodeRun, advance_decode
 from memorywall.server.engine.offline import Timeline
 from memorywall.server.engine.scheduler import EngineCore, Request, Sequence
 from memorywall.server.pd.kv_hold import KvPin, pin_prompt
@@ -53,8 +54,9 @@ class PdPhase:
 class _Worker:
     """One worker's engine core, its clock, its arrivals and its end of the link."""
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore, *, decoding: bool) -> None:
         self.core = core
+        self.decoding = decoding  # a decode worker (else a prefill worker)
         self.now_s = 0.0  # end of its last step
         self.arrivals: list[tuple[float, int, Request]] = []
         self.port = LinkPort()
@@ -70,16 +72,22 @@ class PdOfflineEngine:
     """Prefill and decode workers of a `PdFleet` behind one `submit`."""
 
     def __init__(
-        self, fleet: PdFleet, *, on_finish: Callable[[Timeline], None] | None = None
+        self,
+        fleet: PdFleet,
+        *,
+        on_finish: Callable[[Timeline], None] | None = None,
+        fast: bool = True,
     ) -> None:
         self.fleet = fleet
         self.on_finish = on_finish
+        self.fast = fast  # take a decode worker's undecided steps many at a time
         self.prefills = [
-            _Worker(build_core(fleet.prefill, fleet.engine)[0])
+            _Worker(build_core(fleet.prefill, fleet.engine)[0], decoding=False)
             for _ in range(fleet.prefill_workers)
         ]
         self.decodes = [
-            _Worker(build_core(fleet.decode, fleet.engine)[0]) for _ in range(fleet.decode_workers)
+            _Worker(build_core(fleet.decode, fleet.engine)[0], decoding=True)
+            for _ in range(fleet.decode_workers)
         ]
         self.link = kv_link(fleet.prefill, fleet.decode, fleet.link)
         self.timelines: dict[str, Timeline] = {}  # what a client sees, from its arrival
@@ -129,6 +137,16 @@ class PdOfflineEngine:
             core = worker.core
             if not core.has_work():
                 continue
+            decoding = worker.decoding
+            if (
+                decoding
+                and self.fast
+                and (run := advance_decode(core, start, self._horizon_s(worker)))
+            ):
+                self._decoded_run(run)
+                worker.now_s = run.end_times_s[-1]
+                self.now_s = max(self.now_s, worker.now_s)
+                continue
             step = core.schedule(start)
             if step is None:
                 if not events:
@@ -139,12 +157,31 @@ class PdOfflineEngine:
             emissions = core.complete(step)
             worker.now_s = step.end_s
             self.now_s = max(self.now_s, step.end_s)
-            decoding = worker in self.decodes
             for e in emissions:
                 if decoding:
                     self._decoded(e.sequence, e.token_ids, step.end_s, e.finished)
                 elif e.finished:
                     self._prefilled(worker, e.sequence, step.end_s)
+
+    def _horizon_s(self, worker: _Worker) -> float:
+        """The earliest a request could reach `worker` other than from its queue: a pending
+        prefill end or landing, or any other worker's next step (whose effects come at its
+        end or later)."""
+        soonest = worker.arrivals[0][0] if worker.arrivals else math.inf
+        if self._events:
+            soonest = min(soonest, self._events[0][0])
+        others = (w.next_s() for w in self.workers if w is not worker)
+        return min([soonest, *others])
+
+    def _decoded_run(self, run: DecodeRun) -> None:
+        """Many plain decode steps at once (`decode_run`): one token per sequence per step,
+        none of them a request's last."""
+        ends = run.end_times_s
+        ones = [1] * len(ends)
+        for seq in run.sequences:
+            timeline = self.timelines[seq.request.request_id]
+            timeline.group_times_s += ends
+            timeline.group_tokens += ones
 
     def _admit(self, worker: _Worker, until_s: float) -> None:
         arrivals = worker.arrivals

@@ -73,3 +73,22 @@ def test_a_repeated_prompt_finds_its_prefix_cached_after_the_hold(h100, wse3):
     first, second = simulate_pd(fleet, [(0.0, request(0)), (1.0, again)])
     assert first.timeline.cached_tokens == 0
     assert second.timeline.cached_tokens == (PROMPT - 1) // 16 * 16
+
+
+def test_decode_runs_taken_at_once_give_the_same_timelines(h100, wse3):
+    """The decode worker's fast path (`decode_run`) leaves every timeline as stepping does."""
+    fleet = PdFleet(prefill=h100, prefill_workers=2, decode=wse3, decode_workers=1)
+    out = {}
+    for fast in (True, False):
+        engine = PdOfflineEngine(fleet, fast=fast)
+        for i in range(24):
+            r = Request(
+                request_id=f"r{i}",
+                prompt_ids=tuple(range(1 + 1000 * i, 200 + 1000 * i)),
+                max_tokens=60 + 7 * i,
+                ignore_eos=True,
+            )
+            engine.submit(r, 0.05 * (i % 3))
+        engine.run()
+        out[fast] = {k: (t.group_times_s, t.group_tokens) for k, t in engine.timelines.items()}
+    assert out[True] == out[False]
