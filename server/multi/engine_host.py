@@ -36,7 +36,7 @@ log = logging.getLogger("memorywall.engine")
 
 # How often changed stats reach the fronts, and the longest between two pushes (time-based
 # fields such as `host_stall.degraded` change with nothing else changing).
-STATS_INTERVAL_S = 0.05
+STATS_INTERVAL_S = 0.1
 STATS_REFRESH_S = 1.0
 
 

@@ -96,7 +96,7 @@ async def read_frame(reader: asyncio.StreamReader) -> list[tuple] | None:
         if size > MAX_FRAME_BYTES:
             raise ConnectionError(f"frame of {size:,} bytes: the channel is out of step")
         return pickle.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionResetError):
+    except (asyncio.IncompleteReadError, ConnectionError):  # closed, reset, or a broken pipe
         return None
 
 

@@ -28,7 +28,7 @@ import pytest
 from memorywall.cli import main
 from memorywall.errors import DuplicateRequestError
 from memorywall.ready import ServerReady, wait_for
-from memorywall.server.engine.api import Finished, Request, TokenGroup
+from memorywall.server.engine.api import BlockStored, Finished, FinishReason, Request, TokenGroup
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.multi.engine_host import EngineHost
 from memorywall.server.multi.front import FRONT_HEADER
@@ -111,6 +111,35 @@ async def test_an_id_live_on_another_front_is_refused_by_the_engine(h100_8b):
     live.close()
     for remote in (a, b):
         await remote.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+async def test_abort_by_id_reaches_the_stream_on_any_front(h100_8b):
+    _, serving, (a, b) = await _engine_with_fronts(h100_8b, 2)
+    local = a.submit(_request("local", tuple(range(1, 50)), 5000))
+    remote = a.submit(_request("elsewhere", tuple(range(1, 50)), 5000))
+    for stream in (local, remote):
+        assert isinstance(await stream.next_event(), TokenGroup)
+    assert a.abort("local")  # this front's own: answered at once
+    assert not b.abort("elsewhere")  # another front's: carried out, but not known here
+    for stream in (local, remote):
+        events = await _drain(stream)
+        assert events[-1].reason is FinishReason.ABORT
+    for front in (a, b):
+        await front.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+async def test_kv_events_reach_a_subscribed_front(h100_8b):
+    _, serving, (a,) = await _engine_with_fronts(h100_8b, 1)
+    events = []
+    unsubscribe = a.subscribe_kv_events(events.append)
+    await _drain(a.submit(_request("a", tuple(range(1, 100)), 2)))
+    # Blocks are stored when the step that computes them is scheduled: before its tokens.
+    stored = [e for e in events if isinstance(e, BlockStored)]
+    assert sum(len(e.block_hashes) for e in stored) == 6
+    unsubscribe()
+    await a.close()
     await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
 
 
