@@ -279,7 +279,9 @@ class DecodeHalf(_Half):
                 "ingress": port_as_dict(ingress),
             }
             await write_message(writer, {"book": ask})
-            answer = await read_message(reader, None)
+            # The prefill worker answers at once; a bound keeps a hung one from holding
+            # this worker's ingress (and every other transfer into it).
+            answer = await read_message(reader, self._pd.config.partner_timeout_s)
             if "error" in answer:
                 raise PartnerLostError(str(answer.get("message", answer["error"])))
             booking = booking_from_dict(answer["booking"])
