@@ -61,28 +61,37 @@ def spec_token_ids(spec: RequestSpec, salt: int) -> list[int]:
 
 class PromptSource:
     """Prompt ids for requests taken in a fixed order: group prefixes as `spec_token_ids`
-    builds them, each request's own tokens the next draws of one generator (drawn
-    `POOL` at a time: one numpy call per request cost more than slicing a list)."""
+    builds them; each request's own tokens are `FRESH` new draws of one generator, then a
+    window at a drawn offset of a fixed random `CORPUS`. The fresh draws make every
+    prompt's KV block chain its own (a block's hash covers all tokens before it), so no
+    prompt hits another's cache; drawing all its tokens cost more than the rest of
+    simulating the request."""
 
-    POOL = 1 << 16
+    FRESH = 32
+    CORPUS = 1 << 16
+    BATCH = 1024  # requests' fresh draws and offsets drawn at once
 
     def __init__(self, salt: int) -> None:
         self.salt = salt
         self._rng = np.random.default_rng([salt, 3])
+        self._corpus = prompt_token_ids(self.CORPUS, self._rng)
         self._prefixes: dict[int, list[int]] = {}
-        self._pool: list[int] = []
-        self._used = 0
+        self._fresh: list[int] = []
+        self._offsets: list[int] = []
 
     def _own(self, n: int) -> list[int]:
-        """The generator's next `n` draws."""
-        out: list[int] = []
+        """`n` ids: `FRESH` new draws, then a window of the corpus (wrapping)."""
+        if len(self._fresh) < self.FRESH:
+            self._fresh = prompt_token_ids(self.FRESH * self.BATCH, self._rng)
+            self._offsets = self._rng.integers(0, self.CORPUS, size=self.BATCH).tolist()
+        fresh = min(n, self.FRESH)
+        out = self._fresh[-fresh:]
+        del self._fresh[-fresh:]
+        at = self._offsets.pop()
         while len(out) < n:
-            if self._used == len(self._pool):
-                self._pool = prompt_token_ids(self.POOL, self._rng)
-                self._used = 0
-            take = min(n - len(out), len(self._pool) - self._used)
-            out += self._pool[self._used : self._used + take]
-            self._used += take
+            take = min(n - len(out), self.CORPUS - at)
+            out += self._corpus[at : at + take]
+            at = 0
         return out
 
     def token_ids(self, spec: RequestSpec) -> tuple[int, ...]:

@@ -13,7 +13,8 @@ It declines (returns None), and the caller steps normally, unless:
   watch for (`ignore_eos`, or none given);
 - the token budget covers the batch, and nothing waits that could be admitted
   (the queue is empty, or the batch is at `max_num_seqs`);
-- at least `MIN_STEPS` steps remain before any sequence samples its last token,
+- at least `MIN_STEPS` steps (one from `BIG_BATCH` sequences) remain before any
+  sequence samples its last token,
   an arrival could join (`admit_by_s`), or the KV pool runs out of blocks.
 """
 
@@ -30,7 +31,10 @@ from memorywall.core import Batch
 from memorywall.server.engine.kv import blocks_for, extend_block_hashes
 from memorywall.server.engine.scheduler import EngineCore, Sequence, StepCostModel
 
-MIN_STEPS = 4  # below this, stepping normally is as cheap
+# A run has a fixed cost (costing its steps, listing KV events) of about two normal steps of
+# a small batch; a normal step costs more per sequence, so a big batch gains from one step.
+MIN_STEPS = 2
+BIG_BATCH = 8  # from this many sequences a run of one step pays
 FIRST_CHUNK = 16  # steps costed before looking for the horizon, doubling after
 
 
@@ -56,6 +60,7 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         return None
     if core.waiting and not full:
         return None
+    min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
     steps = math.inf
     for seq in running:
         done = len(seq.output_ids)
@@ -65,7 +70,7 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         if r.stop_token_ids and not r.ignore_eos:
             return None
         left = seq.stop_at - done - 1  # its last token is for `complete`
-        if left < MIN_STEPS:
+        if left < min_steps:
             return None  # checked as it goes: a busy batch usually has one about to end
         steps = min(steps, left)
     horizon_s = math.inf if full else admit_by_s
@@ -82,7 +87,7 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
             if needed > free:
                 steps = min(steps, j)  # that step preempts: leave it to `schedule`
                 break
-    if steps < MIN_STEPS:
+    if steps < min_steps:
         return None
     _apply(core, events, steps, ends, energies_j)
     return DecodeRun(sequences=list(running), end_times_s=ends[1 : steps + 1])

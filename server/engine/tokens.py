@@ -6,6 +6,7 @@ of thumb for BPE tokenizers on English text); output ids map to short words.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -86,30 +87,31 @@ def token_text(token_id: int) -> str:
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / the golden ratio
 _MASK = (1 << 64) - 1
 _TOKEN_STREAM, _LENGTH_STREAM, _DRAFT_STREAM = 0, 1, 2
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's output function over uint64 counters (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+_TABLE_LEN = 4096
 
 
 def _splitmix_one(x: int) -> int:
+    """splitmix64's output function (a 64-bit mix of a counter)."""
     x &= _MASK
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=8)
+def _table(vocab_size: int) -> np.ndarray:
+    """Fixed uniform draws over the vocabulary, one per position of a block of ids."""
+    return np.random.default_rng(0x746F6B656E73).integers(0, vocab_size, _TABLE_LEN)
+
+
 class TokenSource:
     """Output ids for one request: uniform over the vocabulary, never an EOS id.
 
-    Draw i of a stream is splitmix64 of (seed, stream, i): a counter-based generator,
-    so a request's source costs nothing to create (seeding a numpy Generator cost
-    ~20 us, a tenth of simulating a request) and the same seed gives the same ids on
-    every machine. Ids are drawn in blocks: numpy's per-call overhead, not the
-    arithmetic, is the cost here, and the engine asks for a token per sequence per step.
+    Ids come in blocks of `_TABLE_LEN` positions; block b is a fixed table of uniform draws
+    rotated (mod the vocabulary) by a key that splitmix64 makes of (seed, b). Each
+    request's ids are uniform, another seed's are rotated apart, and a source costs
+    nothing to create and a few numpy calls per block (seeding a numpy Generator per
+    request cost ~20 us, a tenth of simulating one). Same seed, same ids, on every machine.
     """
 
     BLOCK = 256
@@ -128,8 +130,9 @@ class TokenSource:
         """About `n` ids will be asked for: draw them in one block (at most `MAX_BLOCK`)."""
         self._block = max(1, min(n, self.MAX_BLOCK))
 
-    def _base(self, stream: int) -> int:
-        return _splitmix_one(self._seed ^ (stream * _GOLDEN))
+    def _key(self, stream: int, index: int) -> int:
+        """Draw `index` of one of the request's streams: 64 mixed bits."""
+        return _splitmix_one(_splitmix_one(self._seed ^ (stream * _GOLDEN)) + index * _GOLDEN)
 
     def next_ids(self, n: int) -> list[int]:
         ids = self._ids
@@ -160,10 +163,15 @@ class TokenSource:
 
     def _draw(self, n: int) -> list[int]:
         """The next `n` ids, EOS draws moved off EOS, in reverse draw order."""
-        counters = np.arange(self._drawn + n, self._drawn, -1, dtype=np.uint64)
-        self._drawn += n
-        base = np.uint64(self._base(_TOKEN_STREAM))
-        ids = (_splitmix(counters * np.uint64(_GOLDEN) + base) % np.uint64(self._vocab)).tolist()
+        table, vocab = _table(self._vocab), self._vocab
+        ids: list[int] = []
+        while len(ids) < n:
+            block, at = divmod(self._drawn, _TABLE_LEN)
+            take = min(n - len(ids), _TABLE_LEN - at)
+            key = self._key(_TOKEN_STREAM, block) % vocab
+            ids += ((table[at : at + take] + key) % vocab).tolist()
+            self._drawn += take
+        ids.reverse()
         if self._eos.isdisjoint(ids):
             return ids
         return [self._not_eos(i) for i in ids]
@@ -176,7 +184,7 @@ class TokenSource:
 
     def natural_length(self, low: int, high: int) -> int:
         """Where an unconstrained sample would end: uniform in [low, high]."""
-        return low + self._base(_LENGTH_STREAM) % (high - low + 1)
+        return low + self._key(_LENGTH_STREAM, 0) % (high - low + 1)
 
     def accepted_drafts(self, draft_tokens: int, acceptance: float) -> int:
         """Drafts accepted before the first rejection, each with probability `acceptance`."""
@@ -187,5 +195,4 @@ class TokenSource:
 
     def _uniform_draw(self) -> float:
         self._drafts += 1
-        base = self._base(_DRAFT_STREAM)
-        return (_splitmix_one(base + self._drafts * _GOLDEN) >> 11) * 2.0**-53
+        return (self._key(_DRAFT_STREAM, self._drafts) >> 11) * 2.0**-53
