@@ -209,32 +209,37 @@ def _start(
     log_level: str,
 ) -> tuple[ModelCard, FrontPorts]:
     pairs = [socket.socketpair() for _ in range(count)]
-    engine_ends = [a for a, _ in pairs]
-    engine = supervisor.start(
-        "engine",
-        engine_main,
-        deployment,
-        engine_config,
-        config.max_messages_per_s,
-        config.grace_s,
-        engine_ends,
-        log_level,
-    )
-    for sock in engine_ends:  # only the engine holds these now: its exit reads as EOF
-        sock.close()
-    card = supervisor.ready(engine)
-    asked = FrontPorts(config.port if config.grpc else None, config.http_port, config.metrics_port)
-    bound = asked
-    fronts = []
-    for index, (_, sock) in enumerate(pairs):
-        args = (index, count, config, engine_config.seed, bound, sock, log_level)
-        fronts.append(supervisor.start(f"front {index}", front_main, *args))
-        sock.close()  # only the front holds it now: its death reads as EOF in the engine
-        if index == 0:
-            # The others bind where front 0 did (its port 0 became a real port).
-            bound = supervisor.ready(fronts[0])
-    for front in fronts[1:]:
-        supervisor.ready(front)
+    try:
+        engine = supervisor.start(
+            "engine",
+            engine_main,
+            deployment,
+            engine_config,
+            config.max_messages_per_s,
+            config.grace_s,
+            [a for a, _ in pairs],
+            log_level,
+        )
+        for a, _ in pairs:  # only the engine holds these now: its exit reads as EOF
+            a.close()
+        card = supervisor.ready(engine)
+        bound = FrontPorts(
+            config.port if config.grpc else None, config.http_port, config.metrics_port
+        )
+        fronts = []
+        for index, (_, sock) in enumerate(pairs):
+            args = (index, count, config, engine_config.seed, bound, sock, log_level)
+            fronts.append(supervisor.start(f"front {index}", front_main, *args))
+            sock.close()  # only the front holds it now: its death reads as EOF in the engine
+            if index == 0:
+                # The others bind where front 0 did (its port 0 became a real port).
+                bound = supervisor.ready(fronts[0])
+        for front in fronts[1:]:
+            supervisor.ready(front)
+    finally:
+        for a, b in pairs:  # a front that never started: the engine sees its socket close
+            a.close()
+            b.close()
     return card, bound
 
 
