@@ -69,6 +69,7 @@ class FrontLink:
                     engine.abort(m[1])
                 else:
                     self._control(m)
+            self.host.share_waiting()
         self._unsubscribe_kv()
         held = list(self.streams.values())
         for stream in held:
@@ -148,12 +149,13 @@ class EngineHost:
         self.guard_metrics = GuardMetrics(self.card.model)
         self.metrics.registry.register(self.guard_metrics)
         self.engine = AsyncEngine(
-            core, max_messages_per_s=max_messages_per_s, observers=[self.metrics]
+            core, max_messages_per_s=max_messages_per_s, observers=[self.metrics, self]
         )
         self.links: list[FrontLink] = []
         self._drain: asyncio.Task | None = None
         self._pushed: tuple = ()
         self._pushed_s = 0.0
+        self._waiting = 0  # the queue length the fronts last heard
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Run the engine for these front sockets until every one has closed."""
@@ -191,6 +193,29 @@ class EngineHost:
         self._push(self.engine.stats())
         for link in self.links:
             link.out.put((Kind.DRAINED,))
+
+    def share_waiting(self) -> None:
+        """Tell the fronts the queue's length when it changed: their guards admit against
+        it (`--max-waiting`), so it cannot wait for the next stats push."""
+        n = self.engine.waiting()
+        if n != self._waiting:
+            self._waiting = n
+            for link in self.links:
+                link.out.put((Kind.WAITING, n))
+
+    # EngineObserver: admissions happen in steps
+
+    def watch(self, stats) -> None:
+        pass
+
+    def on_step(self, step) -> None:
+        self.share_waiting()
+
+    def on_finish(self, finished) -> None:
+        pass
+
+    def on_lag(self, lag_s: float) -> None:
+        pass
 
     async def _push_stats(self) -> None:
         while True:

@@ -2,11 +2,15 @@
 
 What the fronts ask synchronously is answered here: `submit` checks what the
 engine would refuse (from the model card the engine sent) and returns a stream
-at once, `stats` and `waiting` come from the snapshot the engine pushes when
-they change, `now` is CLOCK_MONOTONIC, which every process on the machine
-shares, so arrival stamps made here mean the same in the engine. A duplicate
-request id held by another front is only seen by the engine: that stream ends
-with the engine's error as its first event.
+at once; `stats` come from the snapshot the engine pushes when they change
+(every 0.1 s at most) and `waiting` from the count it sends whenever the queue
+changes (the guard's `--max-waiting` reads it: other fronts' newest requests
+count once the engine has them); `now` is CLOCK_MONOTONIC, which every process
+on the machine shares, so arrival stamps made here mean the same in the
+engine. A duplicate request id held by another front is only seen by the
+engine: that stream ends with the engine's error as its first event. Emission
+lag (`/metrics`, `GetServerInfo`, each request's `max_lag_s`) is measured when
+the engine process hands a group to its socket; the hop to the front is not in it.
 
 `abort` by request id aborts a stream of this front and answers True; for any
 other id it asks the engine to abort it wherever it runs and answers False,
@@ -170,6 +174,9 @@ class RemoteEngine:
         self.card: ModelCard | None = None
         self.block_size = 0
         self._stats: EngineStats | None = None
+        # The engine's queue as last heard, plus what this front submitted since.
+        self._waiting = 0
+        self._sent_since = 0
         self._task: asyncio.Task | None = None
 
     async def connect(self) -> ModelCard:
@@ -178,6 +185,7 @@ class RemoteEngine:
         if not frame or frame[0][0] is not Kind.HELLO:
             raise ConnectionError("the engine process closed before it said hello")
         _, self.card, self._stats, self.block_size = frame[0]
+        self._waiting = self._stats.waiting
         self._dispatch(frame[1:])
         self._task = asyncio.create_task(self._read(), name="memorywall-remote-engine")
         return self.card
@@ -202,8 +210,11 @@ class RemoteEngine:
             elif kind is Kind.ERROR:
                 if (stream := streams.get(m[1])) is not None:
                     stream._put(error_from(m))
+            elif kind is Kind.WAITING:
+                self._waiting, self._sent_since = m[1], 0
             elif kind is Kind.STATS:
                 self._stats = m[1]
+                self._waiting, self._sent_since = m[1].waiting, 0
             elif kind is Kind.KV_EVENT:
                 for callback in list(self._kv_callbacks):
                     callback(m[1])
@@ -252,6 +263,7 @@ class RemoteEngine:
         stream = RemoteStream(self, key, rid)
         self._streams[key] = stream
         self._by_id[rid] = stream
+        self._sent_since += 1
         arrival = time.monotonic() if arrival_s is None else arrival_s
         self._out.put((Kind.SUBMIT, key, request, min_interval_s, arrival))
         return stream
@@ -271,7 +283,9 @@ class RemoteEngine:
         return self._stats
 
     def waiting(self) -> int:
-        return self._stats.waiting
+        """The engine's queue as last heard (after each step that changed it), plus this
+        front's requests since; other fronts' latest are not known yet."""
+        return self._waiting + self._sent_since
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         if not self._kv_callbacks:

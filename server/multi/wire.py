@@ -50,6 +50,7 @@ class Kind(IntEnum):
     METRICS_BODY = 26  # (token, body, content type)
     DRAINING = 27  # (): the engine stopped admitting
     DRAINED = 28  # (): every stream has ended
+    WAITING = 29  # (count): the queue's length changed (the fronts' admission reads it)
 
 
 def group_tuple(key: int, g: TokenGroup) -> tuple:

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from memorywall.cli import main
-from memorywall.errors import DuplicateRequestError
+from memorywall.errors import DuplicateRequestError, OverloadedError
 from memorywall.ready import ServerReady, wait_for
 from memorywall.server.engine.api import BlockStored, Finished, FinishReason, Request, TokenGroup
+from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.multi.engine_host import EngineHost
 from memorywall.server.multi.front import FRONT_HEADER
@@ -43,8 +44,12 @@ PROMPT = "the quick brown fox jumps over the lazy dog " * 6  # ~66 tokens: 4 ful
 # In process: the engine host and fronts' RemoteEngine over socketpairs
 
 
-async def _engine_with_fronts(deployment, fronts: int) -> tuple[EngineHost, asyncio.Task, list]:
-    host = EngineHost(deployment, EngineConfig(), max_messages_per_s=40_000.0, grace_s=1.0)
+async def _engine_with_fronts(
+    deployment, fronts: int, config: EngineConfig | None = None
+) -> tuple[EngineHost, asyncio.Task, list]:
+    host = EngineHost(
+        deployment, config or EngineConfig(), max_messages_per_s=40_000.0, grace_s=1.0
+    )
     pairs = [socket.socketpair() for _ in range(fronts)]
     tasks = [asyncio.create_task(host.serve([a for a, _ in pairs]))]
     remotes = []
@@ -139,6 +144,25 @@ async def test_kv_events_reach_a_subscribed_front(h100_8b):
     assert sum(len(e.block_hashes) for e in stored) == 6
     unsubscribe()
     await a.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+async def test_admission_on_one_front_counts_the_queue_another_front_filled(h100_8b):
+    _, serving, (a, b) = await _engine_with_fronts(h100_8b, 2, EngineConfig(max_num_seqs=1))
+    running = a.submit(_request("running", tuple(range(1, 50)), 5000))
+    assert isinstance(await running.next_event(), TokenGroup)
+    queued = a.submit(_request("queued", tuple(range(1, 50)), 4))  # no slot: it waits
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while b.waiting() != 1:  # the engine tells every front when its queue changes
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    guard = GuardedEngine(b, GuardConfig(max_waiting=1))
+    with pytest.raises(OverloadedError, match="1 requests waiting"):
+        guard.submit(_request("refused", tuple(range(1, 50)), 4))
+    running.close()
+    assert [type(e) for e in await _drain(queued)][-1] is Finished
+    for front in (a, b):
+        await front.close()
     await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
 
 
