@@ -224,8 +224,12 @@ class TraceWorkload:
         `output_length`): integers >= 1. Optional arrival: `arrival_s` (seconds) or
         `timestamp` (milliseconds, Mooncake); finite, >= 0, non-decreasing, and on every
         line or none. Any fault raises a one-line ValueError "path:line: field: problem".
+        A bench run's per-request file is replayed by its send times (`from_records`).
         """
         path = Path(path)
+        records = _bench_records(path)
+        if records is not None:
+            return cls.from_records(records, str(path))
         requests: list[TraceRequest] = []
         first_has_arrival: bool | None = None
         previous_arrival = 0.0
@@ -263,6 +267,46 @@ class TraceWorkload:
         if not requests:
             raise ValueError(f"{path}: no requests in file")
         return cls(tuple(requests))
+
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]], origin: str) -> TraceWorkload:
+        """Replay a bench run (its per-request JSONL rows): each request that was not a
+        warm-up arrives when it was sent, counted from the first such send, with the
+        lengths it asked for; so a simulation sees the arrivals the server saw, whatever
+        the client that made them."""
+        main = sorted((r for r in records if not r.get("warmup")), key=lambda r: r["sent_ns"])
+        if not main:
+            raise ValueError(f"{origin}: no requests but warm-ups")
+        first = main[0]["sent_ns"]
+        return cls(
+            tuple(
+                TraceRequest(
+                    _count_field(r, ("prompt_tokens",), origin),
+                    _count_field(r, ("output_tokens",), origin),
+                    (r["sent_ns"] - first) / 1e9,
+                )
+                for r in main
+            )
+        )
+
+
+def _bench_records(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a bench per-request file (`<label>.requests.jsonl`: every row has an
+    integer `sent_ns`), or None for any other file."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(obj, dict) or not _is_int(obj.get("sent_ns")):
+                return None
+            rows.append(obj)
+    return rows or None
 
 
 def _pick(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> tuple[str, Any] | None:

@@ -305,3 +305,31 @@ def test_parse_length_bad(text, match):
         parse_length(text)
     assert str(e.value).startswith(f"bad length {text!r}: ")
     assert "\n" not in str(e.value)
+
+
+def test_a_bench_runs_records_replay_their_send_times(tmp_path):
+    """A bench per-request file is a trace: sends after the first non-warm-up one become
+    arrivals, warm-ups are left out, lengths are those asked for."""
+    from memorywall.loadgen.records import RequestRecord
+
+    rows = [
+        RequestRecord(
+            index=0, prompt_tokens=9, output_tokens=3, scheduled_ns=None, sent_ns=1_000, warmup=True
+        ),
+        RequestRecord(
+            index=2, prompt_tokens=16, output_tokens=4, scheduled_ns=None, sent_ns=7_500_000_000
+        ),
+        RequestRecord(
+            index=1, prompt_tokens=32, output_tokens=8, scheduled_ns=None, sent_ns=5_000_000_000
+        ),
+    ]
+    p = write(tmp_path, [json.dumps(r.as_dict()) for r in rows])
+    wl = TraceWorkload.from_jsonl(p)
+    assert wl.has_arrivals
+    assert wl.specs(rng(0), 2) == [RequestSpec(0, 32, 8, 0.0), RequestSpec(1, 16, 4, 2.5)]
+
+
+def test_a_bench_file_of_warm_ups_only_is_refused(tmp_path):
+    row = {"index": 0, "prompt_tokens": 9, "output_tokens": 3, "sent_ns": 5, "warmup": True}
+    with pytest.raises(ValueError, match="no requests but warm-ups"):
+        TraceWorkload.from_jsonl(write(tmp_path, [json.dumps(row)]))

@@ -68,3 +68,23 @@ def test_same_files_and_keys(runs) -> None:
     assert sorted(p.name.replace("run", "sim") for p in live_dir.iterdir()) == sorted(
         p.name for p in sim_dir.iterdir() if p.name != "wall_time.json"
     )
+
+
+def test_replaying_a_live_runs_sends_gives_its_timeline(tmp_path) -> None:
+    """Four users, live: the simulation of the sends the live run recorded (its per-request
+    file as `--workload`) gives the live server's modelled TTFT and TPOT, up to what the
+    server reported as host stalls. The ideal closed-loop client may not: its users send
+    in lock-step, and these spread by the client's own pace."""
+    load = ["--concurrency", "4", "--num-prompts", "12", "--input-len", "256", "--output-len", "16"]
+    live_dir, replay_dir = tmp_path / "live", tmp_path / "replay"
+    with emulator(*DEPLOYMENT, "--grace", "1") as target:
+        assert main(["bench", "--target", target, *load, "--out", str(live_dir)]) == 0
+    sends = live_dir / "run-c4.requests.jsonl"
+    assert main(["simulate", *DEPLOYMENT, "--workload", str(sends), "--out", str(replay_dir)]) == 0
+    live = json.loads((live_dir / "run-c4.json").read_text())
+    replay = json.loads((replay_dir / "sim-trace.json").read_text())
+    assert replay["completed"] == live["completed"] == 12
+    stalled_s = live["host_stalled_s"]
+    ttft, tpot = live["mean_modelled_ttft_ms"] / 1e3, live["mean_modelled_tpot_ms"] / 1e3
+    assert replay["mean_ttft_ms"] / 1e3 == pytest.approx(ttft, rel=0.05, abs=stalled_s)
+    assert replay["mean_tpot_ms"] / 1e3 == pytest.approx(tpot, rel=0.01, abs=stalled_s / 15)
