@@ -28,7 +28,11 @@ that expectation, either way (faster than the model is a miss too), no failed re
 The table also shows what each model delivers in an ideal closed loop (the offline
 replay of the same users with no client or host delay: the ceiling a faithful emulator
 can reach), and for memorywall the server's own modelled TPOT and the share of the
-level its host stalled (a stall moves the modelled timeline later, and says so).
+level its host stalled (a stall moves the modelled timeline later, and says so). Server
+CPU per token: user + system CPU seconds of the server's processes over the level
+(Dynamo: frontend and mocker; memorywall: serve and any `--api-servers` fronts) over
+the tokens delivered, the figure that least depends on what else the machine runs.
+`--serve-arg=--api-servers --serve-arg=2` passes arguments on to `memorywall serve`.
 
 Offline Dynamo (what `--setup` does and why): `ai-dynamo` 1.6.1 and `ai-dynamo-runtime`
 install from PyPI with `--no-deps`, then their dependencies by hand, leaving out
@@ -62,6 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks._serve import serving
+from benchmarks.message_cost import cpu_s
 from benchmarks.sim_vs_live import host_stall_s, quiet
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.records import RequestRecord
@@ -205,8 +210,11 @@ def stop(procs: Sequence[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
-def mocker(python: str, speedup: float, max_num_seqs: int, logs: Path) -> Iterator[str]:
-    """Yield the base URL of Dynamo's frontend once it lists the mocker's model."""
+def mocker(
+    python: str, speedup: float, max_num_seqs: int, logs: Path
+) -> Iterator[tuple[str, list[int]]]:
+    """Yield the base URL of Dynamo's frontend once it lists the mocker's model, and the
+    pids of the frontend and the mocker."""
     with tempfile.TemporaryDirectory(prefix="mocker-") as tmp:
         model_dir, kv_dir = Path(tmp) / "model", Path(tmp) / "kv"
         model_dir.mkdir()
@@ -229,9 +237,19 @@ def mocker(python: str, speedup: float, max_num_seqs: int, logs: Path) -> Iterat
                 if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
                     raise SystemExit(f"Dynamo's mocker did not start; its logs are in {logs}")
                 time.sleep(0.5)
-            yield url
+            yield url, [p.pid for p in procs]
         finally:
             stop(procs)
+
+
+def tree_cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds of these processes and their live children (`--api-servers` fronts)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            total += cpu_s(pid) + tree_cpu_s([int(c) for c in children])
+    return total
 
 
 # ---- expectations: each engine's offline replay of the live arrivals ---------------------
@@ -333,6 +351,7 @@ def row(engine: Engine, users: int, load: float, live: dict, expected: dict, ext
         "modelled_tpot_ms": live["mean_modelled_tpot_ms"],
         "stall_share": extra.get("stall_share"),
         "ideal_tok_s": expected["ideal_tok_s"],
+        "cpu_us_per_token": extra["cpu_us_per_token"],
         "suspect": live["suspect"],
         "held": held,
     }
@@ -345,19 +364,24 @@ def run_engine(engine: Engine, levels: Sequence[int], args, logs: Path) -> Itera
         with contextlib.ExitStack() as stack:
             if engine.name == "mocker":
                 python = dynamo_python(args.dynamo_venv)
-                url = stack.enter_context(mocker(python, float(engine.speedup), seqs, logs))
+                url, pids = stack.enter_context(mocker(python, float(engine.speedup), seqs, logs))
                 grpc_target = None
                 facts = ServerFacts(model=MODEL)
             else:
                 serve = ["--hardware", str(engine.hardware), "--model", MODEL]
                 serve += ["--http-port", "0", "--max-num-seqs", str(seqs), *args.serve_arg]
                 ready = stack.enter_context(serving(*serve))
-                url, grpc_target = ready.http_url, ready.grpc_target
+                url, grpc_target, pids = ready.http_url, ready.grpc_target, [ready.pid]
                 facts = ServerFacts(hardware=engine.hardware, model=MODEL, emulated=True)
             load = os.getloadavg()[0]
             stalled_before = host_stall_s(grpc_target) if grpc_target else 0.0
+            cpu_before = tree_cpu_s(pids)
             live, records = drive(url, users, args.requests_per_user, args.workers, facts)
-            extra = {}
+            extra = {
+                "cpu_us_per_token": (tree_cpu_s(pids) - cpu_before)
+                * 1e6
+                / live["total_output_tokens"]
+            }
             if grpc_target:
                 stalled = host_stall_s(grpc_target) - stalled_before
                 extra["stall_share"] = stalled / live["duration"]
@@ -375,7 +399,8 @@ def run_engine(engine: Engine, levels: Sequence[int], args, logs: Path) -> Itera
 
 HEAD = (
     "| engine | speed | streams | load | tok/s | ideal tok/s | client TPOT | expected TPOT "
-    "| TPOT vs expected | p99 ITL client / expected | modelled TPOT, host stalls | timing held |"
+    "| TPOT vs expected | p99 ITL client / expected | server CPU per token "
+    "| modelled TPOT, host stalls | timing held |"
 )
 
 
@@ -389,7 +414,8 @@ def fmt(r: dict) -> str:
         f"| {name} | {r['speed']} | {r['users']:,} | {r['load']:.2f} | {r['tok_s']:,.0f} "
         f"| {r['ideal_tok_s']:,.0f} | {r['tpot_ms']:.3f} ms | {r['expected_tpot_ms']:.3f} ms "
         f"| {r['tpot_error']:+.1%} "
-        f"| {r['p99_itl_ms']:.2f} / {r['expected_p99_itl_ms']:.2f} ms | {own} | {held} |"
+        f"| {r['p99_itl_ms']:.2f} / {r['expected_p99_itl_ms']:.2f} ms "
+        f"| {r['cpu_us_per_token']:.0f} us | {own} | {held} |"
     )
 
 
