@@ -4,7 +4,9 @@ With `--prefill-hardware`, the deployment that `--hardware`/`--model`/`--devices
 becomes the decode pool (`--decode-workers` of it) and `--prefill-workers` workers of
 `--prefill-hardware` x `--prefill-devices` prefill for it, the KV crossing `--kv-link`.
 Each level runs on `server.pd.cosim.PdOfflineEngine`, released by the same rules as
-an aggregated level (`memorywall.simulate`), and writes the same result files.
+an aggregated level (`memorywall.simulate`), and writes the same result files. Transfers
+at once share the link (a prefill worker's egress, a decode worker's ingress) as the
+live workers book them, and a prefill worker holds a prompt's KV until it has landed.
 """
 
 from __future__ import annotations
