@@ -182,18 +182,18 @@ def _spot_lines(data) -> list[str]:
     ]
     if spots:
         gap = max(abs(s["live_mean_tpot_ms"] / s["live_modelled_tpot_ms"] - 1) for s in spots)
-        drift = max(abs(s["live_modelled_tpot_ms"] / s["sim_mean_tpot_ms"] - 1) for s in spots)
+        drift = max(abs(s["live_modelled_tpot_ms"] / s["replay_mean_tpot_ms"] - 1) for s in spots)
         out.append(
             f"- **Live, the client's TPOT follows the server's own timeline within {gap:.2%} "
-            f"in every spot check; that timeline is up to {drift:.1%} from the simulation** "
-            "where the live server's host started steps late."
+            f"in every spot check; that timeline is up to {drift:.1%} from the replay of its "
+            "own arrivals** where the live server's host started steps late."
         )
     kept = [s for s in data["spot_checks"] if not s["suspect"] and s["tpot_error"] is not None]
     if not kept:
         return out
     worst = max(kept, key=lambda s: abs(s["tpot_error"]))
     out.append(
-        f"- **Live and simulated agree on TPOT within {abs(worst['tpot_error']):.2%}** over "
+        f"- **Live and replayed agree on TPOT within {abs(worst['tpot_error']):.2%}** over "
         f"the {_count(len(kept), 'spot check')} where neither the client nor the server's "
         f"host fell behind (worst: {worst['model']} on {worst['hardware']} at "
         f"{_count(worst['users'], 'user')})."
