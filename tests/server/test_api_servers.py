@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from memorywall.cli import main
@@ -33,6 +34,8 @@ from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.multi.engine_host import EngineHost
 from memorywall.server.multi.front import FRONT_HEADER
 from memorywall.server.multi.remote import RemoteEngine
+from memorywall.v1 import engine_pb2 as pb
+from memorywall.v1 import engine_pb2_grpc
 
 H100_8B = ["--hardware", "h100-sxm", "--model", "llama-3.1-8b"]
 START_TIMEOUT_S = 60.0  # three spawned interpreters importing numpy and grpc on 2 busy cores
@@ -299,6 +302,21 @@ def test_two_fronts_stream_modelled_times_and_share_the_kv_pool(tree):
             # not long after it, even on a loaded 2-core machine.
             assert ts[-1] - 0.001 <= arrived_s <= ts[-1] + 0.5
         conn.close()
+    # gRPC on the same ports: a stream, and the engine's state from whichever front answers.
+    with grpc.insecure_channel(t.ready.grpc_target) as channel:
+        stub = engine_pb2_grpc.EngineStub(channel)
+        request = pb.GenerateRequest(token_count=100, max_tokens=8, ignore_eos=True)
+        replies = list(stub.Generate(request, timeout=EXIT_TIMEOUT_S))
+        times = [x for r in replies[:-1] for x in r.chunk.modelled_times_s]
+        assert len(times) == 8 and times == sorted(times)
+        assert replies[-1].finished.usage.completion_tokens == 8
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        # Every request through every front, as the engine counts them (pushed every 0.1 s).
+        while (info := stub.GetServerInfo(pb.GetServerInfoRequest())).requests_finished < 5:
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+        assert info.kv_total_tokens == t.ready.kv_capacity_tokens
+        assert (info.requests_finished, info.running) == (5, 0)
 
 
 def test_sigterm_to_the_parent_stops_every_process(tree):
