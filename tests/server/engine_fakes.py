@@ -1,10 +1,35 @@
 """Stand-ins the engine tests share: a step-cost model with round numbers, a clock that
-jumps to each deadline, and one that steps to them (and can wake late: a stalled host)."""
+jumps to each deadline, one that steps to them (and can wake late: a stalled host), and a
+model card for fronts that need no real deployment."""
 
 import asyncio
 from dataclasses import dataclass, field
 
 from memorywall.core import Batch
+from memorywall.server.engine.build import ModelCard
+
+
+def model_card(**changes: object) -> ModelCard:
+    """A small card ("m" on one "hw" device); `changes` override its fields."""
+    fields: dict = dict(
+        model="m",
+        context_window=4096,
+        vocab_size=1000,
+        eos_token_ids=(2,),
+        hardware="hw",
+        devices=1,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        weight_precision="bf16",
+        kv_precision="bf16",
+        placement="resident",
+        deployment="m on 1 x hw",
+        kv_capacity_tokens=1 << 20,
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        predicted_tokens_per_s_per_user=100.0,
+    )
+    return ModelCard(**(fields | changes))
 
 
 @dataclass(frozen=True)

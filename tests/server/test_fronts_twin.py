@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import grpc
 import pytest
+from engine_fakes import model_card
 from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as spb
 
-from memorywall.server.engine.build import ModelCard
 from memorywall.server.engine.twin import TwinEngine
 from memorywall.server.fronts.grpc_servicer import EngineServicer
 from memorywall.server.fronts.http_front import HttpSite, OpenAIFront
@@ -31,24 +31,7 @@ from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 
 TIMEOUT_S = 10.0
-CARD = ModelCard(
-    model="m",
-    context_window=4096,
-    vocab_size=1000,
-    eos_token_ids=(2,),
-    hardware="twin",
-    devices=1,
-    tensor_parallel=1,
-    pipeline_parallel=1,
-    weight_precision="bf16",
-    kv_precision="bf16",
-    placement="resident",
-    deployment="twin",
-    kv_capacity_tokens=1 << 20,
-    max_num_seqs=8,
-    max_num_batched_tokens=512,
-    predicted_tokens_per_s_per_user=100.0,
-)
+CARD = model_card(hardware="twin", deployment="twin")
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from engine_fakes import model_card
 
 from memorywall.errors import InvalidRequestError, NotFoundError
 from memorywall.server.engine.api import Finished, FinishReason, TokenGroup
-from memorywall.server.engine.build import ModelCard
 from memorywall.server.fronts.openai_api import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -22,24 +22,7 @@ from memorywall.server.fronts.openai_api import (
 from memorywall.server.fronts.openai_reply import DONE, Reply
 from memorywall.server.fronts.tokenizer import ApproximateTokenizer
 
-CARD = ModelCard(
-    model="m",
-    context_window=2048,
-    vocab_size=1000,
-    eos_token_ids=(999,),
-    hardware="hw",
-    devices=1,
-    tensor_parallel=1,
-    pipeline_parallel=1,
-    weight_precision="bf16",
-    kv_precision="bf16",
-    placement="resident",
-    deployment="m on 1 x hw",
-    kv_capacity_tokens=1536,
-    max_num_seqs=8,
-    max_num_batched_tokens=512,
-    predicted_tokens_per_s_per_user=100.0,
-)
+CARD = model_card(context_window=2048, eos_token_ids=(999,), kv_capacity_tokens=1536)
 API = OpenAIApi(CARD, ApproximateTokenizer(CARD.vocab_size))
 
 
