@@ -7,7 +7,7 @@ import pytest
 
 from memorywall.core.kv_transfer import kv_link, kv_transfer
 from memorywall.server.engine.kv import BlockPool
-from memorywall.server.engine.scheduler import Request
+from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet, simulate_pd
 
@@ -48,10 +48,18 @@ def test_two_decode_workers_each_with_their_own_ingress_do_not_wait_over_nics(h1
     assert [t.transfer.wait_s for t in out] == [0.0, 0.0]
 
 
-def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100, wse3):
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix cache", "no cache"])
+def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100, wse3, caching):
     """A prefill worker with KV for one prompt: the second prompt's prefill starts only
     when the first's KV has landed on the decode worker, not when the first prefill ends."""
-    fleet = PdFleet(prefill=h100, prefill_workers=1, decode=wse3, decode_workers=1, link=LINK_GBPS)
+    fleet = PdFleet(
+        prefill=h100,
+        prefill_workers=1,
+        decode=wse3,
+        decode_workers=1,
+        link=LINK_GBPS,
+        engine=EngineConfig(enable_prefix_caching=caching),
+    )
     engine = PdOfflineEngine(fleet)
     core = engine.prefills[0].core
     core.pool = BlockPool(70, core.config.block_size)  # 1,120 tokens: one prompt at a time
@@ -64,7 +72,8 @@ def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100, wse3):
     assert second.first_scheduled_s == pytest.approx(landed, abs=1e-12)
     assert first.completion_tokens == second.completion_tokens == 4
     assert core.pool.used_blocks == 0  # every hold released
-    assert core.pool.cached_free_blocks > 0  # ...and its full blocks kept for prefix reuse
+    # ...and, with prefix caching, full blocks kept for reuse
+    assert (core.pool.cached_free_blocks >= PROMPT // 16) is caching
 
 
 def test_a_repeated_prompt_finds_its_prefix_cached_after_the_hold(h100, wse3):
