@@ -17,12 +17,20 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from memorywall.core import Deployment
 from memorywall.errors import MemorywallError
 from memorywall.server.app import quiet_gc
-from memorywall.server.engine.api import EventStream, TokenGroup
+from memorywall.server.engine.api import (
+    EngineStats,
+    EventStream,
+    Finished,
+    Request,
+    StepReport,
+    TokenGroup,
+)
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.faults import FaultKind
 from memorywall.server.engine.live import AsyncEngine
@@ -52,7 +60,7 @@ class FrontLink:
         self.out = out
         self.streams: dict[int, EventStream] = {}
         self.forwarders: set[asyncio.Task] = set()
-        self._kv_unsubscribe = None
+        self._kv_unsubscribe: Callable[[], None] | None = None
 
     async def run(self) -> None:
         """Serve the front until its socket closes, then free everything it held."""
@@ -77,7 +85,7 @@ class FrontLink:
         if held:
             log.warning("front %d disconnected: aborted its %d live streams", self.index, len(held))
 
-    def _submit(self, key: int, request, min_interval_s: float, arrival_s: float) -> None:
+    def _submit(self, key: int, request: Request, min_interval_s: float, arrival_s: float) -> None:
         try:
             stream = self.host.engine.submit(
                 request, min_interval_s=min_interval_s, arrival_s=arrival_s
@@ -205,13 +213,13 @@ class EngineHost:
 
     # EngineObserver: admissions happen in steps
 
-    def watch(self, stats) -> None:
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
         pass
 
-    def on_step(self, step) -> None:
+    def on_step(self, step: StepReport) -> None:
         self.share_waiting()
 
-    def on_finish(self, finished) -> None:
+    def on_finish(self, finished: Finished) -> None:
         pass
 
     def on_lag(self, lag_s: float) -> None:
@@ -227,7 +235,7 @@ class EngineHost:
                 self._pushed, self._pushed_s = state, now
                 self._push(self.engine.stats())
 
-    def _push(self, stats) -> None:
+    def _push(self, stats: EngineStats) -> None:
         for link in self.links:
             link.out.put((Kind.STATS, stats))
 
