@@ -367,15 +367,9 @@ def test_a_killed_front_frees_its_streams_and_the_rest_stops(tree):
     fronts = t.connect_to_each_front(2)
     body = {"prompt": PROMPT, "max_tokens": 20_000, "ignore_eos": True, "stream": True}
     held = _post(fronts[0], body)  # headers only: the stream runs on in the engine
-    kept_conn = http.client.HTTPConnection("127.0.0.1", t.ready.http_port, timeout=30)
-    while True:  # a second connection to front 1 for /metrics while front 1 streams
-        kept_conn.request("GET", "/health")
-        response = kept_conn.getresponse()
-        response.read()
-        if response.getheader(FRONT_HEADER) == "1":
-            break
-        kept_conn.close()
-        kept_conn = http.client.HTTPConnection("127.0.0.1", t.ready.http_port, timeout=30)
+    spare = t.connect_to_each_front(2)  # a second connection to front 1, for /metrics
+    spare[0].close()
+    kept_conn = spare[1]
     kept = _post(fronts[1], body)
     assert held.status == kept.status == 200
     running = 'vllm:num_requests_running{engine="0",model_name="llama-3.1-8b"}'
