@@ -75,6 +75,7 @@ from memorywall.loadgen.workload import Fixed, SyntheticWorkload
 
 MODEL = "llama-3.1-8b"
 PROMPT_TOKENS, OUTPUT_TOKENS = 256, 128
+TRACE_BLOCK_TOKENS = 64  # the mocker's default KV block
 HELD = 0.02  # client TPOT within 2% of the engine's own replay of the live arrivals
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_JSON = REPO / "core" / "models" / f"{MODEL}.json"
@@ -117,11 +118,11 @@ json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t128000",
 REPLAY_SCRIPT = """
 import json, sys
 from dynamo.replay import run_synthetic_trace_replay, run_trace_replay
-trace, users, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-engine = {"engine": json.loads(sys.argv[4])}
-live = run_trace_replay(trace, extra_engine_args=engine, trace_block_size=64).summary
+trace, engine = sys.argv[1], {"engine": json.loads(sys.argv[2])}
+users, count, prompt, output, block = map(int, sys.argv[3:])
+live = run_trace_replay(trace, extra_engine_args=engine, trace_block_size=block).summary
 ideal = run_synthetic_trace_replay(
-    int(sys.argv[5]), int(sys.argv[6]), count, replay_concurrency=users, extra_engine_args=engine
+    prompt, output, count, replay_concurrency=users, extra_engine_args=engine
 ).summary
 print(json.dumps({"live": live, "ideal": ideal}))
 """
@@ -257,18 +258,20 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
 
 def write_trace(records: Sequence[RequestRecord], path: Path) -> int:
     """The live requests as a Mooncake trace: send times (ms from the first), lengths, and
-    hash ids of their own (random prompts share no prefix). Returns the request count."""
-    sent = sorted((r for r in records if r.sent_ns is not None), key=lambda r: r.sent_ns)
-    start = sent[0].sent_ns
-    blocks = -(-PROMPT_TOKENS // 64)
+    64-token block hash ids of their own (random prompts share no prefix). Returns the
+    request count."""
+    sent = sorted(records, key=lambda r: r.sent_ns)
+    next_block = 0
     with path.open("w") as f:
-        for i, r in enumerate(sent):
+        for r in sent:
+            blocks = -(-r.prompt_tokens // TRACE_BLOCK_TOKENS)
             line = {
-                "timestamp": (r.sent_ns - start) / 1e6,
+                "timestamp": (r.sent_ns - sent[0].sent_ns) / 1e6,
                 "input_length": r.prompt_tokens,
                 "output_length": r.output_tokens,
-                "hash_ids": list(range(i * blocks, (i + 1) * blocks)),
+                "hash_ids": list(range(next_block, next_block + blocks)),
             }
+            next_block += blocks
             f.write(json.dumps(line) + "\n")
     return len(sent)
 
@@ -277,8 +280,8 @@ def mocker_replay(
     python: str, trace: Path, users: int, count: int, engine: Engine, max_num_seqs: int
 ) -> dict:
     args = json.dumps({"max_num_seqs": max_num_seqs, "speedup_ratio": engine.speedup})
-    cmd = [python, "-c", REPLAY_SCRIPT, str(trace), str(users), str(count), args]
-    cmd += [str(PROMPT_TOKENS), str(OUTPUT_TOKENS)]
+    numbers = (users, count, PROMPT_TOKENS, OUTPUT_TOKENS, TRACE_BLOCK_TOKENS)
+    cmd = [python, "-c", REPLAY_SCRIPT, str(trace), args, *map(str, numbers)]
     out = subprocess.run(cmd, check=True, capture_output=True)
     s = json.loads(out.stdout.decode().strip().splitlines()[-1])
     live, ideal = s["live"], s["ideal"]
