@@ -66,8 +66,7 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         done = len(seq.output_ids)
         if not done or seq.computed != seq.prompt_len + done - 1:
             return None  # still prefilling
-        r = seq.request
-        if r.stop_token_ids and not r.ignore_eos:
+        if seq.watches_stops:
             return None
         left = seq.stop_at - done - 1  # its last token is for `complete`
         if left < min_steps:

@@ -106,10 +106,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     prompt_len: int = field(init=False)
     max_kv_tokens: int = field(init=False)
+    watches_stops: bool = field(init=False)  # a stop token may end it before `stop_at`
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.request.prompt_ids)
         self.max_kv_tokens = self.prompt_len + self.request.max_tokens
+        self.watches_stops = bool(self.request.stop_token_ids) and not self.request.ignore_eos
 
     @property
     def total_tokens(self) -> int:
@@ -368,27 +370,35 @@ class EngineCore:
         counters = self.counters
         counters.steps += 1
         counters.energy_j += step.cost.energy_j
+        plain = not self.limits.draft_tokens  # one token a step: no draws for drafts
+        generated = 0
         for seq, n, decoding in step.scheduled:
             if seq.finish_reason is not None:
                 continue  # aborted during the step
             seq.energy_j += energy_per_token * n
             seq.computed += n
-            if seq.computed < seq.prompt_len + len(seq.output_ids):
+            out = seq.output_ids
+            if seq.computed < seq.prompt_len + len(out):
                 continue  # a prefill chunk that does not end the prompt
-            ids, reason = self._sample(seq, decoding)
-            seq.output_ids.extend(ids)
+            if plain and seq.stop_at - len(out) > 1 and not seq.watches_stops:
+                # `_sample`'s answer when nothing can end the sequence this step.
+                ids, reason = seq.tokens.next_ids(1), None
+            else:
+                ids, reason = self._sample(seq, decoding)
+            out += ids
             # Accepted drafts were verified in this step, so their KV exists.
-            seq.computed = seq.prompt_len + len(seq.output_ids) - 1
+            seq.computed = seq.prompt_len + len(out) - 1
             previous_s = seq.last_token_s
             seq.last_token_s = end_s
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
-            counters.tokens_generated += len(ids)
+            generated += len(ids)
             if reason is not None:
                 self.running.remove(seq)
                 counters.finished += 1
                 self._finish(seq, reason)
             emissions.append(Emission(seq, ids, end_s, reason is not None, previous_s))
+        counters.tokens_generated += generated
         return emissions
 
     def _sample(self, seq: Sequence, decoding: bool) -> tuple[list[int], FinishReason | None]:
@@ -401,7 +411,7 @@ class EngineCore:
         if k > left:
             k = left
         ids = seq.tokens.next_ids(k)
-        if r.stop_token_ids and not r.ignore_eos:
+        if seq.watches_stops:
             for j, token in enumerate(ids):
                 if token in r.stop_token_ids and done + j + 1 >= r.min_tokens:
                     return ids[: j + 1], FinishReason.STOP

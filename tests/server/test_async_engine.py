@@ -237,7 +237,9 @@ async def test_natural_length_stream_ends_with_eos_and_no_eos_text(fake_engine, 
     eos = set(wse3_8b.model.eos_token_ids)
     stopped = 0
     for i in range(10):
-        stream = fake_engine.submit(request(f"r{i}", max_tokens=64, ignore_eos=False, min_tokens=2))
+        # Each its own sampling seed: the same prompt and seed would end at the same length.
+        r = request(f"r{i}", max_tokens=64, ignore_eos=False, min_tokens=2, sampling_seed=i)
+        stream = fake_engine.submit(r)
         groups, final = await collect(stream)
         ids = ids_of(groups)
         assert 2 <= len(ids) == final.completion_tokens <= 64

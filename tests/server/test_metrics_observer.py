@@ -131,9 +131,9 @@ async def test_counters_and_histograms_move_by_exactly_the_load(wse3_8b):
             engine.submit(request(f"len{i}", max_tokens=20 + i, prompt_len=50 + 10 * i))
             for i in range(4)
         ]
-        streams += [
-            engine.submit(request(f"nat{i}", max_tokens=64, ignore_eos=False, min_tokens=2))
-            for i in range(10)
+        nat = dict(max_tokens=64, ignore_eos=False, min_tokens=2)
+        streams += [  # each its own seed, so their natural lengths differ
+            engine.submit(request(f"nat{i}", sampling_seed=i, **nat)) for i in range(10)
         ]
         streams.append(engine.submit(request("queued", max_tokens=10)))
         assert engine.abort("queued")  # before any step: no token, no prompt counted
