@@ -101,14 +101,17 @@ START_TIMEOUT_S = 120.0
 MODEL_DIR_SCRIPT = """
 import json, shutil, sys
 from tokenizers import Tokenizer, models, pre_tokenizers
-out, config = sys.argv[1], sys.argv[2]
-shutil.copy(config, f"{out}/config.json")
-vocab_size = json.load(open(config))["vocab_size"]
-tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+out, config_path = sys.argv[1], sys.argv[2]
+shutil.copy(config_path, f"{out}/config.json")
+config = json.load(open(config_path))
+eos = config["eos_token_id"]
+tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config["vocab_size"])}, "t0"))
 tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 tok.save(f"{out}/tokenizer.json")
-json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t128000",
-           "eos_token": "t128009", "model_max_length": 131072,
+json.dump({"tokenizer_class": "PreTrainedTokenizerFast",
+           "bos_token": f"t{config['bos_token_id']}",
+           "eos_token": f"t{eos[0] if isinstance(eos, list) else eos}",
+           "model_max_length": config["max_position_embeddings"],
            "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"},
           open(f"{out}/tokenizer_config.json", "w"))
 """
