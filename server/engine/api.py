@@ -23,7 +23,7 @@ from memorywall.server.engine.kv import (
     PrefixCacheStats,
 )
 from memorywall.server.engine.lag import LagSummary, StallSummary
-from memorywall.server.engine.scheduler import FinishReason, Request
+from memorywall.server.engine.scheduler import FinishReason, Request, check_request
 
 __all__ = [
     "AllBlocksCleared",
@@ -43,6 +43,7 @@ __all__ = [
     "StallSummary",
     "StepReport",
     "TokenGroup",
+    "check_request",
 ]
 
 

@@ -166,6 +166,29 @@ def token_seed(seed: int, request: Request) -> int:
     return hash((seed, sampling is None, sampling or 0, request.prompt_ids)) & _UINT64
 
 
+def check_request(r: Request, max_context: int, kv_capacity_tokens: int, block: int) -> None:
+    """Raise what `EngineCore.add` raises for a request no engine of these limits could run
+    (the fronts of a multi-process server check it before they start a response)."""
+    if r.max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
+    if r.min_tokens > r.max_tokens:
+        raise InvalidRequestError(f"min_tokens: {r.min_tokens} exceeds max_tokens {r.max_tokens}")
+    if not r.prompt_ids:
+        raise InvalidRequestError("prompt: empty")
+    total = len(r.prompt_ids) + r.max_tokens
+    if total > max_context:
+        raise ContextLengthError(
+            f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = {total} "
+            f"exceeds the context window of {max_context}"
+        )
+    blocks = kv_capacity_tokens // block
+    if blocks_for(total, block) > blocks:
+        raise RequestTooLargeError(
+            f"prompt + max_tokens = {total} tokens exceeds the KV capacity of "
+            f"{blocks * block} tokens"
+        )
+
+
 class EngineCore:
     def __init__(
         self, step_model: StepCostModel, limits: ModelLimits, config: EngineConfig
@@ -214,25 +237,8 @@ class EngineCore:
     def _validate(self, r: Request) -> None:
         if r.request_id in self.live:
             raise DuplicateRequestError(f"request_id {r.request_id!r} is already in flight")
-        if r.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
-        if r.min_tokens > r.max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens: {r.min_tokens} exceeds max_tokens {r.max_tokens}"
-            )
-        if not r.prompt_ids:
-            raise InvalidRequestError("prompt: empty")
-        total = len(r.prompt_ids) + r.max_tokens
-        if total > self.limits.max_context:
-            raise ContextLengthError(
-                f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = {total} "
-                f"exceeds the context window of {self.limits.max_context}"
-            )
-        if blocks_for(total, self.config.block_size) > self.pool.total_blocks:
-            raise RequestTooLargeError(
-                f"prompt + max_tokens = {total} tokens exceeds the KV capacity of "
-                f"{self.pool.capacity_tokens} tokens"
-            )
+        limits = self.limits
+        check_request(r, limits.max_context, limits.kv_capacity_tokens, self.config.block_size)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a live request and free its slot and KV now."""

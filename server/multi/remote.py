@@ -28,12 +28,9 @@ from collections import deque
 from collections.abc import Callable
 
 from memorywall.errors import (
-    ContextLengthError,
     DrainingError,
     DuplicateRequestError,
-    InvalidRequestError,
     MemorywallError,
-    RequestTooLargeError,
 )
 from memorywall.server.engine.api import (
     EngineStats,
@@ -41,10 +38,10 @@ from memorywall.server.engine.api import (
     KVEvent,
     Request,
     TokenGroup,
+    check_request,
 )
 from memorywall.server.engine.build import ModelCard
 from memorywall.server.engine.faults import FaultKind
-from memorywall.server.engine.kv import blocks_for
 from memorywall.server.multi.wire import Kind, Outbox, error_from, group_from, read_frame
 
 METRICS_TIMEOUT_S = 10.0
@@ -128,29 +125,6 @@ def _merged(first: TokenGroup, queue: deque) -> TokenGroup:
         completion_tokens=last.completion_tokens,
         finish_reason=last.finish_reason,
     )
-
-
-def check_request(request: Request, card: ModelCard, block_size: int) -> None:
-    """Refuse what the engine core would refuse (`EngineCore.add`), with its errors, so that
-    a front answers bad input with the right status before it starts a response."""
-    r = request
-    if r.max_tokens < 1:
-        raise InvalidRequestError(f"max_tokens: must be >= 1, got {r.max_tokens}")
-    if r.min_tokens > r.max_tokens:
-        raise InvalidRequestError(f"min_tokens: {r.min_tokens} exceeds max_tokens {r.max_tokens}")
-    if not r.prompt_ids:
-        raise InvalidRequestError("prompt: empty")
-    total = len(r.prompt_ids) + r.max_tokens
-    if total > card.context_window:
-        raise ContextLengthError(
-            f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) = {total} "
-            f"exceeds the context window of {card.context_window}"
-        )
-    if blocks_for(total, block_size) * block_size > card.kv_capacity_tokens:
-        raise RequestTooLargeError(
-            f"prompt + max_tokens = {total} tokens exceeds the KV capacity of "
-            f"{card.kv_capacity_tokens} tokens"
-        )
 
 
 class RemoteEngine:
@@ -258,7 +232,9 @@ class RemoteEngine:
         rid = request.request_id
         if rid in self._by_id:
             raise DuplicateRequestError(f"request_id {rid!r} is already in flight")
-        check_request(request, self.card, self.block_size)
+        check_request(
+            request, self.card.context_window, self.card.kv_capacity_tokens, self.block_size
+        )
         key = next(self._keys)
         stream = RemoteStream(self, key, rid)
         self._streams[key] = stream
