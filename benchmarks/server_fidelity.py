@@ -2,6 +2,7 @@
 
     python -m benchmarks.server_fidelity [--runs h100-sxm:256,wse-3:64,h100-sxm:1024]
                                          [--fronts grpc,http] [--workers 2] [--requests 2]
+                                         [--api-servers N]
 
 For each run (backend and number of streams) a fresh `memorywall serve` (gRPC
 and HTTP on one engine, `--max-num-seqs` at least the streams) is driven by
@@ -239,17 +240,22 @@ def main() -> int:
     parser.add_argument("--fronts", default="grpc,http")
     parser.add_argument("--workers", type=int, default=2, help="client processes")
     parser.add_argument("--requests", type=int, default=2, help="requests per user")
+    parser.add_argument(
+        "--api-servers", type=int, default=1, help="the server's front processes (serve's flag)"
+    )
     args = parser.parse_args()
     print(
         f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}; {args.workers} client processes; "
+        f"serve --api-servers {args.api_servers}; "
         f"{PROMPT}-token prompts, {OUTPUT} output tokens\n"
     )
     print(HEADER)
     fronts = tuple(args.fronts.split(","))
     for run in args.runs.split(","):
         hw, users = run.split(":")
-        rows = measure(hw, [int(users)], args.requests, [], fronts=fronts, workers=args.workers)
+        extra = ["--api-servers", str(args.api_servers)]
+        rows = measure(hw, [int(users)], args.requests, extra, fronts=fronts, workers=args.workers)
         for row in rows:
             print(row, flush=True)
     return 0
