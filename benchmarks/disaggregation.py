@@ -14,7 +14,9 @@ prompts. Three parts:
    and, for scale, the same requests through smg to one aggregated wafer worker.
 3. Simulated at scale (`server/pd/offline.py`): a split fleet sized so its prefill keeps
    up with its decode, against aggregated wse-3 and aggregated GPU fleets of the same
-   device count and of the same power, on one open-loop Poisson schedule.
+   device count and of the same power, on one open-loop Poisson schedule. Transfers at
+   once share the link (each prefill worker's egress, the decode worker's ingress), and
+   a prefill worker holds a prompt's KV until it has landed.
 
 Every number is emulated (the hardware is modelled); smg is real.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -184,7 +187,8 @@ def sim_case(model: str, hw: str, prompt: int, n: int) -> dict:
     requests = schedule(rate, n, prompt)
     arrivals = [t for t, _ in requests]
     split = simulate_pd(fleet, requests)
-    transfers = [t.transfer.exposed_s for t in split if t.transfer is not None]
+    transfers = [t.transfer for t in split if t.transfer is not None]
+    exposed_ms = [1e3 * t.exposed_s for t in transfers]
     rows = [
         fleet_row(
             f"split: {fleet.describe()}",
@@ -192,7 +196,10 @@ def sim_case(model: str, hw: str, prompt: int, n: int) -> dict:
             fleet.power_w,
             metrics(arrivals, [t.timeline for t in split]),
             split_cap,
-            transfer_ms=1e3 * float(np.mean(transfers)),
+            transfer_ms=float(np.mean(exposed_ms)),
+            transfer_p99_ms=float(np.percentile(exposed_ms, 99)),
+            wait_ms=1e3 * float(np.mean([t.wait_s for t in transfers])),
+            waited=sum(t.wait_s > 0 for t in transfers) / len(transfers),
         )
     ]
     wafer_w = wafer.devices * wafer.hardware.tdp_w
@@ -233,6 +240,7 @@ def main() -> int:
     parser.add_argument("--no-live", action="store_true", help="skip the smg runs")
     args = parser.parse_args()
     started = time.perf_counter()
+    load_before = os.getloadavg()
     n_sim = 200 if args.quick else 1500
     data = {
         "link": link_rows(),
@@ -252,6 +260,7 @@ def main() -> int:
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()})",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "elapsed_s": time.perf_counter() - started,
+        "load_average": {"start": load_before, "end": os.getloadavg()},
         "constants": {"short": SHORT, "long": LONG, "output": OUTPUT, "load": LOAD},
     }
     text = report(data)

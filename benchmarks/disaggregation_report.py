@@ -94,6 +94,10 @@ def _sim(data: dict) -> list[str]:
         "that offered load. Capacity (tok/s, per device, per kW): output tokens per second of",
         "a burst of three full decode batches per decode (or aggregated) worker, first",
         "request to last token; an aggregated fleet's is its workers' count times one's.",
+        "Transfers share the link: those at once from one prefill worker share its egress,",
+        "those into the decode worker its ingress (the CS-3's 150 GB/s), each taking what",
+        "the ones before it leave (`kv_transfer.book`). The split's transfer is the mean",
+        "from prefill end to KV landed, its p99, and the mean wait for the link within it.",
     ]
     for case in data["sim"]:
         lines += [
@@ -106,7 +110,12 @@ def _sim(data: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in case["rows"]:
-            extra = f" (transfer {r['transfer_ms']:.2f} ms)" if "transfer_ms" in r else ""
+            extra = (
+                f" (transfer {r['transfer_ms']:.2f} ms, p99 {r['transfer_p99_ms']:.2f}; "
+                f"waiting for the link {r['wait_ms']:.2f} ms, {r['waited']:.0%} waited)"
+                if "transfer_ms" in r
+                else ""
+            )
             lines.append(
                 f"| {r['fleet']}{extra} | {r['devices']} | {r['power_kw']:,.1f} | "
                 f"{_f(r['ttft_p50_ms'], ',.1f')} | {_f(r['ttft_p99_ms'], ',.1f')} | "
@@ -132,7 +141,7 @@ def _verdict(data: dict) -> list[str]:
         "",
     ]
     by_kind: dict[str, list[tuple[str, float, float, float]]] = {"wse-3": [], "GPU": []}
-    shares = []
+    shares, waits = [], []
     for case in data["sim"]:
         split = case["rows"][0]
         name = f"{case['model']} {case['prompt']:,}-token prompts, {case['prefill_hw']} prefill"
@@ -148,6 +157,7 @@ def _verdict(data: dict) -> list[str]:
             )
         if split["ttft_p50_ms"]:
             shares.append(split["transfer_ms"] / split["ttft_p50_ms"])
+            waits.append(split["wait_ms"] / split["transfer_ms"])
     for kind, label in (("GPU", "GPUs alone"), ("wse-3", "wafers alone")):
         rows = by_kind[kind]
         if not rows:
@@ -164,14 +174,39 @@ def _verdict(data: dict) -> list[str]:
         slower = [(r["gpu_prefill_ms"] + r["transfer_ms"]) / r["wafer_prefill_ms"] for r in link]
         link_share = _span([r["transfer_share"] * 100 for r in link], ".0f")
         prompts = _span([float(r["prompt"]) for r in link], ",.0f")
+        bigger = "the link's" if max(shares) > 0.5 else "the GPU's prefill"
         lines.append(
             f"- The link: the transfer is {_span([x * 100 for x in shares], '.0f')}% of the "
-            f"split's median TTFT in section 3, and {link_share}% of GPU prefill + transfer "
-            f"for prompts of {prompts} tokens (section 1). GPU prefill + transfer takes "
-            f"{_span(slower, '.1f')}x as long as the wafer prefilling the prompt itself: what "
-            "eats the split's TTFT is the GPU's prefill; the link adds the smaller part."
+            f"split's median TTFT in section 3 (waiting behind other transfers is "
+            f"{_span([x * 100 for x in waits], '.0f')}% of it), and {link_share}% of GPU "
+            f"prefill + transfer for prompts of {prompts} tokens on an idle link (section 1). "
+            f"GPU prefill + transfer takes {_span(slower, '.1f')}x as long as the wafer "
+            f"prefilling the prompt itself; the larger part of the split's TTFT is {bigger}."
         )
     return lines
+
+
+def _load(data: dict) -> list[str]:
+    """The host's load average (1, 5, 15 min) over the run: the live rows share its CPUs."""
+    load = data.get("load_average")
+    if load is None:
+        return []
+    start, end = (", ".join(f"{x:.2f}" for x in load[k]) for k in ("start", "end"))
+    return [f"- host load average (1, 5, 15 min): {start} at the start, {end} at the end"]
+
+
+def _prefill_kv() -> list[str]:
+    return [
+        "- Prefill-side KV: in simulation a prefill worker holds a prompt's KV blocks until",
+        "  its transfer has landed, then frees them (full blocks stay in its prefix cache),",
+        "  so a loaded prefill worker runs short of KV as a real one does",
+        "  (`server/pd/kv_hold.py`). The live prefill worker still frees them when the",
+        "  prefill ends: holding them needs an engine hook, `Request.hold_kv` (the engine",
+        "  keeps a finished request's blocks) and `EngineClient.release_kv(request_id)`",
+        "  (frees them and wakes the scheduler), which the prefill half would call once the",
+        "  KV has landed or its partner is lost. At light load (section 2) nothing waits on",
+        "  prefill KV, so live and simulated agree there.",
+    ]
 
 
 def report(data: dict) -> str:
@@ -186,6 +221,7 @@ def report(data: dict) -> str:
         f"- command: `{data['command']}`",
         f"- machine: {data['machine']}",
         f"- date: {data['date']} (took {data['elapsed_s']:.0f} s)",
+        *_load(data),
         "",
         *_verdict(data),
         "",
@@ -200,10 +236,15 @@ def report(data: dict) -> str:
         "- The prefill worker samples the first token; the decode worker admits the request",
         "  when its KV has landed, runs its last prompt token, and its first token comes one",
         "  step later (`Request.kv_transferred`). A decode worker short of KV queues the",
-        "  request; the prefill worker's blocks go back to its pool (and prefix cache) when",
-        "  the prefill ends, so it holds no KV while the transfer runs.",
-        "- Transfers are not modelled as contending for the link: each request's KV moves at",
-        "  the link's full rate. Under heavy load that flatters the split.",
+        "  request.",
+        "- The link is shared in booking order, not fairly: a transfer takes, moment by",
+        "  moment, the bandwidth the transfers booked before it leave on both its ends, so",
+        "  two at once on one 150 GB/s end run one after the other, while two 50 GB/s GPUs",
+        "  into one wafer both run at full speed. A booking is final (a later transfer never",
+        "  moves an earlier one's landing), so the live decode worker knows when the KV lands",
+        "  as it starts and live and simulated runs book alike; fair sharing would finish the",
+        "  same work at the same moment, only in another order.",
+        *_prefill_kv(),
         "- One run per row (seed 0); the load generator and every process share this",
         "  machine's CPUs.",
         "- Other splits, loads and workloads: `memorywall simulate --hardware wse-3 --model M",

@@ -9,6 +9,12 @@ growing at the end of the run: a finite run can end before an overload's queue b
 a TTFT bound). A candidate's worth is its goodput there: output tokens/s of requests
 that met every bound, per device and per kW of rated power.
 
+With `pd` (the CLI's default when a GPU and a wafer are both searched), disaggregated
+fleets compete too: x prefill workers of each GPU profile feeding y decode workers of
+each wafer profile over the link (`plan_pd`), simulated on the offline split fleet
+under the same load search, and ranked under their own backend label ("PD gpu->wafer")
+by the same measures, both pools' devices and power counted.
+
 The search is pruned four ways:
 - a layout that cannot hold the weights, or whose KV cache cannot hold one request, is
   skipped before any simulation;
