@@ -9,7 +9,7 @@ growing at the end of the run: a finite run can end before an overload's queue b
 a TTFT bound). A candidate's worth is its goodput there: output tokens/s of requests
 that met every bound, per device and per kW of rated power.
 
-With `pd` (the CLI's default when a GPU and a wafer are both searched), disaggregated
+With `pd` (the CLI's `--pd`, for a GPU and a wafer both searched), disaggregated
 fleets compete too: x prefill workers of each GPU profile feeding y decode workers of
 each wafer profile over the link (`plan_pd`), simulated on the offline split fleet
 under the same load search, and ranked under their own backend label ("PD gpu->wafer")

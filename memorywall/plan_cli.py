@@ -112,9 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("disaggregated fleets (prefill on GPUs, decode on wafers)")
     g.add_argument(
         "--pd",
-        action=argparse.BooleanOptionalAction,
-        help="also search prefill on each GPU profile named with decode on each wafer profile "
-        "(default: on when --hardware names both a GPU and a wafer)",
+        action="store_true",
+        help="also search prefill on each GPU profile named with decode on each wafer "
+        "profile (several times the search's time)",
     )
     g.add_argument(
         "--pd-prefill-workers",
@@ -185,19 +185,25 @@ def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
     return query, space
 
 
-def pd_space(args: argparse.Namespace, space: Space) -> PdSpace | None:
-    """The disaggregated fleets to search, or None; raises `PlanError` for `--pd` without a
-    GPU and a wafer to split across (and the core's `ConfigError` for a bad `--kv-link`)."""
+def splittable(space: Space) -> bool:
+    """`space` names a GPU profile to prefill on and a wafer to decode on."""
     from memorywall.core.hardware import DeviceKind
+
+    kinds = {h.kind for h in space.hardware}
+    return DeviceKind.GPU in kinds and DeviceKind.WAFER in kinds
+
+
+def pd_space(args: argparse.Namespace, space: Space) -> PdSpace | None:
+    """The disaggregated fleets `--pd` asks for, or None; raises `PlanError` for `--pd`
+    without a GPU and a wafer to split across (and the core's `ConfigError` for a bad
+    `--kv-link`)."""
     from memorywall.core.kv_transfer import LinkKind, parse_link
     from memorywall.plan import PdSpace
 
-    kinds = {h.kind for h in space.hardware}
-    both = DeviceKind.GPU in kinds and DeviceKind.WAFER in kinds
-    if args.pd and not both:
-        raise PlanError("--pd: --hardware must name a GPU profile (prefill) and a wafer (decode)")
-    if not (both if args.pd is None else args.pd):
+    if not args.pd:
         return None
+    if not splittable(space):
+        raise PlanError("--pd: --hardware must name a GPU profile (prefill) and a wafer (decode)")
     link = parse_link(args.kv_link)
     if link is LinkKind.NVLINK:
         raise PlanError("--kv-link: nvlink cannot join a GPU and a wafer; use nic or GB/s")
@@ -243,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(result))
         print(table(result, args.top))
+        if pd is None and splittable(space):
+            print("(--pd: also try prefill on the GPUs with decode on the wafers)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / PLAN_JSON).write_text(json.dumps(doc, indent=2))

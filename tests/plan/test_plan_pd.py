@@ -113,19 +113,23 @@ CLI = [
 ]  # fmt: skip
 
 
-def test_a_gpu_and_a_wafer_search_the_split_unless_told_not_to(capsys):
-    assert main([*CLI, "--hardware", "h100-sxm,wse-3"]) == 0
+def test_pd_searches_the_split_and_without_it_the_table_says_how(capsys):
+    assert main([*CLI, "--hardware", "h100-sxm,wse-3", "--pd"]) == 0
     assert SPLIT in json.loads(capsys.readouterr().out)["best"]
-    assert main([*CLI, "--hardware", "h100-sxm,wse-3", "--no-pd"]) == 0
-    assert SPLIT not in json.loads(capsys.readouterr().out)["best"]
+    table_argv = [a for a in CLI if a != "--json"]
+    assert main([*table_argv, "--hardware", "h100-sxm,wse-3"]) == 0
+    out = capsys.readouterr().out
+    assert "PD " not in out.split("\n", 1)[1] and out.rstrip().endswith(
+        "(--pd: also try prefill on the GPUs with decode on the wafers)"
+    )
 
 
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
         (["--hardware", "h100-sxm", "--pd"], "must name a GPU profile"),
-        (["--hardware", "h100-sxm,wse-3", "--kv-link", "nvlink"], "nvlink cannot join"),
-        (["--hardware", "h100-sxm,wse-3", "--kv-link", "fast"], "--kv-link"),
+        (["--hardware", "h100-sxm,wse-3", "--pd", "--kv-link", "nvlink"], "nvlink cannot join"),
+        (["--hardware", "h100-sxm,wse-3", "--pd", "--kv-link", "fast"], "--kv-link"),
         (["--hardware", "h100-sxm,wse-3", "--pd-prefill-workers", "0"], "must be >= 1"),
     ],
 )
