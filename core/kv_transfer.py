@@ -33,7 +33,8 @@ order rather than fair sharing because a booking is final: the time a transfer
 lands is known when it starts, never moved by one that comes later, so a live
 decode worker can announce it at once and live and offline runs agree. Sharing
 fairly would end the same total work at the same moment and only reorder who
-finishes first.
+finishes first. With layer overlap a transfer may start before its prefill ends, but
+not before the one booked on its ports before it.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from memorywall.server.engine.build import build_core
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.pd import Bootstrap, Disaggregation, PdConfig, Role
+from memorywall.server.pd.metrics import KvTransferMetrics
 
 TIMEOUT_S = 30.0
 PROMPT = 1000
@@ -39,7 +40,8 @@ async def workers(h100, wse3) -> AsyncIterator:
         engine = AsyncEngine(core, max_messages_per_s=16_000)
         await engine.start()
         config = PdConfig(role=role, link=LINK_GBPS, bootstrap_port=0)
-        pd = Disaggregation(engine, deployment, config)
+        observer = KvTransferMetrics(deployment.model.name) if role is Role.DECODE else None
+        pd = Disaggregation(engine, deployment, config, observer=observer)
         await pd.start("127.0.0.1")
         made.append((pd, engine))
         return pd
@@ -89,3 +91,10 @@ async def test_two_transfers_at_once_take_turns_on_the_shared_end(
     assert max(p.kv_transfer_s for p in p_done) > idle.exposed_s + 0.5 * wire_s
     for pd in (*ps, *ds):
         assert pd.engine.stats().kv_used_tokens == 0
+    # /metrics: each whole transfer, the wait included
+    total_s = sum(
+        next(x.value for x in seconds.samples if x.name.endswith("_sum"))
+        for seconds, _ in (list(d.observer.collect()) for d in ds)
+    )
+    waited_s = sum(p.kv_transfer_s for p in p_done) - 2 * idle.exposed_s
+    assert total_s == pytest.approx(2 * idle.time_s + waited_s, rel=1e-6)
