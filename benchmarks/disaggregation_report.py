@@ -197,15 +197,11 @@ def _load(data: dict) -> list[str]:
 
 def _prefill_kv() -> list[str]:
     return [
-        "- Prefill-side KV: in simulation a prefill worker holds a prompt's KV blocks until",
-        "  its transfer has landed, then frees them (full blocks stay in its prefix cache),",
-        "  so a loaded prefill worker runs short of KV as a real one does",
-        "  (`server/pd/kv_hold.py`). The live prefill worker still frees them when the",
-        "  prefill ends: holding them needs an engine hook, `Request.hold_kv` (the engine",
-        "  keeps a finished request's blocks) and `EngineClient.release_kv(request_id)`",
-        "  (frees them and wakes the scheduler), which the prefill half would call once the",
-        "  KV has landed or its partner is lost. At light load (section 2) nothing waits on",
-        "  prefill KV, so live and simulated agree there.",
+        "- Prefill-side KV: a prefill worker, live and simulated, holds a prompt's KV blocks",
+        "  until its transfer has landed, then frees them (full blocks stay in its prefix",
+        "  cache), so a loaded prefill worker runs short of KV as a real one does: the",
+        "  prefill half submits with `Request.hold_kv` and calls `EngineClient.release_kv`",
+        "  once the KV has landed or its partner is lost.",
     ]
 
 

@@ -268,7 +268,6 @@ class TraceWorkload:
             raise ValueError(f"{path}: no requests in file")
         return cls(tuple(requests))
 
-
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], origin: str) -> TraceWorkload:
         """Replay a bench run (its per-request JSONL rows): each request that was not a

@@ -197,6 +197,10 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> bool: ...
 
+    def release_kv(self, request_id: str) -> bool:
+        """Free the KV a finished `Request.hold_kv` request kept; False if none."""
+        ...
+
     def stats(self) -> EngineStats: ...
 
     def waiting(self) -> int:

@@ -176,6 +176,9 @@ class GuardedEngine:
     def abort(self, request_id: str) -> bool:
         return self.inner.abort(request_id)
 
+    def release_kv(self, request_id: str) -> bool:
+        return self.inner.release_kv(request_id)
+
     def stats(self) -> EngineStats:
         return self.inner.stats()
 

@@ -241,10 +241,18 @@ class AsyncEngine:
         seq = self.core.abort(request_id)
         if seq is None:
             return False
+        self._work.set()  # what it held may let a waiting request in
         stream = self._streams.get(request_id)
         if stream is not None:
             self._close(stream)
             stream._end(self._report(self._finished(stream)))
+        return True
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free what a finished `hold_kv` request kept; waiting requests may now fit."""
+        if not self.core.release_held(request_id):
+            return False
+        self._work.set()
         return True
 
     async def drain(self, grace_s: float) -> None:
@@ -312,7 +320,10 @@ class AsyncEngine:
                     start = now
             step = self.core.schedule(start)
             if step is None:
-                await asyncio.sleep(0)
+                # Work waits for KV that only a release or an abort can free: wait for one
+                # (every submit, abort and release sets `_work`) instead of spinning.
+                self._work.clear()
+                await self._work.wait()
                 continue
             if self._held and step.end_s > min(self._held.values()):
                 self._flush_held(self.clock.now())  # the next step is too long to wait for

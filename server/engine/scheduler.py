@@ -83,6 +83,9 @@ class Request:
     # Disaggregated decode: the prompt's KV arrived from a prefill worker, so at first
     # admission all but the last prompt token count as computed (a preempted one recomputes).
     kv_transferred: bool = False
+    # Disaggregated prefill: once it finishes (not aborted) its KV blocks stay held, counted
+    # as used, until `EngineCore.release_held`: the transfer to the decode worker reads them.
+    hold_kv: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -200,6 +203,7 @@ class EngineCore:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.live: dict[str, Sequence] = {}
+        self.held: dict[str, list[int]] = {}  # finished `hold_kv` requests' blocks, by id
         self.counters = EngineCounters()
         self._caching = config.enable_prefix_caching
 
@@ -235,7 +239,7 @@ class EngineCore:
         return seq
 
     def _validate(self, r: Request) -> None:
-        if r.request_id in self.live:
+        if r.request_id in self.live or r.request_id in self.held:
             raise DuplicateRequestError(f"request_id {r.request_id!r} is already in flight")
         limits = self.limits
         check_request(r, limits.max_context, limits.kv_capacity_tokens, self.config.block_size)
@@ -430,8 +434,22 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
-        self._release(seq)
-        del self.live[seq.request.request_id]
+        rid = seq.request.request_id
+        if seq.request.hold_kv and reason is not FinishReason.ABORT:
+            self.held[rid] = seq.block_ids  # their references stay taken
+            seq.block_ids, seq.blocks, seq.cached_blocks = [], 0, 0
+        else:
+            self._release(seq)
+        del self.live[rid]
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished `hold_kv` request kept (its full blocks stay in the
+        prefix cache, as any finished request's); False if it holds none."""
+        blocks = self.held.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.pool.release(blocks)
+        return True
 
     def _release(self, seq: Sequence) -> None:
         """Give back `seq`'s references; its cached blocks stay findable until evicted."""

@@ -107,6 +107,7 @@ class TwinEngine:
         self.gate.set()
         self.submitted: list[Request] = []
         self.aborted: list[str] = []
+        self.released: list[str] = []  # release_kv calls (the twin keeps no KV)
         self._clock_s = 0.0
         self._live: dict[str, TwinStream] = {}
         self._subscribers: list[Callable[[KVEvent], None]] = []
@@ -142,6 +143,10 @@ class TwinEngine:
         self._cache.queries += len(request.prompt_ids)
         self._publish(request.prompt_ids)
         return stream
+
+    def release_kv(self, request_id: str) -> bool:
+        self.released.append(request_id)
+        return False
 
     def abort(self, request_id: str) -> bool:
         stream = self._live.pop(request_id, None)

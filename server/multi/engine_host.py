@@ -73,6 +73,8 @@ class FrontLink:
                 elif kind is Kind.CLOSE:
                     if (stream := self.streams.get(m[1])) is not None:
                         stream.close()
+                elif kind is Kind.RELEASE_KV:
+                    engine.release_kv(m[1])
                 elif kind is Kind.ABORT_ID:
                     engine.abort(m[1])
                 else:

@@ -244,6 +244,11 @@ class RemoteEngine:
         self._out.put((Kind.SUBMIT, key, request, min_interval_s, arrival))
         return stream
 
+    def release_kv(self, request_id: str) -> bool:
+        """Sent to the engine, which frees the request's held KV; True once sent."""
+        self._out.put((Kind.RELEASE_KV, request_id))
+        return True
+
     def abort(self, request_id: str) -> bool:
         stream = self._by_id.get(request_id)
         if stream is None:

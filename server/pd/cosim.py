@@ -15,7 +15,7 @@ lands (`Request.kv_transferred`); workers are taken round robin.
 Transfers share the link: each is booked, in the order the prefills end, on its
 prefill worker's egress port and its decode worker's ingress port
 (`kv_transfer.book`), as the live halves book them. Until it lands, the prefill
-worker keeps the prompt's KV blocks (`kv_hold`), so a loaded prefill worker runs
+worker keeps the prompt's KV blocks (`Request.hold_kv`), so a loaded prefill worker runs
 short of KV as a real one does. A prefill's end, and a transfer's landing, are
 events on the one clock, taken before any step that starts at or after them.
 """
@@ -35,7 +35,6 @@ from memorywall.server.engine.build import build_core
 from memorywall.server.engine.decode_run import DecodeRun, advance_decode
 from memorywall.server.engine.offline import Timeline
 from memorywall.server.engine.scheduler import EngineCore, Request, Sequence
-from memorywall.server.pd.kv_hold import KvPin, pin_prompt
 
 if TYPE_CHECKING:
     from memorywall.server.pd.offline import PdFleet
@@ -114,7 +113,8 @@ class PdOfflineEngine:
         self._requests[rid] = request
         worker = self.prefills[self._next_prefill % len(self.prefills)]
         self._next_prefill += 1
-        self._push(worker, replace(request, max_tokens=1, min_tokens=0), arrival_s)
+        prefill = replace(request, max_tokens=1, min_tokens=0, hold_kv=True)
+        self._push(worker, prefill, arrival_s)
 
     def _push(self, worker: _Worker, request: Request, at_s: float) -> None:
         heapq.heappush(worker.arrivals, (at_s, self._submitted, request))
@@ -205,13 +205,12 @@ class PdOfflineEngine:
         timeline.cached_tokens = seq.cached_tokens
         timeline.energy_j = seq.energy_j
         phase.prefill_end_s = end_s
-        pin = pin_prompt(worker.core, seq)
         prefill_s = end_s - (seq.first_scheduled_s or end_s)
         tokens = seq.prompt_len
-        self._at(end_s, lambda at_s: self._send(worker, pin, rid, tokens, prefill_s, at_s))
+        self._at(end_s, lambda at_s: self._send(worker, rid, tokens, prefill_s, at_s))
 
     def _send(
-        self, worker: _Worker, pin: KvPin, rid: str, tokens: int, prefill_s: float, ready_s: float
+        self, worker: _Worker, rid: str, tokens: int, prefill_s: float, ready_s: float
     ) -> None:
         """Book the KV transfer of a prefill that ended at `ready_s`."""
         decode = self.decodes[self._next_decode % len(self.decodes)]
@@ -230,7 +229,7 @@ class PdOfflineEngine:
         t = self.phases[rid].transfer = window.timed(booking, self.link)
         landed_s = ready_s + t.exposed_s
         self._push(decode, replace(self._requests[rid], kv_transferred=True), landed_s)
-        self._at(landed_s, lambda _: pin.release())
+        self._at(landed_s, lambda _: worker.core.release_held(rid))
 
     def _decoded(self, seq: Sequence, ids: list[int], end_s: float, finished: bool) -> None:
         timeline = self.timelines[seq.request.request_id]

@@ -3,7 +3,8 @@
 Prefill half: the prompt runs on this worker as a one-token request (the first
 token is sampled here, as SGLang's prefill does); its `Finished` is held back
 until the decode half reports that the KV has landed, so the RPC ends only once
-the transfer is over. Decode half: meets the prefill at its bootstrap server,
+the transfer is over, and its KV blocks stay held in the engine until then
+(`Request.hold_kv`, freed by `release_kv`). Decode half: meets the prefill at its bootstrap server,
 times the transfer with `core.kv_transfer` (prefill deployment, this one, the
 link, and the transfers already booked on the prefill worker's egress and this
 worker's ingress), waits until the KV lands, then submits the request with its prompt's KV
@@ -105,7 +106,10 @@ class PrefillHalf(_Half):
                 self._abandon("its prefill was aborted")
                 self._over = True
                 return event
-            plan = await self._hand_off(event)
+            try:
+                plan = await self._hand_off(event)
+            finally:
+                self._engine.release_kv(self.request_id)  # landed, or no partner to read it
         except BaseException:
             self._abandon("its prefill half ended")
             raise
@@ -151,6 +155,7 @@ class PrefillHalf(_Half):
         if not self._over:
             self._over = True
             self._abandon("its prefill half was cancelled")
+            self._engine.release_kv(self.request_id)  # if it had finished, nobody will read it
 
 
 class DecodeHalf(_Half):
@@ -374,8 +379,9 @@ class Disaggregation:
         room = self.bootstrap.attach(bootstrap.room)
         try:
             # The prefill samples the first token (as SGLang's prefill worker does).
+            # Its KV stays held once it finishes, until the transfer lands (`PrefillHalf`).
             inner = self.engine.submit(
-                replace(request, max_tokens=1, min_tokens=0), arrival_s=arrival_s
+                replace(request, max_tokens=1, min_tokens=0, hold_kv=True), arrival_s=arrival_s
             )
         except MemorywallError:
             self.bootstrap.discard(room)

@@ -268,3 +268,19 @@ async def test_a_prefill_slower_than_the_timeout_still_pairs(pair):
     )
     assert p_done.ttft_s > 2 * 0.3
     assert d_done.completion_tokens == 2 and d_done.kv_transfer_bytes == 20_000 * 131_072
+
+
+async def test_the_prefill_worker_holds_the_prompts_kv_until_it_lands(pair):
+    """Its prefill is over (its first token out) while the KV still crosses the link: the
+    prefill worker keeps the blocks being read until the decode worker says they landed."""
+    pd = await pair(link=0.5)  # 1000 tokens of KV in ~0.26 s
+    t0 = pd.decode.engine.now()
+    b = pd.bootstrap(room=14)
+    prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
+    decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
+    await wait_until(lambda: 14 in pd.prefill.bootstrap.rooms)
+    await wait_until(lambda: pd.prefill.bootstrap.rooms[14].plan.done())
+    if not pd.prefill.bootstrap.rooms[14].landed.done():
+        assert pd.kv_used()[0] >= PROMPT  # mid-transfer: held
+    await asyncio.gather(prefill, decode)
+    assert pd.kv_used() == (0, 0)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from test_scheduler import check_invariants
 
 from memorywall.core import PrefillChunk
+from memorywall.errors import DuplicateRequestError
 from memorywall.server.engine.scheduler import (
     EngineConfig,
     EngineCore,
@@ -135,3 +136,48 @@ def test_kv_accounting_holds_after_every_step_with_transferred_requests(specs, k
         raise AssertionError("livelock")
     assert core.pool.used_blocks == 0
     assert all(len(s.output_ids) == s.request.max_tokens for s in added)
+
+
+def run_out(core: EngineCore, now: float = 0.0) -> float:
+    while core.has_work():
+        step = core.schedule(now)
+        core.complete(step)
+        now = step.end_s
+    return now
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_prefill_that_holds_its_kv_keeps_its_blocks_until_released(caching):
+    """A disaggregated prefill (`hold_kv`) keeps its blocks, counted as used, after it
+    finishes: the transfer is still reading them. Released, they free (full blocks stay in
+    the prefix cache); its id stays taken until then."""
+    core = make_core(kv_tokens=128 * BLOCK, caching=caching)
+    seq = core.add(request("p", prompt_len=100, max_tokens=1, hold_kv=True), 0.0)
+    run_out(core)
+    assert core.kv_used_tokens == 7 * BLOCK  # the prompt and its one sampled token
+    check_invariants(core, [seq])
+    with pytest.raises(DuplicateRequestError):
+        core.add(request("p", prompt_len=10), 1.0)
+    assert core.release_held("p") and not core.release_held("p")
+    assert core.kv_used_tokens == 0
+    assert (core.pool.cached_free_blocks == 6) is caching
+    check_invariants(core, [seq])
+
+
+def test_held_kv_keeps_a_waiting_request_out_until_released():
+    core = make_core(kv_tokens=10 * BLOCK)
+    core.add(request("p", prompt_len=100, max_tokens=1, hold_kv=True), 0.0)
+    end = run_out(core)
+    other = Request(request_id="q", prompt_ids=tuple(range(500, 600)), max_tokens=1)
+    core.add(other, end)
+    assert core.schedule(end) is None  # 7 of 10 blocks held: no room for another 7
+    core.release_held("p")
+    assert core.schedule(end) is not None
+
+
+def test_an_aborted_prefill_holds_nothing():
+    core = make_core()
+    core.add(request("p", prompt_len=100, hold_kv=True), 0.0)
+    core.schedule(0.0)
+    core.abort("p")
+    assert core.kv_used_tokens == 0 and not core.release_held("p")

@@ -415,7 +415,8 @@ def check_invariants(core: EngineCore, added: list[Sequence]) -> None:
     assert 0 <= pool.free_blocks <= pool.total_blocks
     live = list(core.live.values())
     # Prefix caching shares blocks: each referenced block counts once, each holder once.
-    held = [b for s in live for b in s.block_ids]
+    # ...and finished `hold_kv` requests keep theirs until released.
+    held = [b for s in live for b in s.block_ids] + [b for ids in core.held.values() for b in ids]
     assert all(s.blocks == len(s.block_ids) for s in live)
     assert len(set(held)) == pool.used_blocks
     assert sum(pool.ref_counts) == len(held)
