@@ -162,10 +162,18 @@ def setup(venv: Path) -> None:
 
 
 def dynamo_python(venv: Path) -> str:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"no Dynamo venv at {venv}: run with --setup first")
-    return str(python)
+    return str(venv / "bin" / "python")
+
+
+def stream_counts(text: str) -> list[int]:
+    """`--levels`: positive stream counts, comma-separated."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"want stream counts like 16,64, got {text!r}")
+    return counts
 
 
 def write_model_dir(python: str, out: Path) -> None:
@@ -452,7 +460,9 @@ def main() -> int:
     )
     parser.add_argument("--setup", action="store_true", help="install Dynamo's venv, then stop")
     parser.add_argument("--dynamo-venv", type=Path, default=Path("/tmp/dynamo-venv"))
-    parser.add_argument("--levels", default="16,64,256,1024", help="streams, comma-separated")
+    parser.add_argument(
+        "--levels", type=stream_counts, default=[16, 64, 256, 1024], help="streams, e.g. 16,64"
+    )
     parser.add_argument("--quick", action="store_true", help="16 and 64 streams, 1 request each")
     parser.add_argument("--requests-per-user", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="client processes")
@@ -465,8 +475,9 @@ def main() -> int:
     if args.setup:
         setup(args.dynamo_venv)
         return 0
-    dynamo_python(args.dynamo_venv)  # fail before any server starts
-    levels = [16, 64] if args.quick else [int(n) for n in args.levels.split(",")]
+    if not Path(dynamo_python(args.dynamo_venv)).exists():
+        parser.error(f"no Dynamo venv at {args.dynamo_venv}: run with --setup first")
+    levels = [16, 64] if args.quick else args.levels
     if args.quick:
         args.requests_per_user = 1
     print(

@@ -1,11 +1,12 @@
 """benchmarks/mocker_compare.py's own logic: the trace both replays read, the held rule,
 the verdict. (Running Dynamo needs its venv; `--quick` is the end-to-end check.)"""
 
+import argparse
 import json
 
 import pytest
 
-from benchmarks.mocker_compare import ENGINES, row, verdict, write_trace
+from benchmarks.mocker_compare import ENGINES, row, stream_counts, verdict, write_trace
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.workload import TraceWorkload
 
@@ -80,3 +81,13 @@ def test_verdict_takes_the_best_held_rate_per_speed():
     assert fast.endswith(": n/a")
     assert "memorywall 20,000 tok/s" in whole
     assert whole.endswith(": 3.33x")
+
+
+@pytest.mark.parametrize("text", ["", "16,x", "0", "16,-4"])
+def test_levels_refuse_what_is_not_a_stream_count(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="stream counts"):
+        stream_counts(text)
+
+
+def test_levels_read_stream_counts():
+    assert stream_counts("16,64,1024") == [16, 64, 1024]
