@@ -13,22 +13,15 @@ late-waking host cost each request, first token to last.
 
 from __future__ import annotations
 
-import io
-import json
-import re
-import tempfile
-import threading
-import time
-import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks._serve import scrape
 from memorywall.core import Batch, PrefillChunk, StepModel, load_hardware, load_model
 from memorywall.core import plan_deployment as plan
 from memorywall.core.kv_transfer import kv_link, kv_transfer
-from memorywall.fleet import Fleet, FleetReady, find_smg
+from memorywall.fleet import FleetReady, find_smg, in_background
 from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.records import RequestRecord
@@ -38,56 +31,27 @@ from memorywall.loadgen.workload import Fixed, SyntheticWorkload
 DECODE_HW = "wse-3"
 OUTPUT = 64
 STALLS = "memorywall:host_stall_seconds"
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
-class RunningFleet:
-    """A fleet in a background thread, up once smg has answered through it."""
+def pd_fleet(workers: tuple[WorkerSpec, ...]) -> FleetSpec:
+    """The workers behind smg (PD mode when they have roles)."""
+    return FleetSpec(workers=workers, gateway=GatewaySpec(policy="round_robin", port=0))
 
-    def __init__(self, workers: tuple[WorkerSpec, ...]) -> None:
-        spec = FleetSpec(workers=workers, gateway=GatewaySpec(policy="round_robin", port=0))
-        self.out = io.StringIO()
-        self.stop = threading.Event()
-        folder = Path(tempfile.mkdtemp(prefix="pd-study-"))
-        self.ready_file = folder / "fleet.ready.json"
-        self.fleet = Fleet(
-            spec, folder / "logs", out=self.out, stop=self.stop, ready_file=self.ready_file
-        )
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        self.code = self.fleet.run()
+def stalled_s(up: FleetReady) -> float:
+    """Modelled time every worker lost to host stalls so far (`memorywall:degraded`'s
+    counter): the emulator is never faster than the model, so a loaded host shows here."""
+    return sum(
+        value
+        for w in up.workers.values()
+        for name, _, value in scrape(w.metrics_url)
+        if name == f"{STALLS}_total"
+    )
 
-    def __enter__(self) -> RunningFleet:
-        self.thread.start()
-        deadline = time.monotonic() + 180
-        while not self.ready_file.exists():
-            if self.code is not None or time.monotonic() > deadline:
-                self.stop.set()
-                raise RuntimeError(f"fleet did not start:\n{self.out.getvalue()}")
-            self.stop.wait(0.05)
-        up = FleetReady.from_dict(json.loads(self.ready_file.read_text()))
-        assert up.gateway is not None, self.out.getvalue()
-        self.url = up.gateway.url
-        self.metrics_urls = [w.metrics_url for w in up.workers.values()]
-        return self
 
-    def stalled_s(self) -> float:
-        """Modelled time every worker lost to host stalls so far (`memorywall:degraded`'s
-        counter): the emulator is never faster than the model, so a loaded host shows here."""
-        total = 0.0
-        for url in self.metrics_urls:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                for line in r.read().decode().splitlines():
-                    m = _SAMPLE.match(line)
-                    if m and m.group(1) == f"{STALLS}_total":
-                        total += float(m.group(3))
-        return total
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
+def gateway_url(up: FleetReady) -> str:
+    assert up.gateway is not None, "the fleet was started with a gateway"
+    return up.gateway.url
 
 
 def drive(url: str, model: str, prompt: int, n: int, seed: int) -> list[RequestRecord]:
@@ -147,11 +111,11 @@ def live_rows(
         )
         aggregated = WorkerSpec(name="wafer", hardware=DECODE_HW, model=model, http_port=0)
         reference: dict[int, dict[str, float]] = {}
-        with RunningFleet((aggregated,)) as fleet:
+        with in_background(pd_fleet((aggregated,)), start_timeout_s=180) as up:
             for prompt in prompts:
-                before = fleet.stalled_s()
-                records = drive(fleet.url, model, prompt, n, seed=prompt)
-                stalls = (fleet.stalled_s() - before) / (n + 1)  # the warm-up request too
+                before = stalled_s(up)
+                records = drive(gateway_url(up), model, prompt, n, seed=prompt)
+                stalls = (stalled_s(up) - before) / (n + 1)  # the warm-up request too
                 ttft, tpot = _measured(records)
                 modelled = [wafer_steps.step_cost(_prefill(r)).time_s for r in records]
                 reference[prompt] = {
@@ -166,11 +130,11 @@ def live_rows(
             prefill = WorkerSpec(
                 name="prefill", hardware=hw, model=model, role="prefill", http_port=0
             )
-            with RunningFleet((prefill, decode)) as fleet:
+            with in_background(pd_fleet((prefill, decode)), start_timeout_s=180) as up:
                 for prompt in prompts:
-                    before = fleet.stalled_s()
-                    records = drive(fleet.url, model, prompt, n, seed=prompt)
-                    stalls = (fleet.stalled_s() - before) / (n + 1)
+                    before = stalled_s(up)
+                    records = drive(gateway_url(up), model, prompt, n, seed=prompt)
+                    stalls = (stalled_s(up) - before) / (n + 1)
                     ttft, tpot = _measured(records)
                     parts = []
                     for r in records:
