@@ -267,18 +267,23 @@ class EngineCore:
         scheduled: list[tuple[Sequence, int, bool]] = []
         running = self.running
         i = 0
+        add = scheduled.append
         while i < len(running) and budget > 0:
             seq = running[i]
-            left = seq.prompt_len + len(seq.output_ids) - seq.computed
-            decoding = left == 1 and bool(seq.output_ids)
+            computed = seq.computed
+            done = len(seq.output_ids)
+            left = seq.prompt_len + done - computed
+            decoding = left == 1 and done > 0
             n = left if left < budget else budget
             # Room for the drafts a decode step verifies, but never past the request's end.
-            kv_tokens = min(seq.computed + (queries if decoding else n), seq.max_kv_tokens)
+            kv_tokens = computed + (queries if decoding else n)
+            if kv_tokens > seq.max_kv_tokens:
+                kv_tokens = seq.max_kv_tokens
             if kv_tokens > seq.blocks * block and not self._grow(seq, kv_tokens):
                 continue  # seq itself was preempted; running[i] is now the next one
-            if caching and (seq.computed + n) // block > seq.cached_blocks:
-                self._cache(seq, (seq.computed + n) // block)
-            scheduled.append((seq, n, decoding))
+            if caching and (computed + n) // block > seq.cached_blocks:
+                self._cache(seq, (computed + n) // block)
+            add((seq, n, decoding))
             budget -= n
             i += 1
         while (
