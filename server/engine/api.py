@@ -33,6 +33,7 @@ __all__ = [
     "EngineObserver",
     "EngineStats",
     "Event",
+    "EventIteration",
     "EventStream",
     "FinishReason",
     "Finished",
@@ -116,6 +117,23 @@ class EventStream(Protocol):
         """Abort the request unless it has ended: a front calls this when it stops
         reading for any reason (done, cancelled, client gone)."""
         ...
+
+
+class EventIteration:
+    """`async for` over a stream's `next_event()` until it gives None: the one iteration
+    every `EventStream` implementation inherits."""
+
+    async def next_event(self) -> Event | None:
+        raise NotImplementedError
+
+    def __aiter__(self) -> EventIteration:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
 
 
 @dataclass(frozen=True)

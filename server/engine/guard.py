@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from memorywall.server.engine.api import (
     EngineClient,
     EngineStats,
     Event,
+    EventIteration,
     EventStream,
     Finished,
     KVEvent,
@@ -196,7 +197,7 @@ class GuardedEngine:
             observer.on_fault(kind)
 
 
-class FaultStream:
+class FaultStream(EventIteration):
     """A request's engine stream with its fault applied (see the module docstring)."""
 
     def __init__(
@@ -249,10 +250,6 @@ class FaultStream:
         if isinstance(item, MemorywallError):
             raise item
         return item
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while (event := await self.next_event()) is not None:
-            yield event
 
     async def next_event(self) -> Event | None:
         f = self.fault

@@ -34,6 +34,7 @@ from memorywall.server.engine.api import (
     EngineObserver,
     EngineStats,
     Event,
+    EventIteration,
     Finished,
     KVEvent,
     Request,
@@ -53,7 +54,7 @@ log = logging.getLogger("memorywall.engine")
 HOLD_STEPS = 2.0
 
 
-class RequestStream:
+class RequestStream(EventIteration):
     """One request's output as the front end reads it: token groups, then `Finished`."""
 
     def __init__(
@@ -148,15 +149,6 @@ class RequestStream:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        event = await self.next_event()
-        if event is None:
-            raise StopAsyncIteration
-        return event
 
     @property
     def ended(self) -> bool:

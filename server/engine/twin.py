@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from memorywall.errors import DrainingError, DuplicateRequestError, InvalidRequestError
 from memorywall.server.engine.api import (
@@ -22,6 +22,7 @@ from memorywall.server.engine.api import (
     EngineObserver,
     EngineStats,
     Event,
+    EventIteration,
     Finished,
     FinishReason,
     KVEvent,
@@ -38,7 +39,7 @@ from memorywall.server.engine.tokens import token_text
 BLOCK_SIZE = 16
 
 
-class TwinStream:
+class TwinStream(EventIteration):
     def __init__(self, twin: TwinEngine, request: Request, arrival_s: float) -> None:
         self._twin = twin
         self.request = request
@@ -57,10 +58,6 @@ class TwinStream:
     def close(self) -> None:
         if not self.ended:
             self._twin.abort(self.request_id)
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while (event := await self.next_event()) is not None:
-            yield event
 
     async def next_event(self) -> Event | None:
         while True:

@@ -35,6 +35,7 @@ from memorywall.errors import (
 from memorywall.server.engine.api import (
     EngineStats,
     Event,
+    EventIteration,
     KVEvent,
     Request,
     TokenGroup,
@@ -51,7 +52,7 @@ class EngineLostError(DrainingError):
     """The engine process went away; every stream of this front ends with it."""
 
 
-class RemoteStream:
+class RemoteStream(EventIteration):
     """One request's events as the engine forwards them; see `api.EventStream`."""
 
     __slots__ = ("_done", "_engine", "_events", "_waiter", "ended", "key", "request_id")
@@ -90,15 +91,6 @@ class RemoteStream:
         self._done = True
         if isinstance(event, MemorywallError):
             raise event
-        return event
-
-    def __aiter__(self) -> RemoteStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        event = await self.next_event()
-        if event is None:
-            raise StopAsyncIteration
         return event
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ comes one decode step later, so TTFT = prefill + exposed transfer + first step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -38,6 +37,7 @@ from memorywall.errors import (
 from memorywall.server.engine.api import (
     EngineClient,
     Event,
+    EventIteration,
     EventStream,
     Finished,
     FinishReason,
@@ -63,15 +63,7 @@ class TransferObserver(Protocol):
     def on_transfer(self, transfer: KvTransfer) -> None: ...
 
 
-class _Half:
-    """Iteration, as `EventStream` asks; each half defines `next_event`."""
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        while (event := await self.next_event()) is not None:
-            yield event
-
-
-class PrefillHalf(_Half):
+class PrefillHalf(EventIteration):
     def __init__(
         self,
         inner: EventStream,
@@ -158,7 +150,7 @@ class PrefillHalf(_Half):
             self._engine.release_kv(self.request_id)  # if it had finished, nobody will read it
 
 
-class DecodeHalf(_Half):
+class DecodeHalf(EventIteration):
     def __init__(
         self,
         engine: EngineClient,
