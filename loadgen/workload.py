@@ -281,8 +281,8 @@ class TraceWorkload:
         return cls(
             tuple(
                 TraceRequest(
-                    _count_field(r, ("prompt_tokens",), origin),
-                    _count_field(r, ("output_tokens",), origin),
+                    _count_field(r, ("prompt_tokens",), f"{origin}: request {r.get('index')}"),
+                    _count_field(r, ("output_tokens",), f"{origin}: request {r.get('index')}"),
                     (r["sent_ns"] - first) / 1e9,
                 )
                 for r in main
