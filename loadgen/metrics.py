@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,42 +118,34 @@ class MetricDef:
     unit: Unit
     formula: str
     scope: Scope
-    values: Callable[[_View], Iterable[float]] | None  # None: ITL, pooled over every message
+    view: str | None  # the `_View` field holding its value; None: ITL, pooled over every message
     optional: bool = False  # needs inputs not every run has; left out of tables when empty
-
-
-def _one(attr: str) -> Callable[[_View], Iterable[float]]:
-    def get(v: _View) -> Iterable[float]:
-        x = getattr(v, attr)
-        return () if x is None else (x,)
-
-    return get
 
 
 _C, _S, _SEC, _TPS = Scope.COMPLETED, Scope.SENT, Unit.SECONDS, Unit.TOKENS_PER_S
 
 METRICS: tuple[MetricDef, ...] = (
-    MetricDef("ttft", "TTFT", _SEC, "first chunk - sent", _C, _one("ttft_s")),
+    MetricDef("ttft", "TTFT", _SEC, "first chunk - sent", _C, "ttft_s"),
     MetricDef("tpot", "TPOT", _SEC, "(e2el - ttft) / (completion_tokens - 1), if > 1 token", _C,
-              _one("tpot_s")),
+              "tpot_s"),
     MetricDef("itl", "ITL", _SEC, "chunk gap / k, k times for a k-token chunk; pooled", _C,
               None),
-    MetricDef("e2el", "E2EL", _SEC, "last chunk - sent", _C, _one("e2el_s")),
+    MetricDef("e2el", "E2EL", _SEC, "last chunk - sent", _C, "e2el_s"),
     MetricDef("ttft_scheduled", "TTFT from schedule", _SEC, "first chunk - scheduled", _C,
-              _one("ttft_scheduled_s"), optional=True),
+              "ttft_scheduled_s", optional=True),
     MetricDef("e2el_scheduled", "E2EL from schedule", _SEC, "last chunk - scheduled", _C,
-              _one("e2el_scheduled_s"), optional=True),
-    MetricDef("send_lag", "Send lag", _SEC, "sent - scheduled", _S, _one("send_lag_s"),
+              "e2el_scheduled_s", optional=True),
+    MetricDef("send_lag", "Send lag", _SEC, "sent - scheduled", _S, "send_lag_s",
               optional=True),
     MetricDef("output_tok_s_per_user", "Output tok/s per user", _TPS, "1 / tpot, if tpot > 0",
-              _C, _one("tok_s_per_user")),
+              _C, "tok_s_per_user"),
     MetricDef("modelled_ttft", "Modelled TTFT", _SEC, "modelled_ttft_s", _C,
-              _one("modelled_ttft_s"), optional=True),
+              "modelled_ttft_s", optional=True),
     MetricDef("modelled_tpot", "Modelled TPOT", _SEC,
               "modelled_decode_s (or e2e - ttft) / (completion_tokens - 1)", _C,
-              _one("modelled_tpot_s"), optional=True),
+              "modelled_tpot_s", optional=True),
     MetricDef("modelled_e2el", "Modelled E2EL", _SEC, "modelled_e2e_s", _C,
-              _one("modelled_e2el_s"), optional=True),
+              "modelled_e2el_s", optional=True),
 )  # fmt: skip
 
 
@@ -373,7 +365,7 @@ def compute_metrics(
     """
     pcts = tuple(float(p) for p in percentiles)
     values: dict[str, Sequence[float]] = {m.name: [] for m in METRICS}
-    per_record = [(m.name, m.values, m.scope) for m in METRICS if m.values is not None]
+    per_record = [(values[m.name], m.view, m.scope is Scope.SENT) for m in METRICS if m.view]
     ok: list[RequestRecord] = []
     errors: Counter[str] = Counter()
     completed = failed = warmup = total_in = total_out = 0
@@ -390,9 +382,11 @@ def compute_metrics(
             if t is not None and (last_receipt is None or t > last_receipt):
                 last_receipt = t
         v = _view(r)
-        for name, get, scope in per_record:
-            if v.ok or scope is Scope.SENT:
-                values[name].extend(get(v))
+        for column, field_name, every_sent in per_record:
+            if v.ok or every_sent:
+                x = getattr(v, field_name)
+                if x is not None:
+                    column.append(x)
         if not v.ok:
             failed += 1
             errors[r.error if r.error is not None else NO_TOKENS_ERROR] += 1
