@@ -6,7 +6,6 @@ of thumb for BPE tokenizers on English text); output ids map to short words.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import numpy as np
@@ -98,20 +97,21 @@ def _splitmix_one(x: int) -> int:
     return x ^ (x >> 31)
 
 
-@functools.lru_cache(maxsize=8)
-def _table(vocab_size: int) -> np.ndarray:
-    """Fixed uniform draws over the vocabulary, one per position of a block of ids."""
-    return np.random.default_rng(0x746F6B656E73).integers(0, vocab_size, _TABLE_LEN)
+_TABLE = np.random.default_rng(0x746F6B656E73).integers(
+    0, np.iinfo(np.uint64).max, _TABLE_LEN, dtype=np.uint64, endpoint=True
+)  # fixed random 64-bit words, one per position of a block of ids
+_MIX = np.uint64(0xD6E8FEB86659FD93)  # odd: multiplying by it spreads low-bit changes up
 
 
 class TokenSource:
     """Output ids for one request: uniform over the vocabulary, never an EOS id.
 
-    Ids come in blocks of `_TABLE_LEN` positions; block b is a fixed table of uniform draws
-    rotated (mod the vocabulary) by a key that splitmix64 makes of (seed, b). Each
-    request's ids are uniform, another seed's are rotated apart, and a source costs
-    nothing to create and a few numpy calls per block (seeding a numpy Generator per
-    request cost ~20 us, a tenth of simulating one). Same seed, same ids, on every machine.
+    Ids come in blocks of `_TABLE_LEN` positions: id i of block b is a fixed random word
+    for position i, XORed with a key that splitmix64 makes of (seed, b), multiplied by an
+    odd constant and reduced to the vocabulary from its high bits, so another seed gives
+    other ids, not a shifted copy. A source costs nothing to create and a few numpy calls
+    per block (seeding a numpy Generator per request cost ~20 us, a tenth of simulating
+    one). Same seed, same ids, on every machine.
     """
 
     BLOCK = 256
@@ -163,13 +163,14 @@ class TokenSource:
 
     def _draw(self, n: int) -> list[int]:
         """The next `n` ids, EOS draws moved off EOS, in reverse draw order."""
-        table, vocab = _table(self._vocab), self._vocab
+        vocab = np.uint64(self._vocab)
         ids: list[int] = []
         while len(ids) < n:
             block, at = divmod(self._drawn, _TABLE_LEN)
             take = min(n - len(ids), _TABLE_LEN - at)
-            key = self._key(_TOKEN_STREAM, block) % vocab
-            ids += ((table[at : at + take] + key) % vocab).tolist()
+            key = np.uint64(self._key(_TOKEN_STREAM, block))
+            mixed = (_TABLE[at : at + take] ^ key) * _MIX
+            ids += ((mixed >> np.uint64(32)) % vocab).tolist()
             self._drawn += take
         ids.reverse()
         if self._eos.isdisjoint(ids):
