@@ -11,7 +11,6 @@ import gc
 import ipaddress
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_serv
 from memorywall.server.fronts.tls import TlsConfig
 from memorywall.server.fronts.tokenizer import load_tokenizer
 from memorywall.server.pd import Disaggregation, PdConfig, disaggregation_for
+from memorywall.server.signals import on_stop_signals
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("memorywall.server")
@@ -395,18 +395,16 @@ async def serve_forever(
     """
     server = EmulatorServer(deployment, engine_config, config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    log.info(describe(server.card, server.addresses))
-    try:
-        if ready_file is not None:
-            write_json(ready_file, ready_info(server).as_dict())
-        await stop.wait()
-    finally:
-        if ready_file is not None:
-            remove(ready_file)
-    log.info("shutting down: draining for up to %.1f s", server.config.grace_s)
-    await server.stop()
-    log.info("stopped")
+    with on_stop_signals(asyncio.get_running_loop(), stop.set):
+        await server.start()
+        log.info(describe(server.card, server.addresses))
+        try:
+            if ready_file is not None:
+                write_json(ready_file, ready_info(server).as_dict())
+            await stop.wait()
+        finally:
+            if ready_file is not None:
+                remove(ready_file)
+        log.info("shutting down: draining for up to %.1f s", server.config.grace_s)
+        await server.stop()
+        log.info("stopped")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from memorywall.server.fronts.guard_metrics import GuardMetrics
 from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.multi.child import configure_logging, watch_parent
 from memorywall.server.multi.wire import Kind, Outbox, error_message, group_tuple, read_frame
+from memorywall.server.signals import on_stop_signals
 
 log = logging.getLogger("memorywall.engine")
 
@@ -269,9 +269,8 @@ async def _engine(
         deployment, engine_config, max_messages_per_s=max_messages_per_s, grace_s=grace_s
     )
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, host.start_drain)
-    watch_parent(loop, host.start_drain)
-    quiet_gc()
-    status.send(("ready", host.card))
-    await host.serve(sockets)
+    with on_stop_signals(loop, host.start_drain):
+        watch_parent(loop, host.start_drain)
+        quiet_gc()
+        status.send(("ready", host.card))
+        await host.serve(sockets)

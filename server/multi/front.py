@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import signal
 import socket
 import sys
 from dataclasses import dataclass, replace
@@ -43,6 +42,7 @@ from memorywall.server.fronts.http_front import (
 from memorywall.server.fronts.tokenizer import load_tokenizer
 from memorywall.server.multi.child import configure_logging, watch_parent
 from memorywall.server.multi.remote import EngineLostError, RemoteEngine
+from memorywall.server.signals import on_stop_signals
 
 FRONT_HEADER = "X-Memorywall-Front"
 
@@ -184,9 +184,21 @@ async def _front(
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    watch_parent(loop, stop.set)
+    with on_stop_signals(loop, stop.set):
+        return await _serve_front(index, count, config, seed, ports, sock, status, stop)
+
+
+async def _serve_front(
+    index: int,
+    count: int,
+    config: ServerConfig,
+    seed: int,
+    ports: FrontPorts,
+    sock: socket.socket,
+    status: Connection,
+    stop: asyncio.Event,
+) -> int:
+    watch_parent(asyncio.get_running_loop(), stop.set)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     remote = RemoteEngine(reader, writer)
     card = await remote.connect()
