@@ -185,39 +185,26 @@ async def _front(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     with on_stop_signals(loop, stop.set):
-        return await _serve_front(index, count, config, seed, ports, sock, status, stop)
-
-
-async def _serve_front(
-    index: int,
-    count: int,
-    config: ServerConfig,
-    seed: int,
-    ports: FrontPorts,
-    sock: socket.socket,
-    status: Connection,
-    stop: asyncio.Event,
-) -> int:
-    watch_parent(asyncio.get_running_loop(), stop.set)
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    remote = RemoteEngine(reader, writer)
-    card = await remote.connect()
-    server = FrontServer(remote, card, config, seed=seed, index=index, count=count)
-    try:
-        bound = await server.start(ports)
-    except OSError as e:
-        status.send(("error", str(e)))
-        await remote.close()
-        return 2
-    quiet_gc()
-    status.send(("ready", bound))
-    # Stop when told, when the engine drained by itself (it was signalled), or when it died.
-    waits = [asyncio.create_task(e.wait()) for e in (stop, remote.drained, remote.lost)]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    engine_gone = remote.lost.is_set()
-    if engine_gone:
-        log.error("front %d: the engine process exited; stopping", index)
-    await server.stop()
-    for task in waits:
-        task.cancel()
-    return 1 if engine_gone else 0
+        watch_parent(loop, stop.set)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        remote = RemoteEngine(reader, writer)
+        card = await remote.connect()
+        server = FrontServer(remote, card, config, seed=seed, index=index, count=count)
+        try:
+            bound = await server.start(ports)
+        except OSError as e:
+            status.send(("error", str(e)))
+            await remote.close()
+            return 2
+        quiet_gc()
+        status.send(("ready", bound))
+        # Stop when told, when the engine drained by itself (it was signalled), or when it died.
+        waits = [asyncio.create_task(e.wait()) for e in (stop, remote.drained, remote.lost)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        engine_gone = remote.lost.is_set()
+        if engine_gone:
+            log.error("front %d: the engine process exited; stopping", index)
+        await server.stop()
+        for task in waits:
+            task.cancel()
+        return 1 if engine_gone else 0
