@@ -93,12 +93,12 @@ async def pair(h100_8b, wse3_8b) -> AsyncIterator:
         await engine.stop()
 
 
-async def drain(stream) -> tuple[list[TokenGroup], Finished]:
+async def drain(stream, timeout_s: float = TIMEOUT_S) -> tuple[list[TokenGroup], Finished]:
     async def read():
         return [event async for event in stream]
 
     try:
-        events = await asyncio.wait_for(read(), TIMEOUT_S)
+        events = await asyncio.wait_for(read(), timeout_s)
     finally:
         stream.close()
     assert isinstance(events[-1], Finished)

@@ -1,4 +1,5 @@
-"""Shared fixtures for the serving-engine tests: real deployments from the performance core."""
+"""Deployments the tests share, from the performance core: llama-3.1-8b on one wafer and on
+one GPU (the serving engine's, and a disaggregated split's two pools)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from test_pd_halves import drain
 
 from memorywall.core.kv_transfer import kv_link, kv_transfer
-from memorywall.server.engine.api import Finished
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
@@ -31,11 +31,11 @@ def request(i: int) -> Request:
 
 
 @pytest.fixture
-async def workers(h100, wse3) -> AsyncIterator:
+async def workers(h100_8b, wse3_8b) -> AsyncIterator:
     made: list[tuple[Disaggregation, AsyncEngine]] = []
 
     async def make(role: Role) -> Disaggregation:
-        deployment = h100 if role is Role.PREFILL else wse3
+        deployment = h100_8b if role is Role.PREFILL else wse3_8b
         core, _ = build_core(deployment, EngineConfig())
         engine = AsyncEngine(core, max_messages_per_s=16_000)
         await engine.start()
@@ -52,21 +52,9 @@ async def workers(h100, wse3) -> AsyncIterator:
         await engine.stop()
 
 
-async def drain(stream) -> Finished:
-    async def read():
-        return [event async for event in stream]
-
-    try:
-        events = await asyncio.wait_for(read(), TIMEOUT_S)
-    finally:
-        stream.close()
-    assert isinstance(events[-1], Finished)
-    return events[-1]
-
-
 @pytest.mark.parametrize(("prefills", "decodes"), [(2, 1), (1, 2)], ids=["ingress", "egress"])
 async def test_two_transfers_at_once_take_turns_on_the_shared_end(
-    workers, h100, wse3, prefills, decodes
+    workers, h100_8b, wse3_8b, prefills, decodes
 ):
     ps = [await workers(Role.PREFILL) for _ in range(prefills)]
     ds = [await workers(Role.DECODE) for _ in range(decodes)]
@@ -76,9 +64,9 @@ async def test_two_transfers_at_once_take_turns_on_the_shared_end(
         p, d = ps[i % prefills], ds[i % decodes]
         b = Bootstrap(host="127.0.0.1", port=p.bootstrap_port, room=i)
         halves += [p.submit(request(i), b, arrival_s=t0), d.submit(request(i), b, arrival_s=t0)]
-    done = await asyncio.gather(*(drain(h) for h in halves))
+    done = [f for _, f in await asyncio.gather(*(drain(h, TIMEOUT_S) for h in halves))]
     p_done, d_done = done[0::2], done[1::2]
-    idle = kv_transfer(h100, kv_link(h100, wse3, LINK_GBPS), PROMPT)
+    idle = kv_transfer(h100_8b, kv_link(h100_8b, wse3_8b, LINK_GBPS), PROMPT)
     wire_s = PROMPT * 131_072 / (LINK_GBPS * 1e9)
     for p, d in zip(p_done, d_done, strict=True):
         assert p.kv_transfer_s == pytest.approx(d.kv_transfer_s, rel=1e-12)

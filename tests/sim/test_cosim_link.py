@@ -28,11 +28,13 @@ def wire_s(prompt_len: int = PROMPT) -> float:
     return prompt_len * 131_072 / (LINK_GBPS * 1e9)
 
 
-def test_two_prefills_into_one_decode_worker_queue_on_its_ingress(h100, wse3):
+def test_two_prefills_into_one_decode_worker_queue_on_its_ingress(h100_8b, wse3_8b):
     """2 prefill workers end together; one decode worker's ingress takes one KV at a time."""
-    fleet = PdFleet(prefill=h100, prefill_workers=2, decode=wse3, decode_workers=1, link=LINK_GBPS)
+    fleet = PdFleet(
+        prefill=h100_8b, prefill_workers=2, decode=wse3_8b, decode_workers=1, link=LINK_GBPS
+    )
     a, b = simulate_pd(fleet, [(0.0, request(0)), (0.0, request(1))])
-    idle = kv_transfer(h100, kv_link(h100, wse3, LINK_GBPS), PROMPT)
+    idle = kv_transfer(h100_8b, kv_link(h100_8b, wse3_8b, LINK_GBPS), PROMPT)
     assert a.prefill_end_s == pytest.approx(b.prefill_end_s)
     assert a.transfer == idle and a.transfer.wait_s == 0
     assert b.transfer.wait_s == pytest.approx(wire_s(), rel=1e-9)
@@ -41,21 +43,21 @@ def test_two_prefills_into_one_decode_worker_queue_on_its_ingress(h100, wse3):
     assert b.timeline.first_token_s > b.landed_s  # the wait shows in its TTFT
 
 
-def test_two_decode_workers_each_with_their_own_ingress_do_not_wait_over_nics(h100, wse3):
-    """Over NICs each h100 sends at 50 GB/s into its own wafer: nothing shared."""
-    fleet = PdFleet(prefill=h100, prefill_workers=2, decode=wse3, decode_workers=2)
+def test_two_decode_workers_each_with_their_own_ingress_do_not_wait_over_nics(h100_8b, wse3_8b):
+    """Over NICs each h100_8b sends at 50 GB/s into its own wafer: nothing shared."""
+    fleet = PdFleet(prefill=h100_8b, prefill_workers=2, decode=wse3_8b, decode_workers=2)
     out = simulate_pd(fleet, [(0.0, request(0)), (0.0, request(1))])
     assert [t.transfer.wait_s for t in out] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["prefix cache", "no cache"])
-def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100, wse3, caching):
+def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100_8b, wse3_8b, caching):
     """A prefill worker with KV for one prompt: the second prompt's prefill starts only
     when the first's KV has landed on the decode worker, not when the first prefill ends."""
     fleet = PdFleet(
-        prefill=h100,
+        prefill=h100_8b,
         prefill_workers=1,
-        decode=wse3,
+        decode=wse3_8b,
         decode_workers=1,
         link=LINK_GBPS,
         engine=EngineConfig(enable_prefix_caching=caching),
@@ -76,17 +78,19 @@ def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100, wse3, caching):
     assert (core.pool.cached_free_blocks >= PROMPT // 16) is caching
 
 
-def test_a_repeated_prompt_finds_its_prefix_cached_after_the_hold(h100, wse3):
-    fleet = PdFleet(prefill=h100, prefill_workers=1, decode=wse3, decode_workers=1, link=LINK_GBPS)
+def test_a_repeated_prompt_finds_its_prefix_cached_after_the_hold(h100_8b, wse3_8b):
+    fleet = PdFleet(
+        prefill=h100_8b, prefill_workers=1, decode=wse3_8b, decode_workers=1, link=LINK_GBPS
+    )
     again = Request(request_id="again", prompt_ids=request(0).prompt_ids, max_tokens=4)
     first, second = simulate_pd(fleet, [(0.0, request(0)), (1.0, again)])
     assert first.timeline.cached_tokens == 0
     assert second.timeline.cached_tokens == (PROMPT - 1) // 16 * 16
 
 
-def test_decode_runs_taken_at_once_give_the_same_timelines(h100, wse3):
+def test_decode_runs_taken_at_once_give_the_same_timelines(h100_8b, wse3_8b):
     """The decode worker's fast path (`decode_run`) leaves every timeline as stepping does."""
-    fleet = PdFleet(prefill=h100, prefill_workers=2, decode=wse3, decode_workers=1)
+    fleet = PdFleet(prefill=h100_8b, prefill_workers=2, decode=wse3_8b, decode_workers=1)
     out = {}
     for fast in (True, False):
         engine = PdOfflineEngine(fleet, fast=fast)
