@@ -20,15 +20,8 @@ import os
 from pathlib import Path
 
 from benchmarks._serve import serving
+from benchmarks.message_cost import cpu_s
 from benchmarks.server_fidelity import MODEL, drive, host_stall, summarise
-
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
 
 
 def _tcp_inodes() -> set[str]:
@@ -62,10 +55,10 @@ def run(hw: str, users: int, servers: int, front: str, workers: int, requests: i
         roles = _roles(ready.pid)
         load = os.getloadavg()[0]
         before_stall = host_stall(ready.grpc_target)
-        before = {role: sum(_cpu_s(p) for p in pids) for role, pids in roles.items()}
+        before = {role: sum(cpu_s(p) for p in pids) for role, pids in roles.items()}
         address = ready.grpc_target if front == "grpc" else ready.http_url
         records = drive(front, address, users, workers, requests)
-        after = {role: sum(_cpu_s(p) for p in pids) for role, pids in roles.items()}
+        after = {role: sum(cpu_s(p) for p in pids) for role, pids in roles.items()}
         after_stall = host_stall(ready.grpc_target)
     s = summarise(records)
     tokens_k = sum(len(r.received_s) for r in records) / 1000

@@ -55,7 +55,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from pathlib import Path
 from benchmarks._serve import serving
 from benchmarks.message_cost import cpu_s
 from benchmarks.sim_vs_live import host_stall_s, quiet
+from memorywall.fleet import free_port
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.target import Backend
@@ -180,13 +180,6 @@ def write_model_dir(python: str, out: Path) -> None:
     subprocess.run([python, "-c", MODEL_DIR_SCRIPT, str(out), str(CONFIG_JSON)], check=True)
 
 
-def free_port() -> int:
-    """A port the kernel just handed out on loopback (Dynamo's frontend takes no port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dynamo_env(kv_dir: Path) -> dict[str, str]:
     """File discovery, no hub, every socket advertised on loopback, warnings only."""
     loopback = "127.0.0.1"
@@ -232,7 +225,7 @@ def mocker(
         model_dir.mkdir()
         kv_dir.mkdir()
         write_model_dir(python, model_dir)
-        env, port = dynamo_env(kv_dir), free_port()
+        env, port = dynamo_env(kv_dir), free_port()  # its frontend takes no port 0
         url = f"http://127.0.0.1:{port}"
         frontend = [python, "-m", "dynamo.frontend", "--http-host", "127.0.0.1"]
         frontend += ["--http-port", str(port), "--discovery-backend", "file"]
