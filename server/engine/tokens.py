@@ -101,6 +101,7 @@ _TABLE = np.random.default_rng(0x746F6B656E73).integers(
     0, np.iinfo(np.uint64).max, _TABLE_LEN, dtype=np.uint64, endpoint=True
 )  # fixed random 64-bit words, one per position of a block of ids
 _MIX = np.uint64(0xD6E8FEB86659FD93)  # odd: multiplying by it spreads low-bit changes up
+_HIGH = np.uint64(32)
 
 
 class TokenSource:
@@ -168,9 +169,15 @@ class TokenSource:
         while len(ids) < n:
             block, at = divmod(self._drawn, _TABLE_LEN)
             take = min(n - len(ids), _TABLE_LEN - at)
-            key = np.uint64(self._key(_TOKEN_STREAM, block))
-            mixed = (_TABLE[at : at + take] ^ key) * _MIX
-            ids += ((mixed >> np.uint64(32)) % vocab).tolist()
+            # In place, with numpy scalars: each temporary array or Python-int operand
+            # costs about as much as the arithmetic on a block this size.
+            mixed = np.bitwise_xor(
+                _TABLE[at : at + take], np.uint64(self._key(_TOKEN_STREAM, block))
+            )
+            mixed *= _MIX
+            mixed >>= _HIGH
+            mixed %= vocab
+            ids += mixed.tolist()
             self._drawn += take
         ids.reverse()
         if self._eos.isdisjoint(ids):
