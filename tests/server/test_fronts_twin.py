@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import grpc
 import pytest
 from engine_fakes import model_card
+from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as spb
@@ -32,13 +32,6 @@ from memorywall.v1 import engine_pb2_grpc
 
 TIMEOUT_S = 10.0
 CARD = model_card(hardware="twin", deployment="twin")
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -99,9 +92,9 @@ async def test_grpc_front_maps_errors_and_aborts_when_the_client_cancels(grpc_tw
 
     twin.gate.clear()  # the engine holds every token: the client waits
     call = stub.Generate(pb.GenerateRequest(request_id="held", token_count=4, max_tokens=50))
-    await wait_until(lambda: twin.stats().running == 1)
+    await wait_until(lambda: twin.stats().running == 1, TIMEOUT_S)
     call.cancel()
-    await wait_until(lambda: twin.aborted == ["held"])
+    await wait_until(lambda: twin.aborted == ["held"], TIMEOUT_S)
     assert twin.stats().running == 0
 
 
@@ -157,12 +150,12 @@ async def test_sglang_front_reports_loads_from_engine_stats(grpc_twin):
             stream=True,
         )
     )
-    await wait_until(lambda: twin.stats().running == 1)
+    await wait_until(lambda: twin.stats().running == 1, TIMEOUT_S)
     loads = await stub.GetLoads(spb.GetLoadsRequest())
     assert loads.loads[0].num_running_reqs == 1
     assert loads.loads[0].num_used_tokens == 10
     call.cancel()
-    await wait_until(lambda: twin.aborted == ["l"])
+    await wait_until(lambda: twin.aborted == ["l"], TIMEOUT_S)
 
 
 # --- OpenAI HTTP ---------------------------------------------------------------------------
@@ -224,9 +217,9 @@ async def test_http_front_aborts_when_the_client_disconnects(http_twin):
             await r.read()
 
     task = asyncio.create_task(post())
-    await wait_until(lambda: twin.stats().running == 1)
+    await wait_until(lambda: twin.stats().running == 1, TIMEOUT_S)
     task.cancel()
-    await wait_until(lambda: len(twin.aborted) == 1)
+    await wait_until(lambda: len(twin.aborted) == 1, TIMEOUT_S)
     assert twin.stats().running == 0
 
 
@@ -244,7 +237,7 @@ async def test_metrics_count_what_the_twin_reports(http_twin):
         held = asyncio.create_task(
             s.post(f"{url}/v1/completions", json={"prompt": "z", "max_tokens": 9})
         )
-        await wait_until(lambda: twin.stats().running == 1)
+        await wait_until(lambda: twin.stats().running == 1, TIMEOUT_S)
         async with s.get(f"{url}/metrics") as r:
             text = await r.text()
         held.cancel()

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from polling import wait_until
 
 from memorywall import __version__
 from memorywall.core import Deployment
@@ -82,13 +82,6 @@ async def post(session, server, path: str, body: Any) -> tuple[int, Any, aiohttp
         if r.content_type == "text/event-stream":
             return r.status, parse_sse(raw), r
         return r.status, json.loads(raw) if raw else None, r
-
-
-async def wait_until(predicate: Callable[[], bool], within_s: float = FREED_WITHIN_S) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def idle(server: EmulatorServer) -> bool:
@@ -381,7 +374,7 @@ async def test_duplicate_request_id_is_409(serve, h100_8b, session):
             assert second.status == 409
             assert (await second.json())["error"]["type"] == "ConflictError"
         r.close()
-    await wait_until(lambda: idle(server))
+    await wait_until(lambda: idle(server), FREED_WITHIN_S)
 
 
 async def test_draining_server_answers_503(wse3, session):
@@ -412,7 +405,7 @@ async def test_client_disconnect_mid_stream_aborts(serve, h100_8b, session):
         await r.content.readuntil(b"\n\n")
         assert server.engine.stats().kv_used_tokens > 0
         r.close()
-    await wait_until(lambda: idle(server))
+    await wait_until(lambda: idle(server), FREED_WITHIN_S)
     assert server.engine.stats().requests_aborted == 1
 
 
@@ -420,11 +413,11 @@ async def test_client_disconnect_while_waiting_for_a_body_aborts(serve, h100_8b,
     server = await serve(h100_8b)
     body = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True}
     task = asyncio.create_task(post(session, server, COMPLETIONS, body))
-    await wait_until(lambda: server.engine.stats().running == 1)
+    await wait_until(lambda: server.engine.stats().running == 1, FREED_WITHIN_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_until(lambda: idle(server))
+    await wait_until(lambda: idle(server), FREED_WITHIN_S)
     assert server.engine.stats().requests_aborted == 1
 
 
@@ -516,7 +509,7 @@ async def test_grpc_and_http_share_one_engine(serve, h100_8b, session):
             assert info.running == 2
             r.close()
             call.cancel()
-    await wait_until(lambda: idle(server))
+    await wait_until(lambda: idle(server), FREED_WITHIN_S)
     assert server.engine.stats().requests_aborted == 2
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from polling import wait_until
 
 from memorywall.core import Batch, PrefillChunk, StepModel
 from memorywall.core.kv_transfer import kv_link, kv_transfer
@@ -219,13 +220,6 @@ async def test_a_decode_whose_prefill_worker_is_unreachable_is_unavailable(pair)
         await drain(stream)
 
 
-async def wait_until(condition, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_prefill_worker_gone_mid_transfer_ends_both_halves(pair):
     # 0.01 GB/s: 13 s to move 1000 tokens, so both halves are mid-transfer for a long while.
     pd = await pair(link=0.01)
@@ -233,7 +227,7 @@ async def test_prefill_worker_gone_mid_transfer_ends_both_halves(pair):
     b = pd.bootstrap(room=12)
     prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
     decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[12].plan.done())
+    await wait_until(lambda: pd.prefill.bootstrap.rooms[12].plan.done(), TIMEOUT_S)
     await pd.prefill.stop()  # as its process dying does: the connection closes
     with pytest.raises(PartnerLostError, match="went away during the KV transfer"):
         await decode
@@ -248,8 +242,8 @@ async def test_decode_half_gone_mid_transfer_ends_the_prefill_half(pair):
     b = pd.bootstrap(room=13)
     prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
     decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: 13 in pd.prefill.bootstrap.rooms)
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[13].plan.done())
+    await wait_until(lambda: 13 in pd.prefill.bootstrap.rooms, TIMEOUT_S)
+    await wait_until(lambda: pd.prefill.bootstrap.rooms[13].plan.done(), TIMEOUT_S)
     decode.cancel()  # the client or the decode worker went away
     with pytest.raises(PartnerLostError, match="decode half of bootstrap room 13 went away"):
         await prefill
@@ -278,8 +272,8 @@ async def test_the_prefill_worker_holds_the_prompts_kv_until_it_lands(pair):
     b = pd.bootstrap(room=14)
     prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
     decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: 14 in pd.prefill.bootstrap.rooms)
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[14].plan.done())
+    await wait_until(lambda: 14 in pd.prefill.bootstrap.rooms, TIMEOUT_S)
+    await wait_until(lambda: pd.prefill.bootstrap.rooms[14].plan.done(), TIMEOUT_S)
     if not pd.prefill.bootstrap.rooms[14].landed.done():
         assert pd.kv_used()[0] >= PROMPT  # mid-transfer: held
     await asyncio.gather(prefill, decode)
