@@ -24,18 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prefill: run prompts and hand their KV off; decode: take the KV and decode; "
         "both: serve whole requests (the default)",
     )
-    g.add_argument(
-        "--kv-link",
-        default="nic",
-        metavar="nvlink|nic|GBPS",
-        help="decode: the link the KV crosses from the prefill worker: nvlink (one scale-up "
-        "domain), nic (each side's external I/O, the default) or a bandwidth in GB/s",
-    )
-    g.add_argument(
-        "--kv-layer-overlap",
-        action="store_true",
-        help="decode: send layer i's KV while layer i+1 prefills (only what outlasts the "
-        "prefill adds to TTFT)",
+    add_link_arguments(
+        g,
+        link_help="decode: the link the KV crosses from the prefill worker: nvlink (one "
+        "scale-up domain), nic (each side's external I/O, the default) or a bandwidth in GB/s",
+        overlap_help="decode: send layer i's KV while layer i+1 prefills (only what outlasts "
+        "the prefill adds to TTFT)",
     )
     g.add_argument(
         "--bootstrap-port",
@@ -50,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a half waits for its partner before it ends DEADLINE_EXCEEDED",
     )
+
+
+def add_link_arguments(
+    g: argparse._ArgumentGroup, *, link_help: str, overlap_help: str | None = None
+) -> None:
+    """`--kv-link` (parsed by `core.kv_transfer.parse_link`) and, where the command models
+    it, `--kv-layer-overlap`: one definition for serve, simulate and plan, each command
+    saying in its help what the link joins there."""
+    g.add_argument("--kv-link", default="nic", metavar="nvlink|nic|GBPS", help=link_help)
+    if overlap_help is not None:
+        g.add_argument("--kv-layer-overlap", action="store_true", help=overlap_help)
 
 
 def server_options(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:

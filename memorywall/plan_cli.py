@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from memorywall.argtypes import nonnegative_int, number, number_list, positive_float, positive_int
 from memorywall.core import Placement, Precision, load_hardware, load_model
+from memorywall.pd_options import add_link_arguments
 
 if TYPE_CHECKING:
     from memorywall.plan import PdSpace, Query, Space
@@ -125,12 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pd-decode-workers", type=positive_int, default=1, help="decode workers (y; default 1)"
     )
-    g.add_argument(
-        "--kv-link",
-        default="nic",
-        metavar="nvlink|nic|GBPS",
-        help="the link between the pools: nic (each side's external I/O, the default) or a "
-        "bandwidth in GB/s",
+    add_link_arguments(
+        g,
+        link_help="the link between the pools: nic (each side's external I/O, the default) "
+        "or a bandwidth in GB/s",
     )
     p.add_argument("--top", type=positive_int, default=5, help="rows per backend in the table")
     p.add_argument("--json", action="store_true", help="print the JSON document, not the table")

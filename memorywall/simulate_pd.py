@@ -19,6 +19,7 @@ from memorywall.core import load_hardware, plan_deployment
 from memorywall.core.deployment import Deployment
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts
+from memorywall.pd_options import add_link_arguments
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet
@@ -39,16 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prefill-workers", type=positive_int, default=1, help="prefill workers (x)")
     g.add_argument("--decode-workers", type=positive_int, default=1, help="decode workers (y)")
-    g.add_argument(
-        "--kv-link",
-        default="nic",
-        metavar="nvlink|nic|GBPS",
-        help="the link between the pools: nvlink, nic (each side's external I/O) or GB/s",
-    )
-    g.add_argument(
-        "--kv-layer-overlap",
-        action="store_true",
-        help="send layer i's KV while layer i+1 prefills",
+    add_link_arguments(
+        g,
+        link_help="the link between the pools: nvlink, nic (each side's external I/O) or GB/s",
+        overlap_help="send layer i's KV while layer i+1 prefills",
     )
 
 
