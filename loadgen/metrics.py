@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from memorywall.loadgen.record_arrays import Messages, SentRecords
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.slo import Slo, parse_slo
 
@@ -95,20 +96,21 @@ class Scope(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class _View:
-    """What one record contributes, in SI units; None where it has no value."""
+class _Views:
+    """Every metric's values in SI units, in record order: per metric, the records that
+    have a value (successful ones; every sent one for `send_lag_s`)."""
 
-    ok: bool
-    ttft_s: float | None = None
-    e2el_s: float | None = None
-    tpot_s: float | None = None
-    ttft_scheduled_s: float | None = None
-    e2el_scheduled_s: float | None = None
-    send_lag_s: float | None = None
-    tok_s_per_user: float | None = None
-    modelled_ttft_s: float | None = None
-    modelled_tpot_s: float | None = None
-    modelled_e2el_s: float | None = None
+    ttft_s: np.ndarray
+    tpot_s: np.ndarray
+    itl_s: np.ndarray
+    e2el_s: np.ndarray
+    ttft_scheduled_s: np.ndarray
+    e2el_scheduled_s: np.ndarray
+    send_lag_s: np.ndarray
+    tok_s_per_user: np.ndarray
+    modelled_ttft_s: np.ndarray
+    modelled_tpot_s: np.ndarray
+    modelled_e2el_s: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,7 @@ class MetricDef:
     unit: Unit
     formula: str
     scope: Scope
-    view: str | None  # the `_View` field holding its value; None: ITL, pooled over every message
+    view: str  # the `_Views` field holding its values
     optional: bool = False  # needs inputs not every run has; left out of tables when empty
 
 
@@ -129,7 +131,7 @@ METRICS: tuple[MetricDef, ...] = (
     MetricDef("tpot", "TPOT", _SEC, "(e2el - ttft) / (completion_tokens - 1), if > 1 token", _C,
               "tpot_s"),
     MetricDef("itl", "ITL", _SEC, "chunk gap / k, k times for a k-token chunk; pooled", _C,
-              None),
+              "itl_s"),
     MetricDef("e2el", "E2EL", _SEC, "last chunk - sent", _C, "e2el_s"),
     MetricDef("ttft_scheduled", "TTFT from schedule", _SEC, "first chunk - scheduled", _C,
               "ttft_scheduled_s", optional=True),
@@ -152,65 +154,49 @@ METRICS: tuple[MetricDef, ...] = (
 # --- Per-record views -------------------------------------------------------------------
 
 
-def _pooled_itls_s(records: Sequence[RequestRecord]) -> np.ndarray:
-    """Every record's ITL values, pooled, in one numpy pass over all their messages (a
-    pass per record cost more than the rest of the metrics); raises if any record's
+def _itls_s(gaps_ns: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """A gap ending in a k-token message gives k values gap / k."""
+    if tokens is None:  # one token a message: each gap whole
+        return gaps_ns / _NS_PER_S
+    counts = np.maximum(tokens, 1)
+    return np.repeat(gaps_ns / counts / _NS_PER_S, counts)
+
+
+def _views(sent: SentRecords, completion_tokens: np.ndarray) -> _Views:
+    """Every metric's values over all records at once; raises if any successful record's
     message times go backwards."""
-    lengths = np.fromiter((len(r.chunk_ns) for r in records), np.int64, len(records))
-    if not lengths.size:
-        return np.empty(0)
-    flat: list[int] = []
-    counted: list[int] = []
-    for r in records:
-        flat += r.chunk_ns
-        # Without a token count per message, count one token per message (vLLM's view).
-        counted += (
-            r.chunk_tokens if len(r.chunk_tokens) == len(r.chunk_ns) else [1] * len(r.chunk_ns)
-        )
-    times = np.asarray(flat, dtype=np.int64)
-    gaps = np.diff(times)
-    firsts = np.cumsum(lengths)[:-1] - 1  # gap from one record's last message to the next's first
-    keep = np.ones(gaps.size, dtype=bool)
-    keep[firsts] = False
-    if (gaps[keep] < 0).any():
-        owner = np.repeat(np.arange(len(records)), lengths - 1)
-        bad = records[int(owner[np.flatnonzero(gaps[keep] < 0)[0]])]
-        raise ValueError(f"record {bad.index}: message times go backwards")
-    counts = np.maximum(np.asarray(counted, dtype=np.int64)[1:][keep], 1)
-    return np.repeat(gaps[keep] / counts / _NS_PER_S, counts)
-
-
-def _view(r: RequestRecord) -> _View:
-    lag = None if r.scheduled_ns is None else (r.sent_ns - r.scheduled_ns) / _NS_PER_S
-    if not r.ok:
-        return _View(ok=False, send_lag_s=lag)
-    chunks = r.chunk_ns
-    first, last = chunks[0], chunks[-1]
-    if first < r.sent_ns:
-        raise ValueError(f"record {r.index}: message times go backwards")
-    ttft = (first - r.sent_ns) / _NS_PER_S
-    e2el = (last - r.sent_ns) / _NS_PER_S
-    n = r.completion_tokens
-    tpot = (e2el - ttft) / (n - 1) if n > 1 else None
-    m_tpot = None
-    if n > 1:
-        if r.modelled_decode_s is not None:
-            m_tpot = r.modelled_decode_s / (n - 1)
-        elif r.modelled_e2e_s is not None and r.modelled_ttft_s is not None:
-            m_tpot = (r.modelled_e2e_s - r.modelled_ttft_s) / (n - 1)
-    sched = r.scheduled_ns
-    return _View(
-        ok=True,
+    ok = sent.ok
+    messages = Messages.of(sent)
+    index, sent_ns = sent.index[ok], sent.sent_ns[ok]
+    first, last = messages.first_ns, messages.last_ns
+    early = first < sent_ns
+    if early.any():
+        raise ValueError(f"record {index[np.argmax(early)]}: message times go backwards")
+    itls = _itls_s(*messages.gaps_ns(index))
+    ttft, e2el = (first - sent_ns) / _NS_PER_S, (last - sent_ns) / _NS_PER_S
+    decoding = completion_tokens > 1
+    tpot = (e2el - ttft)[decoding] / (completion_tokens[decoding] - 1)
+    sched, lag = sent.scheduled_ns[ok], sent.scheduled_ns
+    m_ttft, m_e2e, m_decode = (
+        sent.modelled_ttft_s[ok],
+        sent.modelled_e2e_s[ok],
+        sent.modelled_decode_s[ok],
+    )
+    # Modelled TPOT: the modelled decode span, else modelled E2E - TTFT.
+    m_span = np.where(m_decode.given, m_decode.value, m_e2e.value - m_ttft.value)
+    m_tpot = decoding & (m_decode.given | (m_e2e.given & m_ttft.given))
+    return _Views(
         ttft_s=ttft,
-        e2el_s=e2el,
         tpot_s=tpot,
-        ttft_scheduled_s=None if sched is None else (first - sched) / _NS_PER_S,
-        e2el_scheduled_s=None if sched is None else (last - sched) / _NS_PER_S,
-        send_lag_s=lag,
-        tok_s_per_user=1.0 / tpot if tpot else None,
-        modelled_ttft_s=r.modelled_ttft_s,
-        modelled_tpot_s=m_tpot,
-        modelled_e2el_s=r.modelled_e2e_s,
+        itl_s=itls,
+        e2el_s=e2el,
+        ttft_scheduled_s=(first - sched.value)[sched.given] / _NS_PER_S,
+        e2el_scheduled_s=(last - sched.value)[sched.given] / _NS_PER_S,
+        send_lag_s=(sent.sent_ns - lag.value)[lag.given] / _NS_PER_S,
+        tok_s_per_user=1.0 / tpot[tpot != 0],
+        modelled_ttft_s=m_ttft.present(),
+        modelled_tpot_s=m_span[m_tpot] / (completion_tokens[m_tpot] - 1),
+        modelled_e2el_s=m_e2e.present(),
     )
 
 
@@ -352,6 +338,14 @@ class RunMetrics:
         return rows
 
 
+def _goodput(slo: Slo, ttft_s: np.ndarray, tpot_s: list[float | None], e2el_s: np.ndarray) -> int:
+    """Requests that meet `slo`, one `Slo.met` per request."""
+    return sum(
+        slo.met(ttft_s=a, tpot_s=b, e2el_s=c)
+        for a, b, c in zip(ttft_s.tolist(), tpot_s, e2el_s.tolist(), strict=True)
+    )
+
+
 def compute_metrics(
     records: Iterable[RequestRecord],
     *,
@@ -359,65 +353,41 @@ def compute_metrics(
     slo: Slo | None = None,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> RunMetrics:
-    """Compute every metric in `METRICS` and the run totals in one pass over `records`.
+    """Compute every metric in `METRICS` and the run totals, over all `records` at once.
 
     `duration_s` overrides the measured span (first send to last receipt).
     """
     pcts = tuple(float(p) for p in percentiles)
-    values: dict[str, Sequence[float]] = {m.name: [] for m in METRICS}
-    per_record = [(values[m.name], m.view, m.scope is Scope.SENT) for m in METRICS if m.view]
-    ok: list[RequestRecord] = []
-    errors: Counter[str] = Counter()
-    completed = failed = warmup = total_in = total_out = 0
-    good = good_sched = 0
-    all_scheduled = True
-    first_sent: int | None = None
-    last_receipt: int | None = None
-    for r in records:
-        if r.warmup:
-            warmup += 1
-            continue
-        first_sent = r.sent_ns if first_sent is None else min(first_sent, r.sent_ns)
-        for t in (r.finished_ns, r.chunk_ns[-1] if r.chunk_ns else None):
-            if t is not None and (last_receipt is None or t > last_receipt):
-                last_receipt = t
-        v = _view(r)
-        for column, field_name, every_sent in per_record:
-            if v.ok or every_sent:
-                x = getattr(v, field_name)
-                if x is not None:
-                    column.append(x)
-        if not v.ok:
-            failed += 1
-            errors[r.error if r.error is not None else NO_TOKENS_ERROR] += 1
-            continue
-        completed += 1
-        ok.append(r)
-        total_in += r.usage_prompt_tokens if r.usage_prompt_tokens is not None else r.prompt_tokens
-        total_out += r.completion_tokens
-        if slo is not None:
-            assert v.ttft_s is not None and v.e2el_s is not None
-            good += slo.met(ttft_s=v.ttft_s, tpot_s=v.tpot_s, e2el_s=v.e2el_s)
-            if v.ttft_scheduled_s is None or v.e2el_scheduled_s is None:
-                all_scheduled = False
-            else:
-                good_sched += slo.met(
-                    ttft_s=v.ttft_scheduled_s, tpot_s=v.tpot_s, e2el_s=v.e2el_scheduled_s
-                )
-    values["itl"] = _pooled_itls_s(ok)
-    if duration_s is None and first_sent is not None and last_receipt is not None:
-        duration_s = (last_receipt - first_sent) / _NS_PER_S
+    sent = SentRecords.of(records)
+    completion_tokens = sent.completion_tokens()
+    views = _views(sent, completion_tokens)
+    errors = Counter(
+        NO_TOKENS_ERROR if e is None else e
+        for e, ok in zip(sent.error, sent.ok.tolist(), strict=True)
+        if not ok
+    )
+    last_receipt = sent.last_receipt_ns()
+    if duration_s is None and last_receipt is not None:
+        duration_s = (last_receipt - int(sent.sent_ns.min())) / _NS_PER_S
+    good = good_sched = None
+    if slo is not None:
+        # No TPOT (a single output token): None, which passes a TPOT bound.
+        tpots = iter(views.tpot_s.tolist())
+        tpot_s = [next(tpots) if d else None for d in (completion_tokens > 1).tolist()]
+        good = _goodput(slo, views.ttft_s, tpot_s, views.e2el_s)
+        if sent.scheduled_ns.given[sent.ok].all():
+            good_sched = _goodput(slo, views.ttft_scheduled_s, tpot_s, views.e2el_scheduled_s)
     return RunMetrics(
         duration_s=duration_s,
-        completed=completed,
-        failed=failed,
-        warmup=warmup,
+        completed=views.ttft_s.size,
+        failed=sent.index.size - views.ttft_s.size,
+        warmup=sent.warmup,
         errors=errors,
-        total_input_tokens=total_in,
-        total_output_tokens=total_out,
-        good_requests=None if slo is None else good,
-        good_requests_scheduled=None if slo is None or not all_scheduled else good_sched,
+        total_input_tokens=int(sent.prompt_tokens[sent.ok].sum()),
+        total_output_tokens=int(completion_tokens.sum()),
+        good_requests=good,
+        good_requests_scheduled=good_sched,
         slo=slo,
         percentiles=pcts,
-        distributions={m.name: Distribution.of(values[m.name], pcts) for m in METRICS},
+        distributions={m.name: Distribution.of(getattr(views, m.view), pcts) for m in METRICS},
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
@@ -31,7 +33,9 @@ class RequestRecord:
     output_tokens: int  # max_tokens as requested
     scheduled_ns: int | None  # open loop: when it should have been sent
     sent_ns: int
-    chunk_ns: list[int] = field(default_factory=list)  # receipt of each token-carrying message
+    # Receipt of each token-carrying message: a client appends to a list; the simulator
+    # gives each record its slice of one int64 array.
+    chunk_ns: list[int] | np.ndarray = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)  # tokens in each of those messages
     finished_ns: int | None = None
     usage_prompt_tokens: int | None = None
@@ -47,7 +51,7 @@ class RequestRecord:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and bool(self.chunk_ns)
+        return self.error is None and len(self.chunk_ns) > 0
 
     @property
     def completion_tokens(self) -> int:
@@ -57,4 +61,7 @@ class RequestRecord:
         return sum(self.chunk_tokens)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Plain Python values (message times a list of ints), ready for JSON."""
+        d = asdict(self)
+        d["chunk_ns"] = np.asarray(self.chunk_ns, dtype=np.int64).tolist()
+        return d

@@ -29,6 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -116,15 +118,24 @@ class _Releaser:
         self.release(now_s)
 
 
+class _Sent(NamedTuple):
+    """A request as the driver sent it; its record is made once it has finished."""
+
+    spec: RequestSpec
+    at_s: float
+    scheduled_s: float | None
+    warmup: bool
+
+
 class _LevelDriver:
-    """Joins one level's plan to an offline engine and fills a record per request."""
+    """Joins one level's plan to an offline engine and makes a record per request."""
 
     def __init__(self, config: BenchConfig, level: Level, engine: OfflineEngine) -> None:
         self.plan = plan_level(config, level)
         self.prompts = PromptSource(config.seed)
         self.engine = engine
-        self.records: dict[str, RequestRecord] = {}
-        self.finished: list[Timeline] = []  # in finishing order; records filled at the end
+        self.sent: dict[str, _Sent] = {}  # by request id, in sending order
+        self.finished: list[Timeline] = []  # in finishing order; records made at the end
         self._warmups = deque(self.plan.warmup)
         self._main: _Releaser | None = None
         engine.on_finish = self._finished
@@ -151,14 +162,7 @@ class _LevelDriver:
         self, spec: RequestSpec, at_s: float, scheduled_s: float | None, warmup: bool = False
     ) -> None:
         request_id = str(spec.index)
-        self.records[request_id] = RequestRecord(
-            index=spec.index,
-            prompt_tokens=spec.prompt_tokens,
-            output_tokens=spec.output_tokens,
-            scheduled_ns=None if scheduled_s is None else _ns(scheduled_s),
-            sent_ns=_ns(at_s),
-            warmup=warmup,
-        )
+        self.sent[request_id] = _Sent(spec, at_s, scheduled_s, warmup)
         request = Request(
             request_id=request_id,
             prompt_ids=self.prompts.token_ids(spec),
@@ -178,32 +182,56 @@ class _LevelDriver:
             self._start_main(now_s)
 
 
-def fill_records(records: dict[str, RequestRecord], timelines: list[Timeline]) -> None:
-    """What a client would have seen of each timeline, with no transport in between: its
-    record (by request id) filled in, message times in integer ns (one numpy pass for all,
-    np.rint rounding half to even as round() does)."""
-    times: list[float] = []
-    for t in timelines:
-        times += t.group_times_s
-    all_ns = np.rint(np.asarray(times) * 1e9).astype(np.int64).tolist()
-    at = 0
-    for timeline in timelines:
-        record = records[timeline.request_id]
-        if timeline.error is not None:
-            record.error = f"{type(timeline.error).__name__}: {timeline.error}"
-            continue
-        n = len(timeline.group_times_s)
-        record.chunk_ns = all_ns[at : at + n]
-        at += n
-        first, last = timeline.group_times_s[0], timeline.group_times_s[-1]
-        record.chunk_tokens = list(timeline.group_tokens)
-        record.finished_ns = record.chunk_ns[-1]
-        record.usage_prompt_tokens = timeline.prompt_tokens
-        record.usage_completion_tokens = timeline.completion_tokens
-        record.usage_cached_tokens = timeline.cached_tokens
-        record.modelled_ttft_s = first - timeline.arrival_s
-        record.modelled_e2e_s = last - timeline.arrival_s
-        record.modelled_decode_s = last - first
+def make_records(sent: dict[str, _Sent], timelines: list[Timeline]) -> list[RequestRecord]:
+    """What a client would have seen of each request sent, with no transport in between,
+    in sending order. Message times are integer ns, np.rint rounding half to even as
+    round() does, in one numpy array for all requests: each record's `chunk_ns` is its
+    slice (a list of Python ints per record cost more than the rest of the records) and
+    its `chunk_tokens` the timeline's own list."""
+    by_id = {t.request_id: t for t in timelines}
+    ordered = [by_id[request_id] for request_id in sent]
+    ends = np.cumsum(np.fromiter((len(t.group_times_s) for t in ordered), int, len(ordered)))
+    times_s = chain.from_iterable(t.group_times_s for t in ordered)
+    all_ns = np.rint(np.fromiter(times_s, float, int(ends[-1]) if ends.size else 0) * 1e9)
+    all_ns = all_ns.astype(np.int64)
+    return [
+        _record(s, t, all_ns[end - len(t.group_times_s) : end])
+        for s, t, end in zip(sent.values(), ordered, ends.tolist(), strict=True)
+    ]
+
+
+def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRecord:
+    """One request's record, given its message times in ns."""
+    spec = sent.spec
+    scheduled_ns = None if sent.scheduled_s is None else _ns(sent.scheduled_s)
+    if timeline.error is not None:  # refused: no messages
+        return RequestRecord(
+            index=spec.index,
+            prompt_tokens=spec.prompt_tokens,
+            output_tokens=spec.output_tokens,
+            scheduled_ns=scheduled_ns,
+            sent_ns=_ns(sent.at_s),
+            error=f"{type(timeline.error).__name__}: {timeline.error}",
+            warmup=sent.warmup,
+        )
+    first, last = timeline.group_times_s[0], timeline.group_times_s[-1]
+    return RequestRecord(
+        index=spec.index,
+        prompt_tokens=spec.prompt_tokens,
+        output_tokens=spec.output_tokens,
+        scheduled_ns=scheduled_ns,
+        sent_ns=_ns(sent.at_s),
+        chunk_ns=chunk_ns,
+        chunk_tokens=timeline.group_tokens,
+        finished_ns=int(chunk_ns[-1]),
+        usage_prompt_tokens=timeline.prompt_tokens,
+        usage_completion_tokens=timeline.completion_tokens,
+        usage_cached_tokens=timeline.cached_tokens,
+        modelled_ttft_s=first - timeline.arrival_s,
+        modelled_e2e_s=last - timeline.arrival_s,
+        modelled_decode_s=last - first,
+        warmup=sent.warmup,
+    )
 
 
 @contextlib.contextmanager
@@ -259,8 +287,7 @@ def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -
         engine0 = time.perf_counter()
         engine.run()
         engine_s = time.perf_counter() - engine0
-        fill_records(driver.records, driver.finished)
-        records = list(driver.records.values())
+        records = make_records(driver.sent, driver.finished)
         metrics = compute_metrics(records, slo=config.slo)
         result = summarise(config, level, facts, metrics, [], simulated=True)
     steps, tokens, preemptions, energy_j = counters()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -389,3 +390,42 @@ def test_slo_needs_a_bound_and_no_negatives() -> None:
         Slo()
     with pytest.raises(ValueError, match="tpot_s"):
         Slo(tpot_s=-1.0)
+
+
+def test_messages_without_counts_count_one_token_each() -> None:
+    counted = multi_token()  # gaps 50 ms (2 tokens) and 100 ms
+    uncounted = rec(1, offsets_ms=(100, 130, 170), tokens=(), usage_completion_tokens=3)
+    itl = compute_metrics([counted, uncounted]).distributions["itl"]
+    assert itl is not None and itl.count == 3 + 2
+    assert itl.mean == pytest.approx((0.025 + 0.025 + 0.1 + 0.03 + 0.04) / 5)
+
+
+def test_simulator_arrays_give_a_clients_metrics() -> None:
+    """The simulator hands each record a slice of one int64 array where a client appends
+    to a list: the same metrics to the last bit, the same JSON."""
+    g = np.random.default_rng(3)
+    lists = []
+    for i in range(40):
+        n = int(g.integers(0, 6))
+        offsets = tuple(np.cumsum(g.uniform(1, 90, size=n)).round(3))
+        lists.append(
+            rec(
+                i,
+                sent=10 * S + i * 7 * MS,
+                offsets_ms=offsets,
+                tokens=tuple(g.integers(1, 3, size=n).tolist()) if i % 3 else None,
+                scheduled=None if i % 4 else 10 * S,
+                error="boom" if i % 9 == 5 else None,
+                warmup=i == 0,
+                modelled_ttft_s=0.01 * i if i % 2 else None,
+            )
+        )
+    flat = np.array([t for r in lists for t in r.chunk_ns], dtype=np.int64)
+    ends = np.cumsum([len(r.chunk_ns) for r in lists])
+    arrays = [
+        dataclasses.replace(r, chunk_ns=flat[end - len(r.chunk_ns) : end])
+        for r, end in zip(lists, ends, strict=True)
+    ]
+    slo = Slo(ttft_s=0.05, tpot_s=0.03)
+    assert compute_metrics(arrays, slo=slo).as_dict() == compute_metrics(lists, slo=slo).as_dict()
+    assert [json.dumps(r.as_dict()) for r in arrays] == [json.dumps(r.as_dict()) for r in lists]

@@ -120,6 +120,16 @@ def test_open_loop_cap_and_duration() -> None:
     assert all(r.scheduled_ns < 0.02e9 for r in short.records)
 
 
+def test_records_hold_the_modelled_times_in_integer_ns() -> None:
+    run = simulate_level(deployment(), EngineConfig(), config(num_prompts=3), Level("c2", 2, None))
+    for r in run.records:
+        row = json.loads(json.dumps(r.as_dict()))  # as the per-request JSONL holds it
+        chunks = row["chunk_ns"]
+        assert len(chunks) == 32 and chunks == sorted(chunks) and row["finished_ns"] == chunks[-1]
+        assert chunks[0] - row["sent_ns"] == pytest.approx(r.modelled_ttft_s * 1e9, abs=1)
+        assert chunks[-1] - chunks[0] == pytest.approx(r.modelled_decode_s * 1e9, abs=1)
+
+
 def test_trace_arrivals_and_refused_requests(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     lines = [{"prompt_tokens": 32, "output_tokens": 8, "arrival_s": 0.1 * i} for i in range(5)]
