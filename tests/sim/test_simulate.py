@@ -13,7 +13,9 @@ import pytest
 from memorywall.cli import main
 from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.loadgen.bench import BenchConfig, Level
+from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
+from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.workload import (
     Fixed,
     LogNormal,
@@ -128,6 +130,16 @@ def test_records_hold_the_modelled_times_in_integer_ns() -> None:
         assert len(chunks) == 32 and chunks == sorted(chunks) and row["finished_ns"] == chunks[-1]
         assert chunks[0] - row["sent_ns"] == pytest.approx(r.modelled_ttft_s * 1e9, abs=1)
         assert chunks[-1] - chunks[0] == pytest.approx(r.modelled_decode_s * 1e9, abs=1)
+
+
+def test_records_read_back_from_json_give_the_same_metrics() -> None:
+    """The simulator's records (message times in one numpy array) and the same records as
+    a client's lists, read back from the JSONL: the same metrics, to the last bit."""
+    cfg = config(workload=SyntheticWorkload(Uniform(64, 0.5), Uniform(16, 0.9)), num_prompts=20)
+    run = simulate_level(deployment(), EngineConfig(), cfg, Level("c4", 4, None))
+    lists = [RequestRecord(**json.loads(json.dumps(r.as_dict()))) for r in run.records]
+    assert isinstance(lists[0].chunk_ns, list)
+    assert compute_metrics(lists).as_dict() == compute_metrics(run.records).as_dict()
 
 
 def test_trace_arrivals_and_refused_requests(tmp_path: Path) -> None:
