@@ -11,6 +11,7 @@ import pytest
 from memorywall.loadgen.metrics import (
     METRICS,
     NO_TOKENS_ERROR,
+    Distribution,
     RunMetrics,
     Slo,
     compute_metrics,
@@ -429,3 +430,19 @@ def test_simulator_arrays_give_a_clients_metrics() -> None:
     slo = Slo(ttft_s=0.05, tpot_s=0.03)
     assert compute_metrics(arrays, slo=slo).as_dict() == compute_metrics(lists, slo=slo).as_dict()
     assert [json.dumps(r.as_dict()) for r in arrays] == [json.dumps(r.as_dict()) for r in lists]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_median_and_percentiles_are_numpys_to_the_bit(seed: int) -> None:
+    g = np.random.default_rng(seed)
+    pcts = (0.0, 12.5, 50.0, 90.0, 95.0, 99.0, 99.9, 100.0)
+    for n in (1, 2, 3, 10, 11, 1000, 1001):
+        for values in (g.lognormal(size=n), g.choice([1e-3, 0.01, 0.0125, 7.0], size=n)):
+            d = Distribution.of(values, pcts)
+            assert d is not None and d.median == np.median(values)
+            assert list(d.percentiles.values()) == np.percentile(values, pcts).tolist()
+
+
+def test_percentiles_outside_0_to_100_are_refused() -> None:
+    with pytest.raises(ValueError, match="percentiles"):
+        compute_metrics([multi_token()], percentiles=(50, 101))
