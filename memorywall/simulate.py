@@ -191,9 +191,9 @@ def make_records(sent: dict[str, _Sent], timelines: list[Timeline]) -> list[Requ
     by_id = {t.request_id: t for t in timelines}
     ordered = [by_id[request_id] for request_id in sent]
     ends = np.cumsum(np.fromiter((len(t.group_times_s) for t in ordered), int, len(ordered)))
-    times_s = chain.from_iterable(t.group_times_s for t in ordered)
-    all_ns = np.rint(np.fromiter(times_s, float, int(ends[-1]) if ends.size else 0) * 1e9)
-    all_ns = all_ns.astype(np.int64)
+    times = chain.from_iterable(t.group_times_s for t in ordered)
+    ns = np.fromiter(times, float, int(ends[-1]) if ends.size else 0)
+    all_ns = np.rint(np.multiply(ns, 1e9, out=ns), out=ns).astype(np.int64)  # in place: 10s of MB
     return [
         _record(s, t, all_ns[end - len(t.group_times_s) : end])
         for s, t, end in zip(sent.values(), ordered, ends.tolist(), strict=True)
