@@ -171,6 +171,11 @@ class _LevelDriver:
         )
         self.engine.submit(request, at_s)
 
+    def close(self) -> None:
+        """Let go of the engine: its callback and the releaser refer back to this driver."""
+        self.engine.on_finish = None
+        self._main = None
+
     def _finished(self, timeline: Timeline) -> None:
         self.finished.append(timeline)
         now_s = timeline.arrival_s if timeline.last_token_s is None else timeline.last_token_s
@@ -239,7 +244,8 @@ def _no_cycle_collection() -> Iterator[None]:
     """Pause Python's cycle collector: a level allocates millions of objects that live to
     its end (token lists, timelines, records), so the collector would scan them again and
     again (a quarter of the run's time) to find no garbage; reference counting frees what
-    the engine and the metrics drop, and they build no cycles."""
+    the engine and the metrics drop, and they build no cycles (the driver's, with the
+    engine, it breaks itself: `_LevelDriver.close`)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -288,13 +294,17 @@ def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -
         engine.run()
         engine_s = time.perf_counter() - engine0
         records = make_records(driver.sent, driver.finished)
+        modelled_s, (steps, tokens, preemptions, energy_j) = engine.now_s, counters()
+        # The engine and all it holds freed here, by reference counting (with the cycles
+        # through the driver left, the collector freed them in some later level's time).
+        driver.close()
+        del driver, engine, counters
         metrics = compute_metrics(records, slo=config.slo)
         result = summarise(config, level, facts, metrics, [], simulated=True)
-    steps, tokens, preemptions, energy_j = counters()
     return LevelRun(
         result=result,
         records=records,
-        modelled_s=engine.now_s,
+        modelled_s=modelled_s,
         wall_s=time.perf_counter() - wall0,
         engine_s=engine_s,
         cpu_s=time.process_time() - cpu0,

@@ -3,6 +3,7 @@ released as the bench releases requests, and in step with a live server."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -140,6 +141,17 @@ def test_records_read_back_from_json_give_the_same_metrics() -> None:
     lists = [RequestRecord(**json.loads(json.dumps(r.as_dict()))) for r in run.records]
     assert isinstance(lists[0].chunk_ns, list)
     assert compute_metrics(lists).as_dict() == compute_metrics(run.records).as_dict()
+
+
+def test_a_level_leaves_nothing_for_the_cycle_collector() -> None:
+    """Reference counting frees a level's engine as it ends, in its own time."""
+    gc.collect()
+    gc.disable()
+    try:
+        simulate_level(deployment(), EngineConfig(), config(num_prompts=10), Level("c2", 2, None))
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_trace_arrivals_and_refused_requests(tmp_path: Path) -> None:
