@@ -151,7 +151,8 @@ def spot_check(model: str, hw: str, users: int) -> dict:
 
 
 def _replayed(deployment, records) -> dict:
-    """The live level's own sends (its records as a trace) on the offline engine."""
+    """The live level's arrivals (its records as a trace: when the live engine received
+    each request) on the offline engine."""
     trace = TraceWorkload.from_records([r.as_dict() for r in records], "live spot check")
     config = BenchConfig(
         target="simulated", workload=trace, num_prompts=len(trace), warmup=1, seed=SEED

@@ -221,7 +221,7 @@ def _spot_checks(data: dict) -> list[str]:
         "The same level (workload, seed, warm-up) run live, `memorywall bench` against a "
         "fresh `memorywall serve`, and on the simulator. Measured = the client's clock; "
         "server = the live server's own modelled timeline; replayed = the offline engine "
-        "given the live run's own sends as arrivals (its per-request file as a trace), the "
+        "given the arrivals the live engine received (its per-request file as a trace), the "
         "comparison the errors are against; simulated = the offline engine with the ideal "
         "closed-loop client of the figures above, whose users send the instant a request "
         "ends and so stay in lock-step where a live client's spread by its own pace. "

@@ -99,7 +99,13 @@ class StreamAssembler:
             finish_reason=_FINISH_REASONS[f.finish_reason],
             usage=Usage(f.usage.prompt_tokens, f.usage.completion_tokens, f.usage.cached_tokens),
             timing=RequestTiming(
-                t.queue_s, t.prefill_s, t.decode_s, t.ttft_s, t.e2e_s, t.preemptions
+                t.queue_s,
+                t.prefill_s,
+                t.decode_s,
+                t.ttft_s,
+                t.e2e_s,
+                t.preemptions,
+                t.received_monotonic_ns or None,
             ),
             energy_j=f.energy_j,
             sampling=sampling_to_dict(f.sampling),

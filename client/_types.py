@@ -62,6 +62,9 @@ class RequestTiming:
     ttft_s: float
     e2e_s: float
     preemptions: int
+    # The server's CLOCK_MONOTONIC (ns) when it received the request: on the same host,
+    # the clock of `sent_ns` and `received_ns`; None when the server did not say.
+    received_monotonic_ns: int | None = None
 
 
 @dataclass(frozen=True)

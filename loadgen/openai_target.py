@@ -266,6 +266,7 @@ def apply_event(event: SseEvent, received_ns: int, record: RequestRecord, *, cha
         record.modelled_ttft_s = timing.get("ttft_s")
         record.modelled_e2e_s = timing.get("e2e_s")
         record.modelled_decode_s = timing.get("decode_s")
+        record.server_received_ns = timing.get("received_monotonic_ns") or None
     if isinstance(usage := chunk.get("usage"), dict):
         record.usage_prompt_tokens = usage.get("prompt_tokens")
         record.usage_completion_tokens = usage.get("completion_tokens")

@@ -73,7 +73,8 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         "--workload",
         type=Path,
         help="JSONL trace: prompt_tokens, output_tokens[, arrival_s]; a bench run's "
-        "LABEL-cN.requests.jsonl (replays its send times); or "
+        "LABEL-cN.requests.jsonl (replays when the emulator received each request, else "
+        "its send times); or "
         "shared-prefix:GROUPS:PREFIX_TOKENS (prompts of a group share their first tokens)",
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for lengths and arrivals")

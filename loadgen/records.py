@@ -45,6 +45,9 @@ class RequestRecord:
     modelled_ttft_s: float | None = None
     modelled_e2e_s: float | None = None
     modelled_decode_s: float | None = None
+    # When the emulator's engine received it, on its CLOCK_MONOTONIC: the clock of
+    # `sent_ns` when client and server share a host (None: not said, or another server).
+    server_received_ns: int | None = None
     error: str | None = None
     warmup: bool = False
     worker: int = 0

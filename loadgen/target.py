@@ -153,6 +153,7 @@ class GrpcTarget:
         record.modelled_ttft_s = result.timing.ttft_s
         record.modelled_e2e_s = result.timing.e2e_s
         record.modelled_decode_s = result.timing.decode_s
+        record.server_received_ns = result.timing.received_monotonic_ns
 
     async def aclose(self) -> None:
         await self.client.aclose()

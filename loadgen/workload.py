@@ -224,7 +224,7 @@ class TraceWorkload:
         `output_length`): integers >= 1. Optional arrival: `arrival_s` (seconds) or
         `timestamp` (milliseconds, Mooncake); finite, >= 0, non-decreasing, and on every
         line or none. Any fault raises a one-line ValueError "path:line: field: problem".
-        A bench run's per-request file is replayed by its send times (`from_records`).
+        A bench run's per-request file is replayed by its arrivals (`from_records`).
         """
         path = Path(path)
         records = _bench_records(path)
@@ -271,19 +271,26 @@ class TraceWorkload:
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], origin: str) -> TraceWorkload:
         """Replay a bench run (its per-request JSONL rows): each request that was not a
-        warm-up arrives when it was sent, counted from the first such send, with the
-        lengths it asked for; so a simulation sees the arrivals the server saw, whatever
-        the client that made them."""
-        main = sorted((r for r in records if not r.get("warmup")), key=lambda r: r["sent_ns"])
+        warm-up arrives, with the lengths it asked for, when the emulator's engine received
+        it (`server_received_ns`, when every such row has it: the arrivals the live engine
+        saw, transport delay included) or else when it was sent, counted from the first;
+        so a simulation sees the server's arrivals, whatever the client that made them."""
+        main = [r for r in records if not r.get("warmup")]
         if not main:
             raise ValueError(f"{origin}: no requests but warm-ups")
-        first = main[0]["sent_ns"]
+        key = (
+            "server_received_ns"
+            if all(_is_int(r.get("server_received_ns")) for r in main)
+            else "sent_ns"
+        )
+        main.sort(key=lambda r: r[key])
+        first = main[0][key]
         return cls(
             tuple(
                 TraceRequest(
                     _count_field(r, ("prompt_tokens",), f"{origin}: request {r.get('index')}"),
                     _count_field(r, ("output_tokens",), f"{origin}: request {r.get('index')}"),
-                    (r["sent_ns"] - first) / 1e9,
+                    (r[key] - first) / 1e9,
                 )
                 for r in main
             )

@@ -94,6 +94,14 @@ class Finished:
     # half reached the decode worker, the remote prefill included.
     kv_transfer_s: float = 0.0
     kv_transfer_bytes: float = 0.0
+    # When the engine received the request, on its clock (CLOCK_MONOTONIC seconds when live,
+    # so a client on the same host can replay the arrivals the engine saw); None: unknown.
+    received_s: float | None = None
+
+    @property
+    def received_monotonic_ns(self) -> int:
+        """`received_s` as the wire carries it: integer ns, 0 when unknown."""
+        return 0 if self.received_s is None else round(self.received_s * 1e9)
 
 
 Event = TokenGroup | Finished

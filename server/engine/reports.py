@@ -31,6 +31,7 @@ def finished(seq: EngineSequence, *, host_stall_s: float, decode_host_stall_s: f
         last_token_id=seq.output_ids[-1] if seq.output_ids else None,
         host_stall_s=host_stall_s,
         decode_host_stall_s=decode_host_stall_s,
+        received_s=arrival,
     )
 
 

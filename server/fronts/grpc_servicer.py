@@ -214,6 +214,7 @@ def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:
             ttft_s=f.ttft_s,
             e2e_s=f.e2e_s,
             preemptions=f.preemptions,
+            received_monotonic_ns=f.received_monotonic_ns,
         ),
         energy_j=f.energy_j,
         sampling=request.sampling,

@@ -184,6 +184,7 @@ def summary(f: Finished) -> dict[str, Any]:
             "ttft_s": f.ttft_s,
             "e2e_s": f.e2e_s,
             "preemptions": f.preemptions,
+            "received_monotonic_ns": f.received_monotonic_ns,
         },
         "energy_j": f.energy_j,
         "lag": {

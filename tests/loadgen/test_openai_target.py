@@ -50,7 +50,14 @@ ITL_S = 0.01  # and between tokens
 MS = 1_000_000  # ns
 PLOTS = ("latency_vs_load.png", "throughput_vs_interactivity.png")
 CHAT_TEMPLATE_TOKENS = 5  # the fake's stand-in for a chat template's tokens
-MODELLED = {"queue_s": 0.0, "prefill_s": 0.01, "decode_s": 0.07, "ttft_s": 0.01, "e2e_s": 0.08}
+MODELLED = {
+    "queue_s": 0.0,
+    "prefill_s": 0.01,
+    "decode_s": 0.07,
+    "ttft_s": 0.01,
+    "e2e_s": 0.08,
+    "received_monotonic_ns": 123_456_789,
+}
 
 
 # ---- the fake vLLM --------------------------------------------------------------------------
@@ -271,6 +278,7 @@ async def test_the_emulators_extension_gives_token_ids_and_modelled_times(fake, 
     assert record.modelled_ttft_s == MODELLED["ttft_s"]
     assert record.modelled_e2e_s == MODELLED["e2e_s"]
     assert record.modelled_decode_s == MODELLED["decode_s"]
+    assert record.server_received_ns == MODELLED["received_monotonic_ns"]
 
 
 async def test_sequential_requests_reuse_one_connection(fake):

@@ -172,6 +172,28 @@ def test_trace_with_arrivals(tmp_path):
     assert wl.specs(rng(1), 2) == wl.specs(rng(2), 2)  # the generator is ignored
 
 
+def test_a_bench_runs_records_replay_when_its_server_received_them():
+    def row(i, sent, received=None, warmup=False):
+        return {
+            "index": i,
+            "prompt_tokens": 8,
+            "output_tokens": 4,
+            "sent_ns": sent,
+            "server_received_ns": received,
+            "warmup": warmup,
+        }
+
+    received = [row(0, 0, 9, warmup=True), row(1, 10, 12), row(2, 20, 21_000_012)]
+    wl = TraceWorkload.from_records(received, "run")
+    assert [s.offset_s for s in wl.specs(rng(), 2)] == [0.0, 0.021]
+    # One row without the server's stamp (a server that did not say): the client's sends.
+    sent = [*received[:2], row(2, 20_000_010, None)]
+    assert [s.offset_s for s in TraceWorkload.from_records(sent, "run").specs(rng(), 2)] == [
+        0.0,
+        0.02,
+    ]
+
+
 def test_trace_without_arrivals_and_aliases(tmp_path):
     p = write(
         tmp_path,

@@ -70,13 +70,21 @@ def test_same_files_and_keys(runs) -> None:
     )
 
 
-def test_replaying_a_live_runs_sends_gives_its_timeline(tmp_path) -> None:
-    """Four users, live: the simulation of the sends the live run recorded (its per-request
-    file as `--workload`) gives the live server's modelled TTFT and TPOT, up to what the
-    server reported as host stalls and a margin for what the replay cannot know: each
-    request reached the server a transport delay after the client sent it, which on a busy
-    host can move it into the next step (on a quiet one the two agree to 0.01%; the ideal
-    closed-loop client, whose users send in lock-step, is ~4% off)."""
+def test_each_record_carries_when_the_server_received_it(runs) -> None:
+    """On one host the server's arrival stamp is on the client's clock: after the send,
+    before the first token."""
+    _, _, live_dir, _ = runs
+    for r in records(live_dir / "run-c1.requests.jsonl"):
+        assert r["sent_ns"] <= r["server_received_ns"] <= r["chunk_ns"][0]
+
+
+def test_replaying_a_live_run_gives_its_timeline(tmp_path) -> None:
+    """Four users, live: the simulation of the live run's per-request file (`--workload`:
+    each request arrives when the live engine received it) gives the live server's
+    modelled TTFT within 5% and TPOT within 1% (issue 12's agreement bounds), up to what
+    the server reported as host stalls. (Replaying the client's sends instead misses each
+    request's transport delay, which can move it into another step; the ideal closed-loop
+    client, whose users send in lock-step, is ~4% off.)"""
     load = ["--concurrency", "4", "--num-prompts", "12", "--input-len", "256", "--output-len", "16"]
     live_dir, replay_dir = tmp_path / "live", tmp_path / "replay"
     with emulator(*DEPLOYMENT, "--grace", "1") as target:
@@ -88,5 +96,5 @@ def test_replaying_a_live_runs_sends_gives_its_timeline(tmp_path) -> None:
     assert replay["completed"] == live["completed"] == 12
     stalled_s = live["host_stalled_s"]
     ttft, tpot = live["mean_modelled_ttft_ms"] / 1e3, live["mean_modelled_tpot_ms"] / 1e3
-    assert replay["mean_ttft_ms"] / 1e3 == pytest.approx(ttft, rel=0.10, abs=stalled_s)
-    assert replay["mean_tpot_ms"] / 1e3 == pytest.approx(tpot, rel=0.03, abs=stalled_s / 15)
+    assert replay["mean_ttft_ms"] / 1e3 == pytest.approx(ttft, rel=0.05, abs=stalled_s)
+    assert replay["mean_tpot_ms"] / 1e3 == pytest.approx(tpot, rel=0.01, abs=stalled_s / 15)
