@@ -46,7 +46,8 @@ class RequestRecord:
     modelled_e2e_s: float | None = None
     modelled_decode_s: float | None = None
     # When the emulator's engine received it, on its CLOCK_MONOTONIC: the clock of
-    # `sent_ns` when client and server share a host (None: not said, or another server).
+    # `sent_ns` when client and server share a host (the simulator: its virtual clock, as
+    # `sent_ns`); None: not said, or another server.
     server_received_ns: int | None = None
     error: str | None = None
     warmup: bool = False

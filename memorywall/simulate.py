@@ -208,24 +208,19 @@ def make_records(sent: dict[str, _Sent], timelines: list[Timeline]) -> list[Requ
 def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRecord:
     """One request's record, given its message times in ns."""
     spec = sent.spec
-    scheduled_ns = None if sent.scheduled_s is None else _ns(sent.scheduled_s)
+    common = {
+        "index": spec.index,
+        "prompt_tokens": spec.prompt_tokens,
+        "output_tokens": spec.output_tokens,
+        "scheduled_ns": None if sent.scheduled_s is None else _ns(sent.scheduled_s),
+        "sent_ns": _ns(sent.at_s),
+        "warmup": sent.warmup,
+    }
     if timeline.error is not None:  # refused: no messages
-        return RequestRecord(
-            index=spec.index,
-            prompt_tokens=spec.prompt_tokens,
-            output_tokens=spec.output_tokens,
-            scheduled_ns=scheduled_ns,
-            sent_ns=_ns(sent.at_s),
-            error=f"{type(timeline.error).__name__}: {timeline.error}",
-            warmup=sent.warmup,
-        )
+        return RequestRecord(**common, error=f"{type(timeline.error).__name__}: {timeline.error}")
     first, last = timeline.group_times_s[0], timeline.group_times_s[-1]
     return RequestRecord(
-        index=spec.index,
-        prompt_tokens=spec.prompt_tokens,
-        output_tokens=spec.output_tokens,
-        scheduled_ns=scheduled_ns,
-        sent_ns=_ns(sent.at_s),
+        **common,
         chunk_ns=chunk_ns,
         chunk_tokens=timeline.group_tokens,
         finished_ns=int(chunk_ns[-1]),
@@ -235,7 +230,7 @@ def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRec
         modelled_ttft_s=first - timeline.arrival_s,
         modelled_e2e_s=last - timeline.arrival_s,
         modelled_decode_s=last - first,
-        warmup=sent.warmup,
+        server_received_ns=_ns(timeline.arrival_s),
     )
 
 
