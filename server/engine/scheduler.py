@@ -146,6 +146,7 @@ class Step:
     end_s: float
     cost: StepCost
     scheduled: list[tuple[Sequence, int, bool]]  # (sequence, new tokens, decoding)
+    tokens: int  # new tokens over the batch
 
 
 @dataclass
@@ -326,7 +327,8 @@ class EngineCore:
             if not d
         ]
         cost = self.step_model.step_cost(Batch(decode_contexts=decode, prefill=prefill))
-        return Step(now, now + cost.time_s, cost, scheduled)
+        tokens = self.config.max_num_batched_tokens - budget
+        return Step(now, now + cost.time_s, cost, scheduled, tokens)
 
     def _grow(self, seq: Sequence, kv_tokens: int) -> bool:
         """Give `seq` blocks for `kv_tokens`, preempting the latest admitted until it fits."""
@@ -380,8 +382,9 @@ class EngineCore:
     def complete(self, step: Step) -> list[Emission]:
         """Apply a step at its end: advance prefill, sample tokens, finish sequences."""
         emissions = []
+        emit = emissions.append
         end_s = step.end_s
-        energy_per_token = step.cost.energy_j / sum(n for _, n, _ in step.scheduled)
+        energy_per_token = step.cost.energy_j / step.tokens
         counters = self.counters
         counters.steps += 1
         counters.energy_j += step.cost.energy_j
@@ -391,28 +394,34 @@ class EngineCore:
             if seq.finish_reason is not None:
                 continue  # aborted during the step
             seq.energy_j += energy_per_token * n
-            seq.computed += n
             out = seq.output_ids
-            if seq.computed < seq.prompt_len + len(out):
+            done = len(out)
+            # A step's tokens stop where the sequence samples: computed <= prompt + output.
+            seq.computed = computed = seq.computed + n
+            if computed < seq.prompt_len + done:
                 continue  # a prefill chunk that does not end the prompt
-            if plain and seq.stop_at - len(out) > 1 and not seq.watches_stops:
-                # `_sample`'s answer when nothing can end the sequence this step.
-                ids, reason = seq.tokens.next_ids(1), None
+            if plain and seq.stop_at - done > 1 and not seq.watches_stops:
+                # `_sample`'s answer when nothing can end the sequence this step; the new
+                # token's KV is the next step's, so `computed` (prompt + output) stands.
+                ids = seq.tokens.next_ids(1)
+                out += ids
+                generated += 1
+                reason = None
             else:
                 ids, reason = self._sample(seq, decoding)
-            out += ids
-            # Accepted drafts were verified in this step, so their KV exists.
-            seq.computed = seq.prompt_len + len(out) - 1
+                out += ids
+                # Accepted drafts were verified in this step, so their KV exists.
+                seq.computed = seq.prompt_len + len(out) - 1
+                generated += len(ids)
             previous_s = seq.last_token_s
             seq.last_token_s = end_s
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
-            generated += len(ids)
             if reason is not None:
                 self.running.remove(seq)
                 counters.finished += 1
                 self._finish(seq, reason)
-            emissions.append(Emission(seq, ids, end_s, reason is not None, previous_s))
+            emit(Emission(seq, ids, end_s, reason is not None, previous_s))
         counters.tokens_generated += generated
         return emissions
 
