@@ -145,7 +145,11 @@ async def test_a_cancellation_storm_leaks_no_slot_kv_or_task(server, caplog):
     await channel.close()
     counts = Counter(outcomes)
     assert set(counts) <= {"cancelled", "RESOURCE_EXHAUSTED", "429"}, counts
-    assert counts["cancelled"] >= STREAMS
+    # How many are refused depends on how fast the host sends them against the steps and
+    # cancellations that free the queue; the first MAX_WAITING to arrive are always taken
+    # (nothing is refused before the queue is full) and then cancelled (none can finish in a
+    # second).
+    assert counts["cancelled"] >= MAX_WAITING, counts
     await assert_left_nothing(server, tasks_before)
     s = server.engine.stats()
     # Every request the engine took was aborted (4,000 tokens take ~30 s here); a client may
