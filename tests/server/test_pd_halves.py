@@ -38,6 +38,18 @@ class Pair:
     def bootstrap(self, room: int) -> Bootstrap:
         return Bootstrap(host="127.0.0.1", port=self.prefill.bootstrap_port, room=room)
 
+    async def start_transfer(self, room: int) -> tuple[asyncio.Future, asyncio.Future]:
+        """Both halves of one request, draining, once its KV transfer is planned (the
+        prefill worker has the room and its booking)."""
+        t0 = self.decode.engine.now()
+        b = self.bootstrap(room)
+        prefill = asyncio.ensure_future(drain(self.prefill.submit(request(), b, arrival_s=t0)))
+        decode = asyncio.ensure_future(drain(self.decode.submit(request(), b, arrival_s=t0)))
+        rooms = self.prefill.bootstrap.rooms
+        await wait_until(lambda: room in rooms, TIMEOUT_S)
+        await wait_until(lambda: rooms[room].plan.done(), TIMEOUT_S)
+        return prefill, decode
+
     def kv_used(self) -> tuple[int, int]:
         return (
             self.prefill.engine.stats().kv_used_tokens,
@@ -223,11 +235,7 @@ async def test_a_decode_whose_prefill_worker_is_unreachable_is_unavailable(pair)
 async def test_prefill_worker_gone_mid_transfer_ends_both_halves(pair):
     # 0.01 GB/s: 13 s to move 1000 tokens, so both halves are mid-transfer for a long while.
     pd = await pair(link=0.01)
-    t0 = pd.decode.engine.now()
-    b = pd.bootstrap(room=12)
-    prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
-    decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[12].plan.done(), TIMEOUT_S)
+    prefill, decode = await pd.start_transfer(room=12)
     await pd.prefill.stop()  # as its process dying does: the connection closes
     with pytest.raises(PartnerLostError, match="went away during the KV transfer"):
         await decode
@@ -238,12 +246,7 @@ async def test_prefill_worker_gone_mid_transfer_ends_both_halves(pair):
 
 async def test_decode_half_gone_mid_transfer_ends_the_prefill_half(pair):
     pd = await pair(link=0.01)
-    t0 = pd.decode.engine.now()
-    b = pd.bootstrap(room=13)
-    prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
-    decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: 13 in pd.prefill.bootstrap.rooms, TIMEOUT_S)
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[13].plan.done(), TIMEOUT_S)
+    prefill, decode = await pd.start_transfer(room=13)
     decode.cancel()  # the client or the decode worker went away
     with pytest.raises(PartnerLostError, match="decode half of bootstrap room 13 went away"):
         await prefill
@@ -268,12 +271,7 @@ async def test_the_prefill_worker_holds_the_prompts_kv_until_it_lands(pair):
     """Its prefill is over (its first token out) while the KV still crosses the link: the
     prefill worker keeps the blocks being read until the decode worker says they landed."""
     pd = await pair(link=0.5)  # 1000 tokens of KV in ~0.26 s
-    t0 = pd.decode.engine.now()
-    b = pd.bootstrap(room=14)
-    prefill = asyncio.ensure_future(drain(pd.prefill.submit(request(), b, arrival_s=t0)))
-    decode = asyncio.ensure_future(drain(pd.decode.submit(request(), b, arrival_s=t0)))
-    await wait_until(lambda: 14 in pd.prefill.bootstrap.rooms, TIMEOUT_S)
-    await wait_until(lambda: pd.prefill.bootstrap.rooms[14].plan.done(), TIMEOUT_S)
+    prefill, decode = await pd.start_transfer(room=14)
     if not pd.prefill.bootstrap.rooms[14].landed.done():
         assert pd.kv_used()[0] >= PROMPT  # mid-transfer: held
     await asyncio.gather(prefill, decode)
