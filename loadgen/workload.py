@@ -285,16 +285,16 @@ class TraceWorkload:
         )
         main.sort(key=lambda r: r[key])
         first = main[0][key]
-        return cls(
-            tuple(
-                TraceRequest(
-                    _count_field(r, ("prompt_tokens",), f"{origin}: request {r.get('index')}"),
-                    _count_field(r, ("output_tokens",), f"{origin}: request {r.get('index')}"),
-                    (r[key] - first) / 1e9,
-                )
-                for r in main
+
+        def request(r: dict[str, Any]) -> TraceRequest:
+            where = f"{origin}: request {r.get('index')}"
+            return TraceRequest(
+                _count_field(r, ("prompt_tokens",), where),
+                _count_field(r, ("output_tokens",), where),
+                (r[key] - first) / 1e9,
             )
-        )
+
+        return cls(tuple(request(r) for r in main))
 
 
 def _bench_records(path: Path) -> list[dict[str, Any]] | None:
