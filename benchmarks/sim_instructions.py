@@ -7,8 +7,11 @@ the 5-20% a change to the engine makes. Instructions executed vary by about 2% f
 to run (allocation addresses differ): valgrind's callgrind counts them for the same
 closed-loop level as `sim_speed` (Llama 3.1 8B, prompts 512, outputs 128, 64 users) at
 two request counts, and the difference over the difference in requests is the cost of
-one request, imports and set-up cancelled out.
-Needs `valgrind` on PATH; a run takes about a minute and a half per hardware.
+one request, imports and set-up cancelled out. A third run, with outputs of 640 tokens,
+gives what each output token past the first 128 adds: the share of a request's cost that
+grows with its length (decoding, KV blocks filled and cached, token times) rather than
+being paid once (admission, prompt blocks, records).
+Needs `valgrind` on PATH; a run takes about two minutes per hardware.
 """
 
 from __future__ import annotations
@@ -19,15 +22,21 @@ import shutil
 import subprocess
 import sys
 
+from benchmarks.sim_speed import OUTPUT
+
 SMALL, LARGE = 300, 1300
 CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
-RUN = "import sys; from benchmarks.sim_speed import run; run(sys.argv[1], 64, int(sys.argv[2]), 1)"
+LONG = 640  # output tokens of the second point of the per-token figure
+RUN = (
+    "import sys; from benchmarks.sim_speed import run; "
+    "run(sys.argv[1], 64, int(sys.argv[2]), 1, output=int(sys.argv[3]))"
+)
 
 
-def instructions(hardware: str, requests: int) -> int:
+def instructions(hardware: str, requests: int, output: int = OUTPUT) -> int:
     """Instructions callgrind counted for one whole process simulating `requests`."""
     out = subprocess.run(
-        [*CALLGRIND, sys.executable, "-c", RUN, hardware, str(requests)],
+        [*CALLGRIND, sys.executable, "-c", RUN, hardware, str(requests), str(output)],
         capture_output=True,
         text=True,
         check=True,
@@ -42,10 +51,13 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("sim_instructions: valgrind is not installed", file=sys.stderr)
         return 2
-    print("| hardware | instructions per request |\n|---|---|")
+    print("| hardware | instructions per request | per output token past the first 128 |")
+    print("|---|---|---|")
     for hardware in args.hardware.split(","):
-        per = (instructions(hardware, LARGE) - instructions(hardware, SMALL)) / (LARGE - SMALL)
-        print(f"| {hardware} | {per / 1e6:.3f} million |", flush=True)
+        small = instructions(hardware, SMALL)
+        per = (instructions(hardware, LARGE) - small) / (LARGE - SMALL)
+        token = (instructions(hardware, SMALL, LONG) - small) / (SMALL * (LONG - OUTPUT))
+        print(f"| {hardware} | {per / 1e6:.3f} million | {token:,.0f} |", flush=True)
     return 0
 
 

@@ -11,7 +11,8 @@ Four tables, Llama 3.1 8B, prompts 512 and outputs 128 tokens, closed loop:
 2. the scheduler's hot path per sequence per step: `schedule` + `complete` one step at a
    time, against the fast path that applies plain decode steps many at once;
 3. cost against users (1 to 1,024) at a fixed number of requests;
-4. cost against requests at 64 users.
+4. cost against requests at 64 users;
+5. cost against output length at 64 users (a request's fixed cost spread over more tokens).
 Each point is the run with the least CPU time of `--repeat`. Speedup is modelled time
 over the simulating process's wall time, and over its CPU time: on a dedicated host the
 two agree; on a shared one (other processes on the same cores) wall time includes the
@@ -36,17 +37,26 @@ MODEL = "llama-3.1-8b"
 HARDWARE = ("h100-sxm", "wse-3")
 TARGETS = {"h100-sxm": 200.0, "wse-3": 50.0}  # x real time, issue 12
 PROMPT, OUTPUT = 512, 128
+OUTPUTS = (128, 512, 2048)  # table 5: a request's own cost against its tokens' cost
 
 
 def deployment(hardware: str) -> Deployment:
     return plan_deployment(load_hardware(hardware), load_model(MODEL))
 
 
-def run(hardware: str, users: int, requests: int, repeat: int, *, spread: bool = False) -> LevelRun:
+def run(
+    hardware: str,
+    users: int,
+    requests: int,
+    repeat: int,
+    *,
+    spread: bool = False,
+    output: int = OUTPUT,
+) -> LevelRun:
     """`spread`: lengths uniform over +-90% of the means, so users finish at different
     steps and nearly every step admits a request (fixed lengths keep them in lock-step)."""
     lengths = (
-        (Uniform(PROMPT, 0.9), Uniform(OUTPUT, 0.9)) if spread else (Fixed(PROMPT), Fixed(OUTPUT))
+        (Uniform(PROMPT, 0.9), Uniform(output, 0.9)) if spread else (Fixed(PROMPT), Fixed(output))
     )
     config = BenchConfig(
         target="sim",
@@ -134,6 +144,14 @@ def main() -> int:
     for hw in HARDWARE:
         for n in (small // 4, small, big):
             print(row(run(hw, 64, n, args.repeat), hw, f"{n:,}"), flush=True)
+
+    print(f"\n5. Cost against output length, 64 users, {small:,} requests\n")
+    print(f"| hardware | output tokens {HEAD}")
+    print(f"|---|---|{RULE}")
+    for hw in HARDWARE:
+        for output in OUTPUTS:
+            lr = run(hw, 64, small, args.repeat, output=output)
+            print(row(lr, hw, f"{output:,}"), flush=True)
     return 0
 
 

@@ -77,19 +77,55 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         return None
     ends, energies_j = _timeline(core, start_s, steps, horizon_s)
     steps = min(steps, bisect.bisect_left(ends, horizon_s, hi=len(ends) - 1))
-    events = _kv_events(core, steps)
+    growth = _Growth.of(core, steps)
     free = core.pool.free_blocks
-    needed = 0
-    for j, _, kind, count in events:
-        if kind == _GROW:
-            needed += count
-            if needed > free:
-                steps = min(steps, j)  # that step preempts: leave it to `schedule`
-                break
+    if growth.blocks > free:
+        steps = min(steps, growth.step_of(free))  # that step preempts: leave it to `schedule`
+        growth = _Growth.of(core, steps)
     if steps < min_steps:
         return None
-    _apply(core, events, steps, ends, energies_j)
+    _apply(core, growth, steps, ends, energies_j)
     return DecodeRun(sequences=list(running), end_times_s=ends[1 : steps + 1])
+
+
+@dataclass(frozen=True, slots=True)
+class _Growth:
+    """The blocks a run's sequences grow by, found without listing its steps: a decoding
+    sequence holding `b` blocks for `c` computed tokens needs a new block at steps
+    `b * size - c`, then every `size` steps, up to what its last token needs."""
+
+    counts: list[int]  # new blocks per sequence, in running order
+    steps: np.ndarray  # the step each new block is needed at, sequence by sequence
+
+    @property
+    def blocks(self) -> int:
+        return len(self.steps)
+
+    @classmethod
+    def of(cls, core: EngineCore, steps: int) -> _Growth:
+        size = core.config.block_size
+        counts, firsts = [], []
+        for seq in core.running:
+            c, b = seq.computed, seq.blocks
+            counts.append(max(0, blocks_for(min(c + steps, seq.max_kv_tokens), size) - b))
+            firsts.append(b * size - c)  # blocks hold all computed tokens: never negative
+        counts_a = np.asarray(counts)
+        total = int(counts_a.sum())
+        starts = np.cumsum(counts_a) - counts_a
+        within = np.arange(total) - np.repeat(starts, counts_a)
+        return cls(counts, np.repeat(np.asarray(firsts), counts_a) + within * size)
+
+    def step_of(self, block: int) -> int:
+        """The step that needs the run's `block`-th new block (0-based, in step order)."""
+        return int(np.partition(self.steps, block)[block])
+
+    def allocation_order(self) -> np.ndarray:
+        """Each new block's place among the run's allocations: step by step, and within a
+        step in running order, as `schedule` would ask for them."""
+        owners = np.repeat(np.arange(len(self.counts)), self.counts)
+        ranks = np.empty(self.blocks, np.int64)
+        ranks[np.lexsort((owners, self.steps))] = np.arange(self.blocks)
+        return ranks
 
 
 def _timeline(
@@ -155,60 +191,53 @@ def _kv_events(core: EngineCore, steps: int) -> list[tuple[int, int, int, int]]:
     return events
 
 
-def _kv_in_bulk(core: EngineCore, events: list[tuple[int, int, int, int]]) -> bool:
-    """Apply the run's KV events with one allocation and one cache call per sequence,
+def _kv_in_bulk(core: EngineCore, growth: _Growth, steps: int) -> bool:
+    """Apply the run's KV changes with one allocation and one cache call per sequence,
     when that ends as taking them one by one would; else change nothing, return False.
 
     Equal when nobody watches the events' order, and none of the blocks the run fills is
     cached already (by another block, or by another sequence in the run): then evicting
     before caching can change no duplicate check, and the blocks handed out are the same
-    ones in the same order (allocation order is the events' order)."""
+    ones in the same order (`_Growth.allocation_order`). A sequence's last cached block
+    after the run is the last its tokens fill."""
     pool = core.pool
     if pool.has_subscribers:
         return False
-    running = core.running
     size = core.config.block_size
-    cache_to: dict[int, int] = {}
-    grows: list[tuple[int, int]] = []
-    for _, i, kind, count in events:
-        if kind == _GROW:
-            grows.append((i, count))
-        else:
-            cache_to[i] = count
-    fresh = []
-    for i, full in cache_to.items():
-        seq = running[i]
-        hashes = extend_block_hashes(seq.block_hashes, full, size, seq.token_ids)
-        fresh += hashes[seq.cached_blocks : full]
-    if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):
-        return False
-    new = pool.allocate(sum(count for _, count in grows)) if grows else []
-    at = 0
-    for i, count in grows:
-        seq = running[i]
-        seq.block_ids += new[at : at + count]
-        seq.blocks += count
-        at += count
-    for i, full in cache_to.items():
-        core._cache(running[i], full)
+    cache_to = []
+    if core.config.enable_prefix_caching:
+        fresh = []
+        for seq in core.running:
+            full = (seq.computed + steps) // size
+            if full > seq.cached_blocks:
+                hashes = extend_block_hashes(seq.block_hashes, full, size, seq.token_ids)
+                fresh += hashes[seq.cached_blocks : full]
+                cache_to.append((seq, full))
+        if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):
+            return False
+    if growth.blocks:
+        new = np.asarray(pool.allocate(growth.blocks))[growth.allocation_order()].tolist()
+        at = 0
+        for seq, count in zip(core.running, growth.counts, strict=True):
+            if count:
+                seq.block_ids += new[at : at + count]
+                seq.blocks += count
+                at += count
+    for seq, full in cache_to:
+        core._cache(seq, full)
     return True
 
 
 def _apply(
-    core: EngineCore,
-    events: list[tuple[int, int, int, int]],
-    steps: int,
-    ends: list[float],
-    energies_j: list[float],
+    core: EngineCore, growth: _Growth, steps: int, ends: list[float], energies_j: list[float]
 ) -> None:
     running = core.running
     n = len(running)
     for seq in running:
         seq.output_ids.extend(seq.tokens.next_each(steps))
-    taken = list(itertools.takewhile(lambda e: e[0] < steps, events))
-    if not _kv_in_bulk(core, taken):
+    if not _kv_in_bulk(core, growth, steps):
         pool = core.pool
-        for _, i, kind, count in taken:
+        for _, i, kind, count in _kv_events(core, steps):
             seq = running[i]
             if kind == _GROW:
                 seq.block_ids += pool.allocate(count)
