@@ -40,6 +40,7 @@ class Bound(Enum):
 
 
 _BOUNDS = (Bound.MEMORY, Bound.COMPUTE, Bound.LATENCY, Bound.INTERCONNECT)
+_GEMM_MEMO = 4096  # (tokens, logits) pairs remembered; cleared when full
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class StepModel:
         self._io = hw.external_io
         self._resident_pj = res.energy_pj_per_bit
         self._static_w = hw.static_w * d.devices
+        self._gemm_memo: dict[tuple[float, float], tuple[Number, ...]] = {}
 
     def step_cost(self, batch: Batch) -> StepCost:
         """Cost of one engine step (the engine's hot path)."""
@@ -263,17 +265,10 @@ class StepModel:
                 / self._linear_flops_per_s
             )
 
-        gemm_mem_s, gemm_comp_s, gemm_s = expert_mem_s, expert_comp_s, 0.0 * w.tokens
-        split_s = 0.0 * w.tokens  # reduction passes of split-K GEMMs: fixed kernel time
+        gemm_mem_s, gemm_comp_s, gemm_s, split_s = self._dense_gemms(w.tokens, w.logits)
+        gemm_mem_s = gemm_mem_s + expert_mem_s
+        gemm_comp_s = gemm_comp_s + expert_comp_s
         gemm_s = gemm_s + combine_s(0.0, expert_mem_s, expert_comp_s, self._overlap, 0.0)
-        for g, mem_s in self._gemms:
-            rows = w.logits if g.head else w.tokens
-            comp_s = self._gemm_compute_s(rows, g)
-            if self._tiling is not None and self._split_k_s:
-                split_s = split_s + self._split_k_s * split_k_gemms(rows, g, self._tiling)
-            gemm_mem_s = gemm_mem_s + mem_s
-            gemm_comp_s = gemm_comp_s + comp_s
-            gemm_s = gemm_s + combine_s(0.0, mem_s, comp_s, self._overlap, 0.0)
 
         layer_kv = self._kv_layer_bytes
         decode_kv = layer_kv * (
@@ -347,6 +342,30 @@ class StepModel:
             "energy_j": energy_j,
             "tokens": w.tokens,
         }
+
+    def _dense_gemms(self, tokens: Number, logits: Number) -> tuple[Number, ...]:
+        """The dense GEMMs' memory, compute and combined seconds, and split-K reduction
+        seconds. They depend on the step's token and logit counts alone, which repeat from
+        step to step: a step's are remembered (the engine's hot path), not recomputed."""
+        scalar = type(tokens) is float and type(logits) is float
+        if scalar and (hit := self._gemm_memo.get((tokens, logits))) is not None:
+            return hit
+        gemm_mem_s, gemm_comp_s, gemm_s = 0.0, 0.0 * tokens, 0.0 * tokens
+        split_s = 0.0 * tokens  # reduction passes of split-K GEMMs: fixed kernel time
+        for g, mem_s in self._gemms:
+            rows = logits if g.head else tokens
+            comp_s = self._gemm_compute_s(rows, g)
+            if self._tiling is not None and self._split_k_s:
+                split_s = split_s + self._split_k_s * split_k_gemms(rows, g, self._tiling)
+            gemm_mem_s = gemm_mem_s + mem_s
+            gemm_comp_s = gemm_comp_s + comp_s
+            gemm_s = gemm_s + combine_s(0.0, mem_s, comp_s, self._overlap, 0.0)
+        terms = (gemm_mem_s, gemm_comp_s, gemm_s, split_s)
+        if scalar:
+            if len(self._gemm_memo) >= _GEMM_MEMO:
+                self._gemm_memo.clear()
+            self._gemm_memo[tokens, logits] = terms
+        return terms
 
     def _gemm_compute_s(self, rows: Number, g: Gemm) -> Number:
         """Wave-quantised on a GPU; plain FLOPs over the usable peak on a dataflow device."""
