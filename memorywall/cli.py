@@ -530,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     from memorywall.simulate_pd import add_arguments as add_pd_arguments
 
     add_pd_arguments(p)
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="levels simulated at once, each in its own process (same results; default 1)",
+    )
     p.set_defaults(func=_cmd_simulate, label="sim")
 
     p = sub.add_parser(

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 from memorywall.core import Deployment
-from memorywall.loadgen.bench import levels, machine, write_level
+from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
@@ -31,17 +34,11 @@ def run(
 ) -> int:
     """Simulate every level (on the split `fleet` when one is given, `simulate_pd`); raises
     `loadgen.cli.BenchError` for bad load options."""
-    from memorywall.simulate_pd import simulate_pd_level
-
     workload, slo = workload_from_args(args)
     target = deployment.describe() if fleet is None else fleet.describe()
     config = sweep_config(args, workload, slo, target=target)
     runs = []
-    for level in levels(config):
-        if fleet is None:
-            lr = simulate_level(deployment, engine_config, config, level)
-        else:
-            lr = simulate_pd_level(fleet, config, level)
+    for lr in level_runs(deployment, engine_config, config, fleet, jobs=args.jobs):
         runs.append(lr)
         print(format_result(lr.result), flush=True)
         print(f"  {speed_line(lr)}", flush=True)
@@ -53,6 +50,51 @@ def run(
         (args.out / WALL_TIME).write_text(json.dumps(wall_report(runs), indent=2))
         print(f"wrote {args.out}/")
     return 0
+
+
+def level_runs(
+    deployment: Deployment,
+    engine_config: EngineConfig,
+    config: BenchConfig,
+    fleet: PdFleet | None,
+    *,
+    jobs: int = 1,
+) -> Iterator[LevelRun]:
+    """Each level's run, in level order. With `jobs` > 1 that many levels run at once, each
+    in its own process: a level's engine, clock and seed are its own, so the results are
+    the ones one process gives; only the host time each level took differs."""
+    todo = levels(config)
+    jobs = min(jobs, len(todo))
+    if jobs <= 1:
+        for level in todo:
+            yield simulate_one(deployment, engine_config, config, level, fleet)
+        return
+    # spawn, not fork: a child starts clean instead of inheriting this process's threads.
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [
+            pool.submit(simulate_one, deployment, engine_config, config, level, fleet)
+            for level in todo
+        ]
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def simulate_one(
+    deployment: Deployment,
+    engine_config: EngineConfig,
+    config: BenchConfig,
+    level: Level,
+    fleet: PdFleet | None,
+) -> LevelRun:
+    """One level, on `fleet` when given, else on `deployment`."""
+    if fleet is None:
+        return simulate_level(deployment, engine_config, config, level)
+    from memorywall.simulate_pd import simulate_pd_level
+
+    return simulate_pd_level(fleet, config, level)
 
 
 def speed_line(lr: LevelRun) -> str:

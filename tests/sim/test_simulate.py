@@ -75,6 +75,21 @@ def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
     )
 
 
+def test_jobs_simulate_levels_in_processes_with_the_same_files(tmp_path: Path) -> None:
+    argv = ["--concurrency", "1,4,16", "--num-prompts", "12", *SMALL]
+    one = simulate(tmp_path / "one", *argv)
+    two = simulate(tmp_path / "two", *argv, "--jobs", "2")
+    assert [r["level"] for r in two] == ["c1", "c4", "c16"]
+    assert one == two
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix in (".json", ".jsonl"))
+    names.remove("wall_time.json")
+    assert len(names) == 7  # 3 levels x (result, records) + summary
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    wall = json.loads((tmp_path / "two" / "wall_time.json").read_text())
+    assert [lv["level"] for lv in wall["levels"]] == ["c1", "c4", "c16"]
+
+
 def deployment():
     return plan_deployment(load_hardware("wse-3"), load_model("llama-3.1-8b"))
 
@@ -193,6 +208,7 @@ BAD = {
     "zero seqs": [*WSE, "--max-num-seqs", "0"],
     "bad precision": [*WSE, "--weight-precision", "fp3"],
     "bench-only flag": [*WSE, "--target", "127.0.0.1:1"],
+    "zero jobs": [*WSE, "--jobs", "0"],
 }
 
 
