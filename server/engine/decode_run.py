@@ -31,7 +31,7 @@ from memorywall.core import Batch
 from memorywall.server.engine.kv import blocks_for, extend_block_hashes
 from memorywall.server.engine.scheduler import EngineCore, Sequence, StepCostModel
 
-# A run has a fixed cost (costing its steps, listing KV events) of about two normal steps of
+# A run has a fixed cost (costing its steps, counting its KV blocks) of about two normal steps of
 # a small batch; a normal step costs more per sequence, so a big batch gains from one step.
 MIN_STEPS = 2
 BIG_BATCH = 8  # from this many sequences a run of one step pays
@@ -119,12 +119,15 @@ class _Growth:
         """The step that needs the run's `block`-th new block (0-based, in step order)."""
         return int(np.partition(self.steps, block)[block])
 
+    def owners(self) -> np.ndarray:
+        """Each new block's sequence, as its position in the batch."""
+        return np.repeat(np.arange(len(self.counts)), self.counts)
+
     def allocation_order(self) -> np.ndarray:
         """Each new block's place among the run's allocations: step by step, and within a
         step in running order, as `schedule` would ask for them."""
-        owners = np.repeat(np.arange(len(self.counts)), self.counts)
         ranks = np.empty(self.blocks, np.int64)
-        ranks[np.lexsort((owners, self.steps))] = np.arange(self.blocks)
+        ranks[np.lexsort((self.owners(), self.steps))] = np.arange(self.blocks)
         return ranks
 
 
@@ -163,25 +166,16 @@ def _costs(model: StepCostModel, contexts: list[int], steps: int) -> tuple[list,
 _GROW, _CACHE = 0, 1
 
 
-def _kv_events(core: EngineCore, steps: int) -> list[tuple[int, int, int, int]]:
+def _kv_events(core: EngineCore, growth: _Growth, steps: int) -> list[tuple[int, int, int, int]]:
     """(step, position in the batch, grow or cache, blocks) in the order `schedule` meets
-    them: a sequence grows by a block when its next token passes its blocks' end, and
-    offers a block to the prefix cache the step that fills it."""
-    size = core.config.block_size
-    caching = core.config.enable_prefix_caching
-    events = []
-    for i, seq in enumerate(core.running):
-        c, blocks = seq.computed, seq.blocks
-        j = max(0, blocks * size - c)
-        while j < steps:
-            need = blocks_for(min(c + j + 1, seq.max_kv_tokens), size) - blocks
-            if need <= 0:
-                break
-            events.append((j, i, _GROW, need))
-            blocks += need
-            j = blocks * size - c
-        if caching:
-            cached = seq.cached_blocks
+    them: the run's new blocks one at a time, and a block offered to the prefix cache the
+    step that fills it."""
+    grows = zip(growth.steps.tolist(), growth.owners().tolist(), strict=True)
+    events = [(j, i, _GROW, 1) for j, i in grows]
+    if core.config.enable_prefix_caching:
+        size = core.config.block_size
+        for i, seq in enumerate(core.running):
+            c, cached = seq.computed, seq.cached_blocks
             j = max(0, (cached + 1) * size - c - 1)
             while j < steps:
                 cached = (c + j + 1) // size
@@ -237,7 +231,7 @@ def _apply(
         seq.output_ids.extend(seq.tokens.next_each(steps))
     if not _kv_in_bulk(core, growth, steps):
         pool = core.pool
-        for _, i, kind, count in _kv_events(core, steps):
+        for _, i, kind, count in _kv_events(core, growth, steps):
             seq = running[i]
             if kind == _GROW:
                 seq.block_ids += pool.allocate(count)
