@@ -21,8 +21,8 @@ from benchmarks._serve import scrape
 from memorywall.core import Batch, PrefillChunk, StepModel, load_hardware, load_model
 from memorywall.core import plan_deployment as plan
 from memorywall.core.kv_transfer import kv_link, kv_transfer
-from memorywall.fleet import FleetReady, find_smg, in_background
-from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
+from memorywall.fleet.runner import FleetReady, find_smg, in_background
+from memorywall.fleet.spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.target import Backend

@@ -24,9 +24,9 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks._serve import scrape
-from memorywall.fleet import find_smg, in_background
-from memorywall.fleet_faults import WorkerAction, WorkerFault
-from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
+from memorywall.fleet.faults import WorkerAction, WorkerFault
+from memorywall.fleet.runner import find_smg, in_background
+from memorywall.fleet.spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.target import Backend
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gateway_study [--out docs/gateway.md]
 
-Starts fleets (`memorywall.fleet`) of emulated Llama 3.1 8B workers behind smg and drives
+Starts fleets (`memorywall.fleet.runner`) of emulated Llama 3.1 8B workers behind smg and drives
 them with `memorywall bench`'s closed loop over the OpenAI chat API:
 
 1. Routing policies (round_robin, power_of_two, cache_aware) on three h100-sxm workers with
@@ -37,8 +37,8 @@ from memorywall.core import (
     load_model,
     plan_deployment,
 )
-from memorywall.fleet import FleetReady, find_smg, in_background
-from memorywall.fleet_spec import FleetSpec, GatewaySpec, WorkerSpec
+from memorywall.fleet.runner import FleetReady, find_smg, in_background
+from memorywall.fleet.spec import FleetSpec, GatewaySpec, WorkerSpec
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
 from memorywall.loadgen.target import Backend

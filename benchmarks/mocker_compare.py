@@ -67,7 +67,7 @@ from pathlib import Path
 from benchmarks._serve import serving
 from benchmarks.message_cost import cpu_s
 from benchmarks.sim_vs_live import host_stall_s, quiet
-from memorywall.fleet import free_port
+from memorywall.fleet.runner import free_port
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.target import Backend

@@ -20,7 +20,7 @@ Rows with `fit = true` set the wafer's latency constants: ~0% error by construct
 Nothing here is tuned to shrink an error.
 
 Rows measured under load (concurrency > 1) are also run on the serving engine
-itself, offline (`memorywall.simulate`): a closed loop of that many users on
+itself, offline (`memorywall.sim.simulate`): a closed loop of that many users on
 the row's deployment, so queueing for KV space and prefills sharing steps with
 decodes come from the engine's own schedule, not from a formula. `--no-simulate`
 leaves that column out.
@@ -69,7 +69,7 @@ def _simulate_load(key: tuple) -> Simulated:
     from memorywall.loadgen.bench import BenchConfig, Level
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
     from memorywall.server.engine.scheduler import EngineConfig
-    from memorywall.simulate import simulate_level
+    from memorywall.sim.simulate import simulate_level
 
     row = dict(key)
     users = row["concurrency"]

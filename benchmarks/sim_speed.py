@@ -31,7 +31,7 @@ from memorywall.loadgen.workload import Fixed, SyntheticWorkload, Uniform
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import OfflineEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
-from memorywall.simulate import LevelRun, simulate_level
+from memorywall.sim.simulate import LevelRun, simulate_level
 
 MODEL = "llama-3.1-8b"
 HARDWARE = ("h100-sxm", "wse-3")

@@ -4,7 +4,7 @@
 
 For Llama 3.1 8B, Llama 3.1 70B and gpt-oss-120b (MoE) on wse-3, h100-sxm and
 b200 (device counts from the core), the primary figures come from the offline
-simulator (`memorywall.simulate`: the serving engine on a virtual clock, exact,
+simulator (`memorywall.sim.simulate`: the serving engine on a virtual clock, exact,
 no client to fall behind): closed-loop users 1 to 1,024. A few levels also run
 live (`memorywall serve` + `memorywall bench`) as a spot check, each beside the
 simulation of the same workload and seed, with the error between them. Then
@@ -29,10 +29,10 @@ from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, levels, machine, run_level
 from memorywall.loadgen.slo import parse_slo
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload, TraceWorkload
-from memorywall.plan import LoadKind, Query, Space, plan
-from memorywall.plan_report import as_json, pareto_plot
+from memorywall.plan.planner import LoadKind, Query, Space, plan
+from memorywall.plan.report import as_json, pareto_plot
 from memorywall.server.engine.scheduler import EngineConfig
-from memorywall.simulate import simulate_level
+from memorywall.sim.simulate import simulate_level
 
 MODELS = study_report.MODELS
 BACKENDS = tuple(study_report.BACKEND_COLOURS)

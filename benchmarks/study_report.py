@@ -107,7 +107,7 @@ def _header(data: dict, folder: str) -> list[str]:
         f"live spot checks {t['live_s']:.0f} s, planner {t['plan_s']:.0f} s).",
         "",
         "**The serving figures are simulated**: the engine `memorywall serve` runs, driven "
-        "on a virtual clock by `memorywall.simulate` and timed by the performance core. "
+        "on a virtual clock by `memorywall.sim.simulate` and timed by the performance core. "
         "The simulation is exact (no client to fall behind, no level marked suspect) and "
         f"reaches {max(c['users']):,} users on one host; a few levels also ran live against "
         "`memorywall serve` as a spot check, with their error below. Nothing is typed in by "

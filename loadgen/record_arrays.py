@@ -3,7 +3,7 @@ record at once: one pass over the records per field is cheap, where a pass per r
 through every metric cost more than all of their statistics together.
 
 A client's records hold lists of message times; the simulator's hold slices of one int64
-array (`memorywall.simulate.make_records`). Both read the same way here.
+array (`memorywall.sim.simulate.make_records`). Both read the same way here.
 """
 
 from __future__ import annotations

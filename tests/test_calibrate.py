@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memorywall.calibrate import calibrate
+from memorywall.calibrate.fit import calibrate
 from memorywall.cli import main
 from memorywall.core import (
     Batch,
@@ -81,7 +81,7 @@ def test_recovers_known_constants_from_step_times(tmp_path):
 def test_recovers_known_constants_from_replayed_bench_results(tmp_path):
     from memorywall.loadgen.bench import BenchConfig, Level
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
-    from memorywall.simulate import simulate_level
+    from memorywall.sim.simulate import simulate_level
 
     files = []
     for c in (1, 8):

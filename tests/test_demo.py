@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from memorywall import demo, demo_report
 from memorywall.cli import main
 from memorywall.client import Client
+from memorywall.demo import report as demo_report
+from memorywall.demo import runner as demo
 from memorywall.loadgen.bench import stall_doubt
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from memorywall import fleet, fleet_spec, ready
+from memorywall import ready
 from memorywall.cli import main
 from memorywall.client import Client
 from memorywall.errors import ConfigError
+from memorywall.fleet import runner as fleet
+from memorywall.fleet import spec as fleet_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from memorywall import fleet, fleet_spec
 from memorywall.client import Client
 from memorywall.errors import ConfigError
-from memorywall.fleet_faults import WorkerAction, WorkerFault
+from memorywall.fleet import runner as fleet
+from memorywall.fleet import spec as fleet_spec
+from memorywall.fleet.faults import WorkerAction, WorkerFault
 
 WORKER = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}
 TIMEOUT_S = 60.0

@@ -19,7 +19,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
 from test_fleet import _Running, _wait_gone
 
-from memorywall import fleet, fleet_spec, ready
+from memorywall import ready
 from memorywall.core import (
     Batch,
     PrefillChunk,
@@ -30,6 +30,8 @@ from memorywall.core import (
 )
 from memorywall.core.kv_transfer import kv_link, kv_transfer
 from memorywall.errors import ConfigError
+from memorywall.fleet import runner as fleet
+from memorywall.fleet import spec as fleet_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b"

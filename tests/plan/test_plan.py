@@ -11,10 +11,10 @@ import pytest
 from memorywall.core import Precision, load_hardware, load_model, plan_deployment, predict
 from memorywall.loadgen.slo import Slo
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload
-from memorywall.plan import LoadKind, Query, Space, Status, plan
-from memorywall.plan_report import as_json, pareto_plot, table
-from memorywall.plan_search import Trial, kept_up, search_load
-from memorywall.plan_space import candidates, layouts
+from memorywall.plan.planner import LoadKind, Query, Space, Status, plan
+from memorywall.plan.report import as_json, pareto_plot, table
+from memorywall.plan.search import Trial, kept_up, search_load
+from memorywall.plan.space import candidates, layouts
 
 PROMPT, OUTPUT = 64, 16
 

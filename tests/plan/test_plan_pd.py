@@ -23,8 +23,8 @@ from memorywall.core import (
 from memorywall.core.kv_transfer import kv_link, kv_transfer
 from memorywall.loadgen.slo import Slo
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload
-from memorywall.plan import LoadKind, PdSpace, Query, Space, Status, plan
-from memorywall.plan_report import as_json, table
+from memorywall.plan.planner import LoadKind, PdSpace, Query, Space, Status, plan
+from memorywall.plan.report import as_json, table
 
 PROMPT, OUTPUT = 64, 16
 SPLIT = "PD h100-sxm->wse-3"

@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from memorywall.cli.serve_options import add_arguments, server_options
 from memorywall.client import AsyncClient, Client, Tls, Unauthenticated, Unavailable
 from memorywall.errors import ConfigError
 from memorywall.loadgen.cli import grpc_server_facts, openai_server_facts
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Access, Backend, TargetConfig, make_target
-from memorywall.serve_options import add_arguments, server_options
 from memorywall.server.app import EmulatorServer, ServerConfig, exposure_risk
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.fronts.auth import bearer_matches

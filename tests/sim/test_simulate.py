@@ -25,7 +25,7 @@ from memorywall.loadgen.workload import (
     Uniform,
 )
 from memorywall.server.engine.scheduler import EngineConfig
-from memorywall.simulate import simulate_level
+from memorywall.sim.simulate import simulate_level
 
 WSE = ["--hardware", "wse-3", "--model", "llama-3.1-8b"]
 SMALL = ["--input-len", "64", "--output-len", "16"]

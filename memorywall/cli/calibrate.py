@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from memorywall.argtypes import nonnegative_int
-from memorywall.calibrate import MIN_FIT, CalibrateError, calibrate, error_table, profile_toml
+from memorywall.calibrate.fit import MIN_FIT, CalibrateError, calibrate, error_table, profile_toml
 from memorywall.core import Deployment
 from memorywall.server.engine.scheduler import EngineConfig
 

@@ -25,7 +25,7 @@ from memorywall.errors import MemorywallError
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
 from memorywall.server.engine.scheduler import EngineConfig
-from memorywall.simulate import LevelRun, simulate_level
+from memorywall.sim.simulate import LevelRun, simulate_level
 
 
 @dataclass(frozen=True, kw_only=True)

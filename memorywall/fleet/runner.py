@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from memorywall.errors import ConfigError
-from memorywall.fleet_faults import FaultSchedule
-from memorywall.fleet_spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
+from memorywall.fleet.faults import FaultSchedule
+from memorywall.fleet.spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
 from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "in_background", "load_spec", "run"]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memorywall.argtypes import nonnegative_int, number, number_list, positive_float, positive_int
+from memorywall.cli.pd_options import add_link_arguments
 from memorywall.core import Placement, Precision, load_hardware, load_model
-from memorywall.pd_options import add_link_arguments
 
 if TYPE_CHECKING:
-    from memorywall.plan import PdSpace, Query, Space
+    from memorywall.plan.planner import PdSpace, Query, Space
 
 DEFAULT_HARDWARE = "wse-3,h100-sxm,h200,b200"
 PLAN_JSON, PARETO_PNG = "plan.json", "pareto.png"
@@ -141,7 +141,7 @@ def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
     from memorywall.loadgen.cli import BenchError, workload_from_args
     from memorywall.loadgen.slo import Slo, parse_slo
     from memorywall.loadgen.workload import TraceWorkload
-    from memorywall.plan import LoadKind, Query, Space
+    from memorywall.plan.planner import LoadKind, Query, Space
 
     try:
         if args.slo is not None and not args.slo.strip():
@@ -197,7 +197,7 @@ def pd_space(args: argparse.Namespace, space: Space) -> PdSpace | None:
     without a GPU and a wafer to split across (and the core's `ConfigError` for a bad
     `--kv-link`)."""
     from memorywall.core.kv_transfer import LinkKind, parse_link
-    from memorywall.plan import PdSpace
+    from memorywall.plan.planner import PdSpace
 
     if not args.pd:
         return None
@@ -226,8 +226,8 @@ def _load(args: argparse.Namespace) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from memorywall.loadgen.runner import progress_printer
-    from memorywall.plan import plan
-    from memorywall.plan_report import as_json, pareto_plot, summary, table
+    from memorywall.plan.planner import plan
+    from memorywall.plan.report import as_json, pareto_plot, summary, table
 
     query, space = query_and_space(args)
     pd = pd_space(args, space)

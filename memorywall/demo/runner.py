@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from memorywall.core import load_hardware, load_model, plan_deployment
-from memorywall.demo_report import hints, table, users_text
+from memorywall.demo.report import hints, table, users_text
 from memorywall.errors import ConfigError, MemorywallError
 from memorywall.ready import ReadyError, ServerReady, poll
 
@@ -221,7 +221,7 @@ def _simulated(server: _Server, ready: ServerReady, bench: BenchConfig, users: i
     what the emulator should deliver when its host keeps up."""
     from memorywall.loadgen.bench import Level
     from memorywall.server.engine.scheduler import EngineConfig
-    from memorywall.simulate import simulate_level
+    from memorywall.sim.simulate import simulate_level
 
     deployment = plan_deployment(
         load_hardware(server.hardware), load_model(ready.model), devices=ready.devices

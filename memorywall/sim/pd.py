@@ -4,7 +4,7 @@ With `--prefill-hardware`, the deployment that `--hardware`/`--model`/`--devices
 becomes the decode pool (`--decode-workers` of it) and `--prefill-workers` workers of
 `--prefill-hardware` x `--prefill-devices` prefill for it, the KV crossing `--kv-link`.
 Each level runs on `server.pd.cosim.PdOfflineEngine`, released by the same rules as
-an aggregated level (`memorywall.simulate`), and writes the same result files. Transfers
+an aggregated level (`memorywall.sim.simulate`), and writes the same result files. Transfers
 at once share the link (a prefill worker's egress, a decode worker's ingress) as the
 live workers book them, and a prefill worker holds a prompt's KV until it has landed.
 """
@@ -15,17 +15,17 @@ import argparse
 from collections.abc import Callable
 
 from memorywall.argtypes import positive_int
+from memorywall.cli.pd_options import add_link_arguments
 from memorywall.core import load_hardware, plan_deployment
 from memorywall.core.deployment import Deployment
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts
-from memorywall.pd_options import add_link_arguments
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet
 
 # The bench runner's release rules, as an aggregated simulation applies them: one way.
-from memorywall.simulate import LevelRun, drive_level
+from memorywall.sim.simulate import LevelRun, drive_level
 
 __all__ = ["add_arguments", "fleet_from_args", "simulate_pd_level"]
 

@@ -3,7 +3,7 @@
 For each GPU profile and wafer profile searched, each weight precision and wafer
 placement, `x` prefill workers (`PdSpace.prefill_workers`) of the fewest GPUs that
 hold the model feed `y` decode workers of the fewest wafers, and each candidate
-runs on the offline split fleet (`memorywall.simulate_pd`: the live halves'
+runs on the offline split fleet (`memorywall.sim.pd`: the live halves'
 timeline, the link shared by transfers at once) under the same load search and
 SLO as aggregated ones. Its devices and power count both pools.
 """
@@ -31,11 +31,11 @@ from memorywall.core.kv_transfer import LinkKind, kv_link, kv_transfer
 from memorywall.errors import MemorywallError
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
-from memorywall.plan_space import Estimate, Skipped, Space
+from memorywall.plan.space import Estimate, Skipped, Space
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
-from memorywall.simulate import LevelRun
-from memorywall.simulate_pd import simulate_pd_level
+from memorywall.sim.pd import simulate_pd_level
+from memorywall.sim.simulate import LevelRun
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,8 +13,16 @@ from memorywall.core import Deployment
 from memorywall.core.kv_transfer import LinkKind, kv_link
 from memorywall.loadgen.plots import plain, plain_log_axis
 from memorywall.loadgen.workload import SyntheticWorkload, Workload
-from memorywall.plan import Evaluation, LoadKind, PdCandidate, PdSpace, PlanResult, Status, Trial
-from memorywall.plan_space import Candidate
+from memorywall.plan.planner import (
+    Evaluation,
+    LoadKind,
+    PdCandidate,
+    PdSpace,
+    PlanResult,
+    Status,
+    Trial,
+)
+from memorywall.plan.space import Candidate
 
 LOAD_UNITS = {LoadKind.RATE: "req/s", LoadKind.USERS: "users"}
 

@@ -20,7 +20,7 @@ from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_
 from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
-from memorywall.simulate import LevelRun, simulate_level
+from memorywall.sim.simulate import LevelRun, simulate_level
 
 WALL_TIME = "wall_time.json"
 
@@ -92,7 +92,7 @@ def simulate_one(
     """One level, on `fleet` when given, else on `deployment`."""
     if fleet is None:
         return simulate_level(deployment, engine_config, config, level)
-    from memorywall.simulate_pd import simulate_pd_level
+    from memorywall.sim.pd import simulate_pd_level
 
     return simulate_pd_level(fleet, config, level)
 

@@ -9,7 +9,7 @@ Observations come from two kinds of file:
   writes too): `mean_ttft_ms`, `mean_tpot_ms`, `completed`,
   `total_input_tokens`, `total_output_tokens`, and `max_concurrency` (closed
   loop) or `request_rate` (open loop). Each load level is replayed on the
-  serving engine, offline (`memorywall.simulate`), with its mean prompt and
+  serving engine, offline (`memorywall.sim.simulate`), with its mean prompt and
   output lengths, and its mean TTFT and TPOT compared.
 
 Three constants are fitted, the ones such data identify: `weight_read` (how
@@ -204,7 +204,7 @@ def predictor(
     from memorywall.loadgen.bench import BenchConfig
     from memorywall.loadgen.bench import Level as BenchLevel
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
-    from memorywall.simulate import simulate_level
+    from memorywall.sim.simulate import simulate_level
 
     def predict(hardware: Hardware) -> np.ndarray:
         d = replace(deployment, hardware=hardware)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memorywall import pd_options, serve_options
 from memorywall.argtypes import (
     fraction,
     nonnegative_int,
@@ -22,6 +21,7 @@ from memorywall.argtypes import (
     positive_float,
     positive_int,
 )
+from memorywall.cli import pd_options, serve_options
 from memorywall.core import (
     Placement,
     Precision,
@@ -170,14 +170,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
     # Imported here: only `fleet` starts processes.
-    from memorywall.fleet import load_spec, run
+    from memorywall.fleet.runner import load_spec, run
 
     return run(load_spec(args.spec), args.log_dir, ready_file=args.ready_file)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     # Imported here: only `demo` starts servers and the load generator.
-    from memorywall.demo import DemoConfig, run
+    from memorywall.demo.runner import DemoConfig, run
 
     config = DemoConfig(
         hardware=tuple(h for h in args.hardware.split(",") if h),
@@ -201,9 +201,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from memorywall.cli.simulate import run
     from memorywall.loadgen.cli import BenchError
-    from memorywall.simulate_cli import run
-    from memorywall.simulate_pd import fleet_from_args
+    from memorywall.sim.pd import fleet_from_args
 
     deployment, engine_config = deployment_from_args(args), engine_config_from_args(args)
     try:
@@ -214,7 +214,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from memorywall.calibrate_cli import CalibrateError, run
+    from memorywall.cli.calibrate import CalibrateError, run
 
     try:
         return run(args, deployment_from_args(args), engine_config_from_args(args))
@@ -223,7 +223,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memorywall.plan_cli import PlanError, run
+    from memorywall.cli.plan import PlanError, run
 
     try:
         return run(args)
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd_options.add_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
-    from memorywall import demo
+    from memorywall.demo import runner as demo
 
     p = sub.add_parser(
         "demo",
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     from memorywall.loadgen.options import add_load_arguments
 
     add_load_arguments(p)
-    from memorywall.simulate_pd import add_arguments as add_pd_arguments
+    from memorywall.sim.pd import add_arguments as add_pd_arguments
 
     add_pd_arguments(p)
     p.add_argument(
@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_deployment_arguments(p)
     add_engine_arguments(p)
-    from memorywall.calibrate_cli import add_arguments as add_calibrate_arguments
+    from memorywall.cli.calibrate import add_arguments as add_calibrate_arguments
 
     add_calibrate_arguments(p)
     p.set_defaults(func=_cmd_calibrate)
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="cheapest deployment per backend that holds a latency SLO (simulated search)",
     )
-    from memorywall.plan_cli import add_arguments as add_plan_arguments
+    from memorywall.cli.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(p)
     p.set_defaults(func=_cmd_plan)

@@ -12,7 +12,7 @@ from memorywall.core import load_hardware, load_model
 from memorywall.core._toml import load_toml
 from memorywall.core.kv_transfer import parse_link
 from memorywall.errors import ConfigError, MemorywallError
-from memorywall.fleet_faults import WorkerFault, parse_faults
+from memorywall.fleet.faults import WorkerFault, parse_faults
 
 # smg 1.13's --policy choices.
 POLICIES = (

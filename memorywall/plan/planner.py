@@ -2,7 +2,7 @@
 
 For one model and workload, every candidate deployment (device count, tensor and
 pipeline split, weight precision, resident or streamed weights, the engine's batch
-limit) on each hardware profile is run on the offline simulator (`memorywall.simulate`,
+limit) on each hardware profile is run on the offline simulator (`memorywall.sim.simulate`,
 the engine that serves live) at rising load, to find the highest load at which the
 SLO's bounds hold at the 99th percentile (and, open loop, the queue is not still
 growing at the end of the run: a finite run can end before an overload's queue breaks
@@ -43,10 +43,10 @@ from memorywall.errors import ConfigError
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
 from memorywall.loadgen.workload import Workload
-from memorywall.plan_pd import PdCandidate, PdSpace, backend, pd_candidates
-from memorywall.plan_search import SATURATED_GAIN, Trial, in_flight, kept_up, search_load, slo_holds
-from memorywall.plan_space import Candidate, Estimate, Skipped, Space, candidates
-from memorywall.simulate import LevelRun
+from memorywall.plan.pd import PdCandidate, PdSpace, backend, pd_candidates
+from memorywall.plan.search import SATURATED_GAIN, Trial, in_flight, kept_up, search_load, slo_holds
+from memorywall.plan.space import Candidate, Estimate, Skipped, Space, candidates
+from memorywall.sim.simulate import LevelRun
 
 __all__ = [
     "Candidate",
