@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from memorywall import ready
-from memorywall.cli import _compare_parser, build_parser
+from memorywall.cli import build_parser
+from memorywall.cli.bench import compare_parser
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -80,6 +81,6 @@ def test_every_memorywall_command_in_the_readme_parses():
     assert ["demo"] in commands and len(commands) > 15
     for argv in commands:
         if argv[:2] == ["bench", "compare"]:
-            _compare_parser().parse_args(argv[2:])
+            compare_parser().parse_args(argv[2:])
         else:
             build_parser().parse_args(argv)  # raises on an unknown flag or bad value

@@ -8,10 +8,35 @@ from pathlib import Path
 
 from memorywall.argtypes import nonnegative_int
 from memorywall.calibrate.fit import MIN_FIT, CalibrateError, calibrate, error_table, profile_toml
+from memorywall.cli.deployment import (
+    add_deployment_arguments,
+    add_engine_arguments,
+    deployment_from_args,
+    engine_config_from_args,
+)
+from memorywall.cli.usage import UsageError
 from memorywall.core import Deployment
 from memorywall.server.engine.scheduler import EngineConfig
 
-__all__ = ["CalibrateError", "add_arguments", "run"]
+__all__ = ["CalibrateError", "add_arguments", "command", "register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a hardware profile's efficiencies to your own runs (step times, bench results)",
+    )
+    add_deployment_arguments(p)
+    add_engine_arguments(p)
+    add_arguments(p)
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        return run(args, deployment_from_args(args), engine_config_from_args(args))
+    except CalibrateError as e:
+        raise UsageError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

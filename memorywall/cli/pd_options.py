@@ -1,6 +1,6 @@
 """`memorywall serve` options for disaggregated serving (prefill and decode on different workers).
 
-Kept apart from `cli.py`: they build the server's `PdConfig`, and only `serve` uses them.
+Kept apart from `serve.py`: they build the server's `PdConfig`, and only `serve` uses them.
 """
 
 from __future__ import annotations

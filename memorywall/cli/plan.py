@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from memorywall.argtypes import nonnegative_int, number, number_list, positive_float, positive_int
 from memorywall.cli.pd_options import add_link_arguments
+from memorywall.cli.usage import UsageError
 from memorywall.core import Placement, Precision, load_hardware, load_model
 
 if TYPE_CHECKING:
@@ -25,6 +26,22 @@ LOADS = ("rate", "users")  # plan.LoadKind's values; the plan module loads only 
 
 class PlanError(Exception):
     """A bad combination of plan options (the CLI prints it as one line, exit 2)."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="cheapest deployment per backend that holds a latency SLO (simulated search)",
+    )
+    add_arguments(p)
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
 
 
 def _choices(kind: type[Enum], parse: Callable[[str], Enum] | None = None):

@@ -1,6 +1,6 @@
 """`memorywall serve` options for faults, admission, request limits, TLS and the API key.
 
-Kept apart from `cli.py`: they build the server's `GuardConfig`, limits and
+Kept apart from `serve.py`: they build the server's `GuardConfig`, limits and
 security settings, and only `serve` uses them. The API key may come from the
 environment (MEMORYWALL_API_KEY), so it need not show in `ps`.
 """

@@ -15,14 +15,96 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from memorywall.core import Deployment
+from memorywall.argtypes import positive_int
+from memorywall.cli.deployment import (
+    add_deployment_arguments,
+    add_engine_arguments,
+    deployment_from_args,
+    engine_config_from_args,
+)
+from memorywall.cli.pd_options import add_link_arguments
+from memorywall.cli.usage import UsageError
+from memorywall.core import Deployment, load_hardware, plan_deployment
+from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
-from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
+from memorywall.loadgen.options import add_load_arguments
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
 from memorywall.sim.simulate import LevelRun, simulate_level
 
 WALL_TIME = "wall_time.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="the bench workload on the serving engine on a virtual clock: bench's result "
+        "files, far faster than real time",
+    )
+    add_deployment_arguments(p)
+    add_engine_arguments(p)
+    add_load_arguments(p)
+    add_pd_arguments(p)
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="levels simulated at once, each in its own process (same results; default 1)",
+    )
+    p.set_defaults(func=command, label="sim")
+
+
+def add_pd_arguments(p: argparse.ArgumentParser) -> None:
+    """The disaggregated deployment `memorywall.sim.pd` simulates."""
+    g = p.add_argument_group(
+        "disaggregated deployment (the deployment above becomes the decode pool)"
+    )
+    g.add_argument("--prefill-hardware", help="prefill pool's hardware: turns disaggregation on")
+    g.add_argument(
+        "--prefill-devices", type=positive_int, help="devices per prefill worker (default: fewest)"
+    )
+    g.add_argument("--prefill-workers", type=positive_int, default=1, help="prefill workers (x)")
+    g.add_argument("--decode-workers", type=positive_int, default=1, help="decode workers (y)")
+    add_link_arguments(
+        g,
+        link_help="the link between the pools: nvlink, nic (each side's external I/O) or GB/s",
+        overlap_help="send layer i's KV while layer i+1 prefills",
+    )
+
+
+def fleet_from_args(
+    args: argparse.Namespace, decode: Deployment, engine: EngineConfig
+) -> PdFleet | None:
+    """The split fleet the options name, or None without `--prefill-hardware`."""
+    if args.prefill_hardware is None:
+        return None
+    prefill = plan_deployment(
+        load_hardware(args.prefill_hardware),
+        decode.model,
+        devices=args.prefill_devices,
+        weight_precision=decode.weight_precision,
+        kv_precision=decode.kv_precision,
+    )
+    return PdFleet(
+        prefill=prefill,
+        prefill_workers=args.prefill_workers,
+        decode=decode,
+        decode_workers=args.decode_workers,
+        link=parse_link(args.kv_link),
+        layer_overlap=args.kv_layer_overlap,
+        engine=engine,
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    from memorywall.loadgen.cli import BenchError
+
+    deployment, engine_config = deployment_from_args(args), engine_config_from_args(args)
+    try:
+        fleet = fleet_from_args(args, deployment, engine_config)
+        return run(args, deployment, engine_config, fleet=fleet)
+    except BenchError as e:
+        raise UsageError(str(e)) from None
 
 
 def run(
@@ -32,8 +114,11 @@ def run(
     *,
     fleet: PdFleet | None = None,
 ) -> int:
-    """Simulate every level (on the split `fleet` when one is given, `simulate_pd`); raises
+    """Simulate every level (on the split `fleet` when one is given, `memorywall.sim.pd`); raises
     `loadgen.cli.BenchError` for bad load options."""
+    # Imported here: the bench CLI brings matplotlib, which `memorywall --help` need not load.
+    from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
+
     workload, slo = workload_from_args(args)
     target = deployment.describe() if fleet is None else fleet.describe()
     config = sweep_config(args, workload, slo, target=target)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from memorywall.loadgen import rates
 
 if TYPE_CHECKING:
-    from memorywall.demo.runner import DemoConfig
+    from memorywall.demo.config import DemoConfig
     from memorywall.ready import ServerReady
 
 HEADER = (

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from memorywall.core import load_hardware, load_model, plan_deployment
+from memorywall.demo.config import DemoConfig
 from memorywall.demo.report import hints, table, users_text
-from memorywall.errors import ConfigError, MemorywallError
+from memorywall.errors import MemorywallError
 from memorywall.ready import ReadyError, ServerReady, poll
 
 if TYPE_CHECKING:
@@ -35,37 +36,6 @@ if TYPE_CHECKING:
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-DEFAULT_HARDWARE = ("wse-3", "h100-sxm")
-DEFAULT_MODEL = "llama-3.1-8b"
-DEFAULT_LEVELS = (1, 8, 32)
-DEFAULT_PROMPT_TOKENS = 128
-DEFAULT_OUTPUT_TOKENS = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    hardware: tuple[str, ...] = DEFAULT_HARDWARE
-    model: str = DEFAULT_MODEL
-    levels: tuple[int, ...] = DEFAULT_LEVELS  # closed-loop users
-    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
-    output_tokens: int = DEFAULT_OUTPUT_TOKENS
-    out: Path
-    keep_serving: bool = False
-    startup_timeout_s: float = 60.0
-    stop_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.hardware:
-            raise ConfigError("--hardware: name at least one profile")
-        twice = sorted({h for h in self.hardware if self.hardware.count(h) > 1})
-        if twice:
-            raise ConfigError(f"--hardware: {', '.join(twice)} named twice")
-        for hw in self.hardware:  # unknown names and models that cannot fit fail here
-            plan_deployment(load_hardware(hw), load_model(self.model))
-
-    def requests(self, users: int) -> int:
-        """Two rounds of requests per user, and at least four, at each level."""
-        return max(4, 2 * users)
 
 
 class DemoError(Exception):

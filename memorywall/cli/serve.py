@@ -1,0 +1,114 @@
+"""`memorywall serve`: the emulated serving engine behind gRPC and OpenAI-compatible HTTP."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from memorywall.argtypes import nonnegative_int, port, positive_float, positive_int
+from memorywall.cli import pd_options, serve_options
+from memorywall.cli.deployment import (
+    add_deployment_arguments,
+    add_engine_arguments,
+    deployment_from_args,
+    engine_config_from_args,
+)
+from memorywall.cli.usage import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
+    )
+    add_deployment_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument(
+        "--http-port",
+        type=port,
+        help="also serve the OpenAI API (/v1/completions, /v1/chat/completions, /metrics) here",
+    )
+    p.add_argument(
+        "--no-grpc", dest="grpc", action="store_false", help="serve HTTP only (needs --http-port)"
+    )
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics alone on this port")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="local Hugging Face tokenizer.json (or its folder) to count HTTP prompt text "
+        "(needs the `tokenizers` package; default ~4 characters per token)",
+    )
+    add_engine_arguments(p)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for synthetic tokens")
+    p.add_argument(
+        "--grace", type=positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
+    )
+    p.add_argument(
+        "--max-messages-per-s",
+        type=positive_float,
+        help="message budget ceiling (default 40000); the server groups tokens per message "
+        "above it, or below it when the host falls behind",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once every port is bound, write a JSON file here (pid, addresses, hardware, "
+        "model, devices, limits); removed on exit",
+    )
+    p.add_argument(
+        "--api-servers",
+        type=positive_int,
+        default=1,
+        help="front-end processes around one engine process, all on the same ports "
+        "(SO_REUSEPORT), like vLLM's --api-server-count (default 1: one process)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve_options.add_arguments(p)
+    pd_options.add_arguments(p)
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    # Imported here: predict/hardware/models need neither grpc nor asyncio.
+    import asyncio
+    import logging
+
+    from memorywall.server.app import ServerConfig, serve_forever
+
+    budget = {"max_messages_per_s": args.max_messages_per_s} if args.max_messages_per_s else {}
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    deployment = deployment_from_args(args)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        grpc=args.grpc,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        tokenizer=args.tokenizer,
+        grace_s=args.grace,
+        **budget,
+        **serve_options.server_options(args),
+        **pd_options.server_options(args, deployment),
+    )
+    try:
+        if args.api_servers > 1:
+            from memorywall.server.multi.procs import serve_processes
+
+            return serve_processes(
+                deployment,
+                engine_config_from_args(args),
+                config,
+                api_servers=args.api_servers,
+                ready_file=args.ready_file,
+                log_level=args.log_level,
+            )
+        asyncio.run(
+            serve_forever(
+                deployment, engine_config_from_args(args), config, ready_file=args.ready_file
+            )
+        )
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    return 0
