@@ -33,6 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from memorywall.server.engine.api import EngineStats, Finished, FinishReason, StepReport
+from memorywall.server.telemetry_labels import ENGINE_INDEX, LABEL_NAMES
 
 if TYPE_CHECKING:
     from memorywall.core import Deployment
@@ -41,9 +42,6 @@ if TYPE_CHECKING:
 # own handler labels it by default (`choose_encoder`); spelled out because the
 # library's CONTENT_TYPE_LATEST changed value (0.0.4, now 1.0.0) across releases.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-LABEL_NAMES = ("model_name", "engine")
-ENGINE_INDEX = "0"
 
 # vLLM's buckets, copied so that histograms from vLLM and from the emulator
 # aggregate (`sum by (le)`) into one quantile.

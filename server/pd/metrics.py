@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.utils import floatToGoString
 
 from memorywall.core.kv_transfer import KvTransfer
-from memorywall.server.fronts.metrics import ENGINE_INDEX, LABEL_NAMES
+from memorywall.server.telemetry_labels import ENGINE_INDEX, LABEL_NAMES
 
 # 10 us (a short prompt over NVLink) up to tens of seconds (a long one over a slow NIC).
 KV_TRANSFER_BUCKETS_S = (
