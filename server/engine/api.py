@@ -2,10 +2,15 @@
 
 Front ends (memorywall.v1 gRPC, SGLang's worker service, OpenAI HTTP) and
 observers (Prometheus metrics) import from here and nowhere else in the
-engine: they submit `Request`s, read `EventStream`s of `TokenGroup`s ending
-in `Finished`, abort, drain, take `EngineStats` snapshots and subscribe to
-prefix-cache `KVEvent`s. The live engine (`live.AsyncEngine`) and the
-in-memory twin that front tests run against (`twin.TwinEngine`) both
+engine: they submit `Request`s, each with its own fault rule if its
+`x-memorywall-fault` header asks for one (`fault_from_header`), read
+`EventStream`s of `TokenGroup`s ending in `Finished`, abort, drain, take
+`EngineStats` snapshots and subscribe to prefix-cache `KVEvent`s. They
+describe what they serve from the `ModelCard` and write token text with the
+helpers of `tokens.py` re-exported here. The live engine (`live.AsyncEngine`),
+the guard in front of it (`guard.GuardedEngine`, the only one that applies
+faults), a front process's view of the engine process (`multi.remote.RemoteEngine`)
+and the in-memory twin that front tests run against (`twin.TwinEngine`) all
 implement `EngineClient`.
 """
 
@@ -15,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.faults import FaultKind, FaultRule, fault_from_header
 from memorywall.server.engine.kv import (
     AllBlocksCleared,
     BlockRemoved,
@@ -24,6 +31,7 @@ from memorywall.server.engine.kv import (
 )
 from memorywall.server.engine.lag import LagSummary, StallSummary
 from memorywall.server.engine.scheduler import FinishReason, Request, check_request
+from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids, token_text
 
 __all__ = [
     "AllBlocksCleared",
@@ -35,16 +43,24 @@ __all__ = [
     "Event",
     "EventIteration",
     "EventStream",
+    "FaultKind",
+    "FaultRule",
     "FinishReason",
     "Finished",
     "KVEvent",
     "LagSummary",
+    "ModelCard",
     "PrefixCacheStats",
     "Request",
     "StallSummary",
     "StepReport",
     "TokenGroup",
     "check_request",
+    "digest",
+    "fault_from_header",
+    "synthetic_prompt",
+    "text_token_ids",
+    "token_text",
 ]
 
 
@@ -216,9 +232,19 @@ class EngineClient(Protocol):
         ...
 
     def submit(
-        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+        self,
+        request: Request,
+        *,
+        min_interval_s: float = 0.0,
+        arrival_s: float | None = None,
+        fault: FaultRule | None = None,
     ) -> EventStream:
-        """Queue a request; raises a `MemorywallError` for bad input, holding nothing."""
+        """Queue a request; raises a `MemorywallError` for bad input, holding nothing.
+
+        `fault`: the request's own fault rule (its `x-memorywall-fault` header). The guard
+        applies it; an engine that injects no faults refuses the request with
+        InvalidRequestError (`faults.refuse_fault`).
+        """
         ...
 
     def abort(self, request_id: str) -> bool: ...

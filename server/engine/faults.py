@@ -34,6 +34,7 @@ from memorywall.errors import (
     InjectedOverloadError,
     InjectedTimeoutError,
     InjectedUnavailableError,
+    InvalidRequestError,
 )
 
 
@@ -132,6 +133,24 @@ def parse_rule(text: str) -> FaultRule:
     else:
         fault = Fault(kind=kind, slowdown=_number(float, arg or "2", what, low=1, inclusive=True))
     return FaultRule(fault, rate)
+
+
+def fault_from_header(value: str | None) -> FaultRule | None:
+    """A request's own `KIND:RATE[:ARG]` rule (the `x-memorywall-fault` header, read the same
+    way by every front); a malformed one is an InvalidRequestError."""
+    if value is None:
+        return None
+    try:
+        return parse_rule(value)
+    except ConfigError as e:
+        raise InvalidRequestError(f"x-memorywall-fault: {e}") from None
+
+
+def refuse_fault(fault: FaultRule | None) -> None:
+    """What an `EngineClient` that injects no faults does with a request's own rule: refuses
+    it (only `guard.GuardedEngine` applies them)."""
+    if fault is not None:
+        raise InvalidRequestError("x-memorywall-fault: this server does not inject faults")
 
 
 def parse_spec(text: str) -> tuple[FaultRule, ...]:

@@ -40,7 +40,7 @@ from memorywall.server.engine.api import (
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock
-from memorywall.server.engine.faults import Fault, FaultKind, FaultPlan, FaultRule, parse_rule
+from memorywall.server.engine.faults import Fault, FaultKind, FaultPlan, FaultRule
 from memorywall.server.engine.tokens import token_text
 
 
@@ -81,33 +81,6 @@ class LoopClock:
 
     def close(self) -> None:
         pass
-
-
-def fault_from_header(value: str | None) -> FaultRule | None:
-    """A request's own `KIND:RATE[:ARG]` rule (the `x-memorywall-fault` header); a malformed
-    one is an InvalidRequestError."""
-    if value is None:
-        return None
-    try:
-        return parse_rule(value)
-    except ConfigError as e:
-        raise InvalidRequestError(f"x-memorywall-fault: {e}") from None
-
-
-def submit_with_fault(
-    engine: EngineClient,
-    request: Request,
-    fault: FaultRule | None,
-    *,
-    min_interval_s: float = 0.0,
-    arrival_s: float | None = None,
-) -> EventStream:
-    """What a front calls: `engine.submit`, passing a request's own fault rule if it has one."""
-    if fault is None:
-        return engine.submit(request, min_interval_s=min_interval_s, arrival_s=arrival_s)
-    if not isinstance(engine, GuardedEngine):
-        raise InvalidRequestError("x-memorywall-fault: this server does not inject faults")
-    return engine.submit(request, min_interval_s=min_interval_s, arrival_s=arrival_s, fault=fault)
 
 
 class GuardedEngine:

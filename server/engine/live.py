@@ -41,6 +41,7 @@ from memorywall.server.engine.api import (
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock, MonotonicClock
+from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.lag import LagTracker, StallTracker
 from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.reports import finished, step_report
@@ -213,12 +214,19 @@ class AsyncEngine:
         self._task = asyncio.create_task(self._run(), name="memorywall-engine")
 
     def submit(
-        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+        self,
+        request: Request,
+        *,
+        min_interval_s: float = 0.0,
+        arrival_s: float | None = None,
+        fault: FaultRule | None = None,
     ) -> RequestStream:
         """Queue a request that arrived at `arrival_s` (default now).
 
-        Raises a `MemorywallError` for bad input, holding nothing.
+        Raises a `MemorywallError` for bad input, holding nothing; refuses a `fault`
+        (the guard in front applies them).
         """
+        refuse_fault(fault)
         if self.draining:
             raise DrainingError("server is shutting down; not admitting new requests")
         now = self.clock.now()

@@ -33,6 +33,7 @@ from memorywall.server.engine.api import (
     StepReport,
     TokenGroup,
 )
+from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.kv import hash_block_tokens
 from memorywall.server.engine.tokens import token_text
 
@@ -123,8 +124,16 @@ class TwinEngine:
         return self._clock_s
 
     def submit(
-        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+        self,
+        request: Request,
+        *,
+        min_interval_s: float = 0.0,
+        arrival_s: float | None = None,
+        fault: FaultRule | None = None,
     ) -> TwinStream:
+        """Refuses a `fault`, as the live engine does: wrap the twin in a `GuardedEngine`
+        to apply one."""
+        refuse_fault(fault)
         if self._draining:
             raise DrainingError("server is shutting down; not admitting new requests")
         if request.request_id in self._live:

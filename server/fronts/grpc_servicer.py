@@ -17,11 +17,18 @@ from memorywall.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from memorywall.server.engine.api import EngineClient, Finished, FinishReason, Request, TokenGroup
-from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.guard import fault_from_header, submit_with_fault
-from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids
-from memorywall.server.fronts.status import FAULT_HEADER, grpc_status, grpc_trailers
+from memorywall.server.engine.api import (
+    EngineClient,
+    Finished,
+    FinishReason,
+    ModelCard,
+    Request,
+    TokenGroup,
+    digest,
+    synthetic_prompt,
+    text_token_ids,
+)
+from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 from memorywall.v1 import engine_pb2 as pb
 from memorywall.v1 import engine_pb2_grpc
 
@@ -106,12 +113,11 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         arrival_s = self.engine.now()
         try:
             domain = self.to_request(request)
-            stream = submit_with_fault(
-                self.engine,
+            stream = self.engine.submit(
                 domain,
-                fault_from_header(_metadata(context, FAULT_HEADER)),
                 min_interval_s=request.stream_options.min_interval_s,
                 arrival_s=arrival_s,
+                fault=grpc_fault(context),
             )
         except MemorywallError as e:
             await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
@@ -192,11 +198,6 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 window_s=s.host_stall.window_s,
             ),
         )
-
-
-def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    """The first value of invocation metadata `key` (lower case), or None."""
-    return next((v for k, v in context.invocation_metadata() or () if k == key), None)
 
 
 def _finished(f: Finished, request: pb.GenerateRequest) -> pb.Finished:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from memorywall.server.engine.faults import FaultKind
+from memorywall.server.engine.api import FaultKind
 from memorywall.server.telemetry_labels import ENGINE_INDEX, LABEL_NAMES
 
 REJECT_REASONS = ("max_waiting",)

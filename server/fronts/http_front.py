@@ -21,13 +21,17 @@ from aiohttp import web
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
-from memorywall.server.engine.api import EngineClient, EngineObserver, EventStream, Finished
-from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.guard import fault_from_header, submit_with_fault
+from memorywall.server.engine.api import (
+    EngineClient,
+    EngineObserver,
+    EventStream,
+    Finished,
+    ModelCard,
+)
 from memorywall.server.fronts.auth import require_api_key
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
-from memorywall.server.fronts.status import FAULT_HEADER, http_headers
+from memorywall.server.fronts.status import http_fault, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 # Prompts given as token ids run to ~7 bytes a token: room for a 128k-token context.
@@ -119,12 +123,11 @@ class OpenAIFront:
         try:
             body = await _json_body(request)
             call = self.api.to_call(body, endpoint, request.headers.get("X-Request-Id"))
-            stream = submit_with_fault(
-                self.engine,
+            stream = self.engine.submit(
                 call.request,
-                fault_from_header(request.headers.get(FAULT_HEADER)),
                 min_interval_s=call.min_interval_s,
                 arrival_s=arrival_s,
+                fault=http_fault(request.headers),
             )
         except MemorywallError as e:
             return error_reply(e)

@@ -26,8 +26,7 @@ from enum import Enum
 from typing import Any
 
 from memorywall.errors import InvalidRequestError, MemorywallError, NotFoundError
-from memorywall.server.engine.api import Request
-from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.api import ModelCard, Request
 from memorywall.server.fronts.status import http_status
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 

@@ -20,8 +20,7 @@ from json.encoder import encode_basestring_ascii  # json.dumps's own (C) string 
 from typing import Any
 
 from memorywall.errors import MemorywallError
-from memorywall.server.engine.api import Finished, FinishReason, TokenGroup
-from memorywall.server.engine.build import ModelCard
+from memorywall.server.engine.api import Finished, FinishReason, ModelCard, TokenGroup
 from memorywall.server.fronts.openai_api import Call, Endpoint, error_for
 
 DONE = b"data: [DONE]\n\n"

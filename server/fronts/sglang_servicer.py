@@ -30,12 +30,12 @@ from memorywall.server.engine.api import (
     Finished,
     FinishReason,
     KVEvent,
+    ModelCard,
     Request,
     TokenGroup,
 )
-from memorywall.server.engine.build import ModelCard
 from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
-from memorywall.server.fronts.status import grpc_status
+from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 from memorywall.server.pd import Bootstrap, Disaggregation
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -160,12 +160,13 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
         try:
             domain = self.to_request(request)
+            fault = grpc_fault(context)
             if self.pd is not None and (bootstrap := bootstrap_of(request)) is not None:
-                stream = self.pd.submit(domain, bootstrap, arrival_s=arrival_s)
+                stream = self.pd.submit(domain, bootstrap, arrival_s=arrival_s, fault=fault)
             else:
-                stream = self.engine.submit(domain, arrival_s=arrival_s)
+                stream = self.engine.submit(domain, arrival_s=arrival_s, fault=fault)
         except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e))
+            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
         rid = domain.request_id
         try:
             # Headers go out now, not with the first token: the gateway starts TTFT on them.
@@ -181,7 +182,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
                     ids = () if request.stream else output
                     yield pb.GenerateResponse(request_id=rid, complete=_complete(event, ids))
         except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e))
+            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
         finally:
             # Cancelled, deadline passed or client gone: free the slot and KV now.
             stream.close()

@@ -12,8 +12,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 
-from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.tokens import token_text
+from memorywall.server.engine.api import ModelCard, token_text
 
 # A fixed timestamp inside the zip keeps its bytes, and so its fingerprint, reproducible.
 _ZIP_TIME = (2025, 1, 1, 0, 0, 0)

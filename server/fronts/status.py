@@ -7,11 +7,14 @@ their own (`FAULT_STATUS`): they are the only errors that may answer INTERNAL on
 purpose. Besides the status, some errors carry metadata: an overloaded server
 says when to retry (HTTP `Retry-After`, gRPC `grpc-retry-pushback-ms` as gRPC's
 retry design reads it) and an injected fault names itself (`x-memorywall-fault`).
+The same header on a request asks for a fault: `grpc_fault` and `http_fault` read
+it for every front, to pass to `EngineClient.submit`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -34,8 +37,26 @@ from memorywall.errors import (
     PayloadTooLargeError,
     UnauthenticatedError,
 )
+from memorywall.server.engine.api import FaultRule, fault_from_header
 
 FAULT_HEADER = "x-memorywall-fault"
+
+
+def grpc_metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """The first value of invocation metadata `key` (lower case), or None."""
+    return next((v for k, v in context.invocation_metadata() or () if k == key), None)
+
+
+def grpc_fault(context: grpc.aio.ServicerContext) -> FaultRule | None:
+    """The fault a gRPC call asks for in its metadata, or None; InvalidRequestError if
+    malformed."""
+    return fault_from_header(grpc_metadata(context, FAULT_HEADER))
+
+
+def http_fault(headers: Mapping[str, str]) -> FaultRule | None:
+    """The fault an HTTP request asks for in its headers, or None; InvalidRequestError if
+    malformed."""
+    return fault_from_header(headers.get(FAULT_HEADER))
 
 
 @dataclass(frozen=True)

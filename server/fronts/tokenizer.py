@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from memorywall.errors import ConfigError
-from memorywall.server.engine.tokens import text_token_ids
+from memorywall.server.engine.api import text_token_ids
 
 
 class PromptTokenizer(Protocol):

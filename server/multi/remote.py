@@ -36,13 +36,15 @@ from memorywall.server.engine.api import (
     EngineStats,
     Event,
     EventIteration,
+    FaultKind,
+    FaultRule,
     KVEvent,
+    ModelCard,
     Request,
     TokenGroup,
     check_request,
 )
-from memorywall.server.engine.build import ModelCard
-from memorywall.server.engine.faults import FaultKind
+from memorywall.server.engine.faults import refuse_fault
 from memorywall.server.multi.wire import Kind, Outbox, error_from, group_from, read_frame
 
 METRICS_TIMEOUT_S = 10.0
@@ -217,8 +219,15 @@ class RemoteEngine:
         return time.monotonic()
 
     def submit(
-        self, request: Request, *, min_interval_s: float = 0.0, arrival_s: float | None = None
+        self,
+        request: Request,
+        *,
+        min_interval_s: float = 0.0,
+        arrival_s: float | None = None,
+        fault: FaultRule | None = None,
     ) -> RemoteStream:
+        """Refuses a `fault`: the front's guard applies them, in front of this engine."""
+        refuse_fault(fault)
         if self._draining:
             raise DrainingError("server is shutting down; not admitting new requests")
         rid = request.request_id

@@ -39,6 +39,7 @@ from memorywall.server.engine.api import (
     Event,
     EventIteration,
     EventStream,
+    FaultRule,
     Finished,
     FinishReason,
     Request,
@@ -159,6 +160,7 @@ class DecodeHalf(EventIteration):
         *,
         arrival_s: float,
         pd: Disaggregation,
+        fault: FaultRule | None = None,
     ) -> None:
         self.request_id = request.request_id
         self._engine = engine
@@ -166,6 +168,7 @@ class DecodeHalf(EventIteration):
         self._bootstrap = bootstrap
         self._arrival_s = arrival_s
         self._pd = pd
+        self._fault = fault  # submitted with the request, once its KV has landed
         self._inner = None
         self._plan: TransferPlan | None = None
         self._closed = False
@@ -186,7 +189,9 @@ class DecodeHalf(EventIteration):
             if self._closed:
                 return None  # closed while the KV moved: nothing to decode for
             request = replace(self._request, kv_transferred=True)
-            self._inner = self._engine.submit(request, arrival_s=self._plan.end_s)
+            self._inner = self._engine.submit(
+                request, arrival_s=self._plan.end_s, fault=self._fault
+            )
         event = await self._inner.next_event()
         waited = self._plan.end_s - self._arrival_s  # the remote prefill and the transfer
         if isinstance(event, TokenGroup):
@@ -353,14 +358,22 @@ class Disaggregation:
             await self.bootstrap.stop()
 
     def submit(
-        self, request: Request, bootstrap: Bootstrap, *, arrival_s: float | None = None
+        self,
+        request: Request,
+        bootstrap: Bootstrap,
+        *,
+        arrival_s: float | None = None,
+        fault: FaultRule | None = None,
     ) -> EventStream:
         """This worker's half of `request`, arrived at `arrival_s` (default now); raises a
-        `MemorywallError`, holding nothing."""
+        `MemorywallError`, holding nothing. `fault`: the request's own rule, passed to the
+        engine's `submit` with this half."""
         if arrival_s is None:
             arrival_s = self.engine.now()
         if self.role is Role.DECODE:
-            return DecodeHalf(self.engine, request, bootstrap, arrival_s=arrival_s, pd=self)
+            return DecodeHalf(
+                self.engine, request, bootstrap, arrival_s=arrival_s, pd=self, fault=fault
+            )
         if self.bootstrap is None:
             raise DisaggregationError("the prefill worker's bootstrap server is not running")
         if bootstrap.port != self.bootstrap_port:
@@ -373,7 +386,9 @@ class Disaggregation:
             # The prefill samples the first token (as SGLang's prefill worker does).
             # Its KV stays held once it finishes, until the transfer lands (`PrefillHalf`).
             inner = self.engine.submit(
-                replace(request, max_tokens=1, min_tokens=0, hold_kv=True), arrival_s=arrival_s
+                replace(request, max_tokens=1, min_tokens=0, hold_kv=True),
+                arrival_s=arrival_s,
+                fault=fault,
             )
         except MemorywallError:
             self.bootstrap.discard(room)

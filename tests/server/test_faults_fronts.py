@@ -1,5 +1,6 @@
-"""Faults, admission and request limits through both fronts of a real server (127.0.0.1 port 0):
-each fault kind with its status and metric, the same seed failing the same requests, 429 /
+"""Faults, admission and request limits through the fronts of a real server (127.0.0.1 port 0):
+each fault kind with its status and metric (memorywall.v1 gRPC and OpenAI HTTP; SGLang's
+worker API reads the same header), the same seed failing the same requests, 429 /
 RESOURCE_EXHAUSTED with a retry hint, 413 / INVALID_ARGUMENT for oversized requests."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from smg_grpc_proto.generated import sglang_scheduler_pb2 as sglang_pb
+from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
 
 from memorywall.server.app import EmulatorServer, ServerConfig
 from memorywall.server.engine.faults import parse_rule, parse_spec
@@ -68,6 +71,28 @@ async def grpc_generate(server: EmulatorServer, request: pb.GenerateRequest, met
         except grpc.aio.AioRpcError as e:
             return chunks, None, e
         return chunks, finished, None
+
+
+async def sglang_generate(server: EmulatorServer, max_new_tokens: int, metadata=()):
+    """SGLang's Generate, streamed: (token ids, complete, None) or (ids, None, AioRpcError)."""
+    request = sglang_pb.GenerateRequest(
+        tokenized=sglang_pb.TokenizedInput(input_ids=list(range(100, 164))),
+        sampling_params=sglang_pb.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+        stream=True,
+    )
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
+        ids: list[int] = []
+        complete = None
+        try:
+            async for r in stub.Generate(request, metadata=metadata, timeout=TIMEOUT_S):
+                if r.HasField("chunk"):
+                    ids.extend(r.chunk.token_ids)
+                else:
+                    complete = r.complete
+        except grpc.aio.AioRpcError as e:
+            return ids, None, e
+        return ids, complete, None
 
 
 def grpc_request(rid: str = "", max_tokens: int = 8) -> pb.GenerateRequest:
@@ -195,9 +220,31 @@ async def test_stall_and_slow_show_in_modelled_timing_on_both_fronts(serve, sess
     assert series(text, "memorywall:faults_injected_total", 'kind="slow"') == 1
 
 
+async def test_the_sglang_front_applies_a_requests_fault(serve, session):
+    server = await serve(guard=GuardConfig(allow_fault_headers=True))
+    ids, complete, error = await sglang_generate(server, 4, ((FAULT, "error:1:internal"),))
+    assert ids == [] and complete is None
+    assert error.code() is grpc.StatusCode.INTERNAL and "fault injected" in error.details()
+    assert dict(error.trailing_metadata())[FAULT] == "error:internal"
+    ids, complete, error = await sglang_generate(server, 50, ((FAULT, "abort:1:5"),))
+    assert complete is None and error.code() is grpc.StatusCode.UNAVAILABLE
+    assert len(ids) == 5 and dict(error.trailing_metadata())[FAULT] == "abort:5"
+    _, _, error = await sglang_generate(server, 4, ((FAULT, "abort:1:five"),))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    ids, complete, error = await sglang_generate(server, 6)
+    assert error is None and len(ids) == 6 and complete.finish_reason == "length"
+    text = await scrape(session, server)
+    assert series(text, "memorywall:faults_injected_total", 'kind="error"') == 1
+    assert series(text, "memorywall:faults_injected_total", 'kind="abort"') == 1
+    await assert_idle(server)
+
+
 async def test_fault_headers_are_refused_without_the_flag(serve, session):
     server = await serve()
     _, _, error = await grpc_generate(server, grpc_request(), ((FAULT, "abort:1:1"),))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "--allow-fault-headers" in error.details()
+    _, _, error = await sglang_generate(server, 4, ((FAULT, "abort:1:1"),))
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "--allow-fault-headers" in error.details()
     async with session.post(

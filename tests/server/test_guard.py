@@ -24,12 +24,14 @@ from memorywall.server.engine.faults import (
     FaultKind,
     FaultPlan,
     FaultStatus,
+    fault_from_header,
     parse_rule,
     parse_spec,
 )
-from memorywall.server.engine.guard import GuardConfig, GuardedEngine, fault_from_header
+from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
+from memorywall.server.engine.twin import TwinEngine
 
 TIMEOUT_S = 10.0
 
@@ -151,6 +153,20 @@ def test_a_bad_header_is_an_invalid_request():
     assert fault_from_header("abort:1:5").fault.after_tokens == 5
     with pytest.raises(InvalidRequestError, match="x-memorywall-fault"):
         fault_from_header("abort:1:five")
+
+
+async def test_only_the_guard_applies_a_requests_fault(engine):
+    # Every EngineClient takes a request's fault in `submit`; the engines under the guard
+    # refuse one, holding nothing, rather than serve the request without its fault.
+    twin = TwinEngine()
+    for inner in (engine, twin):
+        with pytest.raises(InvalidRequestError, match="does not inject faults"):
+            inner.submit(request("r"), fault=parse_rule("stall:1:0.5"))
+        assert inner.stats().running == inner.stats().waiting == 0
+    guarded = GuardedEngine(twin, GuardConfig(allow_fault_headers=True))
+    with pytest.raises(InjectedUnavailableError):
+        guarded.submit(request("r"), fault=parse_rule("error:1"))
+    assert twin.submitted == []
 
 
 def test_fates_follow_the_seed_and_arrival_order_at_their_rates():
