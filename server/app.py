@@ -1,7 +1,9 @@
 """The server process: one engine behind gRPC and/or OpenAI HTTP, and graceful shutdown.
 
 gRPC (servicer, health, reflection) and the aiohttp front share the one
-`AsyncEngine`, so both see the same clock, batch and KV pool.
+`AsyncEngine`, so both see the same clock, batch and KV pool. The listeners are
+wired in `listeners.py`, as each front process of `serve --api-servers N` wires
+them (`multi/front.py`); the configuration is `config.ServerConfig`.
 """
 
 from __future__ import annotations
@@ -11,73 +13,35 @@ import gc
 import ipaddress
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
-
 from memorywall.core import Deployment
-from memorywall.errors import ConfigError
 from memorywall.ready import ServerReady, remove, write_json
-from memorywall.server.engine.api import EngineClient
-from memorywall.server.engine.build import ModelCard, build_core
-from memorywall.server.engine.guard import GuardConfig, GuardedEngine
+from memorywall.server.config import ServerConfig
+from memorywall.server.engine.api import ModelCard
+from memorywall.server.engine.build import build_core
+from memorywall.server.engine.guard import GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
-from memorywall.server.fronts.grpc_gate import GrpcGate
-from memorywall.server.fronts.grpc_servicer import EngineServicer
 from memorywall.server.fronts.guard_metrics import GuardMetrics
-from memorywall.server.fronts.http_front import (
-    MAX_BODY_BYTES,
-    HttpSite,
-    OpenAIFront,
-    ServedMetrics,
-    metrics_app,
-)
+from memorywall.server.fronts.http_front import ServedMetrics, metrics_handler
 from memorywall.server.fronts.metrics import PrometheusMetrics
-from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
-from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
-from memorywall.server.fronts.tls import TlsConfig
-from memorywall.server.fronts.tokenizer import load_tokenizer
-from memorywall.server.pd import Disaggregation, PdConfig, disaggregation_for
+from memorywall.server.listeners import ListenerPorts, Listeners, addresses
+from memorywall.server.pd import Role, disaggregation_for
 from memorywall.server.signals import on_stop_signals
-from memorywall.v1 import engine_pb2, engine_pb2_grpc
+
+__all__ = [
+    "EmulatorServer",
+    "ServerConfig",
+    "card_ready",
+    "describe",
+    "exposure_risk",
+    "quiet_gc",
+    "ready_info",
+    "serve_forever",
+]
 
 log = logging.getLogger("memorywall.server")
-
-SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
-# Every service on the gRPC port, each with a health status of its own ("" is the server's).
-HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME)
-MAX_PENDING_CALLS = 1_000_000
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051  # gRPC
-    grpc: bool = True
-    http_port: int | None = None  # the OpenAI HTTP front (with /metrics); None: off
-    metrics_port: int | None = None  # /metrics alone, for a gRPC-only server; None: off
-    tokenizer: Path | None = None  # HF tokenizer.json for HTTP prompt text; None: ~4 chars/token
-    grace_s: float = 5.0
-    # The message budget's ceiling: about what grpc.aio carries on two cores shared with
-    # the client. Below it the engine lowers the budget by itself whenever it wakes late
-    # (server/engine/pacing.py), and only then groups tokens, one step at most.
-    max_messages_per_s: float = 40_000.0
-    disaggregation: PdConfig = field(default_factory=PdConfig)  # --role prefill|decode
-    guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
-    # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
-    max_request_bytes: int = MAX_BODY_BYTES
-    tls: TlsConfig | None = None  # None: plaintext on every port
-    api_key: str | None = None  # None: no key asked (see fronts/auth.py for what it guards)
-
-    def __post_init__(self) -> None:
-        if not self.grpc and self.http_port is None:
-            raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
 
 
 class EmulatorServer:
@@ -117,28 +81,19 @@ class EmulatorServer:
         )
         registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None
         self.pd = disaggregation_for(self.guarded, deployment, config.disaggregation, registry)
-        self._ssl = config.tls.ssl_context() if config.tls is not None else None
-        self.server: grpc.aio.Server | None = None
-        if config.grpc:
-            self.server, self.health = grpc_server(
-                self.guarded, self.card, config, engine_config.seed, self.pd
-            )
-        self.http: HttpSite | None = None
-        if config.http_port is not None:
-            tokenizer = load_tokenizer(config.tokenizer, self.card.vocab_size)
-            front = OpenAIFront(
-                self.guarded,
-                self.card,
-                tokenizer,
-                metrics,
-                max_request_bytes=config.max_request_bytes,
-                api_key=config.api_key,
-            )
-            self.http = HttpSite(front.app(), ssl_context=self._ssl)
-        self.metrics_site: HttpSite | None = None
-        if config.metrics_port is not None:
-            self.metrics_site = HttpSite(metrics_app(metrics), ssl_context=self._ssl)
-        self.port = 0
+        self.listeners = Listeners(
+            self.guarded,
+            self.card,
+            config,
+            seed=engine_config.seed,
+            metrics=metrics_handler(metrics) if metrics is not None else None,
+            pd=self.pd,
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port; 0 before `start` or without gRPC."""
+        return self.listeners.ports.grpc_port or 0
 
     @property
     def target(self) -> str:
@@ -147,33 +102,27 @@ class EmulatorServer:
 
     @property
     def http_port(self) -> int | None:
-        return self.http.port if self.http is not None else None
+        return self.listeners.ports.http_port
 
     @property
     def scheme(self) -> str:
-        return "https" if self.config.tls is not None else "http"
+        return self.config.scheme
 
     @property
     def http_url(self) -> str | None:
         """The HTTP front's base URL (OpenAI clients take `{http_url}/v1`)."""
-        if self.http is None:
+        if self.http_port is None:
             return None
-        return f"{self.scheme}://{self.config.host}:{self.http.port}"
+        return f"{self.scheme}://{self.config.host}:{self.http_port}"
 
     @property
     def metrics_port(self) -> int | None:
-        return self.metrics_site.port if self.metrics_site is not None else None
+        return self.listeners.ports.metrics_port
 
     @property
     def addresses(self) -> list[str]:
         """Every bound address: gRPC as host:port first, then HTTP URLs."""
-        host = self.config.host
-        out = [self.target] if self.server is not None else []
-        if self.http is not None:
-            out.append(self.http_url)
-        if self.metrics_site is not None:
-            out.append(f"{self.scheme}://{host}:{self.metrics_site.port}/metrics")
-        return out
+        return addresses(self.config, self.listeners.ports)
 
     async def start(self) -> int:
         """Bind every port, then serve; returns the gRPC port (0 without gRPC)."""
@@ -181,107 +130,28 @@ class EmulatorServer:
         c = self.config
         if (risk := exposure_risk(c)) is not None:
             log.warning(risk)
-        if self.server is not None:
-            self.port = bind_grpc(self.server, c, c.port)
         await self.engine.start()
         try:
-            if self.http is not None:
-                await self.http.start(c.host, c.http_port)
-            if self.metrics_site is not None:
-                await self.metrics_site.start(c.host, c.metrics_port)
+            await self.listeners.bind(ListenerPorts.of(c))
             if self.pd is not None:
                 await self.pd.start(c.host)
         except OSError:
-            await self._stop_http()
+            await self.listeners.close()
             await self.engine.stop()
             raise
-        if self.server is not None:
-            await self.server.start()
-            for name in HEALTH_NAMES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.listeners.serve()
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop admitting, give live streams `grace_s` to finish, end the rest UNAVAILABLE
         (gRPC) or with an error event (HTTP)."""
         grace = self.config.grace_s if grace_s is None else grace_s
-        if self.server is not None:
-            for name in HEALTH_NAMES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.listeners.stop_serving()
         await self.engine.drain(grace)  # HTTP /health answers 503 from here on
         if self.pd is not None:
             await self.pd.stop()
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
-        await self._stop_http()
+        await self.listeners.close()
         await self.engine.stop()
-
-    async def _stop_http(self) -> None:
-        for site in (self.http, self.metrics_site):
-            if site is not None:
-                await site.stop()
-
-
-def grpc_server(
-    engine: EngineClient,
-    card: ModelCard,
-    config: ServerConfig,
-    seed: int,
-    pd: Disaggregation | None = None,
-    *,
-    reuse_port: bool = False,
-    unnamed_prompts: Iterator[int] | None = None,
-) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
-    """The gRPC server (memorywall.v1, SGLang, health, reflection) over `engine`, unbound.
-
-    `reuse_port`: several processes bind the same port (`--api-servers`).
-    `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
-    """
-    health = health_aio.HealthServicer()
-    limit = config.max_request_bytes
-    options = [
-        ("grpc.so_reuseport", int(reuse_port)),
-        # Up to twice the limit reaches the servicer, which answers INVALID_ARGUMENT
-        # naming the limit; grpc itself refuses larger (RESOURCE_EXHAUSTED) unread.
-        ("grpc.max_receive_message_length", 2 * limit),
-        # grpc core cancels calls that wait for the Python loop to take them beyond
-        # 1,000 (randomly) to 3,000 (all): a burst of 10,000 streams then sees
-        # CANCELLED. Admission is ours to decide (--max-waiting, with a status that
-        # says so), so core's backlog bounds sit far above any burst we serve.
-        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-    ]
-    # Every call passes the gate first: the API key, and a request that decodes.
-    gate = GrpcGate(api_key=config.api_key)
-    server = grpc.aio.server(options=options, interceptors=[gate])
-    servicer = EngineServicer(
-        engine, card, seed, max_request_bytes=limit, unnamed_prompts=unnamed_prompts
-    )
-    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
-    # SGLang's worker API, for the smg gateway: the same engine, the same port.
-    add_to_server(SglangServicer(engine, card, pd), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            SGLANG_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    return server, health
-
-
-def bind_grpc(server: grpc.aio.Server, config: ServerConfig, port: int) -> int:
-    """Bind `server` to config.host:`port`; returns the bound port, OSError if it cannot."""
-    address = f"{config.host}:{port}"
-    try:
-        if config.tls is not None:
-            return server.add_secure_port(address, config.tls.grpc_credentials())
-        return server.add_insecure_port(address)
-    except RuntimeError as e:  # grpc reports a failed bind this way
-        raise OSError(f"cannot serve on {address}: {e}") from None
 
 
 def exposure_risk(config: ServerConfig) -> str | None:
@@ -331,10 +201,10 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         pid=os.getpid(),
         host=server.config.host,
         tls=server.config.tls is not None,
-        grpc_port=server.port if server.server is not None else None,
+        grpc_port=server.listeners.ports.grpc_port,
         http_port=server.http_port,
         metrics_port=server.metrics_port,
-        role=server.config.disaggregation.role.value,
+        role=server.config.disaggregation.role,
         bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
     )
 
@@ -348,7 +218,7 @@ def card_ready(
     grpc_port: int | None,
     http_port: int | None,
     metrics_port: int | None,
-    role: str = "both",
+    role: Role = Role.BOTH,
     bootstrap_port: int | None = None,
 ) -> ServerReady:
     """A ready file's content: where a process listens, and the model card it serves."""
@@ -369,7 +239,7 @@ def card_ready(
         max_num_batched_tokens=card.max_num_batched_tokens,
         kv_capacity_tokens=card.kv_capacity_tokens,
         predicted_tokens_per_s_per_user=card.predicted_tokens_per_s_per_user,
-        role=role,
+        role=role.value,
         bootstrap_port=bootstrap_port,
     )
 

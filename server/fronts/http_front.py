@@ -203,10 +203,11 @@ def metrics_handler(metrics: MetricsSource) -> Handler:
     return handle
 
 
-def metrics_app(metrics: MetricsSource) -> web.Application:
-    """Only /metrics: for a gRPC-only server's --metrics-port."""
+def metrics_app(handler: Handler) -> web.Application:
+    """Only /metrics, answered by `handler` (`metrics_handler`'s, or a front process's that
+    asks the engine process): for a gRPC-only server's --metrics-port."""
     app = web.Application(middlewares=[openai_errors])
-    app.router.add_get("/metrics", metrics_handler(metrics))
+    app.router.add_get("/metrics", handler)
     return app
 
 

@@ -18,28 +18,16 @@ import itertools
 import logging
 import socket
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from aiohttp import web
-from grpc_health.v1 import health_pb2
 
-from memorywall.server.app import (
-    HEALTH_NAMES,
-    ServerConfig,
-    bind_grpc,
-    grpc_server,
-    quiet_gc,
-)
-from memorywall.server.engine.build import ModelCard
+from memorywall.server.app import quiet_gc
+from memorywall.server.config import ServerConfig
+from memorywall.server.engine.api import ModelCard
 from memorywall.server.engine.guard import GuardedEngine
-from memorywall.server.fronts.http_front import (
-    HttpSite,
-    OpenAIFront,
-    expect_continue,
-    openai_errors,
-)
-from memorywall.server.fronts.tokenizer import load_tokenizer
+from memorywall.server.listeners import ListenerPorts, Listeners
 from memorywall.server.multi.child import configure_logging, watch_parent
 from memorywall.server.multi.remote import EngineLostError, RemoteEngine
 from memorywall.server.signals import on_stop_signals
@@ -47,15 +35,6 @@ from memorywall.server.signals import on_stop_signals
 FRONT_HEADER = "X-Memorywall-Front"
 
 log = logging.getLogger("memorywall.front")
-
-
-@dataclass(frozen=True)
-class FrontPorts:
-    """The ports a front bound (None: that listener is off)."""
-
-    grpc_port: int | None
-    http_port: int | None
-    metrics_port: int | None
 
 
 class FrontServer:
@@ -76,38 +55,18 @@ class FrontServer:
         self.index = index
         guard = replace(config.guard, fault_seed=config.guard.fault_seed + index)
         self.guarded = GuardedEngine(remote, guard, observers=[remote])
-        ssl_context = config.tls.ssl_context() if config.tls is not None else None
-        self.server = None
-        if config.grpc:
+        self.listeners = Listeners(
+            self.guarded,
+            card,
+            config,
+            seed=seed,
+            metrics=self.metrics,  # the engine's series, asked of the engine process
+            reuse_port=True,
             # Unnamed token-count prompts: front i numbers them i, i + N, i + 2N, ..., so no
             # two fronts build the same prompt (and share a prefix the client never sent).
-            self.server, self.health = grpc_server(
-                self.guarded,
-                card,
-                config,
-                seed,
-                reuse_port=True,
-                unnamed_prompts=itertools.count(index, count),
-            )
-        self.http: HttpSite | None = None
-        if config.http_port is not None:
-            front = OpenAIFront(
-                self.guarded,
-                card,
-                load_tokenizer(config.tokenizer, card.vocab_size),
-                None,  # /metrics comes from the engine, below
-                max_request_bytes=config.max_request_bytes,
-                api_key=config.api_key,
-            )
-            app = front.app()
-            app.router.add_route("GET", "/metrics", self.metrics, expect_handler=expect_continue)
-            app.on_response_prepare.append(self._stamp)
-            self.http = HttpSite(app, ssl_context=ssl_context, reuse_port=True)
-        self.metrics_site: HttpSite | None = None
-        if config.metrics_port is not None:
-            app = web.Application(middlewares=[openai_errors])
-            app.router.add_get("/metrics", self.metrics)
-            self.metrics_site = HttpSite(app, ssl_context=ssl_context, reuse_port=True)
+            unnamed_prompts=itertools.count(index, count),
+            response_headers={FRONT_HEADER: str(index)},
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The engine's series, whichever front is asked."""
@@ -117,44 +76,19 @@ class FrontServer:
             return web.Response(status=503, text="the engine did not answer\n")
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[FRONT_HEADER] = str(self.index)
-
-    async def start(self, ports: FrontPorts) -> FrontPorts:
+    async def start(self, ports: ListenerPorts) -> ListenerPorts:
         """Bind every listener (port 0: any free port), then serve; returns the bound ports."""
-        c = self.config
-        grpc_port = bind_grpc(self.server, c, ports.grpc_port) if self.server else None
-        http_port = metrics_port = None
-        try:
-            if self.http is not None:
-                http_port = await self.http.start(c.host, ports.http_port)
-            if self.metrics_site is not None:
-                metrics_port = await self.metrics_site.start(c.host, ports.metrics_port)
-        except OSError:
-            await self._stop_http()
-            raise
-        if self.server is not None:
-            await self.server.start()
-            for name in HEALTH_NAMES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return FrontPorts(grpc_port, http_port, metrics_port)
+        bound = await self.listeners.bind(ports)
+        await self.listeners.serve()
+        return bound
 
     async def stop(self) -> None:
         """Stop admitting, let the engine drain (it waits for every front's streams up to
         the grace period), then close the listeners and the engine socket."""
-        if self.server is not None:
-            for name in HEALTH_NAMES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.listeners.stop_serving()
         await self.guarded.drain(self.config.grace_s)
-        if self.server is not None:
-            await self.server.stop(grace=1.0)
-        await self._stop_http()
+        await self.listeners.close()
         await self.remote.close()
-
-    async def _stop_http(self) -> None:
-        for site in (self.http, self.metrics_site):
-            if site is not None:
-                await site.stop()
 
 
 def front_main(
@@ -162,7 +96,7 @@ def front_main(
     count: int,
     config: ServerConfig,
     seed: int,
-    ports: FrontPorts,
+    ports: ListenerPorts,
     sock: socket.socket,
     log_level: str,
     status: Connection,
@@ -178,7 +112,7 @@ async def _front(
     count: int,
     config: ServerConfig,
     seed: int,
-    ports: FrontPorts,
+    ports: ListenerPorts,
     sock: socket.socket,
     status: Connection,
 ) -> int:

@@ -27,11 +27,13 @@ from pathlib import Path
 from memorywall.core import Deployment
 from memorywall.errors import ConfigError, MemorywallError
 from memorywall.ready import remove, write_json
-from memorywall.server.app import ServerConfig, card_ready, describe, exposure_risk
-from memorywall.server.engine.build import ModelCard
+from memorywall.server.app import card_ready, describe, exposure_risk
+from memorywall.server.config import ServerConfig
+from memorywall.server.engine.api import ModelCard
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.listeners import ListenerPorts, addresses
 from memorywall.server.multi.engine_host import engine_main
-from memorywall.server.multi.front import FrontPorts, front_main
+from memorywall.server.multi.front import front_main
 from memorywall.server.pd import Role
 
 log = logging.getLogger("memorywall.server")
@@ -177,9 +179,7 @@ def serve_processes(
         try:
             if ready_file is not None:
                 write_json(ready_file, _ready(card, config, bound).as_dict())
-            log.info(
-                describe(card, _addresses(config, bound)) + f" ({api_servers} front processes)"
-            )
+            log.info(describe(card, addresses(config, bound)) + f" ({api_servers} front processes)")
             dead = supervisor.watch()
         finally:
             if ready_file is not None:
@@ -207,7 +207,7 @@ def _start(
     config: ServerConfig,
     count: int,
     log_level: str,
-) -> tuple[ModelCard, FrontPorts]:
+) -> tuple[ModelCard, ListenerPorts]:
     pairs = [socket.socketpair() for _ in range(count)]
     try:
         engine = supervisor.start(
@@ -223,9 +223,7 @@ def _start(
         for a, _ in pairs:  # only the engine holds these now: its exit reads as EOF
             a.close()
         card = supervisor.ready(engine)
-        bound = FrontPorts(
-            config.port if config.grpc else None, config.http_port, config.metrics_port
-        )
+        bound = ListenerPorts.of(config)
         fronts = []
         for index, (_, sock) in enumerate(pairs):
             args = (index, count, config, engine_config.seed, bound, sock, log_level)
@@ -243,7 +241,7 @@ def _start(
     return card, bound
 
 
-def _ready(card: ModelCard, config: ServerConfig, ports: FrontPorts):
+def _ready(card: ModelCard, config: ServerConfig, ports: ListenerPorts):
     return card_ready(
         card,
         pid=os.getpid(),
@@ -253,13 +251,3 @@ def _ready(card: ModelCard, config: ServerConfig, ports: FrontPorts):
         http_port=ports.http_port,
         metrics_port=ports.metrics_port,
     )
-
-
-def _addresses(config: ServerConfig, ports: FrontPorts) -> list[str]:
-    host, scheme = config.host, "https" if config.tls is not None else "http"
-    out = [f"{host}:{ports.grpc_port}"] if ports.grpc_port is not None else []
-    if ports.http_port is not None:
-        out.append(f"{scheme}://{host}:{ports.http_port}")
-    if ports.metrics_port is not None:
-        out.append(f"{scheme}://{host}:{ports.metrics_port}/metrics")
-    return out

@@ -515,12 +515,12 @@ async def test_grpc_and_http_share_one_engine(serve, h100_8b, session):
 
 async def test_http_only_and_metrics_only_servers(serve, wse3_8b, session):
     http_only = await serve(wse3_8b, grpc=False)
-    assert http_only.server is None and http_only.addresses == [http_only.http_url]
+    assert http_only.listeners.grpc is None and http_only.addresses == [http_only.http_url]
     status, out, _ = await post(session, http_only, COMPLETIONS, {"prompt": "hi", "max_tokens": 2})
     assert status == 200, out
 
     grpc_only = await serve(wse3_8b, http_port=None, metrics_port=0)
-    assert grpc_only.http is None
+    assert grpc_only.listeners.http is None
     url = f"http://127.0.0.1:{grpc_only.metrics_port}"
     assert grpc_only.addresses == [grpc_only.target, f"{url}/metrics"]
     async with session.get(f"{url}/metrics") as r:

@@ -1,0 +1,47 @@
+"""What `memorywall serve` asks of a server: its listeners, admission, faults, roles.
+
+One frozen config for the whole server; the CLI builds it. `app.EmulatorServer`
+and the multi-process server (`multi/`) read it, and `listeners.Listeners`
+binds the ports it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memorywall.errors import ConfigError
+from memorywall.server.engine.guard import GuardConfig
+from memorywall.server.fronts.http_front import MAX_BODY_BYTES
+from memorywall.server.fronts.tls import TlsConfig
+from memorywall.server.pd import PdConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # gRPC
+    grpc: bool = True
+    http_port: int | None = None  # the OpenAI HTTP front (with /metrics); None: off
+    metrics_port: int | None = None  # /metrics alone, for a gRPC-only server; None: off
+    tokenizer: Path | None = None  # HF tokenizer.json for HTTP prompt text; None: ~4 chars/token
+    grace_s: float = 5.0
+    # The message budget's ceiling: about what grpc.aio carries on two cores shared with
+    # the client. Below it the engine lowers the budget by itself whenever it wakes late
+    # (server/engine/pacing.py), and only then groups tokens, one step at most.
+    max_messages_per_s: float = 40_000.0
+    disaggregation: PdConfig = field(default_factory=PdConfig)  # --role prefill|decode
+    guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
+    # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
+    max_request_bytes: int = MAX_BODY_BYTES
+    tls: TlsConfig | None = None  # None: plaintext on every port
+    api_key: str | None = None  # None: no key asked (see fronts/auth.py for what it guards)
+
+    def __post_init__(self) -> None:
+        if not self.grpc and self.http_port is None:
+            raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
+
+    @property
+    def scheme(self) -> str:
+        """The HTTP listeners' URL scheme."""
+        return "https" if self.tls is not None else "http"
