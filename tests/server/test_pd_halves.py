@@ -16,9 +16,11 @@ from polling import wait_until
 
 from memorywall.core import Batch, PrefillChunk, StepModel
 from memorywall.core.kv_transfer import kv_link, kv_transfer
-from memorywall.errors import PartnerLostError, PartnerTimeoutError
-from memorywall.server.engine.api import Finished, TokenGroup
+from memorywall.errors import InjectedUnavailableError, PartnerLostError, PartnerTimeoutError
+from memorywall.server.engine.api import EngineClient, Finished, TokenGroup
 from memorywall.server.engine.build import build_core
+from memorywall.server.engine.faults import parse_rule
+from memorywall.server.engine.guard import GuardConfig, GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.pd import Bootstrap, Disaggregation, PdConfig, Role
@@ -77,17 +79,26 @@ async def engine_for(deployment) -> AsyncEngine:
 async def pair(h100_8b, wse3_8b) -> AsyncIterator:
     made: list[tuple[Disaggregation, AsyncEngine]] = []
 
-    async def make(*, link=10.0, timeout_s: float = 5.0, layer_overlap: bool = False) -> Pair:
+    async def make(
+        *, link=10.0, timeout_s: float = 5.0, layer_overlap: bool = False, faults: bool = False
+    ) -> Pair:
+        """`faults`: each worker's engine behind a guard that takes requests' own faults."""
         p_engine, d_engine = await engine_for(h100_8b), await engine_for(wse3_8b)
+
+        def served(engine: AsyncEngine) -> EngineClient:
+            if not faults:
+                return engine
+            return GuardedEngine(engine, GuardConfig(allow_fault_headers=True))
+
         prefill = Disaggregation(
-            p_engine,
+            served(p_engine),
             h100_8b,
             PdConfig(role=Role.PREFILL, bootstrap_port=0, partner_timeout_s=timeout_s),
         )
         await prefill.start("127.0.0.1")
         metrics = KvTransferMetrics(wse3_8b.model.name)
         decode = Disaggregation(
-            d_engine,
+            served(d_engine),
             wse3_8b,
             PdConfig(
                 role=Role.DECODE,
@@ -157,6 +168,24 @@ async def test_halves_pair_by_room_and_ttft_is_prefill_plus_transfer_plus_a_step
     count = next(s for s in seconds.samples if s.name.endswith("_count"))
     assert count.value == 1
     assert sent.samples[0].value == pytest.approx(expected.bytes)
+
+
+async def test_a_requests_fault_goes_with_each_half_to_its_engine(pair):
+    pd = await pair(faults=True)
+    with pytest.raises(InjectedUnavailableError):
+        pd.prefill.submit(request("e"), pd.bootstrap(room=40), fault=parse_rule("error:1"))
+    assert not pd.prefill.bootstrap.rooms  # refused holding nothing
+    t0 = pd.decode.engine.now()
+    b = pd.bootstrap(room=43)
+    (_, p_done), (d_groups, d_done) = await asyncio.gather(
+        drain(pd.prefill.submit(request(), b, arrival_s=t0)),
+        drain(pd.decode.submit(request(), b, arrival_s=t0, fault=parse_rule("stall:1:0.25"))),
+    )
+    assert p_done.fault is None and d_done.fault == "stall:0.25"
+    # The stall holds the decode half's first token, after the remote prefill and transfer.
+    assert d_groups[0].times_s[0] >= p_done.ttft_s + d_done.kv_transfer_s + 0.25
+    assert d_done.ttft_s >= d_groups[0].times_s[0] - 1e-9
+    assert pd.kv_used() == (0, 0)
 
 
 @pytest.mark.parametrize("decode_first", [False, True], ids=["prefill first", "decode first"])
