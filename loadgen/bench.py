@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memorywall.loadgen import arrivals
+from memorywall.loadgen import arrivals, jsonl
 from memorywall.loadgen.metrics import RunMetrics, Slo, compute_metrics
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.runner import (
@@ -321,6 +321,4 @@ def write_level(out_dir: Path, result: dict, records: list[RequestRecord]) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{result['label']}-{result['level']}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    with (out_dir / f"{stem}.requests.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r.as_dict()) + "\n")
+    jsonl.write_rows(out_dir / f"{stem}.requests.jsonl", (r.as_dict() for r in records))

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from memorywall.client import ClientError
-from memorywall.loadgen import compare, plots, prefix_workload
+from memorywall.loadgen import compare, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
 from memorywall.loadgen.target import Access, Backend
@@ -190,15 +190,19 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_level(args.out, result, records)
     if args.out:
-        write_sweep(args.out, config.label, results)
+        write_sweep(args.out, config.label, results, plot=args.plots)
         print(f"wrote {args.out}/")
     return 0
 
 
-def write_sweep(out: Path, label: str, results: list[dict]) -> None:
-    """The sweep's summary and plots (each level's files are written as it ends); the
-    plots name the sweep as `bench compare` would."""
+def write_sweep(out: Path, label: str, results: list[dict], *, plot: bool = True) -> None:
+    """The sweep's summary and, with `plot`, its plots (each level's files are written as
+    it ends); the plots name the sweep as `bench compare` would."""
     (out / compare.SUMMARY).write_text(json.dumps(results, indent=2))
+    if not plot:
+        return
+    from memorywall.loadgen import plots  # matplotlib: half a second to import
+
     named = label if label != compare.BENCH_DEFAULT_LABEL else compare.describe(results, out)
     sweeps = [(named, results)]
     plots.latency_vs_load(sweeps, out / "latency_vs_load.png")

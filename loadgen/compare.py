@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from memorywall.loadgen import plots, rates
+from memorywall.loadgen import rates
 
 SUMMARY = "summary.json"
 BENCH_DEFAULT_LABEL = "run"  # `memorywall bench --label`'s default: says nothing
@@ -130,6 +130,8 @@ def compare(paths: Sequence[Path], out: Path | None, labels: Sequence[str] | Non
     sweeps = list(zip(labels_for(loaded, labels), (r for _, r in loaded), strict=True))
     print(table(sweeps))
     if out:
+        from memorywall.loadgen import plots  # matplotlib: only when plotting
+
         out.mkdir(parents=True, exist_ok=True)
         plots.latency_vs_load(sweeps, out / "latency_vs_load.png")
         plots.per_user_vs_load(sweeps, out / "per_user_vs_load.png")

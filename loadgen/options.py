@@ -81,3 +81,9 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", help="goodput bounds, e.g. ttft=500ms,tpot=30ms")
     p.add_argument("--label", default="run", help="name for this sweep in files and plots")
     p.add_argument("--out", type=Path, help="write JSON, per-request JSONL and PNG plots here")
+    p.add_argument(
+        "--no-plots",
+        dest="plots",
+        action="store_false",
+        help="--out without the PNG plots (nor matplotlib: about a second of CPU)",
+    )

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from memorywall.loadgen import jsonl
 from memorywall.loadgen.records import RequestSpec
 
 __all__ = [
@@ -301,17 +302,13 @@ def _bench_records(path: Path) -> list[dict[str, Any]] | None:
     """The rows of a bench per-request file (`<label>.requests.jsonl`: every row has an
     integer `sent_ns`), or None for any other file."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                return None
+    try:
+        for obj in jsonl.read_rows(path):
             if not isinstance(obj, dict) or not _is_int(obj.get("sent_ns")):
                 return None
             rows.append(obj)
+    except (jsonl.DecodeError, UnicodeDecodeError):
+        return None
     return rows or None
 
 

@@ -131,7 +131,7 @@ def run(
             write_level(args.out, lr.result, lr.records)
     if args.out:
         results = [lr.result for lr in runs]
-        write_sweep(args.out, config.label, results)
+        write_sweep(args.out, config.label, results, plot=args.plots)
         (args.out / WALL_TIME).write_text(json.dumps(wall_report(runs), indent=2))
         print(f"wrote {args.out}/")
     return 0

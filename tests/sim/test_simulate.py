@@ -58,6 +58,21 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
     assert main(["bench", "compare", str(tmp_path)]) == 0
 
 
+def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path) -> None:
+    """`--no-plots`: the same result files, no PNGs, and matplotlib never imported."""
+    code = (
+        "import sys; from memorywall.cli import main; "
+        f"main(['simulate', *{WSE!r}, '--num-prompts', '3', *{SMALL!r}, "
+        f"'--out', {str(tmp_path)!r}, '--no-plots']); "
+        "print(any(m.startswith('matplotlib') for m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["sim-c1.json", "sim-c1.requests.jsonl", "summary.json", "wall_time.json"]
+
+
 def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
     argv = ["--request-rate", "50", "--num-prompts", "30", "--input-len", "lognormal:200:0.5"]
     argv += ["--output-len", "uniform:20:0.5", "--slo", "ttft=5ms"]
