@@ -1,0 +1,34 @@
+"""benchmarks/engine_cpu.py at a tiny size: every row measured, the JSON as documented."""
+
+import json
+
+from benchmarks import engine_cpu
+
+
+def test_tiny_run_measures_both_engines(capsys):
+    argv = ["--hardware", "wse-3", "--batch", "1,3", "--rounds", "2"]
+    assert engine_cpu.main([*argv, "--input-len", "16", "--output-len", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["mode"], r["batch"]) for r in rows] == [
+        ("OFFLINE", 1),
+        ("LIVE", 1),
+        ("OFFLINE", 3),
+        ("LIVE", 3),
+    ]
+    for r in rows:
+        assert r["requests"] == 2 * r["batch"] and r["tokens"] == 4 * r["requests"]
+        assert r["cpu_s"] > 0 and r["cpu_per_token_us"] == r["cpu_s"] / r["tokens"] * 1e6
+        assert r["modelled_s"] > 0
+    for r in rows[1::2]:  # LIVE: the stalls the engine reported, within its decode time
+        assert r["decode_s"] > 0 and 0 <= r["decode_host_stall_s"] <= r["decode_s"]
+        assert r["stall_share"] == r["decode_host_stall_s"] / r["decode_s"]
+    for r in rows[::2]:
+        assert r["decode_s"] is None and r["stall_share"] is None
+
+
+def test_table_has_a_line_per_row():
+    todo = engine_cpu.requests(2, 1, 16, 4)
+    rows = [engine_cpu.offline("h100-sxm", 2, todo), engine_cpu.live("h100-sxm", 2, todo)]
+    lines = engine_cpu.table(rows).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| OFFLINE | h100-sxm | 2 | 2 | 8 ")
+    assert lines[3].startswith("| LIVE | h100-sxm | 2 | 2 | 8 ") and lines[3].endswith("% |")
