@@ -8,7 +8,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from memorywall.client import ClientError
 from memorywall.loadgen import compare, prefix_workload
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
@@ -161,6 +160,7 @@ def openai_server_facts(base: str, model: str | None, access: Access | None = No
 
 def grpc_server_facts(target: str, access: Access | None = None) -> ServerFacts:
     """Ask a memorywall gRPC server what it emulates."""
+    from memorywall.client import ClientError
 
     async def ask() -> ServerFacts:
         async with (access or Access()).client(target, timeout_s=5.0) as client:

@@ -13,11 +13,13 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from memorywall.client import AsyncClient, ClientError, ModelInfo, Tls
 from memorywall.loadgen.prompts import spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
+
+if TYPE_CHECKING:  # the gRPC client (grpc: ~0.1 s to import) only for gRPC targets
+    from memorywall.client import AsyncClient, ModelInfo, Tls
 
 
 class Target(Protocol):
@@ -53,6 +55,8 @@ class Access:
     api_key: str | None = None
 
     def grpc_tls(self) -> Tls | None:
+        from memorywall.client import Tls
+
         return Tls(ca=self.tls_ca) if self.tls or self.tls_ca else None
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -63,6 +67,8 @@ class Access:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, address: str, *, timeout_s: float | None) -> AsyncClient:
+        from memorywall.client import AsyncClient
+
         return AsyncClient(address, timeout_s=timeout_s, tls=self.grpc_tls(), api_key=self.api_key)
 
 
@@ -131,6 +137,8 @@ class GrpcTarget:
 
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None:
         """Stream one request into `record`; a failure becomes `record.error`, not an exception."""
+        from memorywall.client import ClientError
+
         try:
             if spec.prefix_group is None:
                 prompt: dict = {"prompt_tokens": spec.prompt_tokens}

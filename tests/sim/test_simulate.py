@@ -59,16 +59,17 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
 
 
 def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path) -> None:
-    """`--no-plots`: the same result files, no PNGs, and matplotlib never imported."""
+    """`--no-plots`: the same result files, no PNGs, and matplotlib never imported (nor
+    the gRPC client: a simulation has no server to reach)."""
     code = (
         "import sys; from memorywall.cli import main; "
         f"main(['simulate', *{WSE!r}, '--num-prompts', '3', *{SMALL!r}, "
         f"'--out', {str(tmp_path)!r}, '--no-plots']); "
-        "print(any(m.startswith('matplotlib') for m in sys.modules))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'grpc'}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "False"
+    assert proc.stdout.splitlines()[-1] == "[]"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["sim-c1.json", "sim-c1.requests.jsonl", "summary.json", "wall_time.json"]
 
