@@ -1,9 +1,10 @@
 """`memorywall simulate`: serve's deployment and engine options, bench's load options.
 
 Writes what `memorywall bench --out` writes (a JSON file and a per-request JSONL
-file per level, `summary.json`, the two PNG plots), so `memorywall bench compare`
-sets simulated sweeps beside measured ones. What the simulation cost in host
-time goes to `wall_time.json` alone, so the result files depend on the seed only.
+file per level, `summary.json`, the two PNG plots unless `--no-plots`), so
+`memorywall bench compare` sets simulated sweeps beside measured ones. What the
+simulation cost in host time goes to `wall_time.json` alone, so the result files depend
+on the seed only.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def run(
 ) -> int:
     """Simulate every level (on the split `fleet` when one is given, `memorywall.sim.pd`); raises
     `loadgen.cli.BenchError` for bad load options."""
-    # Imported here: the bench CLI brings matplotlib, which `memorywall --help` need not load.
+    # Imported here: `memorywall --help` need not load the bench CLI.
     from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
 
     workload, slo = workload_from_args(args)
