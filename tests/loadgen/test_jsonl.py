@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from memorywall.loadgen import jsonl
 from memorywall.loadgen.records import RequestRecord
@@ -69,3 +72,23 @@ def test_files_the_old_writer_made_still_replay(tmp_path: Path) -> None:
     assert list(jsonl.read_rows(old)) == list(jsonl.read_rows(new)) == rows
     a, b = TraceWorkload.from_jsonl(old), TraceWorkload.from_jsonl(new)
     assert a.requests == b.requests and [r.arrival_s for r in a.requests] == [0.0, 1e-06]
+
+
+def test_without_orjson_the_standard_library_writes_and_reads(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("orjson")
+    rows = [r.as_dict() for r in records()]
+    jsonl.write_rows(tmp_path / "fast.jsonl", rows)
+    monkeypatch.setitem(sys.modules, "orjson", None)  # as if not installed
+    try:
+        importlib.reload(jsonl)
+        assert jsonl.orjson is None and jsonl.dumps_line is jsonl._stdlib_line
+        jsonl.write_rows(tmp_path / "slow.jsonl", rows)
+        assert list(jsonl.read_rows(tmp_path / "fast.jsonl")) == rows
+        slow = (tmp_path / "slow.jsonl").read_bytes()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(jsonl)
+    assert jsonl.orjson is not None
+    assert list(jsonl.read_rows(tmp_path / "slow.jsonl")) == rows
+    # The same compact form: only the spelling of some floats differs.
+    assert slow.replace(b"1.5e-05", b"0.000015") == (tmp_path / "fast.jsonl").read_bytes()
