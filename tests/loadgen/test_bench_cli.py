@@ -303,6 +303,16 @@ def test_impossible_but_valid_slo_gives_zero_goodput(target, tmp_path):
     assert r["completed"] == 3 and r["request_goodput"] == 0
 
 
+def test_no_plots_writes_the_rest(target, tmp_path):
+    argv = ["bench", "--target", target, "--concurrency", "1", "--num-prompts", "2", *SMALL]
+    run_ok(*argv, "--out", str(tmp_path), "--no-plots")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["run-c1.json", "run-c1.requests.jsonl", "summary.json"]
+    rows = jsonl(tmp_path / "run-c1.requests.jsonl")  # every message's time, as with plots
+    assert [sum(r["chunk_tokens"]) for r in rows] == [16, 16]
+    assert all(len(r["chunk_ns"]) == len(r["chunk_tokens"]) for r in rows)
+
+
 def test_two_workers_both_send(target, tmp_path):
     argv = ["bench", "--target", target, "--concurrency", "2", "--num-prompts", "6", *SMALL]
     run_ok(*argv, "--workers", "2", "--out", str(tmp_path), "--label", "w")
