@@ -36,7 +36,7 @@ from benchmarks.sim_speed import HARDWARE, MODEL, OUTPUT, PROMPT, deployment
 from memorywall.argtypes import number_list, positive_int
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestSpec
-from memorywall.server.app import ServerConfig
+from memorywall.server.config import ServerConfig
 from memorywall.server.engine.api import Finished
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.live import AsyncEngine
