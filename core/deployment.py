@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
+from typing import Any
 
-from memorywall.core.hardware import DeviceKind, Hardware
-from memorywall.core.model import ModelShape
+from memorywall.core.hardware import DeviceKind, Hardware, load_hardware
+from memorywall.core.model import ModelShape, load_model
 from memorywall.core.precision import Precision
 from memorywall.errors import CapacityError, ConfigError
 
@@ -138,21 +139,37 @@ def plan_deployment(
     kv_precision: Precision = Precision.BF16,
     placement: Placement = Placement.RESIDENT,
     speculative: Speculative | None = None,
+    tensor_parallel: int | None = None,
     memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
     kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
 ) -> Deployment:
-    """Lay `model` over `devices` (or the fewest that hold its weights plus a KV reserve)."""
+    """Lay `model` over `devices` (or the fewest that hold its weights plus a KV reserve).
+
+    `tensor_parallel` (with `devices`) picks one of `layouts` (the rest of the devices is
+    the pipeline); by default tensor parallel fills the scale-up domain.
+    """
     if not 0.0 < memory_utilization <= 1.0:
         raise ConfigError(f"memory_utilization: must be in (0, 1], got {memory_utilization}")
     if not 0.0 <= kv_reserve_fraction < 1.0:
         raise ConfigError(f"kv_reserve_fraction: must be in [0, 1), got {kv_reserve_fraction}")
     if devices is not None and devices < 1:
         raise ConfigError(f"devices: must be >= 1, got {devices}")
+    if tensor_parallel is not None and devices is None:
+        raise ConfigError("tensor_parallel: needs devices")
     if placement is Placement.STREAM and hardware.stream is None:
         raise ConfigError(f"placement: {hardware.name} has no external weight store to stream from")
 
     def build(n: int) -> Deployment:
-        tp, pp = _layout(hardware, model, n)
+        if tensor_parallel is None or n != devices:
+            tp, pp = _layout(hardware, model, n)
+        else:
+            tp, pp = tensor_parallel, n // tensor_parallel
+            if n % tp or (tp, pp) not in layouts(hardware, model, n):
+                valid = ", ".join(f"TP{t} x PP{p}" for t, p in layouts(hardware, model, n))
+                raise ConfigError(
+                    f"tensor_parallel: {tp} does not split {n} x {hardware.name} for "
+                    f"{model.name} (valid: {valid or 'none'})"
+                )
         return Deployment(
             hardware=hardware,
             model=model,
@@ -176,6 +193,94 @@ def plan_deployment(
             f"{kv_reserve_fraction:.0%} KV reserve); {devices} given"
         )
     return build(devices)
+
+
+def layouts(hardware: Hardware, model: ModelShape, devices: int) -> list[tuple[int, int]]:
+    """Every (tensor, pipeline) split of `devices`: tensor parallel a power of two within the
+    scale-up domain dividing the attention heads; wafers are one pipeline."""
+    if hardware.kind is DeviceKind.WAFER:
+        return [(1, devices)] if devices <= model.n_layers else []
+    out = []
+    tp = 1
+    while tp <= min(devices, hardware.scale_up_domain):
+        pp = devices // tp
+        if devices % tp == 0 and model.n_heads % tp == 0 and pp <= model.n_layers:
+            out.append((tp, pp))
+        tp *= 2
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentNames:
+    """A deployment as a command line or a spec names it: profile and model by built-in name
+    or path, precisions and placement by their values. `build` is the one place a
+    `Deployment` is made from names (serve, simulate, calibrate, the fleet's check, a
+    disaggregated partner); the defaults here are the CLI's defaults."""
+
+    hardware: str
+    model: str
+    devices: int | None = None  # None: the fewest that hold the weights and a KV reserve
+    weight_precision: str = Precision.BF16.value
+    kv_precision: str = Precision.BF16.value
+    placement: str = "sram"  # `Placement.parse`: sram/resident/hbm, or stream
+    draft_tokens: int | None = None  # speculative decoding: drafts per step; None: off
+    acceptance: float = 0.7  # speculative acceptance rate
+    draft_model: str | None = None  # None: free drafting
+    tensor_parallel: int | None = None  # None: the default split of `devices`
+
+    def speculative(self) -> Speculative | None:
+        if self.draft_tokens is None:
+            if self.draft_model is not None:
+                raise ConfigError("draft_model: needs draft_tokens")
+            return None
+        return Speculative(
+            draft_tokens=self.draft_tokens,
+            acceptance_rate=self.acceptance,
+            draft_model=load_model(self.draft_model) if self.draft_model else None,
+        )
+
+    def build(self) -> Deployment:
+        """Load the profile and model and lay the model out; a bad name or a layout that
+        does not fit is a one-line MemorywallError."""
+        try:
+            weight, kv = Precision(self.weight_precision), Precision(self.kv_precision)
+        except ValueError as e:
+            raise ConfigError(f"precision: {e}") from None
+        return plan_deployment(
+            load_hardware(self.hardware),
+            load_model(self.model),
+            devices=self.devices,
+            weight_precision=weight,
+            kv_precision=kv,
+            placement=Placement.parse(self.placement),
+            speculative=self.speculative(),
+            tensor_parallel=self.tensor_parallel,
+        )
+
+    def resolved(self, d: Deployment) -> DeploymentNames:
+        """These names with the devices and split `d` (built from them) got, so that another
+        process rebuilds the same layout."""
+        return replace(self, devices=d.devices, tensor_parallel=d.tensor_parallel)
+
+    @classmethod
+    def of(cls, d: Deployment) -> DeploymentNames:
+        """Names for a deployment built from loaded profiles (their built-in names)."""
+        spec = d.speculative
+        return cls(
+            hardware=d.hardware.name,
+            model=d.model.name,
+            devices=d.devices,
+            weight_precision=d.weight_precision.value,
+            kv_precision=d.kv_precision.value,
+            placement=d.placement.value,
+            draft_tokens=spec.draft_tokens if spec else None,
+            acceptance=spec.acceptance_rate if spec else cls.acceptance,
+            draft_model=spec.draft_model.name if spec and spec.draft_model else None,
+            tensor_parallel=d.tensor_parallel,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _fewest_devices(

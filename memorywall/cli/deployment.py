@@ -6,22 +6,16 @@ Shared by predict, serve, simulate and calibrate.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from memorywall.argtypes import fraction, positive_int
 from memorywall.cli.usage import UsageError
-from memorywall.core import (
-    Placement,
-    Precision,
-    Speculative,
-    load_hardware,
-    load_model,
-    plan_deployment,
-)
-from memorywall.core.deployment import Deployment
+from memorywall.core import Precision
+from memorywall.core.deployment import Deployment, DeploymentNames
+from memorywall.server.engine.scheduler import EngineConfig
 
-if TYPE_CHECKING:
-    from memorywall.server.engine.scheduler import EngineConfig
+# The defaults below are the config dataclasses' own, said once there.
+_NAMES = DeploymentNames(hardware="", model="")
+_ENGINE = EngineConfig()
 
 
 def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,26 +24,39 @@ def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="built-in name or HF config.json path")
     p.add_argument("--devices", type=positive_int, help="device count (default: fewest that fit)")
     precisions = [x.value for x in Precision]
-    p.add_argument("--weight-precision", default="bf16", choices=precisions)
-    p.add_argument("--kv-precision", default="bf16", choices=precisions)
+    p.add_argument("--weight-precision", default=_NAMES.weight_precision, choices=precisions)
+    p.add_argument("--kv-precision", default=_NAMES.kv_precision, choices=precisions)
     p.add_argument(
         "--placement",
-        default="sram",
+        default=_NAMES.placement,
         choices=["sram", "resident", "stream"],
         help="weights resident in device memory (sram = resident), or streamed over external I/O",
     )
     p.add_argument(
         "--draft-tokens", type=positive_int, help="speculative decoding: drafts per step"
     )
-    p.add_argument("--acceptance", type=fraction, default=0.7, help="speculative acceptance rate")
+    p.add_argument(
+        "--acceptance",
+        type=fraction,
+        default=_NAMES.acceptance,
+        help="speculative acceptance rate",
+    )
     p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's batching options; shared by serve and simulate."""
-    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="running batch limit")
     p.add_argument(
-        "--max-num-batched-tokens", type=positive_int, default=8192, help="token budget per step"
+        "--max-num-seqs",
+        type=positive_int,
+        default=_ENGINE.max_num_seqs,
+        help="running batch limit",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=_ENGINE.max_num_batched_tokens,
+        help="token budget per step",
     )
     p.add_argument(
         "--no-prefix-caching",
@@ -60,9 +67,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    # Imported here: predict/hardware/models do not need the engine.
-    from memorywall.server.engine.scheduler import EngineConfig
-
     return EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -71,22 +75,22 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def deployment_from_args(args: argparse.Namespace) -> Deployment:
-    speculative = None
-    if args.draft_tokens:
-        speculative = Speculative(
-            draft_tokens=args.draft_tokens,
-            acceptance_rate=args.acceptance,
-            draft_model=load_model(args.draft_model) if args.draft_model else None,
-        )
-    elif args.draft_model:
+def names_from_args(args: argparse.Namespace) -> DeploymentNames:
+    """The deployment the options name, as given (profile and model names or paths)."""
+    if args.draft_model and not args.draft_tokens:
         raise UsageError("--draft-model needs --draft-tokens")
-    return plan_deployment(
-        load_hardware(args.hardware),
-        load_model(args.model),
+    return DeploymentNames(
+        hardware=args.hardware,
+        model=args.model,
         devices=args.devices,
-        weight_precision=Precision(args.weight_precision),
-        kv_precision=Precision(args.kv_precision),
-        placement=Placement.parse(args.placement),
-        speculative=speculative,
+        weight_precision=args.weight_precision,
+        kv_precision=args.kv_precision,
+        placement=args.placement,
+        draft_tokens=args.draft_tokens,
+        acceptance=args.acceptance,
+        draft_model=args.draft_model,
     )
+
+
+def deployment_from_args(args: argparse.Namespace) -> Deployment:
+    return names_from_args(args).build()

@@ -9,12 +9,12 @@ import argparse
 from typing import Any
 
 from memorywall.argtypes import port, positive_float
-from memorywall.core.deployment import Deployment
+from memorywall.core.deployment import Deployment, DeploymentNames
 from memorywall.core.kv_transfer import parse_link
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from memorywall.server.pd.config import DEFAULT_BOOTSTRAP_PORT, Role
+    from memorywall.server.pd.config import DEFAULT_BOOTSTRAP_PORT, PdConfig, Role
 
     g = p.add_argument_group("disaggregated serving (behind smg --pd-disaggregation)")
     g.add_argument(
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pd-timeout",
         type=positive_float,
-        default=30.0,
+        default=PdConfig.partner_timeout_s,
         help="seconds a half waits for its partner before it ends DEADLINE_EXCEEDED",
     )
 
@@ -57,7 +57,9 @@ def add_link_arguments(
         g.add_argument("--kv-layer-overlap", action="store_true", help=overlap_help)
 
 
-def server_options(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
+def server_options(
+    args: argparse.Namespace, deployment: Deployment, names: DeploymentNames
+) -> dict[str, Any]:
     """`ServerConfig` keyword arguments; a bad `--kv-link` is a one-line ConfigError."""
     from memorywall.server.pd.config import DeploymentRef, PdConfig, Role
 
@@ -69,6 +71,6 @@ def server_options(args: argparse.Namespace, deployment: Deployment) -> dict[str
             bootstrap_port=args.bootstrap_port,
             partner_timeout_s=args.pd_timeout,
             # As given, so that a partner process rebuilds it from the same profile file.
-            deployment=DeploymentRef.of(deployment, hardware=args.hardware, model=args.model),
+            deployment=DeploymentRef.of(deployment, names),
         )
     }

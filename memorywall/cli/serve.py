@@ -10,19 +10,35 @@ from memorywall.cli import pd_options, serve_options
 from memorywall.cli.deployment import (
     add_deployment_arguments,
     add_engine_arguments,
-    deployment_from_args,
     engine_config_from_args,
+    names_from_args,
 )
-from memorywall.cli.usage import UsageError
+from memorywall.cli.usage import Parser, UsageError
+from memorywall.server.app import ServerConfig
+from memorywall.server.engine.scheduler import EngineConfig
+
+HELP = "run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
+_SERVER = ServerConfig()  # its defaults are serve's
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve", help="run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
-    )
+    p = sub.add_parser("serve", help=HELP)
+    add_arguments(p)
+    p.set_defaults(func=command)
+
+
+def build_parser() -> Parser:
+    """`memorywall serve`'s options alone: the schema of a worker (a fleet's `[[worker]]`
+    tables are checked by parsing them with it)."""
+    p = Parser(prog="memorywall serve", description=HELP)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_deployment_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=port, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--host", default=_SERVER.host, help=f"address to bind (default {_SERVER.host})")
+    p.add_argument("--port", type=port, default=_SERVER.port, help="gRPC port (0: any free port)")
     p.add_argument(
         "--http-port",
         type=port,
@@ -39,15 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(needs the `tokenizers` package; default ~4 characters per token)",
     )
     add_engine_arguments(p)
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for synthetic tokens")
     p.add_argument(
-        "--grace", type=positive_float, default=5.0, help="seconds to drain on SIGINT/SIGTERM"
+        "--seed",
+        type=nonnegative_int,
+        default=EngineConfig.seed,
+        help="seed for synthetic tokens",
+    )
+    p.add_argument(
+        "--grace",
+        type=positive_float,
+        default=_SERVER.grace_s,
+        help="seconds to drain on SIGINT/SIGTERM",
     )
     p.add_argument(
         "--max-messages-per-s",
         type=positive_float,
-        help="message budget ceiling (default 40000); the server groups tokens per message "
-        "above it, or below it when the host falls behind",
+        default=_SERVER.max_messages_per_s,
+        help=f"message budget ceiling (default {_SERVER.max_messages_per_s:g}); the server "
+        "groups tokens per message above it, or below it when the host falls behind",
     )
     p.add_argument(
         "--ready-file",
@@ -65,7 +90,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve_options.add_arguments(p)
     pd_options.add_arguments(p)
-    p.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -73,13 +97,13 @@ def command(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from memorywall.server.app import ServerConfig, serve_forever
+    from memorywall.server.app import serve_forever
 
-    budget = {"max_messages_per_s": args.max_messages_per_s} if args.max_messages_per_s else {}
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    deployment = deployment_from_args(args)
+    names = names_from_args(args)
+    deployment = names.build()
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -88,9 +112,9 @@ def command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         tokenizer=args.tokenizer,
         grace_s=args.grace,
-        **budget,
+        max_messages_per_s=args.max_messages_per_s,
         **serve_options.server_options(args),
-        **pd_options.server_options(args, deployment),
+        **pd_options.server_options(args, deployment, names),
     )
     try:
         if args.api_servers > 1:

@@ -27,6 +27,8 @@ def fault_spec(text: str):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from memorywall.server.engine.guard import GuardConfig
+
     add_security_arguments(p)
     g = p.add_argument_group("faults and admission")
     g.add_argument(
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fault-seed",
         type=nonnegative_int,
-        default=0,
+        default=GuardConfig.fault_seed,
         help="seed for each request's fate (drawn in arrival order; default 0)",
     )
     g.add_argument(
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--retry-after",
         type=positive_float,
-        default=1.0,
+        default=GuardConfig.retry_after_s,
         help="seconds a refused client is told to wait (Retry-After, grpc-retry-pushback-ms)",
     )
     g.add_argument(

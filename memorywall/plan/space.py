@@ -3,7 +3,6 @@ steady-state estimate of what each delivers under an SLO (the order they are tri
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from memorywall.core import (
     StepModel,
     plan_deployment,
 )
-from memorywall.core.hardware import DeviceKind
+from memorywall.core.deployment import layouts
 from memorywall.errors import MemorywallError
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.slo import Slo
@@ -38,7 +37,7 @@ class Space:
     placements: tuple[Placement, ...] = (Placement.RESIDENT, Placement.STREAM)
     max_devices: int = 8
     max_num_seqs: tuple[int, ...] = (32, 128, 512)
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     tolerance: float = 0.1  # bisect until the break lies within this share of the held load
 
 
@@ -100,21 +99,6 @@ class Skipped:
     reason: str
 
 
-def layouts(hardware: Hardware, model: ModelShape, devices: int) -> list[tuple[int, int]]:
-    """(tensor, pipeline) splits of `devices`: tensor parallel a power of two within the
-    scale-up domain dividing the attention heads; wafers are one pipeline."""
-    if hardware.kind is DeviceKind.WAFER:
-        return [(1, devices)] if devices <= model.n_layers else []
-    out = []
-    tp = 1
-    while tp <= min(devices, hardware.scale_up_domain):
-        pp = devices // tp
-        if devices % tp == 0 and model.n_heads % tp == 0 and pp <= model.n_layers:
-            out.append((tp, pp))
-        tp *= 2
-    return out
-
-
 def candidates(model: ModelShape, space: Space) -> tuple[list[Candidate], list[Skipped]]:
     """Every layout of every profile that holds the weights, times every batch limit."""
     found: list[Candidate] = []
@@ -148,9 +132,15 @@ def candidates(model: ModelShape, space: Space) -> tuple[list[Candidate], list[S
                     continue
                 n = fewest.devices
                 while n <= space.max_devices:
-                    for tp, pp in layouts(hw, model, n):
-                        d = dataclasses.replace(
-                            fewest, devices=n, tensor_parallel=tp, pipeline_parallel=pp
+                    for tp, _ in layouts(hw, model, n):
+                        d = plan_deployment(
+                            hw,
+                            model,
+                            devices=n,
+                            weight_precision=precision,
+                            kv_precision=space.kv_precision,
+                            placement=placement,
+                            tensor_parallel=tp,
                         )
                         found += [
                             Candidate(

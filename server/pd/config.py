@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
-from memorywall.core import Placement, Precision, load_hardware, load_model, plan_deployment
-from memorywall.core.deployment import Deployment
+from memorywall.core.deployment import Deployment, DeploymentNames
 from memorywall.core.kv_transfer import LinkKind
 from memorywall.errors import ConfigError, DisaggregationError
 
@@ -30,51 +29,22 @@ class Bootstrap:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeploymentRef:
-    """Enough for a partner process on this host to rebuild a worker's deployment."""
-
-    hardware: str  # a built-in name or a profile path, as given to `serve`
-    model: str
-    devices: int
-    weight_precision: str
-    kv_precision: str
-    placement: str
+class DeploymentRef(DeploymentNames):
+    """Enough for a partner process on this host to rebuild a worker's deployment: its names
+    as given to `serve`, with the devices and tensor/pipeline split it got (`build`)."""
 
     @classmethod
-    def of(
-        cls, d: Deployment, *, hardware: str | None = None, model: str | None = None
-    ) -> DeploymentRef:
-        return cls(
-            hardware=hardware or d.hardware.name,
-            model=model or d.model.name,
-            devices=d.devices,
-            weight_precision=d.weight_precision.value,
-            kv_precision=d.kv_precision.value,
-            placement=d.placement.value,
-        )
-
-    def build(self) -> Deployment:
-        return plan_deployment(
-            load_hardware(self.hardware),
-            load_model(self.model),
-            devices=self.devices,
-            weight_precision=Precision(self.weight_precision),
-            kv_precision=Precision(self.kv_precision),
-            placement=Placement.parse(self.placement),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def of(cls, d: Deployment, names: DeploymentNames | None = None) -> DeploymentRef:
+        """`d`, by the names it was built from (default: its profiles' built-in names)."""
+        given = (names or DeploymentNames.of(d)).resolved(d)
+        return cls(**given.as_dict())
 
     @classmethod
     def from_dict(cls, data: Any) -> DeploymentRef:
         try:
-            return cls(**{k: data[k] for k in _REF_FIELDS})
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         except (TypeError, KeyError) as e:
             raise DisaggregationError(f"bad deployment from the prefill worker: {e}") from e
-
-
-_REF_FIELDS = tuple(f.name for f in fields(DeploymentRef))
 
 
 @dataclass(frozen=True, kw_only=True)
