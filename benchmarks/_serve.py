@@ -4,17 +4,17 @@ through its ready file (`memorywall/ready.py`), never its log; read a server's /
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from memorywall.ready import ServerReady, wait_for
+from memorywall import launch
+from memorywall.ready import ServerReady
 
 START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
@@ -22,18 +22,15 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
 def serving(*args: str) -> Iterator[ServerReady]:
     """Yield what `memorywall serve --port 0 ARGS` reports once ready; stop the server after."""
     with tempfile.TemporaryDirectory(prefix="memorywall-bench-") as tmp:
-        ready = Path(tmp) / "ready.json"
-        cmd = [sys.executable, "-m", "memorywall", "serve", "--port", "0", "--ready-file"]
-        proc = subprocess.Popen([*cmd, str(ready), *args])
+        # Its output is the benchmark's; a Ctrl-C reaches both.
+        child = launch.start_serve(
+            "serve", ["--port", "0", *args], Path(tmp) / "ready.json", own_session=False
+        )
         try:
-            data = wait_for(ready, proc, timeout_s=START_TIMEOUT_S)
-            yield ServerReady.from_dict(data, str(ready))
+            launch.wait_ready([child], timeout_s=START_TIMEOUT_S)
+            yield child.ready
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            launch.stop([child], timeout_s=STOP_TIMEOUT_S)
 
 
 @contextmanager

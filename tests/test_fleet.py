@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -123,16 +124,16 @@ def test_gateway_without_smg_is_skipped(tmp_path, monkeypatch):
 
 
 def test_a_child_that_dies_stops_the_fleet(tmp_path):
-    """A worker whose hardware cannot hold its model exits at once: reported, exit 1."""
-    spec = fleet_spec.parse_spec(
-        _spec(
-            WORKER,
-            {"name": "tiny", "hardware": "h100-sxm", "model": "llama-3.1-70b", "devices": 1},
-        )
-    )
-    out = io.StringIO()
-    f = fleet.Fleet(spec, tmp_path, out=out, startup_timeout_s=60)
-    assert f.run() == 1
+    """A worker whose port is taken exits at once: reported, exit 1. (A deployment that
+    cannot fit is refused earlier, when the spec is read.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = fleet_spec.parse_spec(_spec(WORKER, {**WORKER, "name": "tiny", "port": port}))
+        out = io.StringIO()
+        f = fleet.Fleet(spec, tmp_path, out=out, startup_timeout_s=60)
+        assert f.run() == 1
     assert "tiny exited early (status 2)" in out.getvalue()
     assert "memorywall: error:" in out.getvalue()  # the last lines of its log
     assert all(c.proc.poll() is not None for c in f.children)

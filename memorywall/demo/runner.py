@@ -12,10 +12,8 @@ is a one-line error and exit 1.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,18 +22,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from memorywall.core import load_hardware, load_model, plan_deployment
+from memorywall import launch
+from memorywall.core import load_hardware
+from memorywall.core.deployment import DeploymentNames
 from memorywall.demo.config import DemoConfig
 from memorywall.demo.report import hints, table, users_text
 from memorywall.errors import MemorywallError
-from memorywall.ready import ReadyError, ServerReady, poll
+from memorywall.launch import Child
+from memorywall.ready import ReadyError, ServerReady
 
 if TYPE_CHECKING:
     from memorywall.loadgen.bench import BenchConfig
 
 EXIT_RUNTIME = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class DemoError(Exception):
@@ -45,28 +45,15 @@ class DemoError(Exception):
 @dataclass
 class _Server:
     hardware: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    ready_file: Path
-    ready: ServerReady | None = None
+    child: Child
+
+    @property
+    def ready(self) -> ServerReady | None:
+        return self.child.ready
 
     @property
     def name(self) -> str:
         return self.hardware if self.ready is None else f"{self.hardware} x{self.ready.devices}"
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return ""
-    return f": {lines[-1].strip()}" if lines else ""
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the demo dies, even by SIGKILL (Linux)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -78,58 +65,40 @@ class Servers:
     running: list[_Server] = field(default_factory=list)
 
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         for hw in self.config.hardware:
-            ready_file = self.folder / f"{hw}.ready.json"
-            ready_file.unlink(missing_ok=True)
-            log = self.folder / f"{hw}.log"
-            cmd = [sys.executable, "-m", "memorywall", "serve", "--hardware", hw]
-            cmd += ["--model", self.config.model, "--host", "127.0.0.1", "--port", "0"]
-            cmd += ["--http-port", "0", "--grace", "1", "--ready-file", str(ready_file)]
-            with log.open("wb") as f:
-                # Their own session: a terminal's Ctrl-C reaches the demo, which stops them.
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=f,
-                    stderr=f,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            self.running.append(_Server(hw, proc, log, ready_file))
+            args = ["--hardware", hw, "--model", self.config.model, "--host", "127.0.0.1"]
+            args += ["--port", "0", "--http-port", "0", "--grace", "1"]
+            # Their own session: a terminal's Ctrl-C reaches the demo, which stops them; and
+            # they stop by themselves if the demo is killed.
+            child = launch.start_serve(
+                hw,
+                args,
+                self.folder / f"{hw}.ready.json",
+                log=self.folder / f"{hw}.log",
+                die_with_parent=True,
+            )
+            self.running.append(_Server(hw, child))
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while any(s.ready is None for s in self.running):
-            for s in self.running:
-                if s.ready is not None:
-                    continue
-                try:
-                    data = poll(s.ready_file, s.proc)
-                except ReadyError as e:
-                    raise DemoError(f"the {s.hardware} server {e}{_last_line(s.log)}") from None
-                if data is not None:
-                    s.ready = ServerReady.from_dict(data, str(s.ready_file))
-            if time.monotonic() > deadline:
-                late = ", ".join(s.hardware for s in self.running if s.ready is None)
-                raise DemoError(
-                    f"the {late} server did not start within "
-                    f"{self.config.startup_timeout_s:g} s; see {self.folder}"
-                )
-            time.sleep(0.05)
+        try:
+            launch.wait_ready(
+                [s.child for s in self.running], timeout_s=self.config.startup_timeout_s
+            )
+        except launch.ChildExited as e:
+            line = e.child.last_line()
+            raise DemoError(f"the {e.child.name} server {e}{f': {line}' if line else ''}") from None
+        except launch.NotReady as e:
+            late = ", ".join(c.name for c in e.late)
+            raise DemoError(
+                f"the {late} server did not start within "
+                f"{self.config.startup_timeout_s:g} s; see {self.folder}"
+            ) from None
+        except ReadyError as e:
+            raise DemoError(str(e)) from None
 
     def stop(self) -> None:
         """SIGTERM each server still running, wait, then SIGKILL."""
-        alive = [s for s in self.running if s.proc.poll() is None]
-        for s in alive:
-            s.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        for s in alive:
-            try:
-                s.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
-                s.proc.wait()
+        launch.stop([s.child for s in self.running], timeout_s=self.config.stop_timeout_s)
 
 
 @contextmanager
@@ -193,9 +162,8 @@ def _simulated(server: _Server, ready: ServerReady, bench: BenchConfig, users: i
     from memorywall.server.engine.scheduler import EngineConfig
     from memorywall.sim.simulate import simulate_level
 
-    deployment = plan_deployment(
-        load_hardware(server.hardware), load_model(ready.model), devices=ready.devices
-    )
+    names = DeploymentNames(hardware=server.hardware, model=ready.model, devices=ready.devices)
+    deployment = names.build()
     engine = EngineConfig(
         max_num_seqs=ready.max_num_seqs, max_num_batched_tokens=ready.max_num_batched_tokens
     )
@@ -227,8 +195,10 @@ def _wait_for_interrupt(servers: Servers, out: TextIO) -> None:
     print("servers up; Ctrl-C (SIGINT) or SIGTERM stops them", file=out, flush=True)
     while True:
         for s in servers.running:
-            if s.proc.poll() is not None:
-                raise DemoError(f"the {s.hardware} server exited (status {s.proc.returncode})")
+            if not s.child.alive():
+                raise DemoError(
+                    f"the {s.hardware} server exited (status {s.child.proc.returncode})"
+                )
         time.sleep(0.2)
 
 

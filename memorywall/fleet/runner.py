@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,10 +34,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from memorywall import launch
 from memorywall.errors import ConfigError
 from memorywall.fleet.faults import FaultSchedule
-from memorywall.fleet.spec import GATEWAY_LOG, FleetSpec, GatewaySpec, WorkerSpec, load_spec
-from memorywall.ready import ReadyError, ServerReady, poll, remove, write_json
+from memorywall.fleet.spec import (
+    GATEWAY_LOG,
+    FleetSpec,
+    GatewaySpec,
+    TlsSpec,
+    WorkerSpec,
+    load_spec,
+)
+from memorywall.launch import Child
+from memorywall.ready import ReadyError, ServerReady, remove, write_json
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "in_background", "load_spec", "run"]
 
@@ -96,21 +104,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-def _tail(path: Path, n: int = 10) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "    (no log)"
-    return "\n".join(f"    {line}" for line in lines[-n:]) or "    (empty log)"
-
-
 def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in [header]]
@@ -145,40 +138,31 @@ class Fleet:
         self.ready: FleetReady | None = None
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.children: list[_Child] = []
+        self.children: list[Child] = []
         self.faults = FaultSchedule(spec.faults, log_dir)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def _spawn(self, name: str, cmd: list[str]) -> _Child:
-        log = self.log_dir / f"{name}.log"
-        with log.open("wb") as f:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True
-            )
-        child = _Child(name, proc, log)
+    def _start(self, name: str, cmd: list[str], ready_file: Path | None = None) -> Child:
+        child = launch.start(name, cmd, log=self.log_dir / f"{name}.log", ready_file=ready_file)
         self.children.append(child)
         return child
 
     def _worker_ready_file(self, name: str) -> Path:
         return self.log_dir / f"{name}.ready.json"
 
-    def _dead(self) -> _Child | None:
+    def _dead(self) -> Child | None:
         """A child that died unplanned (not killed by a scheduled fault)."""
         return next(
-            (
-                c
-                for c in self.children
-                if c.name not in self.faults.killed and c.proc.poll() is not None
-            ),
+            (c for c in self.children if c.name not in self.faults.killed and not c.alive()),
             None,
         )
 
-    def _report_death(self, child: _Child) -> int:
+    def _report_death(self, child: Child) -> int:
         self.say(
             f"memorywall fleet: {child.name} exited early (status {child.proc.returncode}); "
-            f"last lines of {child.log}:\n{_tail(child.log)}"
+            f"last lines of {child.log}:\n{child.tail()}"
         )
         return 1
 
@@ -203,8 +187,7 @@ class Fleet:
                 )
         for w in self.spec.workers:
             ready = self._worker_ready_file(w.name)
-            remove(ready)
-            self._spawn(w.name, self._serve_command(w, ready))
+            self._start(w.name, serve_command(w, ready, self.spec.tls), ready)
         workers = self._wait_for_workers()
         if workers is None:
             return 0 if self.stop.is_set() else 1
@@ -230,7 +213,7 @@ class Fleet:
             gateway = GatewayReady(
                 url=gw_url,
                 policy=self.spec.gateway.policy,
-                pid=self.children[-1].proc.pid,
+                pid=self.children[-1].pid,
                 metrics_url=f"http://127.0.0.1:{self.gateway_metrics_port}/metrics",
             )
             self.say(
@@ -252,54 +235,23 @@ class Fleet:
                 return self._report_death(dead)
         return 0
 
-    def _serve_command(self, w: WorkerSpec, ready: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "memorywall", "serve", "--host", "127.0.0.1"]
-        cmd += ["--hardware", w.hardware, "--model", w.model, "--port", str(w.port)]
-        cmd += ["--ready-file", str(ready)]
-        if w.devices is not None:
-            cmd += ["--devices", str(w.devices)]
-        if w.http_port is not None:
-            cmd += ["--http-port", str(w.http_port)]
-        if w.role != "both":
-            cmd += ["--role", w.role]
-        if w.role == "prefill":
-            cmd += ["--bootstrap-port", "0"]  # the ready file names it
-        if w.kv_link is not None:
-            cmd += ["--kv-link", w.kv_link]
-        if w.faults is not None:
-            cmd += ["--faults", w.faults, "--fault-seed", str(w.fault_seed)]
-        if (tls := self.spec.tls) is not None:
-            cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-            if tls.client_ca is not None:
-                cmd += ["--tls-client-ca", str(tls.client_ca)]
-        return cmd
-
     def _wait_for_workers(self) -> dict[str, ServerReady] | None:
         """Each worker's ready file by name, or None if one died, timed out, or a stop came."""
-        found: dict[str, ServerReady] = {}
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            for c in self.children:
-                if c.name in found:
-                    continue
-                try:
-                    data = poll(self._worker_ready_file(c.name), c.proc)
-                except ReadyError:
-                    self._report_death(c)
-                    return None
-                if data is not None:
-                    found[c.name] = ServerReady.from_dict(data, c.name)
-            if len(found) == len(self.children):
-                return {c.name: found[c.name] for c in self.children}
-            if time.monotonic() > deadline:
-                late = [c.name for c in self.children if c.name not in found]
-                self.say(
-                    f"memorywall fleet: {', '.join(late)} did not start within "
-                    f"{self.startup_timeout_s:g} s; see {self.log_dir}"
-                )
+        try:
+            if not launch.wait_ready(
+                self.children, timeout_s=self.startup_timeout_s, stop=self.stop
+            ):
                 return None
-            if self.stop.wait(0.05):
-                return None
+        except launch.ChildExited as e:
+            self._report_death(e.child)
+            return None
+        except launch.NotReady as e:
+            self.say(f"memorywall fleet: {e}; see {self.log_dir}")
+            return None
+        except ReadyError as e:
+            self.say(f"memorywall fleet: {e}")
+            return None
+        return {c.name: c.ready for c in self.children}
 
     def _start_gateway(self, smg: list[str], gw: GatewaySpec, worker_args: list[str]) -> str | None:
         port = gw.port or free_port()
@@ -308,7 +260,7 @@ class Fleet:
         self.gateway_metrics_port = free_port()
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port"]
         cmd += [str(self.gateway_metrics_port), *gw.args]
-        child = self._spawn(GATEWAY_LOG, cmd)
+        child = self._start(GATEWAY_LOG, cmd)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -321,24 +273,30 @@ class Fleet:
                 return None
         self.say(
             f"memorywall fleet: the gateway did not come up within "
-            f"{self.startup_timeout_s:g} s; last lines of {child.log}:\n{_tail(child.log)}"
+            f"{self.startup_timeout_s:g} s; last lines of {child.log}:\n{child.tail()}"
         )
         return None
 
     def shutdown(self) -> None:
         """SIGTERM every child still running (the gateway first), wait, then SIGKILL."""
-        alive = [c for c in reversed(self.children) if c.proc.poll() is None]
-        for c in alive:
-            c.proc.send_signal(signal.SIGCONT)  # a paused worker must run to stop
-            c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
-        for c in alive:
-            try:
-                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.say(f"memorywall fleet: {c.name} did not stop; killing it")
-                c.proc.kill()
-                c.proc.wait()
+        launch.stop(
+            list(reversed(self.children)),
+            timeout_s=self.stop_timeout_s,
+            on_kill=lambda c: self.say(f"memorywall fleet: {c.name} did not stop; killing it"),
+        )
+
+
+def serve_command(w: WorkerSpec, ready: Path, tls: TlsSpec | None = None) -> list[str]:
+    """`memorywall serve` with the worker's options, and the fleet's own: loopback, the
+    ready file, a free bootstrap port for a prefill worker, `[tls]`."""
+    args = ["--host", "127.0.0.1", *w.argv()]
+    if w.role == "prefill":
+        args += ["--bootstrap-port", "0"]  # the ready file names it
+    if tls is not None:
+        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        if tls.client_ca is not None:
+            args += ["--tls-client-ca", str(tls.client_ca)]
+    return launch.serve_command(args, ready)
 
 
 def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:

@@ -1,5 +1,6 @@
-"""The fleet spec: `[[worker]]` tables, an optional `[gateway]`, `[tls]` and `[[fault]]`
-schedule (`fleet_faults.py`), checked field by field."""
+"""The fleet spec: `[[worker]]` tables (every `memorywall serve` option, by the same name:
+`worker.py`), an optional `[gateway]`, `[tls]` and `[[fault]]` schedule (`faults.py`),
+checked field by field."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memorywall.core import load_hardware, load_model
 from memorywall.core._toml import load_toml
-from memorywall.core.kv_transfer import parse_link
-from memorywall.errors import ConfigError, MemorywallError
+from memorywall.errors import ConfigError
+from memorywall.fleet import worker
 from memorywall.fleet.faults import WorkerFault, parse_faults
+from memorywall.fleet.worker import PORT_KEYS, WorkerSpec
+
+__all__ = ["FleetSpec", "GatewaySpec", "TlsSpec", "WorkerSpec", "load_spec", "parse_spec"]
 
 # smg 1.13's --policy choices.
 POLICIES = (
@@ -28,28 +31,8 @@ POLICIES = (
 )
 GATEWAY_LOG = "gateway"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_WORKER_KEYS = {
-    "name", "hardware", "model", "devices", "port", "http_port", "role", "kv_link",
-    "faults", "fault_seed",
-}  # fmt: skip
 _TLS_KEYS = {"cert", "key", "client_ca", "ca"}
-# Disaggregated serving: a fleet of prefill and decode workers, behind smg's PD mode.
-ROLES = ("both", "prefill", "decode")
 _GATEWAY_KEYS = {"policy", "port", "args"}
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    name: str
-    hardware: str
-    model: str
-    devices: int | None = None
-    port: int = 0  # gRPC; 0: any free port
-    http_port: int | None = None
-    role: str = "both"  # prefill, decode, or both phases (`serve --role`)
-    kv_link: str | None = None  # a decode worker's `--kv-link` (nvlink, nic, GB/s)
-    faults: str | None = None  # `serve --faults` (error:0.2, ...); None: none
-    fault_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,70 +96,22 @@ def _unknown(origin: str, where: str, table: dict[str, Any], allowed: set[str]) 
         )
 
 
-def _worker(origin: str, i: int, raw: Any) -> WorkerSpec:
+def _worker(origin: str, i: int, raw: Any, base: Path | None) -> WorkerSpec:
     where = f"worker[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: {where}: must be a table ([[worker]])")
-    _unknown(origin, f"{where}.", raw, _WORKER_KEYS)
-    for key in ("name", "hardware", "model"):
-        if key not in raw:
-            raise ConfigError(f"{origin}: {where}.{key}: missing")
+    if "name" not in raw:
+        raise ConfigError(f"{origin}: {where}.name: missing")
     name = _text(origin, f"{where}.name", raw["name"])
     if not _NAME.fullmatch(name) or name == GATEWAY_LOG:
         raise ConfigError(
             f"{origin}: {where}.name: {name!r} must be letters, digits, '.', '_', '-' "
             f"(it names the log file) and not {GATEWAY_LOG!r}"
         )
-    hardware = _text(origin, f"{where}.hardware", raw["hardware"])
-    model = _text(origin, f"{where}.model", raw["model"])
-    for key, load in (("hardware", load_hardware), ("model", load_model)):
-        try:
-            load(raw[key])
-        except MemorywallError as e:
-            raise ConfigError(f"{origin}: {where}.{key}: {e}") from None
-    devices = raw.get("devices")
-    if devices is not None and (
-        isinstance(devices, bool) or not isinstance(devices, int) or devices < 1
-    ):
-        raise ConfigError(f"{origin}: {where}.devices: must be a positive integer, got {devices!r}")
-    http_port = raw.get("http_port")
-    role = raw.get("role", "both")
-    if role not in ROLES:
-        raise ConfigError(f"{origin}: {where}.role: {role!r} is not one of {', '.join(ROLES)}")
-    kv_link = raw.get("kv_link")
-    if kv_link is not None:
-        if role != "decode":
-            raise ConfigError(f"{origin}: {where}.kv_link: only a decode worker takes one")
-        if isinstance(kv_link, bool) or not isinstance(kv_link, str | int | float):
-            raise ConfigError(f"{origin}: {where}.kv_link: expected nvlink, nic or GB/s")
-        kv_link = str(kv_link)
-        try:
-            parse_link(kv_link)
-        except ConfigError as e:
-            raise ConfigError(f"{origin}: {where}.kv_link: {e}") from None
-    faults = raw.get("faults")
-    if faults is not None:
-        from memorywall.server.engine.faults import parse_spec as parse_faults_spec
-
-        try:
-            parse_faults_spec(_text(origin, f"{where}.faults", faults))
-        except ConfigError as e:
-            raise ConfigError(f"{origin}: {where}.faults: {e}") from None
-    fault_seed = raw.get("fault_seed", 0)
-    if isinstance(fault_seed, bool) or not isinstance(fault_seed, int) or fault_seed < 0:
-        raise ConfigError(f"{origin}: {where}.fault_seed: must be an integer >= 0")
-    return WorkerSpec(
-        name=name,
-        hardware=hardware,
-        model=model,
-        devices=devices,
-        port=_port(origin, f"{where}.port", raw.get("port", 0)),
-        http_port=None if http_port is None else _port(origin, f"{where}.http_port", http_port),
-        role=role,
-        kv_link=kv_link,
-        faults=faults,
-        fault_seed=fault_seed,
-    )
+    spec = WorkerSpec(name, **worker.check(raw, f"{origin}: {where}", base=base))
+    if spec.kv_link is not None and spec.role != "decode":
+        raise ConfigError(f"{origin}: {where}.kv_link: only a decode worker takes one")
+    return spec
 
 
 def _tls(origin: str, raw: Any, base: Path | None) -> TlsSpec:
@@ -204,15 +139,15 @@ def parse_spec(
     raw_workers = data.get("worker")
     if not isinstance(raw_workers, list) or not raw_workers:
         raise ConfigError(f"{origin}: worker: needs at least one [[worker]] table")
-    workers = tuple(_worker(origin, i, w) for i, w in enumerate(raw_workers))
+    workers = tuple(_worker(origin, i, w, base) for i, w in enumerate(raw_workers))
     seen_names: set[str] = set()
     seen_ports: set[int] = set()
     for i, w in enumerate(workers):
         if w.name in seen_names:
             raise ConfigError(f"{origin}: worker[{i}].name: {w.name!r} is used twice")
         seen_names.add(w.name)
-        for key, p in (("port", w.port), ("http_port", w.http_port)):
-            if p:
+        for key in PORT_KEYS:
+            if p := w.get(key):
                 if p in seen_ports:
                     raise ConfigError(f"{origin}: worker[{i}].{key}: port {p} is used twice")
                 seen_ports.add(p)
@@ -241,6 +176,10 @@ def parse_spec(
         args = raw.get("args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
             raise ConfigError(f"{origin}: gateway.args: must be a list of strings")
+        if grpc_off := [w.name for w in workers if w.get("no_grpc")]:
+            raise ConfigError(
+                f"{origin}: gateway: smg routes to gRPC, which {', '.join(grpc_off)} turns off"
+            )
         gateway = GatewaySpec(policy=policy, port=gw_port, args=tuple(args))
     tls = _tls(origin, data["tls"], base) if "tls" in data else None
     if tls is not None and gateway is not None:
