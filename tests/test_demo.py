@@ -74,11 +74,17 @@ def test_demo_end_to_end(tmp_path):
     assert len(predicted) == 4
     simulated = [line for line in lines if line.split()[:1] == ["simulated"]]
     assert len(simulated) == 4
-    assert "Per-user speed, wse-3 x1 over h100-sxm x1 (measured)" in proc.stdout
     assert f"wrote {out}/" in proc.stdout
     assert "ready: wse-3 x1 at 127.0.0.1:" in proc.stderr
 
     raw = json.loads((out / "results.json").read_text())
+    # The headline is measured where both rows of a level are faithful (not marked *).
+    wse_levels, h100_levels = raw["results"]["wse-3"], raw["results"]["h100-sxm"]
+    faithful = any(
+        not a["suspect"] and not b["suspect"] for a, b in zip(wse_levels, h100_levels, strict=True)
+    )
+    kind = "(measured)" if faithful else "(simulated: every measured row is marked *)"
+    assert f"Per-user speed, wse-3 x1 over h100-sxm x1 {kind}" in proc.stdout
     assert set(raw["servers"]) == {"wse-3", "h100-sxm"}
     for hw, levels in raw["results"].items():
         assert [r["max_concurrency"] for r in levels] == [1, 2]
@@ -237,3 +243,43 @@ def test_table_marks_rows_the_machine_could_not_emulate(tmp_path):
     assert "1 user:" not in text
     # 500 tok/s in total: 250 per device, 500 per kW of rated power (2 devices x 500 W).
     assert rows[0].split()[-3:] == ["500", "250", "500"]
+
+
+def _ratio(text: str) -> str:
+    (line,) = [x for x in text.splitlines() if x.startswith("Per-user speed")]
+    return line
+
+
+def test_headline_ratio_uses_only_faithful_measured_rows(tmp_path):
+    """A level where either backend's measured row is marked * gives its simulated ratio,
+    said so; a level without a simulation to fall back on is left out."""
+    config = demo.DemoConfig(hardware=("wse-3", "h100-sxm"), levels=(1, 8, 32), out=tmp_path)
+    doubt = stall_doubt(40, 0.2, 1.0)
+    offline = {"mean_tpot_ms": 1.0, "output_throughput": 1.0}
+    wafer = [
+        _level(1, mean_tpot_ms=1.0),
+        _level(8, mean_tpot_ms=2.0),
+        # Marked: its measured TPOT (99 ms) must not reach the headline; the simulated one does.
+        _level(32, mean_tpot_ms=99.0, suspect=[doubt], offline=offline),
+    ]
+    gpu = [
+        _level(1, mean_tpot_ms=13.0),
+        _level(8, mean_tpot_ms=22.0),
+        _level(32, mean_tpot_ms=3.0, offline={**offline, "mean_tpot_ms": 9.5}),
+    ]
+    text = demo_report.table(config, [("wse-3 x1", wafer), ("h100-sxm x1", gpu)])
+    assert _ratio(text) == (
+        "Per-user speed, wse-3 x1 over h100-sxm x1 (measured): 13.0x at 1 user, "
+        "11.0x at 8 users; simulated, where a measured row is marked *: 9.5x at 32 users."
+    )
+    # Every level marked: the simulated ratios alone, and the line says so.
+    marked = [{**r, "suspect": [doubt], "offline": offline} for r in wafer]
+    text = demo_report.table(config, [("wse-3 x1", marked), ("h100-sxm x1", gpu)])
+    assert _ratio(text) == (
+        "Per-user speed, wse-3 x1 over h100-sxm x1 (simulated: every measured row is "
+        "marked *): 9.5x at 32 users."
+    )
+    # Marked, and nothing simulated to fall back on: the level is left out.
+    bare = [{k: v for k, v in r.items() if k != "offline"} for r in marked]
+    text = demo_report.table(config, [("wse-3 x1", bare), ("h100-sxm x1", gpu)])
+    assert not [x for x in text.splitlines() if x.startswith("Per-user speed")]

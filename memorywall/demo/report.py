@@ -62,16 +62,30 @@ def users_text(n: int) -> str:
 
 
 def _ratio_line(sweeps: Sequence[tuple[str, list[dict]]], levels: Sequence[int]) -> str | None:
-    """Per-user speed of the first backend over the second's, at each level (measured)."""
+    """Per-user speed of the first backend over the second's, at each level: measured where
+    both measured rows are faithful (not marked *), else simulated, and said so."""
     if len(sweeps) < 2:
         return None
     (a, ra), (b, rb) = sweeps[0], sweeps[1]
-    parts = []
+    measured, simulated = [], []
     for users, x, y in zip(levels, ra, rb, strict=True):
-        px, py = rates.measured(x).per_user, rates.measured(y).per_user
+        if not x.get("suspect") and not y.get("suspect"):
+            px, py, parts = rates.measured(x).per_user, rates.measured(y).per_user, measured
+        else:
+            sx, sy = x.get("offline") or {}, y.get("offline") or {}
+            px, py, parts = rates.measured(sx).per_user, rates.measured(sy).per_user, simulated
         if px and py:
             parts.append(f"{px / py:.1f}x at {users_text(users)}")
-    return f"Per-user speed, {a} over {b} (measured): {', '.join(parts)}." if parts else None
+    if not measured and not simulated:
+        return None
+    out = f"Per-user speed, {a} over {b}"
+    if measured:
+        out += f" (measured): {', '.join(measured)}"
+        if simulated:
+            out += f"; simulated, where a measured row is marked *: {', '.join(simulated)}"
+    else:
+        out += f" (simulated: every measured row is marked *): {', '.join(simulated)}"
+    return out + "."
 
 
 def table(config: DemoConfig, sweeps: Sequence[tuple[str, list[dict]]]) -> str:
