@@ -15,13 +15,23 @@ from memorywall.argtypes import nonnegative_int, number, number_list, positive_f
 from memorywall.cli.pd_options import add_link_arguments
 from memorywall.cli.usage import UsageError
 from memorywall.core import Placement, Precision, load_hardware, load_model
+from memorywall.plan.pd import PdSpace
+from memorywall.plan.space import Space
 
 if TYPE_CHECKING:
-    from memorywall.plan.planner import PdSpace, Query, Space
+    from memorywall.plan.planner import Query
 
 DEFAULT_HARDWARE = "wse-3,h100-sxm,h200,b200"
 PLAN_JSON, PARETO_PNG = "plan.json", "pareto.png"
 LOADS = ("rate", "users")  # plan.LoadKind's values; the plan module loads only when run
+
+
+# The search's defaults are the plan's own (`Space`, `PdSpace`), said once there.
+_SPACE = Space(hardware=())
+
+
+def _values(items: tuple) -> str:
+    return ",".join(str(getattr(x, "value", x)) for x in items)
 
 
 class PlanError(Exception):
@@ -99,33 +109,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precisions",
         type=_choices(Precision),
-        default=(Precision.BF16, Precision.FP8),
-        help="weight precisions to search (default bf16,fp8)",
+        default=_SPACE.precisions,
+        help=f"weight precisions to search (default {_values(_SPACE.precisions)})",
     )
     p.add_argument(
-        "--kv-precision", choices=[x.value for x in Precision], default="bf16", help="KV cache"
+        "--kv-precision",
+        choices=[x.value for x in Precision],
+        default=_SPACE.kv_precision.value,
+        help="KV cache",
     )
     p.add_argument(
         "--placements",
         type=_choices(Placement, Placement.parse),
-        default=(Placement.RESIDENT, Placement.STREAM),
-        help="resident and/or stream (wafer weights over external I/O; default both)",
+        default=_SPACE.placements,
+        help="resident and/or stream (wafer weights over external I/O; default "
+        f"{_values(_SPACE.placements)})",
     )
     p.add_argument(
-        "--max-devices", type=positive_int, default=8, help="largest deployment (default 8)"
+        "--max-devices",
+        type=positive_int,
+        default=_SPACE.max_devices,
+        help="largest deployment (default %(default)s)",
     )
     p.add_argument(
         "--max-num-seqs",
         type=number_list(int, low=1),
-        default=(32, 128, 512),
-        help="engine batch limits to search (default 32,128,512)",
+        default=_SPACE.max_num_seqs,
+        help=f"engine batch limits to search (default {_values(_SPACE.max_num_seqs)})",
     )
-    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    p.add_argument(
+        "--max-num-batched-tokens", type=positive_int, default=_SPACE.max_num_batched_tokens
+    )
     p.add_argument(
         "--tolerance",
         type=number(float, low=0.01, high=1.0),
-        default=0.1,
-        help="bisect the highest held load to within this share (default 0.1)",
+        default=_SPACE.tolerance,
+        help="bisect the highest held load to within this share (default %(default)s)",
     )
     g = p.add_argument_group("disaggregated fleets (prefill on GPUs, decode on wafers)")
     g.add_argument(
@@ -137,11 +156,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pd-prefill-workers",
         type=number_list(int, low=1),
-        default=(1, 2, 4, 8),
-        help="prefill workers per split to search (x of xPyD; default 1,2,4,8)",
+        default=PdSpace.prefill_workers,
+        help="prefill workers per split to search (x of xPyD; default "
+        f"{_values(PdSpace.prefill_workers)})",
     )
     g.add_argument(
-        "--pd-decode-workers", type=positive_int, default=1, help="decode workers (y; default 1)"
+        "--pd-decode-workers",
+        type=positive_int,
+        default=PdSpace.decode_workers,
+        help="decode workers (y; default %(default)s)",
     )
     add_link_arguments(
         g,

@@ -25,7 +25,8 @@ from memorywall.cli.deployment import (
 )
 from memorywall.cli.pd_options import add_link_arguments
 from memorywall.cli.usage import UsageError
-from memorywall.core import Deployment, load_hardware, plan_deployment
+from memorywall.core import Deployment
+from memorywall.core.deployment import DeploymentNames
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.options import add_load_arguments
@@ -79,13 +80,13 @@ def fleet_from_args(
     """The split fleet the options name, or None without `--prefill-hardware`."""
     if args.prefill_hardware is None:
         return None
-    prefill = plan_deployment(
-        load_hardware(args.prefill_hardware),
-        decode.model,
+    prefill = DeploymentNames(
+        hardware=args.prefill_hardware,
+        model=args.model,
         devices=args.prefill_devices,
-        weight_precision=decode.weight_precision,
-        kv_precision=decode.kv_precision,
-    )
+        weight_precision=decode.weight_precision.value,
+        kv_precision=decode.kv_precision.value,
+    ).build()
     return PdFleet(
         prefill=prefill,
         prefill_workers=args.prefill_workers,

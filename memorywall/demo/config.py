@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memorywall.core import load_hardware, load_model, plan_deployment
+from memorywall.core.deployment import DeploymentNames
 from memorywall.errors import ConfigError
 
 DEFAULT_HARDWARE = ("wse-3", "h100-sxm")
@@ -38,7 +38,7 @@ class DemoConfig:
         if twice:
             raise ConfigError(f"--hardware: {', '.join(twice)} named twice")
         for hw in self.hardware:  # unknown names and models that cannot fit fail here
-            plan_deployment(load_hardware(hw), load_model(self.model))
+            DeploymentNames(hardware=hw, model=self.model).build()
 
     def requests(self, users: int) -> int:
         """Two rounds of requests per user, and at least four, at each level."""

@@ -19,7 +19,8 @@ from memorywall.core import (
     model_from_config,
     plan_deployment,
 )
-from memorywall.errors import CapacityError, ConfigError
+from memorywall.core.deployment import DeploymentNames
+from memorywall.errors import CapacityError, ConfigError, MemorywallError
 
 
 @pytest.mark.parametrize(
@@ -223,3 +224,62 @@ def test_describe():
         d.describe()
         == "llama-3.1-405b on 16 x h100-sxm (TP8 x PP2, weights bf16 resident, KV bf16)"
     )
+
+
+def test_explicit_tensor_parallel_picks_one_of_the_layouts():
+    h100, m = load_hardware("h100-sxm"), load_model("llama-3.1-70b")
+    d = plan_deployment(h100, m, devices=8, tensor_parallel=2)
+    assert (d.tensor_parallel, d.pipeline_parallel) == (2, 4)
+    assert d == dataclasses.replace(
+        plan_deployment(h100, m, devices=8), tensor_parallel=2, pipeline_parallel=4
+    )
+    with pytest.raises(ConfigError, match=r"tensor_parallel: 3 does not split 8 x h100-sxm .*"
+                       r"valid: TP1 x PP8, TP2 x PP4, TP4 x PP2, TP8 x PP1"):  # fmt: skip
+        plan_deployment(h100, m, devices=8, tensor_parallel=3)
+    with pytest.raises(ConfigError, match="tensor_parallel: needs devices"):
+        plan_deployment(h100, m, tensor_parallel=2)
+
+
+def test_names_build_what_plan_deployment_builds_speculative_and_split_included():
+    names = DeploymentNames(
+        hardware="h100-sxm",
+        model="llama-3.1-70b",
+        devices=8,
+        weight_precision="fp8",
+        draft_tokens=3,
+        acceptance=0.6,
+        draft_model="llama-3.1-8b",
+        tensor_parallel=4,
+    )
+    d = names.build()
+    assert d == plan_deployment(
+        load_hardware("h100-sxm"),
+        load_model("llama-3.1-70b"),
+        devices=8,
+        weight_precision=Precision.FP8,
+        speculative=Speculative(
+            draft_tokens=3, acceptance_rate=0.6, draft_model=load_model("llama-3.1-8b")
+        ),
+        tensor_parallel=4,
+    )
+    assert (d.tensor_parallel, d.pipeline_parallel) == (4, 2)
+    # Names of a built deployment rebuild it: devices, split and speculation kept.
+    assert DeploymentNames.of(d).build() == d
+    assert DeploymentNames(hardware="wse-3", model="llama-3.1-8b").build() == plan_deployment(
+        load_hardware("wse-3"), load_model("llama-3.1-8b")
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hardware": "abacus"}, "unknown hardware 'abacus'"),
+        ({"weight_precision": "fp3"}, "precision: 'fp3' is not a valid Precision"),
+        ({"placement": "disk"}, "placement: unknown 'disk'"),
+        ({"draft_model": "llama-3.1-8b"}, "draft_model: needs draft_tokens"),
+        ({"draft_tokens": 0}, "draft_tokens: must be >= 1"),
+    ],
+)
+def test_bad_names_are_one_line(kwargs, message):
+    with pytest.raises(MemorywallError, match=message):
+        DeploymentNames(**{"hardware": "wse-3", "model": "llama-3.1-8b", **kwargs}).build()
