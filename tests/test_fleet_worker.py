@@ -142,6 +142,7 @@ def test_a_spec_file_takes_serve_options(tmp_path):
         ({"acceptance": "0.5"}, "acceptance: must be a number, got '0.5'"),
         ({"no_prefix_caching": "yes"}, "no_prefix_caching: must be true or false"),
         ({"max_waiting": True}, "max_waiting: must be a string or a number"),
+        ({"hardware": True}, "hardware: must be a string or a number"),
         ({"placement": "disk"}, "placement: invalid choice: 'disk'"),
         ({"log_level": "LOUD"}, "log_level: invalid choice: 'LOUD'"),
         ({"faults": "boom:0.1"}, "faults: fault 'boom:0.1': unknown kind 'boom'"),
@@ -154,6 +155,9 @@ def test_a_spec_file_takes_serve_options(tmp_path):
         ({"api_key": "k"}, "api_key: set by the fleet: set MEMORYWALL_API_KEY"),
         ({"hardware": "h100-sxm", "model": "llama-3.1-70b", "devices": 1},
          "llama-3.1-70b at bf16 needs at least"),
+        # What serve checks after parsing, it checks here too.
+        ({"no_grpc": True}, "nothing to serve: gRPC is off and no HTTP port is given"),
+        ({"kv_link": "fast", "role": "decode"}, "kv_link: --kv-link: expected nvlink, nic"),
     ],
 )  # fmt: skip
 def test_bad_key_or_value_is_one_line_naming_worker_and_key(extra, message):

@@ -14,6 +14,7 @@ from memorywall.cli.deployment import (
     names_from_args,
 )
 from memorywall.cli.usage import Parser, UsageError
+from memorywall.core.deployment import Deployment
 from memorywall.server.app import ServerConfig
 from memorywall.server.engine.scheduler import EngineConfig
 
@@ -92,16 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pd_options.add_arguments(p)
 
 
-def command(args: argparse.Namespace) -> int:
-    # Imported here: predict/hardware/models need neither grpc nor asyncio.
-    import asyncio
-    import logging
-
-    from memorywall.server.app import serve_forever
-
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, ServerConfig]:
+    """What `serve` runs, from its options, binding nothing: a bad option or combination is
+    a one-line MemorywallError or UsageError (a fleet checks its workers with this too)."""
     names = names_from_args(args)
     deployment = names.build()
     config = ServerConfig(
@@ -116,23 +110,33 @@ def command(args: argparse.Namespace) -> int:
         **serve_options.server_options(args),
         **pd_options.server_options(args, deployment, names),
     )
+    return deployment, engine_config_from_args(args), config
+
+
+def command(args: argparse.Namespace) -> int:
+    # Imported here: predict/hardware/models need neither grpc nor asyncio.
+    import asyncio
+    import logging
+
+    from memorywall.server.app import serve_forever
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    deployment, engine, config = configure(args)
     try:
         if args.api_servers > 1:
             from memorywall.server.multi.procs import serve_processes
 
             return serve_processes(
                 deployment,
-                engine_config_from_args(args),
+                engine,
                 config,
                 api_servers=args.api_servers,
                 ready_file=args.ready_file,
                 log_level=args.log_level,
             )
-        asyncio.run(
-            serve_forever(
-                deployment, engine_config_from_args(args), config, ready_file=args.ready_file
-            )
-        )
+        asyncio.run(serve_forever(deployment, engine, config, ready_file=args.ready_file))
     except OSError as e:
         raise UsageError(str(e)) from None
     return 0

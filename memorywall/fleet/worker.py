@@ -190,11 +190,12 @@ def check(table: dict[str, Any], where: str, *, base: Path | None = None) -> dic
         if key in options and action.type is Path and base is not None:
             path = Path(str(options[key]))
             options[key] = str(path if path.is_absolute() else base / path)
-    try:
-        base_argv = to_argv({k: options[k] for k in required})
-    except ConfigError as e:
-        key = next(k for k in required if not isinstance(options[k], str | int | float))
-        raise ConfigError(f"{where}.{key}: {e}") from None
+    base_argv: list[str] = []
+    for key in required:
+        try:
+            base_argv += _option_argv(key, options[key])
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{key}: {e}") from None
     for key, value in options.items():
         try:
             one = [] if key in required else _option_argv(key, value)
@@ -208,26 +209,19 @@ def check(table: dict[str, Any], where: str, *, base: Path | None = None) -> dic
 
 
 def _check_names(args: argparse.Namespace, where: str) -> None:
-    """What serve loads by name (profiles, models, the link) is there, and the deployment
-    they name lays out (capacity, devices)."""
-    from memorywall.cli.deployment import names_from_args
+    """What serve loads by name (profiles, models, the link) is there, and what serve would
+    run from the options builds (the deployment fits, the combination holds)."""
+    from memorywall.cli.serve import configure
     from memorywall.cli.usage import UsageError
 
-    for key, load in (("hardware", load_hardware), ("model", load_model)):
+    names = [("hardware", load_hardware), ("model", load_model), ("draft_model", load_model)]
+    for key, load in (*names, ("kv_link", parse_link)):
         try:
-            load(getattr(args, key))
+            if getattr(args, key) is not None:
+                load(getattr(args, key))
         except MemorywallError as e:
             raise ConfigError(f"{where}.{key}: {e}") from None
     try:
-        if args.draft_model is not None:
-            load_model(args.draft_model)
-    except MemorywallError as e:
-        raise ConfigError(f"{where}.draft_model: {e}") from None
-    try:
-        parse_link(args.kv_link)
-    except ConfigError as e:
-        raise ConfigError(f"{where}.kv_link: {e}") from None
-    try:
-        names_from_args(args).build()
+        configure(args)
     except (MemorywallError, UsageError) as e:
         raise ConfigError(f"{where}: {e}") from None
