@@ -15,7 +15,7 @@ from memorywall.cli.deployment import (
 )
 from memorywall.cli.usage import Parser, UsageError
 from memorywall.core.deployment import Deployment
-from memorywall.server.app import ServerConfig
+from memorywall.server.config import ServerConfig
 from memorywall.server.engine.scheduler import EngineConfig
 
 HELP = "run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
