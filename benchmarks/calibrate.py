@@ -87,9 +87,11 @@ def _gpu_sections(fit: GpuFit, prefix: str = "") -> list[str]:
 
 def _fit_lines(fit: GpuFit) -> list[str]:
     out = ["[fit]"]
-    for kind, table in (("decode", fit.decode), ("prefill", fit.prefill)):
+    for kind, table in (("decode", fit.decode), ("prefill", fit.prefill), ("mixed", fit.mixed)):
         for held, tag in ((True, "held_out"), (False, "fitted")):
             t = table.subset(held)
+            if not t.rows:
+                continue  # MIXED_RULE: no mixed step is fitted
             out += [
                 f"{kind}_{tag}_points = {len(t.rows)}",
                 f"{kind}_{tag}_median_abs_error = {t.median_abs_error!r}",
@@ -186,8 +188,9 @@ MEANINGS = {
     "head) draws; caps attention when streams are too few to fill the SMs",
     "kernels.split_k_s": "reduction pass of a GEMM that splits K to fill the SMs",
     "latency.per_layer_s": "fixed kernel time per layer of a graph-replayed step",
-    "latency.launch_per_layer_s": "host time to launch a layer's kernels op by op (steps with "
-    "prefill); the step takes at least layers x this",
+    "latency.launch_per_layer_s": "host time to launch a layer's kernels op by op; a step the "
+    "profile's execution mode launches so (eager; prefill under decode-graphs) takes at least "
+    "layers x this",
     "latency.per_layer_per_hidden_s": "wafer: extra per-layer latency per hidden unit",
 }
 
@@ -283,7 +286,7 @@ def main() -> int:
     )
     print(constants_markdown(gpu, wafer))
     print()
-    print(markdown([gpu.decode, gpu.prefill], [wafer.rows, others]))
+    print(markdown([gpu.decode, gpu.prefill], [gpu.mixed.subset(True), wafer.rows, others]))
     return 0
 
 

@@ -1,13 +1,19 @@
 """Fitting the profiles' efficiency, latency and kernel constants on real measurements.
 
 GPU (`fit_gpu`): H100 Llama-3.1-8B step times in
-`calibration/h100-llama8b-measured.json`. Four constants are that file's own
-device measurements, not fitted: weight-read efficiency (weight-streaming
-ceiling at batch 1), compute efficiency (dense 8192^3 matmul ceiling), overlap
-(weight streaming at batch 256, where GEMMs turn compute-bound) and the launch
-floor of an eager step (median eager batch-1 decode step). Five are fitted by
-least squares of relative error on the fit points only; every second point of
-each series is held out (`held_out`). Other GPUs reuse all of them.
+`calibration/h100-llama8b-measured.json` (decode steps replayed from CUDA graphs,
+prefills launched op by op) and `calibration/h100-llama8b-mixed-steps.json`
+(steps mixing 0 or 16 decoding sequences with a prefill chunk, replayed from CUDA
+graphs). Each point is predicted in the execution mode it was measured in
+(`GpuPoint.execution`), whatever the shipped profiles' mode. Four constants are
+the first file's own device measurements, not fitted: weight-read efficiency
+(weight-streaming ceiling at batch 1), compute efficiency (dense 8192^3 matmul
+ceiling), overlap (weight streaming at batch 256, where GEMMs turn
+compute-bound) and the launch floor of an eager step (median eager batch-1
+decode step). Six are fitted by least squares of relative error on the fit
+points of the first file only; every second point of each series is held out
+(`held_out`), and every mixed step (`MIXED_RULE`): they check the one-pass
+mixed-step cost, which adds no constant. Other GPUs reuse all of them.
 
 Wafer: per-layer latency `a + hidden * b` fitted on the published Cerebras
 rows marked `fit = true` in `calibration/published.toml`.
@@ -30,6 +36,7 @@ from memorywall.core.deployment import plan_deployment
 from memorywall.core.gemm import Tiling, gemm_compute_s, split_k_gemms, weight_gemms
 from memorywall.core.hardware import (
     Efficiency,
+    ExecutionMode,
     Hardware,
     KernelCosts,
     LatencyFloors,
@@ -37,16 +44,18 @@ from memorywall.core.hardware import (
 )
 from memorywall.core.model import load_model
 from memorywall.core.precision import Precision
-from memorywall.core.work import Batch, PrefillChunk
+from memorywall.core.work import Batch, PrefillChunk, Work
 
 _DATA = resources.files("memorywall.core") / "calibration"
 MEASURED_FILE = "h100-llama8b-measured.json"
+MIXED_FILE = "h100-llama8b-mixed-steps.json"
 PUBLISHED_FILE = "published.toml"
 _NO_FLOOR = LatencyFloors(per_step_s=0.0, per_layer_s=0.0, per_layer_per_hidden_s=0.0)
 HELD_OUT_RULE = (
     "every second point of each series (decode points sharing a context, by batch; "
     "prefill points by prompt length) is held out"
 )
+MIXED_RULE = "every mixed step is held out: the one-pass step cost adds no constant for them to fit"
 
 
 @dataclass(frozen=True)
@@ -84,13 +93,14 @@ class ErrorTable:
 
 @dataclass(frozen=True)
 class GpuPoint:
-    """One measured step: `batch` decodes over `context`, or one prefill of `prompt` tokens."""
+    """One measured step (decodes, a prefill, or both) and how it was launched."""
 
     label: str
     batch: Batch
     measured_s: float
     series: str  # points of one series are ordered and split by `held_out`
     order: int
+    execution: ExecutionMode  # as measured: replayed from a graph, or launched op by op
     held_out: bool = False
 
 
@@ -98,6 +108,7 @@ class GpuPoint:
 class GpuMeasurements:
     decode: tuple[GpuPoint, ...]
     prefill: tuple[GpuPoint, ...]
+    mixed: tuple[GpuPoint, ...]  # MIXED_FILE: decodes beside a chunk, graph-replayed
     weight_streaming_bytes_per_s: float  # batch 1
     weight_streaming_b256_bytes_per_s: float
     matmul_flops_per_s: float
@@ -107,7 +118,12 @@ class GpuMeasurements:
 
     @property
     def points(self) -> tuple[GpuPoint, ...]:
+        """The decode and prefill points of MEASURED_FILE."""
         return self.decode + self.prefill
+
+    @property
+    def all_points(self) -> tuple[GpuPoint, ...]:
+        return self.decode + self.prefill + self.mixed
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class GpuFit:
     kernels: KernelCosts
     decode: ErrorTable
     prefill: ErrorTable
+    mixed: ErrorTable
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ def load_gpu_measurements() -> GpuMeasurements:
             r["step_s_graph"],
             f"decode ctx={r['context']}",
             r["batch"],
+            ExecutionMode.GRAPHS,
         )
         for r in data["decode"]
     ]
@@ -153,6 +171,7 @@ def load_gpu_measurements() -> GpuMeasurements:
             r["prefill_s"],
             "prefill",
             r["prompt"],
+            ExecutionMode.EAGER,
         )
         for r in data["prefill"]
     ]
@@ -161,6 +180,7 @@ def load_gpu_measurements() -> GpuMeasurements:
     return GpuMeasurements(
         decode=held_out(decode),
         prefill=held_out(prefill),
+        mixed=tuple(replace(p, held_out=True) for p in load_mixed_points()),
         weight_streaming_bytes_per_s=streaming["b1"] * 1e9,
         weight_streaming_b256_bytes_per_s=streaming["b256"] * 1e9,
         matmul_flops_per_s=ceilings["bf16_dense_matmul_TFLOPs_8192cubed"] * 1e12,
@@ -170,20 +190,62 @@ def load_gpu_measurements() -> GpuMeasurements:
     )
 
 
+def load_mixed_points() -> list[GpuPoint]:
+    """MIXED_FILE's steps: `decode_batch` sequences over `decode_context` beside one chunk."""
+    data = json.loads((_DATA / MIXED_FILE).read_text())
+    out = []
+    for r in data["steps"]:
+        b, ctx, n = r["decode_batch"], r["decode_context"], r["prefill_chunk"]
+        chunk = (PrefillChunk(n, r["chunk_prior_context"]),) if n else ()
+        out.append(
+            GpuPoint(
+                f"mixed b={b} ctx={ctx} + chunk {n}",
+                Batch(decode_contexts=(ctx,) * b, prefill=chunk),
+                r["step_s_graph"],
+                f"mixed b={b}",
+                n,
+                ExecutionMode.GRAPHS,
+            )
+        )
+    return out
+
+
 def load_published() -> list[dict]:
     return tomllib.loads((_DATA / PUBLISHED_FILE).read_text())["row"]
 
 
-def gpu_error_tables(step_model: StepModel, m: GpuMeasurements) -> tuple[ErrorTable, ErrorTable]:
-    """Predicted against measured, for every decode and prefill point, held-out ones marked."""
+def point_step_model(hardware: Hardware, execution: ExecutionMode) -> StepModel:
+    """Llama-3.1-8B on one `hardware` device, its steps launched as `execution` says."""
+    return StepModel(
+        plan_deployment(
+            replace(hardware, execution=execution), load_model("llama-3.1-8b"), devices=1
+        )
+    )
+
+
+def gpu_error_tables(
+    hardware: Hardware, m: GpuMeasurements
+) -> tuple[ErrorTable, ErrorTable, ErrorTable]:
+    """Predicted against measured for every decode, prefill and mixed point, each in the
+    execution mode it was measured in, held-out ones marked."""
+    models = {e: point_step_model(hardware, e) for e in ExecutionMode}
 
     def rows(points: tuple[GpuPoint, ...]) -> tuple[ErrorRow, ...]:
         return tuple(
-            ErrorRow(p.label, p.measured_s, step_model.step_cost(p.batch).time_s, p.held_out)
+            ErrorRow(
+                p.label,
+                p.measured_s,
+                models[p.execution].step_cost(p.batch).time_s,
+                p.held_out,
+            )
             for p in points
         )
 
-    return ErrorTable("H100 decode", rows(m.decode)), ErrorTable("H100 prefill", rows(m.prefill))
+    return (
+        ErrorTable("H100 decode", rows(m.decode)),
+        ErrorTable("H100 prefill", rows(m.prefill)),
+        ErrorTable("H100 mixed steps", rows(m.mixed)),
+    )
 
 
 def streaming_overlap(hardware: Hardware, m: GpuMeasurements, compute: float) -> float:
@@ -221,16 +283,11 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     compute = m.matmul_flops_per_s / m.datasheet_flops_per_s
     overlap = streaming_overlap(hardware, m, compute)
     launch = float(np.median(m.eager_decode_b1_s)) / model.n_layers
-    fit_points = [p for p in m.points if not p.held_out]
+    fit_points = [p for p in m.all_points if not p.held_out]  # MIXED_RULE: none mixed
     y = np.array([p.measured_s for p in fit_points])
-    eager = np.array([bool(p.batch.prefill) for p in fit_points])
-    tokens = np.array(
-        [
-            sum(c.new_tokens for c in p.batch.prefill) or len(p.batch.decode_contexts)
-            for p in fit_points
-        ],
-        dtype=float,
-    )
+    eager = np.array([p.execution.launches_eagerly(bool(p.batch.prefill)) for p in fit_points])
+    work = [Work.of_batch(p.batch, model) for p in fit_points]
+    tokens = np.array([w.tokens for w in work])
     act_bw = hardware.resident.bandwidth_bytes_per_s * weight_read
     per_layer_col = np.full_like(y, float(model.n_layers))
     act_col = tokens * model.hidden_size * model.n_layers / act_bw
@@ -239,10 +296,10 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     split_col = np.array(
         [
             sum(
-                split_k_gemms(float(len(p.batch.prefill) or t) if g.head else float(t), g, tiling)
+                split_k_gemms(w.logits if g.head else w.tokens, g, tiling)
                 for g in weight_gemms(model, 1)
             )
-            for p, t in zip(fit_points, tokens, strict=True)
+            for w in work
         ]
     )
     launch_s = launch * model.n_layers
@@ -264,11 +321,10 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
         return eff, lat, ker
 
     def base(kv_read: float, stream_bw: float, attention: float) -> np.ndarray:
+        """The fit points' times without the linear terms and the launch floor."""
         eff, lat, ker = constants(kv_read, stream_bw, attention, 0.0, 0.0)
-        hw = replace(
-            hardware, efficiency=eff, latency=replace(lat, launch_per_layer_s=0.0), kernels=ker
-        )
-        sm = StepModel(plan_deployment(hw, model, devices=1))
+        hw = replace(hardware, efficiency=eff, latency=lat, kernels=ker)
+        sm = point_step_model(hw, ExecutionMode.GRAPHS)
         return np.array([sm.step_cost(p.batch).time_s for p in fit_points])
 
     linear = np.stack([per_layer_col, act_col, split_col], axis=1)
@@ -319,13 +375,11 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
         span = span / 5
     _, kv, sb, at, (a, c, k) = best
     eff, lat, ker = constants(float(kv), float(sb), float(at), float(a), float(c), float(k))
-    fitted = StepModel(
-        plan_deployment(
-            replace(hardware, efficiency=eff, latency=lat, kernels=ker), model, devices=1
-        )
+    fitted = replace(hardware, efficiency=eff, latency=lat, kernels=ker)
+    d_table, p_table, x_table = gpu_error_tables(fitted, m)
+    return GpuFit(
+        efficiency=eff, latency=lat, kernels=ker, decode=d_table, prefill=p_table, mixed=x_table
     )
-    d_table, p_table = gpu_error_tables(fitted, m)
-    return GpuFit(efficiency=eff, latency=lat, kernels=ker, decode=d_table, prefill=p_table)
 
 
 def published_step_model(row: dict, hardware: Hardware | None = None) -> StepModel:

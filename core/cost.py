@@ -6,10 +6,17 @@ hide (`overlap`). Kernels run one after another, so their times add:
 
     gpu    = fixed (per layer, plus a reduction pass per split-K GEMM)
              + sum over weight GEMMs of combine(weight bytes, wave-quantised FLOPs)
-             + combine(KV bytes at the reachable bandwidth, attention FLOPs)
+             + combine(decode KV bytes at the bandwidth its streams reach, decode FLOPs)
+             + combine(the chunks' KV bytes, the chunks' attention FLOPs)
              + activation bytes (norms, rotary, activation function, residuals)
              + interconnect
-    time   = max(gpu, n_layers x launch_per_layer)  for steps with prefill (not graph-replayed)
+    time   = max(gpu, n_layers x launch_per_layer)  for steps the stack launches op by op
+             (the profile's `ExecutionMode`); gpu for steps replayed from graphs
+
+A step that mixes decoding sequences with prefill chunks reads the weights once
+for all its tokens: its GEMMs run on the step's total token count (tiles and
+waves included), while decode attention and each chunk's attention are their
+own kernels over their own KV.
 
 Each term is a small formula below or in `gemm.py`; `StepModel` composes them
 once for the engine (scalars, microseconds a call) and for numpy sweeps (arrays).
@@ -24,6 +31,7 @@ import numpy as np
 
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
 from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, split_k_gemms, weight_gemms
+from memorywall.core.hardware import ExecutionMode
 from memorywall.core.work import Batch, Number, Work
 
 _PJ = 1e-12
@@ -189,6 +197,7 @@ class StepModel:
             lat.per_layer_s + m.hidden_size * lat.per_layer_per_hidden_s
         )
         self._launch_s = m.n_layers * lat.launch_per_layer_s
+        self._execution = hw.execution
         self._scale_up = hw.scale_up
         self._io = hw.external_io
         self._resident_pj = res.energy_pj_per_bit
@@ -276,13 +285,26 @@ class StepModel:
         )
         kv_read = layer_kv * (self._n_full * w.kv_read_full + self._n_window * w.kv_read_window)
         kv_bytes = kv_read + layer_kv * self._n_layers * w.tokens
-        kv_s = (kv_bytes - decode_kv) / self._kv_shards / self._kv_bw
-        kv_s = kv_s + decode_kv / self._kv_shards / self._decode_kv_bw(w.decode_seqs)
+        decode_written = layer_kv * self._n_layers * self.queries_per_decode * w.decode_seqs
         attn_flops = self._attn_flops_per_pair * (
             self._n_full * w.pairs_full + self._n_window * w.pairs_window
         )
-        attn_comp_s = attn_flops / tp / self._attn_flops_per_s
-        attn_s = combine_s(0.0, kv_s, attn_comp_s, self._overlap, 0.0)
+        decode_flops = self._attn_flops_per_pair * (
+            self._n_full * w.decode_pairs_full + self._n_window * w.decode_pairs_window
+        )
+        # Decode attention and the chunks' attention are separate kernels, each over its own
+        # KV: the decode streams' reads do not hide behind a chunk's attention compute.
+        decode_kv_s = (
+            decode_kv / self._decode_kv_bw(w.decode_seqs) + decode_written / self._kv_bw
+        ) / self._kv_shards
+        chunk_kv_s = (kv_bytes - decode_kv - decode_written) / self._kv_shards / self._kv_bw
+        kv_s = decode_kv_s + chunk_kv_s
+        decode_comp_s = decode_flops / tp / self._attn_flops_per_s
+        chunk_comp_s = (attn_flops - decode_flops) / tp / self._attn_flops_per_s
+        attn_comp_s = decode_comp_s + chunk_comp_s
+        attn_s = combine_s(0.0, decode_kv_s, decode_comp_s, self._overlap, 0.0) + combine_s(
+            0.0, chunk_kv_s, chunk_comp_s, self._overlap, 0.0
+        )
 
         small_bw = self._stream_bw if self._streamed else self._act_bw
         small_s = self._small_weight_bytes / tp / small_bw  # norm weights
@@ -307,12 +329,7 @@ class StepModel:
 
         busy_s = gemm_s + attn_s + act_s + comm_s
         gpu_s = self._latency_s + split_s + busy_s
-        # Steps with prefill are launched kernel by kernel, not replayed from a graph.
-        eager = w.tokens > self.queries_per_decode * w.decode_seqs
-        if isinstance(eager, bool | np.bool_):
-            time_s = max(gpu_s, self._launch_s) if eager else gpu_s
-        else:
-            time_s = np.where(eager, np.maximum(gpu_s, self._launch_s), gpu_s)
+        time_s = self._launch_floor(gpu_s, w)
 
         latency_s = time_s - busy_s
         linear_flops = self._body_flops_per_token * w.tokens + self._head_flops_per_logit * w.logits
@@ -342,6 +359,19 @@ class StepModel:
             "energy_j": energy_j,
             "tokens": w.tokens,
         }
+
+    def _launch_floor(self, gpu_s: Number, w: Work) -> Number:
+        """max(gpu, n_layers x launch_per_layer) for the steps the execution mode launches op
+        by op (`ExecutionMode.launches_eagerly`); gpu for steps replayed from graphs."""
+        if self._execution is ExecutionMode.GRAPHS or not self._launch_s:
+            return gpu_s
+        has_prefill = w.tokens > self.queries_per_decode * w.decode_seqs
+        if isinstance(has_prefill, bool | np.bool_):
+            eager = self._execution.launches_eagerly(bool(has_prefill))
+            return max(gpu_s, self._launch_s) if eager else gpu_s
+        if self._execution is ExecutionMode.EAGER:
+            return np.maximum(gpu_s, self._launch_s)
+        return np.where(has_prefill, np.maximum(gpu_s, self._launch_s), gpu_s)
 
     def _dense_gemms(self, tokens: Number, logits: Number) -> tuple[Number, ...]:
         """The dense GEMMs' memory, compute and combined seconds, and split-K reduction
@@ -402,15 +432,23 @@ def _draft_deployment(d: Deployment) -> Deployment:
 
 
 def _draft_work(w: Work) -> Work:
-    """One draft step: each decoding sequence proposes one token over its context.
+    """One draft step: each decoding sequence proposes one token over its context, a
+    decode-only step (replayed as one; decode attention over the sequences' streams).
 
     Prefill chunks are not drafted (the draft model's own prefill is not modelled).
     """
+    pairs_full = w.decode_read_full + w.decode_seqs
+    pairs_window = w.decode_read_window + w.decode_seqs
     return Work(
         tokens=w.decode_seqs,
         logits=w.decode_seqs,
         kv_read_full=w.decode_read_full,
         kv_read_window=w.decode_read_window,
-        pairs_full=w.decode_read_full + w.decode_seqs,
-        pairs_window=w.decode_read_window + w.decode_seqs,
+        pairs_full=pairs_full,
+        pairs_window=pairs_window,
+        decode_seqs=w.decode_seqs,
+        decode_read_full=w.decode_read_full,
+        decode_read_window=w.decode_read_window,
+        decode_pairs_full=pairs_full,
+        decode_pairs_window=pairs_window,
     )

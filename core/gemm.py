@@ -4,17 +4,23 @@ A GPU computes a GEMM's output in tiles of `tile_m` rows (tokens) by
 `tile_n` columns, one tile per streaming multiprocessor (SM) at a time, so
 the time goes in whole waves of tiles (wave quantisation):
 
-    tiles = ceil(rows / tile_m) x ceil(n / tile_n)
+    row tiles = max(rows / tile_m, 1)      (a remainder of rows costs its fill)
+    tiles = row tiles x ceil(n / tile_n)
     tiles >= SMs:  ceil(tiles / SMs) waves, each one tile's work
     tiles <  SMs:  one wave; the library splits K over floor(SMs / tiles) slices
 
     tile work = 2 x tile_m x tile_n x k FLOPs at (peak x compute efficiency) / SMs
 
-Padding a tile costs as much as filling it; splitting K is what cuBLAS and
-CUTLASS do when a GEMM has too few tiles to fill the chip, and a split GEMM
-then runs a reduction pass over its partial sums (`split_k_gemms` counts them;
-the profile's `split_k_s` prices one). A one-row GEMM is a matrix-vector
-product and does not split. Routed MoE experts
+Padding a tile costs as much as filling it when a GEMM has fewer rows than one
+tile (a decode batch). Rows beyond whole tiles are not padded to another full
+tile: the library covers the remainder with narrower tiles (Hopper's wgmma
+takes the token side in steps of 8), so 16 decode rows beside a 512-token chunk
+cost their share, not a 25% jump (`h100-llama8b-mixed-steps.json`: 16 decoding
+sequences add 2.2-2.3 ms to chunks of 256, 512 and 2048 alike). Splitting K is
+what cuBLAS and CUTLASS do when a GEMM has too few tiles to fill the chip, and a
+split GEMM then runs a reduction pass over its partial sums (`split_k_gemms`
+counts them; the profile's `split_k_s` prices one). A one-row GEMM is a
+matrix-vector product and does not split. Routed MoE experts
 are not tiled here (their per-expert row counts vary); they use the plain
 FLOP count.
 """
@@ -100,14 +106,22 @@ def gemm_compute_s(rows: Number, gemm: Gemm, tiling: Tiling, unit_flops_per_s: f
     if isinstance(rows, float | int):
         if rows <= 0:
             return 0.0
-        tiles = math.ceil(rows / tiling.tile_m) * n_tiles
+        tiles = row_tiles(rows, tiling) * n_tiles
         waves = math.ceil(tiles / u) if tiles >= u else 1.0 / (u // tiles)
         return waves * tile_s
-    tiles = np.ceil(np.asarray(rows, dtype=np.float64) / tiling.tile_m) * n_tiles
+    tiles = row_tiles(np.asarray(rows, dtype=np.float64), tiling) * n_tiles
     safe = np.maximum(tiles, 1.0)
     slices = np.maximum(np.floor(u / safe), 1.0)  # K slices when tiles < u
     waves = np.where(tiles >= u, np.ceil(safe / u), 1.0 / slices)
     return np.where(tiles > 0, waves * tile_s, 0.0)
+
+
+def row_tiles(rows: Number, tiling: Tiling) -> Number:
+    """Row tiles of a GEMM of `rows` rows: none for no rows, at least one (padded), else the
+    rows at their fill (module docstring)."""
+    if isinstance(rows, float | int):
+        return max(rows / tiling.tile_m, 1.0) if rows > 0 else 0.0
+    return np.where(rows > 0, np.maximum(rows / tiling.tile_m, 1.0), 0.0)
 
 
 def split_k_gemms(rows: Number, gemm: Gemm, tiling: Tiling) -> Number:
@@ -116,8 +130,8 @@ def split_k_gemms(rows: Number, gemm: Gemm, tiling: Tiling) -> Number:
     matrix-vector product, which does not split."""
     n_tiles = -(-gemm.n // tiling.tile_n)
     if isinstance(rows, float | int):
-        split = rows > 1 and 2 * math.ceil(rows / tiling.tile_m) * n_tiles <= tiling.units
+        split = rows > 1 and 2 * row_tiles(rows, tiling) * n_tiles <= tiling.units
         return float(gemm.count) if split else 0.0
     r = np.asarray(rows, dtype=np.float64)
-    split = (r > 1) & (2 * np.ceil(r / tiling.tile_m) * n_tiles <= tiling.units)
+    split = (r > 1) & (2 * row_tiles(r, tiling) * n_tiles <= tiling.units)
     return np.where(split, float(gemm.count), 0.0)

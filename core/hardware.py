@@ -28,6 +28,30 @@ class DeviceKind(Enum):
     WAFER = "wafer"
 
 
+class ExecutionMode(Enum):
+    """How the serving stack launches a step's kernels: which steps pay the host launch floor
+    (`LatencyFloors.launch_per_layer_s` per layer).
+
+    EAGER: every step launched op by op from Python; every step pays the floor.
+    DECODE_GRAPHS: decode-only steps replayed from CUDA graphs, steps with prefill launched op
+        by op (vLLM v0; the harness of h100-llama8b-measured.json).
+    GRAPHS: every step replayed from captured graphs or a compiled program (vLLM v1's
+        piecewise CUDA graphs, TensorRT-LLM, a wafer's resident dataflow program): no floor.
+    """
+
+    EAGER = "eager"
+    DECODE_GRAPHS = "decode-graphs"
+    GRAPHS = "graphs"
+
+    def launches_eagerly(self, has_prefill: bool) -> bool:
+        """Whether a step (with or without prefill tokens) is launched op by op."""
+        return self is ExecutionMode.EAGER or (self is ExecutionMode.DECODE_GRAPHS and has_prefill)
+
+
+# What a profile without an [execution] table runs: the stack vLLM v1 runs by default.
+DEFAULT_EXECUTION = ExecutionMode.GRAPHS
+
+
 @dataclass(frozen=True, kw_only=True)
 class MemoryTier:
     name: str
@@ -71,8 +95,8 @@ class LatencyFloors:
     per_step_s: float
     per_layer_s: float
     per_layer_per_hidden_s: float
-    # Host time to launch one layer's kernels when a step is not replayed from a
-    # CUDA graph (steps with prefill): such a step takes at least n_layers x this.
+    # Host time to launch one layer's kernels op by op, for the steps the profile's
+    # `ExecutionMode` launches eagerly: such a step takes at least n_layers x this.
     launch_per_layer_s: float = 0.0
 
 
@@ -122,6 +146,7 @@ class Hardware:
     parallelism: Parallelism | None  # None: a dataflow device (wafer), no SM waves
     calibration: str
     sources: Mapping[str, str]
+    execution: ExecutionMode = DEFAULT_EXECUTION  # the serving stack's launch mode
 
     def compute_peak(self, precision: Precision) -> float:
         """Peak dense FLOP/s for math in `precision`, falling back to bf16 (weight-only formats)."""
@@ -242,8 +267,28 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
         ),
         parallelism=_parallelism(r, r.table(data, "parallelism", optional=True)),
         calibration=calibration,
+        execution=_execution(r, r.table(data, "execution", optional=True)),
         sources=dict(r.sources),
     )
+
+
+def _execution(r: QuantityReader, table: dict[str, Any]) -> ExecutionMode:
+    """`[execution] mode = "..."` with its `source`; no table: `DEFAULT_EXECUTION`."""
+    if not table:
+        return DEFAULT_EXECUTION
+    text = r.text(table, "mode", "execution.")
+    try:
+        mode = ExecutionMode(text)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in ExecutionMode)
+        raise ConfigError(
+            f"{r.origin}: execution.mode: expected one of {valid}, got {text!r}"
+        ) from None
+    source = table.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"{r.origin}: execution.source: the execution mode must cite a source")
+    r.sources["execution.mode"] = source.strip()
+    return mode
 
 
 def _memory_tiers(r: QuantityReader, memory: dict[str, Any]) -> list[tuple[str, MemoryTier]]:

@@ -45,10 +45,13 @@ class Work:
     kv_read_window: Number  # the same for windowed layers (capped at the window)
     pairs_full: Number  # (query, attended token) pairs, full-attention layers
     pairs_window: Number  # the same for windowed layers
-    # The decoding sequences alone: what a speculative draft model runs over.
+    # The decoding sequences alone: what a speculative draft model runs over, and what
+    # decode attention (its own kernels, beside the chunks' attention) costs.
     decode_seqs: Number = 0.0
     decode_read_full: Number = 0.0
     decode_read_window: Number = 0.0
+    decode_pairs_full: Number = 0.0
+    decode_pairs_window: Number = 0.0
 
     @staticmethod
     def of_batch(batch: Batch, model: ModelShape, queries_per_decode: int = 1) -> Work:
@@ -72,6 +75,7 @@ class Work:
             read_window = pairs_window = 0
         read_full = ctx_sum
         decode_read_window = read_window
+        decode_pairs_full, decode_pairs_window = pairs_full, pairs_window
         for chunk in batch.prefill:
             n, c = chunk.new_tokens, chunk.cached_tokens
             tokens += n
@@ -91,6 +95,8 @@ class Work:
             decode_seqs=float(n_decode),
             decode_read_full=float(ctx_sum),
             decode_read_window=float(decode_read_window),
+            decode_pairs_full=float(decode_pairs_full),
+            decode_pairs_window=float(decode_pairs_window),
         )
 
     @staticmethod
@@ -122,6 +128,8 @@ class Work:
             decode_seqs=float(n),
             decode_read_full=ctx_sum,
             decode_read_window=read_window,
+            decode_pairs_full=ctx_sum + float(n),
+            decode_pairs_window=pairs_window,
         )
 
     @staticmethod
@@ -135,16 +143,20 @@ class Work:
         own = q * (q + 1) / 2
         w = model.window_tokens
         cw = np.minimum(c, w) if w else 0.0 * c
+        pairs_full = b * (q * c + own)
+        pairs_window = b * _window_pairs_array(c, q, w) if w else 0.0 * b * c
         return Work(
             tokens=q * b,
             logits=q * b,
             kv_read_full=b * c,
             kv_read_window=b * cw,
-            pairs_full=b * (q * c + own),
-            pairs_window=b * _window_pairs_array(c, q, w) if w else 0.0 * b * c,
+            pairs_full=pairs_full,
+            pairs_window=pairs_window,
             decode_seqs=b,
             decode_read_full=b * c,
             decode_read_window=b * cw,
+            decode_pairs_full=pairs_full,
+            decode_pairs_window=pairs_window,
         )
 
 
