@@ -367,8 +367,11 @@ class StepModel:
             return gpu_s
         has_prefill = w.tokens > self.queries_per_decode * w.decode_seqs
         if isinstance(has_prefill, bool | np.bool_):
-            eager = self._execution.launches_eagerly(bool(has_prefill))
-            return max(gpu_s, self._launch_s) if eager else gpu_s
+            if not self._execution.launches_eagerly(bool(has_prefill)):
+                return gpu_s
+            if isinstance(gpu_s, float):
+                return max(gpu_s, self._launch_s)
+            return np.maximum(gpu_s, self._launch_s)  # a decode run or sweep, all eager
         if self._execution is ExecutionMode.EAGER:
             return np.maximum(gpu_s, self._launch_s)
         return np.where(has_prefill, np.maximum(gpu_s, self._launch_s), gpu_s)

@@ -65,3 +65,16 @@ def test_regime_statistics_are_those_of_the_points():
     median, top = (float(x.rstrip("%")) / 100 for x in acc._stats(held).split(" | "))
     assert top == pytest.approx(max(abs(e) for e in held), abs=5e-4)
     assert median == pytest.approx(float(np.median(np.abs(held))), abs=5e-4)
+
+
+def test_mixed_section_holds_every_mixed_step_held_out():
+    acc = accuracy()
+    mixed = acc.mixed_points(acc.load_aiconfigurator())
+    assert len(mixed) == 7 and {p.used for p in mixed} == {"held out"}
+    assert {p.regime for p in mixed} == {acc.MIXED, acc.MIXED_ALONE}
+    page = fresh()
+    assert "## Mixed steps: decodes beside a prefill chunk" in page
+    for p in mixed:
+        assert f"| {p.label} | {acc._fmt(p.measured, p.unit)} |" in page, p.label
+    errors = [abs(p.error) for p in mixed]
+    assert f"mixed steps median {np.median(errors):.1%}, max {max(errors):.1%}" in page

@@ -20,6 +20,7 @@ from memorywall.core.calibration import (
     load_published,
     published_error_table,
 )
+from memorywall.core.hardware import ExecutionMode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,6 +93,10 @@ def test_held_out_points_do_not_move_the_fit():
             dataclasses.replace(p, measured_s=2 * p.measured_s) if p.held_out else p
             for p in m.prefill
         ),
+        mixed=tuple(
+            dataclasses.replace(p, measured_s=2 * p.measured_s) if p.held_out else p
+            for p in m.mixed
+        ),
     )
     refit = fit_gpu(m=doubled)
     fields_approx(refit.efficiency, gpu().efficiency, rel=1e-12)
@@ -100,12 +105,45 @@ def test_held_out_points_do_not_move_the_fit():
 
 
 def test_builtin_h100_reproduces_the_fit_error_table():
-    # The shipped profile, not just the fit's own StepModel, gives the fitted predictions.
-    sm = StepModel(plan_deployment(load_hardware("h100-sxm"), load_model("llama-3.1-8b")))
+    # The shipped profile, not just the fit's own StepModel, gives the fitted predictions,
+    # each point launched as it was measured (the profile's own mode is vLLM v1's graphs).
     m = load_gpu_measurements()
-    for row, point in zip(gpu().decode.rows + gpu().prefill.rows, m.points, strict=True):
+    fit = gpu()
+    for row, point in zip(
+        fit.decode.rows + fit.prefill.rows + fit.mixed.rows, m.all_points, strict=True
+    ):
+        hw = dataclasses.replace(load_hardware("h100-sxm"), execution=point.execution)
+        sm = StepModel(plan_deployment(hw, load_model("llama-3.1-8b")))
         step = sm.step_cost(point.batch).time_s
         assert step == pytest.approx(row.predicted_s, rel=1e-9)
+
+
+def test_points_are_predicted_in_the_mode_they_were_measured_in():
+    m = load_gpu_measurements()
+    assert {p.execution for p in m.decode} == {ExecutionMode.GRAPHS}
+    assert {p.execution for p in m.prefill} == {ExecutionMode.EAGER}
+    assert {p.execution for p in m.mixed} == {ExecutionMode.GRAPHS}
+
+
+def test_mixed_steps_are_all_held_out_and_meet_their_targets():
+    # Issue 30: on mixed steps not fitted on, median <= 5%, max <= 10%.
+    m = load_gpu_measurements()
+    assert len(m.mixed) == 7 and all(p.held_out for p in m.mixed)
+    table = gpu().mixed
+    assert table.subset(held_out=False).rows == ()
+    assert table.median_abs_error <= 0.05
+    assert table.max_abs_error <= 0.10
+    # 16 decodes beside each chunk, as measured (h100-llama8b-mixed-steps.json)
+    labels = {p.label for p in m.mixed}
+    assert {f"mixed b=16 ctx=1024 + chunk {n}" for n in (0, 256, 512, 2048)} <= labels
+
+
+def test_mixed_steps_do_not_move_the_fit():
+    m = load_gpu_measurements()
+    refit = fit_gpu(m=dataclasses.replace(m, mixed=()))
+    fields_approx(refit.efficiency, gpu().efficiency, rel=1e-12)
+    fields_approx(refit.latency, gpu().latency, rel=1e-12)
+    fields_approx(refit.kernels, gpu().kernels, rel=1e-12)
 
 
 def test_fit_wafer_reproduces_wse_fit_toml():

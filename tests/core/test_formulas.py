@@ -27,7 +27,7 @@ from memorywall.core.cost import (
     distinct_experts,
     link_time_s,
 )
-from memorywall.core.hardware import Efficiency, KernelCosts, LatencyFloors
+from memorywall.core.hardware import Efficiency, ExecutionMode, KernelCosts, LatencyFloors
 from memorywall.core.work import _window_pairs, _window_pairs_array
 from memorywall.errors import ConfigError
 
@@ -299,8 +299,10 @@ def test_gemm_compute_s_by_hand():
     # 1 row: 32 tiles < 132 SMs, K split 132 // 32 = 4 ways: a quarter of a tile's work
     assert gemm_compute_s(1, g, tiling, unit) == pytest.approx(tile_s / 4, rel=1e-12)
     assert gemm_compute_s(128, g, tiling, unit) == pytest.approx(tile_s / 4, rel=1e-12)
-    # 129 rows: 64 tiles, split 2 ways
-    assert gemm_compute_s(129, g, tiling, unit) == pytest.approx(tile_s / 2, rel=1e-12)
+    # 256 rows: 64 tiles, split 2 ways. 129 rows: the row past the first tile costs its fill
+    # (129 / 128 x 32 = 32.25 tiles), not a second padded tile: split 4 ways, as 128 rows.
+    assert gemm_compute_s(256, g, tiling, unit) == pytest.approx(tile_s / 2, rel=1e-12)
+    assert gemm_compute_s(129, g, tiling, unit) == pytest.approx(tile_s / 4, rel=1e-12)
     # 512 rows: 128 tiles, one wave, no split; 640 rows: 160 tiles, two waves
     assert gemm_compute_s(512, g, tiling, unit) == pytest.approx(tile_s, rel=1e-12)
     assert gemm_compute_s(640, g, tiling, unit) == pytest.approx(2 * tile_s, rel=1e-12)
@@ -311,10 +313,12 @@ def test_gemm_compute_s_by_hand():
         [gemm_compute_s(float(r), g, tiling, unit) for r in rows],
         rtol=1e-12,
     )
-    # Split-K GEMMs run a reduction pass: not for one row, nor past half the SMs in tiles.
-    assert [split_k_gemms(r, g, tiling) for r in (1, 2, 128, 256, 257)] == [0, 2, 2, 2, 0]
+    # Split-K GEMMs run a reduction pass: not for one row, nor past half the SMs in tiles
+    # (257 rows: 64.25 tiles at their fill, still under 66; 265 rows: 66.25, past it).
+    rows_k = (1, 2, 128, 256, 257, 265)
+    assert [split_k_gemms(r, g, tiling) for r in rows_k] == [0, 2, 2, 2, 2, 0]
     np.testing.assert_array_equal(
-        split_k_gemms(np.array([1.0, 2.0, 257.0]), g, tiling), [0.0, 2.0, 0.0]
+        split_k_gemms(np.array([1.0, 2.0, 265.0]), g, tiling), [0.0, 2.0, 0.0]
     )
 
 
@@ -350,7 +354,8 @@ def test_decode_attention_streams_cap_the_kv_bandwidth():
 
 
 def test_eager_launch_floor_binds_short_prefills_only():
-    hw = load_hardware("h100-sxm")
+    # The measured harness's stack: decode replayed from graphs, prefill launched op by op.
+    hw = dataclasses.replace(load_hardware("h100-sxm"), execution=ExecutionMode.DECODE_GRAPHS)
     sm = StepModel(plan_deployment(hw, load_model("llama-3.1-8b")))
     floor = 32 * hw.latency.launch_per_layer_s
     assert sm.step_cost(Batch(prefill=(PrefillChunk(16),))).time_s == pytest.approx(floor)

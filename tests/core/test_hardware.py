@@ -42,6 +42,7 @@ def expected_source_keys(hw: Hardware) -> set[str]:
     keys |= {f"kernels.{f.name}" for f in dataclasses.fields(hw.kernels)}
     if hw.parallelism is not None:
         keys |= {f"parallelism.{f.name}" for f in dataclasses.fields(hw.parallelism)}
+    keys.add("execution.mode")  # every built-in says which stack it emulates
     return keys
 
 
@@ -278,6 +279,16 @@ BAD_PROFILES = [
         r"efficiency\.compute\.value: must be > 0 and <= 1, got 1\.5",
     ),
     (
+        "unknown execution mode",
+        lambda t: t.replace('mode = "graphs"', 'mode = "turbo"'),
+        r"execution\.mode: expected one of 'eager', 'decode-graphs', 'graphs', got 'turbo'",
+    ),
+    (
+        "execution mode without a source",
+        lambda t: re.sub(r"(?m)^source = .*$", "", t),
+        r"execution\.source: the execution mode must cite a source",
+    ),
+    (
         "negative latency floor",
         lambda t: t + '\n[latency]\nper_layer_s = { value = -1e-6, unit = "s", source = "x" }\n',
         r"latency\.per_layer_s\.value: must be >= 0",
@@ -295,6 +306,17 @@ def test_bad_profile_raises_config_error_naming_the_field(h100_text, write_profi
     message = str(e.value)
     assert path in message  # names the file
     assert "\n" not in message  # one line
+
+
+def test_profile_without_execution_table_runs_the_default_stack(h100_text, write_profile):
+    from memorywall.core.hardware import DEFAULT_EXECUTION, ExecutionMode
+
+    text = re.sub(r"(?s)\n\[execution\].*", "\n", h100_text)
+    hw = load_hardware(write_profile(text))
+    assert hw.execution is DEFAULT_EXECUTION is ExecutionMode.GRAPHS
+    assert "execution.mode" not in hw.sources
+    eager = load_hardware(write_profile(h100_text.replace('mode = "graphs"', 'mode = "eager"')))
+    assert eager.execution is ExecutionMode.EAGER
 
 
 def test_nan_value_is_rejected(h100_text, write_profile):
