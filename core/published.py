@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from memorywall.core.calibration import ErrorTable, load_published
 from memorywall.core.cost import StepModel
 from memorywall.core.deployment import Deployment, Speculative, plan_deployment
-from memorywall.core.hardware import Hardware, load_hardware
+from memorywall.core.hardware import ExecutionMode, Hardware, load_hardware
 from memorywall.core.model import ModelShape, load_model
 from memorywall.core.precision import Precision
 from memorywall.core.predict import predict
@@ -62,7 +62,10 @@ def _fused_stack(hardware: Hardware, model: ModelShape, tp: int) -> Hardware:
         hardware.kernels, activation_bytes_per_hidden=fused_activation_bytes_per_hidden(model, tp)
     )
     return replace(
-        hardware, kernels=kernels, latency=replace(hardware.latency, launch_per_layer_s=0.0)
+        hardware,
+        kernels=kernels,
+        latency=replace(hardware.latency, launch_per_layer_s=0.0),
+        execution=ExecutionMode.GRAPHS,
     )
 
 

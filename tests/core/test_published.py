@@ -146,6 +146,7 @@ def test_fused_rows_run_without_launch_floor_and_with_fused_traffic():
         d = published_deployment(r)
         if r.get("kernels") == "fused":
             assert d.hardware.latency.launch_per_layer_s == 0.0, r["label"]
+            assert d.hardware.execution.value == "graphs", r["label"]
             assert d.hardware.kernels.activation_bytes_per_hidden < 60, r["label"]
         elif d.hardware.kind.value == "gpu":
             assert d.hardware.latency.launch_per_layer_s > 0.0, r["label"]
