@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memorywall.errors import ConfigError
 from memorywall.server.engine.guard import GuardConfig
-from memorywall.server.fronts.http_front import MAX_BODY_BYTES
-from memorywall.server.fronts.tls import TlsConfig
-from memorywall.server.pd import PdConfig
+from memorywall.server.pd.config import PdConfig
+
+if TYPE_CHECKING:  # the TLS module loads grpc; a config (and the CLI that builds it) need not
+    from memorywall.server.fronts.tls import TlsConfig
+
+# The largest request body (HTTP) or message (gRPC) a server takes by default. Prompts
+# given as token ids run to ~7 bytes a token: room for a 128k-token context.
+MAX_BODY_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.config import MAX_BODY_BYTES
 from memorywall.server.engine.api import (
     EngineClient,
     EngineObserver,
@@ -34,8 +35,6 @@ from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.status import http_fault, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
-# Prompts given as token ids run to ~7 bytes a token: room for a 128k-token context.
-MAX_BODY_BYTES = 16 * 2**20
 SHUTDOWN_TIMEOUT_S = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
