@@ -1,0 +1,1 @@
+"""KServe v2 / Triton `inference` protos (vendored; see README.md here) and their generated code."""
