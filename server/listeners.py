@@ -1,8 +1,9 @@
 """A server's listeners over one `EngineClient`: the wiring `memorywall serve` and each front
 process of `serve --api-servers N` share.
 
-gRPC (memorywall.v1, SGLang's worker API, health, reflection, every call
-behind the auth gate), the OpenAI HTTP front (with /metrics) and a /metrics-only
+gRPC (memorywall.v1, SGLang's worker API, KServe v2 / Triton's
+GRPCInferenceService, health, reflection, every call behind the auth gate), the
+HTTP front (OpenAI and KServe v2 routes, with /metrics) and a /metrics-only
 port, each as `ServerConfig` asks, with TLS on all of them when it asks. The
 owner keeps the engine's lifecycle; the listeners go through theirs:
 
@@ -37,15 +38,19 @@ from memorywall.server.fronts.http_front import (
     expect_continue,
     metrics_app,
 )
+from memorywall.server.fronts.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE_NAME
+from memorywall.server.fronts.kserve_grpc import KServeServicer
+from memorywall.server.fronts.kserve_grpc import add_to_server as add_kserve
+from memorywall.server.fronts.kserve_http import KServeHttp
 from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
 from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
-from memorywall.server.fronts.tokenizer import load_tokenizer
+from memorywall.server.fronts.tokenizer import PromptTokenizer, load_tokenizer
 from memorywall.server.pd import Disaggregation
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 # Every service on the gRPC port, each with a health status of its own ("" is the server's).
-HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME)
+HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME, KSERVE_SERVICE_NAME)
 MAX_PENDING_CALLS = 1_000_000
 
 
@@ -104,6 +109,8 @@ class Listeners:
         self.ports = ListenerPorts(None, None, None)
         self._serving = False
         ssl_context = config.tls.ssl_context() if config.tls is not None else None
+        # Prompt text to ids, for every front that takes text (OpenAI HTTP, KServe v2).
+        tokenizer = load_tokenizer(config.tokenizer, card.vocab_size)
         self.grpc: grpc.aio.Server | None = None
         self.health: health_aio.HealthServicer | None = None
         if config.grpc:
@@ -115,17 +122,19 @@ class Listeners:
                 pd,
                 reuse_port=reuse_port,
                 unnamed_prompts=unnamed_prompts,
+                tokenizer=tokenizer,
             )
         self.http: HttpSite | None = None
         if config.http_port is not None:
             front = OpenAIFront(
                 engine,
                 card,
-                load_tokenizer(config.tokenizer, card.vocab_size),
+                tokenizer,
                 max_request_bytes=config.max_request_bytes,
                 api_key=config.api_key,
             )
             app = front.app()
+            KServeHttp(engine, card, tokenizer).add_routes(app, expect_handler=expect_continue)
             if metrics is not None:
                 app.router.add_route("GET", "/metrics", metrics, expect_handler=expect_continue)
             if response_headers:
@@ -198,11 +207,14 @@ def grpc_server(
     *,
     reuse_port: bool = False,
     unnamed_prompts: Iterator[int] | None = None,
+    tokenizer: PromptTokenizer | None = None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
-    """The gRPC server (memorywall.v1, SGLang, health, reflection) over `engine`, unbound.
+    """The gRPC server (memorywall.v1, SGLang, KServe v2, health, reflection) over `engine`,
+    unbound.
 
     `reuse_port`: several processes bind the same port (`--api-servers`).
     `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
+    `tokenizer`: KServe v2's prompt text to ids (default: `config.tokenizer`'s).
     """
     health = health_aio.HealthServicer()
     limit = config.max_request_bytes
@@ -227,11 +239,16 @@ def grpc_server(
     engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     # SGLang's worker API, for the smg gateway: the same engine, the same port.
     add_to_server(SglangServicer(engine, card, pd), server)
+    # KServe v2 / Triton's inference service, for tritonclient, perf_analyzer and AIPerf.
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.tokenizer, card.vocab_size)
+    add_kserve(KServeServicer(engine, card, tokenizer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
             SGLANG_SERVICE_NAME,
+            KSERVE_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -1,8 +1,9 @@
 """The API key (`--api-key` or MEMORYWALL_API_KEY): one check for both fronts.
 
-As vLLM's `--api-key`: HTTP routes under /v1/ need `Authorization: Bearer KEY`
-(401 with an OpenAI error body otherwise); /health, /version and /metrics stay
-open, so load balancers and Prometheus need no secret. gRPC: see `grpc_gate.py`.
+As vLLM's `--api-key`: HTTP routes under /v1/ and KServe v2's /v2/models/ need
+`Authorization: Bearer KEY` (401 with an error body otherwise); /health,
+/v2/health/*, /version and /metrics stay open, so load balancers and Prometheus
+need no secret. gRPC: see `grpc_gate.py`.
 Keys are compared with `hmac.compare_digest`, in time that does not depend on
 where they differ.
 """
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from memorywall.errors import UnauthenticatedError
 
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIXES = ("/v1/", "/v2/models/")
 
 
 def bearer_matches(value: str | None, key: str) -> bool:
@@ -28,11 +29,11 @@ def bearer_matches(value: str | None, key: str) -> bool:
 
 
 def require_api_key(key: str, reply) -> web.middleware:
-    """aiohttp middleware: /v1/ routes answer `reply(UnauthenticatedError)` without the key."""
+    """aiohttp middleware: protected routes answer `reply(UnauthenticatedError)` without the key."""
 
     @web.middleware
     async def check(request: web.Request, handler):
-        if request.path.startswith(PROTECTED_PREFIX) and not bearer_matches(
+        if request.path.startswith(PROTECTED_PREFIXES) and not bearer_matches(
             request.headers.get("Authorization"), key
         ):
             return reply(

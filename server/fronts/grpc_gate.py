@@ -50,9 +50,9 @@ def _wrap(
 ) -> grpc.RpcMethodHandler:
     """The same handler, refusing every call with `refusal` if given, else each undecodable one."""
     serialize = handler.response_serializer
-    if handler.request_streaming:  # none served here; kept for completeness of the gate
+    if handler.request_streaming:
         if refusal is None:
-            return handler
+            return _checked_stream(handler) if handler.response_streaming else handler
 
         async def refuse_all(requests, context):
             await context.abort(*refusal)
@@ -99,6 +99,33 @@ def _wrap(
         return await unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)
+
+
+def _checked_stream(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A bidirectional stream (KServe's ModelStreamInfer) that ends INVALID_ARGUMENT at the
+    first message that does not decode."""
+    inner = handler.stream_stream
+
+    async def stream_stream(requests, context):
+        async def decoded():
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request: not a valid message ({request.reason})",
+                    )
+                yield request
+
+        responses = inner(decoded(), context)
+        try:
+            async for response in responses:
+                yield response
+        finally:  # cancelled or done: the servicer's own cleanup runs now, not at GC
+            await responses.aclose()
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, _decoding(handler.request_deserializer), handler.response_serializer
+    )
 
 
 class GrpcGate(grpc.aio.ServerInterceptor):

@@ -24,14 +24,21 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from memorywall.errors import InvalidRequestError, NotFoundError
-from memorywall.server.engine.api import Finished, FinishReason, ModelCard, Request
+from memorywall.server.engine.api import (
+    Finished,
+    FinishReason,
+    ModelCard,
+    Request,
+    TokenGroup,
+    token_text,
+)
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default, which the backend inherits
@@ -161,7 +168,11 @@ SAMPLING_FLAG = (
 )
 SAMPLING_OTHER = ("seed", "stop", "stop_token_ids", "bad_words", "logprobs", "prompt_logprobs")
 SAMPLING_KEYS = frozenset((*SAMPLING_INT, *SAMPLING_NUMBER, *SAMPLING_FLAG, *SAMPLING_OTHER))
-FINISH_TEXT = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
+FINISH_TEXT = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.ABORT: "abort",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,9 +207,7 @@ def check_tensor(t: Tensor) -> None:
     if any(d < 0 for d in t.shape):
         raise field_error(f"input {t.name!r}", f"shape {list(t.shape)} has a negative dimension")
     if math.prod(t.shape) != len(t.values):
-        raise field_error(
-            f"input {t.name!r}", f"shape {list(t.shape)} but {len(t.values)} values"
-        )
+        raise field_error(f"input {t.name!r}", f"shape {list(t.shape)} but {len(t.values)} values")
     kind = _VALUE_TYPE["BYTES" if t.datatype == "BYTES" else t.datatype[:2]]
     for v in t.values:
         if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
@@ -344,9 +353,8 @@ class KServeApi:
                     raise field_error(name, f"must be a number, got {value!r}")
                 if not math.isfinite(value):
                     raise field_error(name, f"must be finite, got {value!r}")
-            elif key in SAMPLING_FLAG:
-                if not isinstance(value, bool):
-                    raise field_error(name, f"must be true or false, got {value!r}")
+            elif key in SAMPLING_FLAG and not isinstance(value, bool):
+                raise field_error(name, f"must be true or false, got {value!r}")
         for key in ("n", "best_of"):
             if body.get(key, 1) > 1:
                 raise field_error(f"{where}.{key}", "only 1 is emulated")
@@ -358,7 +366,8 @@ class KServeApi:
             raise field_error(f"{where}.seed", f"must be an integer, got {seed!r}")
         stop = body.get("stop")
         if stop is not None and not (
-            isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+            isinstance(stop, str)
+            or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
         ):
             raise field_error(f"{where}.stop", "must be a string or a list of strings")
         vocab = self.card.vocab_size
@@ -414,6 +423,30 @@ class Piece:
     times_s: tuple[float, ...]
     prompt_tokens: int
     finish_reason: FinishReason | None
+
+
+def piece_of(g: TokenGroup) -> Piece:
+    return Piece(g.token_ids, g.text, g.times_s, g.prompt_tokens, g.finish_reason)
+
+
+def per_token(g: TokenGroup) -> Iterable[Piece]:
+    if len(g.token_ids) == 1:
+        yield piece_of(g)
+        return
+    last = len(g.token_ids) - 1
+    for i, (t, s) in enumerate(zip(g.token_ids, g.times_s, strict=True)):
+        reason = g.finish_reason if i == last else None
+        yield Piece((t,), token_text(t), (s,), g.prompt_tokens, reason)
+
+
+def merge(pieces: list[Piece]) -> Piece:
+    return Piece(
+        tuple(t for p in pieces for t in p.token_ids),
+        "".join(p.text for p in pieces),
+        tuple(s for p in pieces for s in p.times_s),
+        pieces[-1].prompt_tokens,
+        pieces[-1].finish_reason,
+    )
 
 
 def output_tensors(call: GenerateCall, piece: Piece, *, first: bool) -> list[Tensor]:
