@@ -484,6 +484,8 @@ def summary_parameters(f: Finished) -> dict[str, str | int | float]:
         "memorywall_decode_s": f.decode_s,
         "memorywall_e2e_s": f.e2e_s,
         "memorywall_received_monotonic_ns": f.received_monotonic_ns,
+        # Host stalls moved the timeline above this much later than the model alone.
+        "memorywall_host_stall_s": f.host_stall_s,
     }
 
 

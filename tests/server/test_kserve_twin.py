@@ -308,7 +308,7 @@ async def test_the_client_cancelling_a_stream_aborts_its_request(kserve):
 
 
 async def test_tritonclient_http_health_metadata_and_infer(kserve):
-    twin, _, address = kserve
+    _, _, address = kserve
     client = thttp.InferenceServerClient(address)
     try:
         assert await client.is_server_live()
@@ -328,7 +328,7 @@ async def test_tritonclient_http_health_metadata_and_infer(kserve):
 
 
 async def test_generate_stream_gives_one_event_per_token(kserve):
-    twin, _, address = kserve
+    _, _, address = kserve
     body = {"text_input": "hello", "max_tokens": 5, "parameters": {"ignore_eos": True}}
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://{address}/v2/models/m/generate_stream", json=body) as r:
