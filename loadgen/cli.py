@@ -23,6 +23,8 @@ DEFAULT_TARGETS = {
     Backend.MEMORYWALL_GRPC: "127.0.0.1:50051",
     Backend.OPENAI_COMPLETIONS: "http://127.0.0.1:8000",  # vLLM's default port
     Backend.OPENAI_CHAT: "http://127.0.0.1:8000",
+    Backend.KSERVE_GRPC: "127.0.0.1:8001",  # Triton's default ports
+    Backend.KSERVE_HTTP: "http://127.0.0.1:8000",
 }
 # An OpenAI server counts as the memorywall emulator when its /v1/models entry says so.
 EMULATOR_OWNER = "memorywall"
@@ -37,8 +39,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     workload, slo = workload_from_args(args)
     backend = Backend(args.backend)
     target = _target(backend, args.target or DEFAULT_TARGETS[backend])
-    if args.model is not None and not backend.is_openai:
-        raise BenchError(f"--model is for the OpenAI backends; {backend} asks the server")
+    if args.model is not None and not backend.names_model:
+        raise BenchError(f"--model is for the OpenAI and KServe backends; {backend} asks")
     return sweep_config(
         args,
         workload,
@@ -101,11 +103,11 @@ def sweep_config(
 
 def _target(backend: Backend, target: str) -> str:
     """A gRPC host:port or a normalised base URL, whichever `backend` needs."""
-    if not backend.is_openai:
+    if not backend.takes_url:
         if target.startswith(("http://", "https://")):
             raise BenchError(
                 f"--target {target} is a URL, but {backend} takes host:port; "
-                "for an HTTP server use --backend openai-completions or openai-chat"
+                "for an HTTP server use --backend openai-completions, openai-chat or kserve-http"
             )
         return target
     if "://" not in target:
@@ -124,6 +126,13 @@ def server_facts(config: BenchConfig) -> ServerFacts:
     """Ask the server what it is; unreachable is an error before any load."""
     if config.backend.is_openai:
         return openai_server_facts(config.target, config.model, config.access)
+    if config.backend in (Backend.KSERVE_GRPC, Backend.KSERVE_HTTP):
+        from memorywall.loadgen.kserve_facts import KServeUnreachable, kserve_server_facts
+
+        try:
+            return kserve_server_facts(config.backend, config.target, config.model, config.access)
+        except KServeUnreachable as e:
+            raise BenchError(str(e)) from None
     return grpc_server_facts(config.target, config.access)
 
 
@@ -180,7 +189,7 @@ def grpc_server_facts(target: str, access: Access | None = None) -> ServerFacts:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     facts = server_facts(config)
-    if config.backend.is_openai:
+    if config.backend.names_model:
         config = dataclasses.replace(config, model=facts.model)
     results = []
     for level in levels(config):

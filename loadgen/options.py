@@ -8,7 +8,8 @@ from pathlib import Path
 
 from memorywall.argtypes import nonnegative_int, number_list, positive_float, positive_int
 
-BACKENDS = ("memorywall-grpc", "openai-completions", "openai-chat")  # loadgen.target.Backend
+# loadgen.target.Backend
+BACKENDS = ("memorywall-grpc", "openai-completions", "openai-chat", "kserve-grpc", "kserve-http")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,14 +17,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default=BACKENDS[0],
-        help="memorywall gRPC, or an OpenAI-compatible HTTP server (vLLM, SGLang, ...)",
+        help="memorywall gRPC, an OpenAI-compatible HTTP server (vLLM, SGLang, ...), or "
+        "KServe v2 / Triton over gRPC (ModelStreamInfer) or HTTP (generate_stream)",
     )
     p.add_argument(
         "--target",
-        help="gRPC: host:port (default 127.0.0.1:50051); "
-        "OpenAI: base URL (default http://127.0.0.1:8000)",
+        help="gRPC: host:port (default 127.0.0.1:50051; kserve-grpc 127.0.0.1:8001); "
+        "HTTP: base URL (default http://127.0.0.1:8000)",
     )
-    p.add_argument("--model", help="OpenAI backends: model name (default: first of /v1/models)")
+    p.add_argument(
+        "--model",
+        help="OpenAI and KServe backends: model name (default: the first the server lists)",
+    )
     add_load_arguments(p)
     p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")
     p.add_argument("--timeout", type=positive_float, help="per-request deadline in seconds")

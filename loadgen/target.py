@@ -1,7 +1,9 @@
 """The seam between the load generator and a server: send one request, fill one record.
 
 `GrpcTarget` speaks memorywall.v1 through `AsyncClient`; `OpenAITarget`
-(`openai_target.py`) speaks the OpenAI completions or chat API over HTTP.
+(`openai_target.py`) speaks the OpenAI completions or chat API over HTTP;
+`KServeGrpcTarget` and `KServeHttpTarget` (`kserve_target.py`) speak KServe v2 /
+Triton (ModelStreamInfer, generate_stream).
 `make_target` is the one place a `TargetConfig` becomes a `Target`, in this
 process and in every worker process.
 """
@@ -36,9 +38,21 @@ class Backend(StrEnum):
     MEMORYWALL_GRPC = "memorywall-grpc"
     OPENAI_COMPLETIONS = "openai-completions"  # POST /v1/completions
     OPENAI_CHAT = "openai-chat"  # POST /v1/chat/completions
+    KSERVE_GRPC = "kserve-grpc"  # inference.GRPCInferenceService/ModelStreamInfer
+    KSERVE_HTTP = "kserve-http"  # POST /v2/models/{model}/generate_stream
 
     @property
     def is_openai(self) -> bool:
+        return self in (Backend.OPENAI_COMPLETIONS, Backend.OPENAI_CHAT)
+
+    @property
+    def takes_url(self) -> bool:
+        """Its target is a base URL (HTTP), not host:port (gRPC)."""
+        return self.is_openai or self is Backend.KSERVE_HTTP
+
+    @property
+    def names_model(self) -> bool:
+        """Every request names the model (memorywall.v1 serves one and names none)."""
         return self is not Backend.MEMORYWALL_GRPC
 
 
@@ -77,8 +91,8 @@ class TargetConfig:
     """Where and how to send: picklable, so worker processes build their own target."""
 
     backend: Backend = Backend.MEMORYWALL_GRPC
-    address: str  # host:port for gRPC; a base URL (http://host:port) for OpenAI backends
-    model: str | None = None  # OpenAI backends: the `model` field of every request
+    address: str  # host:port for gRPC; a base URL (http://host:port) for HTTP backends
+    model: str | None = None  # OpenAI and KServe backends: the model every request names
     # Seeds the synthetic prompt ids (`loadgen/prompts.py`); one value for every worker of
     # a level, so shared prefixes are shared across processes. None: fresh per target.
     prompt_salt: int | None = None
@@ -96,6 +110,21 @@ def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Targ
         )
     if config.model is None:
         raise ValueError(f"{config.backend} needs a model name")
+    if config.backend in (Backend.KSERVE_GRPC, Backend.KSERVE_HTTP):
+        from memorywall.loadgen import kserve_target
+
+        kind = (
+            kserve_target.KServeGrpcTarget
+            if config.backend is Backend.KSERVE_GRPC
+            else kserve_target.KServeHttpTarget
+        )
+        return kind(
+            config.address,
+            model=config.model,
+            timeout_s=timeout_s,
+            prompt_salt=config.prompt_salt,
+            access=config.access,
+        )
     from memorywall.loadgen.openai_target import OpenAITarget  # aiohttp only when used
 
     return OpenAITarget(

@@ -159,6 +159,13 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         await self._check_model(request.name, request.version, context)
         return pb.ModelConfigResponse(config=model_config(self.card))
 
+    async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        """The one served model, READY (the load generator finds its name here)."""
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(name=self.card.model, version="1", state="READY")]
+        )
+
     async def _check_model(self, name: str, version: str, context) -> None:
         try:
             self.api.check_model(name, version)
@@ -251,12 +258,11 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     pieces.append(piece_of(event))
                     continue
                 for piece in per_token(event):
-                    if held is not None:
-                        yield _response(
-                            frame, call, held, first, final=False, flag=call.empty_final
-                        )
-                        first = False
-                    held = piece  # the last token waits for Finished: it carries the summary
+                    if piece.finish_reason is not None:
+                        held = piece  # the last token waits for Finished: it carries the summary
+                        continue
+                    yield _response(frame, call, piece, first, final=False, flag=call.empty_final)
+                    first = False
         finally:
             stream.close()
 
@@ -314,6 +320,12 @@ def model_config(card: ModelCard) -> model_config_pb2.ModelConfig:
             for s in OUTPUTS.values()
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        # What the emulator emulates: the load generator compares against the core with it.
+        parameters={
+            "memorywall_hardware": mc.ModelParameter(string_value=card.hardware),
+            "memorywall_devices": mc.ModelParameter(string_value=str(card.devices)),
+            "memorywall_deployment": mc.ModelParameter(string_value=card.deployment),
+        },
     )
 
 

@@ -1,6 +1,7 @@
 """KServe v2 HTTP/REST with Triton's generate extension, on the HTTP front's port.
 
-Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{m},
+Routes: GET /v2, /v2/health/live, /v2/health/ready, POST /v2/repository/index,
+GET /v2/models/{m},
 /v2/models/{m}/ready, /v2/models/{m}/config; POST /v2/models/{m}/infer (JSON
 tensors, with the binary tensor data extension tritonclient uses by default),
 /v2/models/{m}/generate (one JSON object) and /v2/models/{m}/generate_stream (a
@@ -71,6 +72,7 @@ class KServeHttp:
             ("GET", "/v2", self.server_metadata),
             ("GET", "/v2/health/live", self.live),
             ("GET", "/v2/health/ready", self.ready),
+            ("POST", "/v2/repository/index", self.repository_index),
             ("GET", f"{model}/ready", self.model_ready),
             ("GET", f"{model}/config", self.model_config),
             ("POST", f"{model}/infer", self.infer),
@@ -92,6 +94,10 @@ class KServeHttp:
 
     async def ready(self, request: web.Request) -> web.Response:
         return web.Response(status=503 if self.engine.draining else 200)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        """The one served model, READY (Triton's model repository extension)."""
+        return web.json_response([{"name": self.card.model, "version": "1", "state": "READY"}])
 
     async def model_ready(self, request: web.Request) -> web.Response:
         served = request.match_info["model"] == self.card.model
@@ -252,10 +258,11 @@ class KServeHttp:
                         held = merge([held, piece_of(event)] if held else [piece_of(event)])
                         continue
                     for piece in per_token(event):
-                        if held is not None:
-                            await response.write(_event(self._generate_body(call, held, first)))
-                            first = False
-                        held = piece
+                        if piece.finish_reason is not None:
+                            held = piece  # waits for Finished: it carries the summary
+                            continue
+                        await response.write(_event(self._generate_body(call, piece, first)))
+                        first = False
             except MemorywallError as e:  # the server drained before the request finished
                 await response.write(_event({"error": str(e)}))
         except ConnectionResetError:
