@@ -40,7 +40,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     backend = Backend(args.backend)
     target = _target(backend, args.target or DEFAULT_TARGETS[backend])
     if args.model is not None and not backend.names_model:
-        raise BenchError(f"--model is for the OpenAI and KServe backends; {backend} asks")
+        raise BenchError(
+            f"--model is for the OpenAI backends and the KServe ones; {backend} asks the server"
+        )
     return sweep_config(
         args,
         workload,
