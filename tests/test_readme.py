@@ -84,3 +84,13 @@ def test_every_memorywall_command_in_the_readme_parses():
             compare_parser().parse_args(argv[2:])
         else:
             build_parser().parse_args(argv)  # raises on an unknown flag or bad value
+
+
+def test_tritonclient_example_runs_against_a_real_server(served_target):
+    code = _python_block("### KServe v2 / Triton").replace("127.0.0.1:50051", served_target)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("True {'name': 'text_input'")
+    assert len(lines) == 1 + 16 and all(line.endswith(" None") for line in lines[1:])
