@@ -242,7 +242,7 @@ def grpc_server(
     # KServe v2 / Triton's inference service, for tritonclient, perf_analyzer and AIPerf.
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer, card.vocab_size)
-    add_kserve(KServeServicer(engine, card, tokenizer), server)
+    add_kserve(KServeServicer(engine, card, tokenizer, max_request_bytes=limit), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from memorywall import __version__
-from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.errors import InvalidRequestError, MemorywallError, PayloadTooLargeError
 from memorywall.kserve import grpc_service_pb2 as pb
 from memorywall.kserve import grpc_service_pb2_grpc, model_config_pb2
 from memorywall.server.engine.api import (
@@ -120,10 +120,18 @@ def _utf8(name: str, b: bytes) -> str:
 
 
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: EngineClient, card: ModelCard, tokenizer: PromptTokenizer) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        card: ModelCard,
+        tokenizer: PromptTokenizer,
+        *,
+        max_request_bytes: int | None = None,
+    ) -> None:
         self.engine = engine
         self.card = card
         self.api = KServeApi(card, tokenizer)
+        self.max_request_bytes = max_request_bytes
 
     # --- health and metadata ---------------------------------------------------------------
 
@@ -226,6 +234,9 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
     def _call(self, request: pb.ModelInferRequest) -> GenerateCall:
+        limit = self.max_request_bytes
+        if limit is not None and (size := request.ByteSize()) > limit:
+            raise PayloadTooLargeError(f"request: {size:,} bytes, more than the limit of {limit:,}")
         self.api.check_model(request.model_name, request.model_version)
         parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
         return self.api.to_call(

@@ -92,6 +92,10 @@ async def test_tritonclient_grpc_health_and_metadata(kserve):
             await client.get_model_metadata("other")
         await twin.drain(0.0)
         assert not await client.is_server_ready()
+        assert not await client.is_model_ready("m")
+        with pytest.raises(Exception, match="shutting down") as e:
+            await client.infer("m", llm_inputs(tgrpc, "x", stream=False))
+        assert e.value.status() == "StatusCode.UNAVAILABLE"
     finally:
         await client.close()
 
