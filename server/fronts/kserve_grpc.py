@@ -213,7 +213,11 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 async for response in self._responses(request, call, arrival_s, fault):
                     queue.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except MemorywallError as e:
-                queue.put_nowait(pb.ModelStreamInferResponse(error_message=str(e)))
+                # The request's id goes with its error, so a client can tell which failed.
+                said = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+                queue.put_nowait(
+                    pb.ModelStreamInferResponse(error_message=str(e), infer_response=said)
+                )
 
         async def read() -> None:
             try:
