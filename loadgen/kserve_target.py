@@ -94,18 +94,21 @@ class KServeGrpcTarget:
         self.timeout_s = timeout_s
         self.access = access or Access()
         self.prompt_salt = secrets.randbits(63) if prompt_salt is None else prompt_salt
-        tls = self.access.grpc_tls()
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(address)
-        else:
-            roots = Path(tls.ca).read_bytes() if tls.ca else None
-            self.channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots))
-        self.stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         key = self.access.api_key
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.channel: grpc.aio.Channel | None = None  # opened by `connect`, in the run's loop
+        self.stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub | None = None
 
     async def connect(self) -> None:
         """Open the channel now, so the first measured request does not pay for the handshake."""
+        tls = self.access.grpc_tls()
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(self.address)
+        else:
+            roots = Path(tls.ca).read_bytes() if tls.ca else None
+            credentials = grpc.ssl_channel_credentials(roots)
+            self.channel = grpc.aio.secure_channel(self.address, credentials)
+        self.stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         with contextlib.suppress(grpc.aio.AioRpcError):  # left to `send`, which records it
             await self.stub.ServerLive(
                 pb.ServerLiveRequest(), timeout=CONNECT_TIMEOUT_S, metadata=self.metadata
@@ -125,6 +128,8 @@ class KServeGrpcTarget:
 
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None:
         """Stream one request into `record`; a failure becomes `record.error`."""
+        if self.stub is None:
+            raise RuntimeError("send before connect")
         request = self.request(spec)  # built before the send time is taken
         record.sent_ns = time.perf_counter_ns()
         call = self.stub.ModelStreamInfer(
@@ -152,7 +157,9 @@ class KServeGrpcTarget:
             record.error = f"{e.code().name}: {e.details()}"
 
     async def aclose(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = self.stub = None
 
 
 def _output_tokens(response: pb.ModelInferResponse) -> int:
