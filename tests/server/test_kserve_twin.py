@@ -395,3 +395,23 @@ async def test_fuzzed_json_bodies_are_never_500(kserve, body):
         for route in ("generate", "infer"):
             async with s.post(f"http://{address}/v2/models/m/{route}", data=raw) as r:
                 assert r.status in (200, 400, 404), (route, raw, await r.text())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Triton's vLLM backend README
+        {"text_input": "What is Triton?", "parameters": {"stream": False, "temperature": 0}},
+        # TensorRT-LLM backend README (ensemble)
+        {"text_input": "What is ML?", "max_tokens": 20, "bad_words": "", "stop_words": "",
+         "pad_id": 2, "end_id": 2},
+    ],
+)  # fmt: skip
+async def test_the_upstream_readmes_generate_bodies_work(kserve, body):
+    _, _, address = kserve
+    url = f"http://{address}/v2/models/m/generate"
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        reply = await r.json()
+    assert reply["text_output"].startswith(body["text_input"])
+    assert reply["memorywall_completion_tokens"] == body.get("max_tokens", 16)
