@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memorywall.loadgen import arrivals, jsonl
+from memorywall.loadgen import arrivals, jsonl, sessions
 from memorywall.loadgen.metrics import RunMetrics, Slo, compute_metrics
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.runner import (
@@ -100,7 +100,9 @@ def plan_level(config: BenchConfig, level: Level) -> LoadPlan:
         else []
     )
     open_loop = level.request_rate is not None or level.name == "trace"
-    if level.request_rate is not None:
+    if level.request_rate is not None and sessions.has_sessions(specs):
+        specs = sessions.with_session_offsets(specs, level.request_rate, config.burstiness, rng)
+    elif level.request_rate is not None:
         offsets = arrivals.gamma(level.request_rate, config.burstiness, len(specs), rng)
         specs = arrivals.with_offsets(specs, offsets)
     return LoadPlan(
@@ -138,6 +140,7 @@ def run_level(
     metrics = compute_metrics(records, slo=config.slo)
     result = summarise(config, level, facts, metrics, results)
     result.update(stalls.report(time.perf_counter() - started, result["suspect"]))
+    result.update(prefix_figures(config, records))
     return result, records
 
 
@@ -259,6 +262,14 @@ def summarise(
     out.update(_overheads(out))
     out.update(predicted(facts, config, level, out))
     return out
+
+
+def prefix_figures(config: BenchConfig, records: list[RequestRecord]) -> dict:
+    """`prefix_hit_rate` for workloads whose prompts share tokens by design (trace hash
+    ids, sessions); nothing for the others, whose result files stay as they were."""
+    if not sessions.reports_prefix_hits(config.workload):
+        return {}
+    return {"prefix_hit_rate": sessions.prefix_hit_rate(records)}
 
 
 def machine() -> str:

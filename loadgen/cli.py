@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from memorywall.loadgen import compare, prefix_workload
+from memorywall.loadgen import compare, prefix_workload, sessions
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
 from memorywall.loadgen.target import Access, Backend
@@ -63,8 +63,16 @@ def workload_from_args(args: argparse.Namespace) -> tuple[Workload, Slo | None]:
             workload = prefix_workload.parse_shared_prefix(
                 str(args.workload), parse_length(args.input_len), parse_length(args.output_len)
             )
+        elif args.workload and str(args.workload).startswith(f"{sessions.SCHEME}:"):
+            workload = sessions.parse_multi_turn(
+                str(args.workload), parse_length(args.input_len), parse_length(args.output_len)
+            )
         elif args.workload:
-            workload = TraceWorkload.from_jsonl(args.workload)
+            # getattr: `plan` passes a namespace of the options it has (no block size).
+            block = getattr(args, "trace_block_size", None)
+            workload = TraceWorkload.from_jsonl(
+                args.workload, **({} if block is None else {"block_tokens": block})
+            )
         else:
             workload = SyntheticWorkload(
                 parse_length(args.input_len), parse_length(args.output_len)
@@ -74,6 +82,10 @@ def workload_from_args(args: argparse.Namespace) -> tuple[Workload, Slo | None]:
         raise BenchError(str(e)) from None
     if args.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    if getattr(args, "trace_block_size", None) is not None and not isinstance(
+        workload, TraceWorkload
+    ):
+        raise BenchError("--trace-block-size is for a JSONL trace --workload (its hash_ids)")
     return workload, slo
 
 

@@ -54,10 +54,12 @@ import numpy as np
 from memorywall.loadgen.prompts import TOKEN_ID_HIGH as TOKEN_ID_HIGH
 from memorywall.loadgen.prompts import TOKEN_ID_LOW as TOKEN_ID_LOW
 from memorywall.loadgen.prompts import (
+    hash_block_rng,
     prefix_rng,
     prompt_rng,
     shared_tokens,
     spec_token_ids,
+    turn_parts,
 )
 from memorywall.loadgen.prompts import prompt_token_ids as prompt_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
@@ -223,6 +225,23 @@ def prompt_text(n: int, rng: np.random.Generator) -> str:
     return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=n))
 
 
+def hash_text(spec: RequestSpec, salt: int) -> str:
+    """A Mooncake request as chat text: a block of words per hash id (equal ids, equal
+    text), cut to about `prompt_tokens` words, the rest the request's own. How many of its
+    tokens a server finds cached depends on its tokenizer; completions send exact ids."""
+    parts: list[str] = []
+    left = spec.prompt_tokens
+    for hash_id in spec.hash_ids:
+        if left <= 0:
+            break
+        take = min(spec.block_tokens, left)
+        parts.append(prompt_text(take, hash_block_rng(salt, hash_id)))
+        left -= take
+    if left > 0:
+        parts.append(prompt_text(left, prompt_rng(salt, spec.index)))
+    return " ".join(parts)
+
+
 def tokens_in(chunk: dict[str, Any], *, chat: bool) -> int:
     """How many generated tokens one streamed chunk carries (0: none, e.g. a role delta)."""
     choices = chunk.get("choices")
@@ -327,7 +346,18 @@ class OpenAITarget:
 
     def payload(self, spec: RequestSpec) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model}
-        if self.chat:
+        if self.chat and spec.session is not None:
+            # The conversation so far as alternating user and assistant messages.
+            parts = turn_parts(spec, self.prompt_salt, prompt_text)
+            roles = ("user", "assistant")
+            body["messages"] = [
+                {"role": roles[i % 2], "content": text} for i, text in enumerate(parts)
+            ]
+            body["max_completion_tokens"] = spec.output_tokens
+        elif self.chat and spec.hash_ids:
+            body["messages"] = [{"role": "user", "content": hash_text(spec, self.prompt_salt)}]
+            body["max_completion_tokens"] = spec.output_tokens
+        elif self.chat:
             rng = prompt_rng(self.prompt_salt, spec.index)
             shared = shared_tokens(spec)
             own = spec.prompt_tokens - shared

@@ -80,7 +80,15 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         help="JSONL trace: prompt_tokens, output_tokens[, arrival_s]; a bench run's "
         "LABEL-cN.requests.jsonl (replays when the emulator received each request, else "
         "its send times); or "
-        "shared-prefix:GROUPS:PREFIX_TOKENS (prompts of a group share their first tokens)",
+        "shared-prefix:GROUPS:PREFIX_TOKENS (prompts of a group share their first tokens); "
+        "or multi-turn:TURNS:THINK_MS (chat sessions; --input-len: each user message, "
+        "--output-len: each answer). A trace's hash_ids (Mooncake) and session_id/delay "
+        "rows are replayed as shared blocks and sessions",
+    )
+    p.add_argument(
+        "--trace-block-size",
+        type=positive_int,
+        help="tokens per hash id of a trace's hash_ids (default 512, Mooncake's)",
     )
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for lengths and arrivals")
     p.add_argument("--slo", help="goodput bounds, e.g. ttft=500ms,tpot=30ms")

@@ -7,6 +7,17 @@ prompt alone. The offline simulator, one process that sees every request in a fi
 order, uses `PromptSource`: the same group prefixes, and each request's own tokens
 drawn in turn from one generator (seeding a generator per request costs more than
 the rest of simulating it).
+
+Mooncake traces (`spec.hash_ids`): each hash id is a block of `spec.block_tokens` ids
+from a generator seeded by (salt, id), so equal ids are equal blocks wherever they sit.
+Multi-turn sessions (`spec.session`): turn t of a session resends every earlier turn's
+message and answer and then its own message; message and answer j are drawn from
+generators seeded by (salt, session, j), so each turn's prompt begins with the last
+turn's whole prompt. The answer resent is this stand-in of the answer's length, not the
+server's tokens: the engine caches prompts, so a turn hits its previous turn's prompt
+(earlier answers included) and misses only the newest answer, in bench and simulate
+alike (a real client resending the served text would hit that answer too, on a server
+that caches decoded tokens).
 """
 
 from __future__ import annotations
@@ -19,11 +30,14 @@ __all__ = [
     "TOKEN_ID_HIGH",
     "TOKEN_ID_LOW",
     "PromptSource",
+    "carries_ids",
+    "hash_block_rng",
     "prefix_rng",
     "prompt_rng",
     "prompt_token_ids",
     "shared_tokens",
     "spec_token_ids",
+    "turn_rng",
 ]
 
 TOKEN_ID_LOW = 1000
@@ -41,6 +55,22 @@ def prefix_rng(salt: int, group: int) -> np.random.Generator:
     return np.random.default_rng([salt, 2, abs(int(group))])
 
 
+def hash_block_rng(salt: int, hash_id: int) -> np.random.Generator:
+    """A Mooncake hash id's block generator: a function of (salt, id) only."""
+    return np.random.default_rng([salt, 4, hash_id])
+
+
+def turn_rng(salt: int, session: int, turn: int, *, answer: bool) -> np.random.Generator:
+    """The generator of a session turn's user message (or its answer's stand-in)."""
+    return np.random.default_rng([salt, 5 + int(answer), session, turn])
+
+
+def carries_ids(spec: RequestSpec) -> bool:
+    """Whether a request's prompt must be sent as ids (its tokens are shared with others),
+    rather than as a length the server fills in."""
+    return spec.prefix_group is not None or bool(spec.hash_ids) or spec.session is not None
+
+
 def prompt_token_ids(n: int, rng: np.random.Generator) -> list[int]:
     return rng.integers(TOKEN_ID_LOW, TOKEN_ID_HIGH, size=n).tolist()
 
@@ -53,10 +83,42 @@ def shared_tokens(spec: RequestSpec) -> int:
 
 
 def spec_token_ids(spec: RequestSpec, salt: int) -> list[int]:
-    """All `spec.prompt_tokens` ids: the group's shared prefix, then the request's own."""
+    """All `spec.prompt_tokens` ids: the group's shared prefix, then the request's own
+    (or a trace's hash blocks, or a session turn's conversation)."""
+    if spec.hash_ids:
+        return hash_token_ids(spec, salt)
+    if spec.session is not None:
+        return [i for part in turn_parts(spec, salt, prompt_token_ids) for i in part]
     shared = shared_tokens(spec)
     prefix = prompt_token_ids(shared, prefix_rng(salt, spec.prefix_group or 0)) if shared else []
     return prefix + prompt_token_ids(spec.prompt_tokens - shared, prompt_rng(salt, spec.index))
+
+
+def hash_token_ids(spec: RequestSpec, salt: int) -> list[int]:
+    """A Mooncake request's ids: its hash blocks in order, cut to `prompt_tokens`; tokens
+    beyond the last block (a trace may list fewer blocks) are the request's own."""
+    out: list[int] = []
+    size, n = spec.block_tokens, spec.prompt_tokens
+    for hash_id in spec.hash_ids:
+        if len(out) >= n:
+            break
+        out += prompt_token_ids(min(size, n - len(out)), hash_block_rng(salt, hash_id))
+    if len(out) < n:
+        out += prompt_token_ids(n - len(out), prompt_rng(salt, spec.index))
+    return out
+
+
+def turn_parts(spec: RequestSpec, salt: int, draw):
+    """A session turn's prompt as its parts, in order: each earlier turn's message and
+    answer, then its own message; `draw(n, rng)` makes one part (ids or text)."""
+    session = spec.session or 0
+    parts = []
+    for j, (message, answer) in enumerate(spec.history):
+        parts.append(draw(message, turn_rng(salt, session, j, answer=False)))
+        parts.append(draw(answer, turn_rng(salt, session, j, answer=True)))
+    own = spec.prompt_tokens - sum(m + a for m, a in spec.history)
+    parts.append(draw(own, turn_rng(salt, session, spec.turn, answer=False)))
+    return parts
 
 
 class PromptSource:
@@ -95,6 +157,8 @@ class PromptSource:
         return out
 
     def token_ids(self, spec: RequestSpec) -> tuple[int, ...]:
+        if spec.hash_ids or spec.session is not None:  # as the targets build them
+            return tuple(spec_token_ids(spec, self.salt))
         shared = shared_tokens(spec)
         own = self._own(spec.prompt_tokens - shared)
         if not shared:

@@ -24,6 +24,17 @@ class RequestSpec:
     # tokens (the OpenAI targets build that prefix from the group alone); None: no group.
     prefix_group: int | None = None
     prefix_tokens: int = 0
+    # Mooncake traces: the prompt is these blocks of `block_tokens` tokens each, cut to
+    # `prompt_tokens` (equal ids are equal tokens; `prompts.hash_block_ids`); (): none.
+    hash_ids: tuple[int, ...] = ()
+    block_tokens: int = 0
+    # Multi-turn sessions (None: a request of its own): the turn is sent `delay_s` after
+    # the previous turn of `session` ends, its prompt the (message, answer) lengths of
+    # the earlier turns (`history`, whose tokens it resends) and then its own message.
+    session: int | None = None
+    turn: int = 0
+    delay_s: float = 0.0
+    history: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(slots=True)

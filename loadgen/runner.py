@@ -6,6 +6,11 @@ from a shared start time (optionally capped at a maximum concurrency); the
 record keeps both the scheduled and the actual send time, so latency can be
 measured from either. Several worker processes can share one plan: they
 agree on the start time through the machine's monotonic clock.
+
+Multi-turn sessions (`loadgen/sessions.py`): a turn is sent its `delay_s` after the
+previous turn of its session ends. Closed loop: a user runs a whole session before
+taking the next. Open loop: a session's first turn leaves at its offset; every turn
+takes a slot of the cap on its own. Workers are dealt whole sessions.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 
+from memorywall.loadgen import sessions
 from memorywall.loadgen.arrivals import split_for_workers
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Target, TargetConfig, make_target
@@ -72,7 +78,9 @@ async def run_plan(
         if on_done:
             on_done(record)
 
-    if plan.open_loop:
+    if sessions.has_sessions(plan.specs):
+        await _sessions(plan, start_ns, stop_ns, one)
+    elif plan.open_loop:
         await _open_loop(plan, start_ns, stop_ns, one)
     else:
         await _closed_loop(plan, stop_ns, one)
@@ -109,6 +117,42 @@ async def _open_loop(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) ->
     await asyncio.gather(*tasks)
 
 
+async def _sessions(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) -> None:
+    """Sessions of turns, each turn `delay_s` after its previous turn ended."""
+    cap = asyncio.Semaphore(plan.concurrency) if plan.open_loop and plan.concurrency else None
+
+    async def session(chain: list[RequestSpec], first_ns: int | None) -> bool:
+        """Run a session's turns; False once the run's duration is over."""
+        for k, spec in enumerate(chain):
+            due_ns = first_ns if k == 0 else time.perf_counter_ns() + int(spec.delay_s * 1e9)
+            if due_ns is not None:
+                if stop_ns is not None and due_ns >= stop_ns:
+                    return False
+                await _sleep_until_ns(due_ns)
+            elif stop_ns is not None and time.perf_counter_ns() >= stop_ns:
+                return False
+            scheduled = due_ns if plan.open_loop else None
+            if cap:
+                async with cap:
+                    await one(spec, scheduled)
+            else:
+                await one(spec, scheduled)
+        return True
+
+    chains = sessions.chains(plan.specs)
+    if plan.open_loop:
+        await asyncio.gather(*(session(c, start_ns + int(c[0].offset_s * 1e9)) for c in chains))
+        return
+    queue = iter(chains)
+
+    async def user() -> None:
+        for chain in queue:
+            if not await session(chain, None):
+                return
+
+    await asyncio.gather(*(user() for _ in range(plan.concurrency or 1)))
+
+
 async def _sleep_until_ns(deadline_ns: int) -> None:
     """Absolute-deadline sleep; the loop may wake up to a millisecond late, which records keep."""
     delay = (deadline_ns - time.perf_counter_ns()) / 1e9
@@ -136,7 +180,11 @@ def split_plan(plan: LoadPlan, workers: int) -> list[LoadPlan]:
     if plan.concurrency or not plan.open_loop:
         # Each worker needs at least one user (closed loop) or one slot of the cap (open loop).
         workers = min(workers, plan.concurrency or 1)
-    specs = split_for_workers(plan.specs, workers)
+    if sessions.has_sessions(plan.specs):  # whole sessions: a turn follows its last turn
+        dealt = split_for_workers(sessions.chains(plan.specs), workers)
+        specs = [[s for chain in part for s in chain] for part in dealt]
+    else:
+        specs = split_for_workers(plan.specs, workers)
     warmup = split_for_workers(plan.warmup, workers) if plan.warmup else [[]] * workers
     parts = []
     for w in range(workers):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
-from memorywall.loadgen.prompts import spec_token_ids
+from memorywall.loadgen.prompts import carries_ids, spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 
 if TYPE_CHECKING:  # the gRPC client (grpc: ~0.1 s to import) only for gRPC targets
@@ -141,8 +141,9 @@ class GrpcTarget:
     """A memorywall engine over gRPC.
 
     A request without a prefix group sends only its prompt length (the server makes up
-    the prompt); one in a shared-prefix group sends its token ids, built as the OpenAI
-    targets build them, so the same workload hits the prefix cache on every backend.
+    the prompt); one in a shared-prefix group, of a trace with hash ids or of a session
+    sends its token ids, built as the OpenAI targets build them, so the same workload
+    hits the prefix cache on every backend.
     """
 
     def __init__(
@@ -169,7 +170,7 @@ class GrpcTarget:
         from memorywall.client import ClientError
 
         try:
-            if spec.prefix_group is None:
+            if not carries_ids(spec):
                 prompt: dict = {"prompt_tokens": spec.prompt_tokens}
             else:
                 prompt = {"prompt_token_ids": spec_token_ids(spec, self.prompt_salt)}

@@ -165,11 +165,15 @@ class SyntheticWorkload:
 
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
-    """One line of a trace file."""
+    """One line of a trace file. In a session, `prompt_tokens` is the turn's own message
+    (the earlier turns it resends are added by `TraceWorkload.specs`)."""
 
     prompt_tokens: int
     output_tokens: int
     arrival_s: float | None = None
+    hash_ids: tuple[int, ...] = ()
+    session: int | None = None  # sessions numbered by first appearance in the file
+    delay_s: float = 0.0  # a later turn: after the session's previous turn ends
 
 
 # Accepted spellings, canonical first. `input_length`/`output_length`/`timestamp` are the
@@ -178,6 +182,7 @@ _PROMPT_KEYS = ("prompt_tokens", "input_length", "input_tokens")
 _OUTPUT_KEYS = ("output_tokens", "output_length")
 # key -> factor to seconds. Mooncake's `timestamp` is in milliseconds.
 _ARRIVAL_KEYS = {"arrival_s": 1.0, "timestamp": 1e-3}
+MOONCAKE_BLOCK_TOKENS = 512  # the tokens per hash id of Kimi's published traces
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +192,11 @@ class TraceWorkload:
     Lengths come from the file and ignore the generator. When the file carries arrival
     times (every line or none), `specs` sets `offset_s` to them as they are: seconds after
     the run's start, not rebased to the first arrival (as vLLM replays timestamped traces).
+    A session's later turns have no arrival: each follows its previous turn's end.
     """
 
     requests: tuple[TraceRequest, ...]
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS  # tokens per hash id
 
     def __post_init__(self) -> None:
         if not self.requests:
@@ -199,6 +206,12 @@ class TraceWorkload:
     def has_arrivals(self) -> bool:
         return self.requests[0].arrival_s is not None
 
+    @property
+    def reports_prefix_hits(self) -> bool:
+        """Whether its prompts share tokens (hash ids, sessions): results then carry
+        `prefix_hit_rate`."""
+        return any(r.hash_ids or r.session is not None for r in self.requests)
+
     def __len__(self) -> int:
         return len(self.requests)
 
@@ -207,31 +220,69 @@ class TraceWorkload:
         n = _check_n(n)
         if n > len(self.requests):
             raise ValueError(f"trace holds {len(self.requests)} requests, {n} asked for")
-        return [
-            RequestSpec(
-                index=i,
-                prompt_tokens=r.prompt_tokens,
-                output_tokens=r.output_tokens,
-                offset_s=r.arrival_s,
+        if not self.reports_prefix_hits:  # as before hash ids and sessions were read
+            return [
+                RequestSpec(
+                    index=i,
+                    prompt_tokens=r.prompt_tokens,
+                    output_tokens=r.output_tokens,
+                    offset_s=r.arrival_s,
+                )
+                for i, r in enumerate(self.requests[:n])
+            ]
+        history: dict[int, tuple[tuple[int, int], ...]] = {}
+        specs = []
+        for i, r in enumerate(self.requests[:n]):
+            extra: dict[str, Any] = {}
+            prompt = r.prompt_tokens
+            if r.hash_ids:
+                extra = {"hash_ids": r.hash_ids, "block_tokens": self.block_tokens}
+            elif r.session is not None:
+                before = history.get(r.session, ())
+                history[r.session] = (*before, (r.prompt_tokens, r.output_tokens))
+                prompt += sum(m + a for m, a in before)
+                extra = {
+                    "session": r.session,
+                    "turn": len(before),
+                    "delay_s": r.delay_s,
+                    "history": before,
+                }
+            specs.append(
+                RequestSpec(
+                    index=i,
+                    prompt_tokens=prompt,
+                    output_tokens=r.output_tokens,
+                    offset_s=r.arrival_s,
+                    **extra,
+                )
             )
-            for i, r in enumerate(self.requests[:n])
-        ]
+        return specs
 
     @classmethod
-    def from_jsonl(cls, path: str | Path) -> TraceWorkload:
+    def from_jsonl(
+        cls, path: str | Path, *, block_tokens: int = MOONCAKE_BLOCK_TOKENS
+    ) -> TraceWorkload:
         """Read one JSON object per line; blank lines are skipped, unknown keys ignored.
 
         Fields: `prompt_tokens` (or `input_length`, `input_tokens`), `output_tokens` (or
         `output_length`): integers >= 1. Optional arrival: `arrival_s` (seconds) or
         `timestamp` (milliseconds, Mooncake); finite, >= 0, non-decreasing, and on every
-        line or none. Any fault raises a one-line ValueError "path:line: field: problem".
-        A bench run's per-request file is replayed by its arrivals (`from_records`).
+        line or none (but a session's later turns). Optional `hash_ids` (Mooncake): ids
+        >= 0 of the prompt's `block_tokens`-token blocks, at most as many as its prompt
+        holds. Optional `session_id` (string or integer) with `delay` (ms, later turns
+        only): a multi-turn session, its rows in turn order; a turn's `input_length` is
+        its new message. Any fault raises a one-line ValueError "path:line: field:
+        problem". A bench run's per-request file is replayed by its arrivals
+        (`from_records`).
         """
         path = Path(path)
+        if not _is_int(block_tokens) or block_tokens < 1:
+            raise ValueError(f"block size must be an integer >= 1, got {block_tokens!r}")
         records = _bench_records(path)
         if records is not None:
             return cls.from_records(records, str(path))
         requests: list[TraceRequest] = []
+        sessions: dict[str | int, int] = {}
         first_has_arrival: bool | None = None
         previous_arrival = 0.0
         with path.open(encoding="utf-8") as f:
@@ -248,6 +299,17 @@ class TraceWorkload:
                 prompt = _count_field(obj, _PROMPT_KEYS, where)
                 output = _count_field(obj, _OUTPUT_KEYS, where)
                 arrival = _arrival_field(obj, where)
+                hash_ids = _hash_ids_field(obj, prompt, block_tokens, where)
+                session, delay_s = _session_fields(obj, sessions, where)
+                if hash_ids and session is not None:
+                    raise ValueError(f"{where}: hash_ids: not supported on a session's turns")
+                if delay_s is not None:  # a later turn: timed by its session, not the file
+                    if arrival is not None:
+                        raise ValueError(
+                            f"{where}: timestamp: a session's later turn is sent by its delay"
+                        )
+                    requests.append(TraceRequest(prompt, output, None, (), session, delay_s))
+                    continue
                 has_arrival = arrival is not None
                 if first_has_arrival is None:
                     first_has_arrival = has_arrival
@@ -264,7 +326,7 @@ class TraceWorkload:
                             f"line's {previous_arrival:g} s"
                         )
                     previous_arrival = arrival
-                requests.append(TraceRequest(prompt, output, arrival))
+                requests.append(TraceRequest(prompt, output, arrival, hash_ids, session))
         if not requests:
             raise ValueError(f"{path}: no requests in file")
         return cls(tuple(requests))
@@ -330,6 +392,47 @@ def _count_field(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> int:
     if value <= 0:
         raise ValueError(f"{where}: {key}: must be >= 1, got {value}")
     return int(value)
+
+
+def _hash_ids_field(
+    obj: dict[str, Any], prompt: int, block_tokens: int, where: str
+) -> tuple[int, ...]:
+    """Mooncake's `hash_ids`: a list of integers >= 0, no more than the prompt's blocks."""
+    if "hash_ids" not in obj:
+        return ()
+    value = obj["hash_ids"]
+    if not isinstance(value, list) or not all(_is_int(h) and h >= 0 for h in value):
+        raise ValueError(f"{where}: hash_ids: must be a list of integers >= 0")
+    if len(value) > -(-prompt // block_tokens):
+        raise ValueError(
+            f"{where}: hash_ids: {len(value)} blocks of {block_tokens} tokens do not fit "
+            f"a {prompt}-token prompt (see --trace-block-size)"
+        )
+    return tuple(int(h) for h in value)
+
+
+def _session_fields(
+    obj: dict[str, Any], sessions: dict[str | int, int], where: str
+) -> tuple[int | None, float | None]:
+    """(session number, delay in seconds): the number by the session's first appearance;
+    the delay None on a session's first turn and on rows of no session."""
+    if "session_id" not in obj:
+        if "delay" in obj:
+            raise ValueError(f"{where}: delay: only a session's turns (session_id) have one")
+        return None, None
+    key = obj["session_id"]
+    if not isinstance(key, str | int) or isinstance(key, bool):
+        raise ValueError(f"{where}: session_id: must be a string or an integer")
+    first = key not in sessions
+    number = sessions.setdefault(key, len(sessions))
+    if first:
+        if "delay" in obj:
+            raise ValueError(f"{where}: delay: the first turn of session {key!r} has none")
+        return number, None
+    delay = obj.get("delay", 0)
+    if not _is_number(delay) or not math.isfinite(delay) or delay < 0:
+        raise ValueError(f"{where}: delay: must be a finite number of ms >= 0, got {delay!r}")
+    return number, float(delay) * 1e-3
 
 
 def _arrival_field(obj: dict[str, Any], where: str) -> float | None:

@@ -35,13 +35,23 @@ from typing import NamedTuple
 import numpy as np
 
 from memorywall.core import Deployment
-from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, levels, plan_level, summarise
+from memorywall.loadgen import sessions
+from memorywall.loadgen.bench import (
+    BenchConfig,
+    Level,
+    ServerFacts,
+    levels,
+    plan_level,
+    prefix_figures,
+    summarise,
+)
 from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import OfflineEngine, Timeline
 from memorywall.server.engine.scheduler import EngineConfig, Request
+from memorywall.sim.sessions import SessionReleaser
 
 __all__ = ["LevelRun", "simulate", "simulate_level"]
 
@@ -113,7 +123,7 @@ class _Releaser:
             self._free -= 1
             self._send(spec, at, scheduled)
 
-    def finished(self, now_s: float) -> None:
+    def finished(self, now_s: float, spec: RequestSpec | None = None) -> None:
         self._free += 1
         self.release(now_s)
 
@@ -137,7 +147,7 @@ class _LevelDriver:
         self.sent: dict[str, _Sent] = {}  # by request id, in sending order
         self.finished: list[Timeline] = []  # in finishing order; records made at the end
         self._warmups = deque(self.plan.warmup)
-        self._main: _Releaser | None = None
+        self._main: _Releaser | SessionReleaser | None = None
         engine.on_finish = self._finished
 
     def start(self) -> None:
@@ -148,7 +158,8 @@ class _LevelDriver:
 
     def _start_main(self, now_s: float) -> None:
         plan = self.plan
-        self._main = _Releaser(
+        releaser = SessionReleaser if sessions.has_sessions(plan.specs) else _Releaser
+        self._main = releaser(
             plan.specs,
             open_loop=plan.open_loop,
             slots=plan.concurrency if plan.concurrency else (None if plan.open_loop else 1),
@@ -180,7 +191,7 @@ class _LevelDriver:
         self.finished.append(timeline)
         now_s = timeline.arrival_s if timeline.last_token_s is None else timeline.last_token_s
         if self._main is not None:
-            self._main.finished(now_s)
+            self._main.finished(now_s, self.sent[timeline.request_id].spec)
         elif self._warmups:
             self._send(self._warmups.popleft(), now_s, None, warmup=True)
         else:
@@ -296,6 +307,7 @@ def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -
         del driver, engine, counters
         metrics = compute_metrics(records, slo=config.slo)
         result = summarise(config, level, facts, metrics, [], simulated=True)
+        result.update(prefix_figures(config, records))
     return LevelRun(
         result=result,
         records=records,
