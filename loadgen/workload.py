@@ -329,7 +329,7 @@ class TraceWorkload:
                 requests.append(TraceRequest(prompt, output, arrival, hash_ids, session))
         if not requests:
             raise ValueError(f"{path}: no requests in file")
-        return cls(tuple(requests))
+        return cls(tuple(requests), block_tokens)
 
     @classmethod
     def from_records(cls, records: list[dict[str, Any]], origin: str) -> TraceWorkload:
