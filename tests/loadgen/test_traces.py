@@ -342,3 +342,46 @@ async def test_multi_turn_hit_rate_live_matches_simulate(wse3_8b, backend):
     live = prefix_hit_rate(records)
     assert simulated > 0.4
     assert abs(live - simulated) <= 0.02
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from memorywall.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    return rc, err.getvalue()
+
+
+SIM = ("simulate", "--hardware", "wse-3", "--model", "llama-3.1-8b")
+
+
+def test_simulate_cli_writes_the_mooncake_case(tmp_path):
+    path = write_rows(tmp_path / "t.jsonl", MOONCAKE)
+    rc, err = _cli(*SIM, "--workload", path, "--out", str(tmp_path / "out"), "--no-plots")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out/sim-trace.requests.jsonl").open()]
+    assert [r["usage_cached_tokens"] for r in rows if not r["warmup"]] == EXPECTED_CACHED
+    result = json.loads((tmp_path / "out/sim-trace.json").read_text())
+    assert result["prefix_hit_rate"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trace-block-size", "0"], "--trace-block-size: must be >= 1"),
+        (["--trace-block-size", "16"], "--trace-block-size is for a JSONL trace"),
+        (["--workload", "multi-turn:2:x"], "bad workload 'multi-turn:2:x'"),
+    ],
+)
+def test_wrong_options_exit_2_with_one_line(argv, message):
+    for command in (SIM, ("bench",)):
+        rc, err = _cli(*command, *argv)
+        assert rc == 2
+        assert message in err and len(err.strip().splitlines()) <= 2  # usage line + error
