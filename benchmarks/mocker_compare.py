@@ -307,7 +307,8 @@ def simulate(engine: Engine, max_num_seqs: int, load: list[str]) -> dict:
 
 
 def memorywall_replay(trace: Path, users: int, count: int, engine: Engine, seqs: int) -> dict:
-    live = simulate(engine, seqs, ["--workload", str(trace), "--num-prompts", str(count)])
+    replay = ["--workload", str(trace), "--trace-block-size", str(TRACE_BLOCK_TOKENS)]
+    live = simulate(engine, seqs, [*replay, "--num-prompts", str(count)])
     lengths = ["--input-len", str(PROMPT_TOKENS), "--output-len", str(OUTPUT_TOKENS)]
     ideal = simulate(
         engine, seqs, ["--concurrency", str(users), "--num-prompts", str(count), *lengths]

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from benchmarks.mocker_compare import ENGINES, row, stream_counts, verdict, write_trace
+from benchmarks.mocker_compare import (
+    ENGINES,
+    TRACE_BLOCK_TOKENS,
+    row,
+    stream_counts,
+    verdict,
+    write_trace,
+)
 from memorywall.loadgen.records import RequestRecord
 from memorywall.loadgen.workload import TraceWorkload
 
@@ -19,7 +26,7 @@ def test_trace_keeps_live_arrivals_in_order_for_memorywall(tmp_path):
     trace = tmp_path / "t.jsonl"
     records = [_record(0, 5_000_000_000), _record(1, 4_000_000_000, 100), _record(2, 4_500_000)]
     assert write_trace(records, trace) == 3
-    specs = TraceWorkload.from_jsonl(trace).specs(None, 3)
+    specs = TraceWorkload.from_jsonl(trace, block_tokens=TRACE_BLOCK_TOKENS).specs(None, 3)
     assert [s.offset_s for s in specs] == pytest.approx([0.0, 3.9955, 4.9955])
     assert [s.prompt_tokens for s in specs] == [256, 100, 256]
     assert {s.output_tokens for s in specs} == {128}
