@@ -200,7 +200,7 @@ def _prefill_kv() -> list[str]:
         "- Prefill-side KV: a prefill worker, live and simulated, holds a prompt's KV blocks",
         "  until its transfer has landed, then frees them (full blocks stay in its prefix",
         "  cache), so a loaded prefill worker runs short of KV as a real one does: the",
-        "  prefill half submits with `Request.hold_kv` and calls `EngineClient.release_kv`",
+        "  prefill half submits with `Request.keep_kv` and calls `EngineClient.release_kv`",
         "  once the KV has landed or its partner is lost.",
     ]
 

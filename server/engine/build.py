@@ -56,7 +56,7 @@ def build_core(deployment: Deployment, config: EngineConfig) -> tuple[EngineCore
         kv_precision=deployment.kv_precision.value,
         placement=deployment.placement.value,
         deployment=deployment.describe(),
-        kv_capacity_tokens=core.pool.capacity_tokens,
+        kv_capacity_tokens=core.kv.capacity_tokens,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         predicted_tokens_per_s_per_user=predict(deployment, context=context).tokens_per_s_per_user,

@@ -45,7 +45,7 @@ from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.lag import LagTracker, StallTracker
 from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.reports import finished, step_report
-from memorywall.server.engine.scheduler import Emission, EngineCore, Sequence
+from memorywall.server.engine.scheduler import Emission, EngineCore, SeqState
 from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
@@ -59,7 +59,7 @@ class RequestStream(EventIteration):
     """One request's output as the front end reads it: token groups, then `Finished`."""
 
     def __init__(
-        self, engine: AsyncEngine, seq: Sequence, min_interval_s: float, stalled_s: float
+        self, engine: AsyncEngine, seq: SeqState, min_interval_s: float, stalled_s: float
     ) -> None:
         self._engine = engine
         self.sequence = seq
@@ -203,7 +203,7 @@ class AsyncEngine:
         return self.clock.now()
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
-        return self.core.pool.subscribe(callback)
+        return self.core.kv.subscribe(callback)
 
     @property
     def stream_interval_s(self) -> float:
@@ -249,8 +249,8 @@ class AsyncEngine:
         return True
 
     def release_kv(self, request_id: str) -> bool:
-        """Free what a finished `hold_kv` request kept; waiting requests may now fit."""
-        if not self.core.release_held(request_id):
+        """Free what a finished `keep_kv` request kept; waiting requests may now fit."""
+        if not self.core.kv.release_kept(request_id):
             return False
         self._work.set()
         return True
@@ -286,7 +286,7 @@ class AsyncEngine:
             running=len(self.core.running),
             waiting=len(self.core.waiting),
             kv_used_tokens=self.core.kv_used_tokens,
-            kv_total_tokens=self.core.pool.capacity_tokens,
+            kv_total_tokens=self.core.kv.capacity_tokens,
             lag=self._lag.summary(),
             host_stall=self._stalls.summary(self.clock.now()),
             uptime_s=time.monotonic() - self._started_s,

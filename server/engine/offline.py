@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from memorywall.errors import MemorywallError
 from memorywall.server.engine.decode_run import advance_decode
-from memorywall.server.engine.scheduler import EngineCore, FinishReason, Request, Sequence
+from memorywall.server.engine.scheduler import EngineCore, FinishReason, Request, SeqState
 
 
 @dataclass(slots=True)
@@ -141,7 +141,7 @@ class OfflineEngine:
                 continue
             self.timelines[request.request_id] = timeline
 
-    def _finish(self, timeline: Timeline, seq: Sequence) -> None:
+    def _finish(self, timeline: Timeline, seq: SeqState) -> None:
         timeline.completion_tokens = len(seq.output_ids)
         timeline.cached_tokens = seq.cached_tokens
         timeline.preemptions = seq.preemptions

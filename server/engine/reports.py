@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from memorywall.server.engine.api import Finished, StepReport
-from memorywall.server.engine.scheduler import Emission, Step
-from memorywall.server.engine.scheduler import Sequence as EngineSequence
+from memorywall.server.engine.scheduler import Emission, SeqState, Step
 
 
-def finished(seq: EngineSequence, *, host_stall_s: float, decode_host_stall_s: float) -> Finished:
+def finished(seq: SeqState, *, host_stall_s: float, decode_host_stall_s: float) -> Finished:
     """A request's end from its sequence's modelled timeline and the host stalls it saw."""
     arrival = seq.arrival_s
     first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival

@@ -11,6 +11,9 @@ No clock and no I/O: `schedule(now)` plans the step that starts at `now`
 and asks the performance core what it costs; `complete(step)` applies its
 results at its end. A live driver sleeps between the two; a test or an
 offline simulation just calls them in turn.
+
+Every KV rule (blocks, prefix cache, kept KV) is `KVManager`'s: the scheduler asks
+it for room and picks whom to preempt when there is none, and never sees a block.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for, extend_block_hashes
+from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for
+from memorywall.server.engine.kv_manager import KVManager
 from memorywall.server.engine.tokens import TokenSource
 
 _UINT64 = (1 << 64) - 1
@@ -83,13 +87,16 @@ class Request:
     # Disaggregated decode: the prompt's KV arrived from a prefill worker, so at first
     # admission all but the last prompt token count as computed (a preempted one recomputes).
     kv_transferred: bool = False
-    # Disaggregated prefill: once it finishes (not aborted) its KV blocks stay held, counted
-    # as used, until `EngineCore.release_held`: the transfer to the decode worker reads them.
-    hold_kv: bool = False
+    # Disaggregated prefill: once it finishes (not aborted) its KV blocks are kept, counted
+    # as used, until `KVManager.release_kept`: the transfer to the decode worker reads them.
+    keep_kv: bool = False
 
 
 @dataclass(eq=False, slots=True)
-class Sequence:
+class SeqState:
+    """A request in the engine: its tokens, progress and timings. The KV fields
+    (`blocks` to `cached_blocks`) are `KVManager`'s, written by it alone."""
+
     request: Request
     arrival_s: float
     tokens: TokenSource
@@ -97,7 +104,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose KV exists
     blocks: int = 0  # len(block_ids)
-    block_ids: list[int] = field(default_factory=list)  # held, one reference each
+    block_ids: list[int] = field(default_factory=list)  # one reference taken on each
     block_hashes: list[int] = field(default_factory=list)  # of its full blocks, so far
     cached_blocks: int = 0  # leading block_ids already offered to the prefix cache
     cached_tokens: int = 0  # prefix found cached at first admission
@@ -133,7 +140,7 @@ class Sequence:
 
 @dataclass(slots=True)
 class Emission:
-    sequence: Sequence
+    sequence: SeqState
     token_ids: list[int]
     time_s: float
     finished: bool
@@ -145,7 +152,7 @@ class Step:
     start_s: float
     end_s: float
     cost: StepCost
-    scheduled: list[tuple[Sequence, int, bool]]  # (sequence, new tokens, decoding)
+    scheduled: list[tuple[SeqState, int, bool]]  # (sequence, new tokens, decoding)
     tokens: int  # new tokens over the batch
 
 
@@ -157,7 +164,6 @@ class EngineCounters:
     aborted: int = 0
     tokens_generated: int = 0
     energy_j: float = 0.0
-    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
 
 def token_seed(seed: int, request: Request) -> int:
@@ -200,17 +206,16 @@ class EngineCore:
         self.step_model = step_model
         self.limits = limits
         self.config = config
-        self.pool = BlockPool(limits.kv_capacity_tokens // config.block_size, config.block_size)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.live: dict[str, Sequence] = {}
-        self.held: dict[str, list[int]] = {}  # finished `hold_kv` requests' blocks, by id
+        pool = BlockPool(limits.kv_capacity_tokens // config.block_size, config.block_size)
+        self.kv = KVManager(pool, enable_prefix_caching=config.enable_prefix_caching)
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
+        self.live: dict[str, SeqState] = {}
         self.counters = EngineCounters()
-        self._caching = config.enable_prefix_caching
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """A copy of the prefix cache counters (`hit_rate` is cumulative)."""
-        return replace(self.counters.prefix_cache)
+        return replace(self.kv.stats)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -221,7 +226,7 @@ class EngineCore:
             return 0.0
         return min(s.arrival_s for s in self.waiting)
 
-    def add(self, request: Request, now: float) -> Sequence:
+    def add(self, request: Request, now: float) -> SeqState:
         """Validate and queue a request; raises before anything is held."""
         self._validate(request)
         tokens = TokenSource(
@@ -234,18 +239,18 @@ class EngineCore:
             else tokens.natural_length(low, request.max_tokens)
         )
         tokens.expect(stop_at)
-        seq = Sequence(request=request, arrival_s=now, tokens=tokens, stop_at=stop_at)
+        seq = SeqState(request=request, arrival_s=now, tokens=tokens, stop_at=stop_at)
         self.live[request.request_id] = seq
         self.waiting.append(seq)
         return seq
 
     def _validate(self, r: Request) -> None:
-        if r.request_id in self.live or r.request_id in self.held:
+        if r.request_id in self.live or self.kv.is_kept(r.request_id):
             raise DuplicateRequestError(f"request_id {r.request_id!r} is already in flight")
         limits = self.limits
         check_request(r, limits.max_context, limits.kv_capacity_tokens, self.config.block_size)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str) -> SeqState | None:
         """Drop a live request and free its slot and KV now."""
         seq = self.live.get(request_id)
         if seq is None:
@@ -261,11 +266,9 @@ class EngineCore:
     def schedule(self, now: float) -> Step | None:
         """Plan the step starting at `now`: running sequences first, then admissions in order."""
         budget = self.config.max_num_batched_tokens
-        block = self.config.block_size
         queries = self.limits.draft_tokens + 1
-        caching = self._caching
-        pool = self.pool
-        scheduled: list[tuple[Sequence, int, bool]] = []
+        kv = self.kv
+        scheduled: list[tuple[SeqState, int, bool]] = []
         running = self.running
         i = 0
         add = scheduled.append
@@ -280,10 +283,10 @@ class EngineCore:
             kv_tokens = computed + (queries if decoding else n)
             if kv_tokens > seq.max_kv_tokens:
                 kv_tokens = seq.max_kv_tokens
-            if kv_tokens > seq.blocks * block and not self._grow(seq, kv_tokens):
+            if not kv.allocate_slots(seq, kv_tokens, computed + n) and not self._make_room(
+                seq, kv_tokens, computed + n
+            ):
                 continue  # seq itself was preempted; running[i] is now the next one
-            if caching and (computed + n) // block > seq.cached_blocks:
-                self._cache(seq, (computed + n) // block)
             add((seq, n, decoding))
             budget -= n
             i += 1
@@ -295,26 +298,18 @@ class EngineCore:
         ):
             seq = self.waiting[0]  # holds no blocks and has computed nothing
             total = seq.total_tokens
-            hits = self._lookup(seq) if caching else []
-            hit_tokens = computed = len(hits) * block
+            hit = kv.get_computed_blocks(seq)
+            computed = hit.num_tokens
             if seq.request.kv_transferred and not seq.preemptions:
                 computed = total - 1
             n = min(total - computed, budget)
-            need = blocks_for(computed + n, block) - len(hits)
-            if need + pool.free_among(hits) > pool.free_blocks:
+            if not kv.allocate_slots(seq, computed + n, computed + n, new_computed=hit):
                 break
-            pool.touch(hits)
-            seq.block_ids = hits + pool.allocate(need)
-            seq.blocks = len(seq.block_ids)
             seq.computed = computed
-            seq.cached_blocks = len(hits)
-            if caching:
-                self._count_lookup(seq, total, hit_tokens)
-                if (computed + n) // block > seq.cached_blocks:
-                    self._cache(seq, (computed + n) // block)
             self.waiting.popleft()
             running.append(seq)
             if seq.first_scheduled_s is None:
+                seq.cached_tokens = hit.num_tokens
                 seq.first_scheduled_s = now
             scheduled.append((seq, n, False))
             budget -= n
@@ -330,50 +325,21 @@ class EngineCore:
         tokens = self.config.max_num_batched_tokens - budget
         return Step(now, now + cost.time_s, cost, scheduled, tokens)
 
-    def _grow(self, seq: Sequence, kv_tokens: int) -> bool:
-        """Give `seq` blocks for `kv_tokens`, preempting the latest admitted until it fits."""
-        need = max(0, blocks_for(kv_tokens, self.config.block_size) - seq.blocks)
-        while (new := self.pool.allocate(need)) is None:
+    def _make_room(self, seq: SeqState, kv_tokens: int, filled_tokens: int) -> bool:
+        """Preempt the latest admitted until `seq` gets its blocks (`allocate_slots`);
+        False if `seq` itself was preempted."""
+        while True:
             victim = self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
-        seq.block_ids += new
-        seq.blocks += need
-        return True
+            if self.kv.allocate_slots(seq, kv_tokens, filled_tokens):
+                return True
 
-    def _lookup(self, seq: Sequence) -> list[int]:
-        """Cached blocks of `seq`'s longest cached prefix, leaving its last token to compute."""
-        block = self.config.block_size
-        total = seq.total_tokens
-        hashes = extend_block_hashes(seq.block_hashes, total // block, block, seq.token_ids)
-        return self.pool.lookup(hashes, (total - 1) // block)
-
-    def _count_lookup(self, seq: Sequence, total: int, hit_tokens: int) -> None:
-        stats = self.counters.prefix_cache
-        if seq.first_scheduled_s is None:
-            seq.cached_tokens = hit_tokens
-        if seq.preemptions:
-            stats.preempted_requests += 1
-            stats.preempted_queries += total
-            stats.preempted_hits += hit_tokens
-        else:
-            stats.requests += 1
-            stats.queries += total
-            stats.hits += hit_tokens
-
-    def _cache(self, seq: Sequence, full_blocks: int) -> None:
-        """Offer `seq`'s first `full_blocks` blocks, computed by the step being planned,
-        to the prefix cache."""
-        block = self.config.block_size
-        hashes = extend_block_hashes(seq.block_hashes, full_blocks, block, seq.token_ids)
-        self.pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
-        seq.cached_blocks = full_blocks
-
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         """Recompute-style preemption: drop its KV, requeue it first."""
         self.running.remove(seq)
-        self._release(seq)
+        self.kv.free(seq)
         seq.computed = 0
         seq.preemptions += 1
         self.counters.preemptions += 1
@@ -425,7 +391,7 @@ class EngineCore:
         counters.tokens_generated += generated
         return emissions
 
-    def _sample(self, seq: Sequence, decoding: bool) -> tuple[list[int], FinishReason | None]:
+    def _sample(self, seq: SeqState, decoding: bool) -> tuple[list[int], FinishReason | None]:
         r = seq.request
         k = 1
         if decoding and self.limits.draft_tokens:
@@ -446,32 +412,14 @@ class EngineCore:
             return ids, FinishReason.STOP
         return ids, FinishReason.LENGTH if seq.stop_at == r.max_tokens else FinishReason.STOP
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: SeqState, reason: FinishReason) -> None:
         seq.finish_reason = reason
-        rid = seq.request.request_id
-        if seq.request.hold_kv and reason is not FinishReason.ABORT:
-            self.held[rid] = seq.block_ids  # their references stay taken
-            seq.block_ids, seq.blocks, seq.cached_blocks = [], 0, 0
+        if seq.request.keep_kv and reason is not FinishReason.ABORT:
+            self.kv.keep(seq)  # until `kv.release_kept`: a transfer reads them
         else:
-            self._release(seq)
-        del self.live[rid]
-
-    def release_held(self, request_id: str) -> bool:
-        """Free the blocks a finished `hold_kv` request kept (its full blocks stay in the
-        prefix cache, as any finished request's); False if it holds none."""
-        blocks = self.held.pop(request_id, None)
-        if blocks is None:
-            return False
-        self.pool.release(blocks)
-        return True
-
-    def _release(self, seq: Sequence) -> None:
-        """Give back `seq`'s references; its cached blocks stay findable until evicted."""
-        self.pool.release(seq.block_ids)
-        seq.block_ids = []
-        seq.blocks = 0
-        seq.cached_blocks = 0
+            self.kv.free(seq)
+        del self.live[seq.request.request_id]
 
     @property
     def kv_used_tokens(self) -> int:
-        return self.pool.used_blocks * self.config.block_size
+        return self.kv.used_tokens

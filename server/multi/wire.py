@@ -40,7 +40,7 @@ class Kind(IntEnum):
     GUARD_FAULT = 6  # (fault kind value): the front's guard injected a fault
     GUARD_REJECTED = 7  # (reason): the front's guard refused a request
     DRAIN = 8  # (): stop admitting, finish or end every stream, then answer DRAINED
-    RELEASE_KV = 9  # (request_id): free what a finished `hold_kv` request kept
+    RELEASE_KV = 9  # (request_id): free what a finished `keep_kv` request kept
     # engine -> front
     HELLO = 20  # (ModelCard, EngineStats)
     GROUP = 21  # (key, *group_tuple)

@@ -15,7 +15,7 @@ lands (`Request.kv_transferred`); workers are taken round robin.
 Transfers share the link: each is booked, in the order the prefills end, on its
 prefill worker's egress port and its decode worker's ingress port
 (`kv_transfer.book`), as the live halves book them. Until it lands, the prefill
-worker keeps the prompt's KV blocks (`Request.hold_kv`), so a loaded prefill worker runs
+worker keeps the prompt's KV blocks (`Request.keep_kv`), so a loaded prefill worker runs
 short of KV as a real one does. A prefill's end, and a transfer's landing, are
 events on the one clock, taken before any step that starts at or after them.
 """
@@ -34,7 +34,7 @@ from memorywall.errors import MemorywallError
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.decode_run import DecodeRun, advance_decode
 from memorywall.server.engine.offline import Timeline
-from memorywall.server.engine.scheduler import EngineCore, Request, Sequence
+from memorywall.server.engine.scheduler import EngineCore, Request, SeqState
 
 if TYPE_CHECKING:
     from memorywall.server.pd.offline import PdFleet
@@ -113,7 +113,7 @@ class PdOfflineEngine:
         self._requests[rid] = request
         worker = self.prefills[self._next_prefill % len(self.prefills)]
         self._next_prefill += 1
-        prefill = replace(request, max_tokens=1, min_tokens=0, hold_kv=True)
+        prefill = replace(request, max_tokens=1, min_tokens=0, keep_kv=True)
         self._push(worker, prefill, arrival_s)
 
     def _push(self, worker: _Worker, request: Request, at_s: float) -> None:
@@ -197,7 +197,7 @@ class PdOfflineEngine:
     def _at(self, at_s: float, action: Callable[[float], None]) -> None:
         heapq.heappush(self._events, (at_s, next(self._order), action))
 
-    def _prefilled(self, worker: _Worker, seq: Sequence, end_s: float) -> None:
+    def _prefilled(self, worker: _Worker, seq: SeqState, end_s: float) -> None:
         """Called as the prefill's step completes, before its worker plans another."""
         rid = seq.request.request_id
         timeline, phase = self.timelines[rid], self.phases[rid]
@@ -229,9 +229,9 @@ class PdOfflineEngine:
         t = self.phases[rid].transfer = window.timed(booking, self.link)
         landed_s = ready_s + t.exposed_s
         self._push(decode, replace(self._requests[rid], kv_transferred=True), landed_s)
-        self._at(landed_s, lambda _: worker.core.release_held(rid))
+        self._at(landed_s, lambda _: worker.core.kv.release_kept(rid))
 
-    def _decoded(self, seq: Sequence, ids: list[int], end_s: float, finished: bool) -> None:
+    def _decoded(self, seq: SeqState, ids: list[int], end_s: float, finished: bool) -> None:
         timeline = self.timelines[seq.request.request_id]
         timeline.group_times_s.append(end_s)
         timeline.group_tokens.append(len(ids))

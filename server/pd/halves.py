@@ -4,7 +4,7 @@ Prefill half: the prompt runs on this worker as a one-token request (the first
 token is sampled here, as SGLang's prefill does); its `Finished` is held back
 until the decode half reports that the KV has landed, so the RPC ends only once
 the transfer is over, and its KV blocks stay held in the engine until then
-(`Request.hold_kv`, freed by `release_kv`). Decode half: meets the prefill at its bootstrap server,
+(`Request.keep_kv`, freed by `release_kv`). Decode half: meets the prefill at its bootstrap server,
 times the transfer with `core.kv_transfer` (prefill deployment, this one, the
 link, and the transfers already booked on the prefill worker's egress and this
 worker's ingress), waits until the KV lands, then submits the request with its prompt's KV
@@ -384,9 +384,9 @@ class Disaggregation:
         room = self.bootstrap.attach(bootstrap.room)
         try:
             # The prefill samples the first token (as SGLang's prefill worker does).
-            # Its KV stays held once it finishes, until the transfer lands (`PrefillHalf`).
+            # Its KV is kept once it finishes, until the transfer lands (`PrefillHalf`).
             inner = self.engine.submit(
-                replace(request, max_tokens=1, min_tokens=0, hold_kv=True),
+                replace(request, max_tokens=1, min_tokens=0, keep_kv=True),
                 arrival_s=arrival_s,
                 fault=fault,
             )

@@ -191,7 +191,7 @@ async def test_stats_are_consistent_after_traffic(engine, wse3_8b):
     assert stats.requests_finished == 4
     assert stats.requests_aborted == 0
     assert stats.running == stats.waiting == stats.kv_used_tokens == 0
-    assert stats.kv_total_tokens == engine.core.pool.capacity_tokens
+    assert stats.kv_total_tokens == engine.core.kv.pool.capacity_tokens
     assert 0 < wse3_8b.kv_capacity_tokens - stats.kv_total_tokens < 16
     assert stats.lag.samples >= 4
     assert stats.lag.max_s >= stats.lag.p50_s >= 0  # never handed out before it was due

@@ -60,7 +60,7 @@ def test_transferred_kv_leaves_one_prompt_token_and_holds_blocks_for_all(caching
         step = core.schedule(step.end_s)
         core.complete(step)
     assert seq.finish_reason is FinishReason.LENGTH and len(seq.output_ids) == 4
-    assert core.pool.used_blocks == 0
+    assert core.kv.pool.used_blocks == 0
 
 
 def test_prefix_lookup_counts_only_real_hits():
@@ -73,7 +73,7 @@ def test_prefix_lookup_counts_only_real_hits():
     core.schedule(1.0)
     assert seq.computed == 63
     assert seq.cached_tokens == 48  # the three full blocks before the last token
-    assert core.counters.prefix_cache.hits == 48
+    assert core.kv.stats.hits == 48
 
 
 def test_a_preempted_transferred_request_recomputes_its_prompt():
@@ -98,7 +98,7 @@ def test_a_preempted_transferred_request_recomputes_its_prompt():
         now = step.end_s
     assert readmitted
     assert a.finish_reason is b.finish_reason is FinishReason.LENGTH
-    assert core.pool.used_blocks == 0
+    assert core.kv.pool.used_blocks == 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -134,7 +134,7 @@ def test_kv_accounting_holds_after_every_step_with_transferred_requests(specs, k
         now = step.end_s
     else:
         raise AssertionError("livelock")
-    assert core.pool.used_blocks == 0
+    assert core.kv.pool.used_blocks == 0
     assert all(len(s.output_ids) == s.request.max_tokens for s in added)
 
 
@@ -148,36 +148,36 @@ def run_out(core: EngineCore, now: float = 0.0) -> float:
 
 @pytest.mark.parametrize("caching", [True, False])
 def test_a_prefill_that_holds_its_kv_keeps_its_blocks_until_released(caching):
-    """A disaggregated prefill (`hold_kv`) keeps its blocks, counted as used, after it
+    """A disaggregated prefill (`keep_kv`) keeps its blocks, counted as used, after it
     finishes: the transfer is still reading them. Released, they free (full blocks stay in
     the prefix cache); its id stays taken until then."""
     core = make_core(kv_tokens=128 * BLOCK, caching=caching)
-    seq = core.add(request("p", prompt_len=100, max_tokens=1, hold_kv=True), 0.0)
+    seq = core.add(request("p", prompt_len=100, max_tokens=1, keep_kv=True), 0.0)
     run_out(core)
     assert core.kv_used_tokens == 7 * BLOCK  # the prompt and its one sampled token
     check_invariants(core, [seq])
     with pytest.raises(DuplicateRequestError):
         core.add(request("p", prompt_len=10), 1.0)
-    assert core.release_held("p") and not core.release_held("p")
+    assert core.kv.release_kept("p") and not core.kv.release_kept("p")
     assert core.kv_used_tokens == 0
-    assert (core.pool.cached_free_blocks == 6) is caching
+    assert (core.kv.pool.cached_free_blocks == 6) is caching
     check_invariants(core, [seq])
 
 
 def test_held_kv_keeps_a_waiting_request_out_until_released():
     core = make_core(kv_tokens=10 * BLOCK)
-    core.add(request("p", prompt_len=100, max_tokens=1, hold_kv=True), 0.0)
+    core.add(request("p", prompt_len=100, max_tokens=1, keep_kv=True), 0.0)
     end = run_out(core)
     other = Request(request_id="q", prompt_ids=tuple(range(500, 600)), max_tokens=1)
     core.add(other, end)
     assert core.schedule(end) is None  # 7 of 10 blocks held: no room for another 7
-    core.release_held("p")
+    core.kv.release_kept("p")
     assert core.schedule(end) is not None
 
 
 def test_an_aborted_prefill_holds_nothing():
     core = make_core()
-    core.add(request("p", prompt_len=100, hold_kv=True), 0.0)
+    core.add(request("p", prompt_len=100, keep_kv=True), 0.0)
     core.schedule(0.0)
     core.abort("p")
-    assert core.kv_used_tokens == 0 and not core.release_held("p")
+    assert core.kv_used_tokens == 0 and not core.kv.release_kept("p")

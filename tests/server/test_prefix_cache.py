@@ -27,7 +27,7 @@ from memorywall.server.engine.scheduler import (
     FinishReason,
     ModelLimits,
     Request,
-    Sequence,
+    SeqState,
     Step,
 )
 from memorywall.server.fronts.metrics import PrometheusMetrics
@@ -72,7 +72,7 @@ def run_all(core: EngineCore, now: float = 0.0) -> float:
     raise AssertionError("livelock")
 
 
-def first_chunk_of(core: EngineCore, seq: Sequence, s: Step):
+def first_chunk_of(core: EngineCore, seq: SeqState, s: Step):
     """The prefill chunk of `seq` in step `s` (the last batch the fake model saw)."""
     prefills = [(q, n) for q, n, d in s.scheduled if not d]
     i = [q for q, _ in prefills].index(seq)
@@ -163,7 +163,7 @@ def test_requests_in_one_step_share_blocks_cached_by_the_earlier():
 
 def test_concurrent_sharers_hold_one_reference_each():
     core = make_core()
-    pool = core.pool
+    pool = core.kv.pool
     seqs = []
     now = 0.0
     for i in range(3):
@@ -189,8 +189,8 @@ def test_abort_releases_references_and_keeps_blocks_cached():
     held = list(a.block_ids)
     core.abort("a")
     assert a.block_ids == [] and a.blocks == 0
-    assert all(core.pool.ref_counts[b] == 0 for b in held)
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert all(core.kv.pool.ref_counts[b] == 0 for b in held)
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
     b = core.add(request("b", (*SHARED, 2)), now)
     step(core, now)
     assert b.cached_tokens == 48
@@ -213,7 +213,7 @@ def test_preemption_releases_and_readmission_finds_its_own_blocks():
             if s in core.waiting:
                 preempted |= s.preemptions > 0
                 assert s.block_ids == [] and s.blocks == 0 and s.computed == 0
-        assert sum(core.pool.ref_counts) == sum(len(s.block_ids) for s in seqs)
+        assert sum(core.kv.pool.ref_counts) == sum(len(s.block_ids) for s in seqs)
     assert preempted
     stats = core.prefix_cache_stats()
     assert stats.requests == 3 and stats.hits == 0
@@ -221,7 +221,7 @@ def test_preemption_releases_and_readmission_finds_its_own_blocks():
     assert stats.preempted_hits > 0  # recompute found blocks it had computed
     assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
     assert all(s.cached_tokens == 0 for s in seqs)  # cached_tokens is the first admission's
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
 def test_eviction_takes_empty_blocks_first_then_least_recently_freed():
@@ -265,7 +265,7 @@ def test_a_hit_on_a_free_block_takes_it_out_of_the_eviction_queue():
 def test_block_stored_events_name_consecutive_blocks_and_their_parent():
     core = make_core()
     events = []
-    unsubscribe = core.pool.subscribe(events.append)
+    unsubscribe = core.kv.pool.subscribe(events.append)
     a = core.add(request("a", (*SHARED, 1, 2), max_tokens=20), 0.0)
     _s, now = step(core, 0.0)
     assert events == [
@@ -285,17 +285,17 @@ def test_block_stored_events_name_consecutive_blocks_and_their_parent():
     )
     assert len(events) == 2
     unsubscribe()
-    assert core.pool.reset_prefix_cache()
+    assert core.kv.pool.reset_prefix_cache()
     assert len(events) == 2
     events2 = []
-    core.pool.subscribe(events2.append)
+    core.kv.pool.subscribe(events2.append)
     core.add(request("b", (*SHARED, 1), max_tokens=20), now)
     step(core, now)
-    assert not core.pool.reset_prefix_cache()  # b holds blocks
+    assert not core.kv.pool.reset_prefix_cache()  # b holds blocks
     run_all(core, now)
-    assert core.pool.reset_prefix_cache()
+    assert core.kv.pool.reset_prefix_cache()
     assert events2[-1] == AllBlocksCleared()
-    assert not core.pool.cached and core.pool.cached_free_blocks == 0
+    assert not core.kv.pool.cached and core.kv.pool.cached_free_blocks == 0
 
 
 def test_without_subscribers_no_event_is_built():
@@ -312,7 +312,7 @@ def test_without_subscribers_no_event_is_built():
 
 
 def check_pool(core: EngineCore, snapshot: dict) -> None:
-    pool = core.pool
+    pool = core.kv.pool
     refs = pool.ref_counts
     live = list(core.live.values())
     held = [b for s in live for b in s.block_ids]
@@ -349,7 +349,7 @@ def check_pool(core: EngineCore, snapshot: dict) -> None:
 
 def random_workload(
     seed: int, caching: bool = True, check: bool = True
-) -> tuple[EngineCore, list[Sequence]]:
+) -> tuple[EngineCore, list[SeqState]]:
     rng = random.Random(seed)
     core = make_core(caching=caching, kv_blocks=rng.randint(26, 50), max_num_seqs=rng.randint(2, 8))
     prefixes = [tuple(rng.randrange(1, 32_000) for _ in range(rng.randint(1, 80))) for _ in "abc"]
@@ -361,7 +361,7 @@ def random_workload(
         arrivals.append((rng.randint(0, 40), request(f"r{i}", prompt, rng.randint(1, 80))))
         arrivals[-1] += (abort_after,)
     arrivals.sort(key=lambda x: x[0])
-    added: list[Sequence] = []
+    added: list[SeqState] = []
     abort_at: dict[int, list[str]] = {}
     snapshot: dict = {}
     now = 0.0
@@ -388,7 +388,7 @@ def random_workload(
         if check:
             check_pool(core, snapshot)
     assert not core.live
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
     return core, added
 
 
@@ -416,7 +416,7 @@ def test_no_prefix_caching_reports_no_cached_tokens(seed):
     core, added = random_workload(seed, caching=False)
     stats = core.prefix_cache_stats()
     assert (stats.requests, stats.queries, stats.hits, stats.hit_rate) == (0, 0, 0, None)
-    assert not core.pool.cached
+    assert not core.kv.pool.cached
     assert all(s.cached_tokens == 0 for s in added)
 
 

@@ -24,7 +24,7 @@ from memorywall.server.engine.scheduler import (
     FinishReason,
     ModelLimits,
     Request,
-    Sequence,
+    SeqState,
     Step,
 )
 
@@ -87,7 +87,7 @@ def run_to_completion(core: EngineCore, run: Run | None = None) -> Run:
     raise AssertionError("engine did not finish: livelock")
 
 
-def generate(core: EngineCore, req: Request) -> Sequence:
+def generate(core: EngineCore, req: Request) -> SeqState:
     seq = core.add(req, 0.0)
     run_to_completion(core)
     return seq
@@ -163,7 +163,7 @@ def test_requests_wait_for_kv_until_it_frees():
     step_once(core, run)
     assert core.running == [a]
     assert list(core.waiting) == [b]
-    assert core.pool.free_blocks == 1
+    assert core.kv.pool.free_blocks == 1
     while a.finish_reason is None:
         step_once(core, run)
         if a.finish_reason is None:
@@ -173,11 +173,11 @@ def test_requests_wait_for_kv_until_it_frees():
     assert b.first_scheduled_s >= a_done
     assert len(b.output_ids) == 8
     assert core.counters.preemptions == 0
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
 def test_preemption_requeues_at_front_and_still_finishes():
-    def workload(core: EngineCore) -> list[Sequence]:
+    def workload(core: EngineCore) -> list[SeqState]:
         return [
             core.add(request(f"r{i}", prompt_len=16, max_tokens=24, ignore_eos=True), 0.0)
             for i in range(3)
@@ -211,7 +211,7 @@ def test_preemption_requeues_at_front_and_still_finishes():
         assert seq.finish_reason is FinishReason.LENGTH
         assert seq.output_ids == ref.output_ids  # recompute changes nothing the client sees
         assert run.ids(seq.request.request_id) == seq.output_ids
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
 def test_abort_waiting_request_frees_everything_at_once():
@@ -224,11 +224,11 @@ def test_abort_waiting_request_frees_everything_at_once():
     assert core.abort("b") is b
     assert b.finish_reason is FinishReason.ABORT
     assert not core.waiting and "b" not in core.live
-    assert core.pool.free_blocks == core.pool.total_blocks - a.blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks - a.blocks
     run_to_completion(core, run)
     assert "b" not in run.emissions
     assert core.counters.aborted == 1
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
 def test_abort_running_request_mid_step_emits_nothing_for_it():
@@ -240,14 +240,14 @@ def test_abort_running_request_mid_step_emits_nothing_for_it():
     step = core.schedule(run.now)
     assert {s.request.request_id for s, _, _ in step.scheduled} == {"a", "b"}
     assert core.abort("a") is a
-    assert core.pool.used_blocks == b.blocks  # a's blocks back before the step ends
+    assert core.kv.pool.used_blocks == b.blocks  # a's blocks back before the step ends
     emissions = core.complete(step)
     assert [e.sequence for e in emissions] == [b]
     assert len(a.output_ids) == 1
     assert core.abort("a") is None
     assert core.abort("never-added") is None
     assert core.abort("b") is b
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
     assert not core.has_work()
     assert core.counters.aborted == 2
 
@@ -273,7 +273,7 @@ def test_invalid_requests_raise_before_anything_is_held(kwargs, error, words):
     assert type(info.value) is error
     assert set(core.live) == {"other"}
     assert [s.request.request_id for s in core.waiting] == ["other"]
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
 def test_request_exactly_filling_context_and_kv_is_accepted():
@@ -410,17 +410,19 @@ def test_speculative_decoding_emits_several_tokens_per_step_within_max_tokens():
 # --- invariants under a random workload -----------------------------------------------------
 
 
-def check_invariants(core: EngineCore, added: list[Sequence]) -> None:
-    pool = core.pool
+def check_invariants(core: EngineCore, added: list[SeqState]) -> None:
+    pool = core.kv.pool
     assert pool.used_blocks + pool.free_blocks == pool.total_blocks
     assert 0 <= pool.free_blocks <= pool.total_blocks
     live = list(core.live.values())
     # Prefix caching shares blocks: each referenced block counts once, each holder once.
-    # ...and finished `hold_kv` requests keep theirs until released.
-    held = [b for s in live for b in s.block_ids] + [b for ids in core.held.values() for b in ids]
+    # ...and finished `keep_kv` requests keep theirs until released.
+    taken = [b for s in live for b in s.block_ids] + [
+        b for ids in core.kv.kept.values() for b in ids
+    ]
     assert all(s.blocks == len(s.block_ids) for s in live)
-    assert len(set(held)) == pool.used_blocks
-    assert sum(pool.ref_counts) == len(held)
+    assert len(set(taken)) == pool.used_blocks
+    assert sum(pool.ref_counts) == len(taken)
     assert {id(s) for s in live} == {id(s) for s in [*core.running, *core.waiting]}
     assert len(core.running) + len(core.waiting) == len(live)
     assert len(core.running) <= core.config.max_num_seqs
@@ -462,7 +464,7 @@ def test_invariants_hold_after_every_step(specs, max_num_seqs, budget, kv_blocks
         draft_tokens=draft_tokens,
         acceptance_rate=0.7,
     )
-    added: list[Sequence] = []
+    added: list[SeqState] = []
     abort_at: dict[int, list[str]] = defaultdict(list)
     times: dict[str, list[float]] = defaultdict(list)
     emitted: dict[str, int] = defaultdict(int)
@@ -506,7 +508,7 @@ def test_invariants_hold_after_every_step(specs, max_num_seqs, budget, kv_blocks
         raise AssertionError("engine did not finish: livelock")
 
     assert not core.live
-    assert core.pool.free_blocks == core.pool.total_blocks
+    assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
     assert core.counters.finished + core.counters.aborted == len(added)
     for s in added:
         rid = s.request.request_id
@@ -551,4 +553,4 @@ def test_real_step_model_times_a_wse3_request(wse3_8b):
     assert seq.first_token_s == run.steps[0].end_s
     assert seq.last_token_s == run.steps[-1].end_s
     assert seq.energy_j == pytest.approx(core.counters.energy_j, rel=1e-9)
-    assert card.kv_capacity_tokens == core.pool.capacity_tokens
+    assert card.kv_capacity_tokens == core.kv.pool.capacity_tokens

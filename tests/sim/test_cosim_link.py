@@ -7,6 +7,7 @@ import pytest
 
 from memorywall.core.kv_transfer import kv_link, kv_transfer
 from memorywall.server.engine.kv import BlockPool
+from memorywall.server.engine.kv_manager import KVManager
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet, simulate_pd
@@ -64,7 +65,8 @@ def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100_8b, wse3_8b, cac
     )
     engine = PdOfflineEngine(fleet)
     core = engine.prefills[0].core
-    core.pool = BlockPool(70, core.config.block_size)  # 1,120 tokens: one prompt at a time
+    # 1,120 tokens of KV: one prompt at a time
+    core.kv = KVManager(BlockPool(70, core.config.block_size), enable_prefix_caching=caching)
     engine.submit(request(0), 0.0)
     engine.submit(request(1), 0.0)
     engine.run()
@@ -73,9 +75,9 @@ def test_prefill_worker_holds_the_prompt_kv_until_it_lands(h100_8b, wse3_8b, cac
     assert engine.phases["r0"].prefill_end_s < landed
     assert second.first_scheduled_s == pytest.approx(landed, abs=1e-12)
     assert first.completion_tokens == second.completion_tokens == 4
-    assert core.pool.used_blocks == 0  # every hold released
+    assert core.kv.pool.used_blocks == 0  # every hold released
     # ...and, with prefix caching, full blocks kept for reuse
-    assert (core.pool.cached_free_blocks >= PROMPT // 16) is caching
+    assert (core.kv.pool.cached_free_blocks >= PROMPT // 16) is caching
 
 
 def test_a_repeated_prompt_finds_its_prefix_cached_after_the_hold(h100_8b, wse3_8b):

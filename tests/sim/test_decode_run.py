@@ -62,7 +62,7 @@ def run(core: EngineCore, arrivals: list[tuple[float, Request]], fast: bool) -> 
     for t, r in arrivals:
         engine.submit(r, t)
     engine.run()
-    pool = core.pool
+    pool = core.kv.pool
     return {
         "timelines": {k: (v.group_times_s, v.group_tokens, v) for k, v in engine.timelines.items()},
         "outputs": {k: tuple(s.output_ids) for k, s in core.live.items()},
@@ -150,6 +150,6 @@ def test_fast_path_matches_stepping_with_repeated_blocks(seed: int, watched: boo
         core = fake_core(EngineConfig(max_num_batched_tokens=64), 4096)
         events: list = []
         if watched:
-            core.pool.subscribe(events.append)
+            core.kv.pool.subscribe(events.append)
         got.append((run(core, arrivals, fast=fast), events))
     assert got[0] == got[1]

@@ -113,7 +113,7 @@ def test_kv_exhaustion_preempts_the_latest_and_recomputes_it() -> None:
     assert times(e.timelines["b"]) == pytest.approx(b_times)
     assert (e.timelines["a"].preemptions, e.timelines["b"].preemptions) == (0, 1)
     assert e.core.counters.preemptions == 1
-    assert e.core.pool.free_blocks == 2
+    assert e.core.kv.pool.free_blocks == 2
 
 
 def test_prefix_hit_costs_only_the_uncached_tokens() -> None:
