@@ -265,7 +265,7 @@ def test_a_hit_on_a_free_block_takes_it_out_of_the_eviction_queue():
 def test_block_stored_events_name_consecutive_blocks_and_their_parent():
     core = make_core()
     events = []
-    unsubscribe = core.kv.pool.subscribe(events.append)
+    unsubscribe = core.kv.subscribe(events.append)
     a = core.add(request("a", (*SHARED, 1, 2), max_tokens=20), 0.0)
     _s, now = step(core, 0.0)
     assert events == [
@@ -288,7 +288,7 @@ def test_block_stored_events_name_consecutive_blocks_and_their_parent():
     assert core.kv.pool.reset_prefix_cache()
     assert len(events) == 2
     events2 = []
-    core.kv.pool.subscribe(events2.append)
+    core.kv.subscribe(events2.append)
     core.add(request("b", (*SHARED, 1), max_tokens=20), now)
     step(core, now)
     assert not core.kv.pool.reset_prefix_cache()  # b holds blocks

@@ -150,6 +150,6 @@ def test_fast_path_matches_stepping_with_repeated_blocks(seed: int, watched: boo
         core = fake_core(EngineConfig(max_num_batched_tokens=64), 4096)
         events: list = []
         if watched:
-            core.kv.pool.subscribe(events.append)
+            core.kv.subscribe(events.append)
         got.append((run(core, arrivals, fast=fast), events))
     assert got[0] == got[1]
