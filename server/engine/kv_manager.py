@@ -104,28 +104,38 @@ class KVManager:
         cached prefix (`get_computed_blocks`) and the rest fresh, and the lookup counts
         in `stats` (only an admission that succeeds counts).
         """
-        size = self.block_size
-        pool = self.pool
         if new_computed is not None:
-            hits = new_computed._blocks
-            need = blocks_for(kv_tokens, size) - len(hits)
-            if need + pool.free_among(hits) > pool.free_blocks:
-                return False
-            pool.touch(hits)
-            seq.block_ids = hits + pool.allocate(need)
-            seq.blocks = len(seq.block_ids)
-            seq.cached_blocks = len(hits)
-            if self.caching:
-                self._count_lookup(seq, new_computed.num_tokens)
-        elif kv_tokens > seq.blocks * size:
+            return self._admit(seq, kv_tokens, filled_tokens, new_computed)
+        size = self.block_size
+        if kv_tokens > seq.blocks * size:
             need = blocks_for(kv_tokens, size) - seq.blocks
-            new = pool.allocate(need)
+            new = self.pool.allocate(need)
             if new is None:
                 return False
             seq.block_ids += new
             seq.blocks += need
         if self.caching and filled_tokens // size > seq.cached_blocks:
             self.cache_full_blocks(seq, filled_tokens // size)
+        return True
+
+    def _admit(
+        self, seq: SeqState, kv_tokens: int, filled_tokens: int, hit: ComputedBlocks
+    ) -> bool:
+        """`allocate_slots` for a sequence holding no blocks, from its cached prefix."""
+        size = self.block_size
+        pool = self.pool
+        hits = hit._blocks
+        need = blocks_for(kv_tokens, size) - len(hits)
+        if need + pool.free_among(hits) > pool.free_blocks:
+            return False
+        pool.touch(hits)
+        seq.block_ids = hits + pool.allocate(need)
+        seq.blocks = len(seq.block_ids)
+        seq.cached_blocks = len(hits)
+        if self.caching:
+            self._count_lookup(seq, hit.num_tokens)
+            if filled_tokens // size > seq.cached_blocks:
+                self.cache_full_blocks(seq, filled_tokens // size)
         return True
 
     def _count_lookup(self, seq: SeqState, hit_tokens: int) -> None:
