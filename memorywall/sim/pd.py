@@ -12,8 +12,6 @@ The options that name the fleet are `memorywall.cli.simulate`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts
 from memorywall.server.pd.cosim import PdOfflineEngine
 from memorywall.server.pd.offline import PdFleet
@@ -27,7 +25,7 @@ __all__ = ["simulate_pd_level"]
 def simulate_pd_level(fleet: PdFleet, config: BenchConfig, level: Level) -> LevelRun:
     """One level of `config` on a fresh split fleet."""
 
-    def build() -> tuple[PdOfflineEngine, ServerFacts, Callable[[], tuple]]:
+    def build() -> tuple[PdOfflineEngine, ServerFacts]:
         engine = PdOfflineEngine(fleet)
         # Named by the fleet; no one profile to predict from, so the prediction columns
         # stay empty.
@@ -37,6 +35,6 @@ def simulate_pd_level(fleet: PdFleet, config: BenchConfig, level: Level) -> Leve
             devices=fleet.devices,
             emulated=True,
         )
-        return engine, facts, engine.counters
+        return engine, facts
 
     return drive_level(build, config, level)

@@ -49,7 +49,7 @@ from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.offline import OfflineEngine, Timeline
+from memorywall.server.engine.offline import OfflineEngine, OfflineEngineLike, Timeline
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.sim.sessions import SessionReleaser
 
@@ -140,7 +140,7 @@ class _Sent(NamedTuple):
 class _LevelDriver:
     """Joins one level's plan to an offline engine and makes a record per request."""
 
-    def __init__(self, config: BenchConfig, level: Level, engine: OfflineEngine) -> None:
+    def __init__(self, config: BenchConfig, level: Level, engine: OfflineEngineLike) -> None:
         self.plan = plan_level(config, level)
         self.prompts = PromptSource(config.seed)
         self.engine = engine
@@ -272,39 +272,35 @@ def simulate_level(
     """Run one level of `config` on a fresh engine for `deployment`; `fast=False` steps
     every decode step one at a time (the same result, slower)."""
 
-    def build() -> tuple[OfflineEngine, ServerFacts, Callable[[], tuple[int, int, int, float]]]:
+    def build() -> tuple[OfflineEngine, ServerFacts]:
         core, card = build_core(deployment, engine_config)
         facts = ServerFacts(
             hardware=card.hardware, model=card.model, devices=card.devices, emulated=True
         )
-        c = core.counters
-        return (
-            OfflineEngine(core, fast=fast),
-            facts,
-            lambda: (c.steps, c.tokens_generated, c.preemptions, c.energy_j),
-        )
+        return OfflineEngine(core, fast=fast), facts
 
     return drive_level(build, config, level)
 
 
-def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -> LevelRun:
+def drive_level(
+    build: Callable[[], tuple[OfflineEngineLike, ServerFacts]], config: BenchConfig, level: Level
+) -> LevelRun:
     """Release `config`'s `level` into the offline engine `build` makes and summarise it as
-    bench does. `build` returns the engine (anything with `submit`, `run`, `now_s`), the
-    facts the result names, and a function giving (steps, tokens, preemptions, energy_j)."""
+    bench does. `build` returns the engine and the facts the result names."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with _no_cycle_collection():
-        engine, facts, counters = build()
+        engine, facts = build()
         driver = _LevelDriver(config, level, engine)
         driver.start()
         engine0 = time.perf_counter()
         engine.run()
         engine_s = time.perf_counter() - engine0
         records = make_records(driver.sent, driver.finished)
-        modelled_s, (steps, tokens, preemptions, energy_j) = engine.now_s, counters()
+        modelled_s, totals = engine.now_s, engine.totals()
         # The engine and all it holds freed here, by reference counting (with the cycles
         # through the driver left, the collector freed them in some later level's time).
         driver.close()
-        del driver, engine, counters
+        del driver, engine
         metrics = compute_metrics(records, slo=config.slo)
         result = summarise(config, level, facts, metrics, [], simulated=True)
         result.update(prefix_figures(config, records))
@@ -315,10 +311,10 @@ def drive_level(build: Callable[[], tuple], config: BenchConfig, level: Level) -
         wall_s=time.perf_counter() - wall0,
         engine_s=engine_s,
         cpu_s=time.process_time() - cpu0,
-        steps=steps,
-        tokens=tokens,
-        preemptions=preemptions,
-        energy_j=energy_j,
+        steps=totals.steps,
+        tokens=totals.tokens_generated,
+        preemptions=totals.preemptions,
+        energy_j=totals.energy_j,
     )
 
 

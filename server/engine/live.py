@@ -1,7 +1,8 @@
 """The live engine: drives `EngineCore` on a monotonic clock and feeds per-request streams.
 
-Steps run back to back on the modelled timeline: each starts where the last
-ended (or when work arrives, if idle), and the driver sleeps to each step's
+Steps run back to back on the modelled timeline by the engine's loop rule
+(`loop.next_move`): each starts where the last ended (or when work arrives, if
+idle), and the driver sleeps to each step's
 absolute end before applying it, so CPU time spent here never adds to modelled
 time.
 
@@ -43,6 +44,7 @@ from memorywall.server.engine.api import (
 from memorywall.server.engine.clock import Clock, MonotonicClock
 from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.lag import LagTracker, StallTracker
+from memorywall.server.engine.loop import next_move
 from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.reports import finished, step_report
 from memorywall.server.engine.scheduler import Emission, EngineCore, SeqState
@@ -304,19 +306,19 @@ class AsyncEngine:
     async def _run(self) -> None:
         last_end = 0.0
         while True:
-            if not self.core.has_work():
+            # Requests go to the core as they are submitted: the driver holds none back.
+            move = next_move(self.core, last_end)
+            if not move.step:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            start = last_end
-            arrival = self.core.next_arrival_s()
-            if arrival > last_end:
+            start = move.at_s
+            if start > last_end:
                 # Idle until this arrival: the step starts then, unless the host took too
                 # long to get here; then it starts now (the request's TTFT shows the wait).
-                start = arrival
                 now = self.clock.now()
-                if self._stalls.too_late(now - arrival):
-                    self._stall(now - arrival, now)
+                if self._stalls.too_late(now - start):
+                    self._stall(now - start, now)
                     start = now
             step = self.core.schedule(start)
             if step is None:

@@ -1,6 +1,6 @@
 """The offline engine: drives `EngineCore` on a virtual clock, as fast as the CPU allows.
 
-The loop is the live driver's (`live.AsyncEngine._run`) without the sleeping:
+The loop is the live driver's rule (`loop.next_move`) without the sleeping:
 each step starts where the last one ended, or at the next arrival when the
 engine is idle, and every request that has arrived by a step's start is in the
 queue when that step is planned. Requests may be submitted ahead of time (an
@@ -16,9 +16,11 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from memorywall.errors import MemorywallError
-from memorywall.server.engine.decode_run import advance_decode
+from memorywall.server.engine.decode_run import DecodeRun
+from memorywall.server.engine.loop import next_move, step_offline
 from memorywall.server.engine.scheduler import EngineCore, FinishReason, Request, SeqState
 
 
@@ -52,8 +54,34 @@ class Timeline:
         return self.group_times_s[-1] if self.group_times_s else None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunTotals:
+    """What an offline engine did so far, all its workers together."""
+
+    steps: int
+    tokens_generated: int  # by the workers that decode
+    preemptions: int
+    energy_j: float
+
+
+class OfflineEngineLike(Protocol):
+    """An engine on a virtual clock, as simulation code drives it (`memorywall` simulate):
+    requests go in with `submit` (ahead of time, or from `on_finish` as others finish),
+    `run` steps until all have finished, `now_s` is then the end of the last step.
+    `OfflineEngine` and the disaggregated `pd.cosim.PdOfflineEngine` implement it."""
+
+    on_finish: Callable[[Timeline], None] | None
+    now_s: float
+
+    def submit(self, request: Request, arrival_s: float) -> None: ...
+
+    def run(self) -> None: ...
+
+    def totals(self) -> RunTotals: ...
+
+
 class OfflineEngine:
-    """`EngineCore` on a virtual clock that jumps from step to step."""
+    """`EngineCore` on a virtual clock that jumps from step to step (an `OfflineEngineLike`)."""
 
     def __init__(
         self,
@@ -86,37 +114,47 @@ class OfflineEngine:
         core = self.core
         arrivals = self._arrivals
         timelines = self.timelines
+        fast = self.fast
         while True:
-            if not core.has_work():
-                if not arrivals:
-                    return
-                self._arrive(max(self.now_s, arrivals[0][0]))  # idle: jump to the next arrival
-                continue
-            start = max(self.now_s, core.next_arrival_s())
-            if arrivals and arrivals[0][0] <= start:
-                self._arrive(start)
-            if self.fast and (run := advance_decode(core, start, self._next_arrival_s())):
-                ends = run.end_times_s
+            queued_s = arrivals[0][0] if arrivals else math.inf
+            move = next_move(core, self.now_s, queued_s)
+            if move.admit:
+                self._arrive(move.at_s)
+            if not move.step:
+                if move.at_s == math.inf:
+                    return  # idle, and nothing more will arrive
+                continue  # idle until these arrivals: the jump, then the rule again
+            start = move.at_s
+            done = step_offline(core, start, self._next_arrival_s(), fast=fast)
+            if done is None:
+                raise RuntimeError(f"engine has work but scheduled nothing at {start} s")
+            if type(done) is DecodeRun:
+                ends = done.end_times_s
                 ones = [1] * len(ends)
-                for seq in run.sequences:
+                for seq in done.sequences:
                     timeline = timelines[seq.request.request_id]
                     timeline.group_times_s += ends
                     timeline.group_tokens += ones
                 self.now_s = ends[-1]
                 continue
-            step = core.schedule(start)
-            if step is None:
-                raise RuntimeError(f"engine has work but scheduled nothing at {start} s")
-            emissions = core.complete(step)
-            end_s = step.end_s
+            end_s = done.end_s
             self.now_s = end_s
-            for e in emissions:
+            for e in done.emissions:
                 seq = e.sequence
                 timeline = timelines[seq.request.request_id]
                 timeline.group_times_s.append(end_s)
                 timeline.group_tokens.append(len(e.token_ids))
                 if e.finished:
                     self._finish(timeline, seq)
+
+    def totals(self) -> RunTotals:
+        c = self.core.counters
+        return RunTotals(
+            steps=c.steps,
+            tokens_generated=c.tokens_generated,
+            preemptions=c.preemptions,
+            energy_j=c.energy_j,
+        )
 
     def _next_arrival_s(self) -> float:
         return self._arrivals[0][0] if self._arrivals else math.inf

@@ -1,9 +1,10 @@
 """A split fleet as one offline engine: prefill and decode workers on one virtual clock.
 
-`PdOfflineEngine` has `OfflineEngine`'s surface (`submit`, `on_finish`, `run`,
-`now_s`), so a load generator's release rules drive it unchanged, closed loop
+`PdOfflineEngine` is an `offline.OfflineEngineLike` (`submit`, `on_finish`, `run`,
+`now_s`, `totals`), so a load generator's release rules drive it unchanged, closed loop
 included. Inside, each worker is an `EngineCore` with its own clock and arrival
-queue, and the engine always runs the step that starts earliest across workers:
+queue, run by the engine's loop rule (`loop`), and the engine always runs the step
+that starts earliest across workers:
 a step that ends at t can only cause arrivals at t or later (a decode worker
 gets the request when its KV lands, a closed-loop user sends its next request
 when its last one ends), so no worker ever plans a step before an arrival that
@@ -32,14 +33,19 @@ from typing import TYPE_CHECKING
 from memorywall.core.kv_transfer import KvTransfer, LinkPort, kv_link, transfer_window
 from memorywall.errors import MemorywallError
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.decode_run import DecodeRun, advance_decode
-from memorywall.server.engine.offline import Timeline
+from memorywall.server.engine.decode_run import DecodeRun
+from memorywall.server.engine.loop import Move, next_move, step_offline
+from memorywall.server.engine.offline import RunTotals, Timeline
 from memorywall.server.engine.scheduler import EngineCore, Request, SeqState
 
 if TYPE_CHECKING:
     from memorywall.server.pd.offline import PdFleet
 
 __all__ = ["PdOfflineEngine", "PdPhase"]
+
+
+def _at_s(move: Move) -> float:
+    return move.at_s
 
 
 @dataclass(slots=True)
@@ -60,11 +66,14 @@ class _Worker:
         self.arrivals: list[tuple[float, int, Request]] = []
         self.port = LinkPort()
 
+    def move(self) -> Move:
+        """What it does next, by the engine's loop rule (`loop.next_move`)."""
+        arrivals = self.arrivals
+        return next_move(self.core, self.now_s, arrivals[0][0] if arrivals else math.inf)
+
     def next_s(self) -> float:
         """When its next event (a step, or admitting an arrival) starts; inf if none."""
-        if self.core.has_work():
-            return max(self.now_s, self.core.next_arrival_s())
-        return max(self.now_s, self.arrivals[0][0]) if self.arrivals else math.inf
+        return self.move().at_s
 
 
 class PdOfflineEngine:
@@ -125,43 +134,43 @@ class PdOfflineEngine:
         workers = self.workers
         events = self._events
         while True:
-            worker = min(workers, key=_Worker.next_s)
-            start = worker.next_s()
+            moves = [w.move() for w in workers]
+            move = min(moves, key=_at_s)
+            worker = workers[moves.index(move)]
+            start = move.at_s
             if events and events[0][0] <= start:
                 at_s, _, action = heapq.heappop(events)
                 action(at_s)
                 continue
             if math.isinf(start):
                 return
-            self._admit(worker, start)
+            if move.admit:
+                self._admit(worker, start)
+            if not move.step:
+                continue  # idle until these arrivals: the rule again, with them in the queue
             core = worker.core
-            if not core.has_work():
-                continue
             decoding = worker.decoding
-            if (
-                decoding
-                and self.fast
-                and (run := advance_decode(core, start, self._horizon_s(worker)))
-            ):
-                self._decoded_run(run)
-                worker.now_s = run.end_times_s[-1]
-                self.now_s = max(self.now_s, worker.now_s)
-                continue
-            step = core.schedule(start)
-            if step is None:
+            horizon_s = self._horizon_s(worker) if decoding and self.fast else math.inf
+            done = step_offline(core, start, horizon_s, fast=decoding and self.fast)
+            if done is None:
                 if not events:
                     raise RuntimeError(f"worker has work but scheduled nothing at {start} s")
                 # Out of KV, held for transfers still under way: wait for the next landing.
                 worker.now_s = events[0][0]
                 continue
-            emissions = core.complete(step)
-            worker.now_s = step.end_s
-            self.now_s = max(self.now_s, step.end_s)
-            for e in emissions:
+            if type(done) is DecodeRun:
+                self._decoded_run(done)
+                worker.now_s = done.end_times_s[-1]
+                self.now_s = max(self.now_s, worker.now_s)
+                continue
+            end_s = done.end_s
+            worker.now_s = end_s
+            self.now_s = max(self.now_s, end_s)
+            for e in done.emissions:
                 if decoding:
-                    self._decoded(e.sequence, e.token_ids, step.end_s, e.finished)
+                    self._decoded(e.sequence, e.token_ids, end_s, e.finished)
                 elif e.finished:
-                    self._prefilled(worker, e.sequence, step.end_s)
+                    self._prefilled(worker, e.sequence, end_s)
 
     def _horizon_s(self, worker: _Worker) -> float:
         """The earliest a request could reach `worker` other than from its queue: a pending
@@ -247,14 +256,13 @@ class PdOfflineEngine:
         if self.on_finish is not None:
             self.on_finish(timeline)
 
-    def counters(self) -> tuple[int, int, int, float]:
-        """Steps, tokens generated (by the decode workers), preemptions and energy, all
-        workers together."""
+    def totals(self) -> RunTotals:
+        """Steps, preemptions and energy of all workers together; tokens generated by the
+        decode workers (a prefill worker's one token is not the client's)."""
         cs = [w.core.counters for w in self.workers]
-        tokens = sum(w.core.counters.tokens_generated for w in self.decodes)
-        return (
-            sum(c.steps for c in cs),
-            tokens,
-            sum(c.preemptions for c in cs),
-            sum(c.energy_j for c in cs),
+        return RunTotals(
+            steps=sum(c.steps for c in cs),
+            tokens_generated=sum(w.core.counters.tokens_generated for w in self.decodes),
+            preemptions=sum(c.preemptions for c in cs),
+            energy_j=sum(c.energy_j for c in cs),
         )

@@ -85,5 +85,6 @@ def test_a_closed_loop_user_sends_each_request_when_the_last_one_ends(h100_8b, w
         assert ttft == pytest.approx(prefill_s + transfer.exposed_s + first_s, abs=1e-12)
         assert t.completion_tokens == 4
     assert engine.now_s == done[-1].last_token_s
-    steps, tokens, preemptions, _ = engine.counters()
-    assert tokens == 16 and preemptions == 0 and steps == 4 + 4 * 4  # a prefill, four decodes
+    totals = engine.totals()
+    assert totals.tokens_generated == 16 and totals.preemptions == 0
+    assert totals.steps == 4 + 4 * 4  # a prefill, four decodes
