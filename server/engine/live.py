@@ -14,9 +14,14 @@ tokens closer together than their modelled gap. The lost time is counted per
 request (`Finished.host_stall_s`), in `EngineStats.host_stall` and in a
 "degraded" log line once per interval.
 
-Each token goes to its stream alone while the message budget
-(`pacing.MessageBudget`) lasts; past it a token waits for its stream's next
-one, never longer than one step, and every token keeps its modelled time.
+With `stream_interval=None` (`auto`, the default) each token goes to its
+stream alone while the message budget (`pacing.MessageBudget`) lasts; past it a
+token waits for its stream's next one, never longer than one step. With
+`stream_interval=N` a stream's first token goes out alone at its time (TTFT is
+not delayed) and the rest N per message, each message leaving when its last
+token is due; the last may be shorter (SGLang's `--stream-interval`, which also
+sends the first token alone). Either way every token keeps its modelled time
+(`TokenGroup.times_s`) and no message leaves before its tokens are due.
 Transport agnostic: front ends reach it only through `api.EngineClient`, which
 it implements.
 """
@@ -27,10 +32,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from memorywall.errors import DrainingError, MemorywallError
+from memorywall.errors import ConfigError, DrainingError, MemorywallError
 from memorywall.server.engine.api import (
     EngineObserver,
     EngineStats,
@@ -61,9 +67,19 @@ class RequestStream(EventIteration):
     """One request's output as the front end reads it: token groups, then `Finished`."""
 
     def __init__(
-        self, engine: AsyncEngine, seq: SeqState, min_interval_s: float, stalled_s: float
+        self,
+        engine: AsyncEngine,
+        seq: SeqState,
+        min_interval_s: float,
+        stalled_s: float,
+        stream_interval: int | None = None,
     ) -> None:
         self._engine = engine
+        # Fixed grouping (`stream_interval=N`): tokens per message, the sizes of the messages
+        # ready to be read (oldest first) and the tokens not yet in one. None: `auto`.
+        self.stream_interval = stream_interval
+        self._ready: deque[int] | None = None if stream_interval is None else deque()
+        self._pending = 0
         self.sequence = seq
         self.request_id = seq.request.request_id
         self.min_interval_s = min_interval_s
@@ -87,6 +103,7 @@ class RequestStream(EventIteration):
             self._stalled_s = stalled_s
         self._ids.extend(ids)
         self._times.extend([time_s] * len(ids))
+        self._pending += len(ids)
 
     def _paced(self, now: float) -> bool:
         """The client's own `min_interval_s` holds its tokens now."""
@@ -100,18 +117,45 @@ class RequestStream(EventIteration):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _flush(self, now: float) -> None:
+    def _flush(self, now: float, whole: bool = False) -> None:
+        """Hand the waiting tokens over. With a fixed `stream_interval` N, only a multiple
+        of N of them goes (nothing if under N), as one message, unless `whole`."""
+        ready = self._ready
+        if ready is not None:
+            n = self._pending if whole else self._pending - self._pending % self.stream_interval
+            if not n:
+                return
+            ready.append(n)
+            self._pending -= n
         self._last_flush_s = now
         self._wake()
 
     def _end(self, final: Finished | None, error: MemorywallError | None = None) -> None:
         self._final, self._error = final, error
+        ready = self._ready
+        if ready is not None and self._pending:
+            # The rest: a multiple of N, then what is left (the last message, shorter).
+            interval = self.stream_interval
+            if full := self._pending - self._pending % interval:
+                ready.append(full)
+            if rest := self._pending % interval:
+                ready.append(rest)
+            self._pending = 0
         self._wake()
 
     def _take(self) -> TokenGroup:
-        """The tokens handed over so far, as one group (the hot path: one per message)."""
-        ids, times = self._ids, self._times
-        self._ids, self._times = [], []
+        """The tokens handed over so far, as one group (the hot path: one per message); with
+        a fixed `stream_interval`, the oldest message's tokens."""
+        ready = self._ready
+        if ready is None or len(self._ids) == ready[0]:
+            if ready:
+                ready.popleft()
+            ids, times = self._ids, self._times
+            self._ids, self._times = [], []
+        else:
+            n = ready.popleft()
+            ids, times = self._ids[:n], self._times[:n]
+            self._ids, self._times = self._ids[n:], self._times[n:]
         # Lag against the deadline the tokens had before a stall moved them, if one did.
         lag = self._engine._record_lag(times[0] - self._stalled_s)
         self._stalled_s = 0.0
@@ -133,14 +177,18 @@ class RequestStream(EventIteration):
             prompt_tokens=seq.prompt_len,
             cached_tokens=seq.cached_tokens,
             completion_tokens=len(seq.output_ids),
-            finish_reason=seq.finish_reason if self._final is not None else None,
+            finish_reason=seq.finish_reason if self._final is not None and not self._ids else None,
         )
 
     async def next_event(self) -> Event | None:
         """The next group or the final summary; None once the stream is over."""
         while True:
             # Held tokens wait for their release even when the reader comes by early.
-            if self._ids and self._released:
+            if self._ready is not None:
+                self._released = False
+                if self._ready:
+                    return self._take()
+            elif self._ids and self._released:
                 self._released = False
                 return self._take()
             if self._error is not None:
@@ -163,9 +211,11 @@ class RequestStream(EventIteration):
 
 
 class AsyncEngine:
-    """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stall_tolerance_s`:
-    how late a wake-up may be before the timeline is re-anchored (or half a step, if shorter).
-    `cpu_time`: this process's CPU seconds, which the budget adapts to (tests pass a fake)."""
+    """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stream_interval`:
+    tokens per streamed message after a stream's first (None: `auto`, one while the budget
+    lasts). `stall_tolerance_s`: how late a wake-up may be before the timeline is re-anchored
+    (or half a step, if shorter). `cpu_time`: this process's CPU seconds, which the budget
+    adapts to (tests pass a fake)."""
 
     def __init__(
         self,
@@ -173,6 +223,7 @@ class AsyncEngine:
         *,
         clock: Clock | None = None,
         max_messages_per_s: float,
+        stream_interval: int | None = None,
         lag_threshold_s: float = 0.010,
         stall_tolerance_s: float = 0.001,
         cpu_time: Callable[[], float] = time.process_time,
@@ -180,7 +231,16 @@ class AsyncEngine:
     ) -> None:
         self.core = core
         self.clock = clock or MonotonicClock()
+        if stream_interval is not None and (
+            isinstance(stream_interval, bool)
+            or not isinstance(stream_interval, int)
+            or stream_interval < 1
+        ):
+            raise ConfigError(
+                f"stream_interval: an int >= 1 or None (auto), got {stream_interval!r}"
+            )
         self.max_messages_per_s = max_messages_per_s
+        self.stream_interval = stream_interval
         self.eos_ids = core.limits.eos_token_ids
         self._streams: dict[str, RequestStream] = {}
         # Tokens held for grouping, one step at most: stream -> latest time it may still go.
@@ -209,8 +269,9 @@ class AsyncEngine:
 
     @property
     def stream_interval_s(self) -> float:
-        """The longest grouping holds a token now: 0 while every token goes out alone."""
-        return self._hold_s if self._held else 0.0
+        """The longest grouping holds a token now: 0 while every token goes out alone (with
+        a fixed `stream_interval` N, N - 1 of the last step's times)."""
+        return self._hold_s if self._held or self.stream_interval is not None else 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="memorywall-engine")
@@ -233,7 +294,9 @@ class AsyncEngine:
             raise DrainingError("server is shutting down; not admitting new requests")
         now = self.clock.now()
         seq = self.core.add(request, now if arrival_s is None else min(arrival_s, now))
-        stream = RequestStream(self, seq, min_interval_s, self._stalls.stalled_s)
+        stream = RequestStream(
+            self, seq, min_interval_s, self._stalls.stalled_s, self.stream_interval
+        )
         self._streams[request.request_id] = stream
         self._work.set()
         return stream
@@ -356,6 +419,8 @@ class AsyncEngine:
         """Hand a step's tokens to their streams, one message each while the budget lasts;
         `stalled_s`: how far past its deadline the host woke for this step. Returns the host
         stall inside each emission's gap since its last token (or arrival)."""
+        if self.stream_interval is not None:
+            return self._deliver_grouped(emissions, now, step_s, stalled_s)
         budget = self._budget
         budget.refill(now)
         overdue, self._held = self._held, {}
@@ -393,6 +458,39 @@ class AsyncEngine:
             stream._flush(now)
             budget.spend()
         self._hold_s = step_s
+        for stream in [s for s in self._paced if not s._paced(now)]:
+            self._paced.discard(stream)
+            stream._flush(now)
+        return in_gaps
+
+    def _deliver_grouped(
+        self, emissions: list[Emission], now: float, step_s: float, stalled_s: float
+    ) -> list[float]:
+        """`_deliver` with a fixed `stream_interval` N: a stream's first token goes out alone,
+        then its tokens N per message (a multiple of N where its own `min_interval_s` held
+        them, or one step gave it more than N), each message as its last token comes due."""
+        stalled = self._stalls.stalled_s
+        in_gaps = [0.0] * len(emissions)
+        for i, e in enumerate(emissions):
+            stream = self._streams.get(e.sequence.request.request_id)
+            if stream is None:
+                continue
+            stream._push(e.token_ids, e.time_s, stalled_s)
+            in_gaps[i] = stalled - stream.stalled_at_last_s
+            stream.stalled_at_last_s = stalled
+            if e.previous_token_s is None:
+                stream.stalled_at_first_s = stalled
+            if e.finished:
+                self._close(stream)
+                stream._end(self._report(self._finished(stream)))
+            elif e.previous_token_s is None:
+                stream._flush(now, whole=True)  # the first token: out alone, now
+            elif stream.min_interval_s and stream._paced(now):
+                self._paced.add(stream)
+            else:
+                self._paced.discard(stream)
+                stream._flush(now)
+        self._hold_s = (self.stream_interval - 1) * step_s
         for stream in [s for s in self._paced if not s._paced(now)]:
             self._paced.discard(stream)
             stream._flush(now)
