@@ -68,6 +68,7 @@ class EmulatorServer:
         self.engine = AsyncEngine(
             core,
             max_messages_per_s=config.max_messages_per_s,
+            stream_interval=config.stream_interval,
             observers=[metrics] if metrics is not None else (),
         )
         self.guard_metrics = GuardMetrics(self.card.model)

@@ -36,6 +36,9 @@ class ServerConfig:
     # the client. Below it the engine lowers the budget by itself whenever it wakes late
     # (server/engine/pacing.py), and only then groups tokens, one step at most.
     max_messages_per_s: float = 40_000.0
+    # Tokens per streamed message after a stream's first; None: `auto` (one a message while
+    # the budget above lasts). SGLang's and vLLM's `--stream-interval`.
+    stream_interval: int | None = None
     disaggregation: PdConfig = field(default_factory=PdConfig)  # --role prefill|decode
     guard: GuardConfig = field(default_factory=GuardConfig)  # admission limit, faults
     # One request's body (HTTP) or message (gRPC): beyond it 413 / INVALID_ARGUMENT.
@@ -46,6 +49,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:
             raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
+        if self.stream_interval is not None and self.stream_interval < 1:
+            raise ConfigError(f"stream_interval: must be >= 1, got {self.stream_interval}")
 
     @property
     def scheme(self) -> str:

@@ -149,6 +149,7 @@ class EngineHost:
         engine_config: EngineConfig,
         *,
         max_messages_per_s: float,
+        stream_interval: int | None = None,
         grace_s: float,
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
@@ -159,7 +160,10 @@ class EngineHost:
         self.guard_metrics = GuardMetrics(self.card.model)
         self.metrics.registry.register(self.guard_metrics)
         self.engine = AsyncEngine(
-            core, max_messages_per_s=max_messages_per_s, observers=[self.metrics, self]
+            core,
+            max_messages_per_s=max_messages_per_s,
+            stream_interval=stream_interval,
+            observers=[self.metrics, self],
         )
         self.links: list[FrontLink] = []
         self._drain: asyncio.Task | None = None
@@ -246,6 +250,7 @@ def engine_main(
     deployment: Deployment,
     engine_config: EngineConfig,
     max_messages_per_s: float,
+    stream_interval: int | None,
     grace_s: float,
     sockets: list[socket.socket],
     log_level: str,
@@ -254,19 +259,28 @@ def engine_main(
     """The engine process's entry point (multiprocessing, spawn): serves until every front
     has closed its socket. SIGINT/SIGTERM, or the parent's death, start a drain."""
     configure_logging(log_level)
-    asyncio.run(_engine(deployment, engine_config, max_messages_per_s, grace_s, sockets, status))
+    asyncio.run(
+        _engine(
+            deployment, engine_config, max_messages_per_s, stream_interval, grace_s, sockets, status
+        )
+    )
 
 
 async def _engine(
     deployment: Deployment,
     engine_config: EngineConfig,
     max_messages_per_s: float,
+    stream_interval: int | None,
     grace_s: float,
     sockets: list[socket.socket],
     status: Connection,
 ) -> None:
     host = EngineHost(
-        deployment, engine_config, max_messages_per_s=max_messages_per_s, grace_s=grace_s
+        deployment,
+        engine_config,
+        max_messages_per_s=max_messages_per_s,
+        stream_interval=stream_interval,
+        grace_s=grace_s,
     )
     loop = asyncio.get_running_loop()
     with on_stop_signals(loop, host.start_drain):

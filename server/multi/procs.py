@@ -216,6 +216,7 @@ def _start(
             deployment,
             engine_config,
             config.max_messages_per_s,
+            config.stream_interval,
             config.grace_s,
             [a for a, _ in pairs],
             log_level,
