@@ -52,3 +52,15 @@ nonnegative_int = number(int, low=0)
 positive_float = number(float, low=0, low_inclusive=False)
 fraction = number(float, low=0, high=1)
 port = number(int, low=0, high=65535)
+
+
+def stream_interval(text: str) -> int | None:
+    """`--stream-interval`: tokens per streamed message (an integer >= 1), or `auto` (None)."""
+    if text == "auto":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'auto', got {text!r}"
+        ) from None
