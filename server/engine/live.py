@@ -156,8 +156,11 @@ class RequestStream(EventIteration):
             n = ready.popleft()
             ids, times = self._ids[:n], self._times[:n]
             self._ids, self._times = self._ids[n:], self._times[n:]
-        # Lag against the deadline the tokens had before a stall moved them, if one did.
-        lag = self._engine._record_lag(times[0] - self._stalled_s)
+        # Lag against the deadline the tokens had before a stall moved them, if one did: the
+        # first token's (`auto` holds a token only to spare the host), or with a fixed
+        # interval the last one's, when the message is due (holding the others is the point).
+        due_s = times[0] if ready is None else times[-1]
+        lag = self._engine._record_lag(due_s - self._stalled_s)
         self._stalled_s = 0.0
         if lag > self._max_lag_s:
             self._max_lag_s = lag

@@ -91,6 +91,7 @@ async def test_groups_of_n_after_the_first_token_never_early(wse3_8b, interval, 
             assert got == pytest.approx(max(due), abs=1e-9)  # out as its last one is due
             assert all(b > a for a, b in itertools.pairwise(due))  # each token's time
         assert r.final.completion_tokens == max_tokens
+        assert r.final.max_lag_s == pytest.approx(0, abs=1e-9)  # held by design, not late
     assert engine.stats().stream_interval_s > 0 or interval == 1
 
 
