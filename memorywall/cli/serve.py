@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from memorywall.argtypes import nonnegative_int, port, positive_float, positive_int
+from memorywall.argtypes import (
+    nonnegative_int,
+    port,
+    positive_float,
+    positive_int,
+    stream_interval,
+)
 from memorywall.cli import pd_options, serve_options
 from memorywall.cli.deployment import (
     add_deployment_arguments,
@@ -76,6 +82,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "groups tokens per message above it, or below it when the host falls behind",
     )
     p.add_argument(
+        "--stream-interval",
+        type=stream_interval,
+        default=_SERVER.stream_interval,
+        metavar="N|auto",
+        help="tokens per streamed message, as in SGLang and vLLM: N sends a stream's first "
+        "token alone, then N a message, each when its last token is due (the last may be "
+        "shorter); auto (default) sends each token alone while the message budget lasts",
+    )
+    p.add_argument(
         "--ready-file",
         type=Path,
         help="once every port is bound, write a JSON file here (pid, addresses, hardware, "
@@ -107,6 +122,7 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         tokenizer=args.tokenizer,
         grace_s=args.grace,
         max_messages_per_s=args.max_messages_per_s,
+        stream_interval=args.stream_interval,
         **serve_options.server_options(args),
         **pd_options.server_options(args, deployment, names),
     )

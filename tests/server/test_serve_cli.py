@@ -136,8 +136,22 @@ PORT_0 = ["--port", "0"]  # were an argument wrongly accepted, nothing binds a f
         ([*WSE3_8B, *PORT_0, "--grace", "0"], "--grace"),
         (["--hardware", "no-such-chip", "--model", "llama-3.1-8b", *PORT_0], "no-such-chip"),
         (["--hardware", "wse-3", "--model", "no-such-model", *PORT_0], "no-such-model"),
+        ([*WSE3_8B, *PORT_0, "--stream-interval", "0"], "--stream-interval"),
+        ([*WSE3_8B, *PORT_0, "--stream-interval", "2.5"], "--stream-interval"),
+        ([*WSE3_8B, *PORT_0, "--stream-interval", "often"], "--stream-interval"),
     ],
-    ids=["port-70000", "port-negative", "max-num-seqs-0", "batched-0", "grace-0", "hw", "model"],
+    ids=[
+        "port-70000",
+        "port-negative",
+        "max-num-seqs-0",
+        "batched-0",
+        "grace-0",
+        "hw",
+        "model",
+        "stream-interval-0",
+        "stream-interval-2.5",
+        "stream-interval-word",
+    ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, words):
     result = subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=30)

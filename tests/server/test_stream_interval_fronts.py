@@ -10,6 +10,7 @@ import socket
 import grpc
 import pytest
 
+from memorywall.cli import build_parser
 from memorywall.server.app import EmulatorServer, ServerConfig
 from memorywall.server.engine.api import Finished, Request, TokenGroup
 from memorywall.server.engine.scheduler import EngineConfig
@@ -86,3 +87,10 @@ async def test_multi_process_engine_host_groups_for_its_fronts(h100_8b):
 
 async def _drain(stream) -> list:
     return [event async for event in stream]
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("4", 4), ("1", 1), ("auto", None)])
+def test_serve_parses_stream_interval(value, parsed):
+    base = ["serve", "--hardware", "wse-3", "--model", "llama-3.1-8b"]
+    assert build_parser().parse_args([*base, "--stream-interval", value]).stream_interval == parsed
+    assert build_parser().parse_args(base).stream_interval is None  # auto by default
