@@ -40,6 +40,7 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "seed": (7, {}),
     "grace": (1.5, {}),
     "max_messages_per_s": (1000, {}),
+    "stream_interval": (4, {}),
     "api_servers": (2, {}),
     "log_level": ("DEBUG", {}),
     "faults": ("error:0.1,stall:0.2:1", {}),
