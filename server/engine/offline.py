@@ -115,19 +115,18 @@ class OfflineEngine:
         arrivals = self._arrivals
         timelines = self.timelines
         fast = self.fast
+        inf = math.inf
         while True:
-            queued_s = arrivals[0][0] if arrivals else math.inf
-            move = next_move(core, self.now_s, queued_s)
-            if move.admit:
-                self._arrive(move.at_s)
-            if not move.step:
-                if move.at_s == math.inf:
+            at_s, step, admit = next_move(core, self.now_s, arrivals[0][0] if arrivals else inf)
+            if admit:
+                self._arrive(at_s)
+            if not step:
+                if at_s == inf:
                     return  # idle, and nothing more will arrive
                 continue  # idle until these arrivals: the jump, then the rule again
-            start = move.at_s
-            done = step_offline(core, start, self._next_arrival_s(), fast=fast)
+            done = step_offline(core, at_s, arrivals[0][0] if arrivals else inf, fast=fast)
             if done is None:
-                raise RuntimeError(f"engine has work but scheduled nothing at {start} s")
+                raise RuntimeError(f"engine has work but scheduled nothing at {at_s} s")
             if type(done) is DecodeRun:
                 ends = done.end_times_s
                 ones = [1] * len(ends)
@@ -137,9 +136,9 @@ class OfflineEngine:
                     timeline.group_tokens += ones
                 self.now_s = ends[-1]
                 continue
-            end_s = done.end_s
+            end_s, emissions = done
             self.now_s = end_s
-            for e in done.emissions:
+            for e in emissions:
                 seq = e.sequence
                 timeline = timelines[seq.request.request_id]
                 timeline.group_times_s.append(end_s)
@@ -155,9 +154,6 @@ class OfflineEngine:
             preemptions=c.preemptions,
             energy_j=c.energy_j,
         )
-
-    def _next_arrival_s(self) -> float:
-        return self._arrivals[0][0] if self._arrivals else math.inf
 
     def _arrive(self, until_s: float) -> None:
         """Hand the engine every request that has arrived by `until_s`, in arrival order."""
