@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["PdOfflineEngine", "PdPhase"]
 
 
-def _at_s(move: Move) -> float:
-    return move.at_s
-
-
 @dataclass(slots=True)
 class PdPhase:
     """What the prefill side did for one request."""
@@ -135,8 +131,8 @@ class PdOfflineEngine:
         events = self._events
         while True:
             moves = [w.move() for w in workers]
-            move = min(moves, key=_at_s)
-            worker = workers[moves.index(move)]
+            i = min(range(len(moves)), key=lambda i: moves[i].at_s)  # the first, on a tie
+            worker, move = workers[i], moves[i]
             start = move.at_s
             if events and events[0][0] <= start:
                 at_s, _, action = heapq.heappop(events)
