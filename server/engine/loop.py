@@ -28,9 +28,9 @@ from memorywall.server.engine.scheduler import Emission, EngineCore
 
 __all__ = ["Move", "Stepped", "next_move", "step_offline"]
 
-# Results are built with tuple's own constructor: a named tuple's `__new__` (or a dataclass's
-# `__init__`) is a Python call, and the offline engine makes two of these a step (a third of
-# what the loop adds to a step, measured with callgrind).
+# Results are named tuples built with tuple's own constructor: a named tuple's `__new__` (or a
+# dataclass's `__init__`) is one more Python call, and a stepped simulation makes two of these
+# a step; the offline engine unpacks them.
 _new = tuple.__new__
 
 
