@@ -54,8 +54,8 @@ STATUS_ERRORS: dict[grpc.StatusCode, type[errors.ClientError]] = {
 
 def translate(exc: grpc.RpcError) -> errors.ClientError:
     """The client error for a failed RPC, chosen by status code alone."""
-    code = exc.code()  # type: ignore[attr-defined]
-    return STATUS_ERRORS.get(code, errors.ClientError)(code, exc.details() or "")  # type: ignore[attr-defined]
+    code = exc.code()
+    return STATUS_ERRORS.get(code, errors.ClientError)(code, exc.details() or "")
 
 
 class GenerateArgs(TypedDict, total=False):
@@ -82,10 +82,15 @@ def _int(name: str, value: object, low: int, high: int) -> int:
 
 
 def _float(name: str, value: object, low: float = -math.inf) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < low:  # type: ignore[arg-type]
+    # bool first: it is an int subclass, and True as a number is a bug.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+    ):
         raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def check_timeout(timeout_s: float | None) -> float | None:
@@ -241,7 +246,7 @@ def is_serving(response: health_pb2.HealthCheckResponse) -> bool:
 
 def unhealthy(exc: grpc.RpcError) -> bool:
     """True if a failed health Check means "not serving"; otherwise the caller raises."""
-    return exc.code() in _UNHEALTHY_CODES  # type: ignore[attr-defined]
+    return exc.code() in _UNHEALTHY_CODES
 
 
 def check_request_ids(request_ids: Sequence[str]) -> list[str]:

@@ -28,6 +28,7 @@ import json
 import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -71,10 +72,26 @@ class ErrorRow:
         return self.predicted_s / self.measured_s - 1.0
 
 
+class Compared(Protocol):
+    """What an ErrorTable's rows have: a label and the prediction's signed relative error."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def error(self) -> float: ...
+
+
+RowT = TypeVar("RowT", bound=Compared)
+
+
 @dataclass(frozen=True)
-class ErrorTable:
+class ErrorTable(Generic[RowT]):
+    """Rows of one comparison: measured steps (ErrorRow) or published figures
+    (published.PublishedComparison)."""
+
     name: str
-    rows: tuple[ErrorRow, ...]
+    rows: tuple[RowT, ...]
 
     @property
     def median_abs_error(self) -> float:
@@ -84,7 +101,7 @@ class ErrorTable:
     def max_abs_error(self) -> float:
         return max(abs(r.error) for r in self.rows)
 
-    def subset(self, held_out: bool) -> ErrorTable:
+    def subset(self: ErrorTable[ErrorRow], held_out: bool) -> ErrorTable[ErrorRow]:
         """The held-out rows (True) or the fit rows (False)."""
         which = "held out" if held_out else "fit points"
         rows = tuple(r for r in self.rows if r.held_out == held_out)
@@ -253,6 +270,7 @@ def streaming_overlap(hardware: Hardware, m: GpuMeasurements, compute: float) ->
     at batch 256 says (bisection; time grows with overlap)."""
     model = load_model("llama-3.1-8b")
     par = hardware.parallelism
+    assert par is not None, f"{hardware.name}: a GPU profile has a [parallelism] table"
     tiling = Tiling(units=par.units, tile_m=par.gemm_tile_m, tile_n=par.gemm_tile_n)
     unit_flops = hardware.compute_peak(Precision.BF16) * compute / par.units
     bw = m.weight_streaming_bytes_per_s
@@ -292,6 +310,7 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
     per_layer_col = np.full_like(y, float(model.n_layers))
     act_col = tokens * model.hidden_size * model.n_layers / act_bw
     par = hardware.parallelism
+    assert par is not None, f"{hardware.name}: a GPU profile has a [parallelism] table"
     tiling = Tiling(units=par.units, tile_m=par.gemm_tile_m, tile_n=par.gemm_tile_n)
     split_col = np.array(
         [
@@ -371,8 +390,10 @@ def fit_gpu(hardware: Hardware | None = None, m: GpuMeasurements | None = None) 
                     coef, loss = solve(base(kv, sb, at))
                     if best is None or loss < best[0]:
                         best = (loss, kv, sb, at, coef)
+        assert best is not None  # the grid above is never empty
         centre = np.array(best[1:4])
         span = span / 5
+    assert best is not None
     _, kv, sb, at, (a, c, k) = best
     eff, lat, ker = constants(float(kv), float(sb), float(at), float(a), float(c), float(k))
     fitted = replace(hardware, efficiency=eff, latency=lat, kernels=ker)

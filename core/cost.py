@@ -107,6 +107,8 @@ def combine_s(
     Memory and compute overlap imperfectly in real kernels; `overlap` is the
     fitted share of the shorter one that still shows.
     """
+    busy: Number
+    hidden: Number
     if isinstance(memory_s, float) and isinstance(compute_s, float):
         busy, hidden = max(memory_s, compute_s), min(memory_s, compute_s)
     else:
@@ -160,10 +162,10 @@ class StepModel:
         self._kv_bw = res.bandwidth_bytes_per_s * eff.kv_read
         self._streamed = d.placement is Placement.STREAM
         if self._streamed:
-            self._stream_bw = min(
-                hw.stream.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s
-            )
-            self._stream_pj = hw.stream.energy_pj_per_bit + hw.external_io.energy_pj_per_bit
+            store = hw.stream
+            assert store is not None, "plan_deployment refuses STREAM without a weight store"
+            self._stream_bw = min(store.bandwidth_bytes_per_s, hw.external_io.bandwidth_bytes_per_s)
+            self._stream_pj = store.energy_pj_per_bit + hw.external_io.energy_pj_per_bit
         gemm_bw = self._stream_bw if self._streamed else self._weight_bw
         peak = hw.compute_peak(d.weight_precision)
         self._linear_flops_per_s = peak * eff.compute
@@ -225,6 +227,7 @@ class StepModel:
         resident = cost.kv_bytes + (0.0 if self._streamed else cost.weight_bytes)
         tiers = {hw.resident.name: resident}
         if self._streamed:
+            assert hw.stream is not None, "plan_deployment refuses STREAM without a weight store"
             tiers[hw.stream.name] = cost.weight_bytes
         tiers["links"] = cost.link_bytes
         return tiers
@@ -238,8 +241,8 @@ class StepModel:
     def decode_sweep(self, batch: np.ndarray, context: np.ndarray) -> SweepCost:
         """Decode steps for every (batch, context) pair of two broadcastable arrays."""
         work = Work.uniform_decode(batch, context, self.deployment.model, self.queries_per_decode)
-        t = self._terms(work)
-        t = {k: np.broadcast_to(v, np.shape(t["time_s"])) for k, v in t.items()}
+        terms = self._terms(work)
+        t = {k: np.broadcast_to(v, np.shape(terms["time_s"])) for k, v in terms.items()}
         parts = np.stack(
             [t["memory_s"], t["compute_s"], t["latency_s"], t["stream_s"] + t["comm_s"]]
         )
@@ -257,8 +260,9 @@ class StepModel:
 
     def _terms(self, w: Work) -> dict[str, Number]:
         tp = self._tp
-        weight_bytes = self._always_bytes
-        expert_mem_s = expert_comp_s = 0.0 * w.tokens
+        weight_bytes: Number = self._always_bytes
+        expert_mem_s: Number = 0.0 * w.tokens
+        expert_comp_s: Number = 0.0 * w.tokens
         if self._moe is not None:
             experts = distinct_experts(self._moe.n_experts, self._moe.experts_per_token, w.tokens)
             routed_bytes = self._n_moe * experts * self._expert_bytes
@@ -380,8 +384,9 @@ class StepModel:
         """The dense GEMMs' memory, compute and combined seconds, and split-K reduction
         seconds. They depend on the step's token and logit counts alone, which repeat from
         step to step: a step's are remembered (the engine's hot path), not recomputed."""
-        scalar = type(tokens) is float and type(logits) is float
-        if scalar and (hit := self._gemm_memo.get((tokens, logits))) is not None:
+        # Exactly float (not numpy's float64): arrays and numpy scalars are not remembered.
+        key = (tokens, logits) if type(tokens) is float and type(logits) is float else None
+        if key is not None and (hit := self._gemm_memo.get(key)) is not None:
             return hit
         gemm_mem_s, gemm_comp_s, gemm_s = 0.0, 0.0 * tokens, 0.0 * tokens
         split_s = 0.0 * tokens  # reduction passes of split-K GEMMs: fixed kernel time
@@ -394,10 +399,10 @@ class StepModel:
             gemm_comp_s = gemm_comp_s + comp_s
             gemm_s = gemm_s + combine_s(0.0, mem_s, comp_s, self._overlap, 0.0)
         terms = (gemm_mem_s, gemm_comp_s, gemm_s, split_s)
-        if scalar:
+        if key is not None:
             if len(self._gemm_memo) >= _GEMM_MEMO:
                 self._gemm_memo.clear()
-            self._gemm_memo[tokens, logits] = terms
+            self._gemm_memo[key] = terms
         return terms
 
     def _gemm_compute_s(self, rows: Number, g: Gemm) -> Number:
@@ -431,7 +436,9 @@ class StepModel:
 
 def _draft_deployment(d: Deployment) -> Deployment:
     """The draft model on the target's devices: same layout, no speculation of its own."""
-    return replace(d, model=d.speculative.draft_model, speculative=None)
+    spec = d.speculative
+    assert spec is not None and spec.draft_model is not None, "only a drafting deployment"
+    return replace(d, model=spec.draft_model, speculative=None)
 
 
 def _draft_work(w: Work) -> Work:

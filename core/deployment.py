@@ -288,10 +288,12 @@ def _fewest_devices(
 ) -> int:
     """Smallest count with a valid layout whose memory holds weights and the KV reserve."""
     if one.placement is Placement.STREAM:
-        if one.weight_bytes > hardware.stream.capacity_bytes:
+        store = hardware.stream
+        assert store is not None, "STREAM placement is refused for hardware without a store"
+        if one.weight_bytes > store.capacity_bytes:
             raise CapacityError(
                 f"{model.name}: {one.weight_bytes / 1e9:.0f} GB of weights exceed the "
-                f"{hardware.stream.name} store ({hardware.stream.capacity_bytes / 1e9:.0f} GB)"
+                f"{store.name} store ({store.capacity_bytes / 1e9:.0f} GB)"
             )
         return 1
     per_device = (

@@ -109,11 +109,11 @@ def gemm_compute_s(rows: Number, gemm: Gemm, tiling: Tiling, unit_flops_per_s: f
         tiles = row_tiles(rows, tiling) * n_tiles
         waves = math.ceil(tiles / u) if tiles >= u else 1.0 / (u // tiles)
         return waves * tile_s
-    tiles = row_tiles(np.asarray(rows, dtype=np.float64), tiling) * n_tiles
-    safe = np.maximum(tiles, 1.0)
+    tile_counts = row_tiles(np.asarray(rows, dtype=np.float64), tiling) * n_tiles
+    safe = np.maximum(tile_counts, 1.0)
     slices = np.maximum(np.floor(u / safe), 1.0)  # K slices when tiles < u
-    waves = np.where(tiles >= u, np.ceil(safe / u), 1.0 / slices)
-    return np.where(tiles > 0, waves * tile_s, 0.0)
+    wave_counts = np.where(tile_counts >= u, np.ceil(safe / u), 1.0 / slices)
+    return np.where(tile_counts > 0, wave_counts * tile_s, 0.0)
 
 
 def row_tiles(rows: Number, tiling: Tiling) -> Number:
@@ -133,5 +133,5 @@ def split_k_gemms(rows: Number, gemm: Gemm, tiling: Tiling) -> Number:
         split = rows > 1 and 2 * row_tiles(rows, tiling) * n_tiles <= tiling.units
         return float(gemm.count) if split else 0.0
     r = np.asarray(rows, dtype=np.float64)
-    split = (r > 1) & (2 * row_tiles(r, tiling) * n_tiles <= tiling.units)
-    return np.where(split, float(gemm.count), 0.0)
+    splits = (r > 1) & (2 * row_tiles(r, tiling) * n_tiles <= tiling.units)
+    return np.where(splits, float(gemm.count), 0.0)

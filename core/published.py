@@ -153,6 +153,7 @@ def _speculative_bounds(row: dict, d: Deployment, ctx: int) -> str:
     target = StepModel(replace(d, speculative=None))
     one = target.step_cost(Batch(decode_contexts=(ctx,))).time_s
     needed = row["value"] * one
+    assert d.speculative is not None, "only rows that speculate"
     best = 0.0
     for k in range(1, 17):
         perfect = replace(d.speculative, draft_tokens=k, acceptance_rate=1.0)
@@ -178,6 +179,7 @@ def _ttft(row: dict, d: Deployment) -> tuple[float, str]:
     prefilled one after another, (n + 1) / 2 x prefill(prompt). No network, no queue else."""
     n, prompt = row["concurrency"], row["prompt"]
     prefill = predict(d, batch=1, context=prompt, prompt=prompt).ttft_s
+    assert prefill is not None, "a prediction given a prompt has a prefill"
     if n == 1:
         return prefill, f"prefill of {prompt} tokens (published adds network)"
     return (n + 1) / 2 * prefill, f"burst of {n} prompts: ({n}+1)/2 x prefill({prompt})"
@@ -240,7 +242,9 @@ def published_comparison(row: dict) -> PublishedComparison:
     )
 
 
-def published_comparisons(rows: list[dict] | None = None) -> ErrorTable:
+def published_comparisons(
+    rows: list[dict] | None = None,
+) -> ErrorTable[PublishedComparison]:
     """Every published row against the core's prediction, in file order."""
     rows = load_published() if rows is None else rows
     return ErrorTable("Published rows", tuple(published_comparison(r) for r in rows))

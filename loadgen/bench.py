@@ -320,6 +320,7 @@ def predicted(facts: ServerFacts, config: BenchConfig, level: Level, out: dict) 
         p = predict(deployment, batch=batch, context=prompt + output // 2, prompt=prompt)
     except MemorywallError:
         return empty
+    assert p.ttft_s is not None, "a prediction given a prompt has a prefill"
     tpot_s = p.decode_step_s / p.tokens_per_decode_step
     return {
         "predicted_tpot_ms": tpot_s * 1e3,

@@ -59,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def workload_from_args(args: argparse.Namespace) -> tuple[Workload, Slo | None]:
     """The workload and SLO of the shared load options (`options.add_load_arguments`)."""
     try:
+        workload: Workload
         if args.workload and str(args.workload).startswith(f"{prefix_workload.SCHEME}:"):
             workload = prefix_workload.parse_shared_prefix(
                 str(args.workload), parse_length(args.input_len), parse_length(args.output_len)

@@ -52,6 +52,7 @@ import enum
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -296,9 +297,10 @@ class RunMetrics:
         good = self.good_requests_scheduled
         return None if good is None else _div(good, self.duration_s)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         """Flat dict with vLLM's keys: latencies in ms, throughputs in tok/s or req/s."""
-        out: dict[str, object] = {
+        # Any: a JSON record whose value types differ by key (float, int, None, dicts).
+        out: dict[str, Any] = {
             "duration": self.duration_s,
             "completed": self.completed,
             "failed": self.failed,
@@ -315,7 +317,7 @@ class RunMetrics:
         for m in METRICS:
             d = self.distributions.get(m.name)
             scale, suffix = m.unit.to_display, m.unit.key_suffix
-            stats = {"mean": None, "median": None, "std": None}
+            stats: dict[str, float | None] = {"mean": None, "median": None, "std": None}
             if d is not None:
                 stats = {"mean": d.mean, "median": d.median, "std": d.std}
             for stat, v in stats.items():

@@ -278,8 +278,7 @@ def apply_event(event: SseEvent, received_ns: int, record: RequestRecord, *, cha
         raise _StreamError(f"stream error: {error_message(event.data.encode())}")
     n = tokens_in(chunk, chat=chat)
     if n:
-        record.chunk_ns.append(received_ns)
-        record.chunk_tokens.append(n)
+        record.add_chunk(received_ns, n)
     ext = chunk.get("memorywall")
     if isinstance(ext, dict) and isinstance(timing := ext.get("timing"), dict):
         record.modelled_ttft_s = timing.get("ttft_s")

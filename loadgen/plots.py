@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -225,10 +226,11 @@ def throughput_vs_interactivity(sweeps: Sequence[Sweep], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.8))
     xs, ys = [], []
     for (label, levels), colour in zip(sweeps, _colours(len(sweeps)), strict=True):
-        for kind, get, style in (
+        series: tuple[tuple[str, Callable[[dict], rates.Rates], dict[str, Any]], ...] = (
             (_kind(levels), rates.measured, {"marker": "o", "linestyle": "-"}),
             ("core prediction", rates.predicted, {"marker": "o", "mfc": "none", "ls": "--"}),
-        ):
+        )
+        for kind, get, style in series:
             pts = [
                 (g.per_user, g.total / r.get("devices", 1))
                 for r in levels

@@ -68,6 +68,13 @@ class RequestRecord:
     def ok(self) -> bool:
         return self.error is None and len(self.chunk_ns) > 0
 
+    def add_chunk(self, received_ns: int, tokens: int) -> None:
+        """A client received one token-carrying message (the simulator sets arrays whole)."""
+        chunk_ns = self.chunk_ns
+        assert isinstance(chunk_ns, list), "only a client's record grows message by message"
+        chunk_ns.append(received_ns)
+        self.chunk_tokens.append(tokens)
+
     @property
     def completion_tokens(self) -> int:
         """Tokens generated: the server's usage when it gave one, else tokens received."""

@@ -22,11 +22,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from memorywall.loadgen import sessions
 from memorywall.loadgen.arrivals import split_for_workers
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Target, TargetConfig, make_target
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 START_LEAD_S = 1.0  # workers need this long to start before the shared start time
 
@@ -103,16 +107,16 @@ async def _open_loop(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) ->
     cap = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
     tasks = []
 
-    async def capped(spec: RequestSpec, scheduled_ns: int) -> None:
+    async def capped(cap: asyncio.Semaphore, spec: RequestSpec, scheduled_ns: int) -> None:
         async with cap:
             await one(spec, scheduled_ns)
 
-    for spec in sorted(plan.specs, key=lambda s: s.offset_s):
-        scheduled_ns = start_ns + int(spec.offset_s * 1e9)
+    for spec in sorted(plan.specs, key=_offset_s):
+        scheduled_ns = start_ns + int(_offset_s(spec) * 1e9)
         if stop_ns is not None and scheduled_ns >= stop_ns:
             break
         await _sleep_until_ns(scheduled_ns)
-        run = capped(spec, scheduled_ns) if cap else one(spec, scheduled_ns)
+        run = capped(cap, spec, scheduled_ns) if cap else one(spec, scheduled_ns)
         tasks.append(asyncio.create_task(run))
     await asyncio.gather(*tasks)
 
@@ -151,6 +155,12 @@ async def _sessions(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) -> 
                 return
 
     await asyncio.gather(*(user() for _ in range(plan.concurrency or 1)))
+
+
+def _offset_s(spec: RequestSpec) -> float:
+    if spec.offset_s is None:
+        raise ValueError(f"open loop: request {spec.index} has no offset_s (arrival time)")
+    return spec.offset_s
 
 
 async def _sleep_until_ns(deadline_ns: int) -> None:
@@ -196,10 +206,11 @@ def split_plan(plan: LoadPlan, workers: int) -> list[LoadPlan]:
     return [p for p in parts if p.specs and (p.concurrency is None or p.concurrency > 0)]
 
 
-_progress = None
+# Requests finished across worker processes, for the progress line (set in each worker).
+_progress: Synchronized[int] | None = None
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter: Synchronized[int]) -> None:
     global _progress
     _progress = counter
 
@@ -208,6 +219,7 @@ def _worker_main(
     endpoint: TargetConfig, plan: LoadPlan, start_ns: int, worker: int
 ) -> WorkerResult:
     def done(_: RequestRecord) -> None:
+        assert _progress is not None, "set by _init_worker in each worker process"
         with _progress.get_lock():
             _progress.value += 1
 

@@ -178,8 +178,7 @@ class GrpcTarget:
             record.sent_ns = stream.sent_ns
             async with stream:
                 async for chunk in stream:
-                    record.chunk_ns.append(chunk.received_ns)
-                    record.chunk_tokens.append(len(chunk.token_ids))
+                    record.add_chunk(chunk.received_ns, len(chunk.token_ids))
             result = stream.result
         except ClientError as e:
             record.error = f"{e.code.name}: {e.details}"

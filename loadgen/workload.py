@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
@@ -43,18 +43,18 @@ __all__ = [
 ]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float | np.integer | np.floating]:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _check_n(n: object) -> int:
-    if not _is_int(n) or n < 1:  # type: ignore[operator]
+    if not _is_int(n) or n < 1:
         raise ValueError(f"number of requests must be an integer >= 1, got {n!r}")
-    return int(n)  # type: ignore[arg-type]
+    return int(n)
 
 
 @runtime_checkable
