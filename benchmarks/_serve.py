@@ -1,36 +1,17 @@
 """Start `memorywall serve` in its own process for a benchmark and find its addresses
-through its ready file (`memorywall/ready.py`), never its log; read a server's /metrics."""
+through its ready file (`memorywall.launch.serving`), never its log; read a server's
+/metrics."""
 
 from __future__ import annotations
 
 import re
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from memorywall import launch
-from memorywall.ready import ServerReady
+from memorywall.launch import serving  # benchmarks import it from here too
 
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$")
-
-
-@contextmanager
-def serving(*args: str) -> Iterator[ServerReady]:
-    """Yield what `memorywall serve --port 0 ARGS` reports once ready; stop the server after."""
-    with tempfile.TemporaryDirectory(prefix="memorywall-bench-") as tmp:
-        # Its output is the benchmark's; a Ctrl-C reaches both.
-        child = launch.start_serve(
-            "serve", ["--port", "0", *args], Path(tmp) / "ready.json", own_session=False
-        )
-        try:
-            launch.wait_ready([child], timeout_s=START_TIMEOUT_S)
-            yield child.ready
-        finally:
-            launch.stop([child], timeout_s=STOP_TIMEOUT_S)
 
 
 @contextmanager

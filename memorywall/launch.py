@@ -14,9 +14,11 @@ import ctypes
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,3 +188,21 @@ def stop(
                 on_kill(c)
             c.proc.kill()
             c.proc.wait()
+
+
+@contextmanager
+def serving(
+    *args: str, timeout_s: float = 60.0, stop_timeout_s: float = 15.0
+) -> Iterator[ServerReady]:
+    """`memorywall serve --port 0 ARGS` in a process of its own, writing to this process's
+    output (a Ctrl-C reaches both); yields what its ready file says once every listener is
+    up, and stops the server after. Raises ChildExited or NotReady."""
+    with tempfile.TemporaryDirectory(prefix="memorywall-serve-") as tmp:
+        ready_file = Path(tmp) / "ready.json"
+        child = start_serve("serve", ["--port", "0", *args], ready_file, own_session=False)
+        try:
+            wait_ready([child], timeout_s=timeout_s)
+            assert child.ready is not None  # wait_ready returns only once it is read
+            yield child.ready
+        finally:
+            stop([child], timeout_s=stop_timeout_s)

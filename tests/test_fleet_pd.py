@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from polling import block_until
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
 from test_fleet import _Running, _wait_gone
@@ -236,10 +237,29 @@ def _generate(target: str, room: int, bootstrap_port: int, result: dict, key: st
             result[key] = e
 
 
-def _kv_used(target: str) -> int:
+def _load(target: str) -> pb.SchedulerLoad:
     with grpc.insecure_channel(target) as channel:
         stub = sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
-        return stub.GetLoads(pb.GetLoadsRequest(), timeout=10).loads[0].num_used_tokens
+        return stub.GetLoads(pb.GetLoadsRequest(), timeout=10).loads[0]
+
+
+def _kv_used(target: str) -> int:
+    return _load(target).num_used_tokens
+
+
+def _prefilled(target: str) -> bool:
+    """The prefill worker has finished its prefill and holds the KV for its transfer."""
+    load = _load(target)
+    return load.num_total_reqs == 0 and load.num_used_tokens > 0
+
+
+def _connected_to(port: int) -> bool:
+    """Some TCP connection on this machine is established to 127.0.0.1:`port` (Linux's
+    /proc/net/tcp): the decode half has met the prefill worker's bootstrap server."""
+    remote = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        next(table)  # the header
+        return any(f[2] == remote and f[3] == "01" for f in (line.split() for line in table))
 
 
 @pytest.mark.parametrize("dies", ["prefill", "decode"])
@@ -260,7 +280,13 @@ def test_a_worker_dying_mid_transfer_ends_the_other_half_unavailable(tmp_path, d
         ]
         for t in halves:
             t.start()
-        time.sleep(1.0)  # the prefill (~20 ms) is over; the transfer has 1.6 s to go
+        # Mid-transfer: the prefill (~20 ms) is over and the decode half has met it; the
+        # transfer has more than 2 s to go.
+        block_until(
+            lambda: _prefilled(p.grpc_target) and _connected_to(p.bootstrap_port),
+            30,
+            why=lambda: (_load(p.grpc_target), result),
+        )
         assert not result, result
         os.kill(procs[dies].pid, signal.SIGKILL)
         for t in halves:

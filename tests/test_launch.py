@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from memorywall import launch
+from memorywall.client import Client
 
 # A stand-in for `memorywall serve`: writes a ready file for its own pid, then waits.
 FAKE_SERVER = """
@@ -102,3 +103,22 @@ def test_serve_command_runs_this_python_with_the_ready_file(tmp_path):
     cmd = launch.serve_command(["--port", "0"], tmp_path / "r.json")
     assert cmd == [sys.executable, "-m", "memorywall", "serve", "--port", "0",
                    "--ready-file", str(tmp_path / "r.json")]  # fmt: skip
+
+
+def test_serving_yields_a_running_server_and_stops_it():
+    with launch.serving("--hardware", "h100-sxm", "--model", "llama-3.1-8b") as server:
+        assert server.model == "llama-3.1-8b"
+        with Client(server.grpc_target, timeout_s=10) as client:
+            assert client.server_info().running == 0
+        pid = server.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_serving_a_server_that_cannot_start_raises_child_exited():
+    cannot_fit = ("--hardware", "h100-sxm", "--model", "llama-3.1-70b", "--devices", "1")
+    with (
+        pytest.raises(launch.ChildExited, match="exited with status 2"),
+        launch.serving(*cannot_fit),
+    ):
+        pass

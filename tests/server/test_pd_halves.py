@@ -196,7 +196,11 @@ async def test_either_half_may_come_first(pair, h100_8b, wse3_8b, decode_first):
     arrivals = {}
     arrivals[first] = first.engine.now()
     early = asyncio.ensure_future(drain(first.submit(request(), b, arrival_s=arrivals[first])))
-    await asyncio.sleep(0.3)
+    rooms = pd.prefill.bootstrap.rooms
+    if decode_first:  # the decode half holds the room, waiting for its prefill half
+        await wait_until(lambda: 42 in rooms and rooms[42].claimed, TIMEOUT_S)
+    else:  # the prefill is over, its KV waiting for a decode half
+        await wait_until(lambda: 42 in rooms and rooms[42].prefilled.done(), TIMEOUT_S)
     arrivals[second] = second.engine.now()
     late = asyncio.ensure_future(drain(second.submit(request(), b, arrival_s=arrivals[second])))
     results = dict(zip((first, second), await asyncio.gather(early, late), strict=True))

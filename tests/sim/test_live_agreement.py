@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._serve import emulator
 from memorywall.cli import main
+from memorywall.launch import serving
 
 DEPLOYMENT = ["--hardware", "h100-sxm", "--model", "llama-3.1-8b"]
 LOAD = ["--concurrency", "1", "--num-prompts", "8", "--input-len", "256", "--output-len", "16"]
@@ -19,7 +19,8 @@ LOAD = ["--concurrency", "1", "--num-prompts", "8", "--input-len", "256", "--out
 def runs(tmp_path_factory) -> tuple[dict, dict, Path, Path]:
     live_dir = tmp_path_factory.mktemp("live")
     sim_dir = tmp_path_factory.mktemp("sim")
-    with emulator(*DEPLOYMENT, "--grace", "1") as target:
+    with serving(*DEPLOYMENT, "--grace", "1") as server:
+        target = server.grpc_target
         assert main(["bench", "--target", target, *LOAD, "--out", str(live_dir)]) == 0
     assert main(["simulate", *DEPLOYMENT, *LOAD, "--out", str(sim_dir)]) == 0
     live = json.loads((live_dir / "run-c1.json").read_text())
@@ -87,7 +88,8 @@ def test_replaying_a_live_run_gives_its_timeline(tmp_path) -> None:
     client, whose users send in lock-step, is ~4% off.)"""
     load = ["--concurrency", "4", "--num-prompts", "12", "--input-len", "256", "--output-len", "16"]
     live_dir, replay_dir = tmp_path / "live", tmp_path / "replay"
-    with emulator(*DEPLOYMENT, "--grace", "1") as target:
+    with serving(*DEPLOYMENT, "--grace", "1") as server:
+        target = server.grpc_target
         assert main(["bench", "--target", target, *load, "--out", str(live_dir)]) == 0
     sends = live_dir / "run-c4.requests.jsonl"
     assert main(["simulate", *DEPLOYMENT, "--workload", str(sends), "--out", str(replay_dir)]) == 0
