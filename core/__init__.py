@@ -3,6 +3,7 @@
 Pure Python + numpy. No I/O beyond reading its own package data, no asyncio, no gRPC.
 """
 
+from memorywall.core._toml import load_toml  # public: fleet specs read TOML as profiles do
 from memorywall.core.cost import Bound, StepCost, StepModel, SweepCost
 from memorywall.core.deployment import Deployment, Placement, Speculative, plan_deployment
 from memorywall.core.hardware import Hardware, builtin_hardware, load_hardware
@@ -30,6 +31,7 @@ __all__ = [
     "builtin_models",
     "load_hardware",
     "load_model",
+    "load_toml",
     "model_from_config",
     "plan_deployment",
     "predict",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memorywall.loadgen.records import RequestSpec
-from memorywall.loadgen.workload import Length, _check_n, _is_int
+from memorywall.loadgen.workload import Length, check_count, is_int
 
 __all__ = ["SCHEME", "SharedPrefixWorkload", "parse_shared_prefix"]
 
@@ -38,15 +38,15 @@ class SharedPrefixWorkload:
     output: Length
 
     def __post_init__(self) -> None:
-        if not _is_int(self.groups) or self.groups < 1:
+        if not is_int(self.groups) or self.groups < 1:
             raise ValueError(f"shared prefix: groups must be an integer >= 1, got {self.groups!r}")
-        if not _is_int(self.prefix_tokens) or self.prefix_tokens < 1:
+        if not is_int(self.prefix_tokens) or self.prefix_tokens < 1:
             raise ValueError(
                 f"shared prefix: prefix_tokens must be an integer >= 1, got {self.prefix_tokens!r}"
             )
 
     def specs(self, rng: np.random.Generator, n: int) -> list[RequestSpec]:
-        n = _check_n(n)
+        n = check_count(n)
         groups = rng.permutation(np.arange(n) % self.groups)
         prompts = np.maximum(self.input.sample(rng, n), self.prefix_tokens + 1)
         outputs = self.output.sample(rng, n)

@@ -43,16 +43,19 @@ __all__ = [
 ]
 
 
-def _is_int(value: object) -> TypeGuard[int | np.integer]:
+def is_int(value: object) -> TypeGuard[int | np.integer]:
+    """An integer, Python's or numpy's, and not a bool (True as a count is a bug, not a 1)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> TypeGuard[float | np.integer | np.floating]:
+def is_number(value: object) -> TypeGuard[float | np.integer | np.floating]:
+    """A real number, Python's or numpy's, and not a bool."""
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
-def _check_n(n: object) -> int:
-    if not _is_int(n) or n < 1:
+def check_count(n: object) -> int:
+    """`n` as a number of requests; ValueError unless it is an integer >= 1."""
+    if not is_int(n) or n < 1:
         raise ValueError(f"number of requests must be an integer >= 1, got {n!r}")
     return int(n)
 
@@ -73,11 +76,11 @@ class Fixed:
     tokens: int
 
     def __post_init__(self) -> None:
-        if not _is_int(self.tokens) or self.tokens < 1:
+        if not is_int(self.tokens) or self.tokens < 1:
             raise ValueError(f"Fixed: tokens must be an integer >= 1, got {self.tokens!r}")
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.full(_check_n(n), self.tokens, dtype=np.int64)
+        return np.full(check_count(n), self.tokens, dtype=np.int64)
 
     def __str__(self) -> str:
         return str(self.tokens)
@@ -94,9 +97,9 @@ class Uniform:
     range_ratio: float
 
     def __post_init__(self) -> None:
-        if not _is_int(self.mean) or self.mean < 1:
+        if not is_int(self.mean) or self.mean < 1:
             raise ValueError(f"Uniform: mean must be an integer >= 1, got {self.mean!r}")
-        if not _is_number(self.range_ratio) or not 0.0 <= self.range_ratio < 1.0:
+        if not is_number(self.range_ratio) or not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"Uniform: range_ratio must be in [0, 1), got {self.range_ratio!r}")
 
     @property
@@ -108,7 +111,7 @@ class Uniform:
         return max(1, math.ceil(self.mean * (1.0 + self.range_ratio)))
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.integers(self.low, self.high + 1, size=_check_n(n), dtype=np.int64)
+        return rng.integers(self.low, self.high + 1, size=check_count(n), dtype=np.int64)
 
     def __str__(self) -> str:
         return f"uniform:{self.mean}:{self.range_ratio}"
@@ -122,13 +125,13 @@ class LogNormal:
     sigma: float
 
     def __post_init__(self) -> None:
-        if not _is_number(self.median) or not math.isfinite(self.median) or self.median <= 0:
+        if not is_number(self.median) or not math.isfinite(self.median) or self.median <= 0:
             raise ValueError(f"LogNormal: median must be a finite number > 0, got {self.median!r}")
-        if not _is_number(self.sigma) or not math.isfinite(self.sigma) or self.sigma < 0:
+        if not is_number(self.sigma) or not math.isfinite(self.sigma) or self.sigma < 0:
             raise ValueError(f"LogNormal: sigma must be a finite number >= 0, got {self.sigma!r}")
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        draws = rng.lognormal(mean=math.log(self.median), sigma=self.sigma, size=_check_n(n))
+        draws = rng.lognormal(mean=math.log(self.median), sigma=self.sigma, size=check_count(n))
         return np.maximum(np.rint(draws), 1).astype(np.int64)
 
     def __str__(self) -> str:
@@ -154,7 +157,7 @@ class SyntheticWorkload:
     output: Length
 
     def specs(self, rng: np.random.Generator, n: int) -> list[RequestSpec]:
-        n = _check_n(n)
+        n = check_count(n)
         prompts = self.input.sample(rng, n)
         outputs = self.output.sample(rng, n)
         return [
@@ -217,7 +220,7 @@ class TraceWorkload:
 
     def specs(self, rng: np.random.Generator, n: int) -> list[RequestSpec]:
         """The first `n` requests of the trace; more than the trace holds is an error."""
-        n = _check_n(n)
+        n = check_count(n)
         if n > len(self.requests):
             raise ValueError(f"trace holds {len(self.requests)} requests, {n} asked for")
         if not self.reports_prefix_hits:  # as before hash ids and sessions were read
@@ -343,7 +346,7 @@ class TraceWorkload:
             raise ValueError(f"{origin}: no requests but warm-ups")
         key = (
             "server_received_ns"
-            if all(_is_int(r.get("server_received_ns")) for r in main)
+            if all(is_int(r.get("server_received_ns")) for r in main)
             else "sent_ns"
         )
         main.sort(key=lambda r: r[key])
@@ -366,7 +369,7 @@ def _bench_records(path: Path) -> list[dict[str, Any]] | None:
     rows = []
     try:
         for obj in jsonl.read_rows(path):
-            if not isinstance(obj, dict) or not _is_int(obj.get("sent_ns")):
+            if not isinstance(obj, dict) or not is_int(obj.get("sent_ns")):
                 return None
             rows.append(obj)
     except (jsonl.DecodeError, UnicodeDecodeError):
@@ -387,7 +390,7 @@ def _count_field(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> int:
         aliases = ", ".join(keys[1:])
         raise ValueError(f"{where}: {keys[0]}: missing (also accepted as {aliases})")
     key, value = picked
-    if not _is_int(value):
+    if not is_int(value):
         raise ValueError(f"{where}: {key}: must be an integer, got {json.dumps(value)}")
     if value <= 0:
         raise ValueError(f"{where}: {key}: must be >= 1, got {value}")
@@ -440,7 +443,7 @@ def _arrival_field(obj: dict[str, Any], where: str) -> float | None:
     if picked is None:
         return None
     key, value = picked
-    if not _is_number(value) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{where}: {key}: must be a finite number, got {json.dumps(value)}")
     if value < 0:
         raise ValueError(f"{where}: {key}: must be >= 0, got {value}")
