@@ -36,6 +36,13 @@ class RequestSpec:
     delay_s: float = 0.0
     history: tuple[tuple[int, int], ...] = ()
 
+    @property
+    def due_s(self) -> float:
+        """Open loop: `offset_s`, which every open-loop request has (ValueError if not)."""
+        if self.offset_s is None:
+            raise ValueError(f"open loop: request {self.index} has no offset_s (arrival time)")
+        return self.offset_s
+
 
 @dataclass(slots=True)
 class RequestRecord:

@@ -111,8 +111,8 @@ async def _open_loop(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) ->
         async with cap:
             await one(spec, scheduled_ns)
 
-    for spec in sorted(plan.specs, key=_offset_s):
-        scheduled_ns = start_ns + int(_offset_s(spec) * 1e9)
+    for spec in sorted(plan.specs, key=lambda s: s.due_s):
+        scheduled_ns = start_ns + int(spec.due_s * 1e9)
         if stop_ns is not None and scheduled_ns >= stop_ns:
             break
         await _sleep_until_ns(scheduled_ns)
@@ -145,7 +145,7 @@ async def _sessions(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) -> 
 
     chains = sessions.chains(plan.specs)
     if plan.open_loop:
-        await asyncio.gather(*(session(c, start_ns + int(c[0].offset_s * 1e9)) for c in chains))
+        await asyncio.gather(*(session(c, start_ns + int(c[0].due_s * 1e9)) for c in chains))
         return
     queue = iter(chains)
 
@@ -155,12 +155,6 @@ async def _sessions(plan: LoadPlan, start_ns: int, stop_ns: int | None, one) -> 
                 return
 
     await asyncio.gather(*(user() for _ in range(plan.concurrency or 1)))
-
-
-def _offset_s(spec: RequestSpec) -> float:
-    if spec.offset_s is None:
-        raise ValueError(f"open loop: request {spec.index} has no offset_s (arrival time)")
-    return spec.offset_s
 
 
 async def _sleep_until_ns(deadline_ns: int) -> None:

@@ -179,7 +179,10 @@ def observations(steps: list[StepRow], levels: list[Level]) -> list[Observation]
 
 def check_identifiable(steps: list[StepRow], levels: list[Level]) -> None:
     """Refuse data that cannot pin down each fitted constant, saying what to measure."""
-    decode_loads = {(s.batch, s.context) for s in steps if s.batch and not s.new_tokens}
+    # (users or request rate, context) of each decode load seen
+    decode_loads: set[tuple[float | None, int]] = {
+        (s.batch, s.context) for s in steps if s.batch and not s.new_tokens
+    }
     decode_loads |= {(lv.concurrency or lv.rate, lv.prompt + lv.output // 2) for lv in levels}
     if not decode_loads:
         raise CalibrateError("no decode data: weight_read needs decode steps or TPOT")

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("models", help="list built-in models").set_defaults(func=models_command)
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

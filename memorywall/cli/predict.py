@@ -43,7 +43,7 @@ def format_prediction(p: Prediction) -> str:
         ("per-user speed", f"{p.tokens_per_s_per_user:,.1f} tok/s"),
         ("total speed", f"{p.tokens_per_s_total:,.1f} tok/s"),
     ]
-    if p.prefill is not None:
+    if p.prefill is not None and p.ttft_s is not None:  # both, given a prompt
         rows += [
             (
                 "prefill",

@@ -55,6 +55,13 @@ class _Server:
     def name(self) -> str:
         return self.hardware if self.ready is None else f"{self.hardware} x{self.ready.devices}"
 
+    @property
+    def served(self) -> ServerReady:
+        """Its ready file, once `Servers.wait_ready` has read it."""
+        if self.ready is None:
+            raise DemoError(f"the {self.hardware} server is not ready")
+        return self.ready
+
 
 @dataclass
 class Servers:
@@ -122,7 +129,10 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
     from memorywall.loadgen.cli import write_sweep
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
 
-    ready = server.ready
+    ready = server.served
+    target = ready.grpc_target
+    if target is None:  # started with --port 0, it has one
+        raise DemoError(f"the {server.hardware} server reported no gRPC port")
     facts = ServerFacts(
         hardware=ready.hardware, model=ready.model, devices=ready.devices, emulated=True
     )
@@ -130,7 +140,7 @@ def _sweep(server: _Server, config: DemoConfig, out: Path, err: TextIO) -> list[
     results = []
     for users in config.levels:
         bench = BenchConfig(
-            target=ready.grpc_target,
+            target=target,
             workload=SyntheticWorkload(Fixed(config.prompt_tokens), Fixed(config.output_tokens)),
             num_prompts=config.requests(users),
             concurrency=(users,),
@@ -185,7 +195,7 @@ def _write(
     (out / "table.txt").write_text(text + "\n")
     raw = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "servers": {s.hardware: s.ready.as_dict() for s in servers},
+        "servers": {s.hardware: s.served.as_dict() for s in servers},
         "results": sweeps,
     }
     (out / "results.json").write_text(json.dumps(raw, indent=2))
@@ -216,7 +226,7 @@ def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stder
             )
             servers.start()
             servers.wait_ready()
-            names = ", ".join(f"{s.name} at {s.ready.grpc_target}" for s in servers.running)
+            names = ", ".join(f"{s.name} at {s.served.grpc_target}" for s in servers.running)
             print(f"ready: {names}", file=err, flush=True)
             sweeps = {
                 s.hardware: _sweep(s, config, config.out / s.hardware, err) for s in servers.running
@@ -233,7 +243,7 @@ def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stder
                 flush=True,
             )
             if config.keep_serving:
-                print(hints(config, [s.ready for s in servers.running]), file=out, flush=True)
+                print(hints(config, [s.served for s in servers.running]), file=out, flush=True)
                 _wait_for_interrupt(servers, out)
     except KeyboardInterrupt:
         servers.stop()

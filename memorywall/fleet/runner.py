@@ -104,7 +104,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)) for r in [header]]
     lines.append("  ".join("-" * w for w in widths))

@@ -117,6 +117,14 @@ class Evaluation:
     note: str = ""
 
     @property
+    def pick(self) -> Trial:
+        """`best`, of an evaluation that holds the SLO (as every ranked one does)."""
+        best = self.best
+        if best is None:
+            raise ValueError(f"{self.candidate.describe()}: no load held the SLO")
+        return best
+
+    @property
     def best(self) -> Trial | None:
         """The highest load that held (the lower one where goodput saturated)."""
         held = [t for t in self.trials if t.holds]
@@ -231,20 +239,24 @@ class _Runner:
 
     def _simulate(self, load: float, n: int) -> LevelRun:
         q, c = self.query, self.candidate
-        rate = q.load is LoadKind.RATE
-        users = None if rate else int(load)
+        concurrency: tuple[int, ...] = ()
+        rates: tuple[float, ...] = ()
+        if q.load is LoadKind.RATE:
+            rates, level = (load,), Level(f"rate{load:.6g}", None, load)
+        else:
+            users = int(load)
+            concurrency, level = (users,), Level(f"c{users}", users, None)
         config = BenchConfig(
             target="simulated",
             workload=q.workload,
             num_prompts=n,
-            concurrency=() if rate else (users,),
-            request_rates=(load,) if rate else (),
+            concurrency=concurrency,
+            request_rates=rates,
             burstiness=q.burstiness,
             seed=q.seed,
             slo=q.slo,
             label=c.describe(),
         )
-        level = Level(f"rate{load:.6g}", None, load) if rate else Level(f"c{users}", users, None)
         return c.simulate(config, level)
 
 
@@ -267,8 +279,8 @@ def plan(
     With `pd`, disaggregated fleets (GPU prefill, wafer decode) of `space`'s hardware too."""
     if not space.hardware:
         raise ConfigError("plan: no hardware to search")
-    found: list[AnyCandidate]
-    found, skipped = candidates(query.model, space)
+    plain, skipped = candidates(query.model, space)
+    found: list[AnyCandidate] = list(plain)
     if pd is not None:
         split, split_skipped = pd_candidates(query.model, space, pd)
         found += split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -67,7 +68,7 @@ def table(result: PlanResult, top: int = 5) -> str:
             notes.append(f"{hw}: {_why_none(result, hw)}")
             continue
         for i, ev in enumerate(ranked[:top], 1):
-            b = ev.best
+            b = ev.pick
             r = b.result
             row = [
                 str(i),
@@ -235,7 +236,7 @@ SPLIT_COLOURS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points no other beats on both per-user and per-device speed, by per-user speed."""
-    front = []
+    front: list[tuple[float, float]] = []
     for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
         if not front or y > front[-1][1]:
             front.append((x, y))
@@ -253,7 +254,8 @@ def pareto_plot(result: PlanResult, path: Path) -> Path:
         k = i - len(result.space.hardware)
         split = k >= 0
         colour = SPLIT_COLOURS[k % len(SPLIT_COLOURS)] if split else COLOURS.get(hw, f"C{i % 10}")
-        held, broke = [], []
+        held: list[tuple[float, float]] = []
+        broke: list[tuple[float, float]] = []
         for ev in result.evaluations:
             if ev.candidate.hardware != hw or ev.status is Status.SAME:
                 continue
@@ -261,7 +263,11 @@ def pareto_plot(result: PlanResult, path: Path) -> Path:
                 x, y = _per_user(t), t.result.get("output_throughput")
                 if x and y:
                     (held if t.holds else broke).append((x, y / ev.candidate.devices))
-        for pts, style in ((held, {}), (broke, {"mfc": "none", "alpha": 0.35})):
+        styles: tuple[tuple[list[tuple[float, float]], dict[str, Any]], ...] = (
+            (held, {}),
+            (broke, {"mfc": "none", "alpha": 0.35}),
+        )
+        for pts, style in styles:
             if pts:
                 ax.plot(*zip(*pts, strict=True), "o", ms=3.5, color=colour, **style)
         front = _frontier(held)
@@ -270,9 +276,11 @@ def pareto_plot(result: PlanResult, path: Path) -> Path:
             ax.plot(*zip(*front, strict=True), line, color=colour, label=f"{hw}: SLO held")
         ranked = result.ranked(hw)
         if ranked:
-            b = ranked[0].best
-            star = (_per_user(b), b.result["output_throughput"] / ranked[0].candidate.devices)
-            ax.plot(*star, "*", ms=14, color=colour, mec="black", label=f"{hw}: pick")
+            b = ranked[0].pick
+            x = _per_user(b)
+            if x is not None:
+                y = b.result["output_throughput"] / ranked[0].candidate.devices
+                ax.plot(x, y, "*", ms=14, color=colour, mec="black", label=f"{hw}: pick")
         xs += [p[0] for p in held + broke]
         ys += [p[1] for p in held + broke]
     tpot = result.query.slo.tpot_s

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class _Releaser:
         stop_s: float | None,
         send: Callable[[RequestSpec, float, float | None], None],
     ) -> None:
-        order = sorted(specs, key=lambda s: s.offset_s) if open_loop else list(specs)
+        order = sorted(specs, key=lambda s: s.due_s) if open_loop else list(specs)
         self._pending = deque(order)
         self._open_loop = open_loop
         self._free = math.inf if slots is None else slots
@@ -109,7 +109,7 @@ class _Releaser:
         while self._free > 0 and pending:
             spec = pending[0]
             if self._open_loop:
-                due = self._start_s + spec.offset_s
+                due = self._start_s + spec.due_s
                 if stop is not None and due >= stop:
                     pending.clear()
                     return
@@ -219,7 +219,7 @@ def make_records(sent: dict[str, _Sent], timelines: list[Timeline]) -> list[Requ
 def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRecord:
     """One request's record, given its message times in ns."""
     spec = sent.spec
-    common = {
+    common: dict[str, Any] = {  # Any: the fields both kinds of record share
         "index": spec.index,
         "prompt_tokens": spec.prompt_tokens,
         "output_tokens": spec.output_tokens,

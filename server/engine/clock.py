@@ -78,6 +78,7 @@ class MonotonicClock:
         spec = _Itimerspec()
         spec.it_value.tv_sec = int(deadline_s)
         spec.it_value.tv_nsec = int((deadline_s - int(deadline_s)) * 1e9)
+        assert self._libc is not None  # a timerfd (self._fd >= 0) came from it
         if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
             raise OSError(ctypes.get_errno(), "timerfd_settime failed")
 

@@ -14,6 +14,7 @@ def finished(seq: SeqState, *, host_stall_s: float, decode_host_stall_s: float) 
     first_sched = seq.first_scheduled_s if seq.first_scheduled_s is not None else arrival
     first = seq.first_token_s if seq.first_token_s is not None else first_sched
     last = seq.last_token_s if seq.last_token_s is not None else first
+    assert seq.finish_reason is not None, "only a finished sequence has an end"
     return Finished(
         request_id=seq.request.request_id,
         reason=seq.finish_reason,
@@ -63,7 +64,7 @@ def step_report(
     return StepReport(
         time_s=cost.time_s,
         energy_j=cost.energy_j,
-        tokens=cost.tokens,
+        tokens=int(cost.tokens),  # a count the core carries as a float, like all its terms
         generated=generated,
         preemptions_total=preemptions_total,
         first_tokens=first_tokens,

@@ -258,11 +258,11 @@ class BootstrapServer:
         try:
             await asyncio.wait_for(room.arrived.wait(), self.timeout_s)
         except TimeoutError:
-            message = (
+            why = (
                 f"no prefill half of bootstrap room {room.room_id} reached the prefill worker "
                 f"within {self.timeout_s:g} s"
             )
-            await write_message(writer, {"error": "timeout", "message": message})
+            await write_message(writer, {"error": "timeout", "message": why})
             return
         try:
             # However long the prefill queues: its half ends the room if it fails.

@@ -169,7 +169,7 @@ class DecodeHalf(EventIteration):
         self._arrival_s = arrival_s
         self._pd = pd
         self._fault = fault  # submitted with the request, once its KV has landed
-        self._inner = None
+        self._inner: EventStream | None = None  # the local decode, once the KV has landed
         self._plan: TransferPlan | None = None
         self._closed = False
 
@@ -193,7 +193,9 @@ class DecodeHalf(EventIteration):
                 request, arrival_s=self._plan.end_s, fault=self._fault
             )
         event = await self._inner.next_event()
-        waited = self._plan.end_s - self._arrival_s  # the remote prefill and the transfer
+        plan = self._plan
+        assert plan is not None, "set before the local decode starts"
+        waited = plan.end_s - self._arrival_s  # the remote prefill and the transfer
         if isinstance(event, TokenGroup):
             return replace(event, times_s=tuple(t + waited for t in event.times_s))
         if isinstance(event, Finished):
@@ -201,8 +203,8 @@ class DecodeHalf(EventIteration):
                 event,
                 ttft_s=event.ttft_s + waited,
                 e2e_s=event.e2e_s + waited,
-                kv_transfer_s=self._plan.exposed_s,
-                kv_transfer_bytes=self._plan.bytes,
+                kv_transfer_s=plan.exposed_s,
+                kv_transfer_bytes=plan.bytes,
             )
         return event
 
