@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memorywall.core._toml import load_toml
+from memorywall.core import load_toml
 from memorywall.errors import ConfigError
 from memorywall.fleet import worker
 from memorywall.fleet.faults import WorkerFault, parse_faults
