@@ -9,11 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from polling import block_until
 
 from memorywall.cli import main
 from memorywall.client import Client
@@ -35,27 +35,23 @@ def _gone(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def _all_gone(pids: list[int], timeout_s: float = 15) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not all(_gone(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def _all_gone(pids: list[int], timeout_s: float = 15) -> None:
+    block_until(lambda: all(_gone(p) for p in pids), timeout_s, every_s=0.05, why=lambda: pids)
 
 
 def _ready_servers(folder: Path, proc: subprocess.Popen, names: list[str]) -> dict[str, dict]:
     """Each server's ready file as the demo's servers write it (the demo's own signal)."""
     out: dict[str, dict] = {}
-    deadline = time.monotonic() + 90
-    while len(out) < len(names):
+
+    def all_ready() -> bool:
         assert proc.poll() is None, f"demo exited {proc.returncode}"
-        assert time.monotonic() < deadline, "servers never became ready"
         for name in names:
             path = folder / "servers" / f"{name}.ready.json"
             if name not in out and path.exists():
                 out[name] = json.loads(path.read_text())
-        time.sleep(0.05)
+        return len(out) == len(names)
+
+    block_until(all_ready, 90, every_s=0.05, why=lambda: f"servers ready: {sorted(out)}")
     return out
 
 
@@ -105,7 +101,7 @@ def test_demo_end_to_end(tmp_path):
     for png in ("per_user_vs_load.png", "throughput_vs_interactivity.png", "latency_vs_load.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC), png
     # The servers are gone, and so are their ready files.
-    assert _all_gone([s["pid"] for s in raw["servers"].values()])
+    _all_gone([s["pid"] for s in raw["servers"].values()])
     assert sorted(p.name for p in (out / "servers").iterdir()) == ["h100-sxm.log", "wse-3.log"]
 
 
@@ -118,11 +114,9 @@ def test_sigint_mid_run_leaves_no_process_behind(tmp_path):
     )
     try:
         servers = _ready_servers(out, proc, ["h100-sxm", "wse-3"])
-        deadline = time.monotonic() + 30
         with Client(servers["h100-sxm"]["grpc_target"], timeout_s=5) as client:
-            while client.server_info().running < 1:  # the sweep is under way
-                assert time.monotonic() < deadline, "the sweep never started"
-                time.sleep(0.05)
+            # The sweep is under way.
+            block_until(lambda: client.server_info().running >= 1, 30, every_s=0.05)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
@@ -132,7 +126,7 @@ def test_sigint_mid_run_leaves_no_process_behind(tmp_path):
     assert proc.returncode == demo.EXIT_INTERRUPTED, stderr
     assert "interrupted; servers stopped" in stderr
     assert "wrote" not in stdout
-    assert _all_gone([s["pid"] for s in servers.values()])
+    _all_gone([s["pid"] for s in servers.values()])
     assert not list((out / "servers").glob("*.ready.json"))
 
 
@@ -148,7 +142,7 @@ def test_servers_die_with_a_killed_demo(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert _all_gone([s["pid"] for s in servers.values()])
+    _all_gone([s["pid"] for s in servers.values()])
 
 
 def test_keep_serving_leaves_servers_up_until_sigterm(tmp_path):
@@ -159,10 +153,12 @@ def test_keep_serving_leaves_servers_up_until_sigterm(tmp_path):
         proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=f, stderr=subprocess.STDOUT)
     try:
         wse = _ready_servers(out, proc, ["wse-3"])["wse-3"]
-        deadline = time.monotonic() + 60
-        while "servers up" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return "servers up" in log.read_text()
+
+        block_until(up, 60, every_s=0.05, why=log.read_text)
         text = log.read_text()
         assert f"memorywall bench --target {wse['grpc_target']}" in text
         assert f"curl -N {wse['http_url']}/v1/completions" in text
@@ -176,7 +172,7 @@ def test_keep_serving_leaves_servers_up_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert _all_gone([wse["pid"]])
+    _all_gone([wse["pid"]])
 
 
 @pytest.mark.parametrize(

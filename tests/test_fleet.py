@@ -10,11 +10,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from polling import block_until
 
 from memorywall import ready
 from memorywall.cli import main
@@ -180,13 +180,8 @@ def _gone(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def _wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not all(_gone(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def _wait_gone(pids: list[int], timeout_s: float = 10) -> None:
+    block_until(lambda: all(_gone(p) for p in pids), timeout_s, every_s=0.05, why=lambda: pids)
 
 
 _TWO_WORKERS = """
@@ -230,7 +225,7 @@ def test_fleet_serves_and_sigint_stops_every_child(tmp_path):
         code = running.stop()
     assert code == 0
     pids = [w.pid for w in up.workers.values()]
-    assert _wait_gone(pids)
+    _wait_gone(pids)
     assert "stopped" in (log_dir / "one.log").read_text()
     # Every ready file goes with its process.
     assert sorted(p.name for p in log_dir.iterdir()) == ["one.log", "two.log"]
@@ -264,7 +259,7 @@ def test_end_to_end_through_the_smg_gateway(tmp_path):
         assert reply["choices"][0]["message"]["content"]
     finally:
         assert running.stop() == 0
-    assert _wait_gone([up.gateway.pid, *(w.pid for w in up.workers.values())])
+    _wait_gone([up.gateway.pid, *(w.pid for w in up.workers.values())])
 
 
 def test_in_background_serves_for_the_block_and_stops_after():
@@ -274,10 +269,7 @@ def test_in_background_serves_for_the_block_and_stops_after():
         with urllib.request.urlopen(f"{worker.http_url}/health", timeout=10) as r:
             assert r.status == 200
         pid = worker.pid
-    deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(pid)
+    block_until(lambda: not _alive(pid), 30, every_s=0.05)
 
 
 def test_in_background_raises_with_the_fleets_output_when_a_worker_fails():

@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from polling import block_until
 
 from memorywall.client import Client
 from memorywall.errors import ConfigError
@@ -104,24 +104,24 @@ def test_a_fleet_pauses_resumes_and_kills_workers_on_schedule(tmp_path):
     thread = threading.Thread(target=lambda: result.append(f.run()))
     thread.start()
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while f.ready is None and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        block_until(lambda: f.ready is not None or not thread.is_alive(), TIMEOUT_S, 0.05)
         assert f.ready is not None, out.getvalue()
         a, b = f.ready.workers["a"], f.ready.workers["b"]
         seen: dict[str, set[str]] = {"a": set(), "b": set()}
-        b_while_paused = None
-        while time.monotonic() < deadline:
+        b_while_paused: list[bool] = []  # b's health, asked once while it was paused
+
+        def a_killed_and_b_resumed() -> bool:
+            """Watch both workers' states; ask b's health once, while it is paused."""
             seen["a"].add(_state(a.pid))
             seen["b"].add(_state(b.pid))
-            if _state(b.pid) == "T" and b_while_paused is None:
+            if _state(b.pid) == "T" and not b_while_paused:
                 with Client(b.grpc_target, timeout_s=0.5) as client:
-                    b_while_paused = client.health()
-            if _state(a.pid) in ("gone", "Z") and "T" in seen["b"] and _state(b.pid) != "T":
-                break
-            time.sleep(0.02)
+                    b_while_paused.append(client.health())
+            return _state(a.pid) in ("gone", "Z") and "T" in seen["b"] and _state(b.pid) != "T"
+
+        block_until(a_killed_and_b_resumed, TIMEOUT_S, every_s=0.02, why=lambda: seen)
         assert "T" in seen["b"] and _state(b.pid) not in ("T", "gone", "Z")
-        assert b_while_paused is False  # a paused worker does not answer
+        assert b_while_paused == [False]  # a paused worker does not answer
         assert _state(a.pid) in ("gone", "Z")
         with Client(b.grpc_target, timeout_s=5) as client:  # resumed: serving again
             assert client.complete(prompt_tokens=8, max_tokens=2, ignore_eos=True).usage

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import block_until
 
 from memorywall import ready
 from memorywall.cli import main
@@ -532,11 +533,13 @@ def test_server_dying_mid_run_is_counted_not_hung(tmp_path):
         thread.start()
         # Kill once both users are streaming and some tokens are out: well before any
         # request can finish its 2000 tokens.
-        deadline = time.monotonic() + 20
         with Client(server.target, timeout_s=5) as client:
-            while (info := client.server_info()).running < 2 or info.tokens_generated < 100:
-                assert time.monotonic() < deadline, "bench never started"
-                time.sleep(0.02)
+
+            def streaming() -> bool:
+                info = client.server_info()
+                return info.running >= 2 and info.tokens_generated >= 100
+
+            block_until(streaming, 20, every_s=0.02, why=client.server_info)
         server.kill()
         thread.join(timeout=60)
         assert not thread.is_alive(), "bench hung after the server died"

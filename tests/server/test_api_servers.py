@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from polling import block_until, wait_until
 
 from memorywall.cli import main
 from memorywall.errors import DuplicateRequestError, OverloadedError
@@ -93,10 +94,9 @@ async def test_a_closed_front_frees_everything_its_streams_held(h100_8b):
         assert isinstance(await stream.next_event(), TokenGroup)
     assert host.engine.stats().running == 4
     await a.close()  # front A's process is gone: its socket closes
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
-    while host.engine.stats().running != 1:
-        assert time.monotonic() < deadline, host.engine.stats()
-        await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: host.engine.stats().running == 1, EXIT_TIMEOUT_S, why=host.engine.stats
+    )
     stats = host.engine.stats()
     assert stats.requests_aborted == 3
     assert isinstance(await kept.next_event(), TokenGroup)  # front B's stream goes on
@@ -155,10 +155,8 @@ async def test_admission_on_one_front_counts_the_queue_another_front_filled(h100
     running = a.submit(_request("running", tuple(range(1, 50)), 5000))
     assert isinstance(await running.next_event(), TokenGroup)
     queued = a.submit(_request("queued", tuple(range(1, 50)), 4))  # no slot: it waits
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
-    while b.waiting() != 1:  # the engine tells every front when its queue changes
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
+    # The engine tells every front when its queue changes.
+    await wait_until(lambda: b.waiting() == 1, EXIT_TIMEOUT_S, every_s=0.005)
     guard = GuardedEngine(b, GuardConfig(max_waiting=1))
     with pytest.raises(OverloadedError, match="1 requests waiting"):
         guard.submit(_request("refused", tuple(range(1, 50)), 4))
@@ -246,10 +244,12 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, [p for p in pids if _alive(p)]
-        time.sleep(0.05)
+    block_until(
+        lambda: not any(_alive(p) for p in pids),
+        EXIT_TIMEOUT_S,
+        every_s=0.05,
+        why=lambda: [p for p in pids if _alive(p)],
+    )
 
 
 def _post(conn: http.client.HTTPConnection, body: dict) -> http.client.HTTPResponse:
@@ -310,11 +310,13 @@ def test_two_fronts_stream_modelled_times_and_share_the_kv_pool(tree):
         times = [x for r in replies[:-1] for x in r.chunk.modelled_times_s]
         assert len(times) == 8 and times == sorted(times)
         assert replies[-1].finished.usage.completion_tokens == 8
-        deadline = time.monotonic() + EXIT_TIMEOUT_S
+
         # Every request through every front, as the engine counts them (pushed every 0.1 s).
-        while (info := stub.GetServerInfo(pb.GetServerInfoRequest())).requests_finished < 5:
-            assert time.monotonic() < deadline, info
-            time.sleep(0.05)
+        def all_finished() -> pb.ServerInfo | None:
+            info = stub.GetServerInfo(pb.GetServerInfoRequest())
+            return info if info.requests_finished >= 5 else None
+
+        info = block_until(all_finished, EXIT_TIMEOUT_S, every_s=0.05)
         assert info.kv_total_tokens == t.ready.kv_capacity_tokens
         assert (info.requests_finished, info.running) == (5, 0)
 
@@ -374,15 +376,10 @@ def test_a_killed_front_frees_its_streams_and_the_rest_stops(tree):
     assert held.status == kept.status == 200
     running = 'vllm:num_requests_running{engine="0",model_name="llama-3.1-8b"}'
     aborted = 'vllm:request_success_total{engine="0",finished_reason="abort"'
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
-    while _metric(kept_conn, running) != 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    block_until(lambda: _metric(kept_conn, running) == 2, EXIT_TIMEOUT_S, every_s=0.05)
     os.kill(_serving_pid(fronts[0], t.children), signal.SIGKILL)
     # The engine frees front 0's stream at once; front 1's runs on through the drain.
-    while _metric(kept_conn, running) != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    block_until(lambda: _metric(kept_conn, running) == 1, EXIT_TIMEOUT_S, every_s=0.02)
     assert _metric(kept_conn, aborted) == 1
     assert t.process.wait(timeout=EXIT_TIMEOUT_S) == 1  # the parent stopped everything
     _wait_gone(t.children)

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from polling import wait_until
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sglang_pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
 
@@ -121,12 +122,11 @@ def series(text: str, name: str, label: str) -> float:
 
 
 async def assert_idle(server: EmulatorServer) -> None:
-    for _ in range(200):
+    def idle() -> bool:
         s = server.engine.stats()
-        if (s.running, s.waiting, s.kv_used_tokens) == (0, 0, 0):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"engine not idle: {server.engine.stats()}")
+        return (s.running, s.waiting, s.kv_used_tokens) == (0, 0, 0)
+
+    await wait_until(idle, 2.0, why=lambda: f"engine not idle: {server.engine.stats()}")
 
 
 # --- each kind, both fronts ----------------------------------------------------------------

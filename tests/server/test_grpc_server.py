@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from polling import wait_until
 
 from memorywall.core import Deployment
 from memorywall.server.app import EmulatorServer, ServerConfig
@@ -110,13 +111,14 @@ def ids_of(chunks: list[pb.TokenChunk]) -> list[int]:
 
 async def wait_idle(stub: engine_pb2_grpc.EngineStub, within_s: float = 2.0) -> pb.ServerInfo:
     """Poll GetServerInfo until nothing runs and no KV is held."""
-    deadline = time.monotonic() + within_s
-    while True:
+    last: list[pb.ServerInfo] = []
+
+    async def idle() -> pb.ServerInfo | None:
         info = await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=TIMEOUT_S)
-        if info.running == 0 and info.waiting == 0 and info.kv_used_tokens == 0:
-            return info
-        assert time.monotonic() < deadline, f"slot or KV still held: {info}"
-        await asyncio.sleep(0.02)
+        last[:] = [info]
+        return info if (info.running, info.waiting, info.kv_used_tokens) == (0, 0, 0) else None
+
+    return await wait_until(idle, within_s, every_s=0.02, why=lambda: f"slot or KV held: {last}")
 
 
 # --- Generate ---------------------------------------------------------------------------------
@@ -409,13 +411,12 @@ async def test_health_serving_then_not_serving_once_stop_begins(serve, channels,
     await asyncio.wait_for(long_call.read(), TIMEOUT_S)
     stopping = asyncio.create_task(server.stop(grace_s=1.0))
     try:
-        deadline = time.monotonic() + 2.0
-        while True:
+
+        async def not_serving() -> bool:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
-            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+            return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await wait_until(not_serving, 2.0)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2.0)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         info = await stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=2.0)

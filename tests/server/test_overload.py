@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import grpc
 import pytest
+from polling import wait_until
 
 from memorywall.server.app import EmulatorServer, ServerConfig
 from memorywall.server.engine.guard import GuardConfig
@@ -81,12 +82,12 @@ async def http_one(session, url: str, max_tokens: int, cancel_after_s: float | N
 
 
 async def assert_left_nothing(server: EmulatorServer, tasks_before: int) -> None:
-    for _ in range(500):
+    def left_nothing() -> bool:
         s = server.engine.stats()
         idle = (s.running, s.waiting, s.kv_used_tokens) == (0, 0, 0)
-        if idle and len(asyncio.all_tasks()) <= tasks_before:
-            break
-        await asyncio.sleep(0.01)
+        return idle and len(asyncio.all_tasks()) <= tasks_before
+
+    await wait_until(left_nothing, 5.0, why=lambda: (server.engine.stats(), asyncio.all_tasks()))
     s = server.engine.stats()
     assert (s.running, s.waiting, s.kv_used_tokens) == (0, 0, 0), s
     assert len(asyncio.all_tasks()) <= tasks_before, asyncio.all_tasks()

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import io
 import json
-import time
 import zipfile
 from collections.abc import AsyncIterator, Callable
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from polling import wait_until
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from tokenizers import Tokenizer
@@ -108,13 +108,15 @@ async def expect_error(call) -> grpc.aio.AioRpcError:
 
 async def wait_idle(stub, within_s: float = 2.0) -> pb.SchedulerLoad:
     """Poll GetLoads until nothing runs or waits and no KV is held."""
-    deadline = time.monotonic() + within_s
-    while True:
+    last: list[pb.SchedulerLoad] = []
+
+    async def idle() -> pb.SchedulerLoad | None:
         load = (await stub.GetLoads(pb.GetLoadsRequest(), timeout=TIMEOUT_S)).loads[0]
-        if load.num_running_reqs == 0 and load.num_waiting_reqs == 0 and load.num_used_tokens == 0:
-            return load
-        assert time.monotonic() < deadline, f"slot or KV still held: {load}"
-        await asyncio.sleep(0.02)
+        last[:] = [load]
+        held = (load.num_running_reqs, load.num_waiting_reqs, load.num_used_tokens)
+        return load if held == (0, 0, 0) else None
+
+    return await wait_until(idle, within_s, every_s=0.02, why=lambda: f"slot or KV held: {last}")
 
 
 # --- info and health --------------------------------------------------------------------------
@@ -413,12 +415,12 @@ async def test_health_not_serving_while_draining(serve, wse3_8b):
         await asyncio.wait_for(long_call.read(), TIMEOUT_S)
         stopping = asyncio.create_task(server.stop(grace_s=1.0))
         try:
-            deadline = time.monotonic() + 2.0
-            while (await health.Check(check, timeout=2.0)).status != (
-                health_pb2.HealthCheckResponse.NOT_SERVING
-            ):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+
+            async def not_serving() -> bool:
+                reply = await health.Check(check, timeout=2.0)
+                return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            await wait_until(not_serving, 2.0)
             reply = await stub.HealthCheck(pb.HealthCheckRequest(), timeout=2.0)
             assert not reply.healthy and "draining" in reply.message
             error = await expect_error(stub.Generate(generate_request(max_new_tokens=5)))
