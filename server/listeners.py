@@ -79,6 +79,13 @@ def addresses(config: ServerConfig, ports: ListenerPorts) -> list[str]:
     return out
 
 
+def _port(port: int | None, listener: str) -> int:
+    """The port to bind a listener that is on to (0: any free one)."""
+    if port is None:
+        raise ValueError(f"the {listener} listener is on but given no port to bind")
+    return port
+
+
 class Listeners:
     """The gRPC server and HTTP sites `config` asks for, over `engine`. Build inside the
     event loop that runs them.
@@ -142,6 +149,7 @@ class Listeners:
             self.http = HttpSite(app, ssl_context=ssl_context, reuse_port=reuse_port)
         self.metrics_site: HttpSite | None = None
         if config.metrics_port is not None:
+            assert metrics is not None  # refused above
             self.metrics_site = HttpSite(
                 metrics_app(metrics), ssl_context=ssl_context, reuse_port=reuse_port
             )
@@ -152,12 +160,13 @@ class Listeners:
         host = self.config.host
         grpc_port = http_port = metrics_port = None
         if self.grpc is not None:
-            grpc_port = bind_grpc(self.grpc, self.config, ports.grpc_port)
+            grpc_port = bind_grpc(self.grpc, self.config, _port(ports.grpc_port, "gRPC"))
         try:
             if self.http is not None:
-                http_port = await self.http.start(host, ports.http_port)
+                http_port = await self.http.start(host, _port(ports.http_port, "HTTP"))
             if self.metrics_site is not None:
-                metrics_port = await self.metrics_site.start(host, ports.metrics_port)
+                port = _port(ports.metrics_port, "metrics")
+                metrics_port = await self.metrics_site.start(host, port)
         except OSError:
             await self._stop_http()
             raise
@@ -166,7 +175,7 @@ class Listeners:
 
     async def serve(self) -> None:
         """Start answering gRPC (HTTP answers once bound) and report every service SERVING."""
-        if self.grpc is not None:
+        if self.grpc is not None and self.health is not None:  # built together
             await self.grpc.start()
             self._serving = True
             for name in HEALTH_NAMES:
@@ -174,13 +183,13 @@ class Listeners:
 
     async def stop_serving(self) -> None:
         """Report every gRPC service NOT_SERVING; calls keep being answered until `close`."""
-        if self._serving:
+        if self._serving and self.health is not None:
             for name in HEALTH_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def close(self) -> None:
         """Stop the gRPC server (a second's grace) and the HTTP sites."""
-        if self._serving:
+        if self._serving and self.grpc is not None:
             await self.grpc.stop(grace=1.0)
             self._serving = False
         await self._stop_http()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from memorywall.errors import UnauthenticatedError
 
@@ -28,11 +29,11 @@ def bearer_matches(value: str | None, key: str) -> bool:
     return same and scheme.lower() == "bearer"
 
 
-def require_api_key(key: str, reply) -> web.middleware:
+def require_api_key(key: str, reply) -> Middleware:
     """aiohttp middleware: protected routes answer `reply(UnauthenticatedError)` without the key."""
 
     @web.middleware
-    async def check(request: web.Request, handler):
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(PROTECTED_PREFIXES) and not bearer_matches(
             request.headers.get("Authorization"), key
         ):

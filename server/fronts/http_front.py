@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
@@ -28,6 +29,7 @@ from memorywall.server.engine.api import (
     EventStream,
     Finished,
     ModelCard,
+    TokenGroup,
 )
 from memorywall.server.fronts.auth import require_api_key
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
@@ -90,11 +92,11 @@ class OpenAIFront:
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        middlewares = [openai_errors]
+        middlewares: list[Middleware] = [openai_errors]
         if self.api_key is not None:
             middlewares.append(require_api_key(self.api_key, error_reply))
         app = web.Application(client_max_size=self.max_request_bytes, middlewares=middlewares)
-        routes = [
+        routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/completions", self.completions),
             ("POST", "/v1/chat/completions", self.chat_completions),
             ("GET", "/v1/models", self.models),
@@ -161,7 +163,7 @@ class OpenAIFront:
         return response
 
     async def _complete(self, stream: EventStream, call: Call, reply: Reply) -> web.Response:
-        groups = []
+        groups: list[TokenGroup] = []
         try:
             async for event in stream:
                 if isinstance(event, Finished):

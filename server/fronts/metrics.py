@@ -68,7 +68,7 @@ STEP_TIME_BUCKETS_S = (*LAG_BUCKETS_S, 2.5, 5.0, 10.0)
 
 def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
     """1, 2, 5, 10, 20, 50, ... up to `max_value` inclusive (vLLM's token-count buckets)."""
-    buckets = []
+    buckets: list[int] = []
     scale = 1
     while True:
         for mantissa in (1, 2, 5):

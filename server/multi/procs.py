@@ -117,13 +117,15 @@ class Supervisor:
                 self._clear_wake()
                 return None
             for sentinel in woke:
-                return sentinels[sentinel]
+                if isinstance(sentinel, int):  # a child's sentinel, not the wake pipe
+                    return sentinels[sentinel]
 
     def stop(self, grace_s: float) -> None:
         """SIGTERM every child still alive, wait for them to drain, kill what is left."""
         for c in self.children:
-            if c.process.is_alive():
-                os.kill(c.process.pid, signal.SIGTERM)
+            pid = c.process.pid  # None only before start()
+            if pid is not None and c.process.is_alive():
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s + STOP_MARGIN_S
         for c in self.children:
             c.process.join(max(deadline - time.monotonic(), 0.0))

@@ -233,9 +233,9 @@ class RemoteEngine:
         rid = request.request_id
         if rid in self._by_id:
             raise DuplicateRequestError(f"request_id {rid!r} is already in flight")
-        check_request(
-            request, self.card.context_window, self.card.kv_capacity_tokens, self.block_size
-        )
+        card = self.card
+        assert card is not None, "connect() first"
+        check_request(request, card.context_window, card.kv_capacity_tokens, self.block_size)
         key = next(self._keys)
         stream = RemoteStream(self, key, rid)
         self._streams[key] = stream
@@ -262,6 +262,7 @@ class RemoteEngine:
         return True
 
     def stats(self) -> EngineStats:
+        assert self._stats is not None, "connect() first"
         return self._stats
 
     def waiting(self) -> int:
