@@ -17,7 +17,8 @@ from typing import Any
 try:
     import orjson
 except ImportError:  # pragma: no cover - exercised where orjson is absent
-    orjson = None
+    # mypy's idiom for an optional module: the name is the module or None.
+    orjson = None  # type: ignore[assignment]
 
 __all__ = ["dumps_line", "read_rows", "write_rows"]
 
