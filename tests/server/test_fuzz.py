@@ -131,9 +131,11 @@ def server(tmp_path_factory) -> Iterator[Server]:
         yield running
         # After every test of the module, in whatever order they ran: the server kept
         # serving the healthy stream on time all through the fuzzing, and logged no error.
-        check_still_serving(running)
-        healthy.stop.set()
-        thread.join(timeout=60)
+        try:
+            check_still_serving(running)
+        finally:
+            healthy.stop.set()
+            thread.join(timeout=60)
         check_healthy_on_time(healthy)
         check_log_clean(log)
     finally:
