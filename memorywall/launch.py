@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from memorywall.ready import ReadyError, ServerReady, poll
 
@@ -46,6 +47,13 @@ class Child:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def served(self) -> ServerReady:
+        """What its ready file says, once `wait_ready` (or `poll_ready`) has read it."""
+        if self.ready is None:
+            raise ReadyError(f"{self.name} is not ready")
+        return self.ready
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -110,7 +118,7 @@ def start(
     """
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
-    kwargs = {"start_new_session": own_session, "stdin": subprocess.DEVNULL}
+    kwargs: dict[str, Any] = {"start_new_session": own_session, "stdin": subprocess.DEVNULL}
     if die_with_parent:
         kwargs["preexec_fn"] = _die_with_parent
     if log is None:
@@ -202,7 +210,6 @@ def serving(
         child = start_serve("serve", ["--port", "0", *args], ready_file, own_session=False)
         try:
             wait_ready([child], timeout_s=timeout_s)
-            assert child.ready is not None  # wait_ready returns only once it is read
-            yield child.ready
+            yield child.served
         finally:
             stop([child], timeout_s=stop_timeout_s)

@@ -251,7 +251,7 @@ class Fleet:
         except ReadyError as e:
             self.say(f"memorywall fleet: {e}")
             return None
-        return {c.name: c.ready for c in self.children}
+        return {c.name: c.served for c in self.children}
 
     def _start_gateway(self, smg: list[str], gw: GatewaySpec, worker_args: list[str]) -> str | None:
         port = gw.port or free_port()
