@@ -19,7 +19,7 @@ import grpc
 from memorywall.kserve import grpc_service_pb2 as pb
 from memorywall.kserve import grpc_service_pb2_grpc
 from memorywall.loadgen.bench import ServerFacts
-from memorywall.loadgen.openai_target import _ssl
+from memorywall.loadgen.openai_target import aiohttp_ssl
 from memorywall.loadgen.target import Access, Backend
 
 TIMEOUT_S = 5.0
@@ -75,7 +75,7 @@ async def _grpc_facts(target: str, model: str | None, access: Access) -> ServerF
 async def _http_facts(base: str, model: str | None, access: Access) -> ServerFacts:
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
     headers = access.headers()
-    connector = aiohttp.TCPConnector(ssl=_ssl(access))
+    connector = aiohttp.TCPConnector(ssl=aiohttp_ssl(access))
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as s:
         async with s.get(f"{base}/v2", headers=headers) as r:
             r.raise_for_status()

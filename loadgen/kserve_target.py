@@ -31,7 +31,7 @@ import grpc
 
 from memorywall.kserve import grpc_service_pb2 as pb
 from memorywall.kserve import grpc_service_pb2_grpc
-from memorywall.loadgen.openai_target import SseDecoder, _ssl, error_message, prompt_text
+from memorywall.loadgen.openai_target import SseDecoder, aiohttp_ssl, error_message, prompt_text
 from memorywall.loadgen.prompts import prefix_rng, prompt_rng, shared_tokens
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Access
@@ -194,7 +194,7 @@ class KServeHttpTarget:
         self._session: aiohttp.ClientSession | None = None
 
     async def connect(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ssl=_ssl(self.access))
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ssl=aiohttp_ssl(self.access))
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         warm = aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)

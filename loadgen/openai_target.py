@@ -108,7 +108,7 @@ async def fetch_models(
     try:
         async with (
             aiohttp.ClientSession(
-                timeout=timeout, connector=aiohttp.TCPConnector(ssl=_ssl(access))
+                timeout=timeout, connector=aiohttp.TCPConnector(ssl=aiohttp_ssl(access))
             ) as session,
             session.get(url, headers=access.headers()) as resp,
         ):
@@ -329,7 +329,7 @@ class OpenAITarget:
             limit_per_host=0,
             ttl_dns_cache=300,
             keepalive_timeout=KEEPALIVE_S,
-            ssl=_ssl(self.access),
+            ssl=aiohttp_ssl(self.access),
         )
         # total=None is no deadline; aiohttp's default would be 300 s.
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
@@ -427,6 +427,6 @@ class OpenAITarget:
             self._session = None
 
 
-def _ssl(access: Access) -> ssl.SSLContext | bool:
+def aiohttp_ssl(access: Access) -> ssl.SSLContext | bool:
     """aiohttp's `ssl=`: the given roots, or True (default verification for https)."""
     return access.ssl_context() or True

@@ -25,7 +25,7 @@ import numpy as np
 
 from memorywall.loadgen import arrivals
 from memorywall.loadgen.records import RequestRecord, RequestSpec
-from memorywall.loadgen.workload import Length, _check_n, _is_int
+from memorywall.loadgen.workload import Length, check_count, is_int
 
 __all__ = [
     "SCHEME",
@@ -54,13 +54,13 @@ class MultiTurnWorkload:
     reports_prefix_hits = True
 
     def __post_init__(self) -> None:
-        if not _is_int(self.turns) or self.turns < 1:
+        if not is_int(self.turns) or self.turns < 1:
             raise ValueError(f"multi-turn: turns must be an integer >= 1, got {self.turns!r}")
         if not math.isfinite(self.think_s) or self.think_s < 0:
             raise ValueError(f"multi-turn: think time must be >= 0 ms, got {self.think_s!r} s")
 
     def specs(self, rng: np.random.Generator, n: int) -> list[RequestSpec]:
-        n = _check_n(n)
+        n = check_count(n)
         messages = self.input.sample(rng, n).tolist()
         answers = self.output.sample(rng, n).tolist()
         specs = []

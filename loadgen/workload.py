@@ -279,7 +279,7 @@ class TraceWorkload:
         (`from_records`).
         """
         path = Path(path)
-        if not _is_int(block_tokens) or block_tokens < 1:
+        if not is_int(block_tokens) or block_tokens < 1:
             raise ValueError(f"block size must be an integer >= 1, got {block_tokens!r}")
         records = _bench_records(path)
         if records is not None:
@@ -404,7 +404,7 @@ def _hash_ids_field(
     if "hash_ids" not in obj:
         return ()
     value = obj["hash_ids"]
-    if not isinstance(value, list) or not all(_is_int(h) and h >= 0 for h in value):
+    if not isinstance(value, list) or not all(is_int(h) and h >= 0 for h in value):
         raise ValueError(f"{where}: hash_ids: must be a list of integers >= 0")
     if len(value) > -(-prompt // block_tokens):
         raise ValueError(
@@ -433,7 +433,7 @@ def _session_fields(
             raise ValueError(f"{where}: delay: the first turn of session {key!r} has none")
         return number, None
     delay = obj.get("delay", 0)
-    if not _is_number(delay) or not math.isfinite(delay) or delay < 0:
+    if not is_number(delay) or not math.isfinite(delay) or delay < 0:
         raise ValueError(f"{where}: delay: must be a finite number of ms >= 0, got {delay!r}")
     return number, float(delay) * 1e-3
 
