@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 
 from memorywall.loadgen.records import RequestSpec
 
 __all__ = ["constant", "gamma", "poisson", "split_for_workers", "with_offsets"]
+
+T = TypeVar("T")  # what is dealt: specs, or whole sessions of them
 
 
 def _check_rate(rate_per_s: float) -> float:
@@ -116,7 +119,7 @@ def with_offsets(
     return [replace(spec, offset_s=float(o)) for spec, o in zip(specs, offsets, strict=True)]
 
 
-def split_for_workers(specs: Sequence[RequestSpec], workers: int) -> list[list[RequestSpec]]:
+def split_for_workers(specs: Sequence[T], workers: int) -> list[list[T]]:
     """Deal specs round-robin to `workers` processes: worker w gets positions w, w+N, w+2N...
 
     Each spec keeps its absolute `offset_s` and `index`, so the workers together replay the

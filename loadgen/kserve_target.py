@@ -146,8 +146,7 @@ class KServeGrpcTarget:
                 params = {k: _param(v) for k, v in response.parameters.items()}
                 tokens = _output_tokens(response)
                 if tokens:
-                    record.chunk_ns.append(received_ns)
-                    record.chunk_tokens.append(tokens)
+                    record.add_chunk(received_ns, tokens)
                 if params.get("triton_final_response"):
                     record.finished_ns = received_ns
                     apply_summary(params, record)
@@ -261,8 +260,7 @@ class KServeHttpTarget:
             return
         if body.get("text_output"):
             tokens = body.get("num_output_tokens", 1)
-            record.chunk_ns.append(received_ns)
-            record.chunk_tokens.append(tokens if isinstance(tokens, int) else 1)
+            record.add_chunk(received_ns, tokens if isinstance(tokens, int) else 1)
         last.clear()
         last.update(body)
 

@@ -48,7 +48,7 @@ class SessionReleaser:
         if open_loop:
             self._sessions.clear()
             for chain in chains:
-                self._push(start_s + chain[0].offset_s, chain[0])
+                self._push(start_s + chain[0].due_s, chain[0])
 
     def _push(self, due_s: float, spec: RequestSpec) -> None:
         heapq.heappush(self._due, (due_s, self._seq, spec))

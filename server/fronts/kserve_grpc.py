@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 
@@ -258,7 +259,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         stream = self.engine.submit(call.request, arrival_s=arrival_s, fault=fault)
         frame = {"model_name": self.card.model, "model_version": "1", "id": request.id}
         try:
-            first, held, pieces = True, None, []
+            first, held = True, None
+            pieces: list[Piece] = []
             async for event in stream:
                 if isinstance(event, Finished):
                     last = held or (merge(pieces) if pieces else None)
@@ -317,8 +319,10 @@ def model_config(card: ModelCard) -> model_config_pb2.ModelConfig:
     decoupled (a stream of responses per request), every input optional but the prompt."""
     mc = model_config_pb2
 
-    def dtype(datatype: str) -> int:
-        return mc.DataType.Value(_CONFIG_TYPE.get(datatype, f"TYPE_{datatype}"))
+    def dtype(datatype: str) -> model_config_pb2.DataType:
+        # The enum's number: what its stubs call DataType, and Value() returns as an int.
+        number = mc.DataType.Value(_CONFIG_TYPE.get(datatype, f"TYPE_{datatype}"))
+        return cast(model_config_pb2.DataType, number)
 
     return mc.ModelConfig(
         name=card.model,

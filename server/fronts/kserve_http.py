@@ -180,20 +180,21 @@ class KServeHttp:
         if isinstance(body.get("id"), str):
             reply["id"] = body["id"]
         reply["parameters"] = summary_parameters(finished)
-        reply["outputs"], blobs = [], []
+        reply["outputs"] = []
+        raw_outputs: list[bytes] = []
         for t in output_tensors(call, piece, first=True):
             out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
             if t.name in binary:  # binary tensor data extension: raw bytes after the JSON
-                blobs.append(encode_raw(t))
-                out["parameters"] = {"binary_data_size": len(blobs[-1])}
+                raw_outputs.append(encode_raw(t))
+                out["parameters"] = {"binary_data_size": len(raw_outputs[-1])}
             else:
                 out["data"] = list(t.values)
             reply["outputs"].append(out)
-        if not blobs:
+        if not raw_outputs:
             return web.json_response(reply)
         header = json.dumps(reply, separators=(",", ":")).encode()
         return web.Response(
-            body=header + b"".join(blobs),
+            body=header + b"".join(raw_outputs),
             headers={HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
         )
 
@@ -247,6 +248,7 @@ class KServeHttp:
             try:
                 async for event in events:
                     if isinstance(event, Finished):
+                        body: dict[str, Any]
                         if held is not None:
                             body = self._generate_body(call, held, first, event)
                         else:

@@ -168,7 +168,7 @@ SAMPLING_FLAG = (
 )
 SAMPLING_OTHER = ("seed", "stop", "stop_token_ids", "bad_words", "logprobs", "prompt_logprobs")
 SAMPLING_KEYS = frozenset((*SAMPLING_INT, *SAMPLING_NUMBER, *SAMPLING_FLAG, *SAMPLING_OTHER))
-FINISH_TEXT = {
+FINISH_TEXT: dict[FinishReason | None, str] = {  # None: not finished
     FinishReason.LENGTH: "length",
     FinishReason.STOP: "stop",
     FinishReason.ABORT: "abort",
@@ -519,7 +519,7 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> li
 def encode_raw(t: Tensor) -> bytes:
     """A tensor's values as raw bytes (see `decode_raw`)."""
     if t.datatype == "BYTES":
-        parts = []
+        parts: list[bytes] = []
         for v in t.values:
             b = v.encode() if isinstance(v, str) else bytes(v)
             parts += (len(b).to_bytes(4, "little"), b)
