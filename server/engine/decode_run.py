@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
     if core.waiting and not full:
         return None
     min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
-    steps = math.inf
+    steps = sys.maxsize  # no bound yet: the loop takes the least of the sequences'
     for seq in running:
         done = len(seq.output_ids)
         if not done or seq.computed != seq.prompt_len + done - 1:
@@ -91,7 +92,8 @@ def _timeline(
     """Step boundaries (`ends[j]`: step j's start) and energies, costed in growing chunks
     until `steps` are costed or a step starts at `horizon_s`."""
     contexts = [seq.computed for seq in core.running]
-    ends, energies = [start_s], []
+    ends: list[float] = [start_s]
+    energies: list[float] = []
     while len(energies) < steps and ends[-1] < horizon_s:
         done = len(energies)
         # With no horizon every step is taken: cost them in one call.

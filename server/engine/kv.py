@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
 
@@ -185,7 +186,8 @@ class BlockPool:
             pop = self._lru.popitem
             blocks = [pop(False)[0] for _ in range(evict)]
             hashes = self.block_hashes
-            gone = [hashes[b] for b in blocks]
+            # Blocks in the LRU hold a cached prefix: each has a hash.
+            gone = cast(list[int], [hashes[b] for b in blocks])
             for b in blocks:
                 hashes[b] = None
             cached = self.cached
@@ -308,7 +310,8 @@ class BlockPool:
                     block_size=size,
                 )
             )
-            run = [i]
+            if i is not None:  # None: the end of the list
+                run = [i]
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash, as vLLM's `reset_prefix_cache`: only when no block is

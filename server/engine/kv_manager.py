@@ -129,7 +129,9 @@ class KVManager:
         if need + pool.free_among(hits) > pool.free_blocks:
             return False
         pool.touch(hits)
-        seq.block_ids = hits + pool.allocate(need)
+        fresh = pool.allocate(need)
+        assert fresh is not None  # room checked above
+        seq.block_ids = hits + fresh
         seq.blocks = len(seq.block_ids)
         seq.cached_blocks = len(hits)
         if self.caching:
@@ -206,7 +208,9 @@ class KVManager:
             for _, i, kind, count in self._decode_run_events(growth):
                 seq = seqs[i]
                 if kind == _GROW:
-                    seq.block_ids += pool.allocate(count)
+                    grown = pool.allocate(count)
+                    assert grown is not None  # the plan cut the run where KV runs out
+                    seq.block_ids += grown
                     seq.blocks += count
                 else:
                     self.cache_full_blocks(seq, count)

@@ -347,7 +347,7 @@ class EngineCore:
 
     def complete(self, step: Step) -> list[Emission]:
         """Apply a step at its end: advance prefill, sample tokens, finish sequences."""
-        emissions = []
+        emissions: list[Emission] = []
         emit = emissions.append
         end_s = step.end_s
         energy_per_token = step.cost.energy_j / step.tokens

@@ -100,7 +100,7 @@ class PdOfflineEngine:
         self._requests: dict[str, Request] = {}
         self._submitted = 0
         # Prefill ends and KV landings, by time: (time, order, action at that time).
-        self._events: list[tuple[float, int, Callable[[float], None]]] = []
+        self._events: list[tuple[float, int, Callable[[float], object]]] = []
         self._order = itertools.count()
         self._next_prefill = self._next_decode = 0
 
@@ -199,7 +199,8 @@ class PdOfflineEngine:
                 timeline.error = e
                 self._finish(timeline)
 
-    def _at(self, at_s: float, action: Callable[[float], None]) -> None:
+    def _at(self, at_s: float, action: Callable[[float], object]) -> None:
+        """Run `action(at_s)` at `at_s` on the virtual clock (what it returns is dropped)."""
         heapq.heappush(self._events, (at_s, next(self._order), action))
 
     def _prefilled(self, worker: _Worker, seq: SeqState, end_s: float) -> None:
