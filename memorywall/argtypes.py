@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 
 def number(
-    kind: type, *, low: float, high: float | None = None, low_inclusive: bool = True
-) -> Callable[[str], int | float]:
+    kind: type[N], *, low: float, high: float | None = None, low_inclusive: bool = True
+) -> Callable[[str], N]:
     """A parser for one finite `kind` in [low, high] (or (low, high] when not inclusive)."""
     noun = "an integer" if kind is int else "a number"
     if high is None:
@@ -17,7 +20,7 @@ def number(
     else:
         bound = f"in [{low:g}, {high:g}]" if low_inclusive else f"in ({low:g}, {high:g}]"
 
-    def parse(text: str) -> int | float:
+    def parse(text: str) -> N:
         try:
             value = kind(text)
         except ValueError:

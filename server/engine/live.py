@@ -120,9 +120,9 @@ class RequestStream(EventIteration):
     def _flush(self, now: float, whole: bool = False) -> None:
         """Hand the waiting tokens over. With a fixed `stream_interval` N, only a multiple
         of N of them goes (nothing if under N), as one message, unless `whole`."""
-        ready = self._ready
-        if ready is not None:
-            n = self._pending if whole else self._pending - self._pending % self.stream_interval
+        ready, interval = self._ready, self.stream_interval
+        if ready is not None and interval is not None:  # both or neither: fixed grouping
+            n = self._pending if whole else self._pending - self._pending % interval
             if not n:
                 return
             ready.append(n)
@@ -136,6 +136,7 @@ class RequestStream(EventIteration):
         if ready is not None and self._pending:
             # The rest: a multiple of N, then what is left (the last message, shorter).
             interval = self.stream_interval
+            assert interval is not None  # `_ready` is kept for a fixed interval only
             if full := self._pending - self._pending % interval:
                 ready.append(full)
             if rest := self._pending % interval:
@@ -493,7 +494,9 @@ class AsyncEngine:
             else:
                 self._paced.discard(stream)
                 stream._flush(now)
-        self._hold_s = (self.stream_interval - 1) * step_s
+        interval = self.stream_interval
+        assert interval is not None  # only called with a fixed interval
+        self._hold_s = (interval - 1) * step_s
         for stream in [s for s in self._paced if not s._paced(now)]:
             self._paced.discard(stream)
             stream._flush(now)
