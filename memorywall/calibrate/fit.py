@@ -34,11 +34,80 @@ import numpy as np
 
 from memorywall.core import Batch, Deployment, PrefillChunk, StepModel
 from memorywall.core.hardware import Efficiency, Hardware
+from memorywall.core.identify import (
+    FITTED,
+    FIXED,
+    Verdict,
+    bootstrap,
+    forward,
+    jacobian,
+    select,
+    standard_errors,
+)
 
-FITTED = ("weight_read", "kv_read", "compute")
+CORE = ("weight_read", "kv_read", "compute")  # refused, not fixed, when the data miss one
 HOLD_OUT_EVERY = 3
 MIN_FIT = 5
 MAX_REPLAY_REQUESTS = 200  # a level's replay: its own request count, capped
+ASSUMED_NOISE = 0.02  # relative noise of a measured step, for choosing what to fit
+MAX_STD = 0.5  # fitted when the data pin it to +-50% of its size (1 sigma, ASSUMED_NOISE)
+CONFIDENCE = 0.9
+RESAMPLES = 200
+BAND_RESAMPLES = 100  # bootstrap fits the prediction band replays (each a full prediction)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A constant `calibrate` may fit: its profile section and key, unit, bounds, and the
+    size changes are measured in where the base value is 0."""
+
+    section: str
+    key: str
+    unit: str
+    lower: float
+    upper: float
+    typical: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+# In priority order: where two constants move the predictions alike, the earlier is fitted.
+SPECS = (
+    Spec("efficiency", "weight_read", "1", 0.01, 1.0, 0.8),
+    Spec("efficiency", "kv_read", "1", 0.01, 1.0, 0.7),
+    Spec("efficiency", "compute", "1", 0.01, 1.0, 0.7),
+    Spec("efficiency", "attention", "1", 0.01, 1.0, 0.5),
+    Spec("kernels", "kv_stream_bytes_per_s", "B/s", 1e9, 1e15, 2e11),
+    Spec("efficiency", "overlap", "1", 0.0, 1.0, 0.05),
+    Spec("latency", "per_layer_s", "s", 0.0, 1.0, 5e-5),
+    Spec("latency", "per_step_s", "s", 0.0, 10.0, 1e-3),
+    Spec("latency", "launch_per_layer_s", "s", 0.0, 1.0, 3e-4),
+    Spec("kernels", "split_k_s", "s", 0.0, 1.0, 5e-6),
+    Spec("kernels", "activation_bytes_per_hidden", "B", 0.0, 1e4, 150.0),
+)
+NOT_FITTED = {  # why a constant no observation depends on stays the base profile's
+    "latency.launch_per_layer_s": "every step is replayed from graphs in this execution mode",
+    "kernels.split_k_s": "no step has a GEMM small enough to split K",
+    "kernels.kv_stream_bytes_per_s": "no decode step has too few streams to fill the chip",
+    "efficiency.attention": "no step has prefill attention or compute-bound decode attention",
+}
+
+
+def get_constant(hardware: Hardware, spec: Spec) -> float:
+    return float(getattr(getattr(hardware, spec.section), spec.key))
+
+
+def with_constants(hardware: Hardware, specs: tuple[Spec, ...], values) -> Hardware:
+    """`hardware` with each spec's constant set to its value."""
+    changes: dict[str, dict[str, float]] = {}
+    for spec, v in zip(specs, values, strict=True):
+        changes.setdefault(spec.section, {})[spec.key] = float(v)
+    return replace(
+        hardware,
+        **{sec: replace(getattr(hardware, sec), **kv) for sec, kv in changes.items()},
+    )
 
 
 class CalibrateError(Exception):
@@ -95,10 +164,34 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """One candidate constant: base and fitted values, its verdict and bootstrap interval."""
+
+    spec: Spec
+    base: float
+    value: float
+    verdict: Verdict
+    interval: tuple[float, float] | None  # CONFIDENCE bootstrap interval, fitted ones only
+
+    @property
+    def fitted(self) -> bool:
+        return self.verdict.status == FITTED
+
+
+@dataclass(frozen=True)
 class Calibration:
-    efficiency: Efficiency
+    hardware: Hardware
+    estimates: tuple[Estimate, ...]
     rows: tuple[Row, ...]
     files: tuple[str, ...]
+    band: tuple[float, float]  # median and max CONFIDENCE half-width of predictions, relative
+    noise: float  # RMS relative error of the fit observations after fitting
+    resamples: int
+    seed: int
+
+    @property
+    def efficiency(self) -> Efficiency:
+        return self.hardware.efficiency
 
 
 def read_inputs(paths: list[Path]) -> tuple[list[StepRow], list[Level]]:
@@ -195,11 +288,6 @@ def check_identifiable(steps: list[StepRow], levels: list[Level]) -> None:
         raise CalibrateError("no prefill data: compute needs prefill steps or TTFT")
 
 
-def _with(hardware: Hardware, values: np.ndarray) -> Hardware:
-    eff = replace(hardware.efficiency, **dict(zip(FITTED, map(float, values), strict=True)))
-    return replace(hardware, efficiency=eff)
-
-
 def predictor(
     deployment: Deployment, steps: list[StepRow], levels: list[Level], engine_config
 ) -> Callable[[Hardware], np.ndarray]:
@@ -229,58 +317,112 @@ def predictor(
     return predict
 
 
-def fit(
-    hardware: Hardware, predict: Callable[[Hardware], np.ndarray], obs: list[Observation]
-) -> np.ndarray:
-    """Gauss-Newton on log efficiencies, finite differences, steps halved until the loss
-    falls; efficiencies stay in (0, 1]."""
+def fit_observations(
+    base: Hardware,
+    predict: Callable[[Hardware], np.ndarray],
+    obs: list[Observation],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    specs: tuple[Spec, ...] = SPECS,
+    max_std: float = MAX_STD,
+) -> tuple[Hardware, tuple[Estimate, ...], tuple[float, float], float]:
+    """Choose the constants the fit observations identify (`core.identify.select`), fit them,
+    bootstrap their intervals: the fitted hardware, each candidate's estimate, the
+    prediction band over the held-out observations (all if none) and the residual noise."""
     y = np.array([o.measured_s for o in obs])
     fit_mask = np.array([not o.held_out for o in obs])
-    x = np.log([getattr(hardware.efficiency, k) for k in FITTED])
+    base_values = np.array([get_constant(base, s) for s in specs])
+    scales = np.where(base_values > 0, base_values, [s.typical for s in specs])
+    lower = np.array([s.lower for s in specs]) / scales
+    upper = np.array([s.upper for s in specs]) / scales
 
-    def residual(logs: np.ndarray) -> np.ndarray:
-        values = np.minimum(np.exp(logs), 1.0)
-        return (predict(_with(hardware, values)) / y - 1.0)[fit_mask]
+    def errors_of(chosen: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+        def errors(z: np.ndarray) -> np.ndarray:
+            values = base_values.copy()
+            values[chosen] = z * scales[chosen]
+            return predict(with_constants(base, specs, values)) / y - 1.0
 
-    r = residual(x)
-    for _ in range(20):
-        h = 1e-4
-        jac = np.stack([(residual(x + h * e) - r) / h for e in np.eye(len(x))], axis=1)
-        step, *_ = np.linalg.lstsq(jac, -r, rcond=None)
-        loss = float(r @ r)
-        for _ in range(10):
-            trial = np.minimum(x + step, 0.0)
-            rt = residual(trial)
-            if float(rt @ rt) < loss:
-                break
-            step = step / 2
-        else:
-            break
-        converged = np.max(np.abs(trial - x)) < 1e-7
-        x, r = trial, rt
-        if converged:
-            break
-    return np.minimum(np.exp(x), 1.0)
+        return errors
+
+    every = list(range(len(specs)))
+    z_base = base_values / scales
+    jac = jacobian(lambda z: errors_of(every)(z)[fit_mask], z_base)
+    verdicts = select(
+        jac,
+        [s.name for s in specs],
+        ASSUMED_NOISE,
+        max_std,
+        why_no_effect=lambda n: NOT_FITTED.get(n, ""),
+    )
+    for spec, v in zip(specs, verdicts, strict=True):
+        if spec.key in CORE and v.status != FITTED:
+            raise CalibrateError(f"{spec.name}: {v.status}: {v.reason}")
+    core = [i for i, s in enumerate(specs) if s.key in CORE]
+    possible = [i for i, v in enumerate(verdicts) if v.status == FITTED and i not in core]
+
+    def fit_errors_of(chosen: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+        errors = errors_of(chosen)
+        return lambda z: errors(z)[fit_mask]
+
+    chosen, z, left_out = forward(fit_errors_of, z_base, lower, upper, core, possible)
+    for i, why in left_out.items():
+        verdicts[i] = Verdict(specs[i].name, FIXED, why, np.nan)
+    errors = errors_of(chosen)
+    fit_errors = fit_errors_of(chosen)
+    r = fit_errors(z)
+    noise = float(np.sqrt(r @ r / max(len(r) - len(chosen), 1)))
+    jac_hat = jacobian(fit_errors, z)
+    stds = standard_errors(jac_hat, noise)
+    for i, std in zip(chosen, stds, strict=True):
+        verdicts[i] = Verdict(specs[i].name, FITTED, f"pinned to +-{std:.1%} (1 sigma)", std)
+    samples = bootstrap(fit_errors, z, jac_hat, lower[chosen], upper[chosen], resamples, seed)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
+    values = base_values.copy()
+    values[chosen] = z * scales[chosen]
+    estimates = []
+    for i, (spec, v) in enumerate(zip(specs, verdicts, strict=True)):
+        interval = None
+        if i in chosen:
+            k = chosen.index(i)
+            interval = (float(lo[k] * scales[i]), float(hi[k] * scales[i]))
+        estimates.append(Estimate(spec, float(base_values[i]), float(values[i]), v, interval))
+    band_mask = ~fit_mask if (~fit_mask).any() else fit_mask
+    preds = np.array([errors(zb)[band_mask] for zb in samples[:BAND_RESAMPLES]]) + 1.0
+    centre = errors(z)[band_mask] + 1.0
+    low, high = np.percentile(preds, [tail, 100 - tail], axis=0)
+    half = (high - low) / 2 / centre
+    band = (float(np.median(half)), float(half.max()))
+    return with_constants(base, specs, values), tuple(estimates), band, noise
 
 
-def calibrate(paths: list[Path], deployment: Deployment, engine_config) -> Calibration:
+def calibrate(
+    paths: list[Path],
+    deployment: Deployment,
+    engine_config,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Calibration:
     steps, levels = read_inputs(paths)
     check_identifiable(steps, levels)
     obs = observations(steps, levels)
     predict = predictor(deployment, steps, levels, engine_config)
     base = deployment.hardware
-    values = fit(base, predict, obs)
-    fitted = _with(base, values)
+    fitted, estimates, band, noise = fit_observations(base, predict, obs, resamples, seed)
     rows = tuple(Row(o, b, a) for o, b, a in zip(obs, predict(base), predict(fitted), strict=True))
-    return Calibration(fitted.efficiency, rows, tuple(p.name for p in paths))
+    return Calibration(
+        fitted, estimates, rows, tuple(p.name for p in paths), band, noise, resamples, seed
+    )
 
 
 def profile_toml(base_text: str, calibration: Calibration, name: str) -> str:
-    """The base profile with the fitted efficiencies inline, each citing the files."""
+    """The base profile with the fitted constants inline, each citing the files, with its
+    bootstrap interval; a [calibration_fit] table says what was fitted, what kept, and why."""
     data = tomllib.loads(base_text)
-    if "efficiency" in data:
+    fitted = [e for e in calibration.estimates if e.fitted]
+    if clash := sorted({e.spec.section for e in fitted} & data.keys()):
         raise CalibrateError(
-            "the base profile sets [efficiency] inline; start from one that does not"
+            f"the base profile sets [{clash[0]}] inline; start from one that does not"
         )
     source = "fitted by memorywall calibrate from " + ", ".join(calibration.files)
     lines = []
@@ -290,11 +432,56 @@ def profile_toml(base_text: str, calibration: Calibration, name: str) -> str:
         elif line.startswith("description = "):
             line = f'description = "{data["description"]}, calibrated by memorywall calibrate"'
         lines.append(line)
-    lines += ["", "[efficiency]"]
-    for key in FITTED:
-        value = getattr(calibration.efficiency, key)
-        lines.append(f'{key} = {{ value = {value!r}, unit = "1", source = "{source}" }}')
+    for section in ("efficiency", "latency", "kernels"):
+        here = [e for e in fitted if e.spec.section == section]
+        if here:
+            lines += ["", f"[{section}]"]
+        for e in here:
+            lo, hi = e.interval
+            lines.append(
+                f'{e.spec.key} = {{ value = {e.value!r}, unit = "{e.spec.unit}", '
+                f'source = "{source}", interval = [{lo!r}, {hi!r}], confidence = {CONFIDENCE} }}'
+            )
+    c = calibration
+    lines += [
+        "",
+        "# What memorywall calibrate fitted, what it kept from the base profile, and why.",
+        "[calibration_fit]",
+        f"files = {json.dumps(list(c.files))}",
+        f'interval = "bootstrap over observations, {c.resamples} resamples, seed {c.seed}, '
+        f'{CONFIDENCE:.0%} percentile intervals"',
+        f"residual_noise = {c.noise!r}",
+        f"prediction_band_median = {c.band[0]!r}",
+        f"prediction_band_max = {c.band[1]!r}",
+    ]
+    for e in c.estimates:
+        lines.append(
+            f"{e.spec.section}_{e.spec.key} = {{ status = {json.dumps(e.verdict.status)}, "
+            f"reason = {json.dumps(e.verdict.reason)} }}"
+        )
     return "\n".join(lines) + "\n"
+
+
+def constants_table(calibration: Calibration) -> str:
+    """Per candidate constant: base, fitted value, interval, verdict and reason; the band."""
+    pct = f"{CONFIDENCE:.0%}"
+    out = [
+        f"| constant | base | value | {pct} interval | status | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in calibration.estimates:
+        interval = f"[{e.interval[0]:.4g}, {e.interval[1]:.4g}]" if e.interval else "-"
+        out.append(
+            f"| {e.spec.name} | {e.base:.4g} | {e.value:.4g} | {interval} "
+            f"| {e.verdict.status} | {e.verdict.reason} |"
+        )
+    med, mx = calibration.band
+    out += [
+        "",
+        f"prediction band ({pct}, from the intervals): median +-{med:.1%}, max +-{mx:.1%}; "
+        f"residual noise of the fit {calibration.noise:.1%}",
+    ]
+    return "\n".join(out)
 
 
 def error_table(calibration: Calibration) -> str:

@@ -6,8 +6,16 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from memorywall.argtypes import nonnegative_int
-from memorywall.calibrate.fit import MIN_FIT, CalibrateError, calibrate, error_table, profile_toml
+from memorywall.argtypes import nonnegative_int, positive_int
+from memorywall.calibrate.fit import (
+    MIN_FIT,
+    RESAMPLES,
+    CalibrateError,
+    calibrate,
+    constants_table,
+    error_table,
+    profile_toml,
+)
 from memorywall.cli.deployment import (
     add_deployment_arguments,
     add_engine_arguments,
@@ -47,7 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="step-time CSVs (batch,context,new_tokens,seconds) and bench result JSON files",
     )
     p.add_argument("--out", type=Path, required=True, help="the calibrated profile (.toml)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the replays")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the replays and the bootstrap"
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=positive_int,
+        default=RESAMPLES,
+        help=f"bootstrap resamples for the constants' intervals (default {RESAMPLES})",
+    )
 
 
 def base_profile_text(hardware: str) -> str:
@@ -58,15 +74,15 @@ def base_profile_text(hardware: str) -> str:
 def run(args: argparse.Namespace, deployment: Deployment, engine_config: EngineConfig) -> int:
     if args.out.suffix != ".toml":
         raise CalibrateError(f"--out: expected a .toml path, got {args.out}")
-    result = calibrate(list(args.results), deployment, engine_config)
+    result = calibrate(
+        list(args.results), deployment, engine_config, resamples=args.bootstrap, seed=args.seed
+    )
     text = profile_toml(base_profile_text(args.hardware), result, args.out.stem)
     print(error_table(result))
     if not any(r.observation.held_out for r in result.rows):
         print(f"\nnothing held out: fewer than {MIN_FIT + 2} observations to fit and check")
-    fitted = ", ".join(
-        f"{k} {getattr(result.efficiency, k):.4f}" for k in ("weight_read", "kv_read", "compute")
-    )
-    print(f"\nfitted: {fitted}")
+    print()
+    print(constants_table(result))
     args.out.write_text(text)
     print(f"wrote {args.out} (memorywall serve --hardware {args.out})")
     return 0
