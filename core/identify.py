@@ -17,7 +17,7 @@ base value, with the reason.
 
 What the sensitivities allow, the fit residuals then decide (`forward`): past
 a core set, each candidate in turn is kept only if fitting it lowers the
-Bayesian information criterion `n log(RSS / n) + p log n`, so a constant the
+small-sample Akaike criterion (`aicc`), so a constant the
 data could separate but whose base value already explains them stays at base
 rather than trading noise against the others.
 
@@ -142,10 +142,14 @@ def _most_aligned(jac: np.ndarray, j: int, chosen: list[int], names: Sequence[st
     return names[k]
 
 
-def bic(residuals: np.ndarray, fitted: int) -> float:
-    """n log(RSS / n) + p log n; RSS / n floored at (1e-6)^2, the fit's own precision."""
-    n = len(residuals)
-    return n * np.log(max(float(residuals @ residuals) / n, 1e-12)) + fitted * np.log(n)
+def aicc(residuals: np.ndarray, fitted: int) -> float:
+    """n log(RSS / n) + 2p + 2p(p + 1) / (n - p - 1): Akaike's criterion with its small-sample
+    correction (inf when n <= p + 1); RSS / n floored at (1e-6)^2, the fit's own precision."""
+    n, p = len(residuals), fitted
+    if n <= p + 1:
+        return np.inf
+    rss = max(float(residuals @ residuals) / n, 1e-12)
+    return n * np.log(rss) + 2 * p + 2 * p * (p + 1) / (n - p - 1)
 
 
 def forward(
@@ -156,7 +160,7 @@ def forward(
     core: list[int],
     candidates: list[int],
 ) -> tuple[list[int], np.ndarray, dict[int, str]]:
-    """Fit `core`, then add each of `candidates` in turn where it lowers `bic`.
+    """Fit `core`, then add each of `candidates` in turn where it lowers `aicc`.
 
     `residual_of(chosen)` is the residual as a function of the chosen constants (in
     that order). Returns the chosen indices, their fitted values, and why each
@@ -164,7 +168,7 @@ def forward(
     chosen = list(core)
     z = least_squares(residual_of(chosen), z_base[chosen], lower[chosen], upper[chosen])
     r = residual_of(chosen)(z)
-    score = bic(r, len(chosen))
+    score = aicc(r, len(chosen))
     left_out: dict[int, str] = {}
     for j in candidates:
         trial = chosen + [j]
@@ -172,14 +176,15 @@ def forward(
             residual_of(trial), np.append(z, z_base[j]), lower[trial], upper[trial]
         )
         rt = residual_of(trial)(zt)
-        st = bic(rt, len(trial))
+        st = aicc(rt, len(trial))
         if st < score:
             chosen, z, r, score = trial, zt, rt, st
             continue
         before, after = np.sqrt(np.mean(r**2)), np.sqrt(np.mean(rt**2))
         left_out[j] = (
-            f"the data do not call for it: fitting it moves the fit's RMS error only from "
-            f"{before:.2%} to {after:.2%} (BIC {st - score:+.1f})"
+            f"the data do not call for it: fitting it takes the fit's RMS error from "
+            f"{before:.2%} to {after:.2%} on {len(r)} points, too little for one more "
+            f"constant (AICc {st - score:+.1f})"
         )
     return chosen, z, left_out
 
@@ -233,7 +238,11 @@ def bootstrap(
     seed: int,
 ) -> np.ndarray:
     """Constants refitted on `resamples` draws (with replacement) of the observations that
-    `residual` returns, each from `z_hat` with the solution's Jacobian: (resamples, p)."""
+    `residual` returns, each from `z_hat` with the solution's Jacobian: (resamples, p).
+
+    Resampled residuals spread less than the noise by sqrt((n - p) / n) (the fit used p
+    degrees of freedom), so the draws' spread about `z_hat` is widened by the inverse,
+    the usual small-sample correction; bounds still hold."""
     rng = np.random.default_rng(seed)
     n = jac.shape[0]
     out = np.empty((resamples, len(z_hat)))
@@ -242,4 +251,5 @@ def bootstrap(
         out[b] = least_squares(
             lambda z, idx=idx: residual(z)[idx], z_hat, lower, upper, jac[idx], max_iter=8
         )
-    return out
+    widen = np.sqrt(n / max(n - len(z_hat), 1))
+    return np.clip(z_hat + (out - z_hat) * widen, lower, upper)
