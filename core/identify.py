@@ -160,7 +160,8 @@ def forward(
     core: list[int],
     candidates: list[int],
 ) -> tuple[list[int], np.ndarray, dict[int, str]]:
-    """Fit `core`, then add each of `candidates` in turn where it lowers `aicc`.
+    """Fit `core`, then add each of `candidates` in turn where it lowers `aicc`, passing
+    over those left out again while a pass adds one.
 
     `residual_of(chosen)` is the residual as a function of the chosen constants (in
     that order). Returns the chosen indices, their fitted values, and why each
@@ -170,22 +171,27 @@ def forward(
     r = residual_of(chosen)(z)
     score = aicc(r, len(chosen))
     left_out: dict[int, str] = {}
-    for j in candidates:
-        trial = chosen + [j]
-        zt = least_squares(
-            residual_of(trial), np.append(z, z_base[j]), lower[trial], upper[trial]
-        )
-        rt = residual_of(trial)(zt)
-        st = aicc(rt, len(trial))
-        if st < score:
-            chosen, z, r, score = trial, zt, rt, st
-            continue
-        before, after = np.sqrt(np.mean(r**2)), np.sqrt(np.mean(rt**2))
-        left_out[j] = (
-            f"the data do not call for it: fitting it takes the fit's RMS error from "
-            f"{before:.2%} to {after:.2%} on {len(r)} points, too little for one more "
-            f"constant (AICc {st - score:+.1f})"
-        )
+    pending = list(candidates)
+    while pending:  # a candidate one pass left out may be called for once another is in
+        added = False
+        for j in pending:
+            trial = chosen + [j]
+            zt = least_squares(
+                residual_of(trial), np.append(z, z_base[j]), lower[trial], upper[trial]
+            )
+            rt = residual_of(trial)(zt)
+            st = aicc(rt, len(trial))
+            if st < score:
+                chosen, z, r, score, added = trial, zt, rt, st, True
+                left_out.pop(j, None)
+                continue
+            before, after = np.sqrt(np.mean(r**2)), np.sqrt(np.mean(rt**2))
+            left_out[j] = (
+                f"the data do not call for it: fitting it takes the fit's RMS error from "
+                f"{before:.2%} to {after:.2%} on {len(r)} points, too little for one more "
+                f"constant (AICc {st - score:+.1f})"
+            )
+        pending = [j for j in pending if j not in chosen] if added else []
     return chosen, z, left_out
 
 
