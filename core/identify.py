@@ -104,7 +104,7 @@ def select(
                 reason += f" ({why_no_effect(name)})"
             verdicts[j] = Verdict(name, NOT_IDENTIFIABLE, reason, np.nan)
             continue
-        trial = chosen + [j]
+        trial = [*chosen, j]
         std = standard_errors(jac[:, trial], noise)
         if np.isinf(std).any():
             other = _most_aligned(jac, j, chosen, names)
@@ -175,7 +175,7 @@ def forward(
     while pending:  # a candidate one pass left out may be called for once another is in
         added = False
         for j in pending:
-            trial = chosen + [j]
+            trial = [*chosen, j]
             zt = least_squares(
                 residual_of(trial), np.append(z, z_base[j]), lower[trial], upper[trial]
             )

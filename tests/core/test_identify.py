@@ -45,7 +45,9 @@ def test_select_refuses_a_constant_the_data_pin_only_loosely():
 def test_least_squares_recovers_known_constants_within_bounds():
     truth = np.array([2.0, 1.3, 0.5])
     y = model(truth)
-    z = least_squares(lambda z: model(z) / y - 1, np.array([1.0, 1.0, 1.0]), np.zeros(3), 10 * np.ones(3))
+    z = least_squares(
+        lambda z: model(z) / y - 1, np.array([1.0, 1.0, 1.0]), np.zeros(3), 10 * np.ones(3)
+    )
     np.testing.assert_allclose(z, truth, rtol=1e-6)
     # A bound the truth lies beyond holds.
     z = least_squares(lambda z: model(z) / y - 1, np.ones(3), np.zeros(3), np.array([10, 1.0, 10]))
