@@ -12,13 +12,20 @@ Observations come from two kinds of file:
   serving engine, offline (`memorywall.sim.simulate`), with its mean prompt and
   output lengths, and its mean TTFT and TPOT compared.
 
-Three constants are fitted, the ones such data identify: `weight_read` (how
-fast decode streams the weights), `kv_read` (how a decode step grows with the
-KV it reads) and `compute` (prefill). The rest stay the base profile's. The
-fit minimises squared relative error over the fit observations (Gauss-Newton
-on log constants); every third observation, in file order, is held out when at
-least five remain to fit. Data that cannot identify a constant is refused with
-the reason.
+Every constant in `SPECS` (efficiencies, latency floors, kernel costs) is a
+candidate; which ones are fitted the data decide (`core.identify`): a
+sensitivity matrix at the base profile rules out constants no observation
+depends on, exactly collinear ones (per-step beside per-layer with one model
+shape) and ones the data pin only loosely at 2% noise; past weight_read,
+kv_read and compute (which must be identifiable, else the data are refused
+with the reason) each remaining candidate is kept only if it lowers the
+small-sample Akaike criterion of the fit. The rest stay the base profile's,
+each with its reason. The fit minimises squared relative error over the fit
+observations (projected Levenberg-Marquardt); every third observation, in
+file order, is held out when at least five remain to fit. Each fitted
+constant gets a 90% bootstrap interval (observations resampled, seeded), and
+the spread of the resampled fits' predictions over the held-out observations
+is the prediction band; both go to the printed table and the profile.
 """
 
 from __future__ import annotations
