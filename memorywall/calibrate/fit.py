@@ -44,6 +44,7 @@ from memorywall.core.hardware import Efficiency, Hardware
 from memorywall.core.identify import (
     FITTED,
     FIXED,
+    NO_EFFECT,
     Verdict,
     bootstrap,
     forward,
@@ -87,7 +88,7 @@ SPECS = (
     Spec("efficiency", "compute", "1", 0.01, 1.0, 0.7),
     Spec("efficiency", "attention", "1", 0.01, 1.0, 0.5),
     Spec("kernels", "kv_stream_bytes_per_s", "B/s", 1e9, 1e15, 2e11),
-    Spec("efficiency", "overlap", "1", 0.0, 1.0, 0.05),
+    Spec("efficiency", "overlap", "1", 0.0, 1.0, 0.2),
     Spec("latency", "per_layer_s", "s", 0.0, 1.0, 5e-5),
     Spec("latency", "per_step_s", "s", 0.0, 10.0, 1e-3),
     Spec("latency", "launch_per_layer_s", "s", 0.0, 1.0, 3e-4),
@@ -339,7 +340,7 @@ def fit_observations(
     y = np.array([o.measured_s for o in obs])
     fit_mask = np.array([not o.held_out for o in obs])
     base_values = np.array([get_constant(base, s) for s in specs])
-    scales = np.where(base_values > 0, base_values, [s.typical for s in specs])
+    scales = np.maximum(np.abs(base_values), [s.typical for s in specs])
     lower = np.array([s.lower for s in specs]) / scales
     upper = np.array([s.upper for s in specs]) / scales
 
@@ -379,9 +380,13 @@ def fit_observations(
     r = fit_errors(z)
     noise = float(np.sqrt(r @ r / max(len(r) - len(chosen), 1)))
     jac_hat = jacobian(fit_errors, z)
-    stds = standard_errors(jac_hat, noise)
-    for i, std in zip(chosen, stds, strict=True):
+    bites = np.max(np.abs(jac_hat), axis=0) >= NO_EFFECT
+    stds = standard_errors(jac_hat[:, bites], noise)
+    for i, std in zip(np.array(chosen)[bites], stds, strict=True):
         verdicts[i] = Verdict(specs[i].name, FITTED, f"pinned to +-{std:.1%} (1 sigma)", std)
+    for i in np.array(chosen)[~bites]:
+        why = "fitted to where no step depends on it any more: bounded on one side only"
+        verdicts[i] = Verdict(specs[i].name, FITTED, why, np.inf)
     samples = bootstrap(fit_errors, z, jac_hat, lower[chosen], upper[chosen], resamples, seed)
     tail = (1 - CONFIDENCE) / 2 * 100
     lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)

@@ -101,18 +101,22 @@ def run(
     specs: tuple[Spec, ...] = SPECS,
     hidden: dict[str, float] = HIDDEN,
     max_std: float = MAX_STD,
+    base: Hardware | None = None,
+    extra: tuple[tuple[int, int, int], ...] = (),
 ) -> SyntheticResult:
     """Fit the shipped H100 profile's `specs` constants to the hidden stack's fit grid; score
-    the held-out grid."""
+    the held-out grid. `base` is the profile fitted (and the hidden stack's start), the
+    shipped H100 by default; `extra` are more (batch, context, new_tokens) fit steps."""
     rng = np.random.default_rng(seed)
-    truth = hidden_stack(hidden=hidden)
-    fit_rows, held_rows = draw(truth, grid(False), noise, rng), draw(truth, grid(True), noise, rng)
+    base = base or load_hardware("h100-sxm")
+    truth = hidden_stack(base, hidden)
+    fit_rows = draw(truth, grid(False) + list(extra), noise, rng)
+    held_rows = draw(truth, grid(True), noise, rng)
     steps = fit_rows + held_rows
     obs = [
         Observation(f"step b={s.batch} ctx={s.context} new={s.new_tokens}", "step", s.seconds, h)
         for s, h in zip(steps, [False] * len(fit_rows) + [True] * len(held_rows), strict=True)
     ]
-    base = load_hardware("h100-sxm")
     predict = predictor(deployment(base), steps, [], None)
     fitted, estimates, band, _ = fit_observations(
         base, predict, obs, resamples, seed, specs, max_std
