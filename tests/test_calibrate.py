@@ -266,3 +266,82 @@ def test_recovers_each_identifiable_set(truth, execution, extra):
         assert by_name[name].fitted, (name, by_name[name].verdict.reason)
         assert by_name[name].value == pytest.approx(value, rel=0.01), name
     assert np.max(np.abs(r.held_out_errors)) < 0.002
+
+
+def write_scrape(path: Path, result: dict, load: str | None) -> Path:
+    """A vLLM /metrics scrape with a bench result's means, split over two label sets."""
+    n = result["completed"]
+    half = {
+        "vllm:time_to_first_token_seconds_sum": result["mean_ttft_ms"] / 1e3 * n / 2,
+        "vllm:time_to_first_token_seconds_count": n / 2,
+        "vllm:time_per_output_token_seconds_sum": result["mean_tpot_ms"] / 1e3 * n / 2,
+        "vllm:time_per_output_token_seconds_count": n / 2,
+        "vllm:request_success_total": n / 2,
+        "vllm:prompt_tokens_total": result["total_input_tokens"] / 2,
+        "vllm:generation_tokens_total": result["total_output_tokens"] / 2,
+    }
+    lines = [f"# memorywall load: {load}"] if load else []
+    lines += ["# HELP vllm:num_requests_running running", "vllm:num_requests_running 0.0"]
+    for reason in ("stop", "length"):
+        for name, v in half.items():
+            lines.append(f'{name}{{model_name="m",finished_reason="{reason}"}} {v!r}')
+    lines.append('vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 3.0')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+RESULT = {
+    "completed": 10,
+    "mean_ttft_ms": 50.0,
+    "mean_tpot_ms": 8.0,
+    "total_input_tokens": 2560,
+    "total_output_tokens": 320,
+}
+
+
+def test_reads_a_vllm_metrics_scrape(tmp_path):
+    from memorywall.calibrate.fit import read_prometheus
+
+    lv = read_prometheus(write_scrape(tmp_path / "c8.prom", RESULT, "concurrency=8"))
+    assert (lv.concurrency, lv.rate, lv.requests, lv.prompt, lv.output) == (8, None, 10, 256, 32)
+    assert lv.ttft_s == pytest.approx(0.05) and lv.tpot_s == pytest.approx(0.008)
+    lv = read_prometheus(write_scrape(tmp_path / "r.prom", RESULT, "request_rate=2.5"))
+    assert (lv.concurrency, lv.rate) == (None, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("load", "drop", "message"),
+    [
+        (None, None, "say the load the scrape ran under"),
+        ("users=3", None, "expected 'concurrency=N' or 'request_rate=R'"),
+        ("concurrency=8", "vllm:time_per_output_token_seconds_sum", "not a vLLM metrics scrape"),
+    ],
+)
+def test_refuses_a_scrape_without_its_load_or_metrics(tmp_path, capsys, load, drop, message):
+    path = write_scrape(tmp_path / "c.prom", RESULT, load)
+    if drop:
+        path.write_text("\n".join(x for x in path.read_text().splitlines() if drop not in x))
+    steps = write_steps(tmp_path / "s.csv", STEPS)
+    assert run_cli(str(path), str(steps), "--out", str(tmp_path / "o.toml")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recovers_known_constants_from_replayed_metrics_scrapes(tmp_path):
+    from memorywall.loadgen.bench import BenchConfig, Level
+    from memorywall.loadgen.workload import Fixed, SyntheticWorkload
+    from memorywall.sim.simulate import simulate_level
+
+    files = []
+    for c in (1, 8):
+        config = BenchConfig(
+            target="t",
+            workload=SyntheticWorkload(Fixed(256), Fixed(32)),
+            num_prompts=2 * c,
+            concurrency=(c,),
+        )
+        r = simulate_level(true_deployment(), EngineConfig(), config, Level(f"c{c}", c, None))
+        files.append(write_scrape(tmp_path / f"c{c}.prom", r.result, f"concurrency={c}"))
+    steps = write_steps(tmp_path / "s.csv", [(0, 0, 2048), (16, 1024, 0)])
+    result = calibrate([*files, steps], base_deployment(), EngineConfig(), resamples=20)
+    for k, v in fitted(result).items():
+        assert v == pytest.approx(TRUE[k], rel=0.01), k

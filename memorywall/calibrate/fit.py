@@ -11,6 +11,9 @@ Observations come from two kinds of file:
   loop) or `request_rate` (open loop). Each load level is replayed on the
   serving engine, offline (`memorywall.sim.simulate`), with its mean prompt and
   output lengths, and its mean TTFT and TPOT compared.
+- a vLLM `/metrics` scrape (`.prom`, Prometheus text format) taken after one
+  load level on a fresh server, with the load stated in a comment line
+  (`read_prometheus`): the same level, from the TTFT and TPOT histograms.
 
 Every constant in `SPECS` (efficiencies, latency floors, kernel costs) is a
 candidate; which ones are fitted the data decide (`core.identify`): a
@@ -212,8 +215,12 @@ def read_inputs(paths: list[Path]) -> tuple[list[StepRow], list[Level]]:
             steps += _read_csv(path)
         elif path.suffix == ".json":
             levels.append(_read_level(path))
+        elif path.suffix == ".prom":
+            levels.append(read_prometheus(path))
         else:
-            raise CalibrateError(f"{path}: expected a .csv of step times or a .json result file")
+            raise CalibrateError(
+                f"{path}: expected a .csv of step times, a .json result file or a .prom scrape"
+            )
     return steps, levels
 
 
@@ -261,6 +268,74 @@ def _read_level(path: Path) -> Level:
     if level.concurrency is None and level.rate is None:
         raise CalibrateError(f"{path}: neither max_concurrency nor a finite request_rate")
     return level
+
+
+PROM_LOAD = "# memorywall load:"
+PROM_METRICS = (
+    "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count",
+    "vllm:request_success_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+)
+
+
+def read_prometheus(path: Path) -> Level:
+    """One load level from a vLLM `/metrics` scrape (Prometheus text format) taken after the
+    level ran on a fresh server: mean TTFT and TPOT from the histograms' sums and counts,
+    requests and mean prompt and output lengths from the counters (each summed over its
+    label sets). The scrape does not say the load, so the file must: a line
+    `# memorywall load: concurrency=8` (closed loop) or `# memorywall load: request_rate=2.5`."""
+    totals = dict.fromkeys(PROM_METRICS, 0.0)
+    seen: set[str] = set()
+    load: tuple[str, float] | None = None
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if line.startswith(PROM_LOAD):
+            key, _, value = line.removeprefix(PROM_LOAD).strip().partition("=")
+            try:
+                load = (key.strip(), float(value))
+            except ValueError:
+                raise CalibrateError(f"{path}:{i}: load: not a number: {value!r}") from None
+            if load[0] not in ("concurrency", "request_rate") or not load[1] > 0:
+                raise CalibrateError(
+                    f"{path}:{i}: expected 'concurrency=N' or 'request_rate=R' (positive)"
+                )
+            continue
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            try:
+                totals[name] += float(line.rsplit("}", 1)[-1].split()[0])
+            except (ValueError, IndexError):
+                raise CalibrateError(f"{path}:{i}: not a sample line: {line!r}") from None
+            seen.add(name)
+    if missing := [m for m in PROM_METRICS if m not in seen]:
+        raise CalibrateError(f"{path}: not a vLLM metrics scrape: no {', '.join(missing)}")
+    if load is None:
+        raise CalibrateError(
+            f"{path}: say the load the scrape ran under: add a line "
+            f"'{PROM_LOAD} concurrency=N' or '{PROM_LOAD} request_rate=R'"
+        )
+    done = totals["vllm:request_success_total"]
+    ttft_n = totals["vllm:time_to_first_token_seconds_count"]
+    tpot_n = totals["vllm:time_per_output_token_seconds_count"]
+    if not (done > 0 and ttft_n > 0 and tpot_n > 0):
+        raise CalibrateError(f"{path}: no completed requests in the scrape")
+    kind, value = load
+    return Level(
+        source=path.name,
+        concurrency=int(value) if kind == "concurrency" else None,
+        rate=value if kind == "request_rate" else None,
+        requests=int(done),
+        prompt=round(totals["vllm:prompt_tokens_total"] / done),
+        output=round(totals["vllm:generation_tokens_total"] / done),
+        ttft_s=totals["vllm:time_to_first_token_seconds_sum"] / ttft_n,
+        tpot_s=totals["vllm:time_per_output_token_seconds_sum"] / tpot_n,
+    )
 
 
 def observations(steps: list[StepRow], levels: list[Level]) -> list[Observation]:

@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "results",
         nargs="+",
         type=Path,
-        help="step-time CSVs (batch,context,new_tokens,seconds) and bench result JSON files",
+        help="step-time CSVs (batch,context,new_tokens,seconds), bench result JSON files and "
+        "vLLM /metrics scrapes (.prom, with a '# memorywall load: concurrency=N' line)",
     )
     p.add_argument("--out", type=Path, required=True, help="the calibrated profile (.toml)")
     p.add_argument(
