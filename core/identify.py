@@ -253,9 +253,11 @@ def bootstrap(
     n = jac.shape[0]
     out = np.empty((resamples, len(z_hat)))
     for b in range(resamples):
-        idx = rng.integers(0, n, n)
-        out[b] = least_squares(
-            lambda z, idx=idx: residual(z)[idx], z_hat, lower, upper, jac[idx], max_iter=8
-        )
+        idx = rng.integers(0, n, size=n)
+
+        def drawn(z: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
+            return residual(z)[idx]
+
+        out[b] = least_squares(drawn, z_hat, lower, upper, jac[idx], max_iter=8)
     widen = np.sqrt(n / max(n - len(z_hat), 1))
     return np.clip(z_hat + (out - z_hat) * widen, lower, upper)

@@ -325,11 +325,11 @@ def read_prometheus(path: Path) -> Level:
     tpot_n = totals["vllm:time_per_output_token_seconds_count"]
     if not (done > 0 and ttft_n > 0 and tpot_n > 0):
         raise CalibrateError(f"{path}: no completed requests in the scrape")
-    kind, value = load
+    kind, amount = load
     return Level(
         source=path.name,
-        concurrency=int(value) if kind == "concurrency" else None,
-        rate=value if kind == "request_rate" else None,
+        concurrency=int(amount) if kind == "concurrency" else None,
+        rate=amount if kind == "request_rate" else None,
         requests=int(done),
         prompt=round(totals["vllm:prompt_tokens_total"] / done),
         output=round(totals["vllm:generation_tokens_total"] / done),
@@ -524,6 +524,7 @@ def profile_toml(base_text: str, calibration: Calibration, name: str) -> str:
         if here:
             lines += ["", f"[{section}]"]
         for e in here:
+            assert e.interval is not None  # every fitted constant was bootstrapped
             lo, hi = e.interval
             lines.append(
                 f'{e.spec.key} = {{ value = {e.value!r}, unit = "{e.spec.unit}", '
