@@ -253,7 +253,7 @@ def bootstrap(
     n = jac.shape[0]
     out = np.empty((resamples, len(z_hat)))
     for b in range(resamples):
-        idx = rng.integers(0, n, size=n)
+        idx = np.asarray(rng.integers(0, n, n))  # the stubs call a sized draw a scalar
 
         def drawn(z: np.ndarray, idx: np.ndarray = idx) -> np.ndarray:
             return residual(z)[idx]
