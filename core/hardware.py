@@ -24,8 +24,12 @@ _CALIBRATIONS = resources.files("memorywall.core") / "calibration"
 
 
 class DeviceKind(Enum):
+    """What a device is, for the layout: GPUs and ASICs split layers by tensor parallel within
+    their scale-up domain; a wafer runs as one layer pipeline (no tensor parallel)."""
+
     GPU = "gpu"
     WAFER = "wafer"
+    ASIC = "asic"  # a TPU, Maia, an LPU: laid out like a GPU, its limits said in `notes`
 
 
 class ExecutionMode(Enum):
@@ -147,6 +151,12 @@ class Hardware:
     calibration: str
     sources: Mapping[str, str]
     execution: ExecutionMode = DEFAULT_EXECUTION  # the serving stack's launch mode
+    # Where the profile's figures come from, in one line (`memorywall hardware` shows it).
+    source: str = ""
+    # A what-if profile describes hardware that does not exist; its `notes` state every assumption.
+    what_if: bool = False
+    # What the core cannot represent faithfully for this device, and the assumptions made.
+    notes: tuple[str, ...] = ()
 
     def compute_peak(self, precision: Precision) -> float:
         """Peak dense FLOP/s for math in `precision`, falling back to bf16 (weight-only formats)."""
@@ -193,7 +203,9 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
     try:
         kind = DeviceKind(kind_text)
     except ValueError:
-        raise ConfigError(f"{path}: kind: expected 'gpu' or 'wafer', got {kind_text!r}") from None
+        valid = ", ".join(repr(k.value) for k in DeviceKind)
+        raise ConfigError(f"{path}: kind: expected one of {valid}, got {kind_text!r}") from None
+    what_if, notes = _what_if_and_notes(r, data, name)
 
     tiers = _memory_tiers(r, r.table(data, "memory"))
     resident = [t for role, t in tiers if role == "resident"]
@@ -269,7 +281,44 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
         calibration=calibration,
         execution=_execution(r, r.table(data, "execution", optional=True)),
         sources=dict(r.sources),
+        source=_optional_text(r, data, "source"),
+        what_if=what_if,
+        notes=notes,
     )
+
+
+WHAT_IF_PREFIX = "what-if-"
+
+
+def _optional_text(r: QuantityReader, data: dict[str, Any], key: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"{r.origin}: {key}: expected a string")
+    return value.strip()
+
+
+def _what_if_and_notes(
+    r: QuantityReader, data: dict[str, Any], name: str
+) -> tuple[bool, tuple[str, ...]]:
+    """`what_if = true|false` and `notes = ["...", ...]`. A what-if profile must say so in its
+    name and list its assumptions, so that it cannot pass for a real part in a table."""
+    what_if = data.get("what_if", False)
+    if not isinstance(what_if, bool):
+        raise ConfigError(f"{r.origin}: what_if: expected true or false, got {what_if!r}")
+    raw = data.get("notes", [])
+    if not isinstance(raw, list) or not all(isinstance(n, str) and n.strip() for n in raw):
+        raise ConfigError(f"{r.origin}: notes: expected a list of non-empty strings")
+    notes = tuple(n.strip() for n in raw)
+    if what_if and not name.startswith(WHAT_IF_PREFIX):
+        raise ConfigError(
+            f"{r.origin}: name: a what-if profile's name starts with {WHAT_IF_PREFIX!r}, "
+            f"got {name!r}"
+        )
+    if what_if and not notes:
+        raise ConfigError(f"{r.origin}: notes: a what-if profile must state its assumptions")
+    if not what_if and name.startswith(WHAT_IF_PREFIX):
+        raise ConfigError(f"{r.origin}: what_if: {name!r} is named what-if but not marked so")
+    return what_if, notes
 
 
 def _execution(r: QuantityReader, table: dict[str, Any]) -> ExecutionMode:

@@ -24,6 +24,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def hardware_command(args: argparse.Namespace) -> int:
+    """Every built-in profile with its kind (what-if profiles say so) and where its figures
+    come from; each profile's `notes` say what the core cannot represent for it."""
     rows = []
     for name in builtin_hardware():
         hw = load_hardware(name)
@@ -31,13 +33,15 @@ def hardware_command(args: argparse.Namespace) -> int:
         rows.append(
             (
                 name,
-                hw.kind.value,
+                f"{hw.kind.value}, what-if" if hw.what_if else hw.kind.value,
                 f"{hw.resident.capacity_bytes / 1e9:g} GB {hw.resident.name}",
                 f"{hw.resident.bandwidth_bytes_per_s / 1e12:g} TB/s",
                 f"{peaks} PF",
+                f"{hw.scale_up.bandwidth_bytes_per_s / 1e9:g} GB/s x {hw.scale_up_domain}",
                 f"{hw.external_io.bandwidth_bytes_per_s / 1e9:g} GB/s",
                 f"{hw.tdp_w:g} W",
                 hw.description,
+                hw.source or "-",
             )
         )
     print(
@@ -48,9 +52,11 @@ def hardware_command(args: argparse.Namespace) -> int:
                 "memory",
                 "bandwidth",
                 "dense peak",
+                "scale-up (per direction x domain)",
                 "external I/O",
                 "power",
                 "description",
+                "source",
             ),
             rows,
         )

@@ -95,7 +95,14 @@ def test_hardware_lists_builtins(capsys):
     code, out, _ = run(capsys, ["hardware"])
     assert code == 0
     names = [line.split()[0] for line in out.splitlines()[2:]]
-    assert names == builtin_hardware() == ["b200", "h100-sxm", "h200", "wse-3"]
+    assert names == builtin_hardware()
+    assert {"b200", "h100-sxm", "h200", "wse-3", "tpu-v7", "what-if-sow-hbm"} <= set(names)
+    header = out.splitlines()[0].split()
+    assert header[:2] == ["name", "kind"] and header[-1] == "source"
+    kinds = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+    assert kinds["wse-3"] == "wafer" and kinds["tpu-v7"] == "asic"
+    assert kinds["what-if-sow-hbm"] == "wafer,"  # "wafer, what-if"
+    assert "wafer, what-if" in next(ln for ln in out.splitlines() if ln.startswith("what-if-sow"))
 
 
 def test_models_lists_builtins(capsys):
@@ -117,7 +124,7 @@ ERRORS = [
     (
         "unknown hardware",
         ["predict", "--hardware", "tpu-v9", "--model", "llama-3.1-8b"],
-        "unknown hardware 'tpu-v9' (built in: b200, h100-sxm, h200, wse-3",
+        "unknown hardware 'tpu-v9' (built in: b200, gb200-nvl72, groq-lpu, h100-sxm, h200",
     ),
     (
         "unknown model",

@@ -13,8 +13,24 @@ from memorywall.core import Precision, builtin_hardware, load_hardware
 from memorywall.core.hardware import DeviceKind, Hardware
 from memorywall.errors import ConfigError, NotFoundError
 
-BUILTINS = ["b200", "h100-sxm", "h200", "wse-3"]
-GPUS = ["b200", "h100-sxm", "h200"]
+BUILTINS = [
+    "b200",
+    "gb200-nvl72",
+    "groq-lpu",
+    "h100-sxm",
+    "h200",
+    "maia-100",
+    "mi300x",
+    "mi355x",
+    "tpu-v5e",
+    "tpu-v6e",
+    "tpu-v7",
+    "what-if-sow-hbm",
+    "what-if-wafer-optical",
+    "what-if-wse-flat-sram",
+    "wse-3",
+]
+GPUS = ["b200", "h100-sxm", "h200"]  # the HGX profiles the study was built on
 
 
 def set_line(text: str, key: str, new_line: str) -> str:
@@ -252,6 +268,38 @@ BAD_PROFILES = [
         r"memory\.hbm\.role",
     ),
     ("unknown kind", lambda t: t.replace('kind = "gpu"', 'kind = "tpu"'), r"kind: .*'tpu'"),
+    (
+        "what_if not a bool",
+        lambda t: t.replace('kind = "gpu"', 'kind = "gpu"\nwhat_if = "yes"'),
+        r"what_if: expected true or false, got 'yes'",
+    ),
+    (
+        "what-if profile without notes",
+        lambda t: set_line(t, "name", 'name = "what-if-x"').replace(
+            'kind = "gpu"', 'kind = "gpu"\nwhat_if = true'
+        ),
+        r"notes: a what-if profile must state its assumptions",
+    ),
+    (
+        "what-if profile not named what-if-*",
+        lambda t: t.replace('kind = "gpu"', 'kind = "gpu"\nwhat_if = true\nnotes = ["a"]'),
+        r"name: a what-if profile's name starts with 'what-if-', got 'h100-sxm'",
+    ),
+    (
+        "named what-if but not marked",
+        lambda t: set_line(t, "name", 'name = "what-if-x"'),
+        r"what_if: 'what-if-x' is named what-if but not marked so",
+    ),
+    (
+        "notes not a list of strings",
+        lambda t: t.replace('kind = "gpu"', 'kind = "gpu"\nnotes = ["ok", ""]'),
+        r"notes: expected a list of non-empty strings",
+    ),
+    (
+        "profile source not a string",
+        lambda t: set_line(t, "source", "source = 3"),
+        r": source: expected a string",
+    ),
     (
         "unknown calibration",
         lambda t: t.replace('calibration = "gpu-fit"', 'calibration = "no-such-fit"'),
