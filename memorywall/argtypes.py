@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -67,3 +68,32 @@ def stream_interval(text: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"expected a positive integer or 'auto', got {text!r}"
         ) from None
+
+
+_POWER_UNITS = {"W": 1.0, "kW": 1e3, "KW": 1e3, "MW": 1e6, "GW": 1e9}
+_POWER = re.compile(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*")
+
+
+def power_watts(text: str) -> float:
+    """`--power-budget`: a power with its unit, `250MW`, `1.5 GW`, `800kW`, `700W`, in watts.
+
+    A bare number is refused: a budget off by 1e6 for a missing unit is the likeliest mistake.
+    """
+    match = _POWER.fullmatch(text)
+    if match is None or not match.group(2):
+        raise argparse.ArgumentTypeError(
+            f"expected a power with its unit (W, kW, MW, GW), e.g. 250MW, got {text!r}"
+        )
+    digits, unit = match.groups()
+    if unit not in _POWER_UNITS:
+        valid = ", ".join(dict.fromkeys(u for u in _POWER_UNITS if u != "KW"))
+        raise argparse.ArgumentTypeError(f"unknown power unit {unit!r} (valid: {valid})")
+    try:
+        value = float(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number before {unit!r}, got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite power > 0, got {text!r}")
+    return value * _POWER_UNITS[unit]
