@@ -46,6 +46,8 @@ class ServerReady:
     tls: bool = False  # every port speaks TLS (https, secure gRPC)
     role: str = "both"  # disaggregated serving: prefill, decode, or both phases
     bootstrap_port: int | None = None  # a prefill worker's rendezvous port
+    # The worker protocols on the gRPC port (`serve --grpc-services`); () when gRPC is off.
+    grpc_services: tuple[str, ...] = ()
 
     @property
     def grpc_target(self) -> str | None:
@@ -84,7 +86,10 @@ class ServerReady:
         missing = [f.name for f in required if f.name not in data]
         if missing:
             raise ReadyError(f"{origin}: missing {', '.join(missing)}")
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if isinstance(values.get("grpc_services"), list):  # JSON has no tuples
+            values["grpc_services"] = tuple(values["grpc_services"])
+        return cls(**values)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -207,6 +207,7 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         metrics_port=server.metrics_port,
         role=server.config.disaggregation.role,
         bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
+        grpc_services=server.config.grpc_services if server.config.grpc else (),
     )
 
 
@@ -221,6 +222,7 @@ def card_ready(
     metrics_port: int | None,
     role: Role = Role.BOTH,
     bootstrap_port: int | None = None,
+    grpc_services: tuple[str, ...] = (),
 ) -> ServerReady:
     """A ready file's content: where a process listens, and the model card it serves."""
     return ServerReady(
@@ -242,6 +244,7 @@ def card_ready(
         predicted_tokens_per_s_per_user=card.predicted_tokens_per_s_per_user,
         role=role.value,
         bootstrap_port=bootstrap_port,
+        grpc_services=grpc_services,
     )
 
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from memorywall.errors import ConfigError
 from memorywall.server.engine.guard import GuardConfig
-from memorywall.server.pd.config import PdConfig
+from memorywall.server.grpc_services import DEFAULT_GRPC_SERVICES, SGLANG, check_services
+from memorywall.server.pd.config import PdConfig, Role
 
 if TYPE_CHECKING:  # the TLS module loads grpc; a config (and the CLI that builds it) need not
     from memorywall.server.fronts.tls import TlsConfig
@@ -28,6 +29,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC
     grpc: bool = True
+    # The worker protocols on the gRPC port (`--grpc-services`; see grpc_services.py).
+    grpc_services: tuple[str, ...] = DEFAULT_GRPC_SERVICES
     http_port: int | None = None  # the OpenAI HTTP front (with /metrics); None: off
     metrics_port: int | None = None  # /metrics alone, for a gRPC-only server; None: off
     tokenizer: Path | None = None  # HF tokenizer.json for HTTP prompt text; None: ~4 chars/token
@@ -51,6 +54,15 @@ class ServerConfig:
             raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
         if self.stream_interval is not None and self.stream_interval < 1:
             raise ConfigError(f"stream_interval: must be >= 1, got {self.stream_interval}")
+        try:
+            check_services(self.grpc_services)
+        except ValueError as e:
+            raise ConfigError(f"grpc services: {e}") from None
+        if self.disaggregation.role is not Role.BOTH and SGLANG not in self.grpc_services:
+            raise ConfigError(
+                f"--role {self.disaggregation.role.value}: disaggregated halves meet through "
+                "SGLang's worker service; add sglang to --grpc-services"
+            )
 
     @property
     def scheme(self) -> str:

@@ -1,8 +1,9 @@
 """A server's listeners over one `EngineClient`: the wiring `memorywall serve` and each front
 process of `serve --api-servers N` share.
 
-gRPC (memorywall.v1, SGLang's worker API, KServe v2 / Triton's
-GRPCInferenceService, health, reflection, every call behind the auth gate), the
+gRPC (the worker protocols `config.grpc_services` names: memorywall.v1, SGLang's,
+vLLM's or TensorRT-LLM's worker API, KServe v2 / Triton's GRPCInferenceService; health,
+reflection, every call behind the auth gate), the
 HTTP front (OpenAI and KServe v2 routes, with /metrics) and a /metrics-only
 port, each as `ServerConfig` asks, with TLS on all of them when it asks. The
 owner keeps the engine's lifecycle; the listeners go through theirs:
@@ -38,20 +39,29 @@ from memorywall.server.fronts.http_front import (
     expect_continue,
     metrics_app,
 )
-from memorywall.server.fronts.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE_NAME
-from memorywall.server.fronts.kserve_grpc import KServeServicer
-from memorywall.server.fronts.kserve_grpc import add_to_server as add_kserve
+from memorywall.server.fronts import kserve_grpc, sglang_servicer, trtllm_servicer, vllm_servicer
 from memorywall.server.fronts.kserve_http import KServeHttp
-from memorywall.server.fronts.sglang_servicer import SERVICE_NAME as SGLANG_SERVICE_NAME
-from memorywall.server.fronts.sglang_servicer import SglangServicer, add_to_server
 from memorywall.server.fronts.tokenizer import PromptTokenizer, load_tokenizer
+from memorywall.server.grpc_services import KSERVE, MEMORYWALL, SGLANG, TRTLLM, VLLM
 from memorywall.server.pd import Disaggregation
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
-# Every service on the gRPC port, each with a health status of its own ("" is the server's).
-HEALTH_NAMES = ("", SERVICE_NAME, SGLANG_SERVICE_NAME, KSERVE_SERVICE_NAME)
+# Each `--grpc-services` name's gRPC service.
+SERVICE_NAMES = {
+    MEMORYWALL: SERVICE_NAME,
+    SGLANG: sglang_servicer.SERVICE_NAME,
+    VLLM: vllm_servicer.SERVICE_NAME,
+    TRTLLM: trtllm_servicer.SERVICE_NAME,
+    KSERVE: kserve_grpc.SERVICE_NAME,
+}
 MAX_PENDING_CALLS = 1_000_000
+
+
+def health_names(services: tuple[str, ...]) -> tuple[str, ...]:
+    """Every service on the gRPC port, each with a health status of its own ("" is the
+    server's)."""
+    return ("", *(SERVICE_NAMES[s] for s in services))
 
 
 @dataclass(frozen=True)
@@ -178,13 +188,13 @@ class Listeners:
         if self.grpc is not None and self.health is not None:  # built together
             await self.grpc.start()
             self._serving = True
-            for name in HEALTH_NAMES:
+            for name in health_names(self.config.grpc_services):
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop_serving(self) -> None:
         """Report every gRPC service NOT_SERVING; calls keep being answered until `close`."""
         if self._serving and self.health is not None:
-            for name in HEALTH_NAMES:
+            for name in health_names(self.config.grpc_services):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def close(self) -> None:
@@ -218,8 +228,8 @@ def grpc_server(
     unnamed_prompts: Iterator[int] | None = None,
     tokenizer: PromptTokenizer | None = None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
-    """The gRPC server (memorywall.v1, SGLang, KServe v2, health, reflection) over `engine`,
-    unbound.
+    """The gRPC server (the services `config.grpc_services` names, health, reflection) over
+    `engine`, unbound.
 
     `reuse_port`: several processes bind the same port (`--api-servers`).
     `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
@@ -242,22 +252,29 @@ def grpc_server(
     # Every call passes the gate first: the API key, and a request that decodes.
     gate = GrpcGate(api_key=config.api_key)
     server = grpc.aio.server(options=options, interceptors=[gate])
-    servicer = EngineServicer(
-        engine, card, seed, max_request_bytes=limit, unnamed_prompts=unnamed_prompts
-    )
-    engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
-    # SGLang's worker API, for the smg gateway: the same engine, the same port.
-    add_to_server(SglangServicer(engine, card, pd), server)
+    services = config.grpc_services
+    if MEMORYWALL in services:
+        servicer = EngineServicer(
+            engine, card, seed, max_request_bytes=limit, unnamed_prompts=unnamed_prompts
+        )
+        engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
+    # The smg gateway's worker APIs: the same engine, the same port.
+    if SGLANG in services:
+        sglang_servicer.add_to_server(sglang_servicer.SglangServicer(engine, card, pd), server)
+    if VLLM in services:
+        vllm_servicer.add_to_server(vllm_servicer.VllmServicer(engine, card), server)
+    if TRTLLM in services:
+        trtllm_servicer.add_to_server(trtllm_servicer.TrtllmServicer(engine, card), server)
     # KServe v2 / Triton's inference service, for tritonclient, perf_analyzer and AIPerf.
-    if tokenizer is None:
-        tokenizer = load_tokenizer(config.tokenizer, card.vocab_size)
-    add_kserve(KServeServicer(engine, card, tokenizer, max_request_bytes=limit), server)
+    if KSERVE in services:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer, card.vocab_size)
+        kserve = kserve_grpc.KServeServicer(engine, card, tokenizer, max_request_bytes=limit)
+        kserve_grpc.add_to_server(kserve, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
-            SERVICE_NAME,
-            SGLANG_SERVICE_NAME,
-            KSERVE_SERVICE_NAME,
+            *(SERVICE_NAMES[s] for s in services),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -42,6 +42,16 @@ def build_parser() -> Parser:
     return p
 
 
+def grpc_services(text: str) -> tuple[str, ...]:
+    """argparse type for `--grpc-services`."""
+    from memorywall.server.grpc_services import parse_services
+
+    try:
+        return parse_services(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_deployment_arguments(p)
     p.add_argument("--host", default=_SERVER.host, help=f"address to bind (default {_SERVER.host})")
@@ -53,6 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--no-grpc", dest="grpc", action="store_false", help="serve HTTP only (needs --http-port)"
+    )
+    p.add_argument(
+        "--grpc-services",
+        type=grpc_services,
+        default=_SERVER.grpc_services,
+        metavar="LIST",
+        help="worker protocols on the gRPC port, comma-separated: memorywall, sglang, vllm, "
+        "trtllm, kserve; one of sglang/vllm/trtllm at most, so a gateway that detects the "
+        f"engine by its services sees one (default: {','.join(_SERVER.grpc_services)})",
     )
     p.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics alone on this port")
     p.add_argument(
@@ -123,6 +142,7 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         grace_s=args.grace,
         max_messages_per_s=args.max_messages_per_s,
         stream_interval=args.stream_interval,
+        grpc_services=args.grpc_services,
         **serve_options.server_options(args),
         **pd_options.server_options(args, deployment, names),
     )

@@ -4,7 +4,8 @@ Each worker is its own `python -m memorywall serve` process on 127.0.0.1, its st
 `<log dir>/<name>.log`; the fleet learns its ports and devices from the ready file it
 writes (`<log dir>/<name>.ready.json`, see `memorywall.ready`). With a `[gateway]` table
 and smg installed (`pip install 'memorywall[gateway]'`), `smg launch` routes to the
-workers' gRPC ports, where each speaks SGLang's `SglangScheduler`; smg reads model and
+workers' gRPC ports, where each speaks SGLang's `SglangScheduler` (or, with `protocol =`,
+vLLM's or TensorRT-LLM's worker service, and smg gets the matching `--backend`); smg reads model and
 tokenizer from the workers themselves. Once everything answers, the fleet writes its own
 ready file (`--ready-file`): every worker's entry and the gateway's address.
 SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1),
@@ -47,6 +48,7 @@ from memorywall.fleet.spec import (
 )
 from memorywall.launch import Child
 from memorywall.ready import ReadyError, ServerReady, remove, write_json
+from memorywall.server.grpc_services import SMG_BACKEND
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "in_background", "load_spec", "run"]
 
@@ -255,7 +257,8 @@ class Fleet:
 
     def _start_gateway(self, smg: list[str], gw: GatewaySpec, worker_args: list[str]) -> str | None:
         port = gw.port or free_port()
-        cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
+        cmd = [*smg, "launch", *worker_args, *smg_backend(self.spec.protocol)]
+        cmd += ["--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
         self.gateway_metrics_port = free_port()
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port"]
@@ -297,6 +300,13 @@ def serve_command(w: WorkerSpec, ready: Path, tls: TlsSpec | None = None) -> lis
         if tls.client_ca is not None:
             args += ["--tls-client-ca", str(tls.client_ca)]
     return launch.serve_command(args, ready)
+
+
+def smg_backend(protocol: str) -> list[str]:
+    """smg's `--backend` for workers speaking `protocol`. smg 1.13 has none for TensorRT-LLM:
+    it finds that engine by the service a gRPC worker answers."""
+    backend = SMG_BACKEND.get(protocol)
+    return ["--backend", backend] if backend else []
 
 
 def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:

@@ -1,6 +1,6 @@
 """The fleet spec: `[[worker]]` tables (every `memorywall serve` option, by the same name:
-`worker.py`), an optional `[gateway]`, `[tls]` and `[[fault]]` schedule (`faults.py`),
-checked field by field."""
+`worker.py`, and `protocol`), an optional `[gateway]`, `[tls]` and `[[fault]]` schedule
+(`faults.py`), checked field by field."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from memorywall.core import load_toml
 from memorywall.errors import ConfigError
 from memorywall.fleet import worker
 from memorywall.fleet.faults import WorkerFault, parse_faults
-from memorywall.fleet.worker import PORT_KEYS, WorkerSpec
+from memorywall.fleet.worker import PORT_KEYS, PROTOCOLS, WorkerSpec
 
 __all__ = ["FleetSpec", "GatewaySpec", "TlsSpec", "WorkerSpec", "load_spec", "parse_spec"]
 
@@ -65,6 +65,11 @@ class FleetSpec:
     faults: tuple[WorkerFault, ...] = ()  # kill / pause / resume on a schedule
 
     @property
+    def protocol(self) -> str | None:
+        """The engine whose worker service the workers speak (one per gatewayed fleet)."""
+        return self.workers[0].protocol
+
+    @property
     def disaggregated(self) -> bool:
         """Prefill and decode workers (the gateway runs in smg's PD mode)."""
         return any(w.role != "both" for w in self.workers)
@@ -108,10 +113,33 @@ def _worker(origin: str, i: int, raw: Any, base: Path | None) -> WorkerSpec:
             f"{origin}: {where}.name: {name!r} must be letters, digits, '.', '_', '-' "
             f"(it names the log file) and not {GATEWAY_LOG!r}"
         )
+    raw = _with_protocol(raw, origin, where)
     spec = WorkerSpec(name, **worker.check(raw, f"{origin}: {where}", base=base))
     if spec.kv_link is not None and spec.role != "decode":
         raise ConfigError(f"{origin}: {where}.kv_link: only a decode worker takes one")
     return spec
+
+
+def _with_protocol(raw: dict[str, Any], origin: str, where: str) -> dict[str, Any]:
+    """`protocol = "vllm"` is `grpc_services = "vllm"`: the worker serves that engine's
+    service alone, so smg's service probe finds one engine (`sglang`: serve's default,
+    memorywall.v1 and SGLang's). Given both, they must agree."""
+    if "protocol" not in raw:
+        return raw
+    protocol = raw["protocol"]
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"{origin}: {where}.protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}"
+        )
+    if "grpc_services" in raw:
+        probe = WorkerSpec("probe", grpc_services=raw["grpc_services"])
+        if probe.protocol != protocol:
+            raise ConfigError(
+                f"{origin}: {where}.protocol: {protocol} disagrees with grpc_services "
+                f"{raw['grpc_services']!r}; give one of them"
+            )
+        return raw
+    return raw if protocol == "sglang" else {**raw, "grpc_services": protocol}
 
 
 def _tls(origin: str, raw: Any, base: Path | None) -> TlsSpec:
@@ -179,6 +207,18 @@ def parse_spec(
         if grpc_off := [w.name for w in workers if w.get("no_grpc")]:
             raise ConfigError(
                 f"{origin}: gateway: smg routes to gRPC, which {', '.join(grpc_off)} turns off"
+            )
+        protocols = {w.protocol for w in workers}
+        if None in protocols:
+            names = ", ".join(w.name for w in workers if w.protocol is None)
+            raise ConfigError(
+                f"{origin}: gateway: {names} serves no engine service smg speaks "
+                f"(grpc_services needs one of {', '.join(PROTOCOLS)})"
+            )
+        if len(protocols) > 1:
+            raise ConfigError(
+                f"{origin}: worker.protocol: one gateway backend speaks to every worker, "
+                f"got {', '.join(sorted(protocols))}"
             )
         gateway = GatewaySpec(policy=policy, port=gw_port, args=tuple(args))
     tls = _tls(origin, data["tls"], base) if "tls" in data else None

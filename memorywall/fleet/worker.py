@@ -5,7 +5,8 @@ option is a key named by its long flag without the dashes, `-` written `_`
 (`--max-num-seqs 64` is `max_num_seqs = 64`); a flag without a value (`--no-prefix-caching`)
 is a boolean, `true` to give it. A table is turned into argv generically (`argv`) and
 checked by parsing that argv with the real parser, one key at a time so that an error
-names its key. `name` is the fleet's own key, and the options the fleet itself controls
+names its key. `name` and `protocol` (the smg engine it looks like: `spec.py` turns it into
+`grpc_services`) are the fleet's own keys, and the options the fleet itself controls
 (the host, the ready file, a prefill worker's bootstrap port, TLS and the API key) are
 refused with the reason. `port` defaults to 0 (any free port) in a fleet.
 """
@@ -23,8 +24,16 @@ from typing import Any
 from memorywall.core import load_hardware, load_model
 from memorywall.core.kv_transfer import parse_link
 from memorywall.errors import ConfigError, MemorywallError
+from memorywall.server.grpc_services import (
+    DEFAULT_GRPC_SERVICES,
+    SMG_ENGINES,
+    parse_services,
+    smg_engine,
+)
 
-FLEET_KEYS = ("name",)
+FLEET_KEYS = ("name", "protocol")
+# The engines whose worker service smg speaks (`protocol = ...`); SGLang's is serve's default.
+PROTOCOLS = SMG_ENGINES
 # Serve options a fleet sets for its workers, and where the user says them instead.
 REFUSED = {
     "host": "the fleet binds every worker to 127.0.0.1",
@@ -93,6 +102,15 @@ class WorkerSpec:
     @property
     def fault_seed(self) -> int:
         return self.get("fault_seed", 0)
+
+    @property
+    def protocol(self) -> str | None:
+        """The smg engine whose worker service it serves (`grpc_services`), or None."""
+        services = self.get("grpc_services")
+        try:
+            return smg_engine(parse_services(services) if services else DEFAULT_GRPC_SERVICES)
+        except ValueError:  # a bad list: `check` names it
+            return None
 
     def argv(self) -> list[str]:
         """The serve options, as `memorywall serve` takes them (the fleet's own not included:

@@ -253,4 +253,5 @@ def _ready(card: ModelCard, config: ServerConfig, ports: ListenerPorts):
         grpc_port=ports.grpc_port,
         http_port=ports.http_port,
         metrics_port=ports.metrics_port,
+        grpc_services=config.grpc_services if ports.grpc_port is not None else (),
     )

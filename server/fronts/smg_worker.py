@@ -1,0 +1,86 @@
+"""What the smg gateway's worker services share, whichever engine they speak for.
+
+SGLang's scheduler service (`sglang_servicer`), vLLM's engine service
+(`vllm_servicer`) and TensorRT-LLM's worker service (`trtllm_servicer`) differ in
+their messages, not in what they ask of the engine: a request of prompt ids in,
+token groups out, errors through the one status table, the tokenizer shipped as a
+zip, prefix-cache events streamed. `engine_events` is that one call; `TokenizerCache`
+builds the zip once per servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.server.engine.api import EngineClient, Event, ModelCard, Request
+from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
+from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
+
+TOKENIZER_CHUNK_BYTES = 512 * 1024
+
+
+def prompt_ids(ids: Sequence[int], card: ModelCard, field: str) -> tuple[int, ...]:
+    """A request's prompt ids, checked against the vocabulary; InvalidRequestError if not."""
+    prompt = tuple(ids)
+    if not prompt:
+        raise InvalidRequestError(f"{field}: empty (this worker takes token ids)")
+    vocab = card.vocab_size
+    bad = next((t for t in prompt if t >= vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary of {vocab}")
+    return prompt
+
+
+async def engine_events(
+    engine: EngineClient,
+    context: grpc.aio.ServicerContext,
+    build: Callable[[], Request],
+    *,
+    arrival_s: float,
+) -> AsyncIterator[Event]:
+    """Submit `build()` with the call's fault header and yield the engine's events.
+
+    A `MemorywallError` (from building, submitting or the stream) aborts the call with
+    its status from the table. Initial metadata goes out at once: a gateway starts its
+    TTFT clock on it. The stream is closed however the call ends (done, cancelled,
+    client gone), which frees the slot and KV. Use under `contextlib.aclosing`.
+    """
+    try:
+        stream = engine.submit(build(), arrival_s=arrival_s, fault=grpc_fault(context))
+    except MemorywallError as e:
+        await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
+    try:
+        await context.send_initial_metadata(())
+        async for event in stream:
+            yield event
+    except MemorywallError as e:
+        await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
+    finally:
+        stream.close()
+
+
+class TokenizerCache:
+    """The card's tokenizer as a zip, built once off the event loop (about a second for a
+    128k vocabulary); shielded, so a caller that goes away mid-build does not cancel it
+    for the next."""
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+        self._zip: asyncio.Future[TokenizerZip] | None = None
+
+    async def bundle(self) -> TokenizerZip:
+        if self._zip is None:
+            self._zip = asyncio.ensure_future(asyncio.to_thread(tokenizer_zip, self.card))
+        return await asyncio.shield(self._zip)
+
+    async def chunks(self, chunk_type) -> AsyncIterator:
+        """The zip as `chunk_type(data=..., sha256=...)` messages, the digest on the last."""
+        bundle = await self.bundle()
+        data = bundle.data
+        for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
+            end = start + TOKENIZER_CHUNK_BYTES
+            yield chunk_type(data=data[start:end], sha256=bundle.sha256 if end >= len(data) else "")
