@@ -25,6 +25,9 @@ DEFAULT_TARGETS = {
     Backend.OPENAI_CHAT: "http://127.0.0.1:8000",
     Backend.KSERVE_GRPC: "127.0.0.1:8001",  # Triton's default ports
     Backend.KSERVE_HTTP: "http://127.0.0.1:8000",
+    Backend.SGLANG_GRPC: "127.0.0.1:50051",
+    Backend.VLLM_GRPC: "127.0.0.1:50051",
+    Backend.TRTLLM_GRPC: "127.0.0.1:50051",
 }
 # An OpenAI server counts as the memorywall emulator when its /v1/models entry says so.
 EMULATOR_OWNER = "memorywall"
@@ -148,6 +151,8 @@ def server_facts(config: BenchConfig) -> ServerFacts:
             return kserve_server_facts(config.backend, config.target, config.model, config.access)
         except KServeUnreachable as e:
             raise BenchError(str(e)) from None
+    if config.backend.is_smg_worker:
+        return smg_worker_facts(config.backend, config.target, config.access)
     return grpc_server_facts(config.target, config.access)
 
 
@@ -199,6 +204,40 @@ def grpc_server_facts(target: str, access: Access | None = None) -> ServerFacts:
         return asyncio.run(ask())
     except ClientError as e:
         raise BenchError(f"cannot reach a memorywall server at {target} ({e.code.name})") from None
+
+
+def smg_worker_facts(backend: Backend, target: str, access: Access | None = None) -> ServerFacts:
+    """The served model, from the worker service's own GetModelInfo. The worker counts as
+    the memorywall emulator (its hardware feeding the core's prediction) only when the
+    same port also answers memorywall.v1 (`serve --grpc-services memorywall,vllm`)."""
+    import grpc
+
+    from memorywall.loadgen.smg_target import SmgWorkerTarget
+
+    access = access or Access()
+
+    async def ask() -> ServerFacts:
+        worker = SmgWorkerTarget(target, backend, timeout_s=5.0, access=access)
+        try:
+            await worker.connect()
+            model = await worker.model_name()
+        finally:
+            await worker.aclose()
+        try:
+            async with access.client(target, timeout_s=5.0) as client:
+                info = await client.model_info()
+        except ClientError:  # another engine, or memorywall.v1 not on this port
+            return ServerFacts(model=model, emulated=False)
+        return ServerFacts(
+            hardware=info.hardware, model=info.model, devices=info.devices, emulated=True
+        )
+
+    try:
+        return asyncio.run(ask())
+    except grpc.aio.AioRpcError as e:
+        raise BenchError(
+            f"cannot reach a {backend} worker at {target} ({e.code().name}: {e.details()})"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

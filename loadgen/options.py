@@ -9,7 +9,16 @@ from pathlib import Path
 from memorywall.argtypes import nonnegative_int, number_list, positive_float, positive_int
 
 # loadgen.target.Backend
-BACKENDS = ("memorywall-grpc", "openai-completions", "openai-chat", "kserve-grpc", "kserve-http")
+BACKENDS = (
+    "memorywall-grpc",
+    "openai-completions",
+    "openai-chat",
+    "kserve-grpc",
+    "kserve-http",
+    "sglang-grpc",
+    "vllm-grpc",
+    "trtllm-grpc",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default=BACKENDS[0],
-        help="memorywall gRPC, an OpenAI-compatible HTTP server (vLLM, SGLang, ...), or "
-        "KServe v2 / Triton over gRPC (ModelStreamInfer) or HTTP (generate_stream)",
+        help="memorywall gRPC, an OpenAI-compatible HTTP server (vLLM, SGLang, ...), "
+        "KServe v2 / Triton over gRPC (ModelStreamInfer) or HTTP (generate_stream), or a "
+        "worker's gRPC service as the smg gateway speaks it (sglang-grpc, vllm-grpc for "
+        "`vllm serve --grpc`, trtllm-grpc)",
     )
     p.add_argument(
         "--target",

@@ -3,7 +3,8 @@
 `GrpcTarget` speaks memorywall.v1 through `AsyncClient`; `OpenAITarget`
 (`openai_target.py`) speaks the OpenAI completions or chat API over HTTP;
 `KServeGrpcTarget` and `KServeHttpTarget` (`kserve_target.py`) speak KServe v2 /
-Triton (ModelStreamInfer, generate_stream).
+Triton (ModelStreamInfer, generate_stream); `SmgWorkerTarget` (`smg_target.py`)
+speaks SGLang's, vLLM's or TensorRT-LLM's gRPC worker service, as the smg gateway does.
 `make_target` is the one place a `TargetConfig` becomes a `Target`, in this
 process and in every worker process.
 """
@@ -40,6 +41,9 @@ class Backend(StrEnum):
     OPENAI_CHAT = "openai-chat"  # POST /v1/chat/completions
     KSERVE_GRPC = "kserve-grpc"  # inference.GRPCInferenceService/ModelStreamInfer
     KSERVE_HTTP = "kserve-http"  # POST /v2/models/{model}/generate_stream
+    SGLANG_GRPC = "sglang-grpc"  # sglang.grpc.scheduler.SglangScheduler
+    VLLM_GRPC = "vllm-grpc"  # vllm.grpc.engine.VllmEngine (`vllm serve --grpc`)
+    TRTLLM_GRPC = "trtllm-grpc"  # trtllm.TrtllmService
 
     @property
     def is_openai(self) -> bool:
@@ -53,7 +57,12 @@ class Backend(StrEnum):
     @property
     def names_model(self) -> bool:
         """Every request names the model (memorywall.v1 serves one and names none)."""
-        return self is not Backend.MEMORYWALL_GRPC
+        return self is not Backend.MEMORYWALL_GRPC and not self.is_smg_worker
+
+    @property
+    def is_smg_worker(self) -> bool:
+        """A worker service the smg gateway speaks (gRPC, host:port, prompt ids)."""
+        return self in (Backend.SGLANG_GRPC, Backend.VLLM_GRPC, Backend.TRTLLM_GRPC)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +113,16 @@ def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Targ
     if config.backend is Backend.MEMORYWALL_GRPC:
         return GrpcTarget(
             config.address,
+            timeout_s=timeout_s,
+            prompt_salt=config.prompt_salt,
+            access=config.access,
+        )
+    if config.backend.is_smg_worker:
+        from memorywall.loadgen.smg_target import SmgWorkerTarget  # its stubs only when used
+
+        return SmgWorkerTarget(
+            config.address,
+            config.backend,
             timeout_s=timeout_s,
             prompt_salt=config.prompt_salt,
             access=config.access,
