@@ -139,6 +139,11 @@ PORT_0 = ["--port", "0"]  # were an argument wrongly accepted, nothing binds a f
         ([*WSE3_8B, *PORT_0, "--stream-interval", "0"], "--stream-interval"),
         ([*WSE3_8B, *PORT_0, "--stream-interval", "2.5"], "--stream-interval"),
         ([*WSE3_8B, *PORT_0, "--stream-interval", "often"], "--stream-interval"),
+        ([*WSE3_8B, *PORT_0, "--grpc-services", "nope"], "--grpc-services"),
+        ([*WSE3_8B, *PORT_0, "--grpc-services", ""], "--grpc-services"),
+        ([*WSE3_8B, *PORT_0, "--grpc-services", "memorywall,,vllm"], "--grpc-services"),
+        ([*WSE3_8B, *PORT_0, "--grpc-services", "sglang,vllm"], "two engines"),
+        ([*WSE3_8B, *PORT_0, "--grpc-services", "vllm", "--role", "decode"], "add sglang"),
     ],
     ids=[
         "port-70000",
@@ -151,6 +156,11 @@ PORT_0 = ["--port", "0"]  # were an argument wrongly accepted, nothing binds a f
         "stream-interval-0",
         "stream-interval-2.5",
         "stream-interval-word",
+        "services-unknown",
+        "services-empty",
+        "services-blank-item",
+        "services-two-engines",
+        "services-pd-without-sglang",
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, words):
