@@ -168,7 +168,8 @@ class HostStallWatch:
     def __init__(self, config: BenchConfig, facts: ServerFacts) -> None:
         self._client = None
         self._before = None
-        if config.backend is Backend.MEMORYWALL_GRPC and facts.emulated:
+        # memorywall.v1 answers on the port (an emulated gRPC worker of any protocol).
+        if facts.emulated and not config.backend.is_openai:
             from memorywall.client import Client, ClientError
 
             access = config.access
