@@ -21,11 +21,13 @@ from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sglang_pb
-from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
+from smg_grpc_proto.generated import (
+    sglang_scheduler_pb2_grpc,
+    trtllm_service_pb2_grpc,
+    vllm_engine_pb2_grpc,
+)
 from smg_grpc_proto.generated import trtllm_service_pb2 as trtllm_pb
-from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as vllm_pb
-from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from memorywall.loadgen.prompts import spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec

@@ -54,7 +54,9 @@ def test_bad_protocols_are_one_line_errors(workers, words):
 def _chat(url: str, body: dict) -> list[tuple[float, dict]]:
     """The SSE events of a streamed chat request, each with its receipt time."""
     request = urllib.request.Request(
-        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        f"{url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
     )
     events = []
     with urllib.request.urlopen(request, timeout=60) as r:
@@ -125,7 +127,11 @@ def test_through_smg_backend_vllm_to_a_worker_serving_only_vllms_service():
         stall = "memorywall:host_stall_seconds_total"
         stalled_s = after[stall] - before[stall]
         expected_s = modelled_s + stalled_s / (tokens - 1)
-        assert tpot_s == pytest.approx(expected_s, rel=TPOT_TOLERANCE), (tpot_s, modelled_s, stalled_s)
+        assert tpot_s == pytest.approx(expected_s, rel=TPOT_TOLERANCE), (
+            tpot_s,
+            modelled_s,
+            stalled_s,
+        )
 
         # A repeated prompt finds its prefix in the worker's cache.
         words = " ".join(f"word{i}" for i in range(200))

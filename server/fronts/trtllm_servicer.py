@@ -15,9 +15,8 @@ import uuid
 from contextlib import aclosing
 
 import grpc
-from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import common_pb2, trtllm_service_pb2_grpc
 from smg_grpc_proto.generated import trtllm_service_pb2 as pb
-from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError
@@ -44,7 +43,10 @@ def not_emulated(r: pb.GenerateRequest) -> str | None:
     if s.num_return_sequences > 1:
         return f"sampling_config.num_return_sequences={s.num_return_sequences}: one only"
     d = r.disaggregated_params
-    if r.HasField("disaggregated_params") and d.request_type != d.REQUEST_TYPE_CONTEXT_AND_GENERATION:
+    if (
+        r.HasField("disaggregated_params")
+        and d.request_type != d.REQUEST_TYPE_CONTEXT_AND_GENERATION
+    ):
         return "context-only or generation-only requests: disaggregation is not emulated here"
     if r.HasField("multimodal_input"):
         return "multimodal input: this worker emulates a text model"

@@ -17,9 +17,8 @@ import uuid
 from contextlib import aclosing
 
 import grpc
-from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
-from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from memorywall import __version__
 from memorywall.server.engine.api import (

@@ -101,7 +101,7 @@ async def test_a_worker_without_memorywall_v1_is_measured_but_not_emulated():
 
 
 def test_bad_backend_targets_exit_2():
-    rc, out, err = bench("--backend", "vllm-grpc", "--target", "http://127.0.0.1:1")
+    rc, _, err = bench("--backend", "vllm-grpc", "--target", "http://127.0.0.1:1")
     assert rc == 2 and "is a URL" in err
-    rc, out, err = bench("--backend", "trtllm-grpc", "--target", "127.0.0.1:1", "--timeout", "2")
+    rc, _, err = bench("--backend", "trtllm-grpc", "--target", "127.0.0.1:1", "--timeout", "2")
     assert rc == 2 and "cannot reach a trtllm-grpc worker" in err

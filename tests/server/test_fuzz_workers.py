@@ -108,9 +108,7 @@ def vllm_requests(draw) -> vpb.GenerateRequest:
         s.temperature = draw(FLOATS)
     if draw(st.booleans()):
         s.seed = draw(INT32)
-    r = vpb.GenerateRequest(
-        request_id=draw(TEXT), sampling_params=s, stream=draw(st.booleans())
-    )
+    r = vpb.GenerateRequest(request_id=draw(TEXT), sampling_params=s, stream=draw(st.booleans()))
     prompt = draw(st.sampled_from(["ids", "text", "none"]))
     if prompt == "ids":
         r.tokenized.input_ids.extend(draw(IDS))

@@ -75,7 +75,10 @@ async def test_a_server_serves_exactly_the_services_it_names(wse3_8b, services):
     try:
         named = {SERVICE_NAMES[s] for s in services}
         listed = await _listed(server.target)
-        assert listed - named == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        assert listed - named == {
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
         assert named <= listed
         async with grpc.aio.insecure_channel(server.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -125,7 +125,9 @@ async def test_vllm_text_prompts_become_stand_in_ids(twin_channel):
         (vllm_request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (vllm_request(n=2), grpc.StatusCode.UNIMPLEMENTED, "one sample"),
         (
-            vpb.GenerateRequest(tokenized=vpb.TokenizedInput(input_ids=IDS), kv_transfer_params_json="{}"),
+            vpb.GenerateRequest(
+                tokenized=vpb.TokenizedInput(input_ids=IDS), kv_transfer_params_json="{}"
+            ),
             grpc.StatusCode.UNIMPLEMENTED,
             "disaggregation",
         ),
@@ -269,9 +271,7 @@ async def test_trtllm_abort_health_and_info(twin_channel):
 async def test_both_ship_the_same_tokenizer(twin_channel):
     _, channel = twin_channel
     streams = (
-        vllm_engine_pb2_grpc.VllmEngineStub(channel).GetTokenizer(
-            common_pb2.GetTokenizerRequest()
-        ),
+        vllm_engine_pb2_grpc.VllmEngineStub(channel).GetTokenizer(common_pb2.GetTokenizerRequest()),
         trtllm_service_pb2_grpc.TrtllmServiceStub(channel).GetTokenizer(
             common_pb2.GetTokenizerRequest()
         ),

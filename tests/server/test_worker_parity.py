@@ -16,11 +16,13 @@ from typing import Any
 import grpc
 import pytest
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as spb
-from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
+from smg_grpc_proto.generated import (
+    sglang_scheduler_pb2_grpc,
+    trtllm_service_pb2_grpc,
+    vllm_engine_pb2_grpc,
+)
 from smg_grpc_proto.generated import trtllm_service_pb2 as tpb
-from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
-from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 from test_security import KEY, pki  # noqa: F401  (the module's PKI fixture)
 
 from memorywall.server.app import EmulatorServer, ServerConfig
