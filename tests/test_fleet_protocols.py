@@ -20,34 +20,62 @@ TPOT_TOLERANCE = 0.05
 
 def test_protocol_defaults_to_sglang_and_names_the_workers_services():
     spec = fleet_spec.parse_spec({"worker": [WORKER]})
-    assert spec.protocol == "sglang" and spec.workers[0].serve_args == ()
+    assert spec.protocol == "sglang" and "--grpc-services" not in spec.workers[0].argv()
     spec = fleet_spec.parse_spec({"worker": [{**WORKER, "protocol": "vllm"}]})
-    assert spec.workers[0].serve_args == ("--grpc-services", "vllm")
+    assert spec.protocol == "vllm"
+    argv = spec.workers[0].argv()
+    assert argv[argv.index("--grpc-services") + 1] == "vllm"
+    # serve's own option by its name says the same; protocol may repeat it.
+    for table in (
+        {"grpc_services": "memorywall,trtllm"},
+        {"protocol": "trtllm", "grpc_services": "trtllm"},
+    ):
+        assert fleet_spec.parse_spec({"worker": [{**WORKER, **table}]}).protocol == "trtllm"
     assert fleet.smg_backend("vllm") == ["--backend", "vllm"]
     assert fleet.smg_backend("sglang") == ["--backend", "sglang"]
     assert fleet.smg_backend("trtllm") == []  # smg 1.13 finds TensorRT-LLM by its service
 
 
+GATEWAY = {"policy": "round_robin", "port": 0}
+
+
 @pytest.mark.parametrize(
-    ("workers", "words"),
+    ("data", "words"),
     [
-        ([{**WORKER, "protocol": "openai"}], "worker[0].protocol: 'openai' is not one of"),
         (
-            [{**WORKER, "protocol": "vllm"}, {**WORKER, "name": "b"}],
+            {"worker": [{**WORKER, "protocol": "openai"}]},
+            "worker[0].protocol: 'openai' is not one of",
+        ),
+        (
+            {"worker": [{**WORKER, "protocol": "vllm", "grpc_services": "sglang"}]},
+            "worker[0].protocol: vllm disagrees with grpc_services",
+        ),
+        ({"worker": [{**WORKER, "grpc_services": "sglang,vllm"}]}, "two engines"),
+        (
+            {
+                "worker": [{**WORKER, "protocol": "vllm"}, {**WORKER, "name": "b"}],
+                "gateway": GATEWAY,
+            },
             "worker.protocol: one gateway backend",
         ),
         (
-            [
-                {**WORKER, "protocol": "vllm", "role": "prefill"},
-                {**WORKER, "name": "b", "role": "decode"},
-            ],
-            "worker[0].protocol: vllm workers serve both phases",
+            {"worker": [{**WORKER, "grpc_services": "memorywall"}], "gateway": GATEWAY},
+            "gateway: a serves no engine service smg speaks",
+        ),
+        (
+            {
+                "worker": [
+                    {**WORKER, "protocol": "vllm", "role": "prefill"},
+                    {**WORKER, "name": "b", "role": "decode"},
+                ]
+            },
+            "add sglang to --grpc-services",
         ),
     ],
 )
-def test_bad_protocols_are_one_line_errors(workers, words):
+def test_bad_protocols_are_one_line_errors(data, words):
     with pytest.raises(ConfigError) as e:
-        fleet_spec.parse_spec({"worker": workers})
+        fleet_spec.parse_spec(data)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
