@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "port": (5000, {}),
     "http_port": (0, {}),
     "no_grpc": (True, {"http_port": 0}),
+    "grpc_services": ("memorywall,vllm", {}),
     "metrics_port": (0, {}),
     "tokenizer": ("/models/tokenizer.json", {}),
     "max_num_seqs": (64, {}),
