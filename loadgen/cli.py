@@ -212,6 +212,7 @@ def smg_worker_facts(backend: Backend, target: str, access: Access | None = None
     same port also answers memorywall.v1 (`serve --grpc-services memorywall,vllm`)."""
     import grpc
 
+    from memorywall.client import ClientError
     from memorywall.loadgen.smg_target import SmgWorkerTarget
 
     access = access or Access()
