@@ -169,3 +169,33 @@ def test_through_smg_backend_vllm_to_a_worker_serving_only_vllms_service():
         assert first["prompt_tokens"] == second["prompt_tokens"] > 64
         assert first["prompt_tokens_details"]["cached_tokens"] == 0
         assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 16
+
+
+def test_through_smg_to_a_tensorrt_llm_worker():
+    """smg finds the engine by its service, and takes the worker's own tokenizer."""
+    if fleet.find_smg() is None:
+        pytest.skip("smg is not installed (pip install 'memorywall[gateway]')")
+    spec = fleet_spec.parse_spec(
+        {
+            "worker": [{**WORKER, "protocol": "trtllm"}],
+            "gateway": {"policy": "round_robin", "port": 0},
+        }
+    )
+    with fleet.in_background(spec) as up:
+        assert up.workers["a"].grpc_services == ("trtllm",)
+        log = (Path(up.log_dir) / "gateway.log").read_text()
+        assert "gRPC client (trtllm)" in log
+        assert (Path(up.log_dir) / "tokenizer" / "tokenizer.json").is_file()
+        body = {
+            "model": "llama-3.1-8b",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 8,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        events = _chat(up.gateway.url, body)
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for _, e in events if e["choices"]
+        )
+        assert events[-1][1]["usage"]["completion_tokens"] == 8 and text.strip()

@@ -5,7 +5,8 @@ Each worker is its own `python -m memorywall serve` process on 127.0.0.1, its st
 writes (`<log dir>/<name>.ready.json`, see `memorywall.ready`). With a `[gateway]` table
 and smg installed (`pip install 'memorywall[gateway]'`), `smg launch` routes to the
 workers' gRPC ports, where each speaks SGLang's `SglangScheduler` (or, with `protocol =`,
-vLLM's or TensorRT-LLM's worker service, and smg gets the matching `--backend`); smg reads model and
+vLLM's or TensorRT-LLM's worker service, and smg gets the matching `--backend`, or for
+TensorRT-LLM the worker's tokenizer: `smg_options`); smg reads model and
 tokenizer from the workers themselves. Once everything answers, the fleet writes its own
 ready file (`--ready-file`): every worker's entry and the gateway's address.
 SIGINT or SIGTERM stops everything (exit 0); a child that dies stops the rest (exit 1),
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,7 +50,7 @@ from memorywall.fleet.spec import (
 )
 from memorywall.launch import Child
 from memorywall.ready import ReadyError, ServerReady, remove, write_json
-from memorywall.server.grpc_services import SMG_BACKEND
+from memorywall.server.grpc_services import SMG_BACKEND, TRTLLM
 
 __all__ = ["Fleet", "FleetReady", "find_smg", "in_background", "load_spec", "run"]
 
@@ -209,7 +211,9 @@ class Fleet:
         self.say(_table(header, rows))
         gateway = None
         if self.spec.gateway is not None and smg is not None:
-            gw_url = self._start_gateway(smg, self.spec.gateway, gateway_workers(workers))
+            worker_args = gateway_workers(workers)
+            worker_args += smg_options(self.spec.protocol, workers, self.log_dir)
+            gw_url = self._start_gateway(smg, self.spec.gateway, worker_args)
             if gw_url is None:
                 return 0 if self.stop.is_set() else 1
             gateway = GatewayReady(
@@ -257,8 +261,7 @@ class Fleet:
 
     def _start_gateway(self, smg: list[str], gw: GatewaySpec, worker_args: list[str]) -> str | None:
         port = gw.port or free_port()
-        cmd = [*smg, "launch", *worker_args, *smg_backend(self.spec.protocol)]
-        cmd += ["--policy", gw.policy]
+        cmd = [*smg, "launch", *worker_args, "--policy", gw.policy]
         cmd += ["--host", "127.0.0.1", "--port", str(port)]
         self.gateway_metrics_port = free_port()
         cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port"]
@@ -307,6 +310,30 @@ def smg_backend(protocol: str) -> list[str]:
     it finds that engine by the service a gRPC worker answers."""
     backend = SMG_BACKEND.get(protocol)
     return ["--backend", backend] if backend else []
+
+
+def smg_options(protocol: str, workers: dict[str, ServerReady], folder: Path) -> list[str]:
+    """smg's options for workers speaking `protocol`: its `--backend`, and for TensorRT-LLM,
+    whose model info names no tokenizer for smg to fetch, `--tokenizer-path` to the one the
+    first worker ships (`GetTokenizer`), unpacked into `folder`/tokenizer."""
+    options = smg_backend(protocol)
+    if protocol == TRTLLM:
+        target = next(iter(workers.values())).grpc_target
+        options += ["--tokenizer-path", str(fetch_trtllm_tokenizer(target, folder / "tokenizer"))]
+    return options
+
+
+def fetch_trtllm_tokenizer(target: str, folder: Path) -> Path:
+    """The tokenizer a TensorRT-LLM worker ships, unpacked into `folder`."""
+    import grpc
+    from smg_grpc_proto.generated import common_pb2, trtllm_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = trtllm_service_pb2_grpc.TrtllmServiceStub(channel)
+        chunks = stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=60)
+        data = b"".join(c.data for c in chunks)
+    zipfile.ZipFile(io.BytesIO(data)).extractall(folder)
+    return folder
 
 
 def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:
