@@ -168,8 +168,9 @@ class HostStallWatch:
     def __init__(self, config: BenchConfig, facts: ServerFacts) -> None:
         self._client = None
         self._before = None
-        # memorywall.v1 answers on the port (an emulated gRPC worker of any protocol).
-        if facts.emulated and not config.backend.is_openai:
+        # memorywall.v1 answers on the port (a memorywall gRPC worker of any smg protocol).
+        backend = config.backend
+        if facts.emulated and (backend is Backend.MEMORYWALL_GRPC or backend.is_smg_worker):
             from memorywall.client import Client, ClientError
 
             access = config.access

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memorywall.server.config import ServerConfig
 from memorywall.server.engine.api import EngineClient, ModelCard
+from memorywall.server.fronts import kserve_grpc, sglang_servicer, trtllm_servicer, vllm_servicer
 from memorywall.server.fronts.grpc_gate import GrpcGate
 from memorywall.server.fronts.grpc_servicer import EngineServicer
 from memorywall.server.fronts.http_front import (
@@ -39,7 +40,6 @@ from memorywall.server.fronts.http_front import (
     expect_continue,
     metrics_app,
 )
-from memorywall.server.fronts import kserve_grpc, sglang_servicer, trtllm_servicer, vllm_servicer
 from memorywall.server.fronts.kserve_http import KServeHttp
 from memorywall.server.fronts.tokenizer import PromptTokenizer, load_tokenizer
 from memorywall.server.grpc_services import KSERVE, MEMORYWALL, SGLANG, TRTLLM, VLLM

@@ -26,7 +26,9 @@ TIMEOUT_S = 10.0
 def test_parse_keeps_order_and_drops_repeats():
     assert parse_services("vllm") == ("vllm",)
     assert parse_services(" memorywall , trtllm,memorywall") == ("memorywall", "trtllm")
-    assert DEFAULT_GRPC_SERVICES == ("memorywall", "sglang")  # smg --backend sglang, as before
+    # Today's port: smg --backend sglang finds SGLang's service; KServe goes with any.
+    assert DEFAULT_GRPC_SERVICES == ("memorywall", "sglang", "kserve")
+    assert parse_services("kserve,vllm") == ("kserve", "vllm")
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,6 @@ def test_parse_keeps_order_and_drops_repeats():
         ("openai", "unknown service 'openai'"),
         ("sglang,vllm", "two engines"),
         ("vllm,trtllm", "two engines"),
-        ("kserve", "does not serve it yet"),
     ],
 )
 def test_parse_refuses_with_a_reason(text, words):
@@ -67,7 +68,8 @@ async def _listed(target: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "services", [("vllm",), ("trtllm",), ("memorywall", "vllm"), DEFAULT_GRPC_SERVICES]
+    "services",
+    [("vllm",), ("trtllm",), ("kserve",), ("memorywall", "vllm"), DEFAULT_GRPC_SERVICES],
 )
 async def test_a_server_serves_exactly_the_services_it_names(wse3_8b, services):
     server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0, grpc_services=services))
