@@ -170,8 +170,7 @@ class SmgWorkerTarget:
                     usage = self.protocol.usage(response)
                     record.finished_ns = now
                 elif ids:
-                    record.chunk_ns.append(now)
-                    record.chunk_tokens.append(len(ids))
+                    record.add_chunk(now, len(ids))
         except grpc.aio.AioRpcError as e:
             record.error = f"{e.code().name}: {e.details()}"[:MAX_ERROR_CHARS]
             return

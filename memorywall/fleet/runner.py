@@ -305,20 +305,21 @@ def serve_command(w: WorkerSpec, ready: Path, tls: TlsSpec | None = None) -> lis
     return launch.serve_command(args, ready)
 
 
-def smg_backend(protocol: str) -> list[str]:
+def smg_backend(protocol: str | None) -> list[str]:
     """smg's `--backend` for workers speaking `protocol`. smg 1.13 has none for TensorRT-LLM:
     it finds that engine by the service a gRPC worker answers."""
-    backend = SMG_BACKEND.get(protocol)
+    backend = SMG_BACKEND.get(protocol or "")
     return ["--backend", backend] if backend else []
 
 
-def smg_options(protocol: str, workers: dict[str, ServerReady], folder: Path) -> list[str]:
+def smg_options(protocol: str | None, workers: dict[str, ServerReady], folder: Path) -> list[str]:
     """smg's options for workers speaking `protocol`: its `--backend`, and for TensorRT-LLM,
     whose model info names no tokenizer for smg to fetch, `--tokenizer-path` to the one the
     first worker ships (`GetTokenizer`), unpacked into `folder`/tokenizer."""
     options = smg_backend(protocol)
     if protocol == TRTLLM:
         target = next(iter(workers.values())).grpc_target
+        assert target is not None, "a gatewayed fleet's workers serve gRPC (checked in spec)"
         options += ["--tokenizer-path", str(fetch_trtllm_tokenizer(target, folder / "tokenizer"))]
     return options
 

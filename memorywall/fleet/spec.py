@@ -208,13 +208,12 @@ def parse_spec(
             raise ConfigError(
                 f"{origin}: gateway: smg routes to gRPC, which {', '.join(grpc_off)} turns off"
             )
-        protocols = {w.protocol for w in workers}
-        if None in protocols:
-            names = ", ".join(w.name for w in workers if w.protocol is None)
+        if silent := [w.name for w in workers if w.protocol is None]:
             raise ConfigError(
-                f"{origin}: gateway: {names} serves no engine service smg speaks "
+                f"{origin}: gateway: {', '.join(silent)} serves no engine service smg speaks "
                 f"(grpc_services needs one of {', '.join(PROTOCOLS)})"
             )
+        protocols = {w.protocol or "" for w in workers}
         if len(protocols) > 1:
             raise ConfigError(
                 f"{origin}: worker.protocol: one gateway backend speaks to every worker, "

@@ -11,7 +11,7 @@ builds the zip once per servicer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -41,7 +41,7 @@ async def engine_events(
     build: Callable[[], Request],
     *,
     arrival_s: float,
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Submit `build()` with the call's fault header and yield the engine's events.
 
     A `MemorywallError` (from building, submitting or the stream) aborts the call with
