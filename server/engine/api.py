@@ -31,9 +31,16 @@ from memorywall.server.engine.kv import (
 )
 from memorywall.server.engine.lag import LagSummary, StallSummary
 from memorywall.server.engine.scheduler import FinishReason, Request, check_request
-from memorywall.server.engine.tokens import digest, synthetic_prompt, text_token_ids, token_text
+from memorywall.server.engine.tokens import (
+    CHARS_PER_TOKEN,
+    digest,
+    synthetic_prompt,
+    text_token_ids,
+    token_text,
+)
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",

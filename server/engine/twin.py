@@ -1,7 +1,8 @@
 """An in-memory `EngineClient` with no scheduler, no KV pool and no core: what front-end
 tests run against.
 
-Each request gets `max_tokens` tokens, one per group, the first `ttft_s` after
+Each request gets `max_tokens` tokens (a function of prompt length, position and
+sampling seed), one per group, the first `ttft_s` after
 arrival and the rest `itl_s` apart (modelled times, not waited for), unless
 `ignore_eos` is off and a stop token comes up. Streams hand tokens over as fast
 as the reader takes them, or hold while `gate` is cleared, so a test can
@@ -212,7 +213,7 @@ class TwinEngine:
     def _next_group(self, stream: TwinStream) -> TokenGroup:
         r = stream.request
         i = len(stream.produced)
-        token = (7 + 31 * (len(r.prompt_ids) + i)) % 1000
+        token = (7 + 31 * (len(r.prompt_ids) + i) + 13 * (r.sampling_seed or 0)) % 1000
         stream.produced.append(token)
         due = self.ttft_s + i * self.itl_s
         self._clock_s = max(self._clock_s, stream.arrival_s + due)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front: a thin aiohttp adapter over the same engine as gRPC.
 
 Routes: POST /v1/completions and /v1/chat/completions (streaming as SSE or
-one JSON body), GET /v1/models, /health, /version and /metrics. Requests are
+one JSON body), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health,
+/version and /metrics. Requests are
 parsed in `openai_api.py`, responses shaped in `openai_reply.py`; this module
 converts, submits, streams and turns a disconnect into an engine abort, as
 `grpc_servicer.py` does. Each token group the engine hands over is written at
@@ -27,13 +28,13 @@ from memorywall.server.engine.api import (
     EngineClient,
     EngineObserver,
     EventStream,
-    Finished,
     ModelCard,
-    TokenGroup,
 )
+from memorywall.server.fronts import openai_stream
 from memorywall.server.fronts.auth import require_api_key
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
+from memorywall.server.fronts.openai_stream import stream_events
 from memorywall.server.fronts.status import http_fault, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
 
@@ -100,6 +101,8 @@ class OpenAIFront:
             ("POST", "/v1/completions", self.completions),
             ("POST", "/v1/chat/completions", self.chat_completions),
             ("GET", "/v1/models", self.models),
+            ("POST", "/tokenize", self.tokenize),
+            ("POST", "/detokenize", self.detokenize),
             ("GET", "/health", self.health),
             ("GET", "/version", self.version),
         ]
@@ -121,57 +124,65 @@ class OpenAIFront:
     async def _generate(
         self, request: web.Request, endpoint: Endpoint, arrival_s: float
     ) -> web.StreamResponse:
+        streams: list[EventStream] = []
         try:
-            body = await _json_body(request)
-            call = self.api.to_call(body, endpoint, request.headers.get("X-Request-Id"))
-            stream = self.engine.submit(
-                call.request,
-                min_interval_s=call.min_interval_s,
-                arrival_s=arrival_s,
-                fault=http_fault(request.headers),
-            )
-        except MemorywallError as e:
-            return error_reply(e)
-        reply = Reply(call, self.card.model, int(time.time()))
-        try:
+            try:
+                body = await _json_body(request)
+                call = self.api.to_call(body, endpoint, request.headers.get("X-Request-Id"))
+                fault = http_fault(request.headers)
+                for choice in call.choices:  # n samples: n engine requests
+                    streams.append(
+                        self.engine.submit(
+                            choice.request,
+                            min_interval_s=call.min_interval_s,
+                            arrival_s=arrival_s,
+                            fault=fault,
+                        )
+                    )
+            except MemorywallError as e:
+                return error_reply(e)
+            created = int(time.time())
+            replies = [Reply(call, self.card.model, created, i) for i in range(len(streams))]
             if call.stream:
-                return await self._stream(request, stream, call, reply)
-            return await self._complete(stream, call, reply)
+                return await self._stream(request, streams, call, replies)
+            return await self._complete(streams, call, replies)
         finally:
-            # Cancelled or client gone (aiohttp cancels the handler): free slot and KV now.
-            stream.close()
+            # Cancelled or client gone (aiohttp cancels the handler): free slots and KV now.
+            for stream in streams:
+                stream.close()
 
     async def _stream(
-        self, request: web.Request, stream: EventStream, call: Call, reply: Reply
+        self, request: web.Request, streams: list[EventStream], call: Call, replies: list[Reply]
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_headers(call, "text/event-stream"))
-        opening = reply.role_event() if reply.chat else b""
         try:
             # Headers go out now, not with the first token: clients start TTFT clocks on them.
             await response.prepare(request)
-            try:
-                async for event in stream:
-                    if isinstance(event, Finished):
-                        await response.write(reply.end_events(event))
-                        continue
-                    await response.write(opening + reply.group_event(event))
-                    opening = b""
-            except MemorywallError as e:  # the server drained before the request finished
-                await response.write(reply.error_events(e))
+            await stream_events(streams, replies, response.write)
         except ConnectionResetError:
             pass  # the client left; the caller aborts the request
         return response
 
-    async def _complete(self, stream: EventStream, call: Call, reply: Reply) -> web.Response:
-        groups: list[TokenGroup] = []
+    async def _complete(
+        self, streams: list[EventStream], call: Call, replies: list[Reply]
+    ) -> web.Response:
         try:
-            async for event in stream:
-                if isinstance(event, Finished):
-                    return web.json_response(reply.body(groups, event), headers=_headers(call))
-                groups.append(event)
+            body = await openai_stream.response(streams, replies)
         except MemorywallError as e:
             return error_reply(e)
-        raise AssertionError("a request stream ends with Finished")
+        return web.json_response(body, headers=_headers(call))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self.api.tokenize(await _json_body(request)))
+        except MemorywallError as e:
+            return error_reply(e)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self.api.detokenize_body(await _json_body(request)))
+        except MemorywallError as e:
+            return error_reply(e)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(model_list(self.card, self.created))
@@ -256,7 +267,7 @@ class HttpSite:
 
 
 def _headers(call: Call, content_type: str | None = None) -> dict[str, str]:
-    headers = {"X-Request-Id": call.request.request_id}
+    headers = {"X-Request-Id": call.request_id}
     if content_type is not None:
         headers.update({"Content-Type": content_type, "Cache-Control": "no-cache"})
     return headers

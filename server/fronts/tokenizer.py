@@ -55,6 +55,9 @@ class HuggingFaceTokenizer:
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self._tokenizer.encode(text).ids)
 
+    def decode(self, ids: tuple[int, ...]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
 
 def load_tokenizer(path: Path | None, vocab_size: int) -> PromptTokenizer:
     """The tokenizer at `path`, or the approximation when there is none."""

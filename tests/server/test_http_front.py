@@ -281,6 +281,17 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
+def tool(name: str, parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+TOOL = tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
@@ -290,10 +301,14 @@ USER = [{"role": "user", "content": "hi"}]
         (COMPLETIONS, {}, 400, "prompt"),
         (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
         (COMPLETIONS, {"prompt": [1, 10**9]}, 400, "prompt"),
-        (COMPLETIONS, {"prompt": "hi", "n": 2}, 400, "n"),
+        (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n"),
+        (COMPLETIONS, {"prompt": "hi", "n": 129}, 400, "n"),
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-        (COMPLETIONS, {"prompt": "hi", "logprobs": 1}, 400, "logprobs"),
-        (COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+        (COMPLETIONS, {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "tools": [{"type": "function"}]}, 400, "tools"),
+        (COMPLETIONS, {"prompt": "hi", "stop": [""]}, 400, "stop"),
         (COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": "8"}, 400, "max_tokens"),
@@ -309,9 +324,22 @@ USER = [{"role": "user", "content": "hi"}]
             400,
             "messages[0].content",
         ),
-        (CHAT, {"messages": USER, "logprobs": True}, 400, "logprobs"),
+        (CHAT, {"messages": USER, "logprobs": 1}, 400, "logprobs"),
+        (CHAT, {"messages": USER, "echo": True}, 400, "echo"),
         (CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
-        (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
+        (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0]"),
+        (CHAT, {"messages": USER, "tools": [TOOL], "tool_choice": "any"}, 400, "tool_choice"),
+        (CHAT, {"messages": USER, "tools": [TOOL], "tool_choice": named("x")}, 400, "tool_choice"),
+        (
+            CHAT,
+            {
+                "messages": USER,
+                "tools": [tool("f", {"type": "integer", "minimum": 3, "maximum": 1})],
+            },
+            400,
+            "tools[0].function.parameters",
+        ),
         (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
         (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, None),
         (CHAT, {"messages": USER, "model": "other"}, 404, "model"),
@@ -487,8 +515,8 @@ async def test_openai_client_raises_typed_errors(openai_client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.NotFoundError):
         await openai_client.completions.create(model="gpt-4", prompt="hi")
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        await openai_client.completions.create(model=MODEL, prompt="hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="n: must be >= 1"):
+        await openai_client.completions.create(model=MODEL, prompt="hi", n=0)
 
 
 # --- one engine behind both fronts -----------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memorywall.server.engine.api import Finished, FinishReason, Request, TokenGroup
-from memorywall.server.fronts.openai_api import Call, Endpoint
+from memorywall.server.fronts.openai_api import Call, Choice, Endpoint
 from memorywall.server.fronts.openai_reply import Reply, sse
 
 
@@ -19,7 +19,7 @@ def reply(endpoint: Endpoint, *, continuous_usage: bool = False, include_usage: 
         request_id="0123456789abcdef", prompt_ids=(1, 2, 3), max_tokens=64, stop_token_ids={9}
     )
     call = Call(
-        request=request,
+        choices=(Choice(request),),
         endpoint=endpoint,
         stream=True,
         include_usage=include_usage,
