@@ -83,6 +83,14 @@ class Deployment:
         return params * self.weight_precision.bytes_per_value
 
     @property
+    def weight_load_s(self) -> float:
+        """Seconds to load the weights onto the devices (startup, wake-up): each device's
+        share over its host link, all devices at once, plus the link's latency. A floor:
+        the weights are taken to be in the host's page cache, not read from disk."""
+        link = self.hardware.weight_load_link
+        return self.weight_bytes / self.devices / link.bandwidth_bytes_per_s + link.latency_s
+
+    @property
     def kv_shards(self) -> int:
         """Ways the KV cache splits across a tensor-parallel group (the rest is replicated)."""
         return min(self.tensor_parallel, self.model.n_kv_heads)

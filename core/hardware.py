@@ -157,6 +157,14 @@ class Hardware:
     what_if: bool = False
     # What the core cannot represent faithfully for this device, and the assumptions made.
     notes: tuple[str, ...] = ()
+    # The link weights cross from the host to each device (PCIe on a GPU); None: the
+    # profile gives none, and loading uses `external_io`.
+    host_link: Link | None = None
+
+    @property
+    def weight_load_link(self) -> Link:
+        """The link a device's weights are loaded over."""
+        return self.host_link if self.host_link is not None else self.external_io
 
     def compute_peak(self, precision: Precision) -> float:
         """Peak dense FLOP/s for math in `precision`, falling back to bf16 (weight-only formats)."""
@@ -284,6 +292,7 @@ def _parse(data: dict[str, Any], path: Path) -> Hardware:
         source=_optional_text(r, data, "source"),
         what_if=what_if,
         notes=notes,
+        host_link=_optional_link(r, r.table(data, "host_link", optional=True), "host_link."),
     )
 
 
@@ -376,6 +385,10 @@ def _parallelism(r: QuantityReader, table: dict[str, Any]) -> Parallelism | None
         gemm_tile_m=count("gemm_tile_m", "rows"),
         gemm_tile_n=count("gemm_tile_n", "columns"),
     )
+
+
+def _optional_link(r: QuantityReader, table: dict[str, Any], prefix: str) -> Link | None:
+    return _link(r, table, prefix) if table else None
 
 
 def _link(r: QuantityReader, table: dict[str, Any], prefix: str) -> Link:

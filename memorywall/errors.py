@@ -17,6 +17,8 @@ class MemorywallError(Exception):
       `PayloadTooLargeError` (a request body or prompt beyond the server's limits).
     - `DuplicateRequestError`: a request id that is already live.
     - `DrainingError`: the server is shutting down and admits nothing new.
+    - `NotReadyError`: the weights are loading, or the engine sleeps (`/sleep`).
+    - `LifecycleError`: a sleep or cache reset the engine's state does not allow now.
     - `DisaggregationError`: a prefill/decode pair that could not complete its KV
       hand-off; subclasses `PartnerTimeoutError` (the other half never came) and
       `PartnerLostError` (the other half or its worker went away mid-transfer).
@@ -63,6 +65,14 @@ class DuplicateRequestError(MemorywallError):
 
 class DrainingError(MemorywallError):
     """The engine is shutting down."""
+
+
+class NotReadyError(MemorywallError):
+    """The engine has no weights loaded yet (startup, wake-up) or sleeps."""
+
+
+class LifecycleError(MemorywallError):
+    """A lifecycle call (sleep, prefix-cache reset) that the engine's state refuses now."""
 
 
 class DisaggregationError(MemorywallError):

@@ -18,7 +18,7 @@ from pathlib import Path
 from memorywall.core import Deployment
 from memorywall.ready import ServerReady, remove, write_json
 from memorywall.server.config import ServerConfig
-from memorywall.server.engine.api import ModelCard
+from memorywall.server.engine.api import ModelCard, Phase
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.guard import GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
@@ -62,6 +62,7 @@ class EmulatorServer:
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
         self.config = config
+        self.load_s = config.weight_load_s(deployment)  # startup and wake-up
         if metrics is None and (config.http_port is not None or config.metrics_port is not None):
             metrics = PrometheusMetrics.for_deployment(deployment)
         self.metrics = metrics
@@ -70,6 +71,7 @@ class EmulatorServer:
             max_messages_per_s=config.max_messages_per_s,
             stream_interval=config.stream_interval,
             observers=[metrics] if metrics is not None else (),
+            load_s=self.load_s,
         )
         self.guard_metrics = GuardMetrics(self.card.model)
         if isinstance(metrics, PrometheusMetrics):
@@ -140,6 +142,10 @@ class EmulatorServer:
             await self.listeners.close()
             await self.engine.stop()
             raise
+        if self.engine.lifecycle.phase is Phase.LOADING:
+            # HTTP answers meanwhile (/health 503, requests 503); gRPC serves after.
+            log.info("loading the weights: %.3f s", self.load_s)
+            await self.engine.load()
         await self.listeners.serve()
         return self.port
 

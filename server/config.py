@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from memorywall.core import Deployment
 from memorywall.errors import ConfigError
 from memorywall.server.engine.guard import GuardConfig
 from memorywall.server.grpc_services import DEFAULT_GRPC_SERVICES, SGLANG, check_services
@@ -22,6 +23,9 @@ if TYPE_CHECKING:  # the TLS module loads grpc; a config (and the CLI that build
 # The largest request body (HTTP) or message (gRPC) a server takes by default. Prompts
 # given as token ids run to ~7 bytes a token: room for a 128k-token context.
 MAX_BODY_BYTES = 16 * 2**20
+
+# vLLM's formats that read weights (timed the same: bytes over the host link), and dummy.
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,9 @@ class ServerConfig:
     max_request_bytes: int = MAX_BODY_BYTES
     tls: TlsConfig | None = None  # None: plaintext on every port
     api_key: str | None = None  # None: no key asked (see fronts/auth.py for what it guards)
+    # How the weights load (vLLM's --load-format): "dummy" at once, any other takes the
+    # core's load time (`Deployment.weight_load_s`) before the server is ready.
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:
@@ -63,6 +70,14 @@ class ServerConfig:
                 f"--role {self.disaggregation.role.value}: disaggregated halves meet through "
                 "SGLang's worker service; add sglang to --grpc-services"
             )
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format: expected one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+
+    def weight_load_s(self, deployment: Deployment) -> float:
+        """How long loading the weights takes at startup and wake-up: 0 for dummy weights."""
+        return 0.0 if self.load_format == "dummy" else deployment.weight_load_s
 
     @property
     def scheme(self) -> str:

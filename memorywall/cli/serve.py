@@ -21,7 +21,7 @@ from memorywall.cli.deployment import (
 )
 from memorywall.cli.usage import Parser, UsageError
 from memorywall.core.deployment import Deployment
-from memorywall.server.config import ServerConfig
+from memorywall.server.config import LOAD_FORMATS, ServerConfig
 from memorywall.server.engine.scheduler import EngineConfig
 
 HELP = "run the emulated serving engine (gRPC, and OpenAI-compatible HTTP)"
@@ -81,6 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(needs the `tokenizers` package; default ~4 characters per token)",
     )
     add_engine_arguments(p)
+    p.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default=_SERVER.load_format,
+        help="how the weights load, as vLLM's option: dummy at once; the others (default "
+        f"{_SERVER.load_format}) take the core's time for the weights' bytes over each "
+        "device's host link, with /health 503 until then",
+    )
     p.add_argument(
         "--seed",
         type=nonnegative_int,
@@ -143,6 +151,7 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         max_messages_per_s=args.max_messages_per_s,
         stream_interval=args.stream_interval,
         grpc_services=args.grpc_services,
+        load_format=args.load_format,
         **serve_options.server_options(args),
         **pd_options.server_options(args, deployment, names),
     )

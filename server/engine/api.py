@@ -30,6 +30,7 @@ from memorywall.server.engine.kv import (
     PrefixCacheStats,
 )
 from memorywall.server.engine.lag import LagSummary, StallSummary
+from memorywall.server.engine.lifecycle import SLEEP_LEVELS, LifecycleState, Phase, check_serving
 from memorywall.server.engine.scheduler import FinishReason, Request, check_request
 from memorywall.server.engine.tokens import (
     CHARS_PER_TOKEN,
@@ -41,6 +42,7 @@ from memorywall.server.engine.tokens import (
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "SLEEP_LEVELS",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
@@ -56,13 +58,16 @@ __all__ = [
     "Finished",
     "KVEvent",
     "LagSummary",
+    "LifecycleState",
     "ModelCard",
+    "Phase",
     "PrefixCacheStats",
     "Request",
     "StallSummary",
     "StepReport",
     "TokenGroup",
     "check_request",
+    "check_serving",
     "digest",
     "fault_from_header",
     "synthetic_prompt",
@@ -271,3 +276,22 @@ class EngineClient(Protocol):
         ...
 
     async def drain(self, grace_s: float) -> None: ...
+
+    # Lifecycle (vLLM's dev endpoints; `lifecycle.py`)
+
+    @property
+    def lifecycle(self) -> LifecycleState:
+        """Loading, ready, asleep (and how deeply) or waking."""
+        ...
+
+    async def sleep(self, level: int) -> None:
+        """Free the KV (1) and the weights (2); LifecycleError while requests run."""
+        ...
+
+    async def wake_up(self) -> None:
+        """Load the weights back, taking the core's load time; returns once serving."""
+        ...
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block; False (nothing changed) while requests hold KV."""
+        ...

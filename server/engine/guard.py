@@ -36,6 +36,7 @@ from memorywall.server.engine.api import (
     EventStream,
     Finished,
     KVEvent,
+    LifecycleState,
     Request,
     TokenGroup,
 )
@@ -161,6 +162,19 @@ class GuardedEngine:
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         return self.inner.subscribe_kv_events(callback)
+
+    @property
+    def lifecycle(self) -> LifecycleState:
+        return self.inner.lifecycle
+
+    async def sleep(self, level: int) -> None:
+        await self.inner.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self.inner.wake_up()
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.inner.reset_prefix_cache()
 
     async def drain(self, grace_s: float) -> None:
         await self.inner.drain(grace_s)

@@ -50,6 +50,7 @@ from memorywall.server.engine.api import (
 from memorywall.server.engine.clock import Clock, MonotonicClock
 from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.lag import LagTracker, StallTracker
+from memorywall.server.engine.lifecycle import Lifecycle, LifecycleState
 from memorywall.server.engine.loop import next_move
 from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.reports import finished, step_report
@@ -232,6 +233,7 @@ class AsyncEngine:
         stall_tolerance_s: float = 0.001,
         cpu_time: Callable[[], float] = time.process_time,
         observers: Iterable[EngineObserver] = (),
+        load_s: float = 0.0,
     ) -> None:
         self.core = core
         self.clock = clock or MonotonicClock()
@@ -264,9 +266,37 @@ class AsyncEngine:
         for observer in self.observers:
             observer.watch(self.stats)
         self.draining = False
+        # `load_s`: how long loading the weights takes (startup, wake-up); 0: ready at once.
+        self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.pool.reset_prefix_cache)
 
     def now(self) -> float:
         return self.clock.now()
+
+    # Lifecycle (lifecycle.py): the weights' load, sleep and wake-up, the prefix-cache reset
+
+    @property
+    def lifecycle(self) -> LifecycleState:
+        return self._lifecycle.state
+
+    async def load(self) -> None:
+        """The startup load of the weights: requests are refused until it ends."""
+        await self._lifecycle.load()
+
+    async def sleep(self, level: int) -> None:
+        await self._lifecycle.sleep(level, busy=bool(self._streams or self.core.has_work()))
+
+    async def wake_up(self) -> None:
+        await self._lifecycle.wake_up()
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (vLLM's); False while requests hold KV blocks."""
+        return self.core.pool.reset_prefix_cache()
+
+    async def _wait_s(self, seconds: float) -> None:
+        # Not `clock.sleep_until`: its one timer belongs to the step loop.
+        deadline = self.clock.now() + seconds
+        while (left := deadline - self.clock.now()) > 0:
+            await asyncio.sleep(left)
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         return self.core.kv.subscribe(callback)
@@ -296,6 +326,7 @@ class AsyncEngine:
         refuse_fault(fault)
         if self.draining:
             raise DrainingError("server is shutting down; not admitting new requests")
+        self._lifecycle.check_serving()
         now = self.clock.now()
         seq = self.core.add(request, now if arrival_s is None else min(arrival_s, now))
         stream = RequestStream(

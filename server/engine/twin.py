@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 from memorywall.errors import DrainingError, DuplicateRequestError, InvalidRequestError
 from memorywall.server.engine.api import (
+    AllBlocksCleared,
     BlockStored,
     EngineObserver,
     EngineStats,
@@ -28,6 +29,7 @@ from memorywall.server.engine.api import (
     FinishReason,
     KVEvent,
     LagSummary,
+    LifecycleState,
     PrefixCacheStats,
     Request,
     StallSummary,
@@ -36,6 +38,7 @@ from memorywall.server.engine.api import (
 )
 from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.kv import hash_block_tokens
+from memorywall.server.engine.lifecycle import Lifecycle
 from memorywall.server.engine.tokens import token_text
 
 BLOCK_SIZE = 16
@@ -97,6 +100,7 @@ class TwinEngine:
         energy_per_token_j: float = 1.0,
         kv_total_tokens: int = 1 << 20,
         observers: Iterable[EngineObserver] = (),
+        load_s: float = 0.0,
     ) -> None:
         self.ttft_s = ttft_s
         self.itl_s = itl_s
@@ -116,10 +120,37 @@ class TwinEngine:
         self.observers = list(observers)
         for observer in self.observers:
             observer.watch(self.stats)
+        self.prefix_resets = 0  # reset_prefix_cache calls that cleared the cache
+        self._lifecycle = Lifecycle(load_s, asyncio.sleep, self._clear_cache)
 
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def lifecycle(self) -> LifecycleState:
+        return self._lifecycle.state
+
+    async def load(self) -> None:
+        await self._lifecycle.load()
+
+    async def sleep(self, level: int) -> None:
+        await self._lifecycle.sleep(level, busy=bool(self._live))
+
+    async def wake_up(self) -> None:
+        await self._lifecycle.wake_up()
+
+    async def reset_prefix_cache(self) -> bool:
+        return self._clear_cache()
+
+    def _clear_cache(self) -> bool:
+        """As the live pool: refused while a request is live; else subscribers hear it."""
+        if self._live:
+            return False
+        self.prefix_resets += 1
+        for callback in list(self._subscribers):
+            callback(AllBlocksCleared())
+        return True
 
     def now(self) -> float:
         return self._clock_s
@@ -137,6 +168,7 @@ class TwinEngine:
         refuse_fault(fault)
         if self._draining:
             raise DrainingError("server is shutting down; not admitting new requests")
+        self._lifecycle.check_serving()
         if request.request_id in self._live:
             raise DuplicateRequestError(f"request_id {request.request_id!r} is already in flight")
         if request.max_tokens < 1:

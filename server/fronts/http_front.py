@@ -2,7 +2,7 @@
 
 Routes: POST /v1/completions and /v1/chat/completions (streaming as SSE or
 one JSON body), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health,
-/version and /metrics. Requests are
+/version and /metrics, and the lifecycle endpoints (`lifecycle_routes.py`). Requests are
 parsed in `openai_api.py`, responses shaped in `openai_reply.py`; this module
 converts, submits, streams and turns a disconnect into an engine abort, as
 `grpc_servicer.py` does. Each token group the engine hands over is written at
@@ -32,6 +32,7 @@ from memorywall.server.engine.api import (
 )
 from memorywall.server.fronts import openai_stream
 from memorywall.server.fronts.auth import require_api_key
+from memorywall.server.fronts.lifecycle_routes import lifecycle_routes
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.openai_stream import stream_events
@@ -105,6 +106,7 @@ class OpenAIFront:
             ("POST", "/detokenize", self.detokenize),
             ("GET", "/health", self.health),
             ("GET", "/version", self.version),
+            *lifecycle_routes(self.engine, error_reply),
         ]
         if self.metrics is not None:
             routes.append(("GET", "/metrics", metrics_handler(self.metrics)))
@@ -188,8 +190,10 @@ class OpenAIFront:
         return web.json_response(model_list(self.card, self.created))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while serving, 503 once draining (vLLM's /health answers 200 with no body)."""
-        return web.Response(status=503 if self.engine.draining else 200)
+        """200 once the weights are loaded (asleep too, as vLLM), 503 before and once
+        draining (vLLM's /health answers 200 with no body)."""
+        ok = self.engine.lifecycle.loaded and not self.engine.draining
+        return web.Response(status=200 if ok else 503)
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": __version__})

@@ -31,6 +31,7 @@ from memorywall.server.engine.api import (
     FinishReason,
     KVEvent,
     ModelCard,
+    Phase,
     Request,
     TokenGroup,
 )
@@ -192,9 +193,19 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             return pb.AbortResponse(success=True, message="aborted")
         return pb.AbortResponse(success=False, message=f"{request.request_id!r} is not in flight")
 
+    async def FlushCache(self, request, context) -> common_pb2.FlushCacheResponse:
+        """SGLang's /flush_cache: the prefix cache, refused while requests hold KV."""
+        if await self.engine.reset_prefix_cache():
+            return common_pb2.FlushCacheResponse(success=True, message="prefix cache flushed")
+        message = "requests hold KV blocks; retry when idle"
+        return common_pb2.FlushCacheResponse(success=False, message=message)
+
     async def HealthCheck(self, request, context) -> pb.HealthCheckResponse:
         if self.engine.draining:
             return pb.HealthCheckResponse(healthy=False, message="draining: shutting down")
+        state = self.engine.lifecycle
+        if state.phase is not Phase.READY:  # the gateway must not route here yet
+            return pb.HealthCheckResponse(healthy=False, message=state.phase.value)
         return pb.HealthCheckResponse(healthy=True, message="serving")
 
     async def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:

@@ -131,6 +131,10 @@ class FrontLink:
             host.guard_metrics.on_rejected(m[1])
         elif kind is Kind.DRAIN:
             host.start_drain()
+        elif kind is Kind.LIFECYCLE:
+            task = asyncio.create_task(host.lifecycle_call(self, *m[1:]))
+            self.forwarders.add(task)
+            task.add_done_callback(self.forwarders.discard)
         else:
             raise ValueError(f"unknown message from front {self.index}: {kind!r}")
 
@@ -151,6 +155,7 @@ class EngineHost:
         max_messages_per_s: float,
         stream_interval: int | None = None,
         grace_s: float,
+        load_s: float = 0.0,
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
         self.block_size = engine_config.block_size
@@ -164,6 +169,7 @@ class EngineHost:
             max_messages_per_s=max_messages_per_s,
             stream_interval=stream_interval,
             observers=[self.metrics, self],
+            load_s=load_s,
         )
         self.links: list[FrontLink] = []
         self._drain: asyncio.Task | None = None
@@ -177,7 +183,8 @@ class EngineHost:
         for index, sock in enumerate(sockets):
             reader, writer = await asyncio.open_unix_connection(sock=sock)
             link = FrontLink(self, index, reader, Outbox(writer))
-            link.out.put((Kind.HELLO, self.card, self.engine.stats(), self.block_size))
+            hello = (self.card, self.engine.stats(), self.block_size, self.engine.lifecycle)
+            link.out.put((Kind.HELLO, *hello))
             self.links.append(link)
         pusher = asyncio.create_task(self._push_stats())
         try:
@@ -187,6 +194,29 @@ class EngineHost:
             for link in self.links:
                 await link.out.close()
             await self.engine.stop()
+
+    async def lifecycle_call(self, link: FrontLink, token: int, op: str, arg: object) -> None:
+        """A front's /sleep, /wake_up or /reset_prefix_cache: the answer goes to it, the new
+        state to every front."""
+        result: object = None
+        try:
+            if op == "sleep":
+                await self.engine.sleep(arg)
+            elif op == "wake_up":
+                await self.engine.wake_up()
+            elif op == "reset_prefix_cache":
+                result = self.engine.reset_prefix_cache()
+            else:
+                raise ValueError(f"unknown lifecycle call from front {link.index}: {op!r}")
+        except MemorywallError as e:
+            link.out.put((Kind.LIFECYCLE_DONE, token, None, type(e), str(e)))
+        else:
+            link.out.put((Kind.LIFECYCLE_DONE, token, result, None, ""))
+        self._share_lifecycle()
+
+    def _share_lifecycle(self) -> None:
+        for link in self.links:
+            link.out.put((Kind.LIFECYCLE_STATE, self.engine.lifecycle))
 
     def start_drain(self) -> None:
         """Stop admitting, give live streams the grace period, end the rest; then tell every
@@ -252,6 +282,7 @@ def engine_main(
     max_messages_per_s: float,
     stream_interval: int | None,
     grace_s: float,
+    load_s: float,
     sockets: list[socket.socket],
     log_level: str,
     status: Connection,
@@ -261,7 +292,14 @@ def engine_main(
     configure_logging(log_level)
     asyncio.run(
         _engine(
-            deployment, engine_config, max_messages_per_s, stream_interval, grace_s, sockets, status
+            deployment,
+            engine_config,
+            max_messages_per_s,
+            stream_interval,
+            grace_s,
+            load_s,
+            sockets,
+            status,
         )
     )
 
@@ -272,6 +310,7 @@ async def _engine(
     max_messages_per_s: float,
     stream_interval: int | None,
     grace_s: float,
+    load_s: float,
     sockets: list[socket.socket],
     status: Connection,
 ) -> None:
@@ -281,10 +320,12 @@ async def _engine(
         max_messages_per_s=max_messages_per_s,
         stream_interval=stream_interval,
         grace_s=grace_s,
+        load_s=load_s,
     )
     loop = asyncio.get_running_loop()
     with on_stop_signals(loop, host.start_drain):
         watch_parent(loop, host.start_drain)
         quiet_gc()
+        await host.engine.load()  # the fronts start once the weights are in, ready at once
         status.send(("ready", host.card))
         await host.serve(sockets)

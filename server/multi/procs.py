@@ -220,6 +220,7 @@ def _start(
             config.max_messages_per_s,
             config.stream_interval,
             config.grace_s,
+            config.weight_load_s(deployment),
             [a for a, _ in pairs],
             log_level,
         )

@@ -39,10 +39,12 @@ from memorywall.server.engine.api import (
     FaultKind,
     FaultRule,
     KVEvent,
+    LifecycleState,
     ModelCard,
     Request,
     TokenGroup,
     check_request,
+    check_serving,
 )
 from memorywall.server.engine.faults import refuse_fault
 from memorywall.server.multi.wire import Kind, Outbox, error_from, group_from, read_frame
@@ -136,6 +138,8 @@ class RemoteEngine:
         self._keys = itertools.count()
         self._kv_callbacks: list[Callable[[KVEvent], None]] = []
         self._metrics: dict[int, asyncio.Future[tuple[bytes, str]]] = {}
+        self._lifecycle_calls: dict[int, asyncio.Future[object]] = {}
+        self._lifecycle: LifecycleState | None = None
         self._draining = False
         self.drained = asyncio.Event()  # the engine has drained (asked by any front or itself)
         self.lost = asyncio.Event()  # the engine's socket closed
@@ -152,7 +156,7 @@ class RemoteEngine:
         frame = await read_frame(self._reader)
         if not frame or frame[0][0] is not Kind.HELLO:
             raise ConnectionError("the engine process closed before it said hello")
-        _, self.card, self._stats, self.block_size = frame[0]
+        _, self.card, self._stats, self.block_size, self._lifecycle = frame[0]
         self._waiting = self._stats.waiting
         self._dispatch(frame[1:])
         self._task = asyncio.create_task(self._read(), name="memorywall-remote-engine")
@@ -190,6 +194,15 @@ class RemoteEngine:
                 future = self._metrics.pop(m[1], None)
                 if future is not None and not future.done():
                     future.set_result((m[2], m[3]))
+            elif kind is Kind.LIFECYCLE_STATE:
+                self._lifecycle = m[1]
+            elif kind is Kind.LIFECYCLE_DONE:
+                future = self._lifecycle_calls.pop(m[1], None)
+                if future is not None and not future.done():
+                    if m[3] is None:
+                        future.set_result(m[2])
+                    else:
+                        future.set_exception(error_from((Kind.ERROR, m[1], m[3], m[4])))
             elif kind is Kind.DRAINING:
                 self._draining = True
             elif kind is Kind.DRAINED:
@@ -203,7 +216,7 @@ class RemoteEngine:
         for stream in list(self._streams.values()):
             if not stream.ended:
                 stream._put(error)
-        for future in self._metrics.values():
+        for future in [*self._metrics.values(), *self._lifecycle_calls.values()]:
             if not future.done():
                 future.set_exception(EngineLostError("the engine process exited"))
         self.drained.set()
@@ -230,6 +243,7 @@ class RemoteEngine:
         refuse_fault(fault)
         if self._draining:
             raise DrainingError("server is shutting down; not admitting new requests")
+        check_serving(self._lifecycle)
         rid = request.request_id
         if rid in self._by_id:
             raise DuplicateRequestError(f"request_id {rid!r} is already in flight")
@@ -291,6 +305,34 @@ class RemoteEngine:
             self._out.put((Kind.DRAIN,))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drained.wait(), timeout=grace_s + 5.0)
+
+    # Lifecycle: asked of the engine process, which answers this front and tells every front
+    # its new state
+
+    @property
+    def lifecycle(self) -> LifecycleState:
+        return self._lifecycle
+
+    async def sleep(self, level: int) -> None:
+        await self._lifecycle_call("sleep", level)
+
+    async def wake_up(self) -> None:
+        await self._lifecycle_call("wake_up", None)
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self._lifecycle_call("reset_prefix_cache", None))
+
+    async def _lifecycle_call(self, op: str, arg: object) -> object:
+        if self.lost.is_set():
+            raise EngineLostError("the engine process exited")
+        token = next(self._keys)
+        future = asyncio.get_running_loop().create_future()
+        self._lifecycle_calls[token] = future
+        self._out.put((Kind.LIFECYCLE, token, op, arg))
+        try:
+            return await future
+        finally:
+            self._lifecycle_calls.pop(token, None)
 
     # What only the multi-process fronts use
 

@@ -41,8 +41,9 @@ class Kind(IntEnum):
     GUARD_REJECTED = 7  # (reason): the front's guard refused a request
     DRAIN = 8  # (): stop admitting, finish or end every stream, then answer DRAINED
     RELEASE_KV = 9  # (request_id): free what a finished `keep_kv` request kept
+    LIFECYCLE = 10  # (token, op, arg): "sleep" (level), "wake_up", "reset_prefix_cache"
     # engine -> front
-    HELLO = 20  # (ModelCard, EngineStats)
+    HELLO = 20  # (ModelCard, EngineStats, block size, LifecycleState)
     GROUP = 21  # (key, *group_tuple)
     FINISHED = 22  # (key, Finished)
     ERROR = 23  # (key, error class, message)
@@ -52,6 +53,8 @@ class Kind(IntEnum):
     DRAINING = 27  # (): the engine stopped admitting
     DRAINED = 28  # (): every stream has ended
     WAITING = 29  # (count): the queue's length changed (the fronts' admission reads it)
+    LIFECYCLE_DONE = 30  # (token, result, error class or None, message)
+    LIFECYCLE_STATE = 31  # (LifecycleState): loaded, asleep or awake now
 
 
 def group_tuple(key: int, g: TokenGroup) -> tuple:

@@ -35,7 +35,7 @@ async def serve(wse3_8b) -> AsyncIterator[Serve]:
     servers: list[EmulatorServer] = []
 
     async def start(**config: Any) -> EmulatorServer:
-        config = {"port": 0, "http_port": 0, **config}
+        config = {"port": 0, "http_port": 0, "load_format": "dummy", **config}
         server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(**config))
         await server.start()
         servers.append(server)

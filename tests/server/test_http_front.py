@@ -44,7 +44,7 @@ async def serve() -> AsyncIterator[Serve]:
     servers: list[EmulatorServer] = []
 
     async def start(deployment: Deployment, **config: Any) -> EmulatorServer:
-        config = {"port": 0, "http_port": 0, **config}
+        config = {"port": 0, "http_port": 0, "load_format": "dummy", **config}
         server = EmulatorServer(deployment, EngineConfig(), ServerConfig(**config))
         await server.start()
         servers.append(server)

@@ -31,7 +31,7 @@ BURST = 2000  # above grpc core's soft backlog bound of 1,000
 @pytest.fixture
 async def server(h100_8b) -> AsyncIterator[EmulatorServer]:
     # ~7.6 ms steps and a small batch, so most of a burst waits and the admission bound bites.
-    config = ServerConfig(port=0, http_port=0, guard=GuardConfig(max_waiting=MAX_WAITING))
+    config = ServerConfig(port=0, http_port=0, load_format="dummy", guard=GuardConfig(max_waiting=MAX_WAITING))
     server = EmulatorServer(h100_8b, EngineConfig(max_num_seqs=32), config)
     await server.start()
     yield server
@@ -163,7 +163,7 @@ async def test_a_cancellation_storm_leaks_no_slot_kv_or_task(server, caplog):
 async def test_a_burst_beyond_grpc_cores_backlog_is_served_not_cancelled(wse3_8b):
     # grpc core's own backlog bounds (1,000 to 3,000 calls not yet taken by the loop)
     # would cancel part of this burst; the server lifts them and admits by its own rules.
-    server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0))
+    server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0, load_format="dummy"))
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.target) as channel:
