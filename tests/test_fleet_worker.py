@@ -38,6 +38,7 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "max_num_seqs": (64, {}),
     "max_num_batched_tokens": (1024, {}),
     "no_prefix_caching": (True, {}),
+    "load_format": ("dummy", {}),
     "seed": (7, {}),
     "grace": (1.5, {}),
     "max_messages_per_s": (1000, {}),

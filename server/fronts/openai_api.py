@@ -119,6 +119,7 @@ class Call:
     include_stop_str: bool = False
     vocab_size: int = 0
     eos_token_ids: frozenset[int] = frozenset()  # their text is empty
+    base_id: str | None = None  # None: the one request's id
 
     @property
     def request(self) -> Request:
@@ -127,7 +128,8 @@ class Call:
 
     @property
     def request_id(self) -> str:
-        return self.choices[0].request.request_id.removeprefix("0_")
+        """The call's id (X-Request-Id, response ids); its samples' requests add `{i}_`."""
+        return self.base_id or self.choices[0].request.request_id
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -253,6 +255,7 @@ class OpenAIApi:
             include_stop_str=_flag(body, "include_stop_str_in_output"),
             vocab_size=self.card.vocab_size,
             eos_token_ids=frozenset(self.card.eos_token_ids),
+            base_id=rid,
         )
 
     def _echo(self, raw: Any, ids: tuple[int, ...]) -> tuple[str, tuple[str, ...]]:

@@ -127,7 +127,9 @@ async def test_grpc_and_http_hit_the_prefix_cache_alike_for_the_same_seed():
     plan = LoadPlan(specs=tuple(specs(seed=5, n=12, groups=3, prefix=64)), concurrency=1)
     cached: dict[Backend, list[int]] = {}
     for backend in (Backend.MEMORYWALL_GRPC, Backend.OPENAI_COMPLETIONS):
-        server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0, http_port=0, load_format="dummy"))
+        server = EmulatorServer(
+            wse3_8b, EngineConfig(), ServerConfig(port=0, http_port=0, load_format="dummy")
+        )
         await server.start()
         try:
             address = server.target if backend is Backend.MEMORYWALL_GRPC else server.http_url

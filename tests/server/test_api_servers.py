@@ -27,7 +27,12 @@ import pytest
 from polling import block_until, wait_until
 
 from memorywall.cli import main
-from memorywall.errors import DuplicateRequestError, OverloadedError
+from memorywall.errors import (
+    DuplicateRequestError,
+    LifecycleError,
+    NotReadyError,
+    OverloadedError,
+)
 from memorywall.ready import ServerReady, wait_for
 from memorywall.server.engine.api import BlockStored, Finished, FinishReason, Request, TokenGroup
 from memorywall.server.engine.guard import GuardConfig, GuardedEngine
@@ -147,6 +152,35 @@ async def test_kv_events_reach_a_subscribed_front(h100_8b):
     assert sum(len(e.block_hashes) for e in stored) == 6
     unsubscribe()
     await a.close()
+    await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
+
+
+async def test_lifecycle_calls_reach_the_engine_and_every_front_hears_the_state(h100_8b):
+    host, serving, (a, b) = await _engine_with_fronts(h100_8b, 2)
+    await _drain(a.submit(_request("a", tuple(range(1, 100)), 2)))
+    assert host.engine.stats().prefix_cache.queries > 0
+    assert await b.reset_prefix_cache()
+    assert not host.engine.core.pool.cached
+    held = a.submit(_request("held", tuple(range(1, 50)), 5000))
+    assert isinstance(await held.next_event(), TokenGroup)
+    assert not await b.reset_prefix_cache()  # a request holds KV
+    with pytest.raises(LifecycleError, match="in flight"):
+        await b.sleep(1)
+    held.close()
+    await _drain(held)
+    await a.sleep(2)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while not b.lifecycle.sleeping:  # the other front hears it too
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert a.lifecycle.sleep_level == 2 and host.engine.lifecycle.sleeping
+    with pytest.raises(NotReadyError):
+        b.submit(_request("b", (1, 2), 1))
+    await b.wake_up()
+    assert not b.lifecycle.sleeping
+    await _drain(b.submit(_request("b", (1, 2), 1)))
+    for front in (a, b):
+        await front.close()
     await asyncio.wait_for(serving, EXIT_TIMEOUT_S)
 
 

@@ -41,7 +41,9 @@ async def serve() -> AsyncIterator[Serve]:
     servers: list[EmulatorServer] = []
 
     async def start(deployment: Deployment, engine_config: EngineConfig | None = None):
-        server = EmulatorServer(deployment, engine_config or EngineConfig(), ServerConfig(port=0, load_format="dummy"))
+        server = EmulatorServer(
+            deployment, engine_config or EngineConfig(), ServerConfig(port=0, load_format="dummy")
+        )
         port = await server.start()
         assert port > 0 and server.target == f"127.0.0.1:{port}"
         servers.append(server)
@@ -478,7 +480,9 @@ async def test_start_on_a_busy_port_raises_oserror(wse3_8b):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=port, load_format="dummy"))
+        server = EmulatorServer(
+            wse3_8b, EngineConfig(), ServerConfig(port=port, load_format="dummy")
+        )
         try:
             with pytest.raises(OSError, match=str(port)):
                 await server.start()

@@ -339,3 +339,10 @@ async def test_tokenize_and_detokenize_in_vllms_shapes(twin_url):
             assert r.status == 400 and (await r.json())["error"]["param"] == "tokens"
         async with s.post(f"{url}/tokenize", json={"prompt": 5}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "prompt"
+
+
+def test_the_call_keeps_its_own_id():
+    call = API.to_call({"prompt": "hi"}, Endpoint.COMPLETIONS, "0_x")
+    assert call.request_id == "0_x" and call.request.request_id == "0_x"
+    call = API.to_call({"prompt": "hi", "n": 2}, Endpoint.COMPLETIONS, "x")
+    assert call.request_id == "x"

@@ -31,7 +31,9 @@ BURST = 2000  # above grpc core's soft backlog bound of 1,000
 @pytest.fixture
 async def server(h100_8b) -> AsyncIterator[EmulatorServer]:
     # ~7.6 ms steps and a small batch, so most of a burst waits and the admission bound bites.
-    config = ServerConfig(port=0, http_port=0, load_format="dummy", guard=GuardConfig(max_waiting=MAX_WAITING))
+    config = ServerConfig(
+        port=0, http_port=0, load_format="dummy", guard=GuardConfig(max_waiting=MAX_WAITING)
+    )
     server = EmulatorServer(h100_8b, EngineConfig(max_num_seqs=32), config)
     await server.start()
     yield server

@@ -434,7 +434,9 @@ def test_serve_flag_turns_prefix_caching_off():
 @pytest.mark.parametrize("caching", [True, False])
 async def test_grpc_usage_reports_cached_tokens(wse3_8b, caching):
     server = EmulatorServer(
-        wse3_8b, EngineConfig(enable_prefix_caching=caching), ServerConfig(port=0, load_format="dummy")
+        wse3_8b,
+        EngineConfig(enable_prefix_caching=caching),
+        ServerConfig(port=0, load_format="dummy"),
     )
     await server.start()
     channel = grpc.aio.insecure_channel(server.target, options=[("grpc.enable_http_proxy", 0)])

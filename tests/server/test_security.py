@@ -204,7 +204,9 @@ async def test_plain_http_to_a_tls_port_fails(secured):
 
 async def test_client_certificates_are_required_when_a_client_ca_is_given(wse3_8b, pki):
     tls = TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca)
-    server = EmulatorServer(wse3_8b, EngineConfig(), ServerConfig(port=0, http_port=0, tls=tls, load_format="dummy"))
+    server = EmulatorServer(
+        wse3_8b, EngineConfig(), ServerConfig(port=0, http_port=0, tls=tls, load_format="dummy")
+    )
     await server.start()
     try:
         mutual = Tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)

@@ -144,6 +144,7 @@ PORT_0 = ["--port", "0"]  # were an argument wrongly accepted, nothing binds a f
         ([*WSE3_8B, *PORT_0, "--grpc-services", "memorywall,,vllm"], "--grpc-services"),
         ([*WSE3_8B, *PORT_0, "--grpc-services", "sglang,vllm"], "two engines"),
         ([*WSE3_8B, *PORT_0, "--grpc-services", "vllm", "--role", "decode"], "add sglang"),
+        ([*WSE3_8B, *PORT_0, "--load-format", "tensorizer"], "--load-format"),
     ],
     ids=[
         "port-70000",
@@ -161,6 +162,7 @@ PORT_0 = ["--port", "0"]  # were an argument wrongly accepted, nothing binds a f
         "services-blank-item",
         "services-two-engines",
         "services-pd-without-sglang",
+        "load-format",
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, words):

@@ -38,7 +38,9 @@ async def serve() -> AsyncIterator[Callable]:
     servers: list[EmulatorServer] = []
 
     async def start(deployment: Deployment) -> EmulatorServer:
-        server = EmulatorServer(deployment, EngineConfig(), ServerConfig(port=0, load_format="dummy"))
+        server = EmulatorServer(
+            deployment, EngineConfig(), ServerConfig(port=0, load_format="dummy")
+        )
         await server.start()
         servers.append(server)
         return server
