@@ -92,6 +92,9 @@ class Reply:
         self._echo = call.echo  # written before the first group, then None
         self._args_at = 0  # how much of the tool call's arguments went out
         self._text_at = 0  # characters of the tokens given logprobs so far (text_offset)
+        # What `take` saw, for a choice that ends before the engine's `Finished`.
+        self._prompt_tokens = self._cached_tokens = 0
+        self._times: tuple[float, ...] = ()  # first and latest token times
         self._plain = call.top_logprobs is None and not call.stop and self.tool is None
 
     @property
@@ -164,6 +167,9 @@ class Reply:
         ids = group.token_ids
         start = self.completion_tokens
         self.completion_tokens += len(ids)
+        self._prompt_tokens, self._cached_tokens = group.prompt_tokens, group.cached_tokens
+        if group.times_s:
+            self._times = (self._times or group.times_s)[:1] + group.times_s[-1:]
         reason = group.finish_reason
         finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
         stop_reason: int | str | None = self._stop_reason(ids, reason)
@@ -284,6 +290,26 @@ class Reply:
     def body(self, groups: list[TokenGroup], f: Finished) -> dict[str, Any]:
         """The whole non-streaming response of a one-choice call."""
         return response_body([self], [[self.take(g) for g in groups]], [f])
+
+    def stopped_finished(self) -> Finished:
+        """The end of a choice a stop string cut short, from the tokens it read: the engine
+        aborts the request and its own account never reaches the reply."""
+        first, last = self._times or (0.0, 0.0)
+        return Finished(
+            request_id=self.choice.request.request_id,
+            reason=FinishReason.STOP,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self._cached_tokens,
+            queue_s=0.0,
+            prefill_s=0.0,
+            decode_s=last - first,
+            ttft_s=first,
+            e2e_s=last,
+            preemptions=0,
+            energy_j=0.0,
+            last_token_id=None,
+        )
 
     def usage(self, f: Finished) -> tuple[int, int, int]:
         """Prompt, cached and completion tokens; a choice a stop string ended counts the

@@ -9,6 +9,7 @@ choices' events interleave as the engine hands them over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -58,18 +59,21 @@ async def stream_events(streams: Sequence[EventStream], replies: list[Reply], wr
     openings = [r.role_event() if r.chat else b"" for r in replies]
     finals: list[Finished | None] = [None] * len(replies)
     try:
-        async for i, event in merged(streams):
-            reply = replies[i]
-            if isinstance(event, Finished):
-                finals[i] = event
-                await write(reply.finish_event(event))
-                continue
-            if reply.stopped:
-                continue
-            await write(openings[i] + reply.group_event(event))
-            openings[i] = b""
-            if reply.stopped:
-                streams[i].close()
+        async with contextlib.aclosing(merged(streams)) as events:
+            async for i, event in events:
+                reply = replies[i]
+                if finals[i] is not None:
+                    continue  # a stop string ended it: what the engine sent after is moot
+                if isinstance(event, Finished):
+                    finals[i] = event
+                    await write(reply.finish_event(event))
+                else:
+                    await write(openings[i] + reply.group_event(event))
+                    openings[i] = b""
+                    if reply.stopped:
+                        finals[i] = _stop(streams[i], reply)
+                if all(f is not None for f in finals):
+                    break
     except MemorywallError as e:  # the server drained before the request finished
         await write(replies[0].error_events(e))
         return
@@ -80,12 +84,24 @@ async def response(streams: Sequence[EventStream], replies: list[Reply]) -> dict
     """The whole non-streaming response once every choice has finished."""
     pieces: list[list[Piece]] = [[] for _ in replies]
     finals: list[Finished | None] = [None] * len(replies)
-    async for i, event in merged(streams):
-        reply = replies[i]
-        if isinstance(event, Finished):
-            finals[i] = event
-        elif not reply.stopped:
-            pieces[i].append(reply.take(event))
-            if reply.stopped:
-                streams[i].close()
+    async with contextlib.aclosing(merged(streams)) as events:
+        async for i, event in events:
+            reply = replies[i]
+            if finals[i] is not None:
+                continue
+            if isinstance(event, Finished):
+                finals[i] = event
+            else:
+                pieces[i].append(reply.take(event))
+                if reply.stopped:
+                    finals[i] = _stop(streams[i], reply)
+            if all(f is not None for f in finals):
+                break
     return response_body(replies, pieces, finals)
+
+
+def _stop(stream: EventStream, reply: Reply) -> Finished:
+    """A stop string ended the choice: abort its request and end it here, without waiting
+    for the engine's word (a closed stream may never give it)."""
+    stream.close()
+    return reply.stopped_finished()

@@ -205,7 +205,7 @@ class EngineHost:
             elif op == "wake_up":
                 await self.engine.wake_up()
             elif op == "reset_prefix_cache":
-                result = self.engine.reset_prefix_cache()
+                result = await self.engine.reset_prefix_cache()
             else:
                 raise ValueError(f"unknown lifecycle call from front {link.index}: {op!r}")
         except MemorywallError as e:

@@ -166,10 +166,12 @@ async def test_lifecycle_calls_reach_the_engine_and_every_front_hears_the_state(
     assert not await b.reset_prefix_cache()  # a request holds KV
     with pytest.raises(LifecycleError, match="in flight"):
         await b.sleep(1)
-    held.close()
-    await _drain(held)
-    await a.sleep(2)
+    held.close()  # aborted in the engine; a closed remote stream hears nothing more
     deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while host.engine.stats().running:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await a.sleep(2)
     while not b.lifecycle.sleeping:  # the other front hears it too
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
