@@ -267,7 +267,7 @@ class AsyncEngine:
             observer.watch(self.stats)
         self.draining = False
         # `load_s`: how long loading the weights takes (startup, wake-up); 0: ready at once.
-        self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.pool.reset_prefix_cache)
+        self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.kv.pool.reset_prefix_cache)
 
     def now(self) -> float:
         return self.clock.now()
@@ -290,7 +290,7 @@ class AsyncEngine:
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (vLLM's); False while requests hold KV blocks."""
-        return self.core.pool.reset_prefix_cache()
+        return self.core.kv.pool.reset_prefix_cache()
 
     async def _wait_s(self, seconds: float) -> None:
         # Not `clock.sleep_until`: its one timer belongs to the step loop.

@@ -32,6 +32,7 @@ from memorywall.server.engine.api import (
     FaultRule,
     Finished,
     ModelCard,
+    Phase,
 )
 from memorywall.server.fronts.kserve_tensors import (
     DATATYPES,
@@ -120,6 +121,11 @@ def _utf8(name: str, b: bytes) -> str:
         raise InvalidRequestError(f"input {name!r}: BYTES values must be UTF-8 text") from None
 
 
+def ready(engine: EngineClient) -> bool:
+    """KServe's readiness: serving inference now (weights loaded, awake, not draining)."""
+    return not engine.draining and engine.lifecycle.phase is Phase.READY
+
+
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -140,11 +146,11 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.engine.draining)
+        return pb.ServerReadyResponse(ready=ready(self.engine))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         served = request.name == self.card.model and request.version in ("", "1")
-        return pb.ModelReadyResponse(ready=served and not self.engine.draining)
+        return pb.ModelReadyResponse(ready=served and ready(self.engine))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(

@@ -29,6 +29,7 @@ from memorywall import __version__
 from memorywall.errors import InvalidRequestError, MemorywallError
 from memorywall.server.engine.api import EngineClient, Finished, ModelCard, TokenGroup
 from memorywall.server.fronts.kserve_grpc import EXTENSIONS, model_config
+from memorywall.server.fronts.kserve_grpc import ready as engine_ready
 from memorywall.server.fronts.kserve_tensors import (
     DATATYPES,
     INPUTS,
@@ -93,7 +94,7 @@ class KServeHttp:
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=503 if self.engine.draining else 200)
+        return web.Response(status=200 if engine_ready(self.engine) else 503)
 
     async def repository_index(self, request: web.Request) -> web.Response:
         """The one served model, READY (Triton's model repository extension)."""
@@ -101,7 +102,7 @@ class KServeHttp:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         served = request.match_info["model"] == self.card.model
-        return web.Response(status=200 if served and not self.engine.draining else 400)
+        return web.Response(status=200 if served and engine_ready(self.engine) else 400)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         try:

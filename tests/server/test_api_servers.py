@@ -160,7 +160,7 @@ async def test_lifecycle_calls_reach_the_engine_and_every_front_hears_the_state(
     await _drain(a.submit(_request("a", tuple(range(1, 100)), 2)))
     assert host.engine.stats().prefix_cache.queries > 0
     assert await b.reset_prefix_cache()
-    assert not host.engine.core.pool.cached
+    assert not host.engine.core.kv.pool.cached
     held = a.submit(_request("held", tuple(range(1, 50)), 5000))
     assert isinstance(await held.next_event(), TokenGroup)
     assert not await b.reset_prefix_cache()  # a request holds KV
