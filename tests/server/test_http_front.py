@@ -511,6 +511,36 @@ async def test_openai_client_lists_models_and_completes(openai_client):
     assert 1 <= out.usage.completion_tokens <= 4
 
 
+async def test_openai_client_parses_samples_logprobs_and_tool_calls_from_the_engine(
+    openai_client,
+):
+    out = await openai_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        n=2,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content != out.choices[1].message.content
+    assert out.usage.completion_tokens == 8
+    assert all(len(c.logprobs.content) == 4 for c in out.choices)
+    params = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    tool = {"type": "function", "function": {"name": "count", "parameters": params}}
+    out = await openai_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[tool],
+        tool_choice="required",
+    )  # fmt: skip
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "count" and isinstance(
+        json.loads(call.function.arguments)["n"], int
+    )
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert out.usage.completion_tokens == -(-len(call.function.arguments) // 4)
+
+
 async def test_openai_client_raises_typed_errors(openai_client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.NotFoundError):
