@@ -97,3 +97,23 @@ def power_watts(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite power > 0, got {text!r}")
     return value * _POWER_UNITS[unit]
+
+
+def otlp_endpoint(text: str) -> str:
+    """An OTLP/HTTP collector URL: http(s)://host[:port][/path]. A URL without a path gets
+    the standard `/v1/traces` (as OTEL_EXPORTER_OTLP_ENDPOINT does); one with a path is
+    used as given (as OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is)."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r} ({e})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s)://host:port OTLP/HTTP URL, got {text!r}"
+        )
+    if url.path in ("", "/"):
+        return text.rstrip("/") + "/v1/traces"
+    return text

@@ -48,6 +48,7 @@ class ServerReady:
     bootstrap_port: int | None = None  # a prefill worker's rendezvous port
     # The worker protocols on the gRPC port (`serve --grpc-services`); () when gRPC is off.
     grpc_services: tuple[str, ...] = ()
+    dcgm_port: int | None = None  # the emulated dcgm-exporter's /metrics; None: off
 
     @property
     def grpc_target(self) -> str | None:
@@ -68,6 +69,14 @@ class ServerReady:
             return f"{scheme}://{self.host}:{self.metrics_port}/metrics"
         return None if self.http_url is None else f"{self.http_url}/metrics"
 
+    @property
+    def dcgm_url(self) -> str | None:
+        """Where the emulated dcgm-exporter serves, if anywhere."""
+        if self.dcgm_port is None:
+            return None
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.dcgm_port}/metrics"
+
     def as_dict(self) -> dict[str, Any]:
         """The file's content: every field, plus the addresses spelled out for tools."""
         out = asdict(self)
@@ -75,6 +84,7 @@ class ServerReady:
             "grpc_target": self.grpc_target,
             "http_url": self.http_url,
             "metrics_url": self.metrics_url,
+            "dcgm_url": self.dcgm_url,
         }
         return out
 

@@ -14,21 +14,26 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memorywall.core import Deployment
 from memorywall.ready import ServerReady, remove, write_json
 from memorywall.server.config import ServerConfig
-from memorywall.server.engine.api import ModelCard, Phase
+from memorywall.server.engine.api import EngineClient, EngineObserver, ModelCard, Phase
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.guard import GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.fronts.dcgm import DcgmExporter
 from memorywall.server.fronts.guard_metrics import GuardMetrics
 from memorywall.server.fronts.http_front import ServedMetrics, metrics_handler
 from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.listeners import ListenerPorts, Listeners, addresses
 from memorywall.server.pd import Role, disaggregation_for
 from memorywall.server.signals import on_stop_signals
+
+if TYPE_CHECKING:
+    from memorywall.server.fronts.tracing import Tracing
 
 __all__ = [
     "EmulatorServer",
@@ -49,7 +54,9 @@ class EmulatorServer:
     runs it; `await start()`, then `await stop()`.
 
     `metrics`: what /metrics serves and the engine feeds; by default vLLM's Prometheus
-    metrics, built when an HTTP or metrics port is asked for.
+    metrics, built when an HTTP or metrics port is asked for. `tracing`: a
+    `fronts.tracing.Tracing` (tests pass one with an in-memory exporter); by default one
+    exporting to `config.otlp_endpoint`, if given.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class EmulatorServer:
         config: ServerConfig,
         *,
         metrics: ServedMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
         self.config = config
@@ -66,11 +74,24 @@ class EmulatorServer:
         if metrics is None and (config.http_port is not None or config.metrics_port is not None):
             metrics = PrometheusMetrics.for_deployment(deployment)
         self.metrics = metrics
+        observers: list[EngineObserver] = [metrics] if metrics is not None else []
+        self.dcgm: DcgmExporter | None = None
+        if config.dcgm_port is not None:
+            self.dcgm = DcgmExporter.for_deployment(deployment)
+            observers.append(self.dcgm)
+        if tracing is None and config.otlp_endpoint is not None:
+            # Imported only when asked for: without --otlp-endpoint nothing of OpenTelemetry loads.
+            from memorywall.server.fronts.tracing import Tracing
+
+            tracing = Tracing.to_collector(config.otlp_endpoint)
+        self.tracing = tracing
+        if tracing is not None:
+            observers.append(tracing.recorder)
         self.engine = AsyncEngine(
             core,
             max_messages_per_s=config.max_messages_per_s,
             stream_interval=config.stream_interval,
-            observers=[metrics] if metrics is not None else (),
+            observers=observers,
             load_s=self.load_s,
         )
         self.guard_metrics = GuardMetrics(self.card.model)
@@ -84,13 +105,20 @@ class EmulatorServer:
         )
         registry = metrics.registry if isinstance(metrics, PrometheusMetrics) else None
         self.pd = disaggregation_for(self.guarded, deployment, config.disaggregation, registry)
+        fronts_engine: EngineClient = self.guarded
+        fronts_pd = self.pd
+        if self.tracing is not None:
+            fronts_engine = self.tracing.wrap(self.guarded)
+            fronts_pd = self.tracing.wrap_pd(self.pd) if self.pd is not None else None
         self.listeners = Listeners(
-            self.guarded,
+            fronts_engine,
             self.card,
             config,
             seed=engine_config.seed,
             metrics=metrics_handler(metrics) if metrics is not None else None,
-            pd=self.pd,
+            pd=fronts_pd,
+            dcgm=metrics_handler(self.dcgm) if self.dcgm is not None else None,
+            tracing=self.tracing,
         )
 
     @property
@@ -121,6 +149,10 @@ class EmulatorServer:
     @property
     def metrics_port(self) -> int | None:
         return self.listeners.ports.metrics_port
+
+    @property
+    def dcgm_port(self) -> int | None:
+        return self.listeners.ports.dcgm_port
 
     @property
     def addresses(self) -> list[str]:
@@ -159,6 +191,8 @@ class EmulatorServer:
             await self.pd.stop()
         await self.listeners.close()
         await self.engine.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # sends the spans still batched
 
 
 def exposure_risk(config: ServerConfig) -> str | None:
@@ -214,6 +248,7 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         role=server.config.disaggregation.role,
         bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
         grpc_services=server.config.grpc_services if server.config.grpc else (),
+        dcgm_port=server.dcgm_port,
     )
 
 
@@ -229,6 +264,7 @@ def card_ready(
     role: Role = Role.BOTH,
     bootstrap_port: int | None = None,
     grpc_services: tuple[str, ...] = (),
+    dcgm_port: int | None = None,
 ) -> ServerReady:
     """A ready file's content: where a process listens, and the model card it serves."""
     return ServerReady(
@@ -251,6 +287,7 @@ def card_ready(
         role=role.value,
         bootstrap_port=bootstrap_port,
         grpc_services=grpc_services,
+        dcgm_port=dcgm_port,
     )
 
 

@@ -37,6 +37,8 @@ class ServerConfig:
     grpc_services: tuple[str, ...] = DEFAULT_GRPC_SERVICES
     http_port: int | None = None  # the OpenAI HTTP front (with /metrics); None: off
     metrics_port: int | None = None  # /metrics alone, for a gRPC-only server; None: off
+    dcgm_port: int | None = None  # the emulated dcgm-exporter's /metrics; None: off
+    otlp_endpoint: str | None = None  # OTLP/HTTP trace collector; None: no tracing
     tokenizer: Path | None = None  # HF tokenizer.json for HTTP prompt text; None: ~4 chars/token
     grace_s: float = 5.0
     # The message budget's ceiling: about what grpc.aio carries on two cores shared with

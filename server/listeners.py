@@ -19,8 +19,9 @@ owner keeps the engine's lifecycle; the listeners go through theirs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from aiohttp import web
@@ -45,6 +46,15 @@ from memorywall.server.fronts.tokenizer import PromptTokenizer, load_tokenizer
 from memorywall.server.grpc_services import KSERVE, MEMORYWALL, SGLANG, TRTLLM, VLLM
 from memorywall.server.pd import Disaggregation
 from memorywall.v1 import engine_pb2, engine_pb2_grpc
+
+
+class TraceHooks(Protocol):
+    """Where a request's incoming trace context is read (`fronts/tracing.Tracing`)."""
+
+    def grpc_interceptor(self) -> grpc.aio.ServerInterceptor: ...
+
+    def http_middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]: ...
+
 
 SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
 # Each `--grpc-services` name's gRPC service.
@@ -71,11 +81,13 @@ class ListenerPorts:
     grpc_port: int | None
     http_port: int | None
     metrics_port: int | None
+    dcgm_port: int | None = None  # the emulated dcgm-exporter
 
     @classmethod
     def of(cls, config: ServerConfig) -> ListenerPorts:
         """The ports `config` asks for."""
-        return cls(config.port if config.grpc else None, config.http_port, config.metrics_port)
+        grpc_port = config.port if config.grpc else None
+        return cls(grpc_port, config.http_port, config.metrics_port, config.dcgm_port)
 
 
 def addresses(config: ServerConfig, ports: ListenerPorts) -> list[str]:
@@ -86,6 +98,8 @@ def addresses(config: ServerConfig, ports: ListenerPorts) -> list[str]:
         out.append(f"{scheme}://{host}:{ports.http_port}")
     if ports.metrics_port is not None:
         out.append(f"{scheme}://{host}:{ports.metrics_port}/metrics")
+    if ports.dcgm_port is not None:
+        out.append(f"{scheme}://{host}:{ports.dcgm_port}/metrics (DCGM)")
     return out
 
 
@@ -105,6 +119,9 @@ class Listeners:
     servicer's prompts (see `EngineServicer`). `pd`: this worker's disaggregation role, for
     SGLang's worker API. `reuse_port`: several processes bind the same ports
     (`--api-servers`). `response_headers`: added to every OpenAI HTTP response.
+    `dcgm`: the emulated dcgm-exporter's /metrics handler; needed when `config` names a
+    DCGM port. `tracing`: continues each request's `traceparent` (`fronts/tracing.py`;
+    None: tracing is off and nothing of it is loaded).
     """
 
     def __init__(
@@ -119,11 +136,15 @@ class Listeners:
         reuse_port: bool = False,
         unnamed_prompts: Iterator[int] | None = None,
         response_headers: Mapping[str, str] | None = None,
+        dcgm: Handler | None = None,
+        tracing: TraceHooks | None = None,
     ) -> None:
         if config.metrics_port is not None and metrics is None:
             raise ValueError("a metrics port needs a /metrics handler")
+        if config.dcgm_port is not None and dcgm is None:
+            raise ValueError("a DCGM port needs a /metrics handler")
         self.config = config
-        self.ports = ListenerPorts(None, None, None)
+        self.ports = ListenerPorts(None, None, None, None)
         self._serving = False
         ssl_context = config.tls.ssl_context() if config.tls is not None else None
         # Prompt text to ids, for every front that takes text (OpenAI HTTP, KServe v2).
@@ -140,6 +161,7 @@ class Listeners:
                 reuse_port=reuse_port,
                 unnamed_prompts=unnamed_prompts,
                 tokenizer=tokenizer,
+                interceptors=(tracing.grpc_interceptor(),) if tracing is not None else (),
             )
         self.http: HttpSite | None = None
         if config.http_port is not None:
@@ -156,6 +178,8 @@ class Listeners:
                 app.router.add_route("GET", "/metrics", metrics, expect_handler=expect_continue)
             if response_headers:
                 app.on_response_prepare.append(_add_headers(dict(response_headers)))
+            if tracing is not None:
+                app.middlewares.append(tracing.http_middleware())
             self.http = HttpSite(app, ssl_context=ssl_context, reuse_port=reuse_port)
         self.metrics_site: HttpSite | None = None
         if config.metrics_port is not None:
@@ -163,12 +187,16 @@ class Listeners:
             self.metrics_site = HttpSite(
                 metrics_app(metrics), ssl_context=ssl_context, reuse_port=reuse_port
             )
+        # Its own port, as dcgm-exporter's (9400) is beside vLLM's; never several processes.
+        self.dcgm_site: HttpSite | None = None
+        if config.dcgm_port is not None:
+            self.dcgm_site = HttpSite(metrics_app(dcgm), ssl_context=ssl_context)
 
     async def bind(self, ports: ListenerPorts) -> ListenerPorts:
         """Bind every listener that is on to its port in `ports` (0: any free port); returns
         the bound ports. OSError if one cannot bind: the HTTP sites started are stopped."""
         host = self.config.host
-        grpc_port = http_port = metrics_port = None
+        grpc_port = http_port = metrics_port = dcgm_port = None
         if self.grpc is not None:
             grpc_port = bind_grpc(self.grpc, self.config, _port(ports.grpc_port, "gRPC"))
         try:
@@ -177,10 +205,12 @@ class Listeners:
             if self.metrics_site is not None:
                 port = _port(ports.metrics_port, "metrics")
                 metrics_port = await self.metrics_site.start(host, port)
+            if self.dcgm_site is not None:
+                dcgm_port = await self.dcgm_site.start(host, _port(ports.dcgm_port, "DCGM"))
         except OSError:
             await self._stop_http()
             raise
-        self.ports = ListenerPorts(grpc_port, http_port, metrics_port)
+        self.ports = ListenerPorts(grpc_port, http_port, metrics_port, dcgm_port)
         return self.ports
 
     async def serve(self) -> None:
@@ -205,7 +235,7 @@ class Listeners:
         await self._stop_http()
 
     async def _stop_http(self) -> None:
-        for site in (self.http, self.metrics_site):
+        for site in (self.http, self.metrics_site, self.dcgm_site):
             if site is not None:
                 await site.stop()
 
@@ -227,6 +257,7 @@ def grpc_server(
     reuse_port: bool = False,
     unnamed_prompts: Iterator[int] | None = None,
     tokenizer: PromptTokenizer | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """The gRPC server (the services `config.grpc_services` names, health, reflection) over
     `engine`, unbound.
@@ -234,6 +265,7 @@ def grpc_server(
     `reuse_port`: several processes bind the same port (`--api-servers`).
     `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
     `tokenizer`: KServe v2's prompt text to ids (default: `config.tokenizer`'s).
+    `interceptors`: run after the gate (tracing's, which reads `traceparent` metadata).
     """
     health = health_aio.HealthServicer()
     limit = config.max_request_bytes
@@ -251,7 +283,7 @@ def grpc_server(
     ]
     # Every call passes the gate first: the API key, and a request that decodes.
     gate = GrpcGate(api_key=config.api_key)
-    server = grpc.aio.server(options=options, interceptors=[gate])
+    server = grpc.aio.server(options=options, interceptors=[gate, *interceptors])
     services = config.grpc_services
     if MEMORYWALL in services:
         servicer = EngineServicer(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from memorywall.argtypes import (
     nonnegative_int,
+    otlp_endpoint,
     port,
     positive_float,
     positive_int,
@@ -75,6 +76,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-port", type=port, help="serve Prometheus /metrics alone on this port")
     p.add_argument(
+        "--dcgm-port",
+        type=port,
+        help="serve an emulated NVIDIA dcgm-exporter (/metrics: per-device power, energy, "
+        "utilisation, memory) on this port",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        type=otlp_endpoint,
+        help="export one OpenTelemetry trace per request (modelled queue, prefill chunks, "
+        "decode, ...) to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (needs the "
+        "[otel] extra; OTEL_* variables apply)",
+    )
+    p.add_argument(
         "--tokenizer",
         type=Path,
         help="local Hugging Face tokenizer.json (or its folder) to count HTTP prompt text "
@@ -138,6 +152,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, ServerConfig]:
     """What `serve` runs, from its options, binding nothing: a bad option or combination is
     a one-line MemorywallError or UsageError (a fleet checks its workers with this too)."""
+    if args.api_servers > 1 and (args.dcgm_port is not None or args.otlp_endpoint is not None):
+        raise UsageError(
+            "--dcgm-port and --otlp-endpoint need a single process: they do not combine "
+            "with --api-servers above 1 yet"
+        )
+    if args.otlp_endpoint is not None:
+        require_otel()
     names = names_from_args(args)
     deployment = names.build()
     config = ServerConfig(
@@ -146,6 +167,8 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         grpc=args.grpc,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
+        dcgm_port=args.dcgm_port,
+        otlp_endpoint=args.otlp_endpoint,
         tokenizer=args.tokenizer,
         grace_s=args.grace,
         max_messages_per_s=args.max_messages_per_s,
@@ -156,6 +179,23 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         **pd_options.server_options(args, deployment, names),
     )
     return deployment, engine_config_from_args(args), config
+
+
+def require_otel() -> None:
+    """A one-line error unless the [otel] extra (the SDK and its OTLP/HTTP exporter) is here."""
+    from importlib.util import find_spec
+
+    try:
+        found = find_spec("opentelemetry.sdk") and find_spec(
+            "opentelemetry.exporter.otlp.proto.http"
+        )
+    except ModuleNotFoundError:
+        found = None
+    if not found:
+        raise UsageError(
+            "--otlp-endpoint needs OpenTelemetry's SDK and OTLP/HTTP exporter: "
+            "pip install 'memorywall[otel]'"
+        )
 
 
 def command(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from memorywall.server.engine.build import ModelCard
 from memorywall.server.engine.faults import FaultKind, FaultRule, fault_from_header
@@ -44,6 +44,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "SLEEP_LEVELS",
     "AllBlocksCleared",
+    "BatchEntry",
     "BlockRemoved",
     "BlockStored",
     "EngineClient",
@@ -208,6 +209,11 @@ class StepReport:
     `first_tokens` holds (prompt tokens, TTFT) of each request that got its
     first token; `token_gaps` holds (gap per token, tokens) runs for the
     others: a request given k tokens after a gap g contributes (g / k, k).
+
+    `start_s` is when the step began on the engine's clock (its end: `start_s + time_s`)
+    and `stalled_s` the host stall that moved it later just before it began. `batch` is
+    built only for an engine whose observers ask for it (`wants_batch = True`, tracing):
+    one `BatchEntry` per request the step ran; None otherwise, at no cost.
     """
 
     time_s: float
@@ -217,6 +223,20 @@ class StepReport:
     preemptions_total: int
     first_tokens: list[tuple[int, float]]
     token_gaps: list[tuple[float, int]]
+    start_s: float = 0.0
+    stalled_s: float = 0.0
+    batch: list[BatchEntry] | None = None
+
+
+class BatchEntry(NamedTuple):
+    """One request's part of a step: `tokens` from its token `position` on (prompt and
+    output counted together), as a prefill chunk or a decode query (`decoding`). A position
+    below where the request's last part ended means it was preempted in between."""
+
+    request_id: str
+    position: int
+    tokens: int
+    decoding: bool
 
 
 class EngineObserver(Protocol):

@@ -53,7 +53,7 @@ from memorywall.server.engine.lag import LagTracker, StallTracker
 from memorywall.server.engine.lifecycle import Lifecycle, LifecycleState
 from memorywall.server.engine.loop import next_move
 from memorywall.server.engine.pacing import MessageBudget
-from memorywall.server.engine.reports import finished, step_report
+from memorywall.server.engine.reports import batch_entries, finished, step_report
 from memorywall.server.engine.scheduler import Emission, EngineCore, SeqState
 from memorywall.server.engine.tokens import token_text
 
@@ -265,6 +265,9 @@ class AsyncEngine:
         self.observers = list(observers)
         for observer in self.observers:
             observer.watch(self.stats)
+        # Per-request step records cost a list per step: built only for an observer that
+        # asks (tracing), never otherwise.
+        self._wants_batch = any(getattr(o, "wants_batch", False) for o in self.observers)
         self.draining = False
         # `load_s`: how long loading the weights takes (startup, wake-up); 0: ready at once.
         self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.kv.pool.reset_prefix_cache)
@@ -411,12 +414,14 @@ class AsyncEngine:
                 await self._work.wait()
                 continue
             start = move.at_s
+            lost = 0.0  # host stall that moved this step later (observers' `stalled_s`)
             if start > last_end:
                 # Idle until this arrival: the step starts then, unless the host took too
                 # long to get here; then it starts now (the request's TTFT shows the wait).
                 now = self.clock.now()
                 if self._stalls.too_late(now - start):
                     self._stall(now - start, now)
+                    lost = now - start
                     start = now
             step = self.core.schedule(start)
             if step is None:
@@ -438,11 +443,15 @@ class AsyncEngine:
                 self._stall(late, woke)
                 step.start_s += late
                 step.end_s = woke
+                lost += late
+            batch = batch_entries(step) if self._wants_batch else None
             emissions = self.core.complete(step)
             in_gaps = self._deliver(emissions, woke, step_s, late if stalled else 0.0)
             if self.observers:
                 preemptions = self.core.counters.preemptions
-                report = step_report(step, emissions, preemptions, host_stalls_s=in_gaps)
+                report = step_report(
+                    step, emissions, preemptions, host_stalls_s=in_gaps, stalled_s=lost, batch=batch
+                )
                 for observer in self.observers:
                     observer.on_step(report)
             last_end = step.end_s

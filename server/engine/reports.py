@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from memorywall.server.engine.api import Finished, StepReport
+from memorywall.server.engine.api import BatchEntry, Finished, StepReport
 from memorywall.server.engine.scheduler import Emission, SeqState, Step
 
 
@@ -40,9 +40,13 @@ def step_report(
     emissions: list[Emission],
     preemptions_total: int,
     host_stalls_s: Sequence[float] | None = None,
+    *,
+    stalled_s: float = 0.0,
+    batch: list[BatchEntry] | None = None,
 ) -> StepReport:
     """What observers count of a completed step and the tokens it gave, in the model's own
-    time: `host_stalls_s[i]` (host stall inside emission i's gap or TTFT) is taken out."""
+    time: `host_stalls_s[i]` (host stall inside emission i's gap or TTFT) is taken out.
+    `stalled_s`, `batch`: see `StepReport` (`batch_entries` builds the batch)."""
     first_tokens: list[tuple[int, float]] = []
     gaps: list[tuple[float, int]] = []
     generated = 0
@@ -69,4 +73,16 @@ def step_report(
         preemptions_total=preemptions_total,
         first_tokens=first_tokens,
         token_gaps=gaps,
+        start_s=step.start_s,
+        stalled_s=stalled_s,
+        batch=batch,
     )
+
+
+def batch_entries(step: Step) -> list[BatchEntry]:
+    """The step's requests and where each one's tokens start: read before `complete` moves
+    their positions on."""
+    return [
+        BatchEntry(seq.request.request_id, seq.computed, n, decoding)
+        for seq, n, decoding in step.scheduled
+    ]

@@ -165,6 +165,11 @@ def serve_processes(
         raise ConfigError(f"api_servers: a multi-process server needs >= 2, got {api_servers}")
     if config.disaggregation.role is not Role.BOTH:
         raise ConfigError("--api-servers above 1 does not combine with --role prefill|decode yet")
+    if config.dcgm_port is not None or config.otlp_endpoint is not None:
+        raise ConfigError(
+            "--api-servers above 1 does not combine with --dcgm-port or --otlp-endpoint yet: "
+            "serve them from a single process (--api-servers 1)"
+        )
     if (risk := exposure_risk(config)) is not None:
         log.warning(risk)
     supervisor = Supervisor()
