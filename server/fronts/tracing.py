@@ -89,36 +89,48 @@ class TraceRecorder:
     def __init__(self, keep: int = KEEP_FINISHED) -> None:
         self.keep = keep
         self._live: dict[str, list[Part]] = {}
+        # Requests that finished in the step being reported: the engine reports a request's
+        # end (`on_finish`) before the step that gave its last token (`on_step`).
+        self._ending: list[str] = []
         self._finished: OrderedDict[str, list[Part]] = OrderedDict()
 
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         pass
 
     def on_step(self, step: StepReport) -> None:
-        if not step.batch:
-            return
-        start, end, stalled = step.start_s, step.start_s + step.time_s, step.stalled_s
-        live = self._live
-        for e in step.batch:
-            part = Part(start, end, e.position, e.tokens, e.decoding, stalled)
-            parts = live.get(e.request_id)
-            if parts is None:
-                live[e.request_id] = [part]
-            else:
-                parts.append(part)
+        if step.batch:
+            start, end, stalled = step.start_s, step.start_s + step.time_s, step.stalled_s
+            live = self._live
+            for e in step.batch:
+                part = Part(start, end, e.position, e.tokens, e.decoding, stalled)
+                parts = live.get(e.request_id)
+                if parts is None:
+                    live[e.request_id] = [part]
+                else:
+                    parts.append(part)
+        if self._ending:
+            for request_id in self._ending:
+                self._finished[request_id] = self._live.pop(request_id, [])
+            self._ending.clear()
+            while len(self._finished) > self.keep:
+                self._finished.popitem(last=False)
 
     def on_finish(self, finished: Finished) -> None:
-        parts = self._live.pop(finished.request_id, [])
-        self._finished[finished.request_id] = parts
-        while len(self._finished) > self.keep:
-            self._finished.popitem(last=False)
+        self._ending.append(finished.request_id)
 
     def on_lag(self, lag_s: float) -> None:
         pass
 
     def take(self, request_id: str) -> list[Part]:
-        """A finished request's parts (once; empty if unknown)."""
-        return self._finished.pop(request_id, [])
+        """A finished request's parts (once; empty if unknown). One aborted between steps is
+        taken before any step reports it."""
+        parts = self._finished.pop(request_id, None)
+        if parts is not None:
+            return parts
+        if request_id in self._ending:
+            self._ending.remove(request_id)
+            return self._live.pop(request_id, [])
+        return []
 
 
 class Tracing:
