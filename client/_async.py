@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, Unpack
 
 import grpc
@@ -99,17 +100,27 @@ class AsyncClient(_base.BaseClient):
         options: _base.ChannelOptions = (),
         tls: _base.Tls | None = None,
         api_key: str | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        """`interceptors`: grpc.aio client interceptors on the channel (tracing's)."""
         super().__init__(target, timeout_s=timeout_s, options=options, tls=tls, api_key=api_key)
+        self._interceptors = list(interceptors) or None
         self._channel: grpc.aio.Channel | None = None
 
     def _open(self) -> grpc.aio.Channel:
         # Made on first use, inside the running loop: an aio channel belongs to one loop.
         if self._channel is None:
             self._channel = (
-                grpc.aio.insecure_channel(self.target, options=self._options)
+                grpc.aio.insecure_channel(
+                    self.target, options=self._options, interceptors=self._interceptors
+                )
                 if self.tls is None
-                else grpc.aio.secure_channel(self.target, self.tls.credentials(), self._options)
+                else grpc.aio.secure_channel(
+                    self.target,
+                    self.tls.credentials(),
+                    self._options,
+                    interceptors=self._interceptors,
+                )
             )
             self._engine = engine_pb2_grpc.EngineStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)

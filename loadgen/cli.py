@@ -55,8 +55,32 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         model=args.model,
         workers=args.workers,
         timeout_s=args.timeout,
-        access=Access(tls=args.tls, tls_ca=args.tls_ca, api_key=args.api_key),
+        access=Access(
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            api_key=args.api_key,
+            otlp_endpoint=_otlp(args.otlp_endpoint),
+        ),
     )
+
+
+def _otlp(endpoint: str | None) -> str | None:
+    """The endpoint, once the [otel] extra is known to be installed."""
+    if endpoint is not None:
+        from importlib.util import find_spec
+
+        try:
+            found = find_spec("opentelemetry.sdk") and find_spec(
+                "opentelemetry.exporter.otlp.proto.http"
+            )
+        except ModuleNotFoundError:
+            found = None
+        if not found:
+            raise BenchError(
+                "--otlp-endpoint needs OpenTelemetry's SDK and OTLP/HTTP exporter: "
+                "pip install 'memorywall[otel]'"
+            )
+    return endpoint
 
 
 def workload_from_args(args: argparse.Namespace) -> tuple[Workload, Slo | None]:

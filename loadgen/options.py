@@ -6,7 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
-from memorywall.argtypes import nonnegative_int, number_list, positive_float, positive_int
+from memorywall.argtypes import (
+    nonnegative_int,
+    number_list,
+    otlp_endpoint,
+    positive_float,
+    positive_int,
+)
 
 # loadgen.target.Backend
 BACKENDS = (
@@ -43,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
     p.add_argument("--workers", type=positive_int, default=1, help="load-generating processes")
     p.add_argument("--timeout", type=positive_float, help="per-request deadline in seconds")
+    p.add_argument(
+        "--otlp-endpoint",
+        type=otlp_endpoint,
+        help="start each request's OpenTelemetry trace here and send its traceparent, "
+        "exporting to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (needs the "
+        "[otel] extra); a server with --otlp-endpoint continues the trace",
+    )
     add_access_arguments(p)
 
 

@@ -76,6 +76,8 @@ class Access:
     tls: bool = False
     tls_ca: str | None = None
     api_key: str | None = None
+    # `--otlp-endpoint`: every request in a span of its own, its traceparent sent along.
+    otlp_endpoint: str | None = None
 
     def grpc_tls(self) -> Tls | None:
         from memorywall.client import Tls
@@ -87,12 +89,28 @@ class Access:
         return ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else None
 
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.otlp_endpoint is not None:
+            from memorywall.loadgen.tracing import inject
+
+            inject(headers)
+        return headers
 
     def client(self, address: str, *, timeout_s: float | None) -> AsyncClient:
         from memorywall.client import AsyncClient
 
-        return AsyncClient(address, timeout_s=timeout_s, tls=self.grpc_tls(), api_key=self.api_key)
+        interceptors = []
+        if self.otlp_endpoint is not None:
+            from memorywall.loadgen.tracing import TraceMetadata
+
+            interceptors.append(TraceMetadata())
+        return AsyncClient(
+            address,
+            timeout_s=timeout_s,
+            tls=self.grpc_tls(),
+            api_key=self.api_key,
+            interceptors=interceptors,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +128,15 @@ class TargetConfig:
 
 def make_target(config: TargetConfig, *, timeout_s: float | None = None) -> Target:
     """The one factory for targets; `timeout_s` is the per-request deadline (None: none)."""
+    target = _make_target(config, timeout_s=timeout_s)
+    if config.access.otlp_endpoint is not None:
+        from memorywall.loadgen.tracing import TracedTarget, otlp_provider
+
+        return TracedTarget(target, otlp_provider(config.access.otlp_endpoint))
+    return target
+
+
+def _make_target(config: TargetConfig, *, timeout_s: float | None) -> Target:
     if config.backend is Backend.MEMORYWALL_GRPC:
         return GrpcTarget(
             config.address,

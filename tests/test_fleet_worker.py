@@ -34,6 +34,8 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "no_grpc": (True, {"http_port": 0}),
     "grpc_services": ("memorywall,vllm", {}),
     "metrics_port": (0, {}),
+    "dcgm_port": (0, {}),
+    "otlp_endpoint": ("http://127.0.0.1:4318/v1/traces", {}),
     "tokenizer": ("/models/tokenizer.json", {}),
     "max_num_seqs": (64, {}),
     "max_num_batched_tokens": (1024, {}),

@@ -46,7 +46,7 @@ REFUSED = {
 }
 # Serve defaults a fleet changes: its workers take any free gRPC port unless told one.
 FLEET_DEFAULTS = {"port": 0}
-PORT_KEYS = ("port", "http_port", "metrics_port")
+PORT_KEYS = ("port", "http_port", "metrics_port", "dcgm_port")
 _ARGUMENT = re.compile(r"^argument [^:]+: ")
 
 
