@@ -112,10 +112,10 @@ def test_every_request_reaches_the_collector_and_the_ready_file_names_the_dcgm_p
     assert {s.name for _, s in spans} >= {"request", "queue", "prefill", "prefill_chunk", "decode"}
 
 
-def test_the_flags_are_refused_with_several_api_servers():
+def test_tracing_is_refused_with_several_api_servers():
     result = subprocess.run(
         [sys.executable, "-m", "memorywall", "serve", "--hardware", "wse-3", "--model",
-         "llama-3.1-8b", "--api-servers", "2", "--dcgm-port", "0"],
+         "llama-3.1-8b", "--api-servers", "2", "--otlp-endpoint", "http://127.0.0.1:4318"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -123,3 +123,56 @@ def test_the_flags_are_refused_with_several_api_servers():
     )  # fmt: skip
     assert result.returncode == 2
     assert "--api-servers" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _energy_j(text: str) -> tuple[float, float]:
+    """(DCGM energy over every device in J, or memorywall:modelled_energy_joules) of a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION":
+                total += sample.value / 1e3
+            elif sample.name == "memorywall:modelled_energy_joules_total":
+                total += sample.value
+    return total
+
+
+def test_the_engine_process_serves_dcgm_with_several_api_servers(tmp_path):
+    """`--api-servers 2`: the engine process binds the DCGM port; over a load its energy
+    counters grow by the engine's modelled energy, whichever front served the requests."""
+    ready_file = tmp_path / "ready.json"
+    argv = ["--hardware", "h100-sxm", "--model", "llama-3.1-8b", "--devices", "2"]
+    argv += ["--port", "0", "--http-port", "0", "--api-servers", "2", "--dcgm-port", "0"]
+    with open(tmp_path / "stderr.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "memorywall", "serve", *argv, "--ready-file", str(ready_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        ready = ServerReady.from_dict(wait_for(ready_file, process, timeout_s=START_TIMEOUT_S))
+        assert ready.dcgm_port not in (None, ready.http_port, ready.grpc_port)
+
+        def scrape(url: str) -> float:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return _energy_j(response.read().decode())
+
+        dcgm_before, engine_before = scrape(ready.dcgm_url), scrape(ready.metrics_url)
+        with grpc.insecure_channel(ready.grpc_target) as channel:
+            stub = engine_pb2_grpc.EngineStub(channel)
+            for _ in range(REQUESTS):
+                request = pb.GenerateRequest(token_count=300, max_tokens=20, ignore_eos=True)
+                list(stub.Generate(request, timeout=30))
+        dcgm_grown = scrape(ready.dcgm_url) - dcgm_before
+        engine_grown = scrape(ready.metrics_url) - engine_before
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert engine_grown > 0
+    assert dcgm_grown == pytest.approx(engine_grown, rel=0.01)

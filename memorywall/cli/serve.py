@@ -152,10 +152,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, ServerConfig]:
     """What `serve` runs, from its options, binding nothing: a bad option or combination is
     a one-line MemorywallError or UsageError (a fleet checks its workers with this too)."""
-    if args.api_servers > 1 and (args.dcgm_port is not None or args.otlp_endpoint is not None):
+    if args.api_servers > 1 and args.otlp_endpoint is not None:
         raise UsageError(
-            "--dcgm-port and --otlp-endpoint need a single process: they do not combine "
-            "with --api-servers above 1 yet"
+            "--otlp-endpoint needs a single process: it does not combine with --api-servers "
+            "above 1 yet"
         )
     if args.otlp_endpoint is not None:
         require_otel()

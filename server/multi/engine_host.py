@@ -1,8 +1,9 @@
 """The engine process of `serve --api-servers N`: one `AsyncEngine`, N front links.
 
-It owns the clock, scheduler, KV pool and every metric series; it binds no port
-and runs no grpc or HTTP code. Each front process has one `FrontLink`: the link
-submits what the front sends, forwards each stream's events back (one task per
+It owns the clock, scheduler, KV pool and every metric series; it runs no grpc
+code and binds no port but the emulated dcgm-exporter's (`--dcgm-port`), which,
+like dcgm-exporter beside a real engine, is one process's alone. Each front
+process has one `FrontLink`: the link submits what the front sends, forwards each stream's events back (one task per
 stream reads it as a front handler would, so grouping and lag are the engine's
 own, and the link's `Outbox` sends everything one loop turn produced in one
 frame), and aborts every stream of a front whose socket closes, freeing their
@@ -22,7 +23,9 @@ from multiprocessing.connection import Connection
 from memorywall.core import Deployment
 from memorywall.errors import MemorywallError
 from memorywall.server.app import quiet_gc
+from memorywall.server.config import ServerConfig
 from memorywall.server.engine.api import (
+    EngineObserver,
     EngineStats,
     EventStream,
     Finished,
@@ -34,7 +37,9 @@ from memorywall.server.engine.build import build_core
 from memorywall.server.engine.faults import FaultKind
 from memorywall.server.engine.live import AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig
+from memorywall.server.fronts.dcgm import DcgmExporter
 from memorywall.server.fronts.guard_metrics import GuardMetrics
+from memorywall.server.fronts.http_front import HttpSite, metrics_app, metrics_handler
 from memorywall.server.fronts.metrics import PrometheusMetrics
 from memorywall.server.multi.child import configure_logging, watch_parent
 from memorywall.server.multi.wire import Kind, Outbox, error_message, group_tuple, read_frame
@@ -156,7 +161,9 @@ class EngineHost:
         stream_interval: int | None = None,
         grace_s: float,
         load_s: float = 0.0,
+        dcgm: ServerConfig | None = None,
     ) -> None:
+        """`dcgm`: the server's config when it asks for a DCGM port (its host, port, TLS)."""
         core, self.card = build_core(deployment, engine_config)
         self.block_size = engine_config.block_size
         self.grace_s = grace_s
@@ -164,11 +171,21 @@ class EngineHost:
         self.metrics = PrometheusMetrics.for_deployment(deployment)
         self.guard_metrics = GuardMetrics(self.card.model)
         self.metrics.registry.register(self.guard_metrics)
+        observers: list[EngineObserver] = [self.metrics, self]
+        self.dcgm_config = dcgm
+        self.dcgm_site: HttpSite | None = None
+        if dcgm is not None:
+            exporter = DcgmExporter.for_deployment(deployment)
+            observers.append(exporter)
+            ssl_context = dcgm.tls.ssl_context() if dcgm.tls is not None else None
+            self.dcgm_site = HttpSite(
+                metrics_app(metrics_handler(exporter)), ssl_context=ssl_context
+            )
         self.engine = AsyncEngine(
             core,
             max_messages_per_s=max_messages_per_s,
             stream_interval=stream_interval,
-            observers=[self.metrics, self],
+            observers=observers,
             load_s=load_s,
         )
         self.links: list[FrontLink] = []
@@ -176,6 +193,12 @@ class EngineHost:
         self._pushed: tuple = ()
         self._pushed_s = 0.0
         self._waiting = 0  # the queue length the fronts last heard
+
+    async def bind_dcgm(self) -> int | None:
+        """Bind the DCGM port, if asked for; its bound port (OSError if it cannot)."""
+        if self.dcgm_site is None:
+            return None
+        return await self.dcgm_site.start(self.dcgm_config.host, self.dcgm_config.dcgm_port)
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Run the engine for these front sockets until every one has closed."""
@@ -193,6 +216,8 @@ class EngineHost:
             pusher.cancel()
             for link in self.links:
                 await link.out.close()
+            if self.dcgm_site is not None:
+                await self.dcgm_site.stop()
             await self.engine.stop()
 
     async def lifecycle_call(self, link: FrontLink, token: int, op: str, arg: object) -> None:
@@ -285,10 +310,12 @@ def engine_main(
     load_s: float,
     sockets: list[socket.socket],
     log_level: str,
+    dcgm: ServerConfig | None,
     status: Connection,
 ) -> None:
     """The engine process's entry point (multiprocessing, spawn): serves until every front
-    has closed its socket. SIGINT/SIGTERM, or the parent's death, start a drain."""
+    has closed its socket. SIGINT/SIGTERM, or the parent's death, start a drain. Says
+    ("ready", (card, DCGM port or None)), or ("error", why) if the DCGM port cannot bind."""
     configure_logging(log_level)
     asyncio.run(
         _engine(
@@ -299,6 +326,7 @@ def engine_main(
             grace_s,
             load_s,
             sockets,
+            dcgm,
             status,
         )
     )
@@ -312,6 +340,7 @@ async def _engine(
     grace_s: float,
     load_s: float,
     sockets: list[socket.socket],
+    dcgm: ServerConfig | None,
     status: Connection,
 ) -> None:
     host = EngineHost(
@@ -321,11 +350,17 @@ async def _engine(
         stream_interval=stream_interval,
         grace_s=grace_s,
         load_s=load_s,
+        dcgm=dcgm,
     )
+    try:
+        dcgm_port = await host.bind_dcgm()
+    except OSError as e:
+        status.send(("error", str(e)))
+        return
     loop = asyncio.get_running_loop()
     with on_stop_signals(loop, host.start_drain):
         watch_parent(loop, host.start_drain)
         quiet_gc()
         await host.engine.load()  # the fronts start once the weights are in, ready at once
-        status.send(("ready", host.card))
+        status.send(("ready", (host.card, dcgm_port)))
         await host.serve(sockets)

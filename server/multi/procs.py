@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -165,10 +165,10 @@ def serve_processes(
         raise ConfigError(f"api_servers: a multi-process server needs >= 2, got {api_servers}")
     if config.disaggregation.role is not Role.BOTH:
         raise ConfigError("--api-servers above 1 does not combine with --role prefill|decode yet")
-    if config.dcgm_port is not None or config.otlp_endpoint is not None:
+    if config.otlp_endpoint is not None:
         raise ConfigError(
-            "--api-servers above 1 does not combine with --dcgm-port or --otlp-endpoint yet: "
-            "serve them from a single process (--api-servers 1)"
+            "--api-servers above 1 does not combine with --otlp-endpoint yet: "
+            "trace from a single process (--api-servers 1)"
         )
     if (risk := exposure_risk(config)) is not None:
         log.warning(risk)
@@ -228,14 +228,17 @@ def _start(
             config.weight_load_s(deployment),
             [a for a, _ in pairs],
             log_level,
+            config if config.dcgm_port is not None else None,
         )
         for a, _ in pairs:  # only the engine holds these now: its exit reads as EOF
             a.close()
-        card = supervisor.ready(engine)
-        bound = ListenerPorts.of(config)
+        card, dcgm_port = supervisor.ready(engine)
+        # The fronts bind every port but the DCGM one, which the engine process serves.
+        bound = replace(ListenerPorts.of(config), dcgm_port=None)
+        front_config = replace(config, dcgm_port=None)
         fronts = []
         for index, (_, sock) in enumerate(pairs):
-            args = (index, count, config, engine_config.seed, bound, sock, log_level)
+            args = (index, count, front_config, engine_config.seed, bound, sock, log_level)
             fronts.append(supervisor.start(f"front {index}", front_main, *args))
             sock.close()  # only the front holds it now: its death reads as EOF in the engine
             if index == 0:
@@ -243,6 +246,7 @@ def _start(
                 bound = supervisor.ready(fronts[0])
         for front in fronts[1:]:
             supervisor.ready(front)
+        bound = replace(bound, dcgm_port=dcgm_port)
     finally:
         for a, b in pairs:  # a front that never started: the engine sees its socket close
             a.close()
@@ -260,4 +264,5 @@ def _ready(card: ModelCard, config: ServerConfig, ports: ListenerPorts):
         http_port=ports.http_port,
         metrics_port=ports.metrics_port,
         grpc_services=config.grpc_services if ports.grpc_port is not None else (),
+        dcgm_port=ports.dcgm_port,
     )
