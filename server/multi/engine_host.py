@@ -7,8 +7,9 @@ process has one `FrontLink`: the link submits what the front sends, forwards
 each stream's events back (one task per stream reads it as a front handler
 would, so grouping and lag are the engine's own, and the link's `Outbox` sends
 everything one loop turn produced in one frame), and aborts every stream of a
-front whose socket closes, freeing their slots and KV. Stats are pushed to every front when they change (fronts answer
-GetServerInfo and admission from them); /metrics is rendered here on request.
+front whose socket closes, freeing their slots and KV. Stats are pushed to
+every front when they change (fronts answer GetServerInfo and admission from
+them); /metrics is rendered here on request.
 """
 
 from __future__ import annotations
