@@ -14,7 +14,8 @@ tensor and pipeline splits even), so each device gets an equal share of it:
 the energy counters of all devices add up to `memorywall:modelled_energy_joules`.
 Power is the last step's energy over its time while the engine has work and the
 static power when idle (as `memorywall:modelled_power_watts`), per device.
-Utilisation is the share of time between two scrapes that steps covered.
+Utilisation is the share of the last second that steps covered (per 0.1 s
+bucket, by each step's modelled end, so any number of scrapers read the same).
 Framebuffer use is the resident weights plus the KV held, per device, against
 the device's resident memory. No profile gives a clock, so no SM clock series
 is written (dcgm-exporter too leaves out fields a device does not report).
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 # dcgm-exporter serves the Prometheus text format 0.0.4 (Go's promhttp default).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MIB = 2**20
+# Utilisation: busy time over the last WINDOW_S, kept in buckets of WINDOW_S / BUCKETS.
+WINDOW_S = 1.0
+BUCKETS = 10
 # A fixed namespace: a device's UUID is a function of the host, the process and its index.
 _UUID_NAMESPACE = uuid.UUID("6d656d6f-7279-7761-6c6c-000000000000")
 
@@ -92,10 +96,10 @@ class DeviceFacts:
 class DcgmExporter:
     """An `EngineObserver` that serves what dcgm-exporter would for the modelled devices.
 
-    `on_step` adds to three numbers (steps come every ~0.5 ms on a wafer); the text
+    `on_step` adds to a few numbers (steps come every ~0.5 ms on a wafer); the text
     is built when scraped (`render`), on the engine's loop like the hooks.
-    `monotonic`: the clock utilisation windows are measured on (the live engine's
-    modelled time is CLOCK_MONOTONIC; tests pass a fake).
+    `monotonic`: the engine's clock, read when scraped for the utilisation window (the
+    live engine's is CLOCK_MONOTONIC; tests pass a fake).
     """
 
     def __init__(
@@ -109,9 +113,10 @@ class DcgmExporter:
         self._monotonic = monotonic
         self._stats: Callable[[], EngineStats] | None = None
         self._energy_j = 0.0  # over all devices
-        self._busy_s = 0.0
         self._last_power_w: float | None = None  # over all devices
-        self._window = (monotonic(), 0.0)  # (time, busy) at the last scrape
+        self._bucket_s = WINDOW_S / BUCKETS
+        self._busy = [0.0] * BUCKETS  # busy seconds of the steps that ended in each bucket
+        self._bucket_ids = [-1] * BUCKETS  # which bucket (time // bucket_s) each slot holds
         host = hostname or socket.gethostname()
         self._labels = [self._label_text(i, host) for i in range(facts.devices)]
 
@@ -138,9 +143,14 @@ class DcgmExporter:
 
     def on_step(self, step: StepReport) -> None:
         self._energy_j += step.energy_j
-        self._busy_s += step.time_s
         if step.time_s > 0:
             self._last_power_w = step.energy_j / step.time_s
+        bucket = int((step.start_s + step.time_s) // self._bucket_s)
+        slot = bucket % BUCKETS
+        if self._bucket_ids[slot] != bucket:
+            self._bucket_ids[slot] = bucket
+            self._busy[slot] = 0.0
+        self._busy[slot] += step.time_s
 
     def on_finish(self, finished: Finished) -> None:
         pass
@@ -156,13 +166,14 @@ class DcgmExporter:
         return self._energy_j
 
     def utilisation(self) -> float:
-        """Percent of the time since the last call that steps covered (0 to 100)."""
-        now, busy = self._monotonic(), self._busy_s
-        then, busy_then = self._window
-        self._window = (now, busy)
-        if now <= then:
-            return 0.0
-        return min(max((busy - busy_then) / (now - then), 0.0), 1.0) * 100.0
+        """Percent of the last `WINDOW_S` that steps covered (0 to 100)."""
+        current = int(self._monotonic() // self._bucket_s)
+        busy = sum(
+            b
+            for b, bucket in zip(self._busy, self._bucket_ids, strict=True)
+            if current - BUCKETS < bucket <= current
+        )
+        return min(busy / WINDOW_S, 1.0) * 100.0
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its Content-Type, for a `/metrics` handler."""

@@ -95,8 +95,9 @@ def stats(kv_used_tokens: int, busy: bool) -> EngineStats:
     )
 
 
-def step(time_s: float, energy_j: float) -> StepReport:
+def step(time_s: float, energy_j: float, start_s: float = 0.0) -> StepReport:
     return StepReport(
+        start_s=start_s,
         time_s=time_s,
         energy_j=energy_j,
         tokens=1,
@@ -112,9 +113,9 @@ def test_text_format_is_dcgm_exporters_and_values_split_over_devices():
     exporter = DcgmExporter(facts(2), hostname="node-a", monotonic=lambda: clock[0])
     busy = [True]
     exporter.watch(lambda: stats(kv_used_tokens=8192, busy=busy[0]))
-    for _ in range(10):
-        exporter.on_step(step(0.01, 7.0))  # 700 W over both devices
-    clock[0] += 0.2  # steps covered 0.1 s of it
+    for k in range(10):
+        exporter.on_step(step(0.04, 28.0, start_s=99.6 + 0.04 * k))  # 700 W over both devices
+    clock[0] += 0.05  # steps covered 0.4 s of the last second
     body, content_type = exporter.render()
     assert content_type.startswith("text/plain; version=0.0.4")
     text = body.decode()
@@ -132,14 +133,17 @@ def test_text_format_is_dcgm_exporters_and_values_split_over_devices():
         assert labels["memorywall"] == "emulated"
         assert labels["UUID"].startswith("GPU-")
         assert fields["DCGM_FI_DEV_POWER_USAGE"][gpu][1] == pytest.approx(350.0)
-        assert fields["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"][gpu][1] == 35_000  # mJ
-        assert fields["DCGM_FI_DEV_GPU_UTIL"][gpu][1] == 50
+        assert fields["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"][gpu][1] == 140_000  # mJ
+        assert fields["DCGM_FI_DEV_GPU_UTIL"][gpu][1] == 40
         used = (16e9 + 8192 * 131072) / 2 / 2**20
         assert fields["DCGM_FI_DEV_FB_USED"][gpu][1] == round(used)
         assert fields["DCGM_FI_DEV_FB_FREE"][gpu][1] == round(80e9 / 2**20) - round(used)
     uuids = {fields["DCGM_FI_DEV_GPU_UTIL"][g][0]["UUID"] for g in ("0", "1")}
     assert len(uuids) == 2
-    # Idle: static power per device, and no steps since the last scrape: 0 % busy.
+    # Scraping again reads the same window: any number of scrapers agree.
+    again = parse_dcgm(exporter.render()[0].decode())
+    assert again["DCGM_FI_DEV_GPU_UTIL"]["0"][1] == 40
+    # Idle: static power per device, and no step in the last second: 0 % busy.
     busy[0] = False
     clock[0] += 1.0
     fields = parse_dcgm(exporter.render()[0].decode())
