@@ -240,7 +240,11 @@ class BatchEntry(NamedTuple):
 
 
 class EngineObserver(Protocol):
-    """Receives what the engine does, for metrics; called on the engine's loop, must not block."""
+    """Receives what the engine does, for metrics; called on the engine's loop, must not block.
+
+    An observer with a true `wants_batch` attribute (tracing's recorder) gets each step's
+    `StepReport.batch`; the engine builds none for the others.
+    """
 
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Called once by the engine it observes: read current gauges from `stats`."""
