@@ -189,7 +189,7 @@ class Listeners:
             )
         # Its own port, as dcgm-exporter's (9400) is beside vLLM's; never several processes.
         self.dcgm_site: HttpSite | None = None
-        if config.dcgm_port is not None:
+        if dcgm is not None and config.dcgm_port is not None:
             self.dcgm_site = HttpSite(metrics_app(dcgm), ssl_context=ssl_context)
 
     async def bind(self, ports: ListenerPorts) -> ListenerPorts:

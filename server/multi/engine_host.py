@@ -197,9 +197,10 @@ class EngineHost:
 
     async def bind_dcgm(self) -> int | None:
         """Bind the DCGM port, if asked for; its bound port (OSError if it cannot)."""
-        if self.dcgm_site is None:
+        config = self.dcgm_config
+        if self.dcgm_site is None or config is None or config.dcgm_port is None:
             return None
-        return await self.dcgm_site.start(self.dcgm_config.host, self.dcgm_config.dcgm_port)
+        return await self.dcgm_site.start(config.host, config.dcgm_port)
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Run the engine for these front sockets until every one has closed."""
