@@ -182,7 +182,8 @@ class OpenAIApi:
         self._check_model(body)
         _reject_unsupported(body)
         chat = endpoint is Endpoint.CHAT
-        echo, echo_pieces = None, ()
+        echo: str | None = None
+        echo_pieces: tuple[str, ...] = ()
         if chat:
             prompt = self._encode("messages", chat_text(body.get("messages")))
             limit = min(self.card.context_window, self.card.kv_capacity_tokens) - len(prompt)

@@ -192,6 +192,7 @@ class Reply:
         """The arguments' next characters, CHARS_PER_ARGUMENT_TOKEN a token; all of them
         by the last token the call needs (then the finish reason is `tool_calls`)."""
         tool, at = self.tool, self._args_at
+        assert tool is not None, "take() calls this only for a tool call"
         n = len(tool.arguments)
         end = min(n, self.completion_tokens * CHARS_PER_ARGUMENT_TOKEN)
         if self.completion_tokens >= -(-n // CHARS_PER_ARGUMENT_TOKEN):
@@ -207,10 +208,12 @@ class Reply:
 
     def _logprobs(self, ids: tuple[int, ...], start: int) -> dict[str, Any]:
         call = self.call
+        top = call.top_logprobs
+        assert top is not None, "take() calls this only when the call asked for logprobs"
         eos = call.eos_token_ids
         texts = ["" if t in eos else token_text(t) for t in ids]
         if self.chat:
-            return chat_logprobs(ids, texts, start, call.top_logprobs, call.vocab_size)
+            return chat_logprobs(ids, texts, start, top, call.vocab_size)
         all_ids: list[int | None] = list(ids)
         if self._echo is not None:  # the echoed prompt's tokens first, the first with none
             prompt = call.request.prompt_ids
@@ -219,9 +222,7 @@ class Reply:
             start -= len(prompt)
         offset = self._text_at
         self._text_at += sum(map(len, texts))
-        return completion_logprobs(
-            all_ids, texts, start, call.top_logprobs, call.vocab_size, offset
-        )
+        return completion_logprobs(all_ids, texts, start, top, call.vocab_size, offset)
 
     def group_chunk(self, group: TokenGroup, piece: Piece | None = None) -> dict[str, Any]:
         """One token group's chunk as an object (what `group_event` encodes); `piece`: what
@@ -265,7 +266,7 @@ class Reply:
             pieces = [*pieces, Piece(self._stops.feed("", final=True)[0], None, None, ())]
         text = "".join(p.text for p in pieces)
         last = tuple(t for p in pieces for t in p.token_ids[-1:])[-1:]
-        stop_reason = self._stop_reason(last, f.reason)
+        stop_reason: int | str | None = self._stop_reason(last, f.reason)
         finish = f.reason.value
         if self.stopped:
             finish, stop_reason = "stop", next(p.stop_reason for p in pieces if p.finish)

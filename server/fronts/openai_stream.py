@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from memorywall.errors import MemorywallError
@@ -20,7 +20,7 @@ from memorywall.server.fronts.openai_reply import Piece, Reply, final_events, re
 Write = Callable[[bytes], Awaitable[Any]]
 
 
-async def merged(streams: Sequence[EventStream]) -> AsyncIterator[tuple[int, Event]]:
+async def merged(streams: Sequence[EventStream]) -> AsyncGenerator[tuple[int, Event], None]:
     """Every stream's events as they come, each with its stream's index; an engine error
     (the server drained) is raised."""
     if len(streams) == 1:  # the common case: no tasks, no queue
@@ -42,13 +42,13 @@ async def merged(streams: Sequence[EventStream]) -> AsyncIterator[tuple[int, Eve
     try:
         left = len(streams)
         while left:
-            i, event = await queue.get()
-            if event is None:
+            i, item = await queue.get()
+            if item is None:
                 left -= 1
-            elif isinstance(event, MemorywallError):
-                raise event
+            elif isinstance(item, MemorywallError):
+                raise item
             else:
-                yield i, event
+                yield i, item
     finally:
         for task in tasks:
             task.cancel()
@@ -77,7 +77,7 @@ async def stream_events(streams: Sequence[EventStream], replies: list[Reply], wr
     except MemorywallError as e:  # the server drained before the request finished
         await write(replies[0].error_events(e))
         return
-    await write(final_events(replies, finals))
+    await write(final_events(replies, _all_finished(finals)))
 
 
 async def response(streams: Sequence[EventStream], replies: list[Reply]) -> dict[str, Any]:
@@ -97,7 +97,15 @@ async def response(streams: Sequence[EventStream], replies: list[Reply]) -> dict
                     finals[i] = _stop(streams[i], reply)
             if all(f is not None for f in finals):
                 break
-    return response_body(replies, pieces, finals)
+    return response_body(replies, pieces, _all_finished(finals))
+
+
+def _all_finished(finals: list[Finished | None]) -> list[Finished]:
+    """Every choice's end, once the events are read: an engine stream ends with its
+    `Finished` (or raises), and a choice a stop string ended got one from `_stop`."""
+    done = [f for f in finals if f is not None]
+    assert len(done) == len(finals), "an engine stream ended without its Finished"
+    return done
 
 
 def _stop(stream: EventStream, reply: Reply) -> Finished:

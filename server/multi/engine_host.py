@@ -222,12 +222,13 @@ class EngineHost:
                 await self.dcgm_site.stop()
             await self.engine.stop()
 
-    async def lifecycle_call(self, link: FrontLink, token: int, op: str, arg: object) -> None:
+    async def lifecycle_call(self, link: FrontLink, token: int, op: str, arg: int | None) -> None:
         """A front's /sleep, /wake_up or /reset_prefix_cache: the answer goes to it, the new
-        state to every front."""
+        state to every front. `arg`: sleep's level, else None."""
         result: object = None
         try:
             if op == "sleep":
+                assert arg is not None, "RemoteEngine.sleep sends its level"
                 await self.engine.sleep(arg)
             elif op == "wake_up":
                 await self.engine.wake_up()

@@ -26,6 +26,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from memorywall.errors import (
     DrainingError,
@@ -197,12 +198,12 @@ class RemoteEngine:
             elif kind is Kind.LIFECYCLE_STATE:
                 self._lifecycle = m[1]
             elif kind is Kind.LIFECYCLE_DONE:
-                future = self._lifecycle_calls.pop(m[1], None)
-                if future is not None and not future.done():
+                call = self._lifecycle_calls.pop(m[1], None)
+                if call is not None and not call.done():
                     if m[3] is None:
-                        future.set_result(m[2])
+                        call.set_result(m[2])
                     else:
-                        future.set_exception(error_from((Kind.ERROR, m[1], m[3], m[4])))
+                        call.set_exception(error_from((Kind.ERROR, m[1], m[3], m[4])))
             elif kind is Kind.DRAINING:
                 self._draining = True
             elif kind is Kind.DRAINED:
@@ -216,7 +217,11 @@ class RemoteEngine:
         for stream in list(self._streams.values()):
             if not stream.ended:
                 stream._put(error)
-        for future in [*self._metrics.values(), *self._lifecycle_calls.values()]:
+        waiters: list[asyncio.Future[Any]] = [
+            *self._metrics.values(),
+            *self._lifecycle_calls.values(),
+        ]
+        for future in waiters:
             if not future.done():
                 future.set_exception(EngineLostError("the engine process exited"))
         self.drained.set()
@@ -243,7 +248,7 @@ class RemoteEngine:
         refuse_fault(fault)
         if self._draining:
             raise DrainingError("server is shutting down; not admitting new requests")
-        check_serving(self._lifecycle)
+        check_serving(self.lifecycle)
         rid = request.request_id
         if rid in self._by_id:
             raise DuplicateRequestError(f"request_id {rid!r} is already in flight")
@@ -311,6 +316,7 @@ class RemoteEngine:
 
     @property
     def lifecycle(self) -> LifecycleState:
+        assert self._lifecycle is not None, "connect() first"  # the hello carries the state
         return self._lifecycle
 
     async def sleep(self, level: int) -> None:
@@ -322,7 +328,7 @@ class RemoteEngine:
     async def reset_prefix_cache(self) -> bool:
         return bool(await self._lifecycle_call("reset_prefix_cache", None))
 
-    async def _lifecycle_call(self, op: str, arg: object) -> object:
+    async def _lifecycle_call(self, op: str, arg: int | None) -> object:
         if self.lost.is_set():
             raise EngineLostError("the engine process exited")
         token = next(self._keys)
