@@ -471,14 +471,9 @@ class AsyncEngine:
         stalled = self._stalls.stalled_s
         in_gaps = [0.0] * len(emissions)
         for i, e in enumerate(emissions):
-            stream = self._streams.get(e.sequence.request.request_id)
+            stream = self._accept(e, stalled, stalled_s, in_gaps, i)
             if stream is None:
                 continue
-            stream._push(e.token_ids, e.time_s, stalled_s)
-            in_gaps[i] = stalled - stream.stalled_at_last_s
-            stream.stalled_at_last_s = stalled
-            if e.previous_token_s is None:
-                stream.stalled_at_first_s = stalled
             if e.finished:
                 overdue.pop(stream, None)
                 self._close(stream)
@@ -516,14 +511,9 @@ class AsyncEngine:
         stalled = self._stalls.stalled_s
         in_gaps = [0.0] * len(emissions)
         for i, e in enumerate(emissions):
-            stream = self._streams.get(e.sequence.request.request_id)
+            stream = self._accept(e, stalled, stalled_s, in_gaps, i)
             if stream is None:
                 continue
-            stream._push(e.token_ids, e.time_s, stalled_s)
-            in_gaps[i] = stalled - stream.stalled_at_last_s
-            stream.stalled_at_last_s = stalled
-            if e.previous_token_s is None:
-                stream.stalled_at_first_s = stalled
             if e.finished:
                 self._close(stream)
                 stream._end(self._report(self._finished(stream)))
@@ -541,6 +531,22 @@ class AsyncEngine:
             self._paced.discard(stream)
             stream._flush(now)
         return in_gaps
+
+    def _accept(
+        self, e: Emission, stalled: float, stalled_s: float, in_gaps: list[float], i: int
+    ) -> RequestStream | None:
+        """Give emission `e`'s tokens to its stream (None if its client has gone) and set
+        `in_gaps[i]` to the host stall inside its gap since the stream's last token: the one
+        bookkeeping both delivery rules (budgeted and fixed interval) share."""
+        stream = self._streams.get(e.sequence.request.request_id)
+        if stream is None:
+            return None
+        stream._push(e.token_ids, e.time_s, stalled_s)
+        in_gaps[i] = stalled - stream.stalled_at_last_s
+        stream.stalled_at_last_s = stalled
+        if e.previous_token_s is None:
+            stream.stalled_at_first_s = stalled
+        return stream
 
     def _adapt(self, woke: float, late_s: float, tolerance_s: float) -> None:
         """Let the message budget see how busy this process was since the last wake-up and
