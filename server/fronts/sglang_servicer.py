@@ -27,22 +27,19 @@ from memorywall.server.engine.api import (
     BlockRemoved,
     BlockStored,
     EngineClient,
-    Finished,
-    FinishReason,
     KVEvent,
     ModelCard,
     Phase,
     Request,
     TokenGroup,
 )
-from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
+from memorywall.server.fronts.smg_worker import TokenizerCache, complete, stream_chunk
 from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 from memorywall.server.pd import Bootstrap, Disaggregation
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request leaves max_new_tokens unset
 THROUGHPUT_WINDOW_S = 10.0
-TOKENIZER_CHUNK_BYTES = 512 * 1024
 
 
 def bootstrap_of(r: pb.GenerateRequest) -> Bootstrap | None:
@@ -130,7 +127,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
         self.pd = disaggregation  # this worker's prefill or decode role, if it has one
         self.started = datetime.datetime.now(datetime.UTC)
         self.throughput = ThroughputWindow(engine.now())
-        self._tokenizer: asyncio.Future[TokenizerZip] | None = None
+        self.tokenizer = TokenizerCache(card)
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
         s = r.sampling_params
@@ -177,11 +174,15 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
                 if isinstance(event, TokenGroup):
                     output.extend(event.token_ids)
                     if request.stream:
-                        yield pb.GenerateResponse(request_id=rid, chunk=_chunk(event))
+                        yield pb.GenerateResponse(
+                            request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, event)
+                        )
                 else:
                     # Streamed ids went out in chunks: the final message repeats none of them.
                     ids = () if request.stream else output
-                    yield pb.GenerateResponse(request_id=rid, complete=_complete(event, ids))
+                    yield pb.GenerateResponse(
+                        request_id=rid, complete=complete(pb.GenerateComplete, event, ids)
+                    )
         except MemorywallError as e:
             await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
         finally:
@@ -297,52 +298,14 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
         )
 
     async def GetTokenizer(self, request, context):
-        bundle = await self.tokenizer_bundle()
-        data = bundle.data
-        for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
-            end = start + TOKENIZER_CHUNK_BYTES
-            last = end >= len(data)
-            yield common_pb2.GetTokenizerChunk(
-                data=data[start:end], sha256=bundle.sha256 if last else ""
-            )
+        async for chunk in self.tokenizer.chunks(common_pb2.GetTokenizerChunk):
+            yield chunk
 
     async def SubscribeKvEvents(self, request, context):
         await context.send_initial_metadata(())  # the subscription is open from here
         async for batch in kv_event_batches(self.engine):
             yield batch
 
-    async def tokenizer_bundle(self) -> TokenizerZip:
-        """Built once, off the event loop (about a second for a 128k vocabulary); shielded,
-        so a caller that goes away mid-build does not cancel it for the next."""
-        if self._tokenizer is None:
-            self._tokenizer = asyncio.ensure_future(asyncio.to_thread(tokenizer_zip, self.card))
-        return await asyncio.shield(self._tokenizer)
-
 
 def add_to_server(servicer: SglangServicer, server: grpc.aio.Server) -> None:
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
-
-
-def _chunk(group: TokenGroup) -> pb.GenerateStreamChunk:
-    return pb.GenerateStreamChunk(
-        token_ids=group.token_ids,
-        prompt_tokens=group.prompt_tokens,
-        completion_tokens=group.completion_tokens,
-        cached_tokens=group.cached_tokens,
-    )
-
-
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
-
-
-def _complete(f: Finished, ids) -> pb.GenerateComplete:
-    out = pb.GenerateComplete(
-        output_ids=ids,
-        finish_reason=_FINISH[f.reason],
-        prompt_tokens=f.prompt_tokens,
-        completion_tokens=f.completion_tokens,
-        cached_tokens=f.cached_tokens,
-    )
-    if f.reason is FinishReason.STOP and f.last_token_id is not None:
-        out.matched_token_id = f.last_token_id
-    return out

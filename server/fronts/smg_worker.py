@@ -5,7 +5,8 @@ SGLang's scheduler service (`sglang_servicer`), vLLM's engine service
 their messages, not in what they ask of the engine: a request of prompt ids in,
 token groups out, errors through the one status table, the tokenizer shipped as a
 zip, prefix-cache events streamed. `engine_events` is that one call; `TokenizerCache`
-builds the zip once per servicer.
+builds the zip once per servicer; `stream_chunk` and `complete` fill the messages all
+three define with the same fields, each service's own class passed in.
 """
 
 from __future__ import annotations
@@ -16,11 +17,20 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 import grpc
 
 from memorywall.errors import InvalidRequestError, MemorywallError
-from memorywall.server.engine.api import EngineClient, Event, ModelCard, Request
+from memorywall.server.engine.api import (
+    EngineClient,
+    Event,
+    Finished,
+    FinishReason,
+    ModelCard,
+    Request,
+    TokenGroup,
+)
 from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
 from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 
 TOKENIZER_CHUNK_BYTES = 512 * 1024
+FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
 
 
 def prompt_ids(ids: Sequence[int], card: ModelCard, field: str) -> tuple[int, ...]:
@@ -84,3 +94,28 @@ class TokenizerCache:
         for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
             end = start + TOKENIZER_CHUNK_BYTES
             yield chunk_type(data=data[start:end], sha256=bundle.sha256 if end >= len(data) else "")
+
+
+def stream_chunk(chunk_type, group: TokenGroup):
+    """One token group as the service's `GenerateStreamChunk` (`chunk_type`)."""
+    return chunk_type(
+        token_ids=group.token_ids,
+        prompt_tokens=group.prompt_tokens,
+        completion_tokens=group.completion_tokens,
+        cached_tokens=group.cached_tokens,
+    )
+
+
+def complete(complete_type, f: Finished, ids, *, ids_field: str = "output_ids"):
+    """The finish as the service's `GenerateComplete` (`complete_type`); the output ids go
+    in `ids_field` (TensorRT-LLM names it `output_token_ids`)."""
+    out = complete_type(
+        finish_reason=FINISH[f.reason],
+        prompt_tokens=f.prompt_tokens,
+        completion_tokens=f.completion_tokens,
+        cached_tokens=f.cached_tokens,
+        **{ids_field: ids},
+    )
+    if f.reason is FinishReason.STOP and f.last_token_id is not None:
+        out.matched_token_id = f.last_token_id
+    return out

@@ -22,14 +22,18 @@ from memorywall import __version__
 from memorywall.errors import InvalidRequestError
 from memorywall.server.engine.api import (
     EngineClient,
-    Finished,
-    FinishReason,
     ModelCard,
     Request,
     TokenGroup,
 )
 from memorywall.server.fronts.sglang_servicer import kv_event_batches
-from memorywall.server.fronts.smg_worker import TokenizerCache, engine_events, prompt_ids
+from memorywall.server.fronts.smg_worker import (
+    TokenizerCache,
+    complete,
+    engine_events,
+    prompt_ids,
+    stream_chunk,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrtllmService"].full_name
 HEALTHY = "OK"  # what TensorRT-LLM's HealthCheck says when it serves
@@ -87,10 +91,17 @@ class TrtllmServicer(trtllm_service_pb2_grpc.TrtllmServiceServicer):
                 if isinstance(event, TokenGroup):
                     output.extend(event.token_ids)
                     if request.streaming:
-                        yield pb.GenerateResponse(request_id=rid, chunk=_chunk(event))
+                        yield pb.GenerateResponse(
+                            request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, event)
+                        )
                 else:
                     # Unlike vLLM's and SGLang's, the final message is cumulative.
-                    yield pb.GenerateResponse(request_id=rid, complete=_complete(event, output))
+                    yield pb.GenerateResponse(
+                        request_id=rid,
+                        complete=complete(
+                            pb.GenerateComplete, event, output, ids_field="output_token_ids"
+                        ),
+                    )
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         if self.engine.abort(request.request_id):
@@ -135,28 +146,3 @@ class TrtllmServicer(trtllm_service_pb2_grpc.TrtllmServiceServicer):
 
 def add_to_server(servicer: TrtllmServicer, server: grpc.aio.Server) -> None:
     trtllm_service_pb2_grpc.add_TrtllmServiceServicer_to_server(servicer, server)
-
-
-def _chunk(group: TokenGroup) -> pb.GenerateStreamChunk:
-    return pb.GenerateStreamChunk(
-        token_ids=group.token_ids,
-        prompt_tokens=group.prompt_tokens,
-        completion_tokens=group.completion_tokens,
-        cached_tokens=group.cached_tokens,
-    )
-
-
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
-
-
-def _complete(f: Finished, ids: list[int]) -> pb.GenerateComplete:
-    out = pb.GenerateComplete(
-        output_token_ids=ids,
-        finish_reason=_FINISH[f.reason],
-        prompt_tokens=f.prompt_tokens,
-        completion_tokens=f.completion_tokens,
-        cached_tokens=f.cached_tokens,
-    )
-    if f.reason is FinishReason.STOP and f.last_token_id is not None:
-        out.matched_token_id = f.last_token_id
-    return out

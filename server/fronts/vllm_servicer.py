@@ -23,15 +23,19 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 from memorywall import __version__
 from memorywall.server.engine.api import (
     EngineClient,
-    Finished,
-    FinishReason,
     ModelCard,
     Request,
     TokenGroup,
     text_token_ids,
 )
 from memorywall.server.fronts.sglang_servicer import ThroughputWindow, kv_event_batches
-from memorywall.server.fronts.smg_worker import TokenizerCache, engine_events, prompt_ids
+from memorywall.server.fronts.smg_worker import (
+    TokenizerCache,
+    complete,
+    engine_events,
+    prompt_ids,
+    stream_chunk,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 BLOCK_SIZE = 16  # the KV block size the engine's prefix cache hashes by (vLLM's default)
@@ -91,11 +95,13 @@ class VllmServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 if isinstance(event, TokenGroup):
                     output.extend(event.token_ids)
                     if request.stream:
-                        yield pb.GenerateResponse(chunk=_chunk(event))
+                        yield pb.GenerateResponse(chunk=stream_chunk(pb.GenerateStreamChunk, event))
                 else:
                     # Streamed ids went out in chunks: the final message repeats none of them.
                     yield pb.GenerateResponse(
-                        complete=_complete(event, () if request.stream else output)
+                        complete=complete(
+                            pb.GenerateComplete, event, () if request.stream else output
+                        )
                     )
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -172,28 +178,3 @@ class VllmServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
 
 def add_to_server(servicer: VllmServicer, server: grpc.aio.Server) -> None:
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
-
-
-def _chunk(group: TokenGroup) -> pb.GenerateStreamChunk:
-    return pb.GenerateStreamChunk(
-        token_ids=group.token_ids,
-        prompt_tokens=group.prompt_tokens,
-        completion_tokens=group.completion_tokens,
-        cached_tokens=group.cached_tokens,
-    )
-
-
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
-
-
-def _complete(f: Finished, ids) -> pb.GenerateComplete:
-    out = pb.GenerateComplete(
-        output_ids=ids,
-        finish_reason=_FINISH[f.reason],
-        prompt_tokens=f.prompt_tokens,
-        completion_tokens=f.completion_tokens,
-        cached_tokens=f.cached_tokens,
-    )
-    if f.reason is FinishReason.STOP and f.last_token_id is not None:
-        out.matched_token_id = f.last_token_id
-    return out
