@@ -166,9 +166,7 @@ class KServeHttp:
                 raise InvalidRequestError(
                     "input 'stream': infer answers once; stream with generate_stream"
                 )
-            events = self.engine.submit(
-                call.request, arrival_s=arrival_s, fault=http_fault(request.headers)
-            )
+            events = self._submit(request, call, arrival_s)
         except MemorywallError as e:
             return error_reply(e)
         try:
@@ -222,9 +220,7 @@ class KServeHttp:
                 raise InvalidRequestError(
                     "stream: generate answers once; stream with generate_stream"
                 )
-            events = self.engine.submit(
-                call.request, arrival_s=arrival_s, fault=http_fault(request.headers)
-            )
+            events = self._submit(request, call, arrival_s)
         except MemorywallError as e:
             return error_reply(e)
         try:
@@ -271,6 +267,12 @@ class KServeHttp:
         except ConnectionResetError:
             pass  # the client left; the caller aborts the request
         return response
+
+    def _submit(self, request: web.Request, call: GenerateCall, arrival_s: float):
+        """`call` submitted with the request's fault header; the caller closes the stream."""
+        return self.engine.submit(
+            call.request, arrival_s=arrival_s, fault=http_fault(request.headers)
+        )
 
     def _generate_body(
         self, call: GenerateCall, piece: Piece, first: bool, finished: Finished | None = None
