@@ -31,7 +31,7 @@ import grpc
 
 from memorywall.kserve import grpc_service_pb2 as pb
 from memorywall.kserve import grpc_service_pb2_grpc
-from memorywall.loadgen.openai_target import SseDecoder, aiohttp_ssl, error_message, prompt_text
+from memorywall.loadgen.openai_target import SseDecoder, aiohttp_ssl, post_stream, prompt_text
 from memorywall.loadgen.prompts import prefix_rng, prompt_rng, shared_tokens
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Access
@@ -216,21 +216,15 @@ class KServeHttpTarget:
         """Stream one request into `record`; a failure becomes `record.error`."""
         if self._session is None:
             raise RuntimeError("send before connect")
-        data = json.dumps(self.payload(spec)).encode()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        headers |= self.access.headers()
-        record.sent_ns = time.perf_counter_ns()
-        try:
-            async with self._session.post(self.url, data=data, headers=headers) as resp:
-                if resp.status != 200:
-                    message = error_message(await resp.read(), resp.reason)
-                    record.error = f"HTTP {resp.status}: {message}"
-                    return
-                await self._read(resp, record)
-        except TimeoutError:
-            record.error = "timeout: no complete response"
-        except aiohttp.ClientError as e:
-            record.error = f"connection error: {str(e) or type(e).__name__}"
+        await post_stream(
+            self._session,
+            self.url,
+            self.payload(spec),
+            self.access,
+            record,
+            self._read,
+            timeout_error="timeout: no complete response",
+        )
 
     async def _read(self, resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
         decoder = SseDecoder()

@@ -44,6 +44,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,36 @@ async def fetch_models(
     if not models:
         raise EndpointError(f"GET {url}: the server lists no models")
     return models
+
+
+async def post_stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    access: Access,
+    record: RequestRecord,
+    read: Callable[[aiohttp.ClientResponse, RequestRecord], Awaitable[None]],
+    *,
+    timeout_error: str,
+) -> None:
+    """POST `body` as JSON for a server-sent event stream and `read` the answer into
+    `record`, its clock started just before the POST; a failure becomes `record.error`
+    (`timeout_error` on a timeout), not an exception."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    headers |= access.headers()
+    record.sent_ns = time.perf_counter_ns()
+    try:
+        async with session.post(url, data=data, headers=headers) as resp:
+            if resp.status != 200:
+                message = error_message(await resp.read(), resp.reason)
+                record.error = f"HTTP {resp.status}: {message}"
+                return
+            await read(resp, record)
+    except TimeoutError:
+        record.error = timeout_error
+    except aiohttp.ClientError as e:
+        record.error = f"connection error: {str(e) or type(e).__name__}"
 
 
 def error_message(body: bytes, reason: str | None = None) -> str:
@@ -380,23 +411,18 @@ class OpenAITarget:
         """Stream one request into `record`; a failure becomes `record.error`, not an exception."""
         if self._session is None:
             raise RuntimeError("send before connect")
-        data = json.dumps(self.payload(spec)).encode()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        headers |= self.access.headers()
-        record.sent_ns = time.perf_counter_ns()
+        within = "" if self.timeout_s is None else f" within {self.timeout_s:g} s"
         try:
-            async with self._session.post(self.url, data=data, headers=headers) as resp:
-                if resp.status != 200:
-                    message = error_message(await resp.read(), resp.reason)
-                    record.error = f"HTTP {resp.status}: {message}"
-                    return
-                await self._read_stream(resp, record)
-        except TimeoutError:
-            within = "" if self.timeout_s is None else f" within {self.timeout_s:g} s"
-            record.error = f"timeout: no complete response{within}"
-        except aiohttp.ClientError as e:
-            record.error = f"connection error: {str(e) or type(e).__name__}"
-        except _StreamError as e:
+            await post_stream(
+                self._session,
+                self.url,
+                self.payload(spec),
+                self.access,
+                record,
+                self._read_stream,
+                timeout_error=f"timeout: no complete response{within}",
+            )
+        except _StreamError as e:  # raised by _read_stream; not an aiohttp error
             record.error = str(e)
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, record: RequestRecord) -> None:
