@@ -10,6 +10,7 @@ the moment it is released (the engine holds it until then), as `_Releaser` does.
 
 from __future__ import annotations
 
+import abc
 import heapq
 import math
 from collections import deque
@@ -18,11 +19,13 @@ from collections.abc import Callable, Iterable
 from memorywall.loadgen import sessions
 from memorywall.loadgen.records import RequestSpec
 
-__all__ = ["SessionReleaser"]
+__all__ = ["Releaser", "SessionReleaser"]
 
 
-class SessionReleaser:
-    """Sessions of one plan; `finished(now_s, spec)` for each turn that ends."""
+class Releaser(abc.ABC):
+    """What both release rules keep: free slots (`slots`, None: no cap), the stop time and
+    the engine's `send(spec, at_s, scheduled_s)`. A subclass takes its plan in `_load`,
+    sends with `release(now_s)` and is told of each end with `finished(now_s, spec)`."""
 
     def __init__(
         self,
@@ -34,28 +37,40 @@ class SessionReleaser:
         stop_s: float | None,
         send: Callable[[RequestSpec, float, float | None], None],
     ) -> None:
+        self._open_loop = open_loop
+        self._free = math.inf if slots is None else slots
+        self._start_s = start_s
+        self._stop_s = stop_s
+        self._send = send
+        self._load(specs)
+
+    @abc.abstractmethod
+    def _load(self, specs: Iterable[RequestSpec]) -> None:
+        """Take the plan's requests, before the first `release`."""
+
+    def _past_stop(self, due_s: float) -> bool:
+        return self._stop_s is not None and due_s >= self._stop_s
+
+
+class SessionReleaser(Releaser):
+    """Sessions of one plan; `finished(now_s, spec)` for each turn that ends."""
+
+    def _load(self, specs: Iterable[RequestSpec]) -> None:
         specs = list(specs)
         chains = sessions.chains(specs)
         self._next = sessions.follow_ups(specs)
-        self._open_loop = open_loop
-        self._free = math.inf if slots is None else slots
-        self._stop_s = stop_s
-        self._send = send
         self._seq = 0
         # Open loop: turns by due time; closed loop: sessions not yet begun.
         self._due: list[tuple[float, int, RequestSpec]] = []
         self._sessions = deque(chains)
-        if open_loop:
+        if self._open_loop:
             self._sessions.clear()
             for chain in chains:
-                self._push(start_s + chain[0].due_s, chain[0])
+                self._push(self._start_s + chain[0].due_s, chain[0])
 
     def _push(self, due_s: float, spec: RequestSpec) -> None:
         heapq.heappush(self._due, (due_s, self._seq, spec))
         self._seq += 1
-
-    def _past_stop(self, due_s: float) -> bool:
-        return self._stop_s is not None and due_s >= self._stop_s
 
     def release(self, now_s: float) -> None:
         """Open loop: each free slot takes the turn due first. Closed loop: each free user

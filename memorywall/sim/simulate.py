@@ -51,7 +51,7 @@ from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.offline import OfflineEngine, OfflineEngineLike, Timeline
 from memorywall.server.engine.scheduler import EngineConfig, Request
-from memorywall.sim.sessions import SessionReleaser
+from memorywall.sim.sessions import Releaser, SessionReleaser
 
 __all__ = ["LevelRun", "simulate", "simulate_level"]
 
@@ -81,41 +81,27 @@ def _ns(t_s: float) -> int:
     return round(t_s * 1e9)
 
 
-class _Releaser:
+class _Releaser(Releaser):
     """The bench runner's release rules for one plan, driven by finish times."""
 
-    def __init__(
-        self,
-        specs: Iterable[RequestSpec],
-        *,
-        open_loop: bool,
-        slots: int | None,
-        start_s: float,
-        stop_s: float | None,
-        send: Callable[[RequestSpec, float, float | None], None],
-    ) -> None:
-        order = sorted(specs, key=lambda s: s.due_s) if open_loop else list(specs)
+    def _load(self, specs: Iterable[RequestSpec]) -> None:
+        order = sorted(specs, key=lambda s: s.due_s) if self._open_loop else list(specs)
         self._pending = deque(order)
-        self._open_loop = open_loop
-        self._free = math.inf if slots is None else slots
-        self._start_s = start_s
-        self._stop_s = stop_s
-        self._send = send
 
     def release(self, now_s: float) -> None:
         """Send what may go at `now_s`: each free slot takes the next request, at its offset
         (open loop; a later one) or now (closed loop)."""
-        pending, stop = self._pending, self._stop_s
+        pending = self._pending
         while self._free > 0 and pending:
             spec = pending[0]
             if self._open_loop:
                 due = self._start_s + spec.due_s
-                if stop is not None and due >= stop:
+                if self._past_stop(due):
                     pending.clear()
                     return
                 at, scheduled = max(due, now_s), due
             else:
-                if stop is not None and now_s >= stop:
+                if self._past_stop(now_s):
                     pending.clear()
                     return
                 at, scheduled = now_s, None
