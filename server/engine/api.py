@@ -126,6 +126,7 @@ class Finished:
     # When the engine received the request, on its clock (CLOCK_MONOTONIC seconds when live,
     # so a client on the same host can replay the arrivals the engine saw); None: unknown.
     received_s: float | None = None
+    protocol: str = ""  # the request's `Request.protocol`: the wire a front received it on
 
     @property
     def received_monotonic_ns(self) -> int:

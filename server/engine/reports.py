@@ -32,6 +32,7 @@ def finished(seq: SeqState, *, host_stall_s: float, decode_host_stall_s: float) 
         host_stall_s=host_stall_s,
         decode_host_stall_s=decode_host_stall_s,
         received_s=arrival,
+        protocol=seq.request.protocol,
     )
 
 

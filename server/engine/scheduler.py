@@ -90,6 +90,9 @@ class Request:
     # Disaggregated prefill: once it finishes (not aborted) its KV blocks are kept, counted
     # as used, until `KVManager.release_kept`: the transfer to the decode worker reads them.
     keep_kv: bool = False
+    # The wire protocol a front received it on ("openai", "sglang", ...): for metrics only,
+    # never read by scheduling or token generation; "" when no front named one.
+    protocol: str = ""
 
 
 @dataclass(eq=False, slots=True)

@@ -300,6 +300,7 @@ class TwinEngine:
             preemptions=0,
             energy_j=n * self.energy_per_token_j,
             last_token_id=stream.produced[-1] if n else None,
+            protocol=stream.request.protocol,
         )
 
     def _report(self, stream: TwinStream) -> None:

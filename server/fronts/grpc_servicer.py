@@ -106,6 +106,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             ignore_eos=r.ignore_eos,
             stop_token_ids=frozenset(s.stop_token_ids),
             sampling_seed=s.seed if s.HasField("seed") else None,
+            protocol="memorywall",
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

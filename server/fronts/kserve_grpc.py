@@ -137,7 +137,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self.engine = engine
         self.card = card
-        self.api = KServeApi(card, tokenizer)
+        self.api = KServeApi(card, tokenizer, protocol="kserve-grpc")
         self.max_request_bytes = max_request_bytes
 
     # --- health and metadata ---------------------------------------------------------------

@@ -64,7 +64,7 @@ class KServeHttp:
     def __init__(self, engine: EngineClient, card: ModelCard, tokenizer: PromptTokenizer) -> None:
         self.engine = engine
         self.card = card
-        self.api = KServeApi(card, tokenizer)
+        self.api = KServeApi(card, tokenizer, protocol="kserve-http")
 
     def add_routes(self, app: web.Application, expect_handler=None) -> None:
         # Suffixed routes first: `{model:.+}` alone would swallow "m/ready".

@@ -233,9 +233,11 @@ def _one(t: Tensor) -> Any:
 class KServeApi:
     """Converts KServe v2 inference requests for one served model; no per-request state."""
 
-    def __init__(self, card: ModelCard, tokenizer: PromptTokenizer) -> None:
+    def __init__(self, card: ModelCard, tokenizer: PromptTokenizer, *, protocol: str) -> None:
+        """`protocol`: the wire its requests come on ("kserve-grpc", "kserve-http"), for metrics."""
         self.card = card
         self.tokenizer = tokenizer
+        self.protocol = protocol
 
     def check_model(self, name: str, version: str = "") -> None:
         """NotFoundError unless `name` (and `version`, if given) is the model served here."""
@@ -313,6 +315,7 @@ class KServeApi:
             ignore_eos=sampling.get("ignore_eos", False),
             stop_token_ids=frozenset(sampling.get("stop_token_ids", ())),
             sampling_seed=seed,
+            protocol=self.protocol,
         )
         return GenerateCall(
             request=request,

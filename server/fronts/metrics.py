@@ -113,10 +113,11 @@ class PrometheusMetrics:
 
     Per step: token counters, TTFT when a sequence's first token lands, one
     inter-token latency per token, tokens per step, step time and energy.
-    Per finished request (aborts included): success by reason and the request
-    histograms. Scheduler gauges (running, waiting, KV usage) and the prefix cache
-    counters (tokens looked up and found at admission; 0 with caching off) are read
-    from the engine's stats (`watch`) when scraped, so they are current even after an abort
+    Per finished request (aborts included): success by reason, a count by the
+    protocol of the front it came in on, and the request histograms. Scheduler
+    gauges (running, waiting, KV usage) and the prefix cache counters (tokens
+    looked up and found at admission; 0 with caching off) are read from the
+    engine's stats (`watch`) when scraped, so they are current even after an abort
     between steps. Several instances never share state.
     """
 
@@ -135,6 +136,7 @@ class PrometheusMetrics:
         self._generation_tokens = 0
         self._preemptions = 0
         self._success = {reason: 0 for reason in FinishReason}
+        self._by_protocol: dict[str, int] = {}  # finished requests by the front's protocol
         self._energy_j = 0.0
         self._last_step_power_w: float | None = None
 
@@ -276,6 +278,8 @@ class PrometheusMetrics:
         where an idle engine's late start lands, then from the prefill)."""
         f = finished
         self._success[f.reason] += 1
+        protocol = f.protocol or "unknown"
+        self._by_protocol[protocol] = self._by_protocol.get(protocol, 0) + 1
         before_first = f.host_stall_s - f.decode_host_stall_s
         queue = max(f.queue_s - before_first, 0.0)
         prefill = f.prefill_s - (before_first - (f.queue_s - queue))
@@ -365,6 +369,15 @@ class PrometheusMetrics:
         for reason, count in self._success.items():
             success.add_metric([*labels, reason.value], count)
         yield success
+        by_protocol = CounterMetricFamily(
+            "memorywall:finished_requests_by_protocol",
+            "Finished requests (aborts included) by the wire protocol a front received them on "
+            "(unknown: submitted with none named).",
+            labels=[*LABEL_NAMES, "protocol"],
+        )
+        for protocol, count in sorted(self._by_protocol.items()):
+            by_protocol.add_metric([*labels, protocol], count)
+        yield by_protocol
         for histogram in self._histograms:
             yield histogram.family(labels)
         yield _counter(

@@ -230,6 +230,7 @@ class OpenAIApi:
             ignore_eos=_flag(body, "ignore_eos"),
             stop_token_ids=frozenset(self._token_ids("stop_token_ids", body.get("stop_token_ids"))),
             sampling_seed=seed,
+            protocol="openai",
         )
         choices = []
         for i in range(n):

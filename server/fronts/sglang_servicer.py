@@ -149,6 +149,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             min_tokens=s.min_new_tokens,
             ignore_eos=s.ignore_eos,
             stop_token_ids=frozenset(s.stop_token_ids),
+            protocol="sglang",
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

@@ -74,6 +74,7 @@ class TrtllmServicer(trtllm_service_pb2_grpc.TrtllmServiceServicer):
             min_tokens=r.sampling_config.min_tokens,
             ignore_eos=r.ignore_eos,
             stop_token_ids=frozenset(r.stop_token_ids),
+            protocol="trtllm",
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

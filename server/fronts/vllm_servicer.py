@@ -79,6 +79,7 @@ class VllmServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             min_tokens=s.min_tokens,
             ignore_eos=s.ignore_eos,
             stop_token_ids=frozenset(s.stop_token_ids),
+            protocol="vllm",
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
