@@ -220,6 +220,7 @@ async def test_every_series_carries_the_model_name_and_vllm_types(wse3_8b):
         "vllm:prompt_tokens": "counter",
         "vllm:generation_tokens": "counter",
         "vllm:request_success": "counter",
+        "memorywall:finished_requests_by_protocol": "counter",
         "vllm:time_to_first_token_seconds": "histogram",
         "vllm:inter_token_latency_seconds": "histogram",
         "vllm:request_time_per_output_token_seconds": "histogram",
@@ -249,6 +250,9 @@ async def test_every_series_carries_the_model_name_and_vllm_types(wse3_8b):
     }
     assert reasons == {"stop", "length", "abort"}
     assert scrape.get("vllm:request_success_total", finished_reason="length") == 1
+    # Submitted straight to the engine, not through a front: no protocol named.
+    by_protocol = "memorywall:finished_requests_by_protocol_total"
+    assert scrape.get(by_protocol, protocol="unknown") == 1
 
     def bounds(histogram: str) -> list[float]:
         family = scrape.families[histogram]
