@@ -8,13 +8,9 @@ prompt ids, and decodes the ids streamed back.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import itertools
-import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -22,18 +18,21 @@ from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from memorywall import __version__
-from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.errors import MemorywallError
 from memorywall.server.engine.api import (
-    BlockRemoved,
-    BlockStored,
     EngineClient,
-    KVEvent,
     ModelCard,
     Phase,
     Request,
     TokenGroup,
 )
-from memorywall.server.fronts.smg_worker import TokenizerCache, complete, stream_chunk
+from memorywall.server.fronts.smg_worker import (
+    TokenizerCache,
+    WorkerRpcs,
+    complete,
+    prompt_ids,
+    stream_chunk,
+)
 from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 from memorywall.server.pd import Bootstrap, Disaggregation
 
@@ -64,45 +63,6 @@ def not_emulated(r: pb.GenerateRequest, *, disaggregated: bool = False) -> str |
     return None
 
 
-def kv_event(event: KVEvent, event_id: int) -> common_pb2.KvCacheEvent:
-    """One engine KV event as SGLang's KvCacheEvent."""
-    if isinstance(event, BlockStored):
-        size = event.block_size
-        blocks = [
-            common_pb2.KvBlock(
-                block_hash=h, token_ids=event.token_ids[i * size : (i + 1) * size], block_size=size
-            )
-            for i, h in enumerate(event.block_hashes)
-        ]
-        stored = common_pb2.KvBlocksStored(blocks=blocks)
-        if event.parent_block_hash is not None:
-            stored.parent_block_hash = event.parent_block_hash
-        return common_pb2.KvCacheEvent(event_id=event_id, stored=stored)
-    if isinstance(event, BlockRemoved):
-        removed = common_pb2.KvBlocksRemoved(block_hashes=event.block_hashes)
-        return common_pb2.KvCacheEvent(event_id=event_id, removed=removed)
-    return common_pb2.KvCacheEvent(event_id=event_id, cleared=common_pb2.KvCacheCleared())
-
-
-async def kv_event_batches(engine: EngineClient) -> AsyncIterator[common_pb2.KvEventBatch]:
-    """The engine's prefix-cache events from now on, one batch per wake-up of the reader."""
-    queue: asyncio.Queue[KVEvent] = asyncio.Queue()
-    unsubscribe = engine.subscribe_kv_events(queue.put_nowait)
-    event_ids = itertools.count()
-    try:
-        for sequence in itertools.count():
-            events = [await queue.get()]
-            while not queue.empty():
-                events.append(queue.get_nowait())
-            yield common_pb2.KvEventBatch(
-                sequence_number=sequence,
-                timestamp=time.time(),
-                events=[kv_event(e, next(event_ids)) for e in events],
-            )
-    finally:
-        unsubscribe()
-
-
 class ThroughputWindow:
     """Tokens generated per second over the last `window_s`, from the engine's counter."""
 
@@ -118,7 +78,7 @@ class ThroughputWindow:
         return (tokens_generated - n0) / (now_s - t0) if now_s > t0 else 0.0
 
 
-class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
+class SglangServicer(WorkerRpcs, sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     def __init__(
         self, engine: EngineClient, card: ModelCard, disaggregation: Disaggregation | None = None
     ) -> None:
@@ -131,13 +91,7 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
 
     def to_request(self, r: pb.GenerateRequest) -> Request:
         s = r.sampling_params
-        prompt = tuple(r.tokenized.input_ids)
-        if not prompt:
-            raise InvalidRequestError("tokenized.input_ids: empty (this worker takes token ids)")
-        vocab = self.card.vocab_size
-        bad = next((t for t in prompt if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"token id {bad} is outside the vocabulary of {vocab}")
+        prompt = prompt_ids(r.tokenized.input_ids, self.card, "tokenized.input_ids")
         if s.HasField("max_new_tokens"):
             max_tokens = s.max_new_tokens
         else:
@@ -297,15 +251,6 @@ class SglangServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
             loads=[load],
             aggregate=aggregate,
         )
-
-    async def GetTokenizer(self, request, context):
-        async for chunk in self.tokenizer.chunks(common_pb2.GetTokenizerChunk):
-            yield chunk
-
-    async def SubscribeKvEvents(self, request, context):
-        await context.send_initial_metadata(())  # the subscription is open from here
-        async for batch in kv_event_batches(self.engine):
-            yield batch
 
 
 def add_to_server(servicer: SglangServicer, server: grpc.aio.Server) -> None:

@@ -12,16 +12,22 @@ three define with the same fields, each service's own class passed in.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 import grpc
+from smg_grpc_proto.generated import common_pb2
 
 from memorywall.errors import InvalidRequestError, MemorywallError
 from memorywall.server.engine.api import (
+    BlockRemoved,
+    BlockStored,
     EngineClient,
     Event,
     Finished,
     FinishReason,
+    KVEvent,
     ModelCard,
     Request,
     TokenGroup,
@@ -119,3 +125,60 @@ def complete(complete_type, f: Finished, ids, *, ids_field: str = "output_ids"):
     if f.reason is FinishReason.STOP and f.last_token_id is not None:
         out.matched_token_id = f.last_token_id
     return out
+
+
+def kv_event(event: KVEvent, event_id: int) -> common_pb2.KvCacheEvent:
+    """One engine KV event as SGLang's KvCacheEvent."""
+    if isinstance(event, BlockStored):
+        size = event.block_size
+        blocks = [
+            common_pb2.KvBlock(
+                block_hash=h, token_ids=event.token_ids[i * size : (i + 1) * size], block_size=size
+            )
+            for i, h in enumerate(event.block_hashes)
+        ]
+        stored = common_pb2.KvBlocksStored(blocks=blocks)
+        if event.parent_block_hash is not None:
+            stored.parent_block_hash = event.parent_block_hash
+        return common_pb2.KvCacheEvent(event_id=event_id, stored=stored)
+    if isinstance(event, BlockRemoved):
+        removed = common_pb2.KvBlocksRemoved(block_hashes=event.block_hashes)
+        return common_pb2.KvCacheEvent(event_id=event_id, removed=removed)
+    return common_pb2.KvCacheEvent(event_id=event_id, cleared=common_pb2.KvCacheCleared())
+
+
+async def kv_event_batches(engine: EngineClient) -> AsyncIterator[common_pb2.KvEventBatch]:
+    """The engine's prefix-cache events from now on, one batch per wake-up of the reader."""
+    queue: asyncio.Queue[KVEvent] = asyncio.Queue()
+    unsubscribe = engine.subscribe_kv_events(queue.put_nowait)
+    event_ids = itertools.count()
+    try:
+        for sequence in itertools.count():
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            yield common_pb2.KvEventBatch(
+                sequence_number=sequence,
+                timestamp=time.time(),
+                events=[kv_event(e, next(event_ids)) for e in events],
+            )
+    finally:
+        unsubscribe()
+
+
+class WorkerRpcs:
+    """The RPCs the SGLang, vLLM and TensorRT-LLM worker services answer alike (their proto
+    messages are shared in `common_pb2`); a servicer mixes this in before its generated base
+    and sets `engine` and `tokenizer`."""
+
+    engine: EngineClient
+    tokenizer: TokenizerCache
+
+    async def GetTokenizer(self, request, context):
+        async for chunk in self.tokenizer.chunks(common_pb2.GetTokenizerChunk):
+            yield chunk
+
+    async def SubscribeKvEvents(self, request, context):
+        await context.send_initial_metadata(())  # the subscription is open from here
+        async for batch in kv_event_batches(self.engine):
+            yield batch

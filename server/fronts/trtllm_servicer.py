@@ -15,8 +15,8 @@ import uuid
 from contextlib import aclosing
 
 import grpc
-from smg_grpc_proto.generated import common_pb2, trtllm_service_pb2_grpc
 from smg_grpc_proto.generated import trtllm_service_pb2 as pb
+from smg_grpc_proto.generated import trtllm_service_pb2_grpc
 
 from memorywall import __version__
 from memorywall.errors import InvalidRequestError
@@ -26,9 +26,9 @@ from memorywall.server.engine.api import (
     Request,
     TokenGroup,
 )
-from memorywall.server.fronts.sglang_servicer import kv_event_batches
 from memorywall.server.fronts.smg_worker import (
     TokenizerCache,
+    WorkerRpcs,
     complete,
     engine_events,
     prompt_ids,
@@ -57,7 +57,7 @@ def not_emulated(r: pb.GenerateRequest) -> str | None:
     return None
 
 
-class TrtllmServicer(trtllm_service_pb2_grpc.TrtllmServiceServicer):
+class TrtllmServicer(WorkerRpcs, trtllm_service_pb2_grpc.TrtllmServiceServicer):
     def __init__(self, engine: EngineClient, card: ModelCard) -> None:
         self.engine = engine
         self.card = card
@@ -134,15 +134,6 @@ class TrtllmServicer(trtllm_service_pb2_grpc.TrtllmServiceServicer):
             context_parallel_size=1,
             world_size=c.devices,
         )
-
-    async def GetTokenizer(self, request, context):
-        async for chunk in self.tokenizer.chunks(common_pb2.GetTokenizerChunk):
-            yield chunk
-
-    async def SubscribeKvEvents(self, request, context):
-        await context.send_initial_metadata(())  # the subscription is open from here
-        async for batch in kv_event_batches(self.engine):
-            yield batch
 
 
 def add_to_server(servicer: TrtllmServicer, server: grpc.aio.Server) -> None:

@@ -17,8 +17,8 @@ import uuid
 from contextlib import aclosing
 
 import grpc
-from smg_grpc_proto.generated import common_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from smg_grpc_proto.generated import vllm_engine_pb2_grpc
 
 from memorywall import __version__
 from memorywall.server.engine.api import (
@@ -28,9 +28,10 @@ from memorywall.server.engine.api import (
     TokenGroup,
     text_token_ids,
 )
-from memorywall.server.fronts.sglang_servicer import ThroughputWindow, kv_event_batches
+from memorywall.server.fronts.sglang_servicer import ThroughputWindow
 from memorywall.server.fronts.smg_worker import (
     TokenizerCache,
+    WorkerRpcs,
     complete,
     engine_events,
     prompt_ids,
@@ -52,7 +53,7 @@ def not_emulated(r: pb.GenerateRequest) -> str | None:
     return None
 
 
-class VllmServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
+class VllmServicer(WorkerRpcs, vllm_engine_pb2_grpc.VllmEngineServicer):
     def __init__(self, engine: EngineClient, card: ModelCard) -> None:
         self.engine = engine
         self.card = card
@@ -166,15 +167,6 @@ class VllmServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             dp_rank_count=1,
             loads=[load],
         )
-
-    async def GetTokenizer(self, request, context):
-        async for chunk in self.tokenizer.chunks(common_pb2.GetTokenizerChunk):
-            yield chunk
-
-    async def SubscribeKvEvents(self, request, context):
-        await context.send_initial_metadata(())  # the subscription is open from here
-        async for batch in kv_event_batches(self.engine):
-            yield batch
 
 
 def add_to_server(servicer: VllmServicer, server: grpc.aio.Server) -> None:
