@@ -26,9 +26,11 @@ small-sample Akaike criterion of the fit. The rest stay the base profile's,
 each with its reason. The fit minimises squared relative error over the fit
 observations (projected Levenberg-Marquardt); every third observation, in
 file order, is held out when at least five remain to fit. Each fitted
-constant gets a 90% bootstrap interval (observations resampled, seeded), and
-the spread of the resampled fits' predictions over the held-out observations
-is the prediction band; both go to the printed table and the profile.
+constant gets a 90% interval: observations resampled (seeded) and refitted,
+the fit plus or minus Student's t quantile times the resamples' spread
+(`core.identify.t_interval`); the same rule over the resampled fits'
+predictions of the held-out observations gives the prediction band; both go
+to the printed table and the profile.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from memorywall.core.identify import (
     jacobian,
     select,
     standard_errors,
+    t_interval,
 )
 
 CORE = ("weight_read", "kv_read", "compute")  # refused, not fixed, when the data miss one
@@ -463,8 +466,9 @@ def fit_observations(
         why = "fitted to where no step depends on it any more: bounded on one side only"
         verdicts[i] = Verdict(specs[i].name, FITTED, why, np.inf)
     samples = bootstrap(fit_errors, z, jac_hat, lower[chosen], upper[chosen], resamples, seed)
-    tail = (1 - CONFIDENCE) / 2 * 100
-    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
+    dof = len(r) - len(chosen)
+    lo, hi = t_interval(z, samples, CONFIDENCE, dof)
+    lo, hi = np.maximum(lo, lower[chosen]), np.minimum(hi, upper[chosen])
     values = base_values.copy()
     values[chosen] = z * scales[chosen]
     estimates = []
@@ -477,7 +481,7 @@ def fit_observations(
     band_mask = ~fit_mask if (~fit_mask).any() else fit_mask
     preds = np.array([errors(zb)[band_mask] for zb in samples[:BAND_RESAMPLES]]) + 1.0
     centre = errors(z)[band_mask] + 1.0
-    low, high = np.percentile(preds, [tail, 100 - tail], axis=0)
+    low, high = t_interval(centre, preds, CONFIDENCE, dof)
     half = (high - low) / 2 / centre
     band = (float(np.median(half)), float(half.max()))
     return with_constants(base, specs, values), tuple(estimates), band, noise
@@ -537,7 +541,7 @@ def profile_toml(base_text: str, calibration: Calibration, name: str) -> str:
         "[calibration_fit]",
         f"files = {json.dumps(list(c.files))}",
         f'interval = "bootstrap over observations, {c.resamples} resamples, seed {c.seed}, '
-        f'{CONFIDENCE:.0%} percentile intervals"',
+        f'{CONFIDENCE:.0%} Student-t intervals on the spread of the resamples"',
         f"residual_noise = {c.noise!r}",
         f"prediction_band_median = {c.band[0]!r}",
         f"prediction_band_max = {c.band[1]!r}",

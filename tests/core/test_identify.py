@@ -14,6 +14,8 @@ from memorywall.core.identify import (
     jacobian,
     least_squares,
     select,
+    t_interval,
+    t_quantile,
 )
 
 X = np.linspace(0.0, 3.0, 24)
@@ -75,12 +77,29 @@ def test_forward_keeps_what_the_data_call_for_and_says_why_it_left_the_rest():
     assert "do not call for it" in left_out[2]
 
 
-def test_bootstrap_intervals_cover_the_truth_at_about_their_rate():
-    # 90% percentile intervals over 40 seeds: coverage near 90% (seeded, deterministic).
+def test_t_quantile_matches_tabulated_values():
+    # Exact Student t quantiles (tables): within 1e-3 from 5 degrees of freedom up.
+    for q, dof, exact in [
+        (0.95, 5, 2.015048),
+        (0.95, 21, 1.720743),
+        (0.975, 5, 2.570582),
+        (0.975, 10, 2.228139),
+        (0.95, 1000, 1.646379),
+    ]:
+        assert t_quantile(q, dof) == pytest.approx(exact, abs=1e-3)
+    assert t_quantile(0.95, 2) == t_quantile(0.95, 5)  # below 5: held at 5
+    with pytest.raises(ValueError, match="must lie in"):
+        t_quantile(1.0, 10)
+
+
+def test_bootstrap_intervals_cover_the_truth_at_their_rate():
+    # 90% intervals over 100 seeds (seeded, deterministic): the t interval on the
+    # resamples' spread covers at its rate; the resamples' own 5th-95th percentiles,
+    # the rule it replaced, fall short.
     truth = np.array([2.0, 1.3, 0.5])
     lo_b, hi_b = np.zeros(3), 10 * np.ones(3)
-    hits = np.zeros(3)
-    seeds = 40
+    hits, pct_hits = np.zeros(3), np.zeros(3)
+    seeds = 100
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
         y = model(truth) * (1 + 0.02 * rng.standard_normal(len(X)))
@@ -90,9 +109,13 @@ def test_bootstrap_intervals_cover_the_truth_at_about_their_rate():
 
         z = least_squares(residual, np.ones(3), lo_b, hi_b)
         samples = bootstrap(residual, z, jacobian(residual, z), lo_b, hi_b, 150, seed)
-        lo, hi = np.percentile(samples, [5, 95], axis=0)
+        lo, hi = t_interval(z, samples, 0.9, len(X) - 3)
         hits += (lo <= truth) & (truth <= hi)
-    coverage = hits / seeds
-    # 40 seeds pin a coverage only to about +-5%: "roughly", both ways.
-    assert (coverage >= 0.7).all(), coverage
-    assert 0.75 <= coverage.mean() <= 0.98, coverage
+        lo, hi = np.percentile(samples, [5, 95], axis=0)
+        pct_hits += (lo <= truth) & (truth <= hi)
+    coverage, pct = hits / seeds, pct_hits / seeds
+    # Measured: 0.89, 0.90, 0.84 (percentiles: 0.83, 0.88, 0.82). 100 seeds pin a
+    # coverage to about +-3% (one sigma), and the offset c is the hardest to pin.
+    assert (coverage >= 0.8).all(), coverage
+    assert 0.85 <= coverage.mean() <= 0.96, coverage
+    assert coverage.mean() > pct.mean(), (coverage, pct)
