@@ -201,6 +201,39 @@ def forward(
     return chosen, z, left_out
 
 
+def forward_identified(
+    residual_of: Callable[[list[int]], Residual],
+    z_base: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    core: list[int],
+    candidates: list[int],
+    names: Sequence[str],
+    noise: float,
+    max_std: float,
+) -> tuple[list[int], np.ndarray, dict[int, str]]:
+    """`forward`, then the identifiability of what it chose read again at the solution:
+    the sensitivities at the base values may not hold where the fit lands (a constant
+    that moves no prediction there, or moves them as another does). Each candidate that
+    fails there is left out, with the reason, and the rest refitted, until every chosen
+    candidate is identifiable at its own solution (`core` is kept whatever the verdict)."""
+    lost: dict[int, str] = {}
+    while True:
+        pending = [j for j in candidates if j not in lost]
+        chosen, z, left_out = forward(residual_of, z_base, lower, upper, core, pending)
+        at_fit = select(
+            jacobian(residual_of(chosen), z), [names[j] for j in chosen], noise, max_std
+        )
+        failed = {
+            j: f"identifiable at the base values, not at the fit: {v.reason}"
+            for j, v in zip(chosen, at_fit, strict=True)
+            if v.status != FITTED and j not in core
+        }
+        if not failed:
+            return chosen, z, {**left_out, **lost}
+        lost.update(failed)
+
+
 def least_squares(
     residual: Residual,
     z0: np.ndarray,

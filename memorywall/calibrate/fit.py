@@ -52,7 +52,7 @@ from memorywall.core.identify import (
     NO_EFFECT,
     Verdict,
     bootstrap,
-    forward,
+    forward_identified,
     jacobian,
     select,
     standard_errors,
@@ -450,7 +450,17 @@ def fit_observations(
         errors = errors_of(chosen)
         return lambda z: errors(z)[fit_mask]
 
-    chosen, z, left_out = forward(fit_errors_of, z_base, lower, upper, core, possible)
+    chosen, z, left_out = forward_identified(
+        fit_errors_of,
+        z_base,
+        lower,
+        upper,
+        core,
+        possible,
+        [s.name for s in specs],
+        ASSUMED_NOISE,
+        max_std,
+    )
     for i, why in left_out.items():
         verdicts[i] = Verdict(specs[i].name, FIXED, why, np.nan)
     errors = errors_of(chosen)
@@ -458,6 +468,8 @@ def fit_observations(
     r = fit_errors(z)
     noise = float(np.sqrt(r @ r / max(len(r) - len(chosen), 1)))
     jac_hat = jacobian(fit_errors, z)
+    # A core constant is kept even where nothing depends on it at the fit (its interval
+    # is then one-sided); other candidates were checked at the fit (`forward_identified`).
     bites = np.max(np.abs(jac_hat), axis=0) >= NO_EFFECT
     stds = standard_errors(jac_hat[:, bites], noise)
     for i, std in zip(np.array(chosen)[bites], stds, strict=True):

@@ -11,6 +11,7 @@ from memorywall.core.identify import (
     NOT_IDENTIFIABLE,
     bootstrap,
     forward,
+    forward_identified,
     jacobian,
     least_squares,
     select,
@@ -119,3 +120,32 @@ def test_bootstrap_intervals_cover_the_truth_at_their_rate():
     assert (coverage >= 0.8).all(), coverage
     assert 0.85 <= coverage.mean() <= 0.96, coverage
     assert coverage.mean() > pct.mean(), (coverage, pct)
+
+
+def test_forward_identified_drops_what_only_the_base_values_could_separate():
+    # a + b sin(c x) on data that are a line: at the base (c = 1) the three columns are
+    # independent, but the fit drives c toward 0, where b sin(c x) ~ b c x and only the
+    # product b c is pinned. Plain `forward` keeps c; the check at the fit leaves it out.
+    x = np.linspace(0.1, 3.0, 24)
+    rng = np.random.default_rng(1)
+    y = (1 + 0.6 * x) * (1 + 0.01 * rng.standard_normal(len(x)))
+
+    def residual_of(chosen):
+        def r(z):
+            full = np.ones(3)
+            full[chosen] = z
+            a, b, c = full
+            return (a + b * np.sin(c * x)) / y - 1
+
+        return r
+
+    z0, lo, hi = np.ones(3), np.zeros(3), 10 * np.ones(3)
+    assert [v.status for v in select(jacobian(residual_of([0, 1, 2]), z0), "abc", 0.02, 0.5)] == [
+        FITTED
+    ] * 3
+    assert forward(residual_of, z0, lo, hi, [0, 1], [2])[0] == [0, 1, 2]
+    chosen, _, left_out = forward_identified(
+        residual_of, z0, lo, hi, [0, 1], [2], "abc", noise=0.02, max_std=0.5
+    )
+    assert chosen == [0, 1]
+    assert "not at the fit" in left_out[2] and "b only to" in left_out[2]
