@@ -345,3 +345,55 @@ def test_recovers_known_constants_from_replayed_metrics_scrapes(tmp_path):
     result = calibrate([*files, steps], base_deployment(), EngineConfig(), resamples=20)
     for k, v in fitted(result).items():
         assert v == pytest.approx(TRUE[k], rel=0.01), k
+
+
+def write_shape_steps(path: Path, hardware, model: str, rows) -> Path:
+    """Noise-free step times of `model` (the fewest H100s that hold it) on `hardware`."""
+    sm = StepModel(plan_deployment(hardware, load_model(model)))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["batch", "context", "new_tokens", "seconds"])
+        for b, c, n in rows:
+            prefill = (PrefillChunk(n, cached_tokens=c),) if n else ()
+            w.writerow([b, c, n, sm.step_cost(Batch((c,) * b, prefill)).time_s])
+    return path
+
+
+def test_two_model_shapes_separate_the_per_step_floor_from_the_per_layer_one(tmp_path, capsys):
+    # One model: a per-step floor moves every step as a per-layer floor does (32 layers x
+    # per-layer), so only their sum is pinned. A second shape (Qwen3 32B: 64 layers)
+    # separates them: both recovered, from the command line (MODEL=FILE).
+    import tomllib
+
+    from memorywall.calibrate import synthetic
+
+    truth = {"latency.per_layer_s": 9e-5, "latency.per_step_s": 3e-4}
+    hidden = synthetic.hidden_stack(load_hardware("h100-sxm"), truth)
+    rows = synthetic.grid(False)
+    small = write_shape_steps(tmp_path / "8b.csv", hidden, "llama-3.1-8b", rows)
+    big = write_shape_steps(tmp_path / "32b.csv", hidden, "qwen3-32b", rows)
+
+    one = calibrate([small], base_deployment(), EngineConfig(), resamples=10)
+    per_step = {e.spec.name: e for e in one.estimates}["latency.per_step_s"]
+    assert not per_step.fitted and "latency.per_layer_s" in per_step.verdict.reason
+
+    out = tmp_path / "two.toml"
+    assert run_cli(str(small), f"qwen3-32b={big}", "--out", str(out), "--bootstrap", "10") == 0
+    printed = capsys.readouterr().out
+    assert "qwen3-32b step b=" in printed and "llama-3.1-8b step b=" in printed
+    latency = tomllib.loads(out.read_text())["latency"]
+    for name, value in truth.items():
+        key = name.split(".")[1]
+        assert latency[key]["value"] == pytest.approx(value, rel=0.01), name
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [("=s.csv", "expected FILE or MODEL=FILE"), ("no-such-model=s.csv", "no-such-model")],
+)
+def test_refuses_a_bad_model_shape_argument(tmp_path, capsys, monkeypatch, arg, message):
+    monkeypatch.chdir(tmp_path)
+    write_steps(tmp_path / "s.csv", STEPS)
+    assert run_cli("s.csv", arg, "--out", "o.toml") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.toml").exists()

@@ -38,7 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -134,6 +134,7 @@ class StepRow:
     context: int
     new_tokens: int
     seconds: float
+    shape: int = 0  # which model shape (deployment) ran it: 0 the command's own
 
     def as_batch(self) -> Batch:
         prefill = (PrefillChunk(self.new_tokens, cached_tokens=self.context),)
@@ -155,6 +156,7 @@ class Level:
     output: int
     ttft_s: float
     tpot_s: float
+    shape: int = 0  # which model shape (deployment) ran it: 0 the command's own
 
     @property
     def name(self) -> str:
@@ -208,18 +210,22 @@ class Calibration:
         return self.hardware.efficiency
 
 
-def read_inputs(paths: list[Path]) -> tuple[list[StepRow], list[Level]]:
+def read_inputs(
+    paths: list[Path], shapes: Sequence[int] | None = None
+) -> tuple[list[StepRow], list[Level]]:
+    """Every file's steps and load levels, each marked with its file's model shape
+    (`shapes`, one per path; all 0 by default)."""
     steps: list[StepRow] = []
     levels: list[Level] = []
-    for path in paths:
+    for path, shape in zip(paths, shapes or [0] * len(paths), strict=True):
         if not path.is_file():
             raise CalibrateError(f"{path}: no such file")
         if path.suffix == ".csv":
-            steps += _read_csv(path)
+            steps += [replace(s, shape=shape) for s in _read_csv(path)]
         elif path.suffix == ".json":
-            levels.append(_read_level(path))
+            levels.append(replace(_read_level(path), shape=shape))
         elif path.suffix == ".prom":
-            levels.append(read_prometheus(path))
+            levels.append(replace(read_prometheus(path), shape=shape))
         else:
             raise CalibrateError(
                 f"{path}: expected a .csv of step times, a .json result file or a .prom scrape"
@@ -341,15 +347,24 @@ def read_prometheus(path: Path) -> Level:
     )
 
 
-def observations(steps: list[StepRow], levels: list[Level]) -> list[Observation]:
-    """Steps, then each level's TTFT and TPOT; every third held out if enough remain."""
+def observations(
+    steps: list[StepRow], levels: list[Level], shape_names: Sequence[str] = ()
+) -> list[Observation]:
+    """Steps, then each level's TTFT and TPOT; every third held out if enough remain.
+    With more than one model shape, each label starts with its model's name."""
+
+    def tag(shape: int) -> str:
+        return f"{shape_names[shape]} " if len(shape_names) > 1 else ""
+
     obs = [
-        Observation(f"step b={s.batch} ctx={s.context} new={s.new_tokens}", "step", s.seconds)
+        Observation(
+            f"{tag(s.shape)}step b={s.batch} ctx={s.context} new={s.new_tokens}", "step", s.seconds
+        )
         for s in steps
     ]
     for lv in levels:
-        obs.append(Observation(f"{lv.name} TTFT", "ttft", lv.ttft_s))
-        obs.append(Observation(f"{lv.name} TPOT", "tpot", lv.tpot_s))
+        obs.append(Observation(f"{tag(lv.shape)}{lv.name} TTFT", "ttft", lv.ttft_s))
+        obs.append(Observation(f"{tag(lv.shape)}{lv.name} TPOT", "tpot", lv.tpot_s))
     held = [(i + 1) % HOLD_OUT_EVERY == 0 for i in range(len(obs))]
     if len(obs) - sum(held) < MIN_FIT:
         return obs
@@ -359,10 +374,12 @@ def observations(steps: list[StepRow], levels: list[Level]) -> list[Observation]
 def check_identifiable(steps: list[StepRow], levels: list[Level]) -> None:
     """Refuse data that cannot pin down each fitted constant, saying what to measure."""
     # (users or request rate, context) of each decode load seen
-    decode_loads: set[tuple[float | None, int]] = {
-        (s.batch, s.context) for s in steps if s.batch and not s.new_tokens
+    decode_loads: set[tuple[int, float | None, int]] = {
+        (s.shape, s.batch, s.context) for s in steps if s.batch and not s.new_tokens
     }
-    decode_loads |= {(lv.concurrency or lv.rate, lv.prompt + lv.output // 2) for lv in levels}
+    decode_loads |= {
+        (lv.shape, lv.concurrency or lv.rate, lv.prompt + lv.output // 2) for lv in levels
+    }
     if not decode_loads:
         raise CalibrateError("no decode data: weight_read needs decode steps or TPOT")
     if len(decode_loads) < 2:
@@ -375,19 +392,26 @@ def check_identifiable(steps: list[StepRow], levels: list[Level]) -> None:
 
 
 def predictor(
-    deployment: Deployment, steps: list[StepRow], levels: list[Level], engine_config
+    deployment: Deployment | Sequence[Deployment],
+    steps: list[StepRow],
+    levels: list[Level],
+    engine_config,
 ) -> Callable[[Hardware], np.ndarray]:
-    """Predicted seconds for every observation, in `observations` order, on a hardware."""
+    """Predicted seconds for every observation, in `observations` order, on a hardware:
+    each step and level on its own model shape's deployment (`deployment` indexed by
+    `shape`; one deployment serves them all)."""
+    shapes = [deployment] if isinstance(deployment, Deployment) else list(deployment)
     from memorywall.loadgen.bench import BenchConfig
     from memorywall.loadgen.bench import Level as BenchLevel
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
     from memorywall.sim.simulate import simulate_level
 
     def predict(hardware: Hardware) -> np.ndarray:
-        d = replace(deployment, hardware=hardware)
-        sm = StepModel(d)
-        out = [sm.step_cost(s.as_batch()).time_s for s in steps]
+        ds = [replace(d, hardware=hardware) for d in shapes]
+        sms = [StepModel(d) for d in ds]
+        out = [sms[s.shape].step_cost(s.as_batch()).time_s for s in steps]
         for lv in levels:
+            d = ds[lv.shape]
             config = BenchConfig(
                 target="calibrate",
                 workload=SyntheticWorkload(Fixed(lv.prompt), Fixed(lv.output)),
@@ -505,11 +529,23 @@ def calibrate(
     engine_config,
     resamples: int = RESAMPLES,
     seed: int = 0,
+    other_shapes: Mapping[Path, Deployment] | None = None,
 ) -> Calibration:
-    steps, levels = read_inputs(paths)
+    """Fit `deployment`'s hardware to the files. A file in `other_shapes` was measured on
+    another model (the same hardware, that deployment): two model shapes separate what
+    one cannot (a per-step floor from a per-layer one, by their layer counts)."""
+    shapes = [deployment]
+    for d in (other_shapes or {}).values():
+        if all(d is not s for s in shapes):
+            shapes.append(d)
+    index = [
+        next(i for i, s in enumerate(shapes) if s is (other_shapes or {}).get(p, deployment))
+        for p in paths
+    ]
+    steps, levels = read_inputs(paths, index)
     check_identifiable(steps, levels)
-    obs = observations(steps, levels)
-    predict = predictor(deployment, steps, levels, engine_config)
+    obs = observations(steps, levels, [d.model.name for d in shapes])
+    predict = predictor(shapes, steps, levels, engine_config)
     base = deployment.hardware
     fitted, estimates, band, noise = fit_observations(base, predict, obs, resamples, seed)
     rows = tuple(Row(o, b, a) for o, b, a in zip(obs, predict(base), predict(fitted), strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from memorywall.cli.deployment import (
     add_engine_arguments,
     deployment_from_args,
     engine_config_from_args,
+    names_from_args,
 )
 from memorywall.cli.usage import UsageError
 from memorywall.core import Deployment
@@ -51,9 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "results",
         nargs="+",
-        type=Path,
         help="step-time CSVs (batch,context,new_tokens,seconds), bench result JSON files and "
-        "vLLM /metrics scrapes (.prom, with a '# memorywall load: concurrency=N' line)",
+        "vLLM /metrics scrapes (.prom, with a '# memorywall load: concurrency=N' line); "
+        "MODEL=FILE: measured on another model (built-in name or config.json) on the same "
+        "hardware, so that two model shapes separate per-step from per-layer floors",
     )
     p.add_argument("--out", type=Path, required=True, help="the calibrated profile (.toml)")
     p.add_argument(
@@ -72,11 +75,36 @@ def base_profile_text(hardware: str) -> str:
     return builtin.read_text() if builtin.is_file() else Path(hardware).read_text()
 
 
+def split_result(text: str) -> tuple[str | None, Path]:
+    """`FILE` or `MODEL=FILE` (a path that exists as given is always a file)."""
+    model, eq, path = text.partition("=")
+    if not eq or Path(text).exists():
+        return None, Path(text)
+    if not model or not path:
+        raise CalibrateError(f"{text}: expected FILE or MODEL=FILE")
+    return model, Path(path)
+
+
 def run(args: argparse.Namespace, deployment: Deployment, engine_config: EngineConfig) -> int:
     if args.out.suffix != ".toml":
         raise CalibrateError(f"--out: expected a .toml path, got {args.out}")
+    paths: list[Path] = []
+    other_shapes: dict[Path, Deployment] = {}
+    built: dict[str, Deployment] = {}
+    for text in args.results:
+        model, path = split_result(text)
+        paths.append(path)
+        if model is not None and model != args.model:
+            if model not in built:
+                built[model] = replace(names_from_args(args), model=model).build()
+            other_shapes[path] = built[model]
     result = calibrate(
-        list(args.results), deployment, engine_config, resamples=args.bootstrap, seed=args.seed
+        paths,
+        deployment,
+        engine_config,
+        resamples=args.bootstrap,
+        seed=args.seed,
+        other_shapes=other_shapes,
     )
     text = profile_toml(base_profile_text(args.hardware), result, args.out.stem)
     print(error_table(result))
