@@ -20,12 +20,52 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="once every worker (and the gateway) answers, write a JSON file here: each "
         "worker's addresses and devices, the gateway's URL; removed on exit",
     )
+    k8s = p.add_argument_group("Kubernetes (rendered, not run)")
+    k8s.add_argument(
+        "--render-kubernetes",
+        type=Path,
+        metavar="DIR",
+        help="write the fleet as Kustomize manifests into DIR (a Deployment and Service per "
+        "worker, smg with Kubernetes service discovery) and exit; docs/scale.md",
+    )
+    k8s.add_argument(
+        "--image",
+        default=None,
+        help="container image of the rendered pods (default memorywall:0.1.0, built from "
+        "the Containerfile)",
+    )
+    k8s.add_argument(
+        "--namespace", default=None, help="namespace of the rendered objects (default memorywall)"
+    )
     p.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
     # Imported here: only `fleet` starts processes.
-    from memorywall.fleet.runner import run as run_fleet
+    from memorywall.cli.usage import UsageError
     from memorywall.fleet.spec import load_spec
 
-    return run_fleet(load_spec(args.spec), args.log_dir, ready_file=args.ready_file)
+    if args.render_kubernetes is None:
+        if args.image is not None or args.namespace is not None:
+            raise UsageError("--image and --namespace go with --render-kubernetes")
+        from memorywall.fleet.runner import run as run_fleet
+
+        return run_fleet(load_spec(args.spec), args.log_dir, ready_file=args.ready_file)
+    return render_kubernetes(args, load_spec(args.spec))
+
+
+def render_kubernetes(args: argparse.Namespace, spec) -> int:
+    from memorywall.fleet import kubernetes
+
+    manifests = kubernetes.render(
+        spec,
+        args.spec.stem,
+        image=args.image or kubernetes.DEFAULT_IMAGE,
+        namespace=args.namespace or kubernetes.DEFAULT_NAMESPACE,
+    )
+    paths = kubernetes.write(manifests, args.render_kubernetes)
+    print(
+        f"wrote {len(paths)} manifests to {args.render_kubernetes}/ "
+        f"(kubectl apply -k {args.render_kubernetes})"
+    )
+    return 0
