@@ -20,7 +20,7 @@ from memorywall.errors import ConfigError
 from memorywall.fleet import kubernetes
 from memorywall.fleet.runner import find_smg
 from memorywall.fleet.spec import load_spec, parse_spec
-from memorywall.fleet.worker import _parse
+from memorywall.fleet.worker import parse_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.toml"
@@ -59,7 +59,7 @@ def test_worker_args_go_through_serve_and_probes_name_its_grpc_port(rendered):
     for d, w in zip(workers, sorted(spec.workers, key=lambda w: w.name), strict=True):
         (c,) = d["spec"]["template"]["spec"]["containers"]
         assert c["args"][0] == "serve"
-        args = _parse(c["args"][1:])  # serve's own parser: every flag real, every value valid
+        args = parse_argv(c["args"][1:])  # serve's own parser: every flag real, every value valid
         assert (args.host, args.port) == ("0.0.0.0", kubernetes.GRPC_PORT)
         assert (args.hardware, args.model) == (w.hardware, w.model)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -72,7 +72,7 @@ def test_worker_args_go_through_serve_and_probes_name_its_grpc_port(rendered):
         assert all(labels[k] == v for k, v in d["spec"]["selector"]["matchLabels"].items())
     h100_b = next(d for d in workers if d["metadata"]["name"] == "fleet-h100-b")
     (c,) = h100_b["spec"]["template"]["spec"]["containers"]
-    assert _parse(c["args"][1:]).max_num_seqs == 128  # the worker's own options carried
+    assert parse_argv(c["args"][1:]).max_num_seqs == 128  # the worker's own options carried
 
 
 def test_services_select_their_pods_and_expose_every_container_port(rendered):

@@ -145,9 +145,9 @@ def serve_args(w: WorkerSpec) -> list[str]:
 def startup_seconds(w: WorkerSpec) -> float:
     """The core's time to load the worker's weights (0 with `load_format = "dummy"`)."""
     from memorywall.cli.deployment import deployment_from_args
-    from memorywall.fleet.worker import _parse
+    from memorywall.fleet.worker import parse_argv
 
-    args = _parse(w.argv())
+    args = parse_argv(w.argv())
     if getattr(args, "load_format", None) == "dummy":
         return 0.0
     return deployment_from_args(args).weight_load_s

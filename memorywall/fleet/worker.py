@@ -160,7 +160,8 @@ def to_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
+def parse_argv(argv: list[str]) -> argparse.Namespace:
+    """Serve's argv parsed by serve's own parser; a bad flag or value is a ConfigError."""
     from memorywall.cli.serve import build_parser
     from memorywall.cli.usage import UsageError
 
@@ -217,11 +218,11 @@ def check(table: dict[str, Any], where: str, *, base: Path | None = None) -> dic
     for key, value in options.items():
         try:
             one = [] if key in required else _option_argv(key, value)
-            parsed = getattr(_parse(base_argv + one), known[key].dest)
+            parsed = getattr(parse_argv(base_argv + one), known[key].dest)
             _check_type(value, parsed)
         except ConfigError as e:
             raise ConfigError(f"{where}.{key}: {e}") from None
-    args = _parse(to_argv({**FLEET_DEFAULTS, **options}))
+    args = parse_argv(to_argv({**FLEET_DEFAULTS, **options}))
     _check_names(args, where)
     return options
 
