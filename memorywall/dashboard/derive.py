@@ -3,7 +3,9 @@
 Rates and recent quantiles come from the difference between the newest scrape and one a
 window earlier, as Prometheus' `rate()` and `histogram_quantile()` over `increase()` would:
 tokens/s over the host's clock (the emulator runs in real time), TTFT and ITL quantiles
-over the requests and tokens of the window only. Gauges (batch, KV, power) are the newest
+over the requests and tokens of the window only (interpolated within vLLM's buckets, as
+Prometheus does: the ITL's lowest bound is 10 ms, so a wafer's sub-millisecond gaps show in
+the exact mean, not in a quantile). Gauges (batch, KV, power) are the newest
 scrape's. A figure with no data in the window (no tokens, no first token) is None, never 0.
 """
 
@@ -24,6 +26,7 @@ class Figures:
     tokens_per_s_per_user: float | None  # a decoding user's pace: 1 / mean ITL
     ttft_p50_s: float | None
     ttft_p99_s: float | None
+    itl_mean_s: float | None  # exact (sum / count): vLLM's ITL buckets start at 10 ms
     itl_p50_s: float | None
     itl_p99_s: float | None
     running: float | None
@@ -92,6 +95,7 @@ def figures(new: Scrape, old: Scrape | None, devices: int | None) -> Figures:
         tokens_per_s_per_user=_per(1.0, itl_mean),
         ttft_p50_s=ttft.quantile(0.5) if ttft is not None else None,
         ttft_p99_s=ttft.quantile(0.99) if ttft is not None else None,
+        itl_mean_s=itl_mean,
         itl_p50_s=itl.quantile(0.5) if itl is not None else None,
         itl_p99_s=itl.quantile(0.99) if itl is not None else None,
         running=new.value(m.RUNNING),

@@ -26,7 +26,7 @@ HISTORY_KEYS = (
     "tokens_per_s",
     "tokens_per_s_per_user",
     "ttft_p50_s",
-    "itl_p50_s",
+    "itl_mean_s",
     "running",
     "kv_usage",
     "power_w",
@@ -40,6 +40,9 @@ class PollerConfig:
     interval_s: float = 1.0  # between scrapes
     window_s: float = 5.0  # rates and quantiles over this much of the recent past
     history: int = 120  # points kept per sparkline
+
+
+DEFAULT_CONFIG = PollerConfig()
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Poller:
     def __init__(
         self,
         sources: Sequence[Source],
-        config: PollerConfig = PollerConfig(),
+        config: PollerConfig = DEFAULT_CONFIG,
         *,
         clock: Callable[[], float] = time.monotonic,
         session: aiohttp.ClientSession | None = None,
@@ -93,7 +96,7 @@ class Poller:
             text = await worker.source.read()
             new = parse(text, self.clock())
             await worker.source.describe()
-        except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ScrapeError) as e:
+        except (TimeoutError, OSError, aiohttp.ClientError, ScrapeError) as e:
             worker.error = _reason(e)
             return
         self.add(worker, new)
@@ -150,7 +153,7 @@ def _worker_json(w: _Worker, now: float) -> dict[str, Any]:
 
 def _reason(e: BaseException) -> str:
     """One line on why a scrape failed."""
-    if isinstance(e, asyncio.TimeoutError):
+    if isinstance(e, TimeoutError):
         return "no answer in time"
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]

@@ -9,14 +9,14 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from memorywall.dashboard.poller import Poller, PollerConfig
+from memorywall.dashboard.poller import DEFAULT_CONFIG, Poller, PollerConfig
 from memorywall.dashboard.sources import HttpSource, Target, http_session
 from memorywall.dashboard.web import dashboard_app
 
 SHUTDOWN_TIMEOUT_S = 1.0
 
 
-def http_poller(targets: Sequence[Target], config: PollerConfig = PollerConfig()) -> Poller:
+def http_poller(targets: Sequence[Target], config: PollerConfig = DEFAULT_CONFIG) -> Poller:
     """A poller that scrapes `targets` over HTTP on one session (build it in the event loop
     that runs it: the session binds to that loop)."""
     session = http_session()
@@ -55,7 +55,7 @@ class DashboardThread:
     """A `DashboardSite` on its own event loop in a daemon thread: `start` blocks until it
     serves (returning its URL) or raises what stopped it; `stop` ends it and joins."""
 
-    def __init__(self, targets: Sequence[Target], config: PollerConfig = PollerConfig()) -> None:
+    def __init__(self, targets: Sequence[Target], config: PollerConfig = DEFAULT_CONFIG) -> None:
         self.targets = list(targets)
         self.config = config
         self.url: str | None = None

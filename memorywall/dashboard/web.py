@@ -33,15 +33,17 @@ def asset(name: str) -> bytes:
     return resources.files("memorywall.dashboard").joinpath("static", name).read_bytes()
 
 
-def dashboard_app(poller: Poller) -> web.Application:
-    """The page, its assets and the snapshot, with `poller` running while it serves."""
+def dashboard_app(poller: Poller, *, poll: bool = True) -> web.Application:
+    """The page, its assets and the snapshot, with `poller` running while it serves
+    (`poll=False`: the caller polls, as tests do on a fake clock)."""
     app = web.Application()
     app[POLLER_KEY] = poller
     for path, (name, content_type) in ASSETS.items():
         app.router.add_get(path, _asset_handler(name, content_type))
     app.router.add_get("/api/snapshot", _snapshot)
-    app.on_startup.append(_start_polling)
-    app.on_cleanup.append(_stop_polling)
+    if poll:
+        app.on_startup.append(_start_polling)
+        app.on_cleanup.append(_stop_polling)
     return app
 
 

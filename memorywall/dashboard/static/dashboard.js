@@ -10,7 +10,7 @@ const ROWS = [
   { label: "tokens/s per user", key: "tokens_per_s_per_user", fmt: rate },
   { label: "tokens/s per device", key: "tokens_per_s_per_device", fmt: rate, spark: "tokens_per_s" },
   { label: "TTFT p50 / p99", key: "ttft_p50_s", second: "ttft_p99_s", fmt: ms },
-  { label: "ITL p50 / p99", key: "itl_p50_s", second: "itl_p99_s", fmt: ms },
+  { label: "ITL mean / p99", key: "itl_mean_s", second: "itl_p99_s", fmt: ms },
   { label: "batch running / waiting", key: "running", second: "waiting", fmt: count },
   { label: "KV cache used", key: "kv_usage", fmt: percent },
   { label: "power / rated", key: "power_w", second: "rated_power_w", fmt: watts },
