@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +40,9 @@ CHROMIUM_FLAGS = (
     "--disable-quic",
     "--disable-dev-shm-usage",
 )
-VALUE = re.compile(r'<span class="(?:num|second)" data-worker="([^"]+)" data-metric="(\w+)">([^<]*)')
+VALUE = re.compile(
+    r'<span class="(?:num|second)" data-worker="([^"]+)" data-metric="(\w+)">([^<]*)'
+)
 
 
 def chromium() -> str:
@@ -146,24 +147,22 @@ def test_dashboard_in_headless_chromium(tmp_path):
         procs.append(start(args, ready, tmp_path / "dashboard.log"))
         url = wait_for(ready, procs[-1], timeout_s=START_TIMEOUT_S)["url"]
         names = [f"127.0.0.1:{s.http_port}" for s in served]
-        # A profile of its own, outside pytest's tmp_path: Chromium leaves sockets there.
-        with tempfile.TemporaryDirectory(prefix="mw-chromium-") as profile:
-            with load([str(s.grpc_target) for s in served]):
-                time.sleep(2.5)  # a window of scrapes under load
-                budget = "--virtual-time-budget=3000"
-                first = render(browser, url, Path(profile) / "1", budget, "--dump-dom")
-                time.sleep(1.5)
-                second = render(browser, url, Path(profile) / "2", budget, "--dump-dom")
-                shot = tmp_path / "dashboard.png"
-                render(
-                    browser,
-                    url,
-                    Path(profile) / "3",
-                    budget,
-                    "--window-size=1280,900",
-                    "--hide-scrollbars",
-                    f"--screenshot={shot}",
-                )
+        with load([str(s.grpc_target) for s in served]):
+            time.sleep(2.5)  # a window of scrapes under load
+            budget = "--virtual-time-budget=3000"
+            first = render(browser, url, tmp_path / "profile-1", budget, "--dump-dom")
+            time.sleep(1.5)
+            second = render(browser, url, tmp_path / "profile-2", budget, "--dump-dom")
+            shot = tmp_path / "dashboard.png"
+            render(
+                browser,
+                url,
+                tmp_path / "profile-3",
+                budget,
+                "--window-size=1280,900",
+                "--hide-scrollbars",
+                f"--screenshot={shot}",
+            )
     finally:
         stop(procs)
     print(f"dashboard screenshot: {shot}")

@@ -128,7 +128,7 @@ def test_bad_fleet_ready_files(tmp_path, content, message):
     else:
         path = tmp_path / "f.json"
         path.write_text(content)
-    with pytest.raises(ConfigError, match="^--fleet: ") as e:
+    with pytest.raises(ConfigError, match=r"^--fleet: ") as e:
         targets_from_fleet(path)
     assert message in str(e.value)
 
