@@ -76,18 +76,18 @@ def is_reset(new: Scrape, old: Scrape) -> bool:
 def figures(new: Scrape, old: Scrape | None, devices: int | None) -> Figures:
     """The figures between `old` and `new` (`old` None: gauges only, no rates yet)."""
     dt = new.at_s - old.at_s if old is not None else 0.0
-    rates = old is not None and dt > 0
-    tokens = _delta(new, old, m.GENERATION_TOKENS) if old is not None and rates else None
-    tokens_per_s = _per(tokens, dt)
+    tokens = energy = stall = finished = None
     itl = ttft = lag = None
-    if old is not None and rates:
+    if old is not None and dt > 0:  # rates need two scrapes apart in time
+        tokens = _delta(new, old, m.GENERATION_TOKENS)
+        energy = _delta(new, old, m.ENERGY_J)
+        stall = _delta(new, old, m.HOST_STALL_S)
+        finished = _delta(new, old, m.FINISHED)
         ttft = _window(new, old, m.TTFT)
         itl = _window(new, old, m.ITL)
         lag = _window(new, old, m.LAG)
+    tokens_per_s = _per(tokens, dt)
     itl_mean = itl.mean() if itl is not None else None
-    energy = _delta(new, old, m.ENERGY_J) if old is not None and rates else None
-    stall = _delta(new, old, m.HOST_STALL_S) if old is not None and rates else None
-    finished = _delta(new, old, m.FINISHED) if old is not None and rates else None
     degraded = new.value(m.DEGRADED)
     return Figures(
         tokens_per_s=tokens_per_s,

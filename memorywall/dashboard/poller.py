@@ -9,6 +9,7 @@ the page fetches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from memorywall.dashboard.derive import Figures, figures, is_reset
-from memorywall.dashboard.scrape import Scrape, ScrapeError, parse
+from memorywall.dashboard.scrape import Scrape, parse
 from memorywall.dashboard.sources import Source
 
 # The figures each worker keeps a history of, for the sparklines.
@@ -95,11 +96,13 @@ class Poller:
         try:
             text = await worker.source.read()
             new = parse(text, self.clock())
-            await worker.source.describe()
-        except (TimeoutError, OSError, aiohttp.ClientError, ScrapeError) as e:
+        except Exception as e:  # whatever one worker does, the others' columns go on
             worker.error = _reason(e)
             return
         self.add(worker, new)
+        # Unanswered, the hardware stays unnamed until a later poll's answer.
+        with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError, ValueError):
+            await worker.source.describe()
 
     def add(self, worker: _Worker, new: Scrape) -> None:
         """Take one scrape of `worker`: the window moves on, a figure joins the history."""

@@ -49,8 +49,9 @@ class Histogram:
         return self.counts[-1] if self.counts else 0.0
 
     def minus(self, earlier: Histogram) -> Histogram:
-        """The observations made since `earlier` (same buckets; a reset gives negatives,
-        which the caller checks for)."""
+        """The observations made since `earlier`. A restarted worker is caught before this,
+        by its counters (`derive.is_reset`); other buckets than `earlier`'s mean another
+        server: then all of `self`."""
         if earlier.bounds != self.bounds:
             return self
         counts = tuple(a - b for a, b in zip(self.counts, earlier.counts, strict=True))

@@ -106,6 +106,20 @@ def targets_from_fleet(path: Path) -> list[Target]:
     return targets
 
 
+def described(target: Target, models: object) -> Target:
+    """`target` with the hardware, model and devices a `/v1/models` body names (memorywall's
+    extension fields); what the body lacks, or gets wrong, stays as it was."""
+    data = models.get("data") if isinstance(models, dict) else None
+    card = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    hardware, model, devices = card.get("hardware"), card.get("id"), card.get("devices")
+    return replace(
+        target,
+        hardware=hardware if isinstance(hardware, str) else target.hardware,
+        model=model if isinstance(model, str) else target.model,
+        devices=devices if isinstance(devices, int) and devices > 0 else target.devices,
+    )
+
+
 class HttpSource:
     """A worker's /metrics over HTTP, on one shared aiohttp session."""
 
@@ -131,14 +145,7 @@ class HttpSource:
             if response.status != 200:
                 return
             body = await response.json(content_type=None)
-        card = (body.get("data") or [{}])[0] if isinstance(body, dict) else {}
-        devices = card.get("devices")
-        self.target = replace(
-            self.target,
-            hardware=card.get("hardware") or self.target.hardware,
-            model=card.get("id") or self.target.model,
-            devices=devices if isinstance(devices, int) else self.target.devices,
-        )
+        self.target = described(self.target, body)
 
     async def close(self) -> None:
         """The session is the poller's to close."""

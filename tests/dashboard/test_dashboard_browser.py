@@ -1,8 +1,9 @@
 """The dashboard end to end, as a user sees it: two workers (a wafer and a GPU) under a small
-load, `memorywall dashboard` pointed at them, and Debian's headless Chromium rendering the
-page. The rendered DOM must name both devices and show live values that change while the
-load runs; a screenshot is saved (its path is printed). Skipped without Chromium, except
-under MEMORYWALL_CI=1 (CI installs it), where its absence fails."""
+load, `memorywall dashboard` pointed at them (one by URL, one by a fleet's ready file), and
+Debian's headless Chromium rendering the page. The rendered DOM must name both devices and
+show live values that change while the load runs; a screenshot is saved (its path is
+printed). Skipped without Chromium, except under MEMORYWALL_CI=1 (CI installs it), where
+its absence fails."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from memorywall.client import Client
-from memorywall.ready import ServerReady, wait_for
+from memorywall.fleet.runner import FleetReady
+from memorywall.ready import ServerReady, wait_for, write_json
 
 START_TIMEOUT_S = 30.0
 CHROMIUM_TIMEOUT_S = 25.0
@@ -140,13 +142,15 @@ def test_dashboard_in_headless_chromium(tmp_path):
         served = [
             ServerReady.from_dict(wait_for(r, p, timeout_s=START_TIMEOUT_S)) for r, p in workers
         ]
+        # The wafer by URL; the GPU from a fleet's ready file, as `fleet --ready-file` writes it.
+        fleet = FleetReady(pid=1, log_dir=str(tmp_path), workers={"gpu": served[1]}, gateway=None)
+        write_json(tmp_path / "fleet.json", fleet.as_dict())
         args = ["dashboard", "--port", "0", "--interval", "0.5", "--window", "2"]
-        for s in served:
-            args += ["--worker", str(s.http_url)]
+        args += ["--worker", str(served[0].http_url), "--fleet", str(tmp_path / "fleet.json")]
         ready = tmp_path / "dashboard.json"
         procs.append(start(args, ready, tmp_path / "dashboard.log"))
         url = wait_for(ready, procs[-1], timeout_s=START_TIMEOUT_S)["url"]
-        names = [f"127.0.0.1:{s.http_port}" for s in served]
+        names = [f"127.0.0.1:{served[0].http_port}", "gpu"]
         with load([str(s.grpc_target) for s in served]):
             time.sleep(2.5)  # a window of scrapes under load
             budget = "--virtual-time-budget=3000"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from memorywall.cli import main
-from memorywall.dashboard.sources import Target, target_from_url, targets_from_fleet
+from memorywall.dashboard.sources import Target, described, target_from_url, targets_from_fleet
 from memorywall.errors import ConfigError
 
 SERVE = ["serve", "--hardware", "wse-3", "--model", "llama-3.1-8b"]
@@ -143,3 +143,18 @@ def test_the_cli_startup_path_loads_neither_grpc_nor_the_dashboard():
     )
     assert "grpc" not in out.stdout
     assert "memorywall.dashboard" not in out.stdout
+
+
+def test_v1_models_names_the_hardware():
+    t = Target(name="w")
+    body = {"data": [{"id": "llama-3.1-8b", "hardware": "wse-3", "devices": 2}]}
+    assert described(t, body) == Target(name="w", hardware="wse-3", model="llama-3.1-8b", devices=2)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, [], {"data": []}, {"data": ["x"]}, {"data": [{"hardware": 3, "devices": "two"}]}],
+)
+def test_a_v1_models_body_without_the_fields_changes_nothing(body):
+    t = Target(name="w", hardware="h100-sxm", devices=1)
+    assert described(t, body) == t

@@ -197,6 +197,18 @@ async def test_a_worker_that_fails_says_why_and_the_others_go_on():
     assert snap[1]["up"] is True
 
 
+async def test_a_worker_that_raises_anything_shows_it_and_the_poller_goes_on():
+    def broken() -> str:
+        raise RuntimeError("render failed")
+
+    poller = Poller([LocalSource(Target(name="odd"), broken), worker(FIRST, SECOND)], clock=Clock())
+    await poller.poll_once()
+    await poller.poll_once()
+    snap = poller.snapshot()["workers"]
+    assert (snap[0]["up"], snap[0]["error"]) == (False, "render failed")
+    assert snap[1]["polls"] == 2
+
+
 async def test_a_body_that_is_not_prometheus_text_is_an_error():
     poller = Poller([worker("this is not {metrics")], clock=Clock())
     await poller.poll_once()
