@@ -49,6 +49,7 @@ class ServerReady:
     # The worker protocols on the gRPC port (`serve --grpc-services`); () when gRPC is off.
     grpc_services: tuple[str, ...] = ()
     dcgm_port: int | None = None  # the emulated dcgm-exporter's /metrics; None: off
+    dashboard_path: str | None = None  # `serve --dashboard`'s page on the HTTP front; None: off
 
     @property
     def grpc_target(self) -> str | None:
@@ -77,6 +78,13 @@ class ServerReady:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.dcgm_port}/metrics"
 
+    @property
+    def dashboard_url(self) -> str | None:
+        """The live dashboard's page, if this server serves one."""
+        if self.dashboard_path is None or self.http_url is None:
+            return None
+        return f"{self.http_url}{self.dashboard_path}"
+
     def as_dict(self) -> dict[str, Any]:
         """The file's content: every field, plus the addresses spelled out for tools."""
         out = asdict(self)
@@ -85,6 +93,7 @@ class ServerReady:
             "http_url": self.http_url,
             "metrics_url": self.metrics_url,
             "dcgm_url": self.dcgm_url,
+            "dashboard_url": self.dashboard_url,
         }
         return out
 

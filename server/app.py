@@ -13,6 +13,7 @@ import gc
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ from memorywall.server.pd import Role, disaggregation_for
 from memorywall.server.signals import on_stop_signals
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from memorywall.server.fronts.tracing import Tracing
 
 __all__ = [
@@ -69,6 +72,7 @@ class EmulatorServer:
         tracing: Tracing | None = None,
     ) -> None:
         core, self.card = build_core(deployment, engine_config)
+        self.dashboard_path: str | None = None  # `serve --dashboard`: set with the routes
         self.config = config
         self.load_s = config.weight_load_s(deployment)  # startup and wake-up
         if metrics is None and (config.http_port is not None or config.metrics_port is not None):
@@ -119,7 +123,25 @@ class EmulatorServer:
             pd=fronts_pd,
             dcgm=metrics_handler(self.dcgm) if self.dcgm is not None else None,
             tracing=self.tracing,
+            http_extras=self._dashboard(metrics) if config.dashboard else None,
         )
+
+    def _dashboard(self, metrics: ServedMetrics | None) -> Callable[[web.Application], None]:
+        """`serve --dashboard`: the dashboard under /dashboard/ of the HTTP front, polling
+        this server's metrics in-process (imported only when asked for)."""
+        from memorywall.dashboard.poller import Poller
+        from memorywall.dashboard.sources import LocalSource, Target
+        from memorywall.dashboard.web import MOUNT_PATH, mount
+
+        if metrics is None:  # ServerConfig refuses a dashboard without an HTTP front
+            raise ValueError("the dashboard needs the server's metrics")
+        card = self.card
+        target = Target(
+            name=card.deployment, hardware=card.hardware, model=card.model, devices=card.devices
+        )
+        source = LocalSource(target, lambda: metrics.render()[0].decode())
+        self.dashboard_path = MOUNT_PATH
+        return lambda app: mount(app, Poller([source]))
 
     @property
     def port(self) -> int:
@@ -249,6 +271,7 @@ def ready_info(server: EmulatorServer) -> ServerReady:
         bootstrap_port=server.pd.bootstrap_port if server.pd is not None else None,
         grpc_services=server.config.grpc_services if server.config.grpc else (),
         dcgm_port=server.dcgm_port,
+        dashboard_path=server.dashboard_path,
     )
 
 
@@ -265,6 +288,7 @@ def card_ready(
     bootstrap_port: int | None = None,
     grpc_services: tuple[str, ...] = (),
     dcgm_port: int | None = None,
+    dashboard_path: str | None = None,
 ) -> ServerReady:
     """A ready file's content: where a process listens, and the model card it serves."""
     return ServerReady(
@@ -288,6 +312,7 @@ def card_ready(
         bootstrap_port=bootstrap_port,
         grpc_services=grpc_services,
         dcgm_port=dcgm_port,
+        dashboard_path=dashboard_path,
     )
 
 

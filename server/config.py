@@ -57,10 +57,15 @@ class ServerConfig:
     # How the weights load (vLLM's --load-format): "dummy" at once, any other takes the
     # core's load time (`Deployment.weight_load_s`) before the server is ready.
     load_format: str = "auto"
+    # `serve --dashboard`: the live dashboard (memorywall.dashboard) under /dashboard/ of the
+    # HTTP front, reading this server's metrics in-process.
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:
             raise ConfigError("nothing to serve: gRPC is off and no HTTP port is given")
+        if self.dashboard and self.http_port is None:
+            raise ConfigError("--dashboard: it is served on the HTTP front; add --http-port")
         if self.stream_interval is not None and self.stream_interval < 1:
             raise ConfigError(f"stream_interval: must be >= 1, got {self.stream_interval}")
         try:

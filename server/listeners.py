@@ -100,6 +100,8 @@ def addresses(config: ServerConfig, ports: ListenerPorts) -> list[str]:
         out.append(f"{scheme}://{host}:{ports.metrics_port}/metrics")
     if ports.dcgm_port is not None:
         out.append(f"{scheme}://{host}:{ports.dcgm_port}/metrics (DCGM)")
+    if config.dashboard and ports.http_port is not None:
+        out.append(f"{scheme}://{host}:{ports.http_port}/dashboard/ (dashboard)")
     return out
 
 
@@ -121,7 +123,8 @@ class Listeners:
     (`--api-servers`). `response_headers`: added to every OpenAI HTTP response.
     `dcgm`: the emulated dcgm-exporter's /metrics handler; needed when `config` names a
     DCGM port. `tracing`: continues each request's `traceparent` (`fronts/tracing.py`;
-    None: tracing is off and nothing of it is loaded).
+    None: tracing is off and nothing of it is loaded). `http_extras`: adds routes to the
+    HTTP front's application (`serve --dashboard`'s page).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Listeners:
         response_headers: Mapping[str, str] | None = None,
         dcgm: Handler | None = None,
         tracing: TraceHooks | None = None,
+        http_extras: Callable[[web.Application], None] | None = None,
     ) -> None:
         if config.metrics_port is not None and metrics is None:
             raise ValueError("a metrics port needs a /metrics handler")
@@ -180,6 +184,8 @@ class Listeners:
                 app.on_response_prepare.append(_add_headers(dict(response_headers)))
             if tracing is not None:
                 app.middlewares.append(tracing.http_middleware())
+            if http_extras is not None:
+                http_extras(app)
             self.http = HttpSite(app, ssl_context=ssl_context, reuse_port=reuse_port)
         self.metrics_site: HttpSite | None = None
         if config.metrics_port is not None:

@@ -35,6 +35,7 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "grpc_services": ("memorywall,vllm", {}),
     "metrics_port": (0, {}),
     "dcgm_port": (0, {}),
+    "dashboard": (True, {"http_port": 0}),
     "otlp_endpoint": ("http://127.0.0.1:4318/v1/traces", {}),
     "tokenizer": ("/models/tokenizer.json", {}),
     "max_num_seqs": (64, {}),

@@ -13,6 +13,7 @@ from memorywall.cli import (
     bench,
     calibrate,
     catalog,
+    dashboard,
     demo,
     fleet,
     plan,
@@ -24,7 +25,7 @@ from memorywall.cli.usage import EXIT_USAGE, Parser, UsageError
 from memorywall.errors import MemorywallError
 
 # In `memorywall --help` order.
-COMMANDS = (predict, serve, demo, fleet, bench, simulate, calibrate, plan, catalog)
+COMMANDS = (predict, serve, demo, fleet, dashboard, bench, simulate, calibrate, plan, catalog)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="leave the servers up afterwards and print how to point tools at them",
     )
     p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve a live browser dashboard of the servers while the demo runs (its URL is "
+        "printed; a browser opens where there is a graphical one)",
+    )
+    p.add_argument(
         "--out", type=Path, help="results folder (default: ./memorywall-demo-<date>-<time>)"
     )
     p.set_defaults(func=command)
@@ -67,5 +73,6 @@ def command(args: argparse.Namespace) -> int:
         output_tokens=args.output_len,
         out=args.out or Path(time.strftime("memorywall-demo-%Y%m%d-%H%M%S")),
         keep_serving=args.keep_serving,
+        dashboard=args.dashboard,
     )
     return run_demo(config)

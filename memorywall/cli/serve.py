@@ -82,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "utilisation, memory) on this port",
     )
     p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve a live browser dashboard of this worker (tokens/s, TTFT/ITL, batch, KV, "
+        "power, energy per token, lag) under /dashboard/ of the HTTP front (needs --http-port)",
+    )
+    p.add_argument(
         "--otlp-endpoint",
         type=otlp_endpoint,
         help="export one OpenTelemetry trace per request (modelled queue, prefill chunks, "
@@ -159,6 +165,12 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         )
     if args.otlp_endpoint is not None:
         require_otel()
+    if args.dashboard and args.http_port is None:
+        raise UsageError("--dashboard: it is served on the HTTP front; add --http-port")
+    if args.dashboard and args.api_servers > 1:
+        raise UsageError(
+            "--dashboard needs a single process: it does not combine with --api-servers above 1"
+        )
     names = names_from_args(args)
     deployment = names.build()
     config = ServerConfig(
@@ -168,6 +180,7 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         dcgm_port=args.dcgm_port,
+        dashboard=args.dashboard,
         otlp_endpoint=args.otlp_endpoint,
         tokenizer=args.tokenizer,
         grace_s=args.grace,

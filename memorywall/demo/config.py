@@ -28,6 +28,7 @@ class DemoConfig:
     output_tokens: int = DEFAULT_OUTPUT_TOKENS
     out: Path
     keep_serving: bool = False
+    dashboard: bool = False  # serve the live dashboard on the servers while the demo runs
     startup_timeout_s: float = 60.0
     stop_timeout_s: float = 10.0
 

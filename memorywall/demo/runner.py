@@ -32,6 +32,7 @@ from memorywall.launch import Child
 from memorywall.ready import ReadyError, ServerReady
 
 if TYPE_CHECKING:
+    from memorywall.dashboard.site import DashboardThread
     from memorywall.loadgen.bench import BenchConfig
 
 EXIT_RUNTIME = 1
@@ -212,10 +213,26 @@ def _wait_for_interrupt(servers: Servers, out: TextIO) -> None:
         time.sleep(0.2)
 
 
+def _start_dashboard(servers: Servers, err: TextIO) -> DashboardThread:
+    """The live dashboard on the demo's servers, in a thread of this process; its URL is
+    printed, and opened where a graphical browser is."""
+    from memorywall.dashboard.browser import open_page
+    from memorywall.dashboard.site import DashboardThread
+    from memorywall.dashboard.sources import target_from_ready
+
+    targets = [target_from_ready(s.hardware, s.served) for s in servers.running]
+    dashboard = DashboardThread(targets)
+    url = dashboard.start()
+    opened = " (opened in your browser)" if open_page(url) else ""
+    print(f"dashboard: {url}{opened}", file=err, flush=True)
+    return dashboard
+
+
 def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run the demo; 0 when done, 1 on a runtime failure, 130 when interrupted."""
     started = time.perf_counter()
     servers = Servers(config, config.out / "servers")
+    dashboard: DashboardThread | None = None
     try:
         with _interruptible():
             config.out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +245,8 @@ def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stder
             servers.wait_ready()
             names = ", ".join(f"{s.name} at {s.served.grpc_target}" for s in servers.running)
             print(f"ready: {names}", file=err, flush=True)
+            if config.dashboard:
+                dashboard = _start_dashboard(servers, err)
             sweeps = {
                 s.hardware: _sweep(s, config, config.out / s.hardware, err) for s in servers.running
             }
@@ -253,5 +272,7 @@ def run(config: DemoConfig, *, out: TextIO = sys.stdout, err: TextIO = sys.stder
         print(f"memorywall: error: {e}", file=err, flush=True)
         return EXIT_RUNTIME
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         servers.stop()
     return 0
