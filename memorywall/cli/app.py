@@ -15,6 +15,7 @@ from memorywall.cli import (
     catalog,
     demo,
     fleet,
+    grafana,
     plan,
     predict,
     serve,
@@ -24,7 +25,7 @@ from memorywall.cli.usage import EXIT_USAGE, Parser, UsageError
 from memorywall.errors import MemorywallError
 
 # In `memorywall --help` order.
-COMMANDS = (predict, serve, demo, fleet, bench, simulate, calibrate, plan, catalog)
+COMMANDS = (predict, serve, demo, fleet, bench, simulate, calibrate, plan, catalog, grafana)
 
 
 def build_parser() -> argparse.ArgumentParser:
