@@ -1,46 +1,31 @@
 """A real Prometheus (Debian's `prometheus`) scrapes a fleet from the config that
-`memorywall fleet --prometheus-config` writes: a wafer and a GPU worker, each with its
-emulated DCGM port. PromQL over Prometheus's HTTP API returns the workers' series and
-the DCGM series, labelled by worker and hardware, and every expression of the Grafana
-dashboard evaluates there. Loopback only; everything started here is stopped here."""
+`memorywall fleet --prometheus-config` writes for examples/fleet-telemetry.toml: a wafer
+and a GPU worker, each with its emulated DCGM port. PromQL over Prometheus's HTTP API
+returns the workers' series and the DCGM series, labelled by worker and hardware, and
+every expression of the Grafana dashboard evaluates there. Loopback only; everything
+started here is stopped here."""
 
 from __future__ import annotations
 
-import json
 import math
 import signal
-import socket
 import subprocess
 import sys
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 from binaries import need
 from polling import block_until
 
+from benchmarks._prometheus import Prometheus
 from memorywall import ready
 from memorywall.client import Client
 from memorywall.fleet.runner import FleetReady
 from memorywall.telemetry import grafana
 
-SPEC = """
-[[worker]]
-name = "wafer"
-hardware = "wse-3"
-model = "llama-3.1-8b"
-http_port = 0
-dcgm_port = 0
-
-[[worker]]
-name = "gpu"
-hardware = "h100-sxm"
-model = "llama-3.1-8b"
-http_port = 0
-dcgm_port = 0
-"""
-HARDWARE = {"wafer": "wse-3", "gpu": "h100-sxm"}
+# A wafer and a GPU worker, each with its HTTP front (/metrics) and its DCGM port.
+SPEC = Path(__file__).resolve().parent.parent / "examples" / "fleet-telemetry.toml"
+HARDWARE = {"wse3": "wse-3", "h100": "h100-sxm"}
 START_TIMEOUT_S = 60.0
 # Prometheus hands new targets to its scrapers every 5 s; then one scrape a second.
 SCRAPED_WITHIN_S = 20.0
@@ -48,61 +33,13 @@ SCRAPED_WITHIN_S = 20.0
 VARIABLES = {"$worker": ".*", "$hardware": ".*", "$__rate_interval": "1m"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Prometheus:
-    """`prometheus` on 127.0.0.1 with its data in `folder`; `query` runs PromQL."""
-
-    def __init__(self, binary: str, config: Path, folder: Path) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        self.log = folder / "prometheus.log"
-        cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}"]
-        cmd += [f"--web.listen-address={self.url.removeprefix('http://')}"]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-    def query(self, expr: str) -> list[dict]:
-        """The instant vector `expr` gives now (fails the test on a PromQL error)."""
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as e:
-            pytest.fail(f"{expr}: {e.read().decode()}")
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, f"prometheus exited:\n{self.log.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def _by_worker(series: list[dict]) -> dict[str, dict]:
     return {s["metric"].get("worker", ""): s for s in series}
 
 
 def _start_fleet(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    spec = tmp_path / "fleet.toml"
-    spec.write_text(SPEC)
     ready_file, config = tmp_path / "fleet.ready.json", tmp_path / "prometheus.yml"
-    cmd = [sys.executable, "-m", "memorywall", "fleet", str(spec)]
+    cmd = [sys.executable, "-m", "memorywall", "fleet", str(SPEC)]
     cmd += ["--log-dir", str(tmp_path / "logs"), "--ready-file", str(ready_file)]
     cmd += ["--prometheus-config", str(config), "--scrape-interval", "1"]
     with (tmp_path / "fleet.out").open("wb") as out:
