@@ -4,17 +4,24 @@ promtool checks it, and through the CLI (its errors one line, exit 2)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from binaries import need
+from polling import block_until
 
+from memorywall import ready
 from memorywall.cli import main
 from memorywall.errors import ConfigError
 from memorywall.fleet import prometheus
 from memorywall.fleet.runner import FleetReady, GatewayReady
+from memorywall.fleet.spec import load_spec
 from memorywall.ready import ServerReady
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ready(**over: object) -> ServerReady:
@@ -212,3 +219,40 @@ def test_cli_refuses_a_spec_whose_workers_serve_no_metrics(tmp_path, capsys):
     spec.write_text('[[worker]]\nname = "a"\nhardware = "wse-3"\nmodel = "llama-3.1-8b"\n')
     assert main(["fleet", str(spec), "--prometheus-config", str(tmp_path / "p.yml")]) == 2
     assert "--prometheus-config: no worker serves metrics" in capsys.readouterr().err
+
+
+def test_example_spec_serves_metrics_and_dcgm_on_every_worker():
+    spec = load_spec(ROOT / "examples" / "fleet-telemetry.toml")
+    assert [w.hardware for w in spec.workers] == ["wse-3", "h100-sxm"]
+    assert all(w.get("http_port") == 0 and w.get("dcgm_port") == 0 for w in spec.workers)
+
+
+def test_fleet_writes_the_config_once_it_is_up(tmp_path):
+    """`memorywall fleet SPEC --prometheus-config F`: the ports the workers took, from their
+    ready files; the file stays after the fleet stops."""
+    spec = tmp_path / "fleet.toml"
+    spec.write_text(
+        '[[worker]]\nname = "w"\nhardware = "wse-3"\nmodel = "llama-3.1-8b"\n'
+        "http_port = 0\ndcgm_port = 0\n"
+    )
+    ready_file, config = tmp_path / "fleet.ready.json", tmp_path / "prometheus.yml"
+    cmd = [sys.executable, "-m", "memorywall", "fleet", str(spec), "--log-dir", str(tmp_path)]
+    cmd += ["--ready-file", str(ready_file), "--prometheus-config", str(config)]
+    out = tmp_path / "fleet.out"
+    with out.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        try:
+            data = ready.wait_for(ready_file, proc, timeout_s=60)
+        except ready.ReadyError as e:
+            pytest.fail(f"fleet not up ({e}):\n{out.read_text()}")
+        block_until(config.exists, 10)
+        worker = FleetReady.from_dict(data).workers["w"]
+        text = config.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    assert '  - job_name: "memorywall"\n' in text
+    assert f'"127.0.0.1:{worker.http_port}"' in text and f'"127.0.0.1:{worker.dcgm_port}"' in text
+    assert f"prometheus config: {config}\n" in out.read_text()
+    assert config.exists() and not ready_file.exists()
