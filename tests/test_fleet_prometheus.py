@@ -192,6 +192,14 @@ def test_cli_takes_one_servers_ready_file_named_by_its_stem(tmp_path):
         (["--from-ready", "{quiet}", "--prometheus-config", "p.yml"], "no worker serves metrics"),
         (
             ["--from-ready", "{ready}", "--prometheus-config", "{tmp}/no/such/dir/p.yml"],
+            "--prometheus-config: no such folder",
+        ),
+        (
+            ["spec.toml", "--prometheus-config", "{tmp}/no/such/dir/p.yml"],
+            "--prometheus-config: no such folder",
+        ),
+        (
+            ["--from-ready", "{ready}", "--prometheus-config", "{tmp}"],
             "--prometheus-config: cannot write",
         ),
     ],
