@@ -185,6 +185,10 @@ def test_cli_takes_one_servers_ready_file_named_by_its_stem(tmp_path):
             "--from-ready: give a fleet spec or --from-ready, not both",
         ),
         (["spec.toml", "--scrape-interval", "2"], "--scrape-interval: only with"),
+        (
+            ["spec.toml", "--render-kubernetes", "k8s", "--prometheus-config", "p.yml"],
+            "--render-kubernetes: not with --prometheus-config or --from-ready",
+        ),
         (["--scrape-interval", "0"], "argument --scrape-interval: must be > 0, got 0"),
         (["--scrape-interval", "soon"], "argument --scrape-interval: expected a number"),
         (["--from-ready", "{missing}", "--prometheus-config", "p.yml"], "cannot read"),
