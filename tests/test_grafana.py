@@ -46,6 +46,7 @@ def _names(expr: str) -> list[str]:
         ),
         ("topk(3, sum by (job) (x)) - max(y @ start())", ["x", "y"]),
         ("vector(1) + time() - Inf + NaN", []),
+        ('rate({__name__="a_total", job="j"}[1m]) / b{__name__="ignored"}', ["a_total", "b"]),
     ],
 )
 def test_promql_metric_names(expr, names):

@@ -6,9 +6,10 @@ label names (inside `{...}`, or listed after `by`, `without`, `on`, `ignoring`,
 `group_left`, `group_right`), keywords (`and`, `bool`, `offset`, ...), strings,
 numbers, durations and range selectors (`[5m]`, `[$__rate_interval]`: Grafana's
 variables are skipped with them). A metric name is an identifier followed by `{`,
-`[`, or used bare. `exposed` reads a Prometheus text exposition into the sample
-names it serves and their families' types, so a caller can check that `x_bucket`
-belongs to a histogram and `rate(...)` reads a counter.
+`[`, or used bare, or a bare selector's `__name__="..."` matcher. `exposed` reads a
+Prometheus text exposition into the sample names it serves and their families'
+types, so a caller can check that `x_bucket` belongs to a histogram and `rate(...)`
+reads a counter.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ AGGREGATIONS = frozenset(
 )  # fmt: skip
 # Followed by a parenthesised list of label names.
 LABEL_LISTS = frozenset(("by", "without", "on", "ignoring", "group_left", "group_right"))
+_NAME_MATCHER = re.compile(r'__name__\s*=\s*"([A-Za-z_:][A-Za-z0-9_:]*)"')
 KEYWORDS = frozenset(("and", "or", "unless", "bool", "offset", "atan2", "inf", "nan"))
 
 
@@ -91,6 +93,10 @@ def metric_uses(expr: str) -> list[MetricUse]:
                     continue
             elif word not in KEYWORDS:
                 uses.append(MetricUse(text, tuple(f for f in reversed(stack) if f)))
+        elif kind == "matchers" and (i == 0 or tokens[i - 1][0] != "ident"):
+            # A bare selector names its metric as a label: `{__name__="x", job="y"}`.
+            if named := _NAME_MATCHER.search(text):
+                uses.append(MetricUse(named.group(1), tuple(f for f in reversed(stack) if f)))
         elif text == "(":
             if skip_list:
                 while i < len(tokens) and tokens[i][1] != ")":
