@@ -16,6 +16,7 @@ from memorywall.cli import (
     dashboard,
     demo,
     fleet,
+    grafana,
     plan,
     predict,
     serve,
@@ -25,7 +26,7 @@ from memorywall.cli.usage import EXIT_USAGE, Parser, UsageError
 from memorywall.errors import MemorywallError
 
 # In `memorywall --help` order.
-COMMANDS = (predict, serve, demo, fleet, dashboard, bench, simulate, calibrate, plan, catalog)
+COMMANDS = (predict, serve, demo, fleet, dashboard, bench, simulate, calibrate, plan, catalog, grafana)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,7 +120,8 @@ class Fleet:
     """Starts, watches and stops the child processes of one fleet.
 
     `ready_file`: where to write the fleet's ready file once it serves (removed on exit);
-    `self.ready` holds the same once it is written.
+    `self.ready` holds the same once it is written, and `on_ready` is then called with it
+    (`--prometheus-config` writes its file there).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class Fleet:
         out: TextIO = sys.stdout,
         stop: threading.Event | None = None,
         ready_file: Path | None = None,
+        on_ready: Callable[[FleetReady], None] | None = None,
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 15.0,
     ) -> None:
@@ -140,6 +142,7 @@ class Fleet:
         self.stop = stop or threading.Event()
         self.ready_file = ready_file
         self.ready: FleetReady | None = None
+        self.on_ready = on_ready
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.children: list[Child] = []
@@ -231,6 +234,8 @@ class Fleet:
         )
         if self.ready_file is not None:
             write_json(self.ready_file, self.ready.as_dict())
+        if self.on_ready is not None:
+            self.on_ready(self.ready)
         self.say("fleet up; Ctrl-C (SIGINT) or SIGTERM stops it")
         self.faults.start()
         pids = {name: r.pid for name, r in workers.items()}
