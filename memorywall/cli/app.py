@@ -26,7 +26,19 @@ from memorywall.cli.usage import EXIT_USAGE, Parser, UsageError
 from memorywall.errors import MemorywallError
 
 # In `memorywall --help` order.
-COMMANDS = (predict, serve, demo, fleet, dashboard, bench, simulate, calibrate, plan, catalog, grafana)
+COMMANDS = (
+    predict,
+    serve,
+    demo,
+    fleet,
+    dashboard,
+    bench,
+    simulate,
+    calibrate,
+    plan,
+    catalog,
+    grafana,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
