@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memorywall.core import Deployment, StepModel, predict
+from memorywall.server.engine.lora import LoraSlots
 from memorywall.server.engine.scheduler import EngineConfig, EngineCore, ModelLimits
 
 PREDICTION_CONTEXT = 1024
@@ -30,7 +31,11 @@ class ModelCard:
     predicted_tokens_per_s_per_user: float
 
 
-def build_core(deployment: Deployment, config: EngineConfig) -> tuple[EngineCore, ModelCard]:
+def build_core(
+    deployment: Deployment, config: EngineConfig, *, max_loras: int | None = None
+) -> tuple[EngineCore, ModelCard]:
+    """The engine core for `deployment`; `max_loras`: serve LoRA adapters, at most this
+    many in a batch (`lora.LoraSlots`); None: LoRA off."""
     m = deployment.model
     spec = deployment.speculative
     limits = ModelLimits(
@@ -41,7 +46,8 @@ def build_core(deployment: Deployment, config: EngineConfig) -> tuple[EngineCore
         draft_tokens=spec.draft_tokens if spec else 0,
         acceptance_rate=spec.acceptance_rate if spec else 0.0,
     )
-    core = EngineCore(StepModel(deployment), limits, config)
+    lora = LoraSlots.for_deployment(deployment, max_loras) if max_loras is not None else None
+    core = EngineCore(StepModel(deployment), limits, config, lora)
     context = min(PREDICTION_CONTEXT, m.max_context - 1)
     card = ModelCard(
         model=m.name,

@@ -9,8 +9,8 @@ sequence rather than per step, and leaves the engine exactly as k calls of
 in the same order, same float sums; `tests/sim/test_decode_run.py` checks it).
 
 It declines (returns None), and the caller steps normally, unless:
-- no speculation, and every running sequence is decoding with no stop tokens to
-  watch for (`ignore_eos`, or none given);
+- no speculation, no LoRA adapter in the batch, and every running sequence is
+  decoding with no stop tokens to watch for (`ignore_eos`, or none given);
 - the token budget covers the batch, and nothing waits that could be admitted
   (the queue is empty, or the batch is at `max_num_seqs`);
 - at least `MIN_STEPS` steps (one from `BIG_BATCH` sequences) remain before any
@@ -63,6 +63,8 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         return None
     if core.waiting and not full:
         return None
+    if core.lora is not None and any(seq.request.lora is not None for seq in running):
+        return None  # adapters add their own cost to each step (`EngineCore.lora`)
     min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
     steps = sys.maxsize  # no bound yet: the loop takes the least of the sequences'
     for seq in running:

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from memorywall.core import Batch, PrefillChunk, StepCost
+from memorywall.core.lora import LoraAdapter
 from memorywall.errors import (
     ContextLengthError,
     DuplicateRequestError,
@@ -33,6 +34,9 @@ from memorywall.errors import (
 from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for
 from memorywall.server.engine.kv_manager import KVManager
 from memorywall.server.engine.tokens import TokenSource
+
+if TYPE_CHECKING:
+    from memorywall.server.engine.lora import LoraSlots
 
 _UINT64 = (1 << 64) - 1
 
@@ -93,6 +97,9 @@ class Request:
     # The wire protocol a front received it on ("openai", "sglang", ...): for metrics only,
     # never read by scheduling or token generation; "" when no front named one.
     protocol: str = ""
+    # The LoRA adapter it runs with (`lora.py`: the front resolved its model name); None:
+    # the base model.
+    lora: LoraAdapter | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -204,9 +211,14 @@ def check_request(r: Request, max_context: int, kv_capacity_tokens: int, block: 
 
 class EngineCore:
     def __init__(
-        self, step_model: StepCostModel, limits: ModelLimits, config: EngineConfig
+        self,
+        step_model: StepCostModel,
+        limits: ModelLimits,
+        config: EngineConfig,
+        lora: LoraSlots | None = None,
     ) -> None:
         self.step_model = step_model
+        self.lora = lora  # with --enable-lora: the adapters' batch rule and step cost
         self.limits = limits
         self.config = config
         pool = BlockPool(limits.kv_capacity_tokens // config.block_size, config.block_size)
@@ -275,6 +287,8 @@ class EngineCore:
         running = self.running
         i = 0
         add = scheduled.append
+        lora = self.lora
+        skipped: list[SeqState] = []
         while i < len(running) and budget > 0:
             seq = running[i]
             computed = seq.computed
@@ -300,6 +314,11 @@ class EngineCore:
             and self.waiting[0].arrival_s <= now
         ):
             seq = self.waiting[0]  # holds no blocks and has computed nothing
+            if lora is not None and not lora.admits(
+                seq.request.lora, (s.request.lora for s in running)
+            ):
+                skipped.append(self.waiting.popleft())  # its adapter would be one too many
+                continue
             total = seq.total_tokens
             hit = kv.get_computed_blocks(seq)
             computed = hit.num_tokens
@@ -316,6 +335,8 @@ class EngineCore:
                 seq.first_scheduled_s = now
             scheduled.append((seq, n, False))
             budget -= n
+        if skipped:  # back at the head, in their order: they keep their turn
+            self.waiting.extendleft(reversed(skipped))
         if not scheduled:
             return None
         decode = [s.computed for s, _, d in scheduled if d]
@@ -325,6 +346,8 @@ class EngineCore:
             if not d
         ]
         cost = self.step_model.step_cost(Batch(decode_contexts=decode, prefill=prefill))
+        if lora is not None:
+            cost = lora.cost(cost, [(s.request.lora, n) for s, n, _ in scheduled])
         tokens = self.config.max_num_batched_tokens - budget
         return Step(now, now + cost.time_s, cost, scheduled, tokens)
 
