@@ -159,6 +159,4 @@ class LoraCost:
         load_s = sum(self.load_s(a) for a in loads)
         time_s = load_s + kernels_s
         energy_j = read * _BITS * self._resident_pj * _PJ + self._static_w * time_s
-        return LoraStep(
-            time_s=time_s, load_s=load_s, bytes=read, flops=flops, energy_j=energy_j
-        )
+        return LoraStep(time_s=time_s, load_s=load_s, bytes=read, flops=flops, energy_j=energy_j)

@@ -73,7 +73,9 @@ def read_adapter(
     try:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraError(f"Loading lora {name} failed: {config_path}: not valid JSON ({e})") from None
+        raise LoraError(
+            f"Loading lora {name} failed: {config_path}: not valid JSON ({e})"
+        ) from None
     if not isinstance(config, dict):
         raise LoraError(f"Loading lora {name} failed: {config_path}: expected a JSON object")
     rank = config.get("r")
@@ -86,9 +88,7 @@ def read_adapter(
         params = adapter_params(model, rank, modules)
     except ConfigError as e:
         raise LoraError(f"Loading lora {name} failed: {config_path}: {e}") from None
-    return LoraAdapter(
-        name=name, lora_id=lora_id, rank=rank, target_modules=modules, params=params
-    )
+    return LoraAdapter(name=name, lora_id=lora_id, rank=rank, target_modules=modules, params=params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,9 @@ class LoraSlots:
     def for_deployment(cls, deployment: Deployment, max_loras: int) -> LoraSlots:
         return cls(max_loras, LoraCost(deployment))
 
-    def admits(self, request_lora: LoraAdapter | None, running: Iterable[LoraAdapter | None]) -> bool:
+    def admits(
+        self, request_lora: LoraAdapter | None, running: Iterable[LoraAdapter | None]
+    ) -> bool:
         """Whether a request for `request_lora` may join a batch of `running`'s adapters."""
         if request_lora is None:
             return True

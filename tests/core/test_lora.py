@@ -110,4 +110,3 @@ def test_tensor_parallel_splits_the_work():
     assert LoraCost(two).step([(a, 1)]).time_s == pytest.approx(
         LoraCost(one).step([(a, 1)]).time_s / 2, rel=1e-9
     )
-
