@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING
 from memorywall.core import Deployment
 from memorywall.ready import ServerReady, remove, write_json
 from memorywall.server.config import ServerConfig
-from memorywall.server.engine.api import EngineClient, EngineObserver, ModelCard, Phase
+from memorywall.server.engine.api import (
+    EngineClient,
+    EngineObserver,
+    LoraRegistry,
+    ModelCard,
+    Phase,
+    lora_state,
+)
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.guard import GuardedEngine
 from memorywall.server.engine.live import AsyncEngine
@@ -29,6 +36,7 @@ from memorywall.server.fronts.dcgm import DcgmExporter
 from memorywall.server.fronts.guard_metrics import GuardMetrics
 from memorywall.server.fronts.http_front import ServedMetrics, metrics_handler
 from memorywall.server.fronts.metrics import PrometheusMetrics
+from memorywall.server.fronts.openai_lora import LoraInfoMetrics
 from memorywall.server.listeners import ListenerPorts, Listeners, addresses
 from memorywall.server.pd import Role, disaggregation_for
 from memorywall.server.signals import on_stop_signals
@@ -71,7 +79,14 @@ class EmulatorServer:
         metrics: ServedMetrics | None = None,
         tracing: Tracing | None = None,
     ) -> None:
-        core, self.card = build_core(deployment, engine_config)
+        max_loras = config.lora.max_loras if config.lora is not None else None
+        core, self.card = build_core(deployment, engine_config, max_loras=max_loras)
+        # --enable-lora: the adapters served by name (fronts resolve `model` through it).
+        self.lora = (
+            LoraRegistry(config.lora, deployment.model, self.card.model)
+            if config.lora is not None
+            else None
+        )
         self.dashboard_path: str | None = None  # `serve --dashboard`: set with the routes
         self.config = config
         self.load_s = config.weight_load_s(deployment)  # startup and wake-up
@@ -101,6 +116,9 @@ class EmulatorServer:
         self.guard_metrics = GuardMetrics(self.card.model)
         if isinstance(metrics, PrometheusMetrics):
             metrics.registry.register(self.guard_metrics)
+            if config.lora is not None:
+                info = LoraInfoMetrics(config.lora.max_loras, lambda: lora_state(core))
+                metrics.registry.register(info)
         # What every front talks to: admission and faults in front of the engine.
         self.guarded = GuardedEngine(
             self.engine,
@@ -124,6 +142,7 @@ class EmulatorServer:
             dcgm=metrics_handler(self.dcgm) if self.dcgm is not None else None,
             tracing=self.tracing,
             http_extras=self._dashboard(metrics) if config.dashboard else None,
+            lora=self.lora,
         )
 
     def _dashboard(self, metrics: ServedMetrics | None) -> Callable[[web.Application], None]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from memorywall.core import Deployment
 from memorywall.errors import ConfigError
 from memorywall.server.engine.guard import GuardConfig
+from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.grpc_services import DEFAULT_GRPC_SERVICES, SGLANG, check_services
 from memorywall.server.pd.config import PdConfig, Role
 
@@ -60,6 +61,7 @@ class ServerConfig:
     # `serve --dashboard`: the live dashboard (memorywall.dashboard) under /dashboard/ of the
     # HTTP front, reading this server's metrics in-process.
     dashboard: bool = False
+    lora: LoraConfig | None = None  # --enable-lora and its limits; None: LoRA off
 
     def __post_init__(self) -> None:
         if not self.grpc and self.http_port is None:

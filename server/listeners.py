@@ -30,7 +30,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from memorywall.server.config import ServerConfig
-from memorywall.server.engine.api import EngineClient, ModelCard
+from memorywall.server.engine.api import EngineClient, LoraRegistry, ModelCard
 from memorywall.server.fronts import kserve_grpc, sglang_servicer, trtllm_servicer, vllm_servicer
 from memorywall.server.fronts.grpc_gate import GrpcGate
 from memorywall.server.fronts.grpc_servicer import EngineServicer
@@ -125,6 +125,8 @@ class Listeners:
     DCGM port. `tracing`: continues each request's `traceparent` (`fronts/tracing.py`;
     None: tracing is off and nothing of it is loaded). `http_extras`: adds routes to the
     HTTP front's application (`serve --dashboard`'s page).
+    None: tracing is off and nothing of it is loaded). `lora`: the adapters served by name
+    (`--enable-lora`), for the OpenAI and SGLang fronts.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Listeners:
         dcgm: Handler | None = None,
         tracing: TraceHooks | None = None,
         http_extras: Callable[[web.Application], None] | None = None,
+        lora: LoraRegistry | None = None,
     ) -> None:
         if config.metrics_port is not None and metrics is None:
             raise ValueError("a metrics port needs a /metrics handler")
@@ -166,6 +169,7 @@ class Listeners:
                 unnamed_prompts=unnamed_prompts,
                 tokenizer=tokenizer,
                 interceptors=(tracing.grpc_interceptor(),) if tracing is not None else (),
+                lora=lora,
             )
         self.http: HttpSite | None = None
         if config.http_port is not None:
@@ -175,6 +179,7 @@ class Listeners:
                 tokenizer,
                 max_request_bytes=config.max_request_bytes,
                 api_key=config.api_key,
+                lora=lora,
             )
             app = front.app()
             KServeHttp(engine, card, tokenizer).add_routes(app, expect_handler=expect_continue)
@@ -264,6 +269,7 @@ def grpc_server(
     unnamed_prompts: Iterator[int] | None = None,
     tokenizer: PromptTokenizer | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    lora: LoraRegistry | None = None,
 ) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
     """The gRPC server (the services `config.grpc_services` names, health, reflection) over
     `engine`, unbound.
@@ -272,6 +278,7 @@ def grpc_server(
     `unnamed_prompts`: numbers for unnamed token-count prompts (see `EngineServicer`).
     `tokenizer`: KServe v2's prompt text to ids (default: `config.tokenizer`'s).
     `interceptors`: run after the gate (tracing's, which reads `traceparent` metadata).
+    `lora`: the adapters SGLang's `lora_id` may name (`--enable-lora`).
     """
     health = health_aio.HealthServicer()
     limit = config.max_request_bytes
@@ -298,7 +305,8 @@ def grpc_server(
         engine_pb2_grpc.add_EngineServicer_to_server(servicer, server)
     # The smg gateway's worker APIs: the same engine, the same port.
     if SGLANG in services:
-        sglang_servicer.add_to_server(sglang_servicer.SglangServicer(engine, card, pd), server)
+        servicer = sglang_servicer.SglangServicer(engine, card, pd, lora)
+        sglang_servicer.add_to_server(servicer, server)
     if VLLM in services:
         vllm_servicer.add_to_server(vllm_servicer.VllmServicer(engine, card), server)
     if TRTLLM in services:

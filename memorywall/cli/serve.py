@@ -171,6 +171,8 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         raise UsageError(
             "--dashboard needs a single process: it does not combine with --api-servers above 1"
         )
+    if args.api_servers > 1 and args.enable_lora:
+        raise UsageError("--enable-lora needs a single process: not with --api-servers above 1")
     names = names_from_args(args)
     deployment = names.build()
     config = ServerConfig(
@@ -188,6 +190,7 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         stream_interval=args.stream_interval,
         grpc_services=args.grpc_services,
         load_format=args.load_format,
+        lora=serve_options.lora_config(args, deployment.model),
         **serve_options.server_options(args),
         **pd_options.server_options(args, deployment, names),
     )

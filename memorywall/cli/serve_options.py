@@ -1,4 +1,4 @@
-"""`memorywall serve` options for faults, admission, request limits, TLS and the API key.
+"""`memorywall serve` options for faults, admission, request limits, TLS, the API key and LoRA.
 
 Kept apart from `serve.py`: they build the server's `GuardConfig`, limits and
 security settings, and only `serve` uses them. The API key may come from the
@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memorywall.argtypes import nonnegative_int, positive_float, positive_int
 from memorywall.errors import ConfigError
+
+if TYPE_CHECKING:
+    from memorywall.core import ModelShape
 
 
 def fault_spec(text: str):
@@ -30,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from memorywall.server.engine.guard import GuardConfig
 
     add_security_arguments(p)
+    add_lora_arguments(p)
     g = p.add_argument_group("faults and admission")
     g.add_argument(
         "--faults",
@@ -119,3 +123,84 @@ def server_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_request_bytes is not None:
         out["max_request_bytes"] = args.max_request_bytes
     return out | security_options(args)
+
+
+def add_lora_arguments(p: argparse.ArgumentParser, *, serving: bool = True) -> None:
+    """vLLM's LoRA options; `serving` False (simulate): adapters are named up front, so
+    `--lora-modules` alone turns LoRA on."""
+    from memorywall.server.engine.lora import LORA_RANKS
+
+    g = p.add_argument_group("LoRA adapters (vLLM's options)")
+    if serving:
+        g.add_argument(
+            "--enable-lora",
+            action="store_true",
+            help="serve LoRA adapters: requests name one as their model; "
+            "POST /v1/load_lora_adapter and /v1/unload_lora_adapter add and remove them",
+        )
+    g.add_argument(
+        "--max-loras",
+        type=positive_int,
+        help="distinct adapters in one batch, and adapters held on the devices "
+        "(least recently used evicted; default 1)",
+    )
+    g.add_argument(
+        "--max-lora-rank",
+        type=int,
+        choices=LORA_RANKS,
+        metavar="RANK",
+        help=f"largest adapter rank accepted, one of {', '.join(map(str, LORA_RANKS))} "
+        "(default 16)",
+    )
+    g.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module,
+        metavar="NAME=PATH",
+        help="adapters served from the start: a name and a PEFT adapter folder "
+        "(its adapter_config.json gives the rank and target modules)",
+    )
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """argparse type for `--lora-modules`: name=path."""
+    from memorywall.server.engine.lora import parse_module
+
+    try:
+        return parse_module(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def lora_config(args: argparse.Namespace, model: ModelShape, *, serving: bool = True):
+    """The `LoraConfig` the options ask for, its adapters read (ConfigError for a bad
+    folder), or None with LoRA off; UsageError for a LoRA option without --enable-lora."""
+    from memorywall.cli.usage import UsageError
+    from memorywall.server.engine.lora import LoraConfig, LoraRegistry
+
+    given = [
+        flag
+        for flag, value in (
+            ("--max-loras", args.max_loras),
+            ("--max-lora-rank", args.max_lora_rank),
+            ("--lora-modules", args.lora_modules),
+        )
+        if value is not None
+    ]
+    enabled = args.enable_lora if serving else args.lora_modules is not None
+    if not enabled:
+        if given:
+            needs = "--enable-lora" if serving else "--lora-modules"
+            raise UsageError(f"{given[0]}: needs {needs}")
+        return None
+    names = [name for name, _ in args.lora_modules or ()]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--lora-modules: a name given twice ({', '.join(names)})")
+    defaults = LoraConfig()
+    config = LoraConfig(
+        max_loras=args.max_loras or defaults.max_loras,
+        max_lora_rank=args.max_lora_rank or defaults.max_lora_rank,
+        modules=tuple(args.lora_modules or ()),
+    )
+    LoraRegistry(config, model, base="")  # reads every folder now: a bad one is exit 2
+    return config

@@ -31,6 +31,7 @@ from memorywall.server.engine.kv import (
 )
 from memorywall.server.engine.lag import LagSummary, StallSummary
 from memorywall.server.engine.lifecycle import SLEEP_LEVELS, LifecycleState, Phase, check_serving
+from memorywall.server.engine.lora import LoraAdapter, LoraError, LoraRegistry, lora_state
 from memorywall.server.engine.scheduler import FinishReason, Request, check_request
 from memorywall.server.engine.tokens import (
     CHARS_PER_TOKEN,
@@ -60,6 +61,9 @@ __all__ = [
     "KVEvent",
     "LagSummary",
     "LifecycleState",
+    "LoraAdapter",
+    "LoraError",
+    "LoraRegistry",
     "ModelCard",
     "Phase",
     "PrefixCacheStats",
@@ -71,6 +75,7 @@ __all__ = [
     "check_serving",
     "digest",
     "fault_from_header",
+    "lora_state",
     "synthetic_prompt",
     "text_token_ids",
     "token_text",

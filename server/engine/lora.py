@@ -22,10 +22,14 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memorywall.core import Deployment, ModelShape, StepCost
 from memorywall.core.lora import LoraAdapter, LoraCost, adapter_params, target_modules
 from memorywall.errors import ConfigError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from memorywall.server.engine.scheduler import EngineCore
 
 # vLLM's `--max-lora-rank` choices.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -201,3 +205,13 @@ class LoraSlots:
             flops=base.flops + step.flops,
             energy_j=base.energy_j + step.energy_j,
         )
+
+
+def lora_state(core: EngineCore) -> tuple[list[str], list[str]]:
+    """The adapters of the running and of the waiting requests, by name, each once in
+    order of appearance (vLLM's `lora_requests_info` labels)."""
+
+    def names(seqs: Iterable) -> list[str]:
+        return list(dict.fromkeys(s.request.lora.name for s in seqs if s.request.lora))
+
+    return names(core.running), names(core.waiting)

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions and /v1/chat/completions (streaming as SSE or
 one JSON body), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health,
-/version and /metrics, and the lifecycle endpoints (`lifecycle_routes.py`). Requests are
+/version and /metrics, the lifecycle endpoints (`lifecycle_routes.py`) and, with
+--enable-lora, vLLM's adapter endpoints (`openai_lora.py`). Requests are
 parsed in `openai_api.py`, responses shaped in `openai_reply.py`; this module
 converts, submits, streams and turns a disconnect into an engine abort, as
 `grpc_servicer.py` does. Each token group the engine hands over is written at
@@ -28,12 +29,14 @@ from memorywall.server.engine.api import (
     EngineClient,
     EngineObserver,
     EventStream,
+    LoraRegistry,
     ModelCard,
 )
 from memorywall.server.fronts import openai_stream
 from memorywall.server.fronts.auth import require_api_key
 from memorywall.server.fronts.lifecycle_routes import lifecycle_routes
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
+from memorywall.server.fronts.openai_lora import adapter_models, lora_routes
 from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.openai_stream import stream_events
 from memorywall.server.fronts.status import http_fault, http_headers
@@ -84,12 +87,14 @@ class OpenAIFront:
         *,
         max_request_bytes: int = MAX_BODY_BYTES,
         api_key: str | None = None,
+        lora: LoraRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.max_request_bytes = max_request_bytes
         self.api_key = api_key
         self.card = card
-        self.api = OpenAIApi(card, tokenizer)
+        self.lora = lora  # with --enable-lora: `openai_lora.py`'s endpoints and models
+        self.api = OpenAIApi(card, tokenizer, lora)
         self.metrics = metrics
         self.created = int(time.time())
 
@@ -110,6 +115,8 @@ class OpenAIFront:
         ]
         if self.metrics is not None:
             routes.append(("GET", "/metrics", metrics_handler(self.metrics)))
+        if self.lora is not None:
+            routes += lora_routes(self.lora, error_reply)
         for method, path, handler in routes:
             app.router.add_route(method, path, handler, expect_handler=expect_continue)
         return app
@@ -144,7 +151,8 @@ class OpenAIFront:
             except MemorywallError as e:
                 return error_reply(e)
             created = int(time.time())
-            replies = [Reply(call, self.card.model, created, i) for i in range(len(streams))]
+            model = call.model or self.card.model
+            replies = [Reply(call, model, created, i) for i in range(len(streams))]
             if call.stream:
                 return await self._stream(request, streams, call, replies)
             return await self._complete(streams, call, replies)
@@ -187,7 +195,10 @@ class OpenAIFront:
             return error_reply(e)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(model_list(self.card, self.created))
+        models = model_list(self.card, self.created)
+        if self.lora is not None:
+            models["data"] += adapter_models(self.lora, self.card.model, self.created)
+        return web.json_response(models)
 
     async def health(self, request: web.Request) -> web.Response:
         """200 once the weights are loaded (asleep too, as vLLM), 503 before and once

@@ -17,6 +17,8 @@ Decisions where the emulator differs from a real server:
   as many tokens as the arguments' text takes.
 - Sampling knobs (`temperature`, `top_p`, `top_k`, penalties, ...) are accepted
   and have no effect.
+- `model` may name a LoRA adapter (`--enable-lora`): the request runs with it
+  (`server/engine/lora.py`) and the response names it.
 - Chat messages are joined as `role: content` lines plus `assistant:` and
   counted like any prompt text (no chat template).
 """
@@ -32,6 +34,8 @@ from typing import Any
 from memorywall.errors import InvalidRequestError, MemorywallError, NotFoundError
 from memorywall.server.engine.api import (
     CHARS_PER_TOKEN,
+    LoraAdapter,
+    LoraRegistry,
     ModelCard,
     Request,
     digest,
@@ -120,6 +124,7 @@ class Call:
     vocab_size: int = 0
     eos_token_ids: frozenset[int] = frozenset()  # their text is empty
     base_id: str | None = None  # None: the one request's id
+    model: str = ""  # the served name it asked for (a LoRA adapter's); "": the base model
 
     @property
     def request(self) -> Request:
@@ -169,9 +174,12 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 class OpenAIApi:
     """Converts bodies for one served model; holds no per-request state."""
 
-    def __init__(self, card: ModelCard, tokenizer: PromptTokenizer) -> None:
+    def __init__(
+        self, card: ModelCard, tokenizer: PromptTokenizer, lora: LoraRegistry | None = None
+    ) -> None:
         self.card = card
         self.tokenizer = tokenizer
+        self.lora = lora  # with --enable-lora: adapters served by name, as models
 
     def to_call(self, body: Any, endpoint: Endpoint, request_id: str | None = None) -> Call:
         if not isinstance(body, dict):
@@ -179,7 +187,7 @@ class OpenAIApi:
         # It comes back in a header and in every chunk's id: printable ASCII only.
         if request_id is not None and not (request_id.isascii() and request_id.isprintable()):
             raise InvalidRequestError(f"X-Request-Id: must be printable ASCII, got {request_id!a}")
-        self._check_model(body)
+        adapter = self._check_model(body)
         _reject_unsupported(body)
         chat = endpoint is Endpoint.CHAT
         echo: str | None = None
@@ -231,6 +239,7 @@ class OpenAIApi:
             stop_token_ids=frozenset(self._token_ids("stop_token_ids", body.get("stop_token_ids"))),
             sampling_seed=seed,
             protocol="openai",
+            lora=adapter,
         )
         choices = []
         for i in range(n):
@@ -258,6 +267,7 @@ class OpenAIApi:
             vocab_size=self.card.vocab_size,
             eos_token_ids=frozenset(self.card.eos_token_ids),
             base_id=rid,
+            model=adapter.name if adapter is not None else "",
         )
 
     def _echo(self, raw: Any, ids: tuple[int, ...]) -> tuple[str, tuple[str, ...]]:
@@ -300,12 +310,17 @@ class OpenAIApi:
         ids = self._token_ids("tokens", body.get("tokens"))
         return {"prompt": self.detokenize(ids)}
 
-    def _check_model(self, body: dict[str, Any]) -> None:
+    def _check_model(self, body: dict[str, Any]) -> LoraAdapter | None:
+        """The LoRA adapter `model` names, None for the base model (or none named)."""
         model = body.get("model")
-        if model is not None and model != self.card.model:
+        if model is None or model == self.card.model:
+            return None
+        adapter = self.lora.get(model) if self.lora is not None and isinstance(model, str) else None
+        if adapter is None:
             raise UnknownModelError(
                 f"The model `{model}` does not exist; this server serves `{self.card.model}`."
             )
+        return adapter
 
     def detokenize(self, ids: tuple[int, ...]) -> str:
         """Text for token ids: the real tokenizer's decoding, else each id's output word."""

@@ -18,9 +18,11 @@ from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from memorywall import __version__
-from memorywall.errors import MemorywallError
+from memorywall.errors import InvalidRequestError, MemorywallError
 from memorywall.server.engine.api import (
     EngineClient,
+    LoraAdapter,
+    LoraRegistry,
     ModelCard,
     Phase,
     Request,
@@ -80,9 +82,14 @@ class ThroughputWindow:
 
 class SglangServicer(WorkerRpcs, sglang_scheduler_pb2_grpc.SglangSchedulerServicer):
     def __init__(
-        self, engine: EngineClient, card: ModelCard, disaggregation: Disaggregation | None = None
+        self,
+        engine: EngineClient,
+        card: ModelCard,
+        disaggregation: Disaggregation | None = None,
+        lora: LoraRegistry | None = None,
     ) -> None:
         self.engine = engine
+        self.lora = lora  # adapters served by name: `lora_id` names one (--enable-lora)
         self.card = card
         self.pd = disaggregation  # this worker's prefill or decode role, if it has one
         self.started = datetime.datetime.now(datetime.UTC)
@@ -104,7 +111,21 @@ class SglangServicer(WorkerRpcs, sglang_scheduler_pb2_grpc.SglangSchedulerServic
             ignore_eos=s.ignore_eos,
             stop_token_ids=frozenset(s.stop_token_ids),
             protocol="sglang",
+            lora=self._adapter(r.lora_id),
         )
+
+    def _adapter(self, lora_id: str) -> LoraAdapter | None:
+        """The adapter SGLang's `lora_id` names (the router passes the adapter's name, as
+        SGLang's `lora_path` takes it); "" runs the base model."""
+        if not lora_id:
+            return None
+        if self.lora is None:
+            raise InvalidRequestError(f"lora_id: {lora_id!r}: LoRA is off (--enable-lora)")
+        adapter = self.lora.get(lora_id)
+        if adapter is None:
+            served = ", ".join(a.adapter.name for a in self.lora.served()) or "none"
+            raise InvalidRequestError(f"lora_id: unknown adapter {lora_id!r} (served: {served})")
+        return adapter
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         # Modelled time starts when the request reaches us, not after we parsed it.
