@@ -375,7 +375,7 @@ class OpenAITarget:
             pass
 
     def payload(self, spec: RequestSpec) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model}
+        body: dict[str, Any] = {"model": spec.model or self.model}
         if self.chat and spec.session is not None:
             # The conversation so far as alternating user and assistant messages.
             parts = turn_parts(spec, self.prompt_salt, prompt_text)

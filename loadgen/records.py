@@ -35,6 +35,9 @@ class RequestSpec:
     turn: int = 0
     delay_s: float = 0.0
     history: tuple[tuple[int, int], ...] = ()
+    # The model it asks for by name (a trace row's `model`: a LoRA adapter the server
+    # serves); None: the target's model.
+    model: str | None = None
 
     @property
     def due_s(self) -> float:

@@ -177,6 +177,7 @@ class TraceRequest:
     hash_ids: tuple[int, ...] = ()
     session: int | None = None  # sessions numbered by first appearance in the file
     delay_s: float = 0.0  # a later turn: after the session's previous turn ends
+    model: str | None = None  # the row's `model` (a LoRA adapter's name); None: the target's
 
 
 # Accepted spellings, canonical first. `input_length`/`output_length`/`timestamp` are the
@@ -230,6 +231,7 @@ class TraceWorkload:
                     prompt_tokens=r.prompt_tokens,
                     output_tokens=r.output_tokens,
                     offset_s=r.arrival_s,
+                    model=r.model,
                 )
                 for i, r in enumerate(self.requests[:n])
             ]
@@ -256,6 +258,7 @@ class TraceWorkload:
                     prompt_tokens=prompt,
                     output_tokens=r.output_tokens,
                     offset_s=r.arrival_s,
+                    model=r.model,
                     **extra,
                 )
             )
@@ -274,9 +277,10 @@ class TraceWorkload:
         >= 0 of the prompt's `block_tokens`-token blocks, at most as many as its prompt
         holds. Optional `session_id` (string or integer) with `delay` (ms, later turns
         only): a multi-turn session, its rows in turn order; a turn's `input_length` is
-        its new message. Any fault raises a one-line ValueError "path:line: field:
-        problem". A bench run's per-request file is replayed by its arrivals
-        (`from_records`).
+        its new message. Optional `model`: the name the request asks for (a LoRA
+        adapter's; default: the target's model). Any fault raises a one-line ValueError
+        "path:line: field: problem". A bench run's per-request file is replayed by its
+        arrivals (`from_records`).
         """
         path = Path(path)
         if not is_int(block_tokens) or block_tokens < 1:
@@ -304,6 +308,7 @@ class TraceWorkload:
                 arrival = _arrival_field(obj, where)
                 hash_ids = _hash_ids_field(obj, prompt, block_tokens, where)
                 session, delay_s = _session_fields(obj, sessions, where)
+                model = _model_field(obj, where)
                 if hash_ids and session is not None:
                     raise ValueError(f"{where}: hash_ids: not supported on a session's turns")
                 if delay_s is not None:  # a later turn: timed by its session, not the file
@@ -311,7 +316,7 @@ class TraceWorkload:
                         raise ValueError(
                             f"{where}: timestamp: a session's later turn is sent by its delay"
                         )
-                    requests.append(TraceRequest(prompt, output, None, (), session, delay_s))
+                    requests.append(TraceRequest(prompt, output, None, (), session, delay_s, model))
                     continue
                 has_arrival = arrival is not None
                 if first_has_arrival is None:
@@ -329,7 +334,9 @@ class TraceWorkload:
                             f"line's {previous_arrival:g} s"
                         )
                     previous_arrival = arrival
-                requests.append(TraceRequest(prompt, output, arrival, hash_ids, session))
+                requests.append(
+                    TraceRequest(prompt, output, arrival, hash_ids, session, model=model)
+                )
         if not requests:
             raise ValueError(f"{path}: no requests in file")
         return cls(tuple(requests), block_tokens)
@@ -436,6 +443,16 @@ def _session_fields(
     if not is_number(delay) or not math.isfinite(delay) or delay < 0:
         raise ValueError(f"{where}: delay: must be a finite number of ms >= 0, got {delay!r}")
     return number, float(delay) * 1e-3
+
+
+def _model_field(obj: dict[str, Any], where: str) -> str | None:
+    """A row's optional `model`: a non-empty string."""
+    model = obj.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{where}: model: expected a non-empty string, got {model!r}")
+    return model
 
 
 def _arrival_field(obj: dict[str, Any], where: str) -> float | None:

@@ -15,6 +15,7 @@ from memorywall.fleet import worker
 from memorywall.fleet.runner import serve_command
 from memorywall.fleet.spec import TlsSpec, WorkerSpec
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORKER = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}
 # A value other than the default for every serve option a worker may set, and any other
 # keys it needs. A new serve option fails `test_every_serve_option_is_covered` until it
@@ -58,6 +59,10 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "kv_link": ("nvlink", {"role": "decode"}),
     "kv_layer_overlap": (True, {}),
     "pd_timeout": (5.0, {}),
+    "enable_lora": (True, {}),
+    "max_loras": (4, {"enable_lora": True}),
+    "max_lora_rank": (64, {"enable_lora": True}),
+    "lora_modules": (f"sql={EXAMPLES / 'lora' / 'sql'}", {"enable_lora": True}),
 }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 from memorywall.argtypes import positive_int
+from memorywall.cli import serve_options
 from memorywall.cli.deployment import (
     add_deployment_arguments,
     add_engine_arguments,
@@ -30,9 +31,10 @@ from memorywall.core.deployment import DeploymentNames
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.options import add_load_arguments
+from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
-from memorywall.sim.simulate import LevelRun, simulate_level
+from memorywall.sim.simulate import LevelRun, check_models, simulate_level
 
 WALL_TIME = "wall_time.json"
 
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_arguments(p)
     add_load_arguments(p)
     add_pd_arguments(p)
+    serve_options.add_lora_arguments(p, serving=False)
     p.add_argument(
         "--jobs",
         type=positive_int,
@@ -122,10 +125,18 @@ def run(
     from memorywall.loadgen.cli import format_result, sweep_config, workload_from_args, write_sweep
 
     workload, slo = workload_from_args(args)
+    lora = serve_options.lora_config(args, deployment.model, serving=False)
+    if lora is not None and fleet is not None:
+        raise UsageError("--lora-modules: not with a disaggregated fleet (--prefill-hardware)")
+    try:
+        models = (r.model for r in getattr(workload, "requests", ()))
+        check_models(models, deployment.model.name, lora)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     target = deployment.describe() if fleet is None else fleet.describe()
     config = sweep_config(args, workload, slo, target=target)
     runs = []
-    for lr in level_runs(deployment, engine_config, config, fleet, jobs=args.jobs):
+    for lr in level_runs(deployment, engine_config, config, fleet, jobs=args.jobs, lora=lora):
         runs.append(lr)
         print(format_result(lr.result), flush=True)
         print(f"  {speed_line(lr)}", flush=True)
@@ -146,6 +157,7 @@ def level_runs(
     fleet: PdFleet | None,
     *,
     jobs: int = 1,
+    lora: LoraConfig | None = None,
 ) -> Iterator[LevelRun]:
     """Each level's run, in level order. With `jobs` > 1 that many levels run at once, each
     in its own process: a level's engine, clock and seed are its own, so the results are
@@ -154,13 +166,13 @@ def level_runs(
     jobs = min(jobs, len(todo))
     if jobs <= 1:
         for level in todo:
-            yield simulate_one(deployment, engine_config, config, level, fleet)
+            yield simulate_one(deployment, engine_config, config, level, fleet, lora)
         return
     # spawn, not fork: a child starts clean instead of inheriting this process's threads.
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = [
-            pool.submit(simulate_one, deployment, engine_config, config, level, fleet)
+            pool.submit(simulate_one, deployment, engine_config, config, level, fleet, lora)
             for level in todo
         ]
         for future in futures:
@@ -175,10 +187,11 @@ def simulate_one(
     config: BenchConfig,
     level: Level,
     fleet: PdFleet | None,
+    lora: LoraConfig | None = None,
 ) -> LevelRun:
-    """One level, on `fleet` when given, else on `deployment`."""
+    """One level, on `fleet` when given, else on `deployment` (serving `lora`'s adapters)."""
     if fleet is None:
-        return simulate_level(deployment, engine_config, config, level)
+        return simulate_level(deployment, engine_config, config, level, lora=lora)
     from memorywall.sim.pd import simulate_pd_level
 
     return simulate_pd_level(fleet, config, level)

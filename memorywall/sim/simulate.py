@@ -49,6 +49,7 @@ from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
+from memorywall.server.engine.lora import LoraConfig, LoraRegistry
 from memorywall.server.engine.offline import OfflineEngine, OfflineEngineLike, Timeline
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.sim.sessions import Releaser, SessionReleaser
@@ -126,8 +127,15 @@ class _Sent(NamedTuple):
 class _LevelDriver:
     """Joins one level's plan to an offline engine and makes a record per request."""
 
-    def __init__(self, config: BenchConfig, level: Level, engine: OfflineEngineLike) -> None:
+    def __init__(
+        self,
+        config: BenchConfig,
+        level: Level,
+        engine: OfflineEngineLike,
+        lora: LoraRegistry | None = None,
+    ) -> None:
         self.plan = plan_level(config, level)
+        self.lora = lora  # the adapters a spec's `model` may name
         self.prompts = PromptSource(config.seed)
         self.engine = engine
         self.sent: dict[str, _Sent] = {}  # by request id, in sending order
@@ -165,6 +173,7 @@ class _LevelDriver:
             prompt_ids=self.prompts.token_ids(spec),
             max_tokens=spec.output_tokens,
             ignore_eos=True,  # as the bench targets send it
+            lora=self.lora.get(spec.model) if self.lora is not None and spec.model else None,
         )
         self.engine.submit(request, at_s)
 
@@ -254,29 +263,52 @@ def simulate_level(
     level: Level,
     *,
     fast: bool = True,
+    lora: LoraConfig | None = None,
 ) -> LevelRun:
     """Run one level of `config` on a fresh engine for `deployment`; `fast=False` steps
-    every decode step one at a time (the same result, slower)."""
+    every decode step one at a time (the same result, slower). `lora`: serve its adapters
+    (`--lora-modules`): a request spec's `model` names one (`check_models` first)."""
+    registry = (
+        LoraRegistry(lora, deployment.model, deployment.model.name) if lora is not None else None
+    )
 
     def build() -> tuple[OfflineEngine, ServerFacts]:
-        core, card = build_core(deployment, engine_config)
+        max_loras = lora.max_loras if lora is not None else None
+        core, card = build_core(deployment, engine_config, max_loras=max_loras)
         facts = ServerFacts(
             hardware=card.hardware, model=card.model, devices=card.devices, emulated=True
         )
         return OfflineEngine(core, fast=fast), facts
 
-    return drive_level(build, config, level)
+    return drive_level(build, config, level, lora=registry)
+
+
+def check_models(models: Iterable[str | None], base: str, lora: LoraConfig | None) -> None:
+    """ValueError unless each model a workload names is `base` or one of `lora`'s adapters
+    (a live server would answer 404)."""
+    served = {base, *(name for name, _ in (lora.modules if lora is not None else ()))}
+    for model in models:
+        if model is not None and model not in served:
+            raise ValueError(
+                f"the workload asks for model {model!r}: not {base!r} nor a --lora-modules "
+                f"adapter ({', '.join(sorted(served - {base})) or 'none given'})"
+            )
 
 
 def drive_level(
-    build: Callable[[], tuple[OfflineEngineLike, ServerFacts]], config: BenchConfig, level: Level
+    build: Callable[[], tuple[OfflineEngineLike, ServerFacts]],
+    config: BenchConfig,
+    level: Level,
+    *,
+    lora: LoraRegistry | None = None,
 ) -> LevelRun:
     """Release `config`'s `level` into the offline engine `build` makes and summarise it as
-    bench does. `build` returns the engine and the facts the result names."""
+    bench does. `build` returns the engine and the facts the result names; `lora` the
+    adapters a request spec's `model` may name."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with _no_cycle_collection():
         engine, facts = build()
-        driver = _LevelDriver(config, level, engine)
+        driver = _LevelDriver(config, level, engine, lora)
         driver.start()
         engine0 = time.perf_counter()
         engine.run()
