@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP front: a thin aiohttp adapter over the same engine as gRPC.
 
-Routes: POST /v1/completions and /v1/chat/completions (streaming as SSE or
-one JSON body), POST /tokenize and /detokenize (vLLM's), GET /v1/models, /health,
-/version and /metrics, the lifecycle endpoints (`lifecycle_routes.py`) and, with
---enable-lora, vLLM's adapter endpoints (`openai_lora.py`). Requests are
-parsed in `openai_api.py`, responses shaped in `openai_reply.py`; this module
-converts, submits, streams and turns a disconnect into an engine abort, as
-`grpc_servicer.py` does. Each token group the engine hands over is written at
+Routes: POST /v1/completions, /v1/chat/completions and /v1/responses (streaming as
+SSE or one JSON body; `openai_responses.py`), POST /tokenize and /detokenize (vLLM's),
+GET /v1/models, /health, /version and /metrics, the lifecycle endpoints
+(`lifecycle_routes.py`) and, with --enable-lora, vLLM's adapter endpoints
+(`openai_lora.py`). Requests are parsed in `openai_api.py`, responses shaped in
+`openai_reply.py`; this module converts, submits, streams and turns a disconnect into
+an engine abort, as `grpc_servicer.py` does. Each token group the engine hands over is written at
 once: no buffering, and aiohttp (like asyncio) sets TCP_NODELAY on every
 accepted socket, so Nagle never holds a small write (a test checks it).
 """
@@ -38,6 +38,7 @@ from memorywall.server.fronts.lifecycle_routes import lifecycle_routes
 from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error_body, error_for
 from memorywall.server.fronts.openai_lora import adapter_models, lora_routes
 from memorywall.server.fronts.openai_reply import Reply, model_list
+from memorywall.server.fronts.openai_responses import ResponseReply, chat_body
 from memorywall.server.fronts.openai_stream import stream_events
 from memorywall.server.fronts.status import http_fault, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
@@ -106,6 +107,7 @@ class OpenAIFront:
         routes: list[tuple[str, str, Handler]] = [
             ("POST", "/v1/completions", self.completions),
             ("POST", "/v1/chat/completions", self.chat_completions),
+            ("POST", "/v1/responses", self.responses),
             ("GET", "/v1/models", self.models),
             ("POST", "/tokenize", self.tokenize),
             ("POST", "/detokenize", self.detokenize),
@@ -159,6 +161,41 @@ class OpenAIFront:
         finally:
             # Cancelled or client gone (aiohttp cancels the handler): free slots and KV now.
             for stream in streams:
+                stream.close()
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API, on the chat path (`openai_responses.py`)."""
+        arrival_s = self.engine.now()
+        stream: EventStream | None = None
+        try:
+            try:
+                body = await _json_body(request)
+                chat = chat_body(body)
+                call = self.api.to_call(chat, Endpoint.CHAT, request.headers.get("X-Request-Id"))
+                stream = self.engine.submit(
+                    call.request, arrival_s=arrival_s, fault=http_fault(request.headers)
+                )
+            except MemorywallError as e:
+                return error_reply(e)
+            reply = Reply(call, call.model or self.card.model, int(time.time()))
+            out = ResponseReply(call, reply, body)
+            if not call.stream:
+                try:
+                    chat_out = await openai_stream.response([stream], [reply])
+                except MemorywallError as e:
+                    return error_reply(e)
+                return web.json_response(out.from_chat(chat_out), headers=_headers(call))
+            response = web.StreamResponse(headers=_headers(call, "text/event-stream"))
+            try:
+                await response.prepare(request)
+                await out.stream(stream, response.write)
+            except ConnectionResetError:
+                pass  # the client left; the request is aborted below
+            except MemorywallError as e:  # the server drained before the request finished
+                await response.write(out.event("error", **error_for(e)[1]["error"]))
+            return response
+        finally:
+            if stream is not None:
                 stream.close()
 
     async def _stream(
