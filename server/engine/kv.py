@@ -37,19 +37,28 @@ def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> in
     return hash((ROOT_HASH if parent_hash is None else parent_hash, token_ids))
 
 
+def hash_root(lora_name: str | None) -> int:
+    """The parent of a sequence's first block: `ROOT_HASH`, or one of its own for a LoRA
+    adapter's sequences, whose KV differs from the base model's (vLLM adds the adapter's
+    name to each block's hash)."""
+    return ROOT_HASH if lora_name is None else hash((ROOT_HASH, lora_name))
+
+
 def extend_block_hashes(
     hashes: list[int],
     full_blocks: int,
     block_size: int,
     token_ids: Callable[[int, int], tuple[int, ...]],
+    root: int = ROOT_HASH,
 ) -> list[int]:
     """`hashes` (a sequence's block hashes so far) extended in place to its first
-    `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens."""
+    `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens, `root` the
+    first block's parent (`hash_root`)."""
     done = len(hashes)
     if done >= full_blocks:
         return hashes
     # `hash_block_tokens`, inlined: a prompt's blocks are hashed on every admission.
-    parent = hashes[-1] if hashes else ROOT_HASH
+    parent = hashes[-1] if hashes else root
     tokens = iter(token_ids(done * block_size, full_blocks * block_size))
     # zip cuts the blocks in C: a quarter faster than slicing each, the same tuples.
     for block in zip(*[tokens] * block_size, strict=True):

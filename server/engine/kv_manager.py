@@ -85,7 +85,9 @@ class KVManager:
             return self._none
         size = self.block_size
         total = seq.total_tokens
-        hashes = extend_block_hashes(seq.block_hashes, total // size, size, seq.token_ids)
+        hashes = extend_block_hashes(
+            seq.block_hashes, total // size, size, seq.token_ids, seq.hash_root
+        )
         hits = self.pool.lookup(hashes, (total - 1) // size)
         return ComputedBlocks(hits, len(hits) * size)
 
@@ -156,7 +158,9 @@ class KVManager:
         """Offer `seq`'s first `full_blocks` blocks (computed, or computed by the step
         being planned) to the prefix cache."""
         size = self.block_size
-        hashes = extend_block_hashes(seq.block_hashes, full_blocks, size, seq.token_ids)
+        hashes = extend_block_hashes(
+            seq.block_hashes, full_blocks, size, seq.token_ids, seq.hash_root
+        )
         self.pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
         seq.cached_blocks = full_blocks
 
@@ -254,7 +258,9 @@ class KVManager:
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:
-                    hashes = extend_block_hashes(seq.block_hashes, full, size, seq.token_ids)
+                    hashes = extend_block_hashes(
+                        seq.block_hashes, full, size, seq.token_ids, seq.hash_root
+                    )
                     fresh += hashes[seq.cached_blocks : full]
                     cache_to.append((seq, full))
             if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):

@@ -31,7 +31,7 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for
+from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for, hash_root
 from memorywall.server.engine.kv_manager import KVManager
 from memorywall.server.engine.tokens import TokenSource
 
@@ -127,8 +127,11 @@ class SeqState:
     prompt_len: int = field(init=False)
     max_kv_tokens: int = field(init=False)
     watches_stops: bool = field(init=False)  # a stop token may end it before `stop_at`
+    hash_root: int = field(init=False)  # its first block's parent hash (`kv.hash_root`)
 
     def __post_init__(self) -> None:
+        lora = self.request.lora
+        self.hash_root = hash_root(lora.name if lora is not None else None)
         self.prompt_len = len(self.request.prompt_ids)
         self.max_kv_tokens = self.prompt_len + self.request.max_tokens
         self.watches_stops = bool(self.request.stop_token_ids) and not self.request.ignore_eos

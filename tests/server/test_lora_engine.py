@@ -163,3 +163,19 @@ def test_no_adapter_costs_nothing_extra():
         engine.run()
         runs.append({k: v.group_times_s for k, v in engine.timelines.items()})
     assert runs[0] == runs[1]
+
+
+def test_adapters_do_not_share_prefix_cache_blocks(tmp_path):
+    """vLLM keys cached blocks by adapter: one prompt under the base model, then under an
+    adapter, then under the adapter again hits 0, 0, then all but the last token."""
+    registry = LoraRegistry(
+        LoraConfig(modules=(("a", write_adapter(tmp_path / "a")),)), MODEL, "base"
+    )
+    core, _ = build_core(DEPLOYMENT, EngineConfig(), max_loras=1)
+    engine = OfflineEngine(core)
+    prompt = tuple(range(1, 65))  # four 16-token blocks
+    for i, lora in enumerate([None, registry.get("a"), registry.get("a")]):
+        request = Request(request_id=str(i), prompt_ids=prompt, max_tokens=2, lora=lora)
+        engine.submit(request, i * 1.0)  # each after the last has finished
+    engine.run()
+    assert [engine.timelines[str(i)].cached_tokens for i in range(3)] == [0, 0, 48]
