@@ -173,6 +173,8 @@ def configure(args: argparse.Namespace) -> tuple[Deployment, EngineConfig, Serve
         )
     if args.api_servers > 1 and args.enable_lora:
         raise UsageError("--enable-lora needs a single process: not with --api-servers above 1")
+    if args.role != "both" and args.enable_lora:
+        raise UsageError(f"--enable-lora: not with --role {args.role} (whole requests only)")
     names = names_from_args(args)
     deployment = names.build()
     config = ServerConfig(

@@ -99,6 +99,7 @@ SERVE += ["--model", "llama-3.1-8b", "--port", "0"]
             "a name given twice",
         ),
         (["--enable-lora", "--api-servers", "2"], "--enable-lora needs a single process"),
+        (["--enable-lora", "--role", "decode"], "--enable-lora: not with --role decode"),
     ],
     ids=[
         "max-loras-alone",
@@ -110,6 +111,7 @@ SERVE += ["--model", "llama-3.1-8b", "--port", "0"]
         "not-a-folder",
         "name-twice",
         "api-servers",
+        "role",
     ],
 )
 def test_bad_lora_flags_exit_2_with_one_line(args, words):
