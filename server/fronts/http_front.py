@@ -17,7 +17,7 @@ import json
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -178,7 +178,7 @@ class OpenAIFront:
             except MemorywallError as e:
                 return error_reply(e)
             reply = Reply(call, call.model or self.card.model, int(time.time()))
-            out = ResponseReply(call, reply, body)
+            out = ResponseReply(call, reply, cast(dict[str, Any], body))  # chat_body checked
             if not call.stream:
                 try:
                     chat_out = await openai_stream.response([stream], [reply])
