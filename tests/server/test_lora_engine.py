@@ -179,3 +179,33 @@ def test_adapters_do_not_share_prefix_cache_blocks(tmp_path):
         engine.submit(request, i * 1.0)  # each after the last has finished
     engine.run()
     assert [engine.timelines[str(i)].cached_tokens for i in range(3)] == [0, 0, 48]
+
+
+def test_lora_requests_info_labels_running_and_waiting(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from memorywall.server.engine.api import lora_state
+    from memorywall.server.fronts.openai_lora import LoraInfoMetrics
+
+    registry = LoraRegistry(
+        LoraConfig(
+            modules=(("a", write_adapter(tmp_path / "a")), ("b", write_adapter(tmp_path / "b")))
+        ),
+        MODEL,
+        "base",
+    )
+    core, _ = build_core(DEPLOYMENT, EngineConfig(), max_loras=1)
+    for i, name in enumerate("aab"):
+        core.add(
+            Request(request_id=str(i), prompt_ids=(1, 2, i), max_tokens=4, lora=registry.get(name)),
+            0.0,
+        )
+    core.schedule(0.0)  # a's two requests run; b's waits for the slot
+    assert lora_state(core) == (["a"], ["b"])
+    prometheus = CollectorRegistry()
+    prometheus.register(LoraInfoMetrics(1, lambda: lora_state(core)))
+    text = generate_latest(prometheus).decode()
+    line = next(x for x in text.splitlines() if x.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="1"' in line
+    assert 'running_lora_adapters="a"' in line and 'waiting_lora_adapters="b"' in line
+    assert float(line.rsplit(" ", 1)[1]) > 1.7e9  # vLLM's value: the time of the scrape
