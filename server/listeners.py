@@ -124,9 +124,8 @@ class Listeners:
     `dcgm`: the emulated dcgm-exporter's /metrics handler; needed when `config` names a
     DCGM port. `tracing`: continues each request's `traceparent` (`fronts/tracing.py`;
     None: tracing is off and nothing of it is loaded). `http_extras`: adds routes to the
-    HTTP front's application (`serve --dashboard`'s page).
-    None: tracing is off and nothing of it is loaded). `lora`: the adapters served by name
-    (`--enable-lora`), for the OpenAI and SGLang fronts.
+    HTTP front's application (`serve --dashboard`'s page). `lora`: the adapters served by
+    name (`--enable-lora`), for the OpenAI and SGLang fronts.
     """
 
     def __init__(
