@@ -16,6 +16,7 @@ from benchmarks.study_plots import (
     by,
     context_scaling,
     per_user,
+    routes_plot,
     step_breakdowns,
     tradeoff,
     users_grid,
@@ -79,6 +80,7 @@ def write(data: dict, out: Path) -> None:
     breakdown_plot(breakdown, context, out / "step_breakdown.png")
     ctx_rows = context_scaling(CONTEXT_MODEL, out / "context_scaling.png")
     placement = placements(CONTEXT_MODEL, context)
+    routes_plot(study_claims.ROUTE_MODEL, out / "routes.png")
     text = page(data, breakdown, ctx_rows, placement, out.name)
     (out.parent / "study.md").write_text(text)
 
@@ -288,6 +290,12 @@ def _claims(data: dict, folder: str) -> list[str]:
         "this run's `memorywall plan --power-budget`.",
         "",
         *study_claims.markdown(study_claims.claims(data)),
+        "",
+        f"Every route's profiles on {study_claims.ROUTE_MODEL} (core; one colour family per "
+        "route: reds the wafer, blues the GPUs, greens the inference ASICs, purple advanced "
+        "packaging, orange optical I/O; dashed lines what-if profiles):",
+        "",
+        f"![routes]({folder}/routes.png)",
         "",
     ]
     power = data.get("power_budget")
