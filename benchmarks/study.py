@@ -1,6 +1,6 @@
 """The wafer-scale vs GPU study, end to end, from one command:
 
-    python -m benchmarks.study [--out docs/study] [--quick] [--report-only]
+    python -m benchmarks.study [--out docs/study] [--quick] [--report-only | --power-only]
 
 For Llama 3.1 8B, Llama 3.1 70B and gpt-oss-120b (MoE) on wse-3, h100-sxm and
 b200 (device counts from the core), the primary figures come from the offline
@@ -257,14 +257,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--quick", action="store_true", help="users 1-64, one spot check")
     parser.add_argument("--report-only", action="store_true", help="redraw from saved results")
+    parser.add_argument(
+        "--power-only",
+        action="store_true",
+        help="rerun the power-budget plan alone, keep the rest of the saved results",
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     started = time.perf_counter()
-    if args.report_only:
+    if args.report_only or args.power_only:
         data = json.loads(results_file.read_text())
+        if args.power_only:
+            data["power_budget"] = power_plan(args.out)
+            results_file.write_text(json.dumps(data, indent=2))
     else:
         models, backends = args.models.split(","), args.backends.split(",")
         users = USERS[:7] if args.quick else USERS
