@@ -149,6 +149,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=positive_int, default=_SPACE.max_num_batched_tokens
     )
     p.add_argument(
+        "--ep",
+        action="store_true",
+        help="MoE models: also try each layout with its experts spread over the "
+        "tensor-parallel group (expert parallelism)",
+    )
+    p.add_argument(
         "--tolerance",
         type=number(float, low=0.01, high=1.0),
         default=_SPACE.tolerance,
@@ -242,6 +248,7 @@ def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
         max_num_seqs=tuple(sorted(set(args.max_num_seqs))),
         max_num_batched_tokens=args.max_num_batched_tokens,
         tolerance=args.tolerance,
+        expert_parallel=args.ep,
     )
     return query, space
 

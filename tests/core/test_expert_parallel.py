@@ -99,3 +99,23 @@ def test_bad_expert_parallel_is_one_line(hardware, model, kwargs, message):
     with pytest.raises(ConfigError, match=message) as e:
         plan_deployment(load_hardware(hardware), load_model(model), **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_predict_takes_ep(capsys):
+    from memorywall.cli import main
+
+    argv = ["predict", "--hardware", "gb200-nvl72", "--model", "gpt-oss-120b"]
+    assert main([*argv, "--weight-precision", "fp8", "--ep", "8"]) == 0
+    assert "8 x gb200-nvl72 (TP8 x EP8," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("ep", "words"), [("0", "--ep: must be >= 1"), ("3", "does not divide"), ("x", "--ep")]
+)
+def test_bad_ep_is_one_line_exit_2(capsys, ep, words):
+    from memorywall.cli import main
+
+    argv = ["predict", "--hardware", "gb200-nvl72", "--model", "gpt-oss-120b", "--ep", ep]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("memorywall: error:") and words in err
