@@ -1,6 +1,6 @@
 """The wafer-scale vs GPU study, end to end, from one command:
 
-    python -m benchmarks.study [--out docs/study] [--quick] [--report-only]
+    python -m benchmarks.study [--out docs/study] [--quick] [--report-only | --power-only]
 
 For Llama 3.1 8B, Llama 3.1 70B and gpt-oss-120b (MoE) on wse-3, h100-sxm and
 b200 (device counts from the core), the primary figures come from the offline
@@ -9,6 +9,9 @@ no client to fall behind): closed-loop users 1 to 1,024. A few levels also run
 live (`memorywall serve` + `memorywall bench`) as a spot check, each beside the
 simulation of the same workload and seed, with the error between them. Then
 `memorywall plan` answers one SLO per model: the cheapest deployment per backend.
+Last, `memorywall plan --power-budget 250MW` asks what a data-centre contract's power
+buys on a wafer, a GPU rack and an ASIC route (the claims table's last row;
+`study_claims` computes the others from the core).
 `study_report` draws the plots and writes the page from `results.json` alone.
 
 The run checks itself: wherever the live client kept up, measured mean TPOT must
@@ -25,10 +28,12 @@ from pathlib import Path
 
 from benchmarks import study_report
 from benchmarks._serve import emulator
+from memorywall.argtypes import power_watts
 from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, levels, machine, run_level
 from memorywall.loadgen.slo import parse_slo
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload, TraceWorkload
+from memorywall.plan.budget import PowerBudget
 from memorywall.plan.planner import LoadKind, Query, Space, plan
 from memorywall.plan.report import as_json, pareto_plot
 from memorywall.server.engine.scheduler import EngineConfig
@@ -58,6 +63,10 @@ SLOS = {
 # default batch limit only, and the highest held load bisected to 15%.
 PLAN_SPACE = {"max_devices": 8, "max_num_seqs": (EngineConfig().max_num_seqs,), "tolerance": 0.15}
 PLAN_PROMPTS = 200
+# The power-budget question: one model on a wafer, a GPU rack and an ASIC route.
+POWER_MODEL = "llama-3.1-70b"
+POWER_BACKENDS = ("wse-3", "gb200-nvl72", "tpu-v7")
+POWER_BUDGET = "250MW"
 
 
 def _workload() -> SyntheticWorkload:
@@ -190,6 +199,36 @@ def plan_model(model: str, backends, out: Path) -> dict:
     return doc
 
 
+def power_plan(
+    out: Path,
+    model: str = POWER_MODEL,
+    backends: tuple[str, ...] = POWER_BACKENDS,
+    space: dict | None = None,
+    prompts: int = PLAN_PROMPTS,
+) -> dict:
+    """`memorywall plan --power-budget`: each backend's fleet within the budget, at the
+    model's SLO; its plot (with the budget panel) beside the others."""
+    query = Query(
+        model=load_model(model),
+        workload=_workload(),
+        slo=parse_slo(SLOS[model]),
+        load=LoadKind.RATE,
+        num_prompts=prompts,
+        seed=SEED,
+    )
+    search = Space(hardware=tuple(load_hardware(hw) for hw in backends), **(space or PLAN_SPACE))
+    budget = PowerBudget(watts=power_watts(POWER_BUDGET))
+    started, cpu = time.perf_counter(), time.process_time()
+    result = plan(query, search)
+    pareto_plot(result, out / "power_budget.png", budget)
+    doc = as_json(result, budget)
+    doc["slo_text"] = SLOS[model]
+    doc["wall_s"] = time.perf_counter() - started
+    doc["cpu_s"] = time.process_time() - cpu
+    print(f"power     {model:14} in {doc['wall_s']:5.1f} s ({doc['cpu_s']:.1f} s CPU)", flush=True)
+    return doc
+
+
 def config() -> dict:
     """The run's own settings, for the page to state."""
     return {
@@ -218,14 +257,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--quick", action="store_true", help="users 1-64, one spot check")
     parser.add_argument("--report-only", action="store_true", help="redraw from saved results")
+    parser.add_argument(
+        "--power-only",
+        action="store_true",
+        help="rerun the power-budget plan alone, keep the rest of the saved results",
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     started = time.perf_counter()
-    if args.report_only:
+    if args.report_only or args.power_only:
         data = json.loads(results_file.read_text())
+        if args.power_only:
+            data["power_budget"] = power_plan(args.out)
+            results_file.write_text(json.dumps(data, indent=2))
     else:
         models, backends = args.models.split(","), args.backends.split(",")
         users = USERS[:7] if args.quick else USERS
@@ -242,12 +289,14 @@ def main() -> int:
         timings["live_s"] = time.perf_counter() - t
         t = time.perf_counter()
         plans = {m: plan_model(m, backends, args.out) for m in models}
+        power = power_plan(args.out)
         timings["plan_s"] = time.perf_counter() - t
         data = {
             "config": {**config(), "users": list(users)},
             "simulated": simulated,
             "spot_checks": spots,
             "plans": plans,
+            "power_budget": power,
             "timings": timings,
             "elapsed_s": time.perf_counter() - started,
             "date": time.strftime("%Y-%m-%d"),

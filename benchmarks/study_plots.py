@@ -13,7 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from memorywall.core import StepModel, load_hardware, load_model, plan_deployment, predict
+from memorywall.core import (
+    Precision,
+    StepModel,
+    load_hardware,
+    load_model,
+    plan_deployment,
+    predict,
+)
+from memorywall.errors import MemorywallError
 from memorywall.loadgen.plots import level_axis, plain_log_axis
 
 BACKEND_COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "b200": "tab:green"}
@@ -214,4 +222,73 @@ def context_scaling(model: str, path: Path) -> list[dict]:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return rows
+
+
+# Every profile by the article's route, one colour family each (shades within a family in
+# this order); the what-if wafer that keeps WSE-3's SRAM is the wafer route's successor.
+ROUTES = {
+    "wafer": ("Reds", ("wse-3", "what-if-wse-flat-sram")),
+    "GPU": ("Blues", ("h100-sxm", "h200", "b200", "gb200-nvl72", "mi300x", "mi355x")),
+    "inference ASIC": ("Greens", ("tpu-v5e", "tpu-v6e", "tpu-v7", "maia-100", "groq-lpu")),
+    "advanced packaging (what-if)": ("Purples", ("what-if-sow-hbm",)),
+    "optical I/O (what-if)": ("Oranges", ("what-if-wafer-optical",)),
+}
+ROUTE_CONTEXT = 1024
+ROUTE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def route_colours() -> dict[str, tuple[str, tuple]]:
+    """Profile -> (route, colour): darker shades first within each route's family."""
+    out = {}
+    for route, (family, names) in ROUTES.items():
+        cmap = plt.get_cmap(family)
+        for i, hw in enumerate(names):
+            out[hw] = (route, cmap(0.9 - 0.5 * i / max(1, len(names) - 1)))
+    return out
+
+
+def routes_plot(model: str, path: Path) -> list[dict]:
+    """Every route's profiles on one model (fp8 weights, the fewest devices that hold them):
+    decode tok/s per device and per kW of rated power against per-user tok/s, batch 1 up to
+    what the KV cache holds (core)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    rows, xs, ys = [], [], [[], []]
+    for hw, (route, colour) in route_colours().items():
+        try:
+            d = plan_deployment(
+                load_hardware(hw), load_model(model), weight_precision=Precision.FP8
+            )
+        except MemorywallError as e:
+            rows.append({"hardware": hw, "route": route, "fits": False, "why": str(e)})
+            continue
+        fits = [b for b in ROUTE_BATCHES if b * (ROUTE_CONTEXT + 1) <= d.kv_capacity_tokens]
+        sweep = StepModel(d).decode_sweep(np.array(fits), np.array([ROUTE_CONTEXT]))
+        step = sweep.time_s.reshape(-1)
+        user = 1.0 / step
+        per_device = np.array(fits) / step / d.devices
+        per_kw = np.array(fits) / step / (d.devices * d.hardware.tdp_w / 1e3)
+        style = "--" if d.hardware.what_if else "-"
+        label = f"{hw} x{d.devices} ({route})"
+        axes[0].plot(user, per_device, style + "o", ms=3, color=colour, label=label)
+        axes[1].plot(user, per_kw, style + "o", ms=3, color=colour, label=label)
+        xs += list(user)
+        ys[0] += list(per_device)
+        ys[1] += list(per_kw)
+        rows.append({"hardware": hw, "route": route, "fits": True, "devices": d.devices})
+    for ax, ylabel, values in zip(
+        axes, ("output tok/s per device", "output tok/s per kW of rated power"), ys, strict=True
+    ):
+        plain_log_axis(ax, "x", xs)
+        plain_log_axis(ax, "y", values)
+        ax.set_xlabel("output tok/s per user (core decode step)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _save(
+        fig,
+        path,
+        f"{model}, fp8 weights, context {ROUTE_CONTEXT:,}: every route (dashed: what-if), "
+        "batch 1 up to what the KV cache holds",
+    )
     return rows

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import published_table
+from benchmarks import published_table, study_claims
 from benchmarks.study_plots import (
     BACKEND_COLOURS,
     breakdown_plot,
     by,
     context_scaling,
     per_user,
+    routes_plot,
     step_breakdowns,
     tradeoff,
     users_grid,
@@ -79,6 +80,7 @@ def write(data: dict, out: Path) -> None:
     breakdown_plot(breakdown, context, out / "step_breakdown.png")
     ctx_rows = context_scaling(CONTEXT_MODEL, out / "context_scaling.png")
     placement = placements(CONTEXT_MODEL, context)
+    routes_plot(study_claims.ROUTE_MODEL, out / "routes.png")
     text = page(data, breakdown, ctx_rows, placement, out.name)
     (out.parent / "study.md").write_text(text)
 
@@ -277,8 +279,40 @@ def _levels(data: dict) -> list[str]:
     return lines
 
 
+def _claims(data: dict, folder: str) -> list[str]:
+    lines = [
+        "## The article's claims, checked",
+        "",
+        'Each claim of "Crossing the Memory Wall" (issue 29) beside the emulator\'s figure, '
+        "the command that produces it, the deployment and stack it assumes, and a verdict "
+        "chosen by the computed figures (`python -m benchmarks.study_claims` prints this "
+        "table alone). Figures come from the core and the profiles, and the last row from "
+        "this run's `memorywall plan --power-budget`.",
+        "",
+        *study_claims.markdown(study_claims.claims(data)),
+        "",
+        f"Every route's profiles on {study_claims.ROUTE_MODEL} (core; one colour family per "
+        "route: reds the wafer, blues the GPUs, greens the inference ASICs, purple advanced "
+        "packaging, orange optical I/O; dashed lines what-if profiles):",
+        "",
+        f"![routes]({folder}/routes.png)",
+        "",
+    ]
+    power = data.get("power_budget")
+    if power:
+        lines += [
+            f"The power-budget plan ({power['model']}, {power['slo_text']}) took "
+            f"{power['wall_s']:.0f} s ({power['cpu_s']:.0f} s CPU):",
+            "",
+            f"![power budget]({folder}/power_budget.png)",
+            "",
+        ]
+    return lines
+
+
 def page(data, breakdown, context, placement, folder) -> str:
     lines = _header(data, folder)
+    lines += _claims(data, folder)
     lines += _plans(data, folder)
     lines += [
         "## Where a decode step goes",

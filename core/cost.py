@@ -30,6 +30,7 @@ from enum import Enum
 import numpy as np
 
 from memorywall.core.deployment import ACTIVATION_BYTES, Deployment, Placement
+from memorywall.core.expert_parallel import ExpertParallel, distinct_experts
 from memorywall.core.gemm import Gemm, Tiling, gemm_compute_s, split_k_gemms, weight_gemms
 from memorywall.core.hardware import ExecutionMode
 from memorywall.core.work import Batch, Number, Work
@@ -89,11 +90,6 @@ class SweepCost:
         return np.array([b.value for b in _BOUNDS])[self.bound]
 
 
-def distinct_experts(n_experts: int, top_k: int, tokens: Number) -> Number:
-    """E * (1 - (1 - k/E)^T): expected experts a layer touches when T tokens each pick k of E."""
-    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
-
-
 def allreduce_bytes_per_device(tp: int, values: Number) -> Number:
     """Ring all-reduce: each device sends 2 (tp-1)/tp of the buffer."""
     return 2.0 * (tp - 1) / tp * values * ACTIVATION_BYTES
@@ -145,6 +141,10 @@ class StepModel:
         self._expert_bytes = m.expert_params() * wb
         self._n_moe = m.n_moe_layers
         self._moe = m.moe
+        # Expert parallelism: the MoE block's all-reduce becomes dispatch and combine.
+        self._ep = (
+            ExpertParallel.of(m, d.expert_parallel, hw.scale_up) if d.expert_parallel > 1 else None
+        )
         self._kv_layer_bytes = m.kv_values_per_token_per_layer() * kvb
         self._n_full, self._n_window, self._n_layers = (
             m.n_full_layers,
@@ -267,9 +267,12 @@ class StepModel:
             experts = distinct_experts(self._moe.n_experts, self._moe.experts_per_token, w.tokens)
             routed_bytes = self._n_moe * experts * self._expert_bytes
             weight_bytes = weight_bytes + routed_bytes
-            expert_mem_s = (
-                routed_bytes / tp / (self._stream_bw if self._streamed else self._weight_bw)
-            )
+            expert_bw = self._stream_bw if self._streamed else self._weight_bw
+            if self._ep is None:
+                expert_mem_s = routed_bytes / tp / expert_bw
+            else:  # whole experts: those the tokens hit among the device's own
+                per_device = self._ep.experts_read_per_device(w.tokens)
+                expert_mem_s = self._n_moe * per_device * self._expert_bytes / expert_bw
             expert_comp_s = (
                 self._n_moe
                 * self._expert_flops_per_token
@@ -319,11 +322,17 @@ class StepModel:
         link_bytes = 0.0 * hidden_values
         if tp > 1:
             per_device = allreduce_bytes_per_device(tp, hidden_values)
-            comm_s = comm_s + 2 * self._n_layers * link_time_s(
+            # Two all-reduces a layer (attention, MLP); under EP a MoE layer's second is
+            # its dispatch and combine all-to-alls instead.
+            reduces = 2 * self._n_layers - (self._n_moe if self._ep is not None else 0)
+            comm_s = comm_s + reduces * link_time_s(
                 per_device, self._scale_up.bandwidth_bytes_per_s, self._scale_up.latency_s
             )
-            scale_up_bytes = 2 * self._n_layers * per_device * tp
+            scale_up_bytes = reduces * per_device * tp
             link_bytes = link_bytes + scale_up_bytes
+            if self._ep is not None:
+                comm_s = comm_s + self._ep.comm_s(w.tokens)
+                link_bytes = link_bytes + self._ep.link_bytes(w.tokens)
         if self._pp > 1:
             hop_bytes = hidden_values * ACTIVATION_BYTES
             comm_s = comm_s + (self._pp - 1) * link_time_s(
@@ -438,7 +447,7 @@ def _draft_deployment(d: Deployment) -> Deployment:
     """The draft model on the target's devices: same layout, no speculation of its own."""
     spec = d.speculative
     assert spec is not None and spec.draft_model is not None, "only a drafting deployment"
-    return replace(d, model=spec.draft_model, speculative=None)
+    return replace(d, model=spec.draft_model, speculative=None, expert_parallel=1)
 
 
 def _draft_work(w: Work) -> Work:

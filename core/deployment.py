@@ -73,6 +73,9 @@ class Deployment:
     placement: Placement
     speculative: Speculative | None
     memory_utilization: float
+    # Devices a MoE layer's experts are spread over (`expert_parallel.py`); 1: experts are
+    # tensor parallel like the dense layers.
+    expert_parallel: int = 1
 
     @property
     def weight_bytes(self) -> float:
@@ -124,8 +127,10 @@ class Deployment:
 
     def describe(self) -> str:
         hw = self.hardware
-        layout = f"TP{self.tensor_parallel}" + (
-            f" x PP{self.pipeline_parallel}" if self.pipeline_parallel > 1 else ""
+        layout = (
+            f"TP{self.tensor_parallel}"
+            + (f" x EP{self.expert_parallel}" if self.expert_parallel > 1 else "")
+            + (f" x PP{self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")
         )
         spec = ""
         if self.speculative:
@@ -150,11 +155,14 @@ def plan_deployment(
     tensor_parallel: int | None = None,
     memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
     kv_reserve_fraction: float = DEFAULT_KV_RESERVE_FRACTION,
+    expert_parallel: int = 1,
 ) -> Deployment:
     """Lay `model` over `devices` (or the fewest that hold its weights plus a KV reserve).
 
     `tensor_parallel` (with `devices`) picks one of `layouts` (the rest of the devices is
-    the pipeline); by default tensor parallel fills the scale-up domain.
+    the pipeline); by default tensor parallel fills the scale-up domain. `expert_parallel`
+    above 1 spreads a MoE model's experts over the tensor-parallel group, which it then sets
+    (devices by default: the fewest multiple of it that holds the weights).
     """
     if not 0.0 < memory_utilization <= 1.0:
         raise ConfigError(f"memory_utilization: must be in (0, 1], got {memory_utilization}")
@@ -166,6 +174,9 @@ def plan_deployment(
         raise ConfigError("tensor_parallel: needs devices")
     if placement is Placement.STREAM and hardware.stream is None:
         raise ConfigError(f"placement: {hardware.name} has no external weight store to stream from")
+    if expert_parallel != 1:
+        _check_expert_parallel(hardware, model, expert_parallel, tensor_parallel or expert_parallel)
+        tensor_parallel = expert_parallel
 
     def build(n: int) -> Deployment:
         if tensor_parallel is None or n != devices:
@@ -189,9 +200,13 @@ def plan_deployment(
             placement=placement,
             speculative=speculative,
             memory_utilization=memory_utilization,
+            expert_parallel=expert_parallel,
         )
 
     needed = _fewest_devices(build(1), hardware, model, kv_reserve_fraction)
+    if devices is None and expert_parallel > 1:
+        devices = max(needed, expert_parallel)
+        devices += -devices % expert_parallel  # whole pipeline stages of the EP group
     if devices is None:
         return build(needed)
     if devices < needed:
@@ -235,6 +250,7 @@ class DeploymentNames:
     acceptance: float = 0.7  # speculative acceptance rate
     draft_model: str | None = None  # None: free drafting
     tensor_parallel: int | None = None  # None: the default split of `devices`
+    expert_parallel: int = 1  # MoE experts over this many devices (the tensor-parallel group)
 
     def speculative(self) -> Speculative | None:
         if self.draft_tokens is None:
@@ -263,6 +279,7 @@ class DeploymentNames:
             placement=Placement.parse(self.placement),
             speculative=self.speculative(),
             tensor_parallel=self.tensor_parallel,
+            expert_parallel=self.expert_parallel,
         )
 
     def resolved(self, d: Deployment) -> DeploymentNames:
@@ -285,10 +302,43 @@ class DeploymentNames:
             acceptance=spec.acceptance_rate if spec else cls.acceptance,
             draft_model=spec.draft_model.name if spec and spec.draft_model else None,
             tensor_parallel=d.tensor_parallel,
+            expert_parallel=d.expert_parallel,
         )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_expert_parallel(
+    hardware: Hardware, model: ModelShape, ep: int, tensor_parallel: int
+) -> None:
+    """A one-line `ConfigError` unless `ep` spreads whole experts over a tensor-parallel
+    group within one scale-up domain (ep 1: no expert parallelism, always valid)."""
+    if ep < 1:
+        raise ConfigError(f"expert_parallel: must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    if hardware.kind is DeviceKind.WAFER:
+        raise ConfigError(
+            f"expert_parallel: {hardware.name} is a wafer (one layer pipeline, no "
+            "tensor-parallel group to spread experts over)"
+        )
+    if ep > hardware.scale_up_domain:
+        raise ConfigError(
+            f"expert_parallel: {ep} exceeds {hardware.name}'s scale-up domain of "
+            f"{hardware.scale_up_domain} devices"
+        )
+    if model.moe is None:
+        raise ConfigError(f"expert_parallel: {model.name} has no routed experts")
+    if model.moe.n_experts % ep:
+        raise ConfigError(
+            f"expert_parallel: {ep} does not divide {model.name}'s {model.moe.n_experts} experts"
+        )
+    if ep != tensor_parallel:
+        raise ConfigError(
+            f"expert_parallel: {ep} must equal the stage's tensor-parallel group "
+            f"({tensor_parallel} devices)"
+        )
 
 
 def _fewest_devices(

@@ -55,7 +55,7 @@ def fused_activation_bytes_per_hidden(model: ModelShape, tp: int) -> float:
     return (16 * h + (6 * f + 4 * (q + k)) / tp) / h
 
 
-def _fused_stack(hardware: Hardware, model: ModelShape, tp: int) -> Hardware:
+def fused_stack(hardware: Hardware, model: ModelShape, tp: int) -> Hardware:
     """A compiled serving stack: fused elementwise kernels, and no host launch floor (its
     steps are CUDA graphs or launched from C++, not op by op from Python)."""
     kernels = replace(
@@ -72,11 +72,11 @@ def _fused_stack(hardware: Hardware, model: ModelShape, tp: int) -> Hardware:
 def published_deployment(row: dict) -> Deployment:
     """The row's deployment. Its device count is the source's (or a stated assumption), not
     chosen, so no KV reserve is demanded beyond the weights fitting. Rows with
-    `kernels = "fused"` run on a compiled stack (`_fused_stack`)."""
+    `kernels = "fused"` run on a compiled stack (`fused_stack`)."""
     spec = row.get("speculative")
     d = _plan(row, load_hardware(row["hardware"]), spec)
     if row.get("kernels") == "fused":
-        d = _plan(row, _fused_stack(d.hardware, d.model, d.tensor_parallel), spec)
+        d = _plan(row, fused_stack(d.hardware, d.model, d.tensor_parallel), spec)
     return d
 
 

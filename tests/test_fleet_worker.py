@@ -30,6 +30,7 @@ SAMPLES: dict[str, tuple[object, dict]] = {
     "draft_tokens": (3, {}),
     "acceptance": (0.5, {}),
     "draft_model": ("llama-3.1-8b", {"draft_tokens": 2}),
+    "ep": (2, {"hardware": "gb200-nvl72", "model": "gpt-oss-120b"}),
     "port": (5000, {}),
     "http_port": (0, {}),
     "no_grpc": (True, {"http_port": 0}),

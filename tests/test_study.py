@@ -18,11 +18,20 @@ def written(tmp_path_factory):
         mp.setattr(study, "PROMPT", 256)  # a run with other settings than the defaults
         config = {**study.config(), "users": list(USERS)}
         simulated = study.simulate_all(["llama-3.1-8b"], study.BACKENDS, USERS)
+        # The power-budget plan on a wafer, a GPU and an ASIC, searched tiny.
+        power = study.power_plan(
+            out,
+            model="llama-3.1-8b",
+            backends=("wse-3", "h100-sxm", "tpu-v7"),
+            space={"max_devices": 1, "max_num_seqs": (4,), "tolerance": 0.5},
+            prompts=8,
+        )
     data = {
         "config": config,
         "simulated": simulated,
         "spot_checks": [],
         "plans": {},
+        "power_budget": power,
         "timings": {"simulation_s": 1.0, "live_s": 0.0, "plan_s": 0.0},
         "elapsed_s": 1.0,
         "date": "2026-01-01",
@@ -54,3 +63,39 @@ def test_page_states_the_run_config_and_the_profiles_numbers(written):
     assert "Sanity check" in page and "passed." in page
     for png in ("per_user_vs_concurrency", "ttft_vs_concurrency", "energy_per_token"):
         assert (out / f"{png}.png").stat().st_size > 10_000
+
+
+def test_claims_table_has_every_claim_with_a_figure_command_and_verdict(written):
+    data, page, out = written
+    section = page.split("## The article's claims, checked")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 9  # header and one row per claim of the issue
+    for words in ("21 PB/s", "1.5-5 times", "first-token", "0.15 pJ/bit", "150 GB/s",
+                  "SRAM scaling", "optical", "NVL72", "250 MW"):  # fmt: skip
+        assert sum(words in r for r in rows) == 1, words
+    for r in rows[1:]:
+        cells = [c.strip() for c in r.strip("|").split(" | ")]
+        assert len(cells) == 6 and cells[3].startswith("`") and cells[5]
+        assert any(v in cells[5] for v in ("holds", "does not hold", "not testable"))
+    # The 1.5-5x claim answered for both B200 stacks.
+    assert "over B200 as fitted" in page and "over B200 compiled fp8" in page
+    # The power row from this run's plan: wafer, GPU and ASIC, each with copies and users.
+    power = rows[-1]
+    budget = data["power_budget"]["power_budget"]
+    assert budget["watts"] == 250e6 and budget["pue"] == 1.0
+    for hw in ("wse-3", "h100-sxm", "tpu-v7"):
+        a = budget["backends"][hw]["answer"]
+        assert a is not None and a["power_w"] <= 250e6, hw
+        assert f"{hw}: {a['deployments']:,} x (" in power
+    assert (out / "power_budget.png").stat().st_size > 10_000
+    assert (out / "routes.png").stat().st_size > 10_000  # every route's profiles
+
+
+def test_every_route_profile_has_one_colour_family():
+    from benchmarks.study_plots import ROUTES, route_colours
+    from memorywall.core import builtin_hardware
+
+    colours = route_colours()
+    assert set(colours) == set(builtin_hardware())  # a new profile must join a route
+    families = {family for family, _ in ROUTES.values()}
+    assert len(families) == len(ROUTES)

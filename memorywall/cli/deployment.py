@@ -42,6 +42,14 @@ def add_deployment_arguments(p: argparse.ArgumentParser) -> None:
         help="speculative acceptance rate",
     )
     p.add_argument("--draft-model", help="speculative draft model (default: free drafting)")
+    p.add_argument(
+        "--ep",
+        type=positive_int,
+        default=_NAMES.expert_parallel,
+        help="expert parallelism for a MoE model: its experts spread over N devices of the "
+        "scale-up domain, which are the tensor-parallel group (default 1: experts tensor "
+        "parallel)",
+    )
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +97,7 @@ def names_from_args(args: argparse.Namespace) -> DeploymentNames:
         draft_tokens=args.draft_tokens,
         acceptance=args.acceptance,
         draft_model=args.draft_model,
+        expert_parallel=args.ep,
     )
 
 

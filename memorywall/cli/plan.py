@@ -11,7 +11,14 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memorywall.argtypes import nonnegative_int, number, number_list, positive_float, positive_int
+from memorywall.argtypes import (
+    nonnegative_int,
+    number,
+    number_list,
+    positive_float,
+    positive_int,
+    power_watts,
+)
 from memorywall.cli.pd_options import add_link_arguments
 from memorywall.cli.usage import UsageError
 from memorywall.core import Placement, Precision, load_hardware, load_model
@@ -19,6 +26,7 @@ from memorywall.plan.pd import PdSpace
 from memorywall.plan.space import Space
 
 if TYPE_CHECKING:
+    from memorywall.plan.budget import PowerBudget
     from memorywall.plan.planner import Query
 
 DEFAULT_HARDWARE = "wse-3,h100-sxm,h200,b200"
@@ -141,6 +149,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens", type=positive_int, default=_SPACE.max_num_batched_tokens
     )
     p.add_argument(
+        "--ep",
+        action="store_true",
+        help="MoE models: also try each layout with its experts spread over the "
+        "tensor-parallel group (expert parallelism)",
+    )
+    p.add_argument(
         "--tolerance",
         type=number(float, low=0.01, high=1.0),
         default=_SPACE.tolerance,
@@ -170,6 +184,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         g,
         link_help="the link between the pools: nic (each side's external I/O, the default) "
         "or a bandwidth in GB/s",
+    )
+    g = p.add_argument_group("power budget")
+    g.add_argument(
+        "--power-budget",
+        type=power_watts,
+        help="e.g. 250MW: per backend, the copies of its best deployment this power feeds "
+        "and the users, tok/s and goodput they serve at the SLO",
+    )
+    g.add_argument(
+        "--pue",
+        type=number(float, low=1.0),
+        default=1.0,
+        help="facility watts per device watt charged against --power-budget (default 1: "
+        "device TDP alone, no hosts, network or cooling)",
     )
     p.add_argument("--top", type=positive_int, default=5, help="rows per backend in the table")
     p.add_argument("--json", action="store_true", help="print the JSON document, not the table")
@@ -220,6 +248,7 @@ def query_and_space(args: argparse.Namespace) -> tuple[Query, Space]:
         max_num_seqs=tuple(sorted(set(args.max_num_seqs))),
         max_num_batched_tokens=args.max_num_batched_tokens,
         tolerance=args.tolerance,
+        expert_parallel=args.ep,
     )
     return query, space
 
@@ -253,6 +282,17 @@ def pd_space(args: argparse.Namespace, space: Space) -> PdSpace | None:
     )
 
 
+def power_budget(args: argparse.Namespace) -> PowerBudget | None:
+    """The budget `--power-budget` names, or None; raises `PlanError` for `--pue` alone."""
+    from memorywall.plan.budget import PowerBudget
+
+    if args.power_budget is None:
+        if args.pue != 1.0:
+            raise PlanError("--pue: needs --power-budget")
+        return None
+    return PowerBudget(watts=args.power_budget, pue=args.pue)
+
+
 def _load(args: argparse.Namespace) -> argparse.Namespace:
     """The attributes `loadgen.cli.workload_from_args` reads; plan sends no warm-ups."""
     return argparse.Namespace(
@@ -271,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
 
     query, space = query_and_space(args)
     pd = pd_space(args, space)
+    budget = power_budget(args)
     bar: Callable[[int], None] | None = None
 
     def progress(done: int, total: int) -> None:
@@ -282,18 +323,18 @@ def run(args: argparse.Namespace) -> int:
     result = plan(query, space, progress, pd=pd)
     if bar is not None and sys.stderr.isatty():
         print(file=sys.stderr)
-    doc = as_json(result)
+    doc = as_json(result, budget)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         print(summary(result))
-        print(table(result, args.top))
+        print(table(result, args.top, budget))
         if pd is None and splittable(space):
             print("(--pd: also try prefill on the GPUs with decode on the wafers)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / PLAN_JSON).write_text(json.dumps(doc, indent=2))
-        pareto_plot(result, args.out / PARETO_PNG)
+        pareto_plot(result, args.out / PARETO_PNG, budget)
         if not args.json:
             print(f"wrote {args.out / PLAN_JSON} and {args.out / PARETO_PNG}")
     return 0

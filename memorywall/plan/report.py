@@ -14,6 +14,7 @@ from memorywall.core import Deployment
 from memorywall.core.kv_transfer import LinkKind, kv_link
 from memorywall.loadgen.plots import plain, plain_log_axis
 from memorywall.loadgen.workload import SyntheticWorkload, Workload
+from memorywall.plan.budget import BudgetAnswer, PowerBudget, answers, why_none
 from memorywall.plan.planner import (
     Evaluation,
     LoadKind,
@@ -52,8 +53,9 @@ def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "-" if v is None else f"{v:{spec}}"
 
 
-def table(result: PlanResult, top: int = 5) -> str:
-    """The `top` cheapest candidates per backend that hold the SLO, and why others do not."""
+def table(result: PlanResult, top: int = 5, budget: PowerBudget | None = None) -> str:
+    """The `top` cheapest candidates per backend that hold the SLO, and why others do not;
+    with `budget`, each backend's fleet within it below."""
     q = result.query
     unit = LOAD_UNITS[q.load]
     header = ["rank", "deployment", f"max load ({unit})", "goodput tok/s", "tok/s/device"]
@@ -87,6 +89,56 @@ def table(result: PlanResult, top: int = 5) -> str:
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += notes
+    if budget is not None:
+        lines += ["", budget_table(result, budget)]
+    return "\n".join(lines)
+
+
+def budget_text(budget: PowerBudget) -> str:
+    basis = (
+        "device TDP alone: no hosts, network or cooling"
+        if budget.pue == 1.0
+        else f"device TDP x PUE {budget.pue:g}"
+    )
+    return f"power budget {_watts(budget.watts)} ({basis})"
+
+
+def _watts(w: float) -> str:
+    for unit, scale in (("GW", 1e9), ("MW", 1e6), ("kW", 1e3)):
+        if w >= scale:
+            return f"{w / scale:,.4g} {unit}"
+    return f"{w:,.4g} W"
+
+
+def budget_table(result: PlanResult, budget: PowerBudget) -> str:
+    """Per backend: the copies of its best deployment the budget feeds, and what they serve."""
+    users = "users" if result.query.load is LoadKind.USERS else "users (in flight)"
+    header = ["backend", "deployment", "copies", "devices", "power", users, "req/s"]
+    header += ["tok/s", "goodput tok/s"]
+    rows, notes = [], []
+    for hw, a in answers(result, budget).items():
+        if a is None:
+            notes.append(f"{hw}: {why_none(result, budget, hw)}")
+            continue
+        rows.append(
+            [
+                hw,
+                a.evaluation.candidate.describe(),
+                f"{a.deployments:,}",
+                f"{a.devices:,}",
+                _watts(a.power_w),
+                f"{a.users:,.0f}",
+                f"{a.requests_s:,.0f}",
+                f"{a.tok_s:,.0f}",
+                f"{a.goodput_tok_s:,.0f}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [budget_text(budget) + ":"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines + notes)
@@ -133,6 +185,7 @@ def _pool(d: Deployment) -> dict:
         "devices": d.devices,
         "tensor_parallel": d.tensor_parallel,
         "pipeline_parallel": d.pipeline_parallel,
+        "expert_parallel": d.expert_parallel,
         "weight_precision": d.weight_precision.value,
         "kv_precision": d.kv_precision.value,
         "placement": d.placement.value,
@@ -183,7 +236,33 @@ def _evaluation(ev: Evaluation, target_rate: float | None) -> dict:
     }
 
 
-def as_json(result: PlanResult) -> dict:
+def _budget_json(result: PlanResult, budget: PowerBudget) -> dict:
+    def one(hw: str, a: BudgetAnswer | None) -> dict:
+        if a is None:
+            return {"answer": None, "why": why_none(result, budget, hw)}
+        return {
+            "answer": {
+                "describe": a.evaluation.candidate.describe(),
+                "deployment_w": a.deployment_w,
+                "deployments": a.deployments,
+                "devices": a.devices,
+                "power_w": a.power_w,
+                "users": a.users,
+                "requests_s": a.requests_s,
+                "tok_s": a.tok_s,
+                "goodput_tok_s": a.goodput_tok_s,
+            }
+        }
+
+    return {
+        "watts": budget.watts,
+        "pue": budget.pue,
+        "basis": budget_text(budget),
+        "backends": {hw: one(hw, a) for hw, a in answers(result, budget).items()},
+    }
+
+
+def as_json(result: PlanResult, budget: PowerBudget | None = None) -> dict:
     """Everything the plan found; the same seed gives the same document on every machine."""
     q, s = result.query, result.space
     slo = q.slo
@@ -209,6 +288,7 @@ def as_json(result: PlanResult) -> dict:
             "max_num_seqs": list(s.max_num_seqs),
             "max_num_batched_tokens": s.max_num_batched_tokens,
             "tolerance": s.tolerance,
+            "expert_parallel": s.expert_parallel,
             "pd": None if result.pd is None else _pd_space(result.pd),
         },
         "best": best,
@@ -216,6 +296,7 @@ def as_json(result: PlanResult) -> dict:
         "skipped": [
             {"hardware": k.hardware, "layout": k.layout, "reason": k.reason} for k in result.skipped
         ],
+        "power_budget": None if budget is None else _budget_json(result, budget),
     }
 
 
@@ -243,17 +324,21 @@ def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
-def pareto_plot(result: PlanResult, path: Path) -> Path:
+def pareto_plot(result: PlanResult, path: Path, budget: PowerBudget | None = None) -> Path:
     """Output tok/s per device against tok/s per user, every simulated level of every
     candidate: filled where the SLO held, hollow where it broke; each backend's frontier
     of held levels as a line (dashed for a disaggregated split), its pick as a star; the
-    TPOT bound as a vertical line."""
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    TPOT bound as a vertical line. With `budget`, a second panel: each backend's goodput
+    within the budget."""
+    if budget is None:
+        fig, ax = plt.subplots(figsize=(8, 5.2))
+    else:
+        fig, (ax, bax) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [8, 5]})
+        _budget_panel(bax, result, budget)
     xs, ys = [], []
     for i, hw in enumerate(result.backends()):
-        k = i - len(result.space.hardware)
-        split = k >= 0
-        colour = SPLIT_COLOURS[k % len(SPLIT_COLOURS)] if split else COLOURS.get(hw, f"C{i % 10}")
+        split = i >= len(result.space.hardware)
+        colour = _colour(result, i, hw)
         held: list[tuple[float, float]] = []
         broke: list[tuple[float, float]] = []
         for ev in result.evaluations:
@@ -314,3 +399,30 @@ def pareto_plot(result: PlanResult, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _colour(result: PlanResult, i: int, hw: str) -> str:
+    k = i - len(result.space.hardware)
+    return SPLIT_COLOURS[k % len(SPLIT_COLOURS)] if k >= 0 else COLOURS.get(hw, f"C{i % 10}")
+
+
+def _budget_panel(ax: Any, result: PlanResult, budget: PowerBudget) -> None:
+    """Goodput of each backend's fleet within the budget, bars labelled with its copies."""
+    found = answers(result, budget)
+    names = list(found)
+    values = [a.goodput_tok_s if a else 0.0 for a in found.values()]
+    colours = [_colour(result, i, hw) for i, hw in enumerate(names)]
+    ax.barh(names, values, color=colours)
+    for y, a in enumerate(found.values()):
+        text = (
+            f" {a.deployments:,} x {a.evaluation.candidate.devices} devices, {a.users:,.0f} users"
+            if a
+            else " none"
+        )
+        ax.text(values[y], y, text, va="center", fontsize=7)
+    ax.invert_yaxis()
+    if any(values):
+        ax.set_xlim(0, max(values) * 1.6)
+    ax.set_xlabel("goodput within the budget (output tok/s at the SLO)")
+    ax.set_title(budget_text(budget), fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)

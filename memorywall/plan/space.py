@@ -39,6 +39,8 @@ class Space:
     max_num_seqs: tuple[int, ...] = (32, 128, 512)
     max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     tolerance: float = 0.1  # bisect until the break lies within this share of the held load
+    # MoE models: also spread the experts over each layout's tensor-parallel group (EP).
+    expert_parallel: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,8 +83,10 @@ class Candidate:
 
     def describe(self) -> str:
         d = self.deployment
-        split = f"TP{d.tensor_parallel}" + (
-            f"xPP{d.pipeline_parallel}" if d.pipeline_parallel > 1 else ""
+        split = (
+            f"TP{d.tensor_parallel}"
+            + (f"xEP{d.expert_parallel}" if d.expert_parallel > 1 else "")
+            + (f"xPP{d.pipeline_parallel}" if d.pipeline_parallel > 1 else "")
         )
         return (
             f"{d.devices} x {d.hardware.name} {split} {d.weight_precision.value} "
@@ -133,27 +137,38 @@ def candidates(model: ModelShape, space: Space) -> tuple[list[Candidate], list[S
                 n = fewest.devices
                 while n <= space.max_devices:
                     for tp, _ in layouts(hw, model, n):
-                        d = plan_deployment(
-                            hw,
-                            model,
-                            devices=n,
-                            weight_precision=precision,
-                            kv_precision=space.kv_precision,
-                            placement=placement,
-                            tensor_parallel=tp,
-                        )
-                        found += [
-                            Candidate(
-                                deployment=d,
-                                engine=EngineConfig(
-                                    max_num_seqs=seqs,
-                                    max_num_batched_tokens=space.max_num_batched_tokens,
-                                ),
+                        for ep in _expert_parallel(space, model, tp):
+                            d = plan_deployment(
+                                hw,
+                                model,
+                                devices=n,
+                                weight_precision=precision,
+                                kv_precision=space.kv_precision,
+                                placement=placement,
+                                tensor_parallel=tp,
+                                expert_parallel=ep,
                             )
-                            for seqs in space.max_num_seqs
-                        ]
+                            found += [
+                                Candidate(
+                                    deployment=d,
+                                    engine=EngineConfig(
+                                        max_num_seqs=seqs,
+                                        max_num_batched_tokens=space.max_num_batched_tokens,
+                                    ),
+                                )
+                                for seqs in space.max_num_seqs
+                            ]
                     n *= 2
     return found, skipped
+
+
+def _expert_parallel(space: Space, model: ModelShape, tp: int) -> tuple[int, ...]:
+    """Expert-parallel degrees to try on a layout: 1, and with `space.expert_parallel` the
+    whole tensor-parallel group where it splits a MoE model's experts."""
+    moe = model.moe
+    if space.expert_parallel and moe is not None and tp > 1 and moe.n_experts % tp == 0:
+        return (1, tp)
+    return (1,)
 
 
 @dataclass(frozen=True, kw_only=True)

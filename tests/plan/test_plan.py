@@ -4,6 +4,7 @@ and its overload check on their own, and the JSON document."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -148,3 +149,18 @@ def test_a_candidate_that_misses_the_bound_at_the_lightest_load_is_unreachable()
     assert all(t.result["p99_tpot_ms"] / 1e3 > (bf16 + fp8) / 2 for t in ev.trials)
     assert result.ranked("h100-sxm") == []
     assert "no candidate holds the SLO" in table(result)
+
+
+def test_expert_parallel_candidates_only_when_asked_and_only_for_moe():
+    nvl = load_hardware("gb200-nvl72")
+    space = Space(hardware=(nvl,), precisions=(Precision.FP8,), max_devices=2, max_num_seqs=(32,))
+    moe = load_model("gpt-oss-120b")  # 128 experts: EP2 splits them
+    plain, _ = candidates(moe, space)
+    with_ep, _ = candidates(moe, replace(space, expert_parallel=True))
+    described = [c.describe() for c in with_ep]
+    assert [c.describe() for c in plain] == [d for d in described if "EP" not in d]
+    assert [d for d in described if "EP" in d] == [
+        "2 x gb200-nvl72 TP2xEP2 fp8 resident, max 32 seqs"
+    ]
+    dense, _ = candidates(load_model("llama-3.1-8b"), replace(space, expert_parallel=True))
+    assert not any(c.deployment.expert_parallel > 1 for c in dense)

@@ -76,3 +76,13 @@ def test_shared_prefix_workload_and_closed_loop(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "max load (users)" in out and "1 x h100-sxm TP1 fp8" in out
+
+
+def test_ep_flag_asks_for_expert_parallel_layouts():
+    from memorywall.cli import build_parser
+    from memorywall.cli.plan import query_and_space
+
+    _, space = query_and_space(build_parser().parse_args([*TINY, "--ep"]))
+    assert space.expert_parallel
+    _, space = query_and_space(build_parser().parse_args(TINY))
+    assert not space.expert_parallel
