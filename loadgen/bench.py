@@ -14,9 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from memorywall.loadgen import arrivals, jsonl, sessions
+from memorywall.loadgen import arrivals, sessions
 from memorywall.loadgen.metrics import RunMetrics, Slo, compute_metrics
-from memorywall.loadgen.records import RequestRecord, RequestSpec
+from memorywall.loadgen.records import (
+    MessageTimes,
+    RequestRecord,
+    RequestSpec,
+    TokenTimes,
+    write_requests,
+)
 from memorywall.loadgen.runner import (
     LoadPlan,
     WorkerResult,
@@ -331,8 +337,16 @@ def predicted(facts: ServerFacts, config: BenchConfig, level: Level, out: dict) 
     }
 
 
-def write_level(out_dir: Path, result: dict, records: list[RequestRecord]) -> None:
+def write_level(
+    out_dir: Path,
+    result: dict,
+    records: list[RequestRecord],
+    *,
+    token_times: TokenTimes = "jsonl",
+    messages: MessageTimes | None = None,
+) -> None:
+    """A level's result file and per-request file (`records.write_requests`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{result['label']}-{result['level']}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    jsonl.write_rows(out_dir / f"{stem}.requests.jsonl", (r.as_dict() for r in records))
+    write_requests(out_dir, stem, records, token_times=token_times, messages=messages)

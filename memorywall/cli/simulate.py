@@ -31,6 +31,7 @@ from memorywall.core.deployment import DeploymentNames
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.options import add_load_arguments
+from memorywall.loadgen.records import TOKEN_TIMES
 from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_load_arguments(p)
     add_pd_arguments(p)
     serve_options.add_lora_arguments(p, serving=False)
+    add_output_arguments(p)
     p.add_argument(
         "--jobs",
         type=positive_int,
@@ -57,6 +59,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="levels simulated at once, each in its own process (same results; default 1)",
     )
     p.set_defaults(func=command, label="sim")
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """What `--out` writes beyond the result files: plots only when asked for (matplotlib's
+    import alone costs more than the rest of a 10,000-request level around its engine)."""
+    p.set_defaults(plots=False)
+    p.add_argument(
+        "--plots",
+        dest="plots",
+        action="store_true",
+        help="with --out, also draw bench's two PNG plots (off by default: about a second "
+        "of CPU; --no-plots is accepted and is the default)",
+    )
+    p.add_argument(
+        "--token-times",
+        choices=TOKEN_TIMES,
+        default="npz",
+        help="with --out, where each message's time goes: npz (default) a columnar "
+        "LABEL-LEVEL.tokens.npz beside the per-request JSONL; jsonl inline in its rows, "
+        "as bench writes them (about 10x the host time); none not written",
+    )
 
 
 def add_pd_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,7 +164,9 @@ def run(
         print(format_result(lr.result), flush=True)
         print(f"  {speed_line(lr)}", flush=True)
         if args.out:
-            write_level(args.out, lr.result, lr.records)
+            write_level(
+                args.out, lr.result, lr.records, token_times=args.token_times, messages=lr.messages
+            )
     if args.out:
         results = [lr.result for lr in runs]
         write_sweep(args.out, config.label, results, plot=args.plots)

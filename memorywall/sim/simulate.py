@@ -47,7 +47,7 @@ from memorywall.loadgen.bench import (
 )
 from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prompts import PromptSource
-from memorywall.loadgen.records import RequestRecord, RequestSpec
+from memorywall.loadgen.records import MessageTimes, RequestRecord, RequestSpec
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.lora import LoraConfig, LoraRegistry
 from memorywall.server.engine.offline import OfflineEngine, OfflineEngineLike, Timeline
@@ -63,6 +63,7 @@ class LevelRun:
 
     result: dict
     records: list[RequestRecord]
+    messages: MessageTimes  # the records' message times in arrays, for the per-token file
     modelled_s: float  # virtual time from the first warm-up's arrival to the last token
     wall_s: float  # host time the simulation took (not part of `result`)
     engine_s: float  # of which running the engine and releasing requests (not records, metrics)
@@ -193,22 +194,28 @@ class _LevelDriver:
             self._start_main(now_s)
 
 
-def make_records(sent: dict[str, _Sent], timelines: list[Timeline]) -> list[RequestRecord]:
+def make_records(
+    sent: dict[str, _Sent], timelines: list[Timeline]
+) -> tuple[list[RequestRecord], MessageTimes]:
     """What a client would have seen of each request sent, with no transport in between,
-    in sending order. Message times are integer ns, np.rint rounding half to even as
-    round() does, in one numpy array for all requests: each record's `chunk_ns` is its
-    slice (a list of Python ints per record cost more than the rest of the records) and
-    its `chunk_tokens` the timeline's own list."""
+    in sending order, and their message times in arrays. Message times are integer ns,
+    np.rint rounding half to even as round() does, in one numpy array for all requests:
+    each record's `chunk_ns` is its slice (a list of Python ints per record cost more than
+    the rest of the records) and its `chunk_tokens` the timeline's own list."""
     by_id = {t.request_id: t for t in timelines}
     ordered = [by_id[request_id] for request_id in sent]
-    ends = np.cumsum(np.fromiter((len(t.group_times_s) for t in ordered), int, len(ordered)))
-    times = chain.from_iterable(t.group_times_s for t in ordered)
-    ns = np.fromiter(times, float, int(ends[-1]) if ends.size else 0)
+    n = len(ordered)
+    ends = np.cumsum(np.fromiter((len(t.group_times_s) for t in ordered), np.int64, n))
+    total = int(ends[-1]) if n else 0
+    ns = np.fromiter(chain.from_iterable(t.group_times_s for t in ordered), float, total)
     all_ns = np.rint(np.multiply(ns, 1e9, out=ns), out=ns).astype(np.int64)  # in place: 10s of MB
-    return [
+    tokens = np.fromiter(chain.from_iterable(t.group_tokens for t in ordered), np.int64, total)
+    index = np.fromiter((s.spec.index for s in sent.values()), np.int64, n)
+    records = [
         _record(s, t, all_ns[end - len(t.group_times_s) : end])
         for s, t, end in zip(sent.values(), ordered, ends.tolist(), strict=True)
     ]
+    return records, MessageTimes(index=index, ends=ends, ns=all_ns, tokens=tokens)
 
 
 def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRecord:
@@ -313,7 +320,7 @@ def drive_level(
         engine0 = time.perf_counter()
         engine.run()
         engine_s = time.perf_counter() - engine0
-        records = make_records(driver.sent, driver.finished)
+        records, messages = make_records(driver.sent, driver.finished)
         modelled_s, totals = engine.now_s, engine.totals()
         # The engine and all it holds freed here, by reference counting (with the cycles
         # through the driver left, the collector freed them in some later level's time).
@@ -325,6 +332,7 @@ def drive_level(
     return LevelRun(
         result=result,
         records=records,
+        messages=messages,
         modelled_s=modelled_s,
         wall_s=time.perf_counter() - wall0,
         engine_s=engine_s,

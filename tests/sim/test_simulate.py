@@ -16,7 +16,7 @@ from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.loadgen.bench import BenchConfig, Level
 from memorywall.loadgen.metrics import compute_metrics
 from memorywall.loadgen.prefix_workload import SharedPrefixWorkload
-from memorywall.loadgen.records import RequestRecord
+from memorywall.loadgen.records import RequestRecord, read_requests
 from memorywall.loadgen.workload import (
     Fixed,
     LogNormal,
@@ -37,8 +37,11 @@ def simulate(tmp: Path, *argv: str) -> list[dict]:
 
 
 def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
-    results = simulate(tmp_path, "--concurrency", "1,4", "--num-prompts", "12", *SMALL)
+    argv = ["--concurrency", "1,4", "--num-prompts", "12", *SMALL, "--plots"]
+    results = simulate(tmp_path, *argv)
     for name in ("sim-c1.json", "sim-c4.json", "sim-c1.requests.jsonl", "sim-c4.requests.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0
+    for name in ("sim-c1.tokens.npz", "sim-c4.tokens.npz"):
         assert (tmp_path / name).stat().st_size > 0
     for name in ("latency_vs_load.png", "throughput_vs_interactivity.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,20 +61,27 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
     assert main(["bench", "compare", str(tmp_path)]) == 0
 
 
-def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path) -> None:
-    """`--no-plots`: the same result files, no PNGs, and matplotlib never imported (nor
-    the gRPC client: a simulation has no server to reach)."""
+@pytest.mark.parametrize("flags", [[], ["--no-plots"]])
+def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path, flags: list[str]) -> None:
+    """By default (and with `--no-plots`): the same result files, no PNGs, and matplotlib
+    never imported (nor the gRPC client: a simulation has no server to reach)."""
     code = (
         "import sys; from memorywall.cli import main; "
         f"main(['simulate', *{WSE!r}, '--num-prompts', '3', *{SMALL!r}, "
-        f"'--out', {str(tmp_path)!r}, '--no-plots']); "
+        f"'--out', {str(tmp_path)!r}, *{flags!r}]); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'grpc'}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]"
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["sim-c1.json", "sim-c1.requests.jsonl", "summary.json", "wall_time.json"]
+    assert names == [
+        "sim-c1.json",
+        "sim-c1.requests.jsonl",
+        "sim-c1.tokens.npz",
+        "summary.json",
+        "wall_time.json",
+    ]
 
 
 def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
@@ -79,9 +89,14 @@ def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
     argv += ["--output-len", "uniform:20:0.5", "--slo", "ttft=5ms"]
     for run in ("a", "b"):
         simulate(tmp_path / run, *argv, "--seed", "3")
-    names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.suffix in (".json", ".jsonl"))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
     names.remove("wall_time.json")
-    assert names == ["sim-rate50.json", "sim-rate50.requests.jsonl", "summary.json"]
+    assert names == [
+        "sim-rate50.json",
+        "sim-rate50.requests.jsonl",
+        "sim-rate50.tokens.npz",
+        "summary.json",
+    ]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     other = simulate(tmp_path / "c", *argv, "--seed", "4")[0]
@@ -91,15 +106,33 @@ def test_same_seed_same_files_other_seed_other_numbers(tmp_path: Path) -> None:
     )
 
 
+def test_token_times_each_form_reads_back_the_same_records(tmp_path: Path) -> None:
+    """`--token-times`: npz (default), jsonl (bench's rows) and none; the first two read
+    back as the same records, and the rest of the files do not change with it."""
+    argv = ["--num-prompts", "6", "--input-len", "uniform:64:0.5", "--output-len", "8"]
+    for form in BY_FORM:
+        simulate(tmp_path / form, *argv, "--token-times", form)
+    npz, inline, none = (read_requests(tmp_path / f / "sim-c1.requests.jsonl") for f in BY_FORM)
+    assert [r.as_dict() for r in npz] == [r.as_dict() for r in inline]
+    assert sum(len(r.chunk_ns) for r in npz) == 7 * 8 and isinstance(npz[0].chunk_ns, list)
+    assert [r.as_dict(messages=False) for r in none] == [r.as_dict(messages=False) for r in npz]
+    assert not (tmp_path / "none" / "sim-c1.tokens.npz").exists()
+    for name in ("sim-c1.json", "summary.json"):
+        assert len({(tmp_path / f / name).read_bytes() for f in BY_FORM}) == 1
+
+
+BY_FORM = ("npz", "jsonl", "none")
+
+
 def test_jobs_simulate_levels_in_processes_with_the_same_files(tmp_path: Path) -> None:
     argv = ["--concurrency", "1,4,16", "--num-prompts", "12", *SMALL]
     one = simulate(tmp_path / "one", *argv)
     two = simulate(tmp_path / "two", *argv, "--jobs", "2")
     assert [r["level"] for r in two] == ["c1", "c4", "c16"]
     assert one == two
-    names = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix in (".json", ".jsonl"))
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
     names.remove("wall_time.json")
-    assert len(names) == 7  # 3 levels x (result, records) + summary
+    assert len(names) == 10  # 3 levels x (result, records, message times) + summary
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     wall = json.loads((tmp_path / "two" / "wall_time.json").read_text())
@@ -225,6 +258,7 @@ BAD = {
     "bad precision": [*WSE, "--weight-precision", "fp3"],
     "bench-only flag": [*WSE, "--target", "127.0.0.1:1"],
     "zero jobs": [*WSE, "--jobs", "0"],
+    "unknown token times": [*WSE, "--token-times", "csv"],
 }
 
 
