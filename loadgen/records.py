@@ -29,6 +29,8 @@ from memorywall.loadgen import jsonl
 TokenTimes = Literal["npz", "jsonl", "none"]
 TOKEN_TIMES: tuple[TokenTimes, ...] = ("npz", "jsonl", "none")
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can have
+# Tokens per message fit 32 bits (and are mostly 1): half the bytes of int64.
+_NPZ_DTYPES = {"index": np.int64, "ends": np.int64, "ns": np.int64, "tokens": np.int32}
 REQUESTS_SUFFIX = ".requests.jsonl"
 TOKENS_SUFFIX = ".tokens.npz"
 
@@ -136,7 +138,8 @@ _ROW_FIELDS = tuple(name for name in _FIELDS if name not in _MESSAGE_FIELDS)
 @dataclass(frozen=True, slots=True)
 class MessageTimes:
     """Every record's token-carrying messages, one record's after another's: the columnar
-    per-token file `STEM.tokens.npz` (one array per field, int64, no pickled objects).
+    per-token file `STEM.tokens.npz` (one array per field, no pickled objects; int64 but
+    `tokens`, int32).
 
     `index`: each record's index (the JSONL's row order); `ends`: per record, one past
     its last message in `ns` and `tokens`; `ns`: each message's receipt time; `tokens`:
@@ -168,10 +171,10 @@ class MessageTimes:
         """An uncompressed .npz, as `np.savez` writes it, but with a fixed date on every
         member (np.savez stamps the hour it ran): same records, same bytes."""
         with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-            for name in ("index", "ends", "ns", "tokens"):
+            for name, dtype in _NPZ_DTYPES.items():
                 member = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
                 with z.open(member, "w", force_zip64=True) as f:
-                    array = np.ascontiguousarray(getattr(self, name), dtype=np.int64)
+                    array = np.ascontiguousarray(getattr(self, name), dtype=dtype)
                     np.lib.format.write_array(f, array, allow_pickle=False)
 
     @classmethod

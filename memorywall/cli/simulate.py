@@ -1,10 +1,12 @@
 """`memorywall simulate`: serve's deployment and engine options, bench's load options.
 
 Writes what `memorywall bench --out` writes (a JSON file and a per-request JSONL
-file per level, `summary.json`, the two PNG plots unless `--no-plots`), so
-`memorywall bench compare` sets simulated sweeps beside measured ones. What the
-simulation cost in host time goes to `wall_time.json` alone, so the result files depend
-on the seed only.
+file per level, `summary.json`), so `memorywall bench compare` sets simulated sweeps
+beside measured ones; each message's time goes to a columnar `LABEL-LEVEL.tokens.npz`
+beside the JSONL unless `--token-times jsonl` (inline, as bench writes it) or `none`,
+and the two PNG plots are drawn only with `--plots`. What the simulation cost in host
+time (each level's, and the whole command's from the process's start) goes to
+`wall_time.json` alone, so the result files depend on the seed only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from memorywall.loadgen.records import TOKEN_TIMES
 from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
+from memorywall.sim import host
 from memorywall.sim.simulate import LevelRun, check_models, simulate_level
 
 WALL_TIME = "wall_time.json"
@@ -170,7 +173,10 @@ def run(
     if args.out:
         results = [lr.result for lr in runs]
         write_sweep(args.out, config.label, results, plot=args.plots)
-        (args.out / WALL_TIME).write_text(json.dumps(wall_report(runs), indent=2))
+    whole = host.since_start()
+    print(command_line(runs, whole), flush=True)
+    if args.out:
+        (args.out / WALL_TIME).write_text(json.dumps(wall_report(runs, whole), indent=2))
         print(f"wrote {args.out}/")
     return 0
 
@@ -223,21 +229,47 @@ def simulate_one(
 
 
 def speed_line(lr: LevelRun) -> str:
+    """The level's host time: stepping the engine (with releasing requests), and the
+    level's whole (records and metrics too); files and start-up are the command's line."""
     return (
-        f"simulated {lr.modelled_s:,.3f} s of engine time in {lr.wall_s:,.3f} s "
-        f"({lr.speedup:,.0f}x real time, {lr.tokens / lr.wall_s:,.0f} tokens per host second, "
-        f"{lr.steps:,} steps)"
+        f"simulated {lr.modelled_s:,.3f} s of engine time in {lr.wall_s:,.3f} s of host time "
+        f"for the level ({lr.speedup:,.0f}x real time; the engine's steps {lr.engine_s:,.3f} s, "
+        f"{_ratio(lr.modelled_s, lr.engine_s)}; {lr.tokens / lr.wall_s:,.0f} tokens per host "
+        f"second, {lr.steps:,} steps)"
     )
 
 
-def wall_report(runs: list[LevelRun]) -> dict:
+def command_line(runs: list[LevelRun], whole: host.HostCost) -> str:
+    """The whole command's cost: start-up, imports, every level and the files so far."""
+    modelled = sum(lr.modelled_s for lr in runs)
+    since = "since the process started" if whole.from_start else "since start-up"
+    return (
+        f"whole command: {modelled:,.3f} s simulated in {whole.wall_s:,.2f} s wall "
+        f"({_ratio(modelled, whole.wall_s)} real time), {whole.cpu_s:,.2f} s CPU "
+        f"({_ratio(modelled, whole.cpu_s)}), {since}"
+    )
+
+
+def _ratio(modelled_s: float, host_s: float) -> str:
+    return f"{modelled_s / host_s:,.0f}x" if host_s > 0 else "n/a"
+
+
+def wall_report(runs: list[LevelRun], whole: host.HostCost) -> dict:
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
+        # Everything before the files' last write: start-up, imports, levels, files.
+        "command": {
+            "wall_s": whole.wall_s,
+            "cpu_s": whole.cpu_s,
+            "wall_from_process_start": whole.from_start,
+            "modelled_s": sum(lr.modelled_s for lr in runs),
+        },
         "levels": [
             {
                 "level": lr.result["level"],
                 "wall_s": lr.wall_s,
+                "engine_s": lr.engine_s,
                 "cpu_s": lr.cpu_s,
                 "modelled_s": lr.modelled_s,
                 "speedup": lr.speedup,

@@ -93,6 +93,7 @@ def test_npz_is_plain_numpy_and_the_same_bytes_each_time(tmp_path: Path) -> None
     with np.load(a, allow_pickle=False) as z:
         assert sorted(z.files) == ["ends", "index", "ns", "tokens"]
         assert z["ns"].dtype == np.int64 and z["ns"].size == 7
+        assert z["tokens"].dtype == np.int32 and z["tokens"].tolist() == [1, 1, 1, 2, 1, 1, 1]
     assert {i.date_time for i in zipfile.ZipFile(a).infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 

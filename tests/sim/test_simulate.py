@@ -57,7 +57,16 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
     wall = json.loads((tmp_path / "wall_time.json").read_text())
     assert [lv["level"] for lv in wall["levels"]] == ["c1", "c4"]
     assert all(lv["wall_s"] > 0 and lv["modelled_s"] > 0 for lv in wall["levels"])
-    assert "(simulated)" in capsys.readouterr().out
+    assert all(0 < lv["engine_s"] < lv["wall_s"] for lv in wall["levels"])
+    # The whole command, from the process's start: more than its levels.
+    command = wall["command"]
+    assert command["wall_s"] > sum(lv["wall_s"] for lv in wall["levels"])
+    assert command["cpu_s"] > 0 and command["wall_from_process_start"]
+    assert command["modelled_s"] == sum(lv["modelled_s"] for lv in wall["levels"])
+    out = capsys.readouterr().out
+    assert "(simulated)" in out
+    assert out.count("of host time for the level") == 2 and "the engine's steps" in out
+    assert out.count("whole command: ") == 1 and "since the process started" in out
     assert main(["bench", "compare", str(tmp_path)]) == 0
 
 
