@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
 from memorywall.argtypes import positive_int
 from memorywall.cli import serve_options
@@ -36,9 +35,11 @@ from memorywall.loadgen.options import add_load_arguments
 from memorywall.loadgen.records import TOKEN_TIMES
 from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
-from memorywall.server.pd.offline import PdFleet
 from memorywall.sim import host
 from memorywall.sim.simulate import LevelRun, check_models, simulate_level
+
+if TYPE_CHECKING:  # imported where used: a plain run needs neither the split fleet nor a pool
+    from memorywall.server.pd.offline import PdFleet
 
 WALL_TIME = "wall_time.json"
 
@@ -109,6 +110,8 @@ def fleet_from_args(
     """The split fleet the options name, or None without `--prefill-hardware`."""
     if args.prefill_hardware is None:
         return None
+    from memorywall.server.pd.offline import PdFleet
+
     prefill = DeploymentNames(
         hardware=args.prefill_hardware,
         model=args.model,
@@ -199,6 +202,9 @@ def level_runs(
         for level in todo:
             yield simulate_one(deployment, engine_config, config, level, fleet, lora)
         return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     # spawn, not fork: a child starts clean instead of inheriting this process's threads.
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     try:
