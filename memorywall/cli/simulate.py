@@ -239,8 +239,8 @@ def speed_line(lr: LevelRun) -> str:
     level's whole (records and metrics too); files and start-up are the command's line."""
     return (
         f"simulated {lr.modelled_s:,.3f} s of engine time in {lr.wall_s:,.3f} s of host time "
-        f"for the level ({lr.speedup:,.0f}x real time; the engine's steps {lr.engine_s:,.3f} s, "
-        f"{_ratio(lr.modelled_s, lr.engine_s)}; {lr.tokens / lr.wall_s:,.0f} tokens per host "
+        f"for the level ({lr.speedup:,.0f}x real time; {lr.cpu_s:,.3f} s CPU, of which the "
+        f"engine's steps {lr.engine_cpu_s:,.3f} s; {lr.tokens / lr.wall_s:,.0f} tokens per host "
         f"second, {lr.steps:,} steps)"
     )
 
@@ -277,6 +277,7 @@ def wall_report(runs: list[LevelRun], whole: host.HostCost) -> dict:
                 "wall_s": lr.wall_s,
                 "engine_s": lr.engine_s,
                 "cpu_s": lr.cpu_s,
+                "engine_cpu_s": lr.engine_cpu_s,
                 "modelled_s": lr.modelled_s,
                 "speedup": lr.speedup,
                 "steps": lr.steps,

@@ -68,6 +68,7 @@ class LevelRun:
     wall_s: float  # host time the simulation took (not part of `result`)
     engine_s: float  # of which running the engine and releasing requests (not records, metrics)
     cpu_s: float  # this process's CPU time for it: the host's own cost, were it not shared
+    engine_cpu_s: float  # of which running the engine and releasing requests
     steps: int
     tokens: int  # generated, warm-ups included
     preemptions: int
@@ -317,9 +318,10 @@ def drive_level(
         engine, facts = build()
         driver = _LevelDriver(config, level, engine, lora)
         driver.start()
-        engine0 = time.perf_counter()
+        engine0, engine_cpu0 = time.perf_counter(), time.process_time()
         engine.run()
         engine_s = time.perf_counter() - engine0
+        engine_cpu_s = time.process_time() - engine_cpu0
         records, messages = make_records(driver.sent, driver.finished)
         modelled_s, totals = engine.now_s, engine.totals()
         # The engine and all it holds freed here, by reference counting (with the cycles
@@ -337,6 +339,7 @@ def drive_level(
         wall_s=time.perf_counter() - wall0,
         engine_s=engine_s,
         cpu_s=time.process_time() - cpu0,
+        engine_cpu_s=engine_cpu_s,
         steps=totals.steps,
         tokens=totals.tokens_generated,
         preemptions=totals.preemptions,

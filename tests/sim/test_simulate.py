@@ -58,6 +58,7 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
     assert [lv["level"] for lv in wall["levels"]] == ["c1", "c4"]
     assert all(lv["wall_s"] > 0 and lv["modelled_s"] > 0 for lv in wall["levels"])
     assert all(0 < lv["engine_s"] < lv["wall_s"] for lv in wall["levels"])
+    assert all(0 < lv["engine_cpu_s"] < lv["cpu_s"] for lv in wall["levels"])
     # The whole command, from the process's start: more than its levels.
     command = wall["command"]
     assert command["wall_s"] > sum(lv["wall_s"] for lv in wall["levels"])
@@ -65,7 +66,7 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
     assert command["modelled_s"] == sum(lv["modelled_s"] for lv in wall["levels"])
     out = capsys.readouterr().out
     assert "(simulated)" in out
-    assert out.count("of host time for the level") == 2 and "the engine's steps" in out
+    assert out.count("of host time for the level") == 2 and "s CPU, of which the engine's" in out
     assert out.count("whole command: ") == 1 and "since the process started" in out
     assert main(["bench", "compare", str(tmp_path)]) == 0
 
