@@ -29,8 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain
-from typing import Any, NamedTuple
+from itertools import chain, compress
+from typing import NamedTuple
 
 import numpy as np
 
@@ -199,53 +199,69 @@ def make_records(
     sent: dict[str, _Sent], timelines: list[Timeline]
 ) -> tuple[list[RequestRecord], MessageTimes]:
     """What a client would have seen of each request sent, with no transport in between,
-    in sending order, and their message times in arrays. Message times are integer ns,
-    np.rint rounding half to even as round() does, in one numpy array for all requests:
-    each record's `chunk_ns` is its slice (a list of Python ints per record cost more than
-    the rest of the records) and its `chunk_tokens` the timeline's own list."""
+    in sending order, and their message times in arrays.
+
+    Every time is computed over all requests at once, with the arithmetic a record's own
+    would use (float64 differences; ns as np.rint(s * 1e9), half to even as round() does);
+    the loop left only assembles records. Message times are one int64 array: a record's
+    `chunk_ns` is its slice (a list of Python ints per record cost more than the rest of
+    the records) and its `chunk_tokens` the timeline's own list."""
     by_id = {t.request_id: t for t in timelines}
     ordered = [by_id[request_id] for request_id in sent]
     n = len(ordered)
-    ends = np.cumsum(np.fromiter((len(t.group_times_s) for t in ordered), np.int64, n))
+    spoken = [t.error is None for t in ordered]  # a refused request has no messages
+    counts = np.fromiter(
+        (len(t.group_times_s) if ok else 0 for t, ok in zip(ordered, spoken, strict=True)),
+        np.int64,
+        n,
+    )
+    ends = np.cumsum(counts)
     total = int(ends[-1]) if n else 0
-    ns = np.fromiter(chain.from_iterable(t.group_times_s for t in ordered), float, total)
-    all_ns = np.rint(np.multiply(ns, 1e9, out=ns), out=ns).astype(np.int64)  # in place: 10s of MB
-    tokens = np.fromiter(chain.from_iterable(t.group_tokens for t in ordered), np.int64, total)
+    answered = list(compress(ordered, spoken))
+    times = np.fromiter(chain.from_iterable(t.group_times_s for t in answered), float, total)
+    tokens = np.fromiter(chain.from_iterable(t.group_tokens for t in answered), np.int64, total)
+    first_s, last_s = times[(ends - counts)[spoken]], times[ends[spoken] - 1]
+    all_ns = _ns_array(times)  # in place: 10s of MB
+    arrival_s = np.fromiter((t.arrival_s for t in answered), float, len(answered))
+    # Per answered request: finished, received, modelled TTFT, E2E and decode span.
+    answers = zip(
+        all_ns[ends[spoken] - 1].tolist(),
+        _ns_array(arrival_s.copy()).tolist(),
+        (first_s - arrival_s).tolist(),
+        (last_s - arrival_s).tolist(),
+        (last_s - first_s).tolist(),
+        strict=True,
+    )
+    sent_ns = _ns_array(np.fromiter((s.at_s for s in sent.values()), float, n)).tolist()
+    records = []
+    for s, t, ok, at_ns, end, count in zip(
+        sent.values(), ordered, spoken, sent_ns, ends.tolist(), counts.tolist(), strict=True
+    ):
+        spec = s.spec
+        scheduled_ns = None if s.scheduled_s is None else _ns(s.scheduled_s)
+        if not ok:
+            error = f"{type(t.error).__name__}: {t.error}"
+            records.append(
+                RequestRecord(spec.index, spec.prompt_tokens, spec.output_tokens, scheduled_ns,
+                              at_ns, error=error, warmup=s.warmup)
+            )  # fmt: skip
+            continue
+        finished_ns, received_ns, ttft_s, e2e_s, decode_s = next(answers)
+        records.append(
+            RequestRecord(
+                spec.index, spec.prompt_tokens, spec.output_tokens, scheduled_ns, at_ns,
+                all_ns[end - count : end], t.group_tokens, finished_ns, t.prompt_tokens,
+                t.completion_tokens, t.cached_tokens, ttft_s, e2e_s, decode_s, received_ns,
+                warmup=s.warmup,
+            )
+        )  # fmt: skip
     index = np.fromiter((s.spec.index for s in sent.values()), np.int64, n)
-    records = [
-        _record(s, t, all_ns[end - len(t.group_times_s) : end])
-        for s, t, end in zip(sent.values(), ordered, ends.tolist(), strict=True)
-    ]
     return records, MessageTimes(index=index, ends=ends, ns=all_ns, tokens=tokens)
 
 
-def _record(sent: _Sent, timeline: Timeline, chunk_ns: np.ndarray) -> RequestRecord:
-    """One request's record, given its message times in ns."""
-    spec = sent.spec
-    common: dict[str, Any] = {  # Any: the fields both kinds of record share
-        "index": spec.index,
-        "prompt_tokens": spec.prompt_tokens,
-        "output_tokens": spec.output_tokens,
-        "scheduled_ns": None if sent.scheduled_s is None else _ns(sent.scheduled_s),
-        "sent_ns": _ns(sent.at_s),
-        "warmup": sent.warmup,
-    }
-    if timeline.error is not None:  # refused: no messages
-        return RequestRecord(**common, error=f"{type(timeline.error).__name__}: {timeline.error}")
-    first, last = timeline.group_times_s[0], timeline.group_times_s[-1]
-    return RequestRecord(
-        **common,
-        chunk_ns=chunk_ns,
-        chunk_tokens=timeline.group_tokens,
-        finished_ns=int(chunk_ns[-1]),
-        usage_prompt_tokens=timeline.prompt_tokens,
-        usage_completion_tokens=timeline.completion_tokens,
-        usage_cached_tokens=timeline.cached_tokens,
-        modelled_ttft_s=first - timeline.arrival_s,
-        modelled_e2e_s=last - timeline.arrival_s,
-        modelled_decode_s=last - first,
-        server_received_ns=_ns(timeline.arrival_s),
-    )
+def _ns_array(t_s: np.ndarray) -> np.ndarray:
+    """`_ns` of every element, as int64; overwrites `t_s`."""
+    return np.rint(np.multiply(t_s, 1e9, out=t_s), out=t_s).astype(np.int64)
 
 
 @contextlib.contextmanager

@@ -398,4 +398,5 @@ def test_same_seed_same_files(tmp_path):
             out = tmp_path / f"{load[0][2:]}-{run}"
             assert _cli(*argv, *load, "--out", str(out))[0] == 0
             files.append({p.name: p.read_bytes() for p in out.glob("sim-*")})
-        assert files[0] == files[1] and len(files[0]) == 2 * (len(load[1].split(",")))
+        # Per level: the result, the per-request rows and their message times (.tokens.npz).
+        assert files[0] == files[1] and len(files[0]) == 3 * (len(load[1].split(",")))

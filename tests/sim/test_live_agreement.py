@@ -60,15 +60,45 @@ def test_modelled_timelines_agree(runs) -> None:
     assert sim["client_overhead_ttft_ms"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_same_files_and_keys(runs) -> None:
+def test_same_files_and_keys(runs, tmp_path) -> None:
+    """With `--token-times jsonl --plots` simulate writes bench's files, row for row; by
+    default its rows leave the message times to a `.tokens.npz` beside them, and it draws
+    no plots."""
     live, sim, live_dir, sim_dir = runs
     assert live.keys() == sim.keys()
     assert (live["simulated"], sim["simulated"]) == (False, True)
-    first = json.loads((live_dir / "run-c1.requests.jsonl").open().readline())
-    assert first.keys() == json.loads((sim_dir / "sim-c1.requests.jsonl").open().readline()).keys()
-    assert sorted(p.name.replace("run", "sim") for p in live_dir.iterdir()) == sorted(
-        p.name for p in sim_dir.iterdir() if p.name != "wall_time.json"
+    inline = tmp_path / "inline"
+    assert (
+        main(
+            [
+                "simulate",
+                *DEPLOYMENT,
+                *LOAD,
+                "--token-times",
+                "jsonl",
+                "--plots",
+                "--out",
+                str(inline),
+            ]
+        )
+        == 0
     )
+
+    def names(d: Path) -> list[str]:
+        return sorted(
+            p.name.replace("run", "sim") for p in d.iterdir() if p.name != "wall_time.json"
+        )
+
+    def keys(d: Path, label: str) -> list[str]:
+        return list(json.loads((d / f"{label}-c1.requests.jsonl").open().readline()))
+
+    assert names(live_dir) == names(inline)
+    assert keys(live_dir, "run") == keys(inline, "sim")
+    plots = [n for n in names(live_dir) if n.endswith(".png")]
+    assert len(plots) == 2
+    expected = sorted({*names(live_dir), "sim-c1.tokens.npz"} - {*plots})
+    assert names(sim_dir) == expected
+    assert keys(sim_dir, "sim") == [k for k in keys(live_dir, "run") if not k.startswith("chunk_")]
 
 
 def test_each_record_carries_when_the_server_received_it(runs) -> None:

@@ -24,7 +24,7 @@ SPLIT = ["--hardware", "wse-3", "--model", "llama-3.1-8b", "--prefill-hardware",
 def test_one_user_sees_prefill_plus_transfer_plus_a_decode_step(tmp_path: Path) -> None:
     argv = [*SPLIT, "--prefill-workers", "2", "--kv-link", "25"]
     argv += ["--input-len", "512", "--output-len", "8", "--num-prompts", "6"]
-    assert main(["simulate", *argv, "--concurrency", "1,4", "--out", str(tmp_path)]) == 0
+    assert main(["simulate", *argv, "--concurrency", "1,4", "--plots", "--out", str(tmp_path)]) == 0
     c1, c4 = json.loads((tmp_path / "summary.json").read_text())
     assert c1["simulated"] and (c1["completed"], c1["failed"]) == (6, 0)
     assert c1["hardware"] == "2P x 1 h100-sxm + 1D x 1 wse-3" and c1["devices"] == 3
@@ -37,7 +37,12 @@ def test_one_user_sees_prefill_plus_transfer_plus_a_decode_step(tmp_path: Path) 
     assert c1["mean_ttft_ms"] == pytest.approx((prefill_s + transfer_s + first_s) * 1e3, abs=1e-5)
     assert c1["predicted_ttft_ms"] is None  # no one profile predicts a split fleet
     assert c4["mean_ttft_ms"] > c1["mean_ttft_ms"]  # four users share the prefill workers
-    for name in ("sim-c1.requests.jsonl", "latency_vs_load.png", "wall_time.json"):
+    for name in (
+        "sim-c1.requests.jsonl",
+        "sim-c1.tokens.npz",
+        "latency_vs_load.png",
+        "wall_time.json",
+    ):
         assert (tmp_path / name).stat().st_size > 0
 
 
