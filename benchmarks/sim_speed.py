@@ -6,8 +6,9 @@
 Four tables, Llama 3.1 8B, prompts 512 and outputs 128 tokens, closed loop:
 1. the targets: 10,000 requests at 64 users on h100-sxm and wse-3, with fixed lengths
    (users stay in lock-step: long stretches of plain decoding) and with lengths spread
-   +-90% (a request joins nearly every step); "engine" is the share of host time spent
-   stepping the engine (the rest builds records and metrics);
+   +-90% (a request joins nearly every step); "engine" is the share of host CPU spent
+   stepping the engine (the rest builds records and metrics; the whole command's
+   start-up and files are `benchmarks.replay_compare`'s last row);
 2. the scheduler's hot path per sequence per step: `schedule` + `complete` one step at a
    time, against the fast path that applies plain decode steps many at once;
 3. cost against users (1 to 1,024) at a fixed number of requests;
@@ -68,14 +69,14 @@ def run(
     runs = [
         simulate_level(deployment(hardware), EngineConfig(), config, level) for _ in range(repeat)
     ]
-    return min(runs, key=lambda r: r.wall_s)
+    return min(runs, key=lambda r: r.cpu_s)  # the least CPU time, as the module says
 
 
 def row(lr: LevelRun, *cells: str) -> str:
     per_request_us = lr.cpu_s / lr.result["num_prompts"] * 1e6
     return (
         f"| {' | '.join(cells)} | {lr.modelled_s:,.1f} s | {lr.wall_s:,.2f} s "
-        f"| {lr.cpu_s:,.2f} s ({lr.engine_s / lr.wall_s:.0%} engine) "
+        f"| {lr.cpu_s:,.2f} s ({lr.engine_cpu_s / lr.cpu_s:.0%} engine) "
         f"| {lr.speedup:,.0f}x | **{lr.modelled_s / lr.cpu_s:,.0f}x** "
         f"| {lr.tokens / lr.cpu_s:,.0f} | {per_request_us:,.0f} us "
         f"| {lr.cpu_s / lr.steps * 1e6:,.1f} us |"
