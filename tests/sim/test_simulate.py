@@ -132,6 +132,14 @@ def test_token_times_each_form_reads_back_the_same_records(tmp_path: Path) -> No
     assert not (tmp_path / "none" / "sim-c1.tokens.npz").exists()
     for name in ("sim-c1.json", "summary.json"):
         assert len({(tmp_path / f / name).read_bytes() for f in BY_FORM}) == 1
+    # Either form of rows replays as a trace (`--workload`), with the same arrivals.
+    replays = [
+        simulate(
+            tmp_path / f"replay-{f}", "--workload", str(tmp_path / f / "sim-c1.requests.jsonl")
+        )
+        for f in ("npz", "jsonl")
+    ]
+    assert replays[0] == replays[1] and replays[0][0]["completed"] == 6
 
 
 BY_FORM = ("npz", "jsonl", "none")
