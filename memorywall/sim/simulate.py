@@ -209,7 +209,8 @@ def make_records(
     by_id = {t.request_id: t for t in timelines}
     ordered = [by_id[request_id] for request_id in sent]
     n = len(ordered)
-    spoken = [t.error is None for t in ordered]  # a refused request has no messages
+    # A refused request has no messages (nor would one that emitted nothing).
+    spoken = [t.error is None and len(t.group_times_s) > 0 for t in ordered]
     counts = np.fromiter(
         (len(t.group_times_s) if ok else 0 for t, ok in zip(ordered, spoken, strict=True)),
         np.int64,
@@ -240,7 +241,7 @@ def make_records(
         spec = s.spec
         scheduled_ns = None if s.scheduled_s is None else _ns(s.scheduled_s)
         if not ok:
-            error = f"{type(t.error).__name__}: {t.error}"
+            error = None if t.error is None else f"{type(t.error).__name__}: {t.error}"
             records.append(
                 RequestRecord(spec.index, spec.prompt_tokens, spec.output_tokens, scheduled_ns,
                               at_ns, error=error, warmup=s.warmup)

@@ -218,6 +218,56 @@ def test_records_hold_the_modelled_times_in_integer_ns() -> None:
         assert chunks[-1] - chunks[0] == pytest.approx(r.modelled_decode_s * 1e9, abs=1)
 
 
+@pytest.mark.parametrize(
+    ("hardware", "prompt", "level"),
+    [
+        ("wse-3", Uniform(300, 0.9), Level("c16", 16, None)),
+        ("h100-sxm", Uniform(100_000, 0.9), Level("c4", 4, None)),  # some past the context
+    ],
+)
+def test_records_are_each_timelines_own_arithmetic(hardware, prompt, level) -> None:
+    """`make_records` computes over all requests at once what each record's own
+    arithmetic gives (round(s * 1e9), float differences), to the bit, refusals included."""
+    from memorywall.server.engine.build import build_core
+    from memorywall.server.engine.offline import OfflineEngine
+    from memorywall.sim.simulate import _LevelDriver, make_records
+
+    cfg = config(workload=SyntheticWorkload(prompt, Uniform(20, 0.9)), num_prompts=40)
+    core, _ = build_core(plan_deployment(load_hardware(hardware), load_model("llama-3.1-8b")),
+                         EngineConfig())  # fmt: skip
+    engine = OfflineEngine(core)
+    driver = _LevelDriver(cfg, level, engine)
+    driver.start()
+    engine.run()
+    records, messages = make_records(driver.sent, driver.finished)
+    by_id = {t.request_id: t for t in driver.finished}
+    refused = 0
+    for (request_id, sent), r in zip(driver.sent.items(), records, strict=True):
+        t = by_id[request_id]
+        assert (r.index, r.sent_ns, r.warmup) == (
+            sent.spec.index,
+            round(sent.at_s * 1e9),
+            sent.warmup,
+        )
+        if t.error is not None:
+            refused += 1
+            assert r.error and not len(r.chunk_ns) and r.finished_ns is None
+            continue
+        times = t.group_times_s
+        assert list(r.chunk_ns) == [round(x * 1e9) for x in times] and r.finished_ns == round(
+            times[-1] * 1e9
+        )
+        assert r.server_received_ns == round(t.arrival_s * 1e9)
+        assert (
+            r.modelled_ttft_s == times[0] - t.arrival_s
+            and r.modelled_decode_s == times[-1] - times[0]
+        )
+        assert r.modelled_e2e_s == times[-1] - t.arrival_s and r.chunk_tokens is t.group_tokens
+    assert (refused > 0) == (hardware == "h100-sxm")
+    assert messages.ns.tolist() == [n for r in records for n in r.chunk_ns]
+    assert messages.tokens.tolist() == [k for r in records for k in r.chunk_tokens]
+
+
 def test_records_read_back_from_json_give_the_same_metrics() -> None:
     """The simulator's records (message times in one numpy array) and the same records as
     a client's lists, read back from the JSONL: the same metrics, to the last bit."""
