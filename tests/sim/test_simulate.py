@@ -77,7 +77,7 @@ def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path, flags: list
     never imported (nor the gRPC client: a simulation has no server to reach; nor the
     other commands' modules, nor the split fleet's, which a plain run does not use)."""
     unused = ("matplotlib", "grpc", "memorywall.plan", "memorywall.calibrate")
-    unused += ("memorywall.server.pd", "memorywall.demo", "memorywall.cli.serve")
+    unused += ("memorywall.server.pd", "memorywall.demo", "memorywall.cli.plan")
     code = (
         "import sys; from memorywall.cli import main; "
         f"main(['simulate', *{WSE!r}, '--num-prompts', '3', *{SMALL!r}, "
