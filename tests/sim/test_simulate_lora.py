@@ -12,6 +12,7 @@ import pytest
 from memorywall.cli.app import main
 from memorywall.core import load_hardware, load_model, plan_deployment
 from memorywall.core.lora import LoraAdapter, LoraCost, adapter_params, target_modules
+from memorywall.loadgen.records import read_requests
 from memorywall.loadgen.workload import TraceWorkload
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "lora"
@@ -40,7 +41,7 @@ def _records(tmp_path: Path, trace: Path, *extra: str) -> list[dict]:
     args = ["simulate", *H100_8B, "--workload", str(trace), "--warmup", "0", "--no-plots"]
     assert main([*args, "--out", str(out), *extra]) == 0
     (rows,) = out.glob("*.requests.jsonl")
-    return [json.loads(line) for line in rows.read_text().splitlines()]
+    return [r.as_dict() for r in read_requests(rows)]  # message times from the .tokens.npz
 
 
 def _adapter(name: str) -> LoraAdapter:
