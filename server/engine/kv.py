@@ -16,6 +16,11 @@ modelled KV (the cost model), never change tokens.
 
 Observers subscribe to `BlockStored` / `BlockRemoved` events (vLLM's
 `kv_events` shapes); with no subscriber no event object is built.
+
+`BlockPool` is the pure-Python reference; `CompiledBlockPool` keeps the same state in C
+arrays (`_kernel.c`: the pool, its LRU and hash map, and the hash chain, computing
+CPython's tuple hash itself so blocks keep the same names), and `make_block_pool` picks
+it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and events.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from memorywall.server.engine import kernel
 
 ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
 
@@ -65,6 +72,20 @@ def extend_block_hashes(
         parent = hash((parent, block))
         hashes.append(parent)
     return hashes
+
+
+def tokens_of(prompt: tuple[int, ...], output: list[int]) -> Callable[[int, int], tuple[int, ...]]:
+    """`token_ids(start, end)` over a sequence's prompt and generated tokens."""
+    p = len(prompt)
+
+    def token_ids(start: int, end: int) -> tuple[int, ...]:
+        if end <= p:
+            return prompt[start:end]
+        if start >= p:
+            return tuple(output[start - p : end - p])
+        return prompt[start:] + tuple(output[: end - p])
+
+    return token_ids
 
 
 @dataclass
@@ -242,6 +263,23 @@ class BlockPool:
 
     # prefix caching
 
+    def hash_blocks(
+        self,
+        hashes: list[int],
+        full_blocks: int,
+        prompt: tuple[int, ...],
+        output: list[int],
+        root: int = ROOT_HASH,
+    ) -> list[int]:
+        """`extend_block_hashes` over a sequence's prompt and generated tokens, from `root`."""
+        return extend_block_hashes(
+            hashes, full_blocks, self.block_size, tokens_of(prompt, output), root
+        )
+
+    def any_cached(self, block_hashes: list[int]) -> bool:
+        """Whether any of `block_hashes` names a cached block."""
+        return not self.cached.keys().isdisjoint(block_hashes)
+
     def lookup(self, block_hashes: list[int], max_blocks: int) -> list[int]:
         """Blocks caching the longest prefix of `block_hashes` (at most `max_blocks`);
         takes no reference."""
@@ -336,3 +374,102 @@ class BlockPool:
             if self._subscribers:
                 self._emit(AllBlocksCleared())
         return True
+
+
+class CompiledBlockPool(BlockPool):
+    """`BlockPool` with its state in the compiled kernel (`_kernel.Pool`): the same blocks,
+    hashes, LRU order and events, at a fraction of the Python work per block.
+
+    `ref_counts`, `block_hashes`, `cached`, `_lru` and `_empty` are snapshots (copies
+    made on each read, for tests and checks), not the live state.
+    """
+
+    def __init__(self, total_blocks: int, block_size: int) -> None:
+        assert kernel.compiled is not None
+        self._c = kernel.compiled.Pool(total_blocks, block_size)
+        self.total_blocks = total_blocks
+        self.block_size = block_size
+        self._subscribers = []
+        # The hot methods, bound once: a call through the wrapper adds a Python frame.
+        self.release = self._c.release  # type: ignore[method-assign]
+        self.lookup = self._c.lookup  # type: ignore[method-assign]
+        self.free_among = self._c.free_among  # type: ignore[method-assign]
+        self.touch = self._c.touch  # type: ignore[method-assign]
+        self.any_cached = self._c.any_cached  # type: ignore[method-assign]
+
+    @property  # type: ignore[override]
+    def free_blocks(self) -> int:
+        return self._c.free_blocks
+
+    @property
+    def cached_free_blocks(self) -> int:
+        return self._c.lru_len
+
+    @property  # type: ignore[override]
+    def ref_counts(self) -> list[int]:
+        return self._c.ref_counts()
+
+    @property  # type: ignore[override]
+    def block_hashes(self) -> list[int | None]:
+        return self._c.block_hashes()
+
+    @property  # type: ignore[override]
+    def cached(self) -> dict[int, int]:
+        hashes = self._c.block_hashes()
+        return {hashes[b]: b for b in range(len(hashes)) if hashes[b] is not None}
+
+    @property  # type: ignore[override]
+    def _lru(self) -> list[int]:
+        return self._c.lru()
+
+    @property  # type: ignore[override]
+    def _empty(self) -> list[int]:
+        return self._c.empty()
+
+    def allocate(self, n: int) -> list[int] | None:
+        if not self._subscribers:
+            return self._c.allocate(n)
+        evicted: list[int] = []
+        ids = self._c.allocate(n, evicted)
+        for h in evicted:
+            self._emit(BlockRemoved((h,)))
+        return ids
+
+    def hash_blocks(
+        self,
+        hashes: list[int],
+        full_blocks: int,
+        prompt: tuple[int, ...],
+        output: list[int],
+        root: int = ROOT_HASH,
+    ) -> list[int]:
+        assert kernel.compiled is not None
+        return kernel.compiled.extend_hashes(
+            hashes, full_blocks, self.block_size, root, prompt, output
+        )
+
+    def cache(
+        self,
+        block_ids: list[int],
+        block_hashes: list[int],
+        start: int,
+        end: int,
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        stored = self._c.cache(block_ids, block_hashes, start, end)
+        if stored and self._subscribers:
+            self._emit_stored(block_hashes, stored, token_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        done = self._c.reset()
+        if done == 2 and self._subscribers:
+            self._emit(AllBlocksCleared())
+        return bool(done)
+
+
+def make_block_pool(total_blocks: int, block_size: int) -> BlockPool:
+    """The compiled pool where the kernel is on (`kernel.enabled`), else the reference."""
+    if kernel.enabled():
+        return CompiledBlockPool(total_blocks, block_size)
+    kernel.notice()
+    return BlockPool(total_blocks, block_size)

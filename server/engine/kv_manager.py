@@ -27,7 +27,6 @@ from memorywall.server.engine.kv import (
     KVEvent,
     PrefixCacheStats,
     blocks_for,
-    extend_block_hashes,
 )
 
 if TYPE_CHECKING:
@@ -85,10 +84,11 @@ class KVManager:
             return self._none
         size = self.block_size
         total = seq.total_tokens
-        hashes = extend_block_hashes(
-            seq.block_hashes, total // size, size, seq.token_ids, seq.hash_root
+        pool = self.pool
+        hashes = pool.hash_blocks(
+            seq.block_hashes, total // size, seq.request.prompt_ids, seq.output_ids, seq.hash_root
         )
-        hits = self.pool.lookup(hashes, (total - 1) // size)
+        hits = pool.lookup(hashes, (total - 1) // size)
         return ComputedBlocks(hits, len(hits) * size)
 
     def allocate_slots(
@@ -157,11 +157,11 @@ class KVManager:
     def cache_full_blocks(self, seq: SeqState, full_blocks: int) -> None:
         """Offer `seq`'s first `full_blocks` blocks (computed, or computed by the step
         being planned) to the prefix cache."""
-        size = self.block_size
-        hashes = extend_block_hashes(
-            seq.block_hashes, full_blocks, size, seq.token_ids, seq.hash_root
+        pool = self.pool
+        hashes = pool.hash_blocks(
+            seq.block_hashes, full_blocks, seq.request.prompt_ids, seq.output_ids, seq.hash_root
         )
-        self.pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
+        pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
         seq.cached_blocks = full_blocks
 
     # release
@@ -258,12 +258,16 @@ class KVManager:
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:
-                    hashes = extend_block_hashes(
-                        seq.block_hashes, full, size, seq.token_ids, seq.hash_root
+                    hashes = pool.hash_blocks(
+                        seq.block_hashes,
+                        full,
+                        seq.request.prompt_ids,
+                        seq.output_ids,
+                        seq.hash_root,
                     )
                     fresh += hashes[seq.cached_blocks : full]
                     cache_to.append((seq, full))
-            if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):
+            if pool.any_cached(fresh) or len(set(fresh)) < len(fresh):
                 return False
         if growth.blocks:
             new = np.asarray(pool.allocate(growth.blocks))[growth.allocation_order()].tolist()
