@@ -15,6 +15,7 @@ from memorywall.cli import (
     catalog,
     dashboard,
     demo,
+    doctor,
     fleet,
     grafana,
     plan,
@@ -38,6 +39,7 @@ COMMANDS = (
     plan,
     catalog,
     grafana,
+    doctor,
 )
 
 

@@ -93,6 +93,7 @@ typedef struct {
     int32_t *vals; /* NONE: an empty slot */
     size_t mask;
     Py_ssize_t n_cached;
+    int64_t root; /* the parent hash of a sequence's first block */
 } Pool;
 
 static int grow_ids(Pool *p, Py_ssize_t need)
@@ -276,14 +277,19 @@ static int block_of(Pool *p, PyObject *item, int32_t *out)
 
 static PyObject *new_int(Py_ssize_t v) { return PyLong_FromSsize_t(v); }
 
+static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
+                      PyObject *prompt, PyObject *output);
+
 /* ---- methods ---- */
 
 static int Pool_init(Pool *p, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"total_blocks", "block_size", NULL};
+    static char *kwlist[] = {"total_blocks", "block_size", "root_hash", NULL};
     Py_ssize_t total, size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nn", kwlist, &total, &size))
+    long long root = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nn|L", kwlist, &total, &size, &root))
         return -1;
+    p->root = root;
     if (total < 0 || total > INT32_MAX || size < 1) {
         PyErr_SetString(PyExc_ValueError, "total_blocks must be in [0, 2**31) and block_size >= 1");
         return -1;
@@ -310,12 +316,8 @@ static void Pool_dealloc(Pool *p)
 
 /* allocate(n, evicted) -> list | None: as BlockPool.allocate; each evicted block's hash is
  * appended to the list `evicted` when it is not None (for BlockRemoved events). */
-static PyObject *Pool_allocate(Pool *p, PyObject *args)
+static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
 {
-    Py_ssize_t n;
-    PyObject *evicted = Py_None;
-    if (!PyArg_ParseTuple(args, "n|O", &n, &evicted))
-        return NULL;
     if (n > p->free_blocks)
         Py_RETURN_NONE;
     if (n < 0)
@@ -373,6 +375,15 @@ static PyObject *Pool_allocate(Pool *p, PyObject *args)
     }
     p->free_blocks -= n;
     return ids;
+}
+
+static PyObject *Pool_allocate(Pool *p, PyObject *args)
+{
+    Py_ssize_t n;
+    PyObject *evicted = Py_None;
+    if (!PyArg_ParseTuple(args, "n|O", &n, &evicted))
+        return NULL;
+    return do_allocate(p, n, evicted);
 }
 
 /* release(block_ids): as BlockPool.release. */
@@ -661,6 +672,49 @@ static PyObject *Pool_get_size(Pool *p, void *c) { return new_int(p->block_size)
 static PyObject *Pool_get_lru_len(Pool *p, void *c) { return new_int(p->lru_len); }
 static PyObject *Pool_get_n_cached(Pool *p, void *c) { return new_int(p->n_cached); }
 
+/* hash_blocks(hashes, full_blocks, prompt, output, root=the pool's) -> hashes:
+ * extend_hashes with this pool's block size; `root` the first block's parent (kv.hash_root). */
+static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
+{
+    PyObject *hashes, *prompt, *output;
+    Py_ssize_t full;
+    long long root = p->root;
+    if (!PyArg_ParseTuple(args, "O!nO!O!|L", &PyList_Type, &hashes, &full, &PyTuple_Type,
+                          &prompt, &PyList_Type, &output, &root))
+        return NULL;
+    if (hash_chain(hashes, full, p->block_size, root, prompt, output) < 0)
+        return NULL;
+    Py_INCREF(hashes);
+    return hashes;
+}
+
+/* take(hits, need, evicted=None) -> list | None: a reference on each cached hit and `need`
+ * fresh blocks (BlockPool.take), or None with nothing taken when too few are free. */
+static PyObject *Pool_take(Pool *p, PyObject *args)
+{
+    PyObject *hits, *evicted = Py_None;
+    Py_ssize_t need;
+    if (!PyArg_ParseTuple(args, "O!n|O", &PyList_Type, &hits, &need, &evicted))
+        return NULL;
+    PyObject *free = Pool_free_among(p, hits);
+    if (!free)
+        return NULL;
+    Py_ssize_t freed = PyLong_AsSsize_t(free);
+    Py_DECREF(free);
+    if (need + freed > p->free_blocks)
+        Py_RETURN_NONE;
+    PyObject *r = Pool_touch(p, hits);
+    if (!r)
+        return NULL;
+    Py_DECREF(r);
+    PyObject *fresh = do_allocate(p, need, evicted);
+    if (!fresh)
+        return NULL;
+    PyObject *ids = PySequence_Concat(hits, fresh);
+    Py_DECREF(fresh);
+    return ids;
+}
+
 static PyMethodDef Pool_methods[] = {
     {"allocate", (PyCFunction)Pool_allocate, METH_VARARGS, "allocate(n, evicted=None)"},
     {"release", (PyCFunction)Pool_release, METH_O, "release(block_ids)"},
@@ -669,6 +723,9 @@ static PyMethodDef Pool_methods[] = {
     {"touch", (PyCFunction)Pool_touch, METH_O, "touch(block_ids)"},
     {"cache", (PyCFunction)Pool_cache, METH_VARARGS, "cache(ids, hashes, start, end)"},
     {"any_cached", (PyCFunction)Pool_any_cached, METH_O, "any_cached(block_hashes)"},
+    {"hash_blocks", (PyCFunction)Pool_hash_blocks, METH_VARARGS,
+     "hash_blocks(hashes, full_blocks, prompt, output, root)"},
+    {"take", (PyCFunction)Pool_take, METH_VARARGS, "take(hits, need, evicted=None)"},
     {"reset", (PyCFunction)Pool_reset, METH_NOARGS, "reset() -> 0 refused, 1 none, 2 cleared"},
     {"ref_counts", (PyCFunction)Pool_ref_counts, METH_NOARGS, "by block id"},
     {"block_hashes", (PyCFunction)Pool_block_hashes, METH_NOARGS, "by block id, None: none"},
@@ -698,8 +755,49 @@ static PyTypeObject PoolType = {
 
 /* ---- module functions ---- */
 
-/* extend_hashes(hashes, full_blocks, block_size, root, prompt, output): kv.extend_block_hashes
+/* Append the hashes of blocks len(hashes)..full-1 to `hashes`: kv.extend_block_hashes
  * with the sequence's tokens given as its prompt (tuple) and output (list). */
+static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
+                      PyObject *prompt, PyObject *output)
+{
+    Py_ssize_t done = PyList_GET_SIZE(hashes);
+    if (done >= full)
+        return 0;
+    Py_ssize_t plen = PyTuple_GET_SIZE(prompt), olen = PyList_GET_SIZE(output);
+    if (full * size > plen + olen) {
+        PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
+        return -1;
+    }
+    int64_t parent = done ? PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1)) : root;
+    if (parent == -1 && PyErr_Occurred())
+        return -1;
+    /* hash((parent, block)) = finish(lane(lane(P5, hash(parent)), hash(block)), 2) */
+    for (Py_ssize_t blk = done; blk < full; blk++) {
+        uint64_t acc = XXPRIME_5;
+        Py_ssize_t t = blk * size;
+        for (Py_ssize_t j = 0; j < size; j++, t++) {
+            PyObject *tok =
+                t < plen ? PyTuple_GET_ITEM(prompt, t) : PyList_GET_ITEM(output, t - plen);
+            Py_hash_t th = PyObject_Hash(tok);
+            if (th == -1)
+                return -1;
+            acc = tuple_lane(acc, (uint64_t)th);
+        }
+        int64_t block_hash = tuple_finish(acc, (uint64_t)size);
+        uint64_t outer = tuple_lane(XXPRIME_5, (uint64_t)int_hash(parent));
+        outer = tuple_lane(outer, (uint64_t)block_hash);
+        parent = tuple_finish(outer, 2);
+        PyObject *o = PyLong_FromLongLong(parent);
+        if (!o || PyList_Append(hashes, o) < 0) {
+            Py_XDECREF(o);
+            return -1;
+        }
+        Py_DECREF(o);
+    }
+    return 0;
+}
+
+/* extend_hashes(hashes, full_blocks, block_size, root, prompt, output) -> hashes */
 static PyObject *extend_hashes(PyObject *m, PyObject *args)
 {
     PyObject *hashes, *prompt, *output;
@@ -708,42 +806,12 @@ static PyObject *extend_hashes(PyObject *m, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!nnLO!O!", &PyList_Type, &hashes, &full, &size, &root,
                           &PyTuple_Type, &prompt, &PyList_Type, &output))
         return NULL;
-    Py_ssize_t done = PyList_GET_SIZE(hashes);
-    if (done >= full) {
-        Py_INCREF(hashes);
-        return hashes;
-    }
-    Py_ssize_t plen = PyTuple_GET_SIZE(prompt), olen = PyList_GET_SIZE(output);
-    if (full * size > plen + olen) {
-        PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
+    if (size < 1) {
+        PyErr_SetString(PyExc_ValueError, "extend_hashes: block_size must be >= 1");
         return NULL;
     }
-    int64_t parent = done ? PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1)) : root;
-    if (parent == -1 && PyErr_Occurred())
+    if (hash_chain(hashes, full, size, root, prompt, output) < 0)
         return NULL;
-    /* hash((parent, block)) = tuple_finish(lane(lane(P5, hash(parent)), hash(block)), 2) */
-    const uint64_t len_block = (uint64_t)size;
-    for (Py_ssize_t blk = done; blk < full; blk++) {
-        uint64_t acc = XXPRIME_5;
-        Py_ssize_t t = blk * size;
-        for (Py_ssize_t j = 0; j < size; j++, t++) {
-            PyObject *tok = t < plen ? PyTuple_GET_ITEM(prompt, t) : PyList_GET_ITEM(output, t - plen);
-            Py_hash_t th = PyObject_Hash(tok);
-            if (th == -1)
-                return NULL;
-            acc = tuple_lane(acc, (uint64_t)th);
-        }
-        int64_t block_hash = tuple_finish(acc, len_block);
-        uint64_t outer = tuple_lane(XXPRIME_5, (uint64_t)int_hash(parent));
-        outer = tuple_lane(outer, (uint64_t)block_hash);
-        parent = tuple_finish(outer, 2);
-        PyObject *o = PyLong_FromLongLong(parent);
-        if (!o || PyList_Append(hashes, o) < 0) {
-            Py_XDECREF(o);
-            return NULL;
-        }
-        Py_DECREF(o);
-    }
     Py_INCREF(hashes);
     return hashes;
 }

@@ -135,39 +135,13 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-class BlockPool:
-    """`total_blocks` blocks of `block_size` tokens, numbered 0..total_blocks-1.
+class PoolEvents:
+    """KV events for a pool's subscribers (`BlockPool` and `CompiledBlockPool` share them)."""
 
-    `used_blocks` counts blocks with a reference, `free_blocks` the rest (empty or
-    cached with no reference); the two always sum to `total_blocks`. Block ids
-    are created lazily, so a pool of millions of blocks costs nothing up front.
-    """
+    block_size: int
 
-    def __init__(self, total_blocks: int, block_size: int) -> None:
-        self.total_blocks = total_blocks
-        self.block_size = block_size
-        self.free_blocks = total_blocks
-        self.ref_counts: list[int] = []  # by block id
-        self.block_hashes: list[int | None] = []  # by block id; None: holds no cached prefix
-        self.cached: dict[int, int] = {}  # block hash -> block id
-        self._empty: list[int] = []  # free blocks holding nothing, reused before eviction
-        self._lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
+    def __init__(self) -> None:
         self._subscribers: list[Callable[[KVEvent], None]] = []
-
-    @property
-    def used_blocks(self) -> int:
-        return self.total_blocks - self.free_blocks
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.total_blocks * self.block_size
-
-    @property
-    def cached_free_blocks(self) -> int:
-        """Free blocks that still hold a cached prefix (evictable)."""
-        return len(self._lru)
-
-    # events
 
     def subscribe(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         """Call `callback(event)` for each KV event from now on, synchronously on the
@@ -187,6 +161,63 @@ class BlockPool:
     def _emit(self, event: KVEvent) -> None:
         for callback in list(self._subscribers):
             callback(event)
+
+    def _emit_stored(
+        self,
+        block_hashes: list[int],
+        stored: list[int],
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        size = self.block_size
+        run = [stored[0]]
+        for i in [*stored[1:], None]:
+            if i is not None and i == run[-1] + 1:
+                run.append(i)
+                continue
+            first, last = run[0], run[-1]
+            self._emit(
+                BlockStored(
+                    block_hashes=tuple(block_hashes[first : last + 1]),
+                    parent_block_hash=block_hashes[first - 1] if first else None,
+                    token_ids=token_ids(first * size, (last + 1) * size),
+                    block_size=size,
+                )
+            )
+            if i is not None:  # None: the end of the list
+                run = [i]
+
+
+class BlockPool(PoolEvents):
+    """`total_blocks` blocks of `block_size` tokens, numbered 0..total_blocks-1.
+
+    `used_blocks` counts blocks with a reference, `free_blocks` the rest (empty or
+    cached with no reference); the two always sum to `total_blocks`. Block ids
+    are created lazily, so a pool of millions of blocks costs nothing up front.
+    """
+
+    def __init__(self, total_blocks: int, block_size: int) -> None:
+        super().__init__()
+        self.total_blocks = total_blocks
+        self.block_size = block_size
+        self.free_blocks = total_blocks
+        self.ref_counts: list[int] = []  # by block id
+        self.block_hashes: list[int | None] = []  # by block id; None: holds no cached prefix
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self._empty: list[int] = []  # free blocks holding nothing, reused before eviction
+        self._lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.total_blocks * self.block_size
+
+    @property
+    def cached_free_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (evictable)."""
+        return len(self._lru)
 
     # allocation
 
@@ -297,6 +328,16 @@ class BlockPool:
         refs = self.ref_counts
         return sum(1 for b in block_ids if refs[b] == 0)
 
+    def take(self, hits: list[int], need: int) -> list[int] | None:
+        """A reference on each of `hits` (a `lookup`'s cached blocks) and `need` fresh
+        blocks after them, or None, with nothing taken, when too few blocks are free."""
+        if need + self.free_among(hits) > self.free_blocks:
+            return None
+        self.touch(hits)
+        fresh = self.allocate(need)
+        assert fresh is not None  # room checked above
+        return hits + fresh
+
     def touch(self, block_ids: list[int]) -> None:
         """Take one reference on each of `block_ids` (cache hits)."""
         refs = self.ref_counts
@@ -336,30 +377,6 @@ class BlockPool:
         if stored and self._subscribers:
             self._emit_stored(block_hashes, stored, token_ids)
 
-    def _emit_stored(
-        self,
-        block_hashes: list[int],
-        stored: list[int],
-        token_ids: Callable[[int, int], tuple[int, ...]],
-    ) -> None:
-        size = self.block_size
-        run = [stored[0]]
-        for i in [*stored[1:], None]:
-            if i is not None and i == run[-1] + 1:
-                run.append(i)
-                continue
-            first, last = run[0], run[-1]
-            self._emit(
-                BlockStored(
-                    block_hashes=tuple(block_hashes[first : last + 1]),
-                    parent_block_hash=block_hashes[first - 1] if first else None,
-                    token_ids=token_ids(first * size, (last + 1) * size),
-                    block_size=size,
-                )
-            )
-            if i is not None:  # None: the end of the list
-                run = [i]
-
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash, as vLLM's `reset_prefix_cache`: only when no block is
         referenced (returns False and changes nothing otherwise)."""
@@ -376,7 +393,7 @@ class BlockPool:
         return True
 
 
-class CompiledBlockPool(BlockPool):
+class CompiledBlockPool(PoolEvents):
     """`BlockPool` with its state in the compiled kernel (`_kernel.Pool`): the same blocks,
     hashes, LRU order and events, at a fraction of the Python work per block.
 
@@ -385,44 +402,53 @@ class CompiledBlockPool(BlockPool):
     """
 
     def __init__(self, total_blocks: int, block_size: int) -> None:
+        super().__init__()
         assert kernel.compiled is not None
-        self._c = kernel.compiled.Pool(total_blocks, block_size)
+        self._c = kernel.compiled.Pool(total_blocks, block_size, ROOT_HASH)
         self.total_blocks = total_blocks
         self.block_size = block_size
-        self._subscribers = []
         # The hot methods, bound once: a call through the wrapper adds a Python frame.
-        self.release = self._c.release  # type: ignore[method-assign]
-        self.lookup = self._c.lookup  # type: ignore[method-assign]
-        self.free_among = self._c.free_among  # type: ignore[method-assign]
-        self.touch = self._c.touch  # type: ignore[method-assign]
-        self.any_cached = self._c.any_cached  # type: ignore[method-assign]
+        self.release = self._c.release
+        self.lookup = self._c.lookup
+        self.free_among = self._c.free_among
+        self.touch = self._c.touch
+        self.any_cached = self._c.any_cached
+        self.hash_blocks = self._c.hash_blocks
 
-    @property  # type: ignore[override]
+    @property
     def free_blocks(self) -> int:
         return self._c.free_blocks
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self._c.free_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.total_blocks * self.block_size
 
     @property
     def cached_free_blocks(self) -> int:
         return self._c.lru_len
 
-    @property  # type: ignore[override]
+    @property
     def ref_counts(self) -> list[int]:
         return self._c.ref_counts()
 
-    @property  # type: ignore[override]
+    @property
     def block_hashes(self) -> list[int | None]:
         return self._c.block_hashes()
 
-    @property  # type: ignore[override]
+    @property
     def cached(self) -> dict[int, int]:
         hashes = self._c.block_hashes()
         return {hashes[b]: b for b in range(len(hashes)) if hashes[b] is not None}
 
-    @property  # type: ignore[override]
+    @property
     def _lru(self) -> list[int]:
         return self._c.lru()
 
-    @property  # type: ignore[override]
+    @property
     def _empty(self) -> list[int]:
         return self._c.empty()
 
@@ -435,18 +461,14 @@ class CompiledBlockPool(BlockPool):
             self._emit(BlockRemoved((h,)))
         return ids
 
-    def hash_blocks(
-        self,
-        hashes: list[int],
-        full_blocks: int,
-        prompt: tuple[int, ...],
-        output: list[int],
-        root: int = ROOT_HASH,
-    ) -> list[int]:
-        assert kernel.compiled is not None
-        return kernel.compiled.extend_hashes(
-            hashes, full_blocks, self.block_size, root, prompt, output
-        )
+    def take(self, hits: list[int], need: int) -> list[int] | None:
+        if not self._subscribers:
+            return self._c.take(hits, need)
+        evicted: list[int] = []
+        ids = self._c.take(hits, need, evicted)
+        for h in evicted:
+            self._emit(BlockRemoved((h,)))
+        return ids
 
     def cache(
         self,
@@ -467,7 +489,10 @@ class CompiledBlockPool(BlockPool):
         return bool(done)
 
 
-def make_block_pool(total_blocks: int, block_size: int) -> BlockPool:
+KVPool = BlockPool | CompiledBlockPool
+
+
+def make_block_pool(total_blocks: int, block_size: int) -> KVPool:
     """The compiled pool where the kernel is on (`kernel.enabled`), else the reference."""
     if kernel.enabled():
         return CompiledBlockPool(total_blocks, block_size)

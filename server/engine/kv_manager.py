@@ -1,11 +1,11 @@
 """The one owner of an engine's KV state, as vLLM v1's `KVCacheManager`.
 
-`KVManager` alone allocates and frees blocks (through its `BlockPool`), keeps each
-sequence's blocks and prefix hashes, enters full blocks into the prefix cache,
-counts lookups, and keeps a finished `Request.keep_kv` request's blocks until
-`release_kept`. The scheduler asks it for room (`allocate_slots` answers False and
-takes nothing when there is none) and decides whom to preempt; the decode-run fast
-path plans and applies many steps' growth through `plan_decode_run` and
+`KVManager` alone allocates and frees blocks (through its `BlockPool`, or the compiled
+`CompiledBlockPool`), keeps each sequence's blocks and prefix hashes, enters full blocks
+into the prefix cache, counts lookups, and keeps a finished `Request.keep_kv` request's
+blocks until `release_kept`. The scheduler asks it for room (`allocate_slots` answers
+False and takes nothing when there is none) and decides whom to preempt; the decode-run
+fast path plans and applies many steps' growth through `plan_decode_run` and
 `allocate_decode_run`. Neither sees a block id.
 
 A sequence's KV fields (`blocks`, `block_ids`, `block_hashes`, `cached_blocks` on
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from memorywall.server.engine.kv import (
-    BlockPool,
     KVEvent,
+    KVPool,
     PrefixCacheStats,
     blocks_for,
 )
@@ -45,7 +45,7 @@ class ComputedBlocks:
 class KVManager:
     """Blocks, prefix cache and kept KV of one engine, over one `BlockPool`."""
 
-    def __init__(self, pool: BlockPool, *, enable_prefix_caching: bool) -> None:
+    def __init__(self, pool: KVPool, *, enable_prefix_caching: bool) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.caching = enable_prefix_caching
@@ -127,14 +127,11 @@ class KVManager:
         size = self.block_size
         pool = self.pool
         hits = hit._blocks
-        need = blocks_for(kv_tokens, size) - len(hits)
-        if need + pool.free_among(hits) > pool.free_blocks:
+        blocks = pool.take(hits, blocks_for(kv_tokens, size) - len(hits))
+        if blocks is None:
             return False
-        pool.touch(hits)
-        fresh = pool.allocate(need)
-        assert fresh is not None  # room checked above
-        seq.block_ids = hits + fresh
-        seq.blocks = len(seq.block_ids)
+        seq.block_ids = blocks
+        seq.blocks = len(blocks)
         seq.cached_blocks = len(hits)
         if self.caching:
             self._count_lookup(seq, hit.num_tokens)
@@ -254,7 +251,7 @@ class KVManager:
         steps = growth.run_steps
         cache_to = []
         if self.caching:
-            fresh = []
+            fresh: list[int] = []
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:

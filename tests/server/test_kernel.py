@@ -10,6 +10,7 @@ import random
 import pytest
 from engine_fakes import FakeStepModel
 
+from memorywall.cli import main
 from memorywall.server.engine import kernel
 from memorywall.server.engine.kv import (
     ROOT_HASH,
@@ -103,9 +104,11 @@ def _pool_ops(seed: int) -> None:
             assert comp.any_cached(hashes) == ref.any_cached(hashes)
             if hits and rng.random() < 0.5:  # admit from the hit, as `KVManager._admit` does
                 assert comp.free_among(hits) == ref.free_among(hits)
-                ref.touch(hits)
-                comp.touch(hits)
-                held.append(hits)
+                need = rng.randint(0, 3)
+                taken = ref.take(hits, need)
+                assert comp.take(hits, need) == taken
+                if taken is not None:
+                    held.append(taken)
         else:
             assert ref.reset_prefix_cache() == comp.reset_prefix_cache()
         assert _snapshot(ref) == _snapshot(comp)
@@ -237,3 +240,10 @@ def test_switched_off_it_is_quiet_and_pure(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     assert type(make_block_pool(8, 4)) is CompiledBlockPool
     assert kernel.status().startswith("compiled kernel: on")
+
+
+def test_doctor_says_whether_the_kernel_is_on(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == kernel.status()
+    assert "compiled kernel: on" in out
