@@ -31,6 +31,7 @@ from memorywall.core.deployment import DeploymentNames
 from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.options import add_load_arguments
+from memorywall.server.engine import kernel
 from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.pd.offline import PdFleet
@@ -202,6 +203,8 @@ def speed_line(lr: LevelRun) -> str:
         f"simulated {lr.modelled_s:,.3f} s of engine time in {lr.wall_s:,.3f} s "
         f"({lr.speedup:,.0f}x real time, {lr.tokens / lr.wall_s:,.0f} tokens per host second, "
         f"{lr.steps:,} steps)"
+        # Said on the line the speed is read from: without the kernel it is several times slower.
+        + ("" if kernel.enabled() else "; pure-Python engine: the compiled kernel is off")
     )
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 from engine_fakes import FakeStepModel
 
 from memorywall.cli import main
+from memorywall.cli.simulate import speed_line
 from memorywall.server.engine import kernel
 from memorywall.server.engine.kv import (
     ROOT_HASH,
@@ -247,3 +249,10 @@ def test_doctor_says_whether_the_kernel_is_on(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == kernel.status()
     assert "compiled kernel: on" in out
+
+
+def test_simulate_speed_line_says_when_the_engine_runs_without_the_kernel():
+    lr = SimpleNamespace(modelled_s=2.0, wall_s=1.0, speedup=2.0, tokens=10, steps=3)
+    assert speed_line(lr).endswith("3 steps)")
+    with kernel.use(False):
+        assert speed_line(lr).endswith("; pure-Python engine: the compiled kernel is off")
