@@ -13,6 +13,7 @@ from engine_fakes import FakeStepModel
 
 from memorywall.cli import main
 from memorywall.cli.simulate import speed_line
+from memorywall.core.lora import LoraAdapter
 from memorywall.server.engine import kernel
 from memorywall.server.engine.kv import (
     ROOT_HASH,
@@ -150,6 +151,9 @@ def test_token_draws_match_the_reference():
     assert comp._draw(200) == ref._draw(200)
 
 
+ADAPTER = LoraAdapter(name="a", lora_id=1, rank=8, target_modules=("q_proj",), params=1)
+
+
 def _limits(rng: random.Random) -> ModelLimits:
     return ModelLimits(
         kv_capacity_tokens=rng.randint(30, 120) * 4,
@@ -163,7 +167,8 @@ def _limits(rng: random.Random) -> ModelLimits:
 
 def _engine_run(seed: int, compiled: bool) -> tuple:
     """A random offline workload: shared prefixes (cache hits), KV pressure (preemption),
-    stop tokens, kept KV, the decode-run fast path or not. Everything it produced."""
+    stop tokens, kept KV, LoRA adapters' own hash roots, the decode-run fast path or not.
+    Everything it produced."""
     rng = random.Random(seed)
     limits = _limits(rng)
     config = EngineConfig(
@@ -192,6 +197,8 @@ def _engine_run(seed: int, compiled: bool) -> tuple:
             ignore_eos=rng.random() < 0.7,
             stop_token_ids=frozenset({7}) if rng.random() < 0.2 else frozenset(),
             keep_kv=rng.random() < 0.1,
+            # An adapter's blocks hash from a root of their own (`kv.hash_root`).
+            lora=rng.choice([None, None, ADAPTER]),
         )
         engine.submit(request, rng.random() * 0.3)
     # A kept request's KV goes back when it finishes (as a transfer's end frees it): held
