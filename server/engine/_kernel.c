@@ -275,7 +275,38 @@ static int block_of(Pool *p, PyObject *item, int32_t *out)
     return 0;
 }
 
-static PyObject *new_int(Py_ssize_t v) { return PyLong_FromSsize_t(v); }
+/* Python ints for block ids and token ids, made once each and shared: a simulation hands
+ * out the same few thousand block ids and ~100k token ids millions of times, and an int
+ * made afresh costs an allocation (ints are immutable, so sharing one is invisible). */
+static PyObject **int_cache;
+static Py_ssize_t int_cache_len;
+#define INT_CACHE_MAX ((Py_ssize_t)1 << 20) /* at most 8 MB of pointers, 32 MB of ints */
+
+static PyObject *new_int(Py_ssize_t v)
+{
+    if (v < 0 || v >= INT_CACHE_MAX)
+        return PyLong_FromSsize_t(v);
+    if (v >= int_cache_len) {
+        Py_ssize_t len = int_cache_len ? int_cache_len : 1024;
+        while (len <= v)
+            len *= 2;
+        PyObject **cache = PyMem_Realloc(int_cache, len * sizeof(PyObject *));
+        if (!cache)
+            return PyErr_NoMemory();
+        memset(cache + int_cache_len, 0, (len - int_cache_len) * sizeof(PyObject *));
+        int_cache = cache;
+        int_cache_len = len;
+    }
+    PyObject *o = int_cache[v];
+    if (!o) {
+        o = PyLong_FromSsize_t(v);
+        if (!o)
+            return NULL;
+        int_cache[v] = o; /* the cache's own reference, for the module's lifetime */
+    }
+    Py_INCREF(o);
+    return o;
+}
 
 static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
                       PyObject *prompt, PyObject *output);
@@ -469,7 +500,7 @@ static PyObject *Pool_free_among(Pool *p, PyObject *ids)
         free += p->refs[b] == 0;
     }
     Py_DECREF(seq);
-    return new_int(free);
+    return PyLong_FromSsize_t(free);
 }
 
 /* touch(block_ids): one reference on each (cache hits). */
@@ -532,7 +563,7 @@ static PyObject *Pool_cache(Pool *p, PyObject *args)
             goto fail;
         p->hashes[b] = h;
         p->has_hash[b] = 1;
-        PyObject *o = new_int(i);
+        PyObject *o = PyLong_FromSsize_t(i);
         if (!o || PyList_Append(stored, o) < 0) {
             Py_XDECREF(o);
             goto fail;
@@ -596,7 +627,7 @@ static PyObject *Pool_ref_counts(Pool *p, PyObject *Py_UNUSED(ignored))
     if (!out)
         return NULL;
     for (Py_ssize_t b = 0; b < p->created; b++) {
-        PyObject *o = new_int(p->refs[b]);
+        PyObject *o = PyLong_FromSsize_t(p->refs[b]);
         if (!o) {
             Py_DECREF(out);
             return NULL;
@@ -666,11 +697,11 @@ static PyObject *Pool_empty(Pool *p, PyObject *Py_UNUSED(ignored))
     return int_list(p->empty.at, p->empty.len);
 }
 
-static PyObject *Pool_get_free(Pool *p, void *c) { return new_int(p->free_blocks); }
-static PyObject *Pool_get_total(Pool *p, void *c) { return new_int(p->total_blocks); }
-static PyObject *Pool_get_size(Pool *p, void *c) { return new_int(p->block_size); }
-static PyObject *Pool_get_lru_len(Pool *p, void *c) { return new_int(p->lru_len); }
-static PyObject *Pool_get_n_cached(Pool *p, void *c) { return new_int(p->n_cached); }
+static PyObject *Pool_get_free(Pool *p, void *c) { return PyLong_FromSsize_t(p->free_blocks); }
+static PyObject *Pool_get_total(Pool *p, void *c) { return PyLong_FromSsize_t(p->total_blocks); }
+static PyObject *Pool_get_size(Pool *p, void *c) { return PyLong_FromSsize_t(p->block_size); }
+static PyObject *Pool_get_lru_len(Pool *p, void *c) { return PyLong_FromSsize_t(p->lru_len); }
+static PyObject *Pool_get_n_cached(Pool *p, void *c) { return PyLong_FromSsize_t(p->n_cached); }
 
 /* hash_blocks(hashes, full_blocks, prompt, output, root=the pool's) -> hashes:
  * extend_hashes with this pool's block size; `root` the first block's parent (kv.hash_root). */
@@ -864,31 +895,32 @@ static PyObject *draw_ids(PyObject *m, PyObject *args)
     if (!out)
         goto done;
     uint64_t stream_key = splitmix(seed); /* the token stream (0): seed ^ 0 * GOLDEN */
-    Py_ssize_t block = -1;
-    uint64_t key = 0;
-    for (Py_ssize_t k = 0; k < n; k++, drawn++) {
+    Py_ssize_t k = 0;
+    while (k < n) {
+        /* One stretch of the table: draws `drawn`.. of block `b`, one key for all. */
         Py_ssize_t b = drawn / table_len, at = drawn % table_len;
-        if (b != block) {
-            block = b;
-            key = splitmix(stream_key + (uint64_t)b * GOLDEN);
-        }
-        uint64_t id = (((words[at] ^ key) * MIX) >> 32) % vocab;
-        for (int moved = 1; moved;) {
-            moved = 0;
-            for (Py_ssize_t e = 0; e < n_eos; e++) {
-                if ((int64_t)id == eos_ids[e]) {
-                    id = (id + 1) % vocab;
-                    moved = 1;
-                    break;
+        Py_ssize_t take = table_len - at < n - k ? table_len - at : n - k;
+        uint64_t key = splitmix(stream_key + (uint64_t)b * GOLDEN);
+        for (Py_ssize_t i = 0; i < take; i++, k++) {
+            uint64_t id = (((words[at + i] ^ key) * MIX) >> 32) % vocab;
+            for (int moved = n_eos > 0; moved;) {
+                moved = 0;
+                for (Py_ssize_t e = 0; e < n_eos; e++) {
+                    if ((int64_t)id == eos_ids[e]) {
+                        id = (id + 1) % vocab;
+                        moved = 1;
+                        break;
+                    }
                 }
             }
+            PyObject *o = new_int((Py_ssize_t)id);
+            if (!o) {
+                Py_CLEAR(out);
+                goto done;
+            }
+            PyList_SET_ITEM(out, n - 1 - k, o);
         }
-        PyObject *o = PyLong_FromUnsignedLongLong(id);
-        if (!o) {
-            Py_CLEAR(out);
-            goto done;
-        }
-        PyList_SET_ITEM(out, n - 1 - k, o);
+        drawn += take;
     }
 done:
     Py_XDECREF(eos_seq);
