@@ -30,6 +30,7 @@ COMMANDS = {
     "hardware": "catalog",
     "models": "catalog",
     "grafana-dashboard": "grafana",
+    "doctor": "doctor",
 }
 
 

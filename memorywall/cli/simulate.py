@@ -33,6 +33,7 @@ from memorywall.core.kv_transfer import parse_link
 from memorywall.loadgen.bench import BenchConfig, Level, levels, machine, write_level
 from memorywall.loadgen.options import add_load_arguments
 from memorywall.loadgen.records import TOKEN_TIMES
+from memorywall.server.engine import kernel
 from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.sim import host
@@ -242,6 +243,8 @@ def speed_line(lr: LevelRun) -> str:
         f"for the level ({lr.speedup:,.0f}x real time; {lr.cpu_s:,.3f} s CPU, of which the "
         f"engine's steps {lr.engine_cpu_s:,.3f} s; {lr.tokens / lr.wall_s:,.0f} tokens per host "
         f"second, {lr.steps:,} steps)"
+        # Said on the line the speed is read from: without the kernel it is several times slower.
+        + ("" if kernel.enabled() else "; pure-Python engine: the compiled kernel is off")
     )
 
 

@@ -16,6 +16,11 @@ modelled KV (the cost model), never change tokens.
 
 Observers subscribe to `BlockStored` / `BlockRemoved` events (vLLM's
 `kv_events` shapes); with no subscriber no event object is built.
+
+`BlockPool` is the pure-Python reference; `CompiledBlockPool` keeps the same state in C
+arrays (`_kernel.c`: the pool, its LRU and hash map, and the hash chain, computing
+CPython's tuple hash itself so blocks keep the same names), and `make_block_pool` picks
+it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and events.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+
+from memorywall.server.engine import kernel
 
 ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
 
@@ -65,6 +72,20 @@ def extend_block_hashes(
         parent = hash((parent, block))
         hashes.append(parent)
     return hashes
+
+
+def tokens_of(prompt: tuple[int, ...], output: list[int]) -> Callable[[int, int], tuple[int, ...]]:
+    """`token_ids(start, end)` over a sequence's prompt and generated tokens."""
+    p = len(prompt)
+
+    def token_ids(start: int, end: int) -> tuple[int, ...]:
+        if end <= p:
+            return prompt[start:end]
+        if start >= p:
+            return tuple(output[start - p : end - p])
+        return prompt[start:] + tuple(output[: end - p])
+
+    return token_ids
 
 
 @dataclass
@@ -114,39 +135,13 @@ class AllBlocksCleared:
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-class BlockPool:
-    """`total_blocks` blocks of `block_size` tokens, numbered 0..total_blocks-1.
+class PoolEvents:
+    """KV events for a pool's subscribers (`BlockPool` and `CompiledBlockPool` share them)."""
 
-    `used_blocks` counts blocks with a reference, `free_blocks` the rest (empty or
-    cached with no reference); the two always sum to `total_blocks`. Block ids
-    are created lazily, so a pool of millions of blocks costs nothing up front.
-    """
+    block_size: int
 
-    def __init__(self, total_blocks: int, block_size: int) -> None:
-        self.total_blocks = total_blocks
-        self.block_size = block_size
-        self.free_blocks = total_blocks
-        self.ref_counts: list[int] = []  # by block id
-        self.block_hashes: list[int | None] = []  # by block id; None: holds no cached prefix
-        self.cached: dict[int, int] = {}  # block hash -> block id
-        self._empty: list[int] = []  # free blocks holding nothing, reused before eviction
-        self._lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
+    def __init__(self) -> None:
         self._subscribers: list[Callable[[KVEvent], None]] = []
-
-    @property
-    def used_blocks(self) -> int:
-        return self.total_blocks - self.free_blocks
-
-    @property
-    def capacity_tokens(self) -> int:
-        return self.total_blocks * self.block_size
-
-    @property
-    def cached_free_blocks(self) -> int:
-        """Free blocks that still hold a cached prefix (evictable)."""
-        return len(self._lru)
-
-    # events
 
     def subscribe(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
         """Call `callback(event)` for each KV event from now on, synchronously on the
@@ -166,6 +161,63 @@ class BlockPool:
     def _emit(self, event: KVEvent) -> None:
         for callback in list(self._subscribers):
             callback(event)
+
+    def _emit_stored(
+        self,
+        block_hashes: list[int],
+        stored: list[int],
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        size = self.block_size
+        run = [stored[0]]
+        for i in [*stored[1:], None]:
+            if i is not None and i == run[-1] + 1:
+                run.append(i)
+                continue
+            first, last = run[0], run[-1]
+            self._emit(
+                BlockStored(
+                    block_hashes=tuple(block_hashes[first : last + 1]),
+                    parent_block_hash=block_hashes[first - 1] if first else None,
+                    token_ids=token_ids(first * size, (last + 1) * size),
+                    block_size=size,
+                )
+            )
+            if i is not None:  # None: the end of the list
+                run = [i]
+
+
+class BlockPool(PoolEvents):
+    """`total_blocks` blocks of `block_size` tokens, numbered 0..total_blocks-1.
+
+    `used_blocks` counts blocks with a reference, `free_blocks` the rest (empty or
+    cached with no reference); the two always sum to `total_blocks`. Block ids
+    are created lazily, so a pool of millions of blocks costs nothing up front.
+    """
+
+    def __init__(self, total_blocks: int, block_size: int) -> None:
+        super().__init__()
+        self.total_blocks = total_blocks
+        self.block_size = block_size
+        self.free_blocks = total_blocks
+        self.ref_counts: list[int] = []  # by block id
+        self.block_hashes: list[int | None] = []  # by block id; None: holds no cached prefix
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self._empty: list[int] = []  # free blocks holding nothing, reused before eviction
+        self._lru: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.total_blocks * self.block_size
+
+    @property
+    def cached_free_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (evictable)."""
+        return len(self._lru)
 
     # allocation
 
@@ -242,6 +294,23 @@ class BlockPool:
 
     # prefix caching
 
+    def hash_blocks(
+        self,
+        hashes: list[int],
+        full_blocks: int,
+        prompt: tuple[int, ...],
+        output: list[int],
+        root: int = ROOT_HASH,
+    ) -> list[int]:
+        """`extend_block_hashes` over a sequence's prompt and generated tokens, from `root`."""
+        return extend_block_hashes(
+            hashes, full_blocks, self.block_size, tokens_of(prompt, output), root
+        )
+
+    def any_cached(self, block_hashes: list[int]) -> bool:
+        """Whether any of `block_hashes` names a cached block."""
+        return not self.cached.keys().isdisjoint(block_hashes)
+
     def lookup(self, block_hashes: list[int], max_blocks: int) -> list[int]:
         """Blocks caching the longest prefix of `block_hashes` (at most `max_blocks`);
         takes no reference."""
@@ -258,6 +327,16 @@ class BlockPool:
         """How many of `block_ids` are free (referencing them uses up free blocks)."""
         refs = self.ref_counts
         return sum(1 for b in block_ids if refs[b] == 0)
+
+    def take(self, hits: list[int], need: int) -> list[int] | None:
+        """A reference on each of `hits` (a `lookup`'s cached blocks) and `need` fresh
+        blocks after them, or None, with nothing taken, when too few blocks are free."""
+        if need + self.free_among(hits) > self.free_blocks:
+            return None
+        self.touch(hits)
+        fresh = self.allocate(need)
+        assert fresh is not None  # room checked above
+        return hits + fresh
 
     def touch(self, block_ids: list[int]) -> None:
         """Take one reference on each of `block_ids` (cache hits)."""
@@ -298,30 +377,6 @@ class BlockPool:
         if stored and self._subscribers:
             self._emit_stored(block_hashes, stored, token_ids)
 
-    def _emit_stored(
-        self,
-        block_hashes: list[int],
-        stored: list[int],
-        token_ids: Callable[[int, int], tuple[int, ...]],
-    ) -> None:
-        size = self.block_size
-        run = [stored[0]]
-        for i in [*stored[1:], None]:
-            if i is not None and i == run[-1] + 1:
-                run.append(i)
-                continue
-            first, last = run[0], run[-1]
-            self._emit(
-                BlockStored(
-                    block_hashes=tuple(block_hashes[first : last + 1]),
-                    parent_block_hash=block_hashes[first - 1] if first else None,
-                    token_ids=token_ids(first * size, (last + 1) * size),
-                    block_size=size,
-                )
-            )
-            if i is not None:  # None: the end of the list
-                run = [i]
-
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash, as vLLM's `reset_prefix_cache`: only when no block is
         referenced (returns False and changes nothing otherwise)."""
@@ -336,3 +391,110 @@ class BlockPool:
             if self._subscribers:
                 self._emit(AllBlocksCleared())
         return True
+
+
+class CompiledBlockPool(PoolEvents):
+    """`BlockPool` with its state in the compiled kernel (`_kernel.Pool`): the same blocks,
+    hashes, LRU order and events, at a fraction of the Python work per block.
+
+    `ref_counts`, `block_hashes`, `cached`, `_lru` and `_empty` are snapshots (copies
+    made on each read, for tests and checks), not the live state.
+    """
+
+    def __init__(self, total_blocks: int, block_size: int) -> None:
+        super().__init__()
+        assert kernel.compiled is not None
+        self._c = kernel.compiled.Pool(total_blocks, block_size, ROOT_HASH)
+        self.total_blocks = total_blocks
+        self.block_size = block_size
+        # The hot methods, bound once: a call through the wrapper adds a Python frame.
+        self.release = self._c.release
+        self.lookup = self._c.lookup
+        self.free_among = self._c.free_among
+        self.touch = self._c.touch
+        self.any_cached = self._c.any_cached
+        self.hash_blocks = self._c.hash_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self._c.free_blocks
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self._c.free_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.total_blocks * self.block_size
+
+    @property
+    def cached_free_blocks(self) -> int:
+        return self._c.lru_len
+
+    @property
+    def ref_counts(self) -> list[int]:
+        return self._c.ref_counts()
+
+    @property
+    def block_hashes(self) -> list[int | None]:
+        return self._c.block_hashes()
+
+    @property
+    def cached(self) -> dict[int, int]:
+        hashes = self._c.block_hashes()
+        return {hashes[b]: b for b in range(len(hashes)) if hashes[b] is not None}
+
+    @property
+    def _lru(self) -> list[int]:
+        return self._c.lru()
+
+    @property
+    def _empty(self) -> list[int]:
+        return self._c.empty()
+
+    def allocate(self, n: int) -> list[int] | None:
+        if not self._subscribers:
+            return self._c.allocate(n)
+        evicted: list[int] = []
+        ids = self._c.allocate(n, evicted)
+        for h in evicted:
+            self._emit(BlockRemoved((h,)))
+        return ids
+
+    def take(self, hits: list[int], need: int) -> list[int] | None:
+        if not self._subscribers:
+            return self._c.take(hits, need)
+        evicted: list[int] = []
+        ids = self._c.take(hits, need, evicted)
+        for h in evicted:
+            self._emit(BlockRemoved((h,)))
+        return ids
+
+    def cache(
+        self,
+        block_ids: list[int],
+        block_hashes: list[int],
+        start: int,
+        end: int,
+        token_ids: Callable[[int, int], tuple[int, ...]],
+    ) -> None:
+        stored = self._c.cache(block_ids, block_hashes, start, end)
+        if stored and self._subscribers:
+            self._emit_stored(block_hashes, stored, token_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        done = self._c.reset()
+        if done == 2 and self._subscribers:
+            self._emit(AllBlocksCleared())
+        return bool(done)
+
+
+KVPool = BlockPool | CompiledBlockPool
+
+
+def make_block_pool(total_blocks: int, block_size: int) -> KVPool:
+    """The compiled pool where the kernel is on (`kernel.enabled`), else the reference."""
+    if kernel.enabled():
+        return CompiledBlockPool(total_blocks, block_size)
+    kernel.notice()
+    return BlockPool(total_blocks, block_size)

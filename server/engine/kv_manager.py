@@ -1,11 +1,11 @@
 """The one owner of an engine's KV state, as vLLM v1's `KVCacheManager`.
 
-`KVManager` alone allocates and frees blocks (through its `BlockPool`), keeps each
-sequence's blocks and prefix hashes, enters full blocks into the prefix cache,
-counts lookups, and keeps a finished `Request.keep_kv` request's blocks until
-`release_kept`. The scheduler asks it for room (`allocate_slots` answers False and
-takes nothing when there is none) and decides whom to preempt; the decode-run fast
-path plans and applies many steps' growth through `plan_decode_run` and
+`KVManager` alone allocates and frees blocks (through its `BlockPool`, or the compiled
+`CompiledBlockPool`), keeps each sequence's blocks and prefix hashes, enters full blocks
+into the prefix cache, counts lookups, and keeps a finished `Request.keep_kv` request's
+blocks until `release_kept`. The scheduler asks it for room (`allocate_slots` answers
+False and takes nothing when there is none) and decides whom to preempt; the decode-run
+fast path plans and applies many steps' growth through `plan_decode_run` and
 `allocate_decode_run`. Neither sees a block id.
 
 A sequence's KV fields (`blocks`, `block_ids`, `block_hashes`, `cached_blocks` on
@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from memorywall.server.engine.kv import (
-    BlockPool,
     KVEvent,
+    KVPool,
     PrefixCacheStats,
     blocks_for,
-    extend_block_hashes,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class ComputedBlocks:
 class KVManager:
     """Blocks, prefix cache and kept KV of one engine, over one `BlockPool`."""
 
-    def __init__(self, pool: BlockPool, *, enable_prefix_caching: bool) -> None:
+    def __init__(self, pool: KVPool, *, enable_prefix_caching: bool) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.caching = enable_prefix_caching
@@ -85,10 +84,11 @@ class KVManager:
             return self._none
         size = self.block_size
         total = seq.total_tokens
-        hashes = extend_block_hashes(
-            seq.block_hashes, total // size, size, seq.token_ids, seq.hash_root
+        pool = self.pool
+        hashes = pool.hash_blocks(
+            seq.block_hashes, total // size, seq.request.prompt_ids, seq.output_ids, seq.hash_root
         )
-        hits = self.pool.lookup(hashes, (total - 1) // size)
+        hits = pool.lookup(hashes, (total - 1) // size)
         return ComputedBlocks(hits, len(hits) * size)
 
     def allocate_slots(
@@ -127,14 +127,11 @@ class KVManager:
         size = self.block_size
         pool = self.pool
         hits = hit._blocks
-        need = blocks_for(kv_tokens, size) - len(hits)
-        if need + pool.free_among(hits) > pool.free_blocks:
+        blocks = pool.take(hits, blocks_for(kv_tokens, size) - len(hits))
+        if blocks is None:
             return False
-        pool.touch(hits)
-        fresh = pool.allocate(need)
-        assert fresh is not None  # room checked above
-        seq.block_ids = hits + fresh
-        seq.blocks = len(seq.block_ids)
+        seq.block_ids = blocks
+        seq.blocks = len(blocks)
         seq.cached_blocks = len(hits)
         if self.caching:
             self._count_lookup(seq, hit.num_tokens)
@@ -157,11 +154,11 @@ class KVManager:
     def cache_full_blocks(self, seq: SeqState, full_blocks: int) -> None:
         """Offer `seq`'s first `full_blocks` blocks (computed, or computed by the step
         being planned) to the prefix cache."""
-        size = self.block_size
-        hashes = extend_block_hashes(
-            seq.block_hashes, full_blocks, size, seq.token_ids, seq.hash_root
+        pool = self.pool
+        hashes = pool.hash_blocks(
+            seq.block_hashes, full_blocks, seq.request.prompt_ids, seq.output_ids, seq.hash_root
         )
-        self.pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
+        pool.cache(seq.block_ids, hashes, seq.cached_blocks, full_blocks, seq.token_ids)
         seq.cached_blocks = full_blocks
 
     # release
@@ -254,16 +251,20 @@ class KVManager:
         steps = growth.run_steps
         cache_to = []
         if self.caching:
-            fresh = []
+            fresh: list[int] = []
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:
-                    hashes = extend_block_hashes(
-                        seq.block_hashes, full, size, seq.token_ids, seq.hash_root
+                    hashes = pool.hash_blocks(
+                        seq.block_hashes,
+                        full,
+                        seq.request.prompt_ids,
+                        seq.output_ids,
+                        seq.hash_root,
                     )
                     fresh += hashes[seq.cached_blocks : full]
                     cache_to.append((seq, full))
-            if not pool.cached.keys().isdisjoint(fresh) or len(set(fresh)) < len(fresh):
+            if pool.any_cached(fresh) or len(set(fresh)) < len(fresh):
                 return False
         if growth.blocks:
             new = np.asarray(pool.allocate(growth.blocks))[growth.allocation_order()].tolist()

@@ -31,9 +31,9 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.engine.kv import BlockPool, PrefixCacheStats, blocks_for, hash_root
+from memorywall.server.engine.kv import PrefixCacheStats, blocks_for, hash_root, make_block_pool
 from memorywall.server.engine.kv_manager import KVManager
-from memorywall.server.engine.tokens import TokenSource
+from memorywall.server.engine.tokens import TokenSource, token_source_class
 
 if TYPE_CHECKING:
     from memorywall.server.engine.lora import LoraSlots
@@ -224,8 +224,9 @@ class EngineCore:
         self.lora = lora  # with --enable-lora: the adapters' batch rule and step cost
         self.limits = limits
         self.config = config
-        pool = BlockPool(limits.kv_capacity_tokens // config.block_size, config.block_size)
+        pool = make_block_pool(limits.kv_capacity_tokens // config.block_size, config.block_size)
         self.kv = KVManager(pool, enable_prefix_caching=config.enable_prefix_caching)
+        self._token_source = token_source_class()  # compiled draws, or the reference
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.live: dict[str, SeqState] = {}
@@ -247,7 +248,7 @@ class EngineCore:
     def add(self, request: Request, now: float) -> SeqState:
         """Validate and queue a request; raises before anything is held."""
         self._validate(request)
-        tokens = TokenSource(
+        tokens = self._token_source(
             token_seed(self.config.seed, request), self.limits.vocab_size, self.limits.eos_token_ids
         )
         low = max(request.min_tokens, 1)

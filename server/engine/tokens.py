@@ -10,6 +10,8 @@ import hashlib
 
 import numpy as np
 
+from memorywall.server.engine import kernel
+
 CHARS_PER_TOKEN = 4
 # Output text is one of these words per token, each with a leading space. They
 # are among the most frequent English words, so " word" is a single token in
@@ -204,3 +206,19 @@ class TokenSource:
     def _uniform_draw(self) -> float:
         self._drafts += 1
         return (self._key(_DRAFT_STREAM, self._drafts) >> 11) * 2.0**-53
+
+
+class CompiledTokenSource(TokenSource):
+    """`TokenSource` drawing its blocks of ids in the compiled kernel (`_kernel.draw_ids`):
+    the same ids, without a numpy call per block."""
+
+    def _draw(self, n: int) -> list[int]:
+        assert kernel.compiled is not None
+        ids = kernel.compiled.draw_ids(_TABLE, self._drawn, n, self._seed, self._vocab, self._eos)
+        self._drawn += n
+        return ids
+
+
+def token_source_class() -> type[TokenSource]:
+    """The compiled draws where the kernel is on (`kernel.enabled`), else the reference."""
+    return CompiledTokenSource if kernel.enabled() else TokenSource
