@@ -259,7 +259,9 @@ def test_doctor_says_whether_the_kernel_is_on(capsys):
 
 
 def test_simulate_speed_line_says_when_the_engine_runs_without_the_kernel():
-    lr = SimpleNamespace(modelled_s=2.0, wall_s=1.0, speedup=2.0, tokens=10, steps=3)
+    lr = SimpleNamespace(
+        modelled_s=2.0, wall_s=1.0, speedup=2.0, tokens=10, steps=3, cpu_s=0.9, engine_cpu_s=0.5
+    )
     assert speed_line(lr).endswith("3 steps)")
     with kernel.use(False):
         assert speed_line(lr).endswith("; pure-Python engine: the compiled kernel is off")
