@@ -60,8 +60,13 @@ from memorywall.server.engine.tokens import token_text
 log = logging.getLogger("memorywall.engine")
 
 # A held token waits for its stream's next one only if that comes within this many of its
-# own step times; a longer step (a big prefill chunk joined the batch) sends it first.
+# own step times (or `max_hold_s`, if longer); a longer step (a big prefill chunk joined
+# the batch) sends it first.
 HOLD_STEPS = 2.0
+# `auto`'s default hold: how long a token may wait for its stream's next ones when the
+# budget is short. A wafer's ~0.6 ms steps group up to about 7 tokens a message (a client
+# sees each token at most this late); an H100's 10 ms steps still hold one step at most.
+MAX_HOLD_S = 0.004
 
 
 class RequestStream(EventIteration):
@@ -128,6 +133,8 @@ class RequestStream(EventIteration):
                 return
             ready.append(n)
             self._pending -= n
+        else:
+            self._pending = 0  # `auto`: the tokens since the last message
         self._last_flush_s = now
         self._wake()
 
@@ -218,7 +225,8 @@ class RequestStream(EventIteration):
 class AsyncEngine:
     """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stream_interval`:
     tokens per streamed message after a stream's first (None: `auto`, one while the budget
-    lasts). `stall_tolerance_s`: how late a wake-up may be before the timeline is re-anchored
+    lasts). `max_hold_s`: how long `auto` may hold a token for its stream's next ones when
+    the budget is short (0: one step, then out). `stall_tolerance_s`: how late a wake-up may be before the timeline is re-anchored
     (or half a step, if shorter). `cpu_time`: this process's CPU seconds, which the budget
     adapts to (tests pass a fake)."""
 
@@ -229,6 +237,7 @@ class AsyncEngine:
         clock: Clock | None = None,
         max_messages_per_s: float,
         stream_interval: int | None = None,
+        max_hold_s: float = MAX_HOLD_S,
         lag_threshold_s: float = 0.010,
         stall_tolerance_s: float = 0.001,
         cpu_time: Callable[[], float] = time.process_time,
@@ -245,14 +254,17 @@ class AsyncEngine:
             raise ConfigError(
                 f"stream_interval: an int >= 1 or None (auto), got {stream_interval!r}"
             )
+        if not max_hold_s >= 0:
+            raise ConfigError(f"max_hold_s: a number >= 0, got {max_hold_s!r}")
         self.max_messages_per_s = max_messages_per_s
         self.stream_interval = stream_interval
+        self.max_hold_s = max_hold_s
         self.eos_ids = core.limits.eos_token_ids
         self._streams: dict[str, RequestStream] = {}
-        # Tokens held for grouping, one step at most: stream -> latest time it may still go.
+        # Streams holding tokens for grouping (`auto`): stream -> its oldest held token's time.
         self._held: dict[RequestStream, float] = {}
         self._paced: set[RequestStream] = set()  # streams held by their own min_interval_s
-        self._hold_s = 0.0  # how long the last step held tokens (0: none)
+        self._hold_s = 0.0  # how long a held token may wait now (0: none held yet)
         self._budget = MessageBudget(max_messages_per_s)
         self._cpu_time = cpu_time
         self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last wake-up
@@ -306,8 +318,8 @@ class AsyncEngine:
 
     @property
     def stream_interval_s(self) -> float:
-        """The longest grouping holds a token now: 0 while every token goes out alone (with
-        a fixed `stream_interval` N, N - 1 of the last step's times)."""
+        """The longest grouping may hold a token now: 0 while every token goes out alone
+        (with a fixed `stream_interval` N, N - 1 of the last step's times)."""
         return self._hold_s if self._held or self.stream_interval is not None else 0.0
 
     async def start(self) -> None:
@@ -430,7 +442,7 @@ class AsyncEngine:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            if self._held and step.end_s > min(self._held.values()):
+            if self._held and step.end_s > min(self._held.values()) + self._hold_s:
                 self._flush_held(self.clock.now())  # the next step is too long to wait for
             await self.clock.sleep_until(step.end_s)
             woke = self.clock.now()
@@ -462,22 +474,54 @@ class AsyncEngine:
     ) -> list[float]:
         """Hand a step's tokens to their streams, one message each while the budget lasts;
         `stalled_s`: how far past its deadline the host woke for this step. Returns the host
-        stall inside each emission's gap since its last token (or arrival)."""
+        stall inside each emission's gap since its last token (or arrival).
+
+        Past the budget a stream's tokens wait for a message of `group` (the streams given a
+        token this step over the messages the budget's rate allows a step), never longer
+        than `max_hold_s` (or one step, if longer): the message rate falls by the factor
+        the host needs, and each stream is woken once per message, not per token."""
         if self.stream_interval is not None:
             return self._deliver_grouped(emissions, now, step_s, stalled_s)
         budget = self._budget
         budget.refill(now)
-        overdue, self._held = self._held, {}
+        held = self._held
+        streams = self._streams
         stalled = self._stalls.stalled_s
         in_gaps = [0.0] * len(emissions)
+        # A held stream goes now if waiting for its next token would hold its oldest one
+        # past the cap (with `max_hold_s` under a step: held one step, then out).
+        cap_s = self.max_hold_s if self.max_hold_s > step_s else step_s
+        # Held since before this (on the modelled timeline: this step's tokens are due at its
+        # end, a step held at all is before it), it cannot wait a step more.
+        end_s = emissions[0].time_s if emissions else now
+        latest_s = end_s + step_s - cap_s
+        allowed = budget.rate_per_s * step_s
+        group = 1 if len(emissions) <= allowed else -(-len(emissions) // max(allowed, 1.0))
         for i, e in enumerate(emissions):
-            stream = self._accept(e, stalled, stalled_s, in_gaps, i)
+            stream = streams.get(e.sequence.request.request_id)
             if stream is None:
                 continue
+            # `_accept`, inlined: this loop runs once per generated token.
+            ids = e.token_ids
+            if stalled_s > stream._stalled_s:
+                stream._stalled_s = stalled_s
+            if len(ids) == 1:
+                stream._ids.append(ids[0])
+                stream._times.append(e.time_s)
+            else:
+                stream._ids.extend(ids)
+                stream._times.extend([e.time_s] * len(ids))
+            stream._pending += len(ids)
+            in_gaps[i] = stalled - stream.stalled_at_last_s
+            stream.stalled_at_last_s = stalled
             if e.finished:
-                overdue.pop(stream, None)
+                held.pop(stream, None)
                 self._close(stream)
                 stream._end(self._report(self._finished(stream)))
+                budget.spend()
+            elif e.previous_token_s is None:
+                stream.stalled_at_first_s = stalled
+                stream._flush(now)  # a first token: out now
                 budget.spend()
             elif stream.min_interval_s:
                 if stream._paced(now):
@@ -486,20 +530,26 @@ class AsyncEngine:
                     self._paced.discard(stream)
                     stream._flush(now)
                     budget.spend()
-            elif overdue.pop(stream, None) is not None or e.previous_token_s is None:
-                stream._flush(now)  # held a step already, or a first token: out now
-                budget.spend()
+            elif (oldest := held.get(stream)) is not None:
+                if stream._pending >= group or oldest < latest_s:
+                    del held[stream]
+                    stream._flush(now)
+                    budget.spend()
             elif budget.take():
                 stream._flush(now)
             else:
-                self._held[stream] = e.time_s + HOLD_STEPS * step_s
-        for stream in overdue:  # held a step and given nothing since (preempted)
+                held[stream] = e.time_s
+        # Held and given nothing this step (preempted): out once they cannot wait longer.
+        for stream in [s for s, oldest in held.items() if oldest < latest_s]:
+            del held[stream]
             stream._flush(now)
             budget.spend()
-        self._hold_s = step_s
-        for stream in [s for s in self._paced if not s._paced(now)]:
-            self._paced.discard(stream)
-            stream._flush(now)
+        # Before a step ends past this, the held tokens go (a long step: a prefill joined).
+        self._hold_s = max(self.max_hold_s, HOLD_STEPS * step_s)
+        if self._paced:
+            for stream in [s for s in self._paced if not s._paced(now)]:
+                self._paced.discard(stream)
+                stream._flush(now)
         return in_gaps
 
     def _deliver_grouped(

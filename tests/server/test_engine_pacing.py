@@ -189,8 +189,11 @@ async def test_ample_budget_sends_every_token_alone(wse3_8b):
 
 
 async def test_a_tight_budget_groups_but_never_a_step_late(wse3_8b):
-    # 16 streams decoding every ~0.6 ms want ~27k messages/s; the budget is 10k.
-    engine, results = await run(wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4)
+    # 16 streams decoding every ~0.6 ms want ~27k messages/s; the budget is 10k. With no
+    # `max_hold_s` a held token waits one step at most.
+    engine, results = await run(
+        wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4, max_hold_s=0.0
+    )
     grouped = 0
     for r in results:
         assert len(r.got_s) == 100
@@ -257,7 +260,13 @@ async def test_grouping_starts_when_the_host_is_saturated_not_before(
     # host that cannot carry a message per token (group, before it has to stall).
     clock = SteppingClock(stalls={i: late_s for i in range(10_000)})
     engine, results = await run(
-        wse3_8b, clock, streams=8, max_tokens=60, rate=1e6, cpu_time=lambda: clock.t * busy
+        wse3_8b,
+        clock,
+        streams=8,
+        max_tokens=60,
+        rate=1e6,
+        cpu_time=lambda: clock.t * busy,
+        max_hold_s=0.0,
     )
     sizes = {n for r in results for n in r.group_sizes}
     assert (max(sizes) > 1) is grouped
