@@ -261,6 +261,7 @@ class AsyncEngine:
         self.max_hold_s = max_hold_s
         self.eos_ids = core.limits.eos_token_ids
         self._streams: dict[str, RequestStream] = {}
+        self._by_seq: dict[SeqState, RequestStream] = {}  # the same streams, by sequence
         # Streams holding tokens for grouping (`auto`): stream -> its oldest held token's time.
         self._held: dict[RequestStream, float] = {}
         self._paced: set[RequestStream] = set()  # streams held by their own min_interval_s
@@ -348,6 +349,7 @@ class AsyncEngine:
             self, seq, min_interval_s, self._stalls.stalled_s, self.stream_interval
         )
         self._streams[request.request_id] = stream
+        self._by_seq[seq] = stream
         self._work.set()
         return stream
 
@@ -485,7 +487,7 @@ class AsyncEngine:
         budget = self._budget
         budget.refill(now)
         held = self._held
-        streams = self._streams
+        streams = self._by_seq.get
         stalled = self._stalls.stalled_s
         in_gaps = [0.0] * len(emissions)
         # A held stream goes now if waiting for its next token would hold its oldest one
@@ -498,7 +500,7 @@ class AsyncEngine:
         allowed = budget.rate_per_s * step_s
         group = 1 if len(emissions) <= allowed else -(-len(emissions) // max(allowed, 1.0))
         for i, e in enumerate(emissions):
-            stream = streams.get(e.sequence.request.request_id)
+            stream = streams(e.sequence)
             if stream is None:
                 continue
             # `_accept`, inlined: this loop runs once per generated token.
@@ -508,12 +510,14 @@ class AsyncEngine:
             if len(ids) == 1:
                 stream._ids.append(ids[0])
                 stream._times.append(e.time_s)
+                stream._pending += 1
             else:
-                stream._ids.extend(ids)
-                stream._times.extend([e.time_s] * len(ids))
-            stream._pending += len(ids)
-            in_gaps[i] = stalled - stream.stalled_at_last_s
-            stream.stalled_at_last_s = stalled
+                stream._ids += ids
+                stream._times += [e.time_s] * len(ids)
+                stream._pending += len(ids)
+            if stream.stalled_at_last_s != stalled:
+                in_gaps[i] = stalled - stream.stalled_at_last_s
+                stream.stalled_at_last_s = stalled
             if e.finished:
                 held.pop(stream, None)
                 self._close(stream)
@@ -588,7 +592,7 @@ class AsyncEngine:
         """Give emission `e`'s tokens to its stream (None if its client has gone) and set
         `in_gaps[i]` to the host stall inside its gap since the stream's last token: the one
         bookkeeping both delivery rules (budgeted and fixed interval) share."""
-        stream = self._streams.get(e.sequence.request.request_id)
+        stream = self._by_seq.get(e.sequence)
         if stream is None:
             return None
         stream._push(e.token_ids, e.time_s, stalled_s)
@@ -616,6 +620,7 @@ class AsyncEngine:
 
     def _close(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request_id, None)
+        self._by_seq.pop(stream.sequence, None)
         self._held.pop(stream, None)
         self._paced.discard(stream)
         if not self._streams:
