@@ -67,6 +67,8 @@ HOLD_STEPS = 2.0
 # budget is short. A wafer's ~0.6 ms steps group up to about 7 tokens a message (a client
 # sees each token at most this late); an H100's 10 ms steps still hold one step at most.
 MAX_HOLD_S = 0.004
+# How often the message budget looks at this process's CPU time (see `_adapt`).
+BUSY_WINDOW_S = 0.002
 
 
 class RequestStream(EventIteration):
@@ -268,7 +270,8 @@ class AsyncEngine:
         self._hold_s = 0.0  # how long a held token may wait now (0: none held yet)
         self._budget = MessageBudget(max_messages_per_s)
         self._cpu_time = cpu_time
-        self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last wake-up
+        self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last look
+        self._steps_seen = 0  # steps since then the budget has not adapted to
         self._idle = asyncio.Event()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -603,14 +606,26 @@ class AsyncEngine:
         return stream
 
     def _adapt(self, woke: float, late_s: float, tolerance_s: float) -> None:
-        """Let the message budget see how busy this process was since the last wake-up and
-        how late this one came."""
-        cpu = self._cpu_time()
+        """Let the message budget see how late this wake-up came and, every `BUSY_WINDOW_S`,
+        how busy this process was since the last look."""
         wall_0, cpu_0 = self._mark
+        self._steps_seen += 1
+        if woke - wall_0 < BUSY_WINDOW_S:
+            # Reading the process's CPU time is a system call (no vDSO): at a wafer's pace
+            # it cost more than the step's bookkeeping. Lateness alone may back off here;
+            # the window's steps count once it closes.
+            if late_s > tolerance_s / 2:
+                self._budget.adapt(busy=0.0, late_s=late_s, tolerance_s=tolerance_s)
+                self._steps_seen -= 1
+            return
+        cpu = self._cpu_time()
         if woke > wall_0:
             busy = (cpu - cpu_0) / (woke - wall_0)
-            self._budget.adapt(busy=busy, late_s=late_s, tolerance_s=tolerance_s)
+            self._budget.adapt(
+                busy=busy, late_s=late_s, tolerance_s=tolerance_s, steps=self._steps_seen
+            )
         self._mark = (woke, cpu)
+        self._steps_seen = 0
 
     def _flush_held(self, now: float) -> None:
         for stream in self._held:

@@ -33,13 +33,15 @@ class MessageBudget:
         self.available = 0.0
         self._last_s: float | None = None
 
-    def adapt(self, *, busy: float, late_s: float, tolerance_s: float) -> None:
-        """After a step: `busy` is the process's CPU time over the wall time it took, `late_s`
-        how late the engine woke for it, `tolerance_s` the lateness that would be a stall."""
+    def adapt(self, *, busy: float, late_s: float, tolerance_s: float, steps: int = 1) -> None:
+        """After `steps` steps: `busy` is the process's CPU time over the wall time they took,
+        `late_s` how late the engine woke for the last, `tolerance_s` the lateness that would
+        be a stall. Each step counts as one back-off (or recovery)."""
         if busy > BUSY or late_s > tolerance_s / 2:
-            self.rate_per_s = max(self.rate_per_s * BACKOFF, min(FLOOR_PER_S, self.ceiling_per_s))
+            floor = min(FLOOR_PER_S, self.ceiling_per_s)
+            self.rate_per_s = max(self.rate_per_s * BACKOFF**steps, floor)
         elif self.rate_per_s < self.ceiling_per_s:
-            self.rate_per_s = min(self.rate_per_s * RECOVER, self.ceiling_per_s)
+            self.rate_per_s = min(self.rate_per_s * RECOVER**steps, self.ceiling_per_s)
 
     def refill(self, now_s: float) -> None:
         """Add what accrued since the last refill; at least one message's worth is allowed."""
