@@ -229,8 +229,8 @@ class AsyncEngine:
     tokens per streamed message after a stream's first (None: `auto`, one while the budget
     lasts). `max_hold_s`: how long `auto` may hold a token for its stream's next ones when
     the budget is short (0: one step, then out). `stall_tolerance_s`: how late a wake-up may
-    be before the timeline is re-anchored (or half a step, if shorter). `cpu_time`: this process's CPU seconds, which the budget
-    adapts to (tests pass a fake)."""
+    be before the timeline is re-anchored (or half a step, if shorter). `cpu_time`: this
+    process's CPU seconds, which the budget adapts to (tests pass a fake)."""
 
     def __init__(
         self,
