@@ -17,8 +17,9 @@ network, no front. Both: this process's CPU time (user + system) over the tokens
 engine generated, prompts drawn beforehand. LIVE also gives the host stall share the
 engine reports: the decode time its requests lost to a late host
 (`Finished.decode_host_stall_s`) over their decode time (`Finished.decode_s`); 0 means
-the host kept the model's pace. On a shared host CPU time is the code's own cost and the
-wall time and stalls include waits for a core.
+the host kept the model's pace; and the tokens per message its `auto` grouping sent.
+On a shared host CPU time is the code's own cost and the wall time and stalls include
+waits for a core.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Row:
     modelled_s: float  # the engine's clock from the first arrival to the last token
     decode_s: float | None = None  # LIVE: the requests' decode time, stalls included
     decode_host_stall_s: float | None = None  # LIVE: of which the host's stalls
+    messages: int | None = None  # LIVE: token groups the readers got (`auto` grouping)
 
     @property
     def cpu_per_token_us(self) -> float:
@@ -72,11 +74,16 @@ class Row:
             return None
         return self.decode_host_stall_s / self.decode_s
 
+    @property
+    def tokens_per_message(self) -> float | None:
+        return self.tokens / self.messages if self.messages else None
+
     def as_dict(self) -> dict:
         return {
             **asdict(self),
             "cpu_per_token_us": self.cpu_per_token_us,
             "stall_share": self.stall_share,
+            "tokens_per_message": self.tokens_per_message,
         }
 
 
@@ -135,12 +142,16 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     engine = AsyncEngine(core, max_messages_per_s=ServerConfig().max_messages_per_s)
     pending = list(reversed(todo))
     ends: list[Finished] = []
+    messages = 0
 
     async def user() -> None:
+        nonlocal messages
         while pending:
             async for event in engine.submit(pending.pop()):
                 if isinstance(event, Finished):
                     ends.append(event)
+                else:
+                    messages += 1
 
     await engine.start()
     try:
@@ -162,6 +173,7 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
         modelled_s=modelled_s,
         decode_s=sum(f.decode_s for f in ends),
         decode_host_stall_s=sum(f.decode_host_stall_s for f in ends),
+        messages=messages,
     )
 
 
@@ -185,15 +197,16 @@ def measure(
 def table(rows: Sequence[Row]) -> str:
     head = (
         "| mode | hardware | batch | requests | tokens | wall | CPU | CPU per token "
-        "| modelled / CPU | host stall share |"
+        "| modelled / CPU | tokens per message | host stall share |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         stall = "" if r.stall_share is None else f"{r.stall_share:.1%}"
+        grouped = "" if r.tokens_per_message is None else f"{r.tokens_per_message:.2f}"
         lines.append(
             f"| {r.mode} | {r.hardware} | {r.batch} | {r.requests:,} | {r.tokens:,} "
             f"| {r.wall_s:,.2f} s | {r.cpu_s:,.3f} s | {r.cpu_per_token_us:,.2f} us "
-            f"| {r.modelled_s / r.cpu_s:,.0f}x | {stall} |"
+            f"| {r.modelled_s / r.cpu_s:,.0f}x | {grouped} | {stall} |"
         )
     return "\n".join(lines)
 

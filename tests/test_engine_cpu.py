@@ -22,8 +22,12 @@ def test_tiny_run_measures_both_engines(capsys):
     for r in rows[1::2]:  # LIVE: the stalls the engine reported, within its decode time
         assert r["decode_s"] > 0 and 0 <= r["decode_host_stall_s"] <= r["decode_s"]
         assert r["stall_share"] == r["decode_host_stall_s"] / r["decode_s"]
+        # Every token reached a reader in some message, never more messages than tokens.
+        assert 0 < r["messages"] <= r["tokens"]
+        assert r["tokens_per_message"] == r["tokens"] / r["messages"]
     for r in rows[::2]:
         assert r["decode_s"] is None and r["stall_share"] is None
+        assert r["messages"] is None and r["tokens_per_message"] is None
 
 
 def test_table_has_a_line_per_row():
