@@ -71,6 +71,20 @@ MAX_HOLD_S = 0.004
 BUSY_WINDOW_S = 0.002
 
 
+class TokenTexts(dict[int, str]):
+    """Each token id's text, built the first time it is asked for: a message's text is then
+    a lookup per token, not a call (an end-of-sequence id's text is empty). One entry at
+    most per id of the vocabulary."""
+
+    def __init__(self, eos_ids: frozenset[int]) -> None:
+        super().__init__()
+        self._eos = eos_ids
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = "" if token_id in self._eos else token_text(token_id)
+        return text
+
+
 class RequestStream(EventIteration):
     """One request's output as the front end reads it: token groups, then `Finished`."""
 
@@ -177,11 +191,8 @@ class RequestStream(EventIteration):
             self._max_lag_s = lag
         seq = self.sequence
         arrival = seq.arrival_s
-        eos = self._engine.eos_ids
-        if len(ids) == 1:
-            text = "" if ids[0] in eos else token_text(ids[0])
-        else:
-            text = "".join(["" if i in eos else token_text(i) for i in ids])
+        texts = self._engine.texts
+        text = texts[ids[0]] if len(ids) == 1 else "".join(map(texts.__getitem__, ids))
         # The last group is read once the engine has ended the request, so it
         # carries the finish reason and the front needs no wait for `Finished`.
         return TokenGroup(
@@ -262,6 +273,7 @@ class AsyncEngine:
         self.stream_interval = stream_interval
         self.max_hold_s = max_hold_s
         self.eos_ids = core.limits.eos_token_ids
+        self.texts = TokenTexts(self.eos_ids)
         self._streams: dict[str, RequestStream] = {}
         self._by_seq: dict[SeqState, RequestStream] = {}  # the same streams, by sequence
         # Streams holding tokens for grouping (`auto`): stream -> its oldest held token's time.
