@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from benchmarks.sim_speed import HARDWARE, MODEL, OUTPUT, PROMPT, deployment
-from memorywall.argtypes import number_list, positive_int
+from memorywall.argtypes import number_list, positive_float, positive_int
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestSpec
 from memorywall.server.config import ServerConfig
@@ -137,9 +137,40 @@ def offline(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     )
 
 
-async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
+class SteppedClock:
+    """A clock that jumps to each deadline at once (`--stepped`): the live engine's code,
+    its readers' and asyncio's, with no waits and no late wake-ups, so its cost repeats
+    (instruction counts under `valgrind --tool=callgrind`) whatever else the host runs."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline_s: float) -> None:
+        await asyncio.sleep(0)  # readers handed tokens this step run first, as when waiting
+        self.t = max(self.t, deadline_s)
+
+    def close(self) -> None:
+        pass
+
+
+async def _live(
+    hardware: str,
+    batch: int,
+    todo: Sequence[Request],
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
+) -> Row:
     core, _ = build_core(deployment(hardware), EngineConfig(max_num_seqs=max(batch, 256)))
-    engine = AsyncEngine(core, max_messages_per_s=ServerConfig().max_messages_per_s)
+    rate = ServerConfig().max_messages_per_s if max_messages_per_s is None else max_messages_per_s
+    engine = AsyncEngine(
+        core,
+        max_messages_per_s=rate,
+        # Stepped: no wall time passes, so the budget sees an idle process.
+        **({"clock": SteppedClock(), "cpu_time": lambda: 0.0} if stepped else {}),
+    )
     pending = list(reversed(todo))
     ends: list[Finished] = []
     messages = 0
@@ -163,7 +194,7 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     finally:
         await engine.stop()
     return Row(
-        mode="LIVE",
+        mode="STEPPED" if stepped else "LIVE",
         hardware=hardware,
         batch=batch,
         requests=len(ends),
@@ -177,20 +208,33 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     )
 
 
-def live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
-    """The live engine on its monotonic clock, `batch` in-process readers."""
-    return asyncio.run(_live(hardware, batch, todo))
+def live(
+    hardware: str,
+    batch: int,
+    todo: Sequence[Request],
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
+) -> Row:
+    """The live engine on its monotonic clock (or `stepped`), `batch` in-process readers;
+    `max_messages_per_s`: its message budget (default: serve's)."""
+    return asyncio.run(_live(hardware, batch, todo, stepped, max_messages_per_s))
 
 
 def measure(
-    hardware: Sequence[str], batches: Sequence[int], rounds: int, prompt: int, output: int
+    hardware: Sequence[str],
+    batches: Sequence[int],
+    rounds: int,
+    prompt: int,
+    output: int,
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
 ) -> list[Row]:
     rows = []
     for hw in hardware:
         for batch in batches:
             todo = requests(batch, rounds, prompt, output)
             rows.append(offline(hw, batch, todo))
-            rows.append(live(hw, batch, todo))
+            rows.append(live(hw, batch, todo, stepped, max_messages_per_s))
     return rows
 
 
@@ -219,8 +263,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input-len", type=positive_int, default=PROMPT)
     p.add_argument("--output-len", type=positive_int, default=OUTPUT)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument(
+        "--stepped",
+        action="store_true",
+        help="LIVE on a clock that jumps to each deadline: the code's cost alone (STEPPED rows)",
+    )
+    p.add_argument(
+        "--max-messages-per-s",
+        type=positive_float,
+        default=None,
+        help="LIVE's message budget (default: serve's)",
+    )
     args = p.parse_args(argv)
-    rows = measure(args.hardware, args.batch, args.rounds, args.input_len, args.output_len)
+    rows = measure(
+        args.hardware,
+        args.batch,
+        args.rounds,
+        args.input_len,
+        args.output_len,
+        args.stepped,
+        args.max_messages_per_s,
+    )
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0
