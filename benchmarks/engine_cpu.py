@@ -4,6 +4,8 @@ real clock with in-process readers.
     python -m benchmarks.engine_cpu                 # batch 64 and 256, h100-sxm and wse-3
     python -m benchmarks.engine_cpu --json          # the rows as JSON
     python -m benchmarks.engine_cpu --batch 8 --rounds 1 --output-len 16   # a smoke run
+    valgrind --tool=callgrind python -m benchmarks.engine_cpu --stepped --live-only \
+        --hardware wse-3 --batch 64 --rounds 3    # instructions: minus --rounds 1, per token
 
 Llama 3.1 8B, prompts of 512 and outputs of 128 tokens (`--input-len`, `--output-len`),
 closed loop: `batch` users each send `--rounds` requests, the next the moment the last
@@ -228,12 +230,14 @@ def measure(
     output: int,
     stepped: bool = False,
     max_messages_per_s: float | None = None,
+    live_only: bool = False,
 ) -> list[Row]:
     rows = []
     for hw in hardware:
         for batch in batches:
             todo = requests(batch, rounds, prompt, output)
-            rows.append(offline(hw, batch, todo))
+            if not live_only:
+                rows.append(offline(hw, batch, todo))
             rows.append(live(hw, batch, todo, stepped, max_messages_per_s))
     return rows
 
@@ -274,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="LIVE's message budget (default: serve's)",
     )
+    p.add_argument("--live-only", action="store_true", help="no OFFLINE rows")
     args = p.parse_args(argv)
     rows = measure(
         args.hardware,
@@ -283,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output_len,
         args.stepped,
         args.max_messages_per_s,
+        args.live_only,
     )
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))

@@ -46,6 +46,8 @@ def test_stepped_live_rows_never_stall_and_group_under_a_short_budget(capsys):
     assert engine_cpu.main([*argv, *rate, "--output-len", "40", "--json"]) == 0
     offline, stepped = json.loads(capsys.readouterr().out)
     assert offline["mode"] == "OFFLINE" and stepped["mode"] == "STEPPED"
+    assert engine_cpu.main([*argv, "--output-len", "4", "--live-only", "--json"]) == 0
+    assert [r["mode"] for r in json.loads(capsys.readouterr().out)] == ["STEPPED"]
     # The clock jumps to each deadline: never late, so no stall moved the timeline.
     assert stepped["decode_host_stall_s"] == 0 and stepped["stall_share"] == 0
     assert stepped["tokens"] == 8 * 40 and stepped["tokens_per_message"] > 2
