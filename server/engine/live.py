@@ -16,7 +16,9 @@ request (`Finished.host_stall_s`), in `EngineStats.host_stall` and in a
 
 With `stream_interval=None` (`auto`, the default) each token goes to its
 stream alone while the message budget (`pacing.MessageBudget`) lasts; past it a
-token waits for its stream's next one, never longer than one step. With
+stream's tokens wait for a message of the size the budget's rate needs, never
+longer than `max_hold_s` (or one step, if longer), and the stream's reader is
+woken once a message. With
 `stream_interval=N` a stream's first token goes out alone at its time (TTFT is
 not delayed) and the rest N per message, each message leaving when its last
 token is due; the last may be shorter (SGLang's `--stream-interval`, which also

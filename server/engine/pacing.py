@@ -1,8 +1,9 @@
 """How many messages the host may send: a budget refilled on the engine clock.
 
 The live engine hands each token to its stream alone while the budget lasts;
-past it, a token waits for the stream's next one (never more than one step),
-so the message rate halves before the host falls behind. The rate adapts: it
+past it, a stream's tokens wait for a message of the size the rate needs (the
+live engine's `max_hold_s`, or one step, at most), so the message rate falls
+before the host falls behind. The rate adapts: it
 backs off when the server process is busy nearly all the time between engine
 wake-ups (its fronts use up a core) or when the engine wakes over half its
 stall tolerance late (the machine is short of CPU, clients included: fewer
