@@ -4,6 +4,8 @@ real clock with in-process readers.
     python -m benchmarks.engine_cpu                 # batch 64 and 256, h100-sxm and wse-3
     python -m benchmarks.engine_cpu --json          # the rows as JSON
     python -m benchmarks.engine_cpu --batch 8 --rounds 1 --output-len 16   # a smoke run
+    valgrind --tool=callgrind python -m benchmarks.engine_cpu --stepped --live-only \
+        --hardware wse-3 --batch 64 --rounds 3    # instructions: minus --rounds 1, per token
 
 Llama 3.1 8B, prompts of 512 and outputs of 128 tokens (`--input-len`, `--output-len`),
 closed loop: `batch` users each send `--rounds` requests, the next the moment the last
@@ -17,8 +19,9 @@ network, no front. Both: this process's CPU time (user + system) over the tokens
 engine generated, prompts drawn beforehand. LIVE also gives the host stall share the
 engine reports: the decode time its requests lost to a late host
 (`Finished.decode_host_stall_s`) over their decode time (`Finished.decode_s`); 0 means
-the host kept the model's pace. On a shared host CPU time is the code's own cost and the
-wall time and stalls include waits for a core.
+the host kept the model's pace; and the tokens per message its `auto` grouping sent.
+On a shared host CPU time is the code's own cost and the wall time and stalls include
+waits for a core.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from benchmarks.sim_speed import HARDWARE, MODEL, OUTPUT, PROMPT, deployment
-from memorywall.argtypes import number_list, positive_int
+from memorywall.argtypes import number_list, positive_float, positive_int
 from memorywall.loadgen.prompts import PromptSource
 from memorywall.loadgen.records import RequestSpec
 from memorywall.server.config import ServerConfig
@@ -61,6 +64,7 @@ class Row:
     modelled_s: float  # the engine's clock from the first arrival to the last token
     decode_s: float | None = None  # LIVE: the requests' decode time, stalls included
     decode_host_stall_s: float | None = None  # LIVE: of which the host's stalls
+    messages: int | None = None  # LIVE: token groups the readers got (`auto` grouping)
 
     @property
     def cpu_per_token_us(self) -> float:
@@ -72,11 +76,16 @@ class Row:
             return None
         return self.decode_host_stall_s / self.decode_s
 
+    @property
+    def tokens_per_message(self) -> float | None:
+        return self.tokens / self.messages if self.messages else None
+
     def as_dict(self) -> dict:
         return {
             **asdict(self),
             "cpu_per_token_us": self.cpu_per_token_us,
             "stall_share": self.stall_share,
+            "tokens_per_message": self.tokens_per_message,
         }
 
 
@@ -130,17 +139,52 @@ def offline(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     )
 
 
-async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
+class SteppedClock:
+    """A clock that jumps to each deadline at once (`--stepped`): the live engine's code,
+    its readers' and asyncio's, with no waits and no late wake-ups, so its cost repeats
+    (instruction counts under `valgrind --tool=callgrind`) whatever else the host runs."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline_s: float) -> None:
+        await asyncio.sleep(0)  # readers handed tokens this step run first, as when waiting
+        self.t = max(self.t, deadline_s)
+
+    def close(self) -> None:
+        pass
+
+
+async def _live(
+    hardware: str,
+    batch: int,
+    todo: Sequence[Request],
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
+) -> Row:
     core, _ = build_core(deployment(hardware), EngineConfig(max_num_seqs=max(batch, 256)))
-    engine = AsyncEngine(core, max_messages_per_s=ServerConfig().max_messages_per_s)
+    rate = ServerConfig().max_messages_per_s if max_messages_per_s is None else max_messages_per_s
+    engine = AsyncEngine(
+        core,
+        max_messages_per_s=rate,
+        # Stepped: no wall time passes, so the budget sees an idle process.
+        **({"clock": SteppedClock(), "cpu_time": lambda: 0.0} if stepped else {}),
+    )
     pending = list(reversed(todo))
     ends: list[Finished] = []
+    messages = 0
 
     async def user() -> None:
+        nonlocal messages
         while pending:
             async for event in engine.submit(pending.pop()):
                 if isinstance(event, Finished):
                     ends.append(event)
+                else:
+                    messages += 1
 
     await engine.start()
     try:
@@ -152,7 +196,7 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
     finally:
         await engine.stop()
     return Row(
-        mode="LIVE",
+        mode="STEPPED" if stepped else "LIVE",
         hardware=hardware,
         batch=batch,
         requests=len(ends),
@@ -162,38 +206,55 @@ async def _live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
         modelled_s=modelled_s,
         decode_s=sum(f.decode_s for f in ends),
         decode_host_stall_s=sum(f.decode_host_stall_s for f in ends),
+        messages=messages,
     )
 
 
-def live(hardware: str, batch: int, todo: Sequence[Request]) -> Row:
-    """The live engine on its monotonic clock, `batch` in-process readers."""
-    return asyncio.run(_live(hardware, batch, todo))
+def live(
+    hardware: str,
+    batch: int,
+    todo: Sequence[Request],
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
+) -> Row:
+    """The live engine on its monotonic clock (or `stepped`), `batch` in-process readers;
+    `max_messages_per_s`: its message budget (default: serve's)."""
+    return asyncio.run(_live(hardware, batch, todo, stepped, max_messages_per_s))
 
 
 def measure(
-    hardware: Sequence[str], batches: Sequence[int], rounds: int, prompt: int, output: int
+    hardware: Sequence[str],
+    batches: Sequence[int],
+    rounds: int,
+    prompt: int,
+    output: int,
+    stepped: bool = False,
+    max_messages_per_s: float | None = None,
+    live_only: bool = False,
 ) -> list[Row]:
     rows = []
     for hw in hardware:
         for batch in batches:
             todo = requests(batch, rounds, prompt, output)
-            rows.append(offline(hw, batch, todo))
-            rows.append(live(hw, batch, todo))
+            if not live_only:
+                rows.append(offline(hw, batch, todo))
+            rows.append(live(hw, batch, todo, stepped, max_messages_per_s))
     return rows
 
 
 def table(rows: Sequence[Row]) -> str:
     head = (
         "| mode | hardware | batch | requests | tokens | wall | CPU | CPU per token "
-        "| modelled / CPU | host stall share |"
+        "| modelled / CPU | tokens per message | host stall share |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         stall = "" if r.stall_share is None else f"{r.stall_share:.1%}"
+        grouped = "" if r.tokens_per_message is None else f"{r.tokens_per_message:.2f}"
         lines.append(
             f"| {r.mode} | {r.hardware} | {r.batch} | {r.requests:,} | {r.tokens:,} "
             f"| {r.wall_s:,.2f} s | {r.cpu_s:,.3f} s | {r.cpu_per_token_us:,.2f} us "
-            f"| {r.modelled_s / r.cpu_s:,.0f}x | {stall} |"
+            f"| {r.modelled_s / r.cpu_s:,.0f}x | {grouped} | {stall} |"
         )
     return "\n".join(lines)
 
@@ -206,8 +267,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input-len", type=positive_int, default=PROMPT)
     p.add_argument("--output-len", type=positive_int, default=OUTPUT)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument(
+        "--stepped",
+        action="store_true",
+        help="LIVE on a clock that jumps to each deadline: the code's cost alone (STEPPED rows)",
+    )
+    p.add_argument(
+        "--max-messages-per-s",
+        type=positive_float,
+        default=None,
+        help="LIVE's message budget (default: serve's)",
+    )
+    p.add_argument("--live-only", action="store_true", help="no OFFLINE rows")
     args = p.parse_args(argv)
-    rows = measure(args.hardware, args.batch, args.rounds, args.input_len, args.output_len)
+    rows = measure(
+        args.hardware,
+        args.batch,
+        args.rounds,
+        args.input_len,
+        args.output_len,
+        args.stepped,
+        args.max_messages_per_s,
+        args.live_only,
+    )
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
         return 0

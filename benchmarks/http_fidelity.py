@@ -10,10 +10,11 @@ the load generator (`memorywall bench`'s code, its requests spread over
 prompts, 128 output tokens) through `--backend memorywall-grpc` and
 `--backend openai-completions`, and the table prints the measured mean TTFT,
 mean and p99 TPOT, p99 ITL, the modelled TTFT and TPOT (the timeline the engine
-ran), the output token rate, whether the run marked itself suspect, the host
-stalls the server counted during the run (any stall: the host fell behind and
-the modelled timeline moved later, so the run is degraded), and the machine's
-1-minute load average before it.
+ran), the output token rate, the server process's CPU time (user + system, from
+/proc) per token it generated during the run, whether the run marked itself
+suspect, the host stalls the server counted during the run (any stall: the host
+fell behind and the modelled timeline moved later, so the run is degraded), and
+the machine's 1-minute load average before it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import grpc
 
 from benchmarks._serve import serving
+from benchmarks.message_cost import cpu_s
 from memorywall.loadgen.bench import BenchConfig, Level, ServerFacts, run_level
 from memorywall.loadgen.target import Backend
 from memorywall.loadgen.workload import Fixed, SyntheticWorkload
@@ -35,10 +37,11 @@ from memorywall.v1 import engine_pb2_grpc as pb_grpc
 MODEL = "llama-3.1-8b"
 
 
-def _stalls(target: str) -> tuple[int, float]:
+def _stalls(target: str) -> tuple[int, float, int]:
+    """The server's host stalls so far (count, seconds) and the tokens it generated."""
     with grpc.insecure_channel(target) as channel:
         info = pb_grpc.EngineStub(channel).GetServerInfo(pb.GetServerInfoRequest())
-    return info.host_stall.stalls, info.host_stall.stalled_s
+    return info.host_stall.stalls, info.host_stall.stalled_s, info.tokens_generated
 
 
 def _run(
@@ -74,9 +77,10 @@ def main() -> int:
     )
     print(
         "| backend | users | front | load | TTFT | TPOT mean / p99 | ITL p99 "
-        "| modelled TTFT / TPOT | TPOT vs modelled | output tok/s | suspect | host stalls |"
+        "| modelled TTFT / TPOT | TPOT vs modelled | output tok/s | server CPU per token "
+        "| suspect | host stalls |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs.split(","):
         hw, users = run.split(":")
         n = int(users)
@@ -89,10 +93,13 @@ def main() -> int:
             )
             for front, target, backend in fronts:
                 load = os.getloadavg()[0]
-                before = _stalls(ready.grpc_target)
+                before, cpu_0 = _stalls(ready.grpc_target), cpu_s(ready.pid)
                 r = _run(target, backend, n, facts, args.workers, args.requests_per_user)
-                after = _stalls(ready.grpc_target)
+                after, cpu_1 = _stalls(ready.grpc_target), cpu_s(ready.pid)
                 stalls, lost = after[0] - before[0], after[1] - before[1]
+                # Warm-up included: the server's CPU over every token it generated meanwhile.
+                tokens = after[2] - before[2]
+                per_token = f"{(cpu_1 - cpu_0) / tokens * 1e6:.1f} us" if tokens else "-"
                 share = lost / r["duration"] if r["duration"] else 0.0
                 marked = f"{stalls} ({share:.1%} of the run)" if stalls else "0"
                 tpot_err = r["mean_tpot_ms"] / r["mean_modelled_tpot_ms"] - 1
@@ -101,7 +108,7 @@ def main() -> int:
                     f"| {r['mean_tpot_ms']:.3f} / {r['p99_tpot_ms']:.3f} ms "
                     f"| {r['p99_itl_ms']:.2f} ms "
                     f"| {r['mean_modelled_ttft_ms']:.2f} / {r['mean_modelled_tpot_ms']:.3f} ms "
-                    f"| {tpot_err:+.2%} | {r['output_throughput']:,.0f} "
+                    f"| {tpot_err:+.2%} | {r['output_throughput']:,.0f} | {per_token} "
                     f"| {'; '.join(r['suspect']) or '-'} | {marked} |",
                     flush=True,
                 )

@@ -44,7 +44,7 @@ class ServerConfig:
     grace_s: float = 5.0
     # The message budget's ceiling: about what grpc.aio carries on two cores shared with
     # the client. Below it the engine lowers the budget by itself whenever it wakes late
-    # (server/engine/pacing.py), and only then groups tokens, one step at most.
+    # (server/engine/pacing.py), and only then groups tokens, up to 4 ms (or one step).
     max_messages_per_s: float = 40_000.0
     # Tokens per streamed message after a stream's first; None: `auto` (one a message while
     # the budget above lasts). SGLang's and vLLM's `--stream-interval`.

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import engine_cpu
 
 
@@ -22,8 +24,12 @@ def test_tiny_run_measures_both_engines(capsys):
     for r in rows[1::2]:  # LIVE: the stalls the engine reported, within its decode time
         assert r["decode_s"] > 0 and 0 <= r["decode_host_stall_s"] <= r["decode_s"]
         assert r["stall_share"] == r["decode_host_stall_s"] / r["decode_s"]
+        # Every token reached a reader in some message, never more messages than tokens.
+        assert 0 < r["messages"] <= r["tokens"]
+        assert r["tokens_per_message"] == r["tokens"] / r["messages"]
     for r in rows[::2]:
         assert r["decode_s"] is None and r["stall_share"] is None
+        assert r["messages"] is None and r["tokens_per_message"] is None
 
 
 def test_table_has_a_line_per_row():
@@ -32,3 +38,23 @@ def test_table_has_a_line_per_row():
     lines = engine_cpu.table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| OFFLINE | h100-sxm | 2 | 2 | 8 ")
     assert lines[3].startswith("| LIVE | h100-sxm | 2 | 2 | 8 ") and lines[3].endswith("% |")
+
+
+def test_stepped_live_rows_never_stall_and_group_under_a_short_budget(capsys):
+    argv = ["--hardware", "wse-3", "--batch", "8", "--rounds", "1", "--stepped"]
+    rate = ["--max-messages-per-s", "2000"]  # 8 wafer streams want ~14k messages a second
+    assert engine_cpu.main([*argv, *rate, "--output-len", "40", "--json"]) == 0
+    offline, stepped = json.loads(capsys.readouterr().out)
+    assert offline["mode"] == "OFFLINE" and stepped["mode"] == "STEPPED"
+    assert engine_cpu.main([*argv, "--output-len", "4", "--live-only", "--json"]) == 0
+    assert [r["mode"] for r in json.loads(capsys.readouterr().out)] == ["STEPPED"]
+    # The clock jumps to each deadline: never late, so no stall moved the timeline.
+    assert stepped["decode_host_stall_s"] == 0 and stepped["stall_share"] == 0
+    assert stepped["tokens"] == 8 * 40 and stepped["tokens_per_message"] > 2
+
+
+def test_a_bad_message_budget_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        engine_cpu.main(["--max-messages-per-s", "0"])
+    assert e.value.code == 2
+    assert "--max-messages-per-s" in capsys.readouterr().err

@@ -56,9 +56,14 @@ class MonotonicClock:
     def __init__(self) -> None:
         self._libc = _libc()
         self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop watching the timerfd
+        self._waiter: asyncio.Future[None] | None = None  # the sleep in progress
+        self._spec = _Itimerspec()  # one deadline buffer, rewritten each sleep
+        self._spec_ref = ctypes.byref(self._spec)
         if self._libc is not None:
             fd = self._libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
             self._fd = fd if fd >= 0 else -1
+            self._settime = self._libc.timerfd_settime
 
     @property
     def precise(self) -> bool:
@@ -75,26 +80,32 @@ class MonotonicClock:
             return
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        spec = _Itimerspec()
+        spec = self._spec
         spec.it_value.tv_sec = int(deadline_s)
         spec.it_value.tv_nsec = int((deadline_s - int(deadline_s)) * 1e9)
-        assert self._libc is not None  # a timerfd (self._fd >= 0) came from it
-        if self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+        if self._settime(self._fd, _TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
             raise OSError(ctypes.get_errno(), "timerfd_settime failed")
-
-        def fired() -> None:
-            try:
-                os.read(self._fd, 8)
-            except BlockingIOError:
-                return
-            if not waiter.done():
-                waiter.set_result(None)
-
-        loop.add_reader(self._fd, fired)
+        if self._loop is not loop:
+            # The timerfd stays in the loop's epoll set between sleeps: adding and removing
+            # it each step cost two system calls a step.
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            loop.add_reader(self._fd, self._fired)
+            self._loop = loop
+        self._waiter = waiter
         try:
             await waiter
         finally:
-            loop.remove_reader(self._fd)
+            self._waiter = None
+
+    def _fired(self) -> None:
+        try:
+            os.read(self._fd, 8)
+        except BlockingIOError:
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @staticmethod
     async def _sleep_and_yield(deadline_s: float) -> None:
@@ -106,5 +117,8 @@ class MonotonicClock:
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._fd)
+            self._loop = None
             os.close(self._fd)
             self._fd = -1

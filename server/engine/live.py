@@ -16,7 +16,9 @@ request (`Finished.host_stall_s`), in `EngineStats.host_stall` and in a
 
 With `stream_interval=None` (`auto`, the default) each token goes to its
 stream alone while the message budget (`pacing.MessageBudget`) lasts; past it a
-token waits for its stream's next one, never longer than one step. With
+stream's tokens wait for a message of the size the budget's rate needs, never
+longer than `max_hold_s` (or one step, if longer), and the stream's reader is
+woken once a message. With
 `stream_interval=N` a stream's first token goes out alone at its time (TTFT is
 not delayed) and the rest N per message, each message leaving when its last
 token is due; the last may be shorter (SGLang's `--stream-interval`, which also
@@ -60,8 +62,29 @@ from memorywall.server.engine.tokens import token_text
 log = logging.getLogger("memorywall.engine")
 
 # A held token waits for its stream's next one only if that comes within this many of its
-# own step times; a longer step (a big prefill chunk joined the batch) sends it first.
+# own step times (or `max_hold_s`, if longer); a longer step (a big prefill chunk joined
+# the batch) sends it first.
 HOLD_STEPS = 2.0
+# `auto`'s default hold: how long a token may wait for its stream's next ones when the
+# budget is short. A wafer's ~0.6 ms steps group up to about 7 tokens a message (a client
+# sees each token at most this late); an H100's 10 ms steps still hold one step at most.
+MAX_HOLD_S = 0.004
+# How often the message budget looks at this process's CPU time (see `_adapt`).
+BUSY_WINDOW_S = 0.002
+
+
+class TokenTexts(dict[int, str]):
+    """Each token id's text, built the first time it is asked for: a message's text is then
+    a lookup per token, not a call (an end-of-sequence id's text is empty). One entry at
+    most per id of the vocabulary."""
+
+    def __init__(self, eos_ids: frozenset[int]) -> None:
+        super().__init__()
+        self._eos = eos_ids
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = "" if token_id in self._eos else token_text(token_id)
+        return text
 
 
 class RequestStream(EventIteration):
@@ -128,6 +151,8 @@ class RequestStream(EventIteration):
                 return
             ready.append(n)
             self._pending -= n
+        else:
+            self._pending = 0  # `auto`: the tokens since the last message
         self._last_flush_s = now
         self._wake()
 
@@ -168,11 +193,8 @@ class RequestStream(EventIteration):
             self._max_lag_s = lag
         seq = self.sequence
         arrival = seq.arrival_s
-        eos = self._engine.eos_ids
-        if len(ids) == 1:
-            text = "" if ids[0] in eos else token_text(ids[0])
-        else:
-            text = "".join(["" if i in eos else token_text(i) for i in ids])
+        texts = self._engine.texts
+        text = texts[ids[0]] if len(ids) == 1 else "".join(map(texts.__getitem__, ids))
         # The last group is read once the engine has ended the request, so it
         # carries the finish reason and the front needs no wait for `Finished`.
         return TokenGroup(
@@ -218,9 +240,10 @@ class RequestStream(EventIteration):
 class AsyncEngine:
     """`max_messages_per_s`: the message budget's ceiling (see `pacing`). `stream_interval`:
     tokens per streamed message after a stream's first (None: `auto`, one while the budget
-    lasts). `stall_tolerance_s`: how late a wake-up may be before the timeline is re-anchored
-    (or half a step, if shorter). `cpu_time`: this process's CPU seconds, which the budget
-    adapts to (tests pass a fake)."""
+    lasts). `max_hold_s`: how long `auto` may hold a token for its stream's next ones when
+    the budget is short (0: one step, then out). `stall_tolerance_s`: how late a wake-up may
+    be before the timeline is re-anchored (or half a step, if shorter). `cpu_time`: this
+    process's CPU seconds, which the budget adapts to (tests pass a fake)."""
 
     def __init__(
         self,
@@ -229,6 +252,7 @@ class AsyncEngine:
         clock: Clock | None = None,
         max_messages_per_s: float,
         stream_interval: int | None = None,
+        max_hold_s: float = MAX_HOLD_S,
         lag_threshold_s: float = 0.010,
         stall_tolerance_s: float = 0.001,
         cpu_time: Callable[[], float] = time.process_time,
@@ -245,17 +269,23 @@ class AsyncEngine:
             raise ConfigError(
                 f"stream_interval: an int >= 1 or None (auto), got {stream_interval!r}"
             )
+        if not max_hold_s >= 0:
+            raise ConfigError(f"max_hold_s: a number >= 0, got {max_hold_s!r}")
         self.max_messages_per_s = max_messages_per_s
         self.stream_interval = stream_interval
+        self.max_hold_s = max_hold_s
         self.eos_ids = core.limits.eos_token_ids
+        self.texts = TokenTexts(self.eos_ids)
         self._streams: dict[str, RequestStream] = {}
-        # Tokens held for grouping, one step at most: stream -> latest time it may still go.
+        self._by_seq: dict[SeqState, RequestStream] = {}  # the same streams, by sequence
+        # Streams holding tokens for grouping (`auto`): stream -> its oldest held token's time.
         self._held: dict[RequestStream, float] = {}
         self._paced: set[RequestStream] = set()  # streams held by their own min_interval_s
-        self._hold_s = 0.0  # how long the last step held tokens (0: none)
+        self._hold_s = 0.0  # how long a held token may wait now (0: none held yet)
         self._budget = MessageBudget(max_messages_per_s)
         self._cpu_time = cpu_time
-        self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last wake-up
+        self._mark = (self.clock.now(), cpu_time())  # wall and CPU time at the last look
+        self._steps_seen = 0  # steps since then the budget has not adapted to
         self._idle = asyncio.Event()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -306,8 +336,8 @@ class AsyncEngine:
 
     @property
     def stream_interval_s(self) -> float:
-        """The longest grouping holds a token now: 0 while every token goes out alone (with
-        a fixed `stream_interval` N, N - 1 of the last step's times)."""
+        """The longest grouping may hold a token now: 0 while every token goes out alone
+        (with a fixed `stream_interval` N, N - 1 of the last step's times)."""
         return self._hold_s if self._held or self.stream_interval is not None else 0.0
 
     async def start(self) -> None:
@@ -336,6 +366,7 @@ class AsyncEngine:
             self, seq, min_interval_s, self._stalls.stalled_s, self.stream_interval
         )
         self._streams[request.request_id] = stream
+        self._by_seq[seq] = stream
         self._work.set()
         return stream
 
@@ -430,7 +461,7 @@ class AsyncEngine:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            if self._held and step.end_s > min(self._held.values()):
+            if self._held and step.end_s > min(self._held.values()) + self._hold_s:
                 self._flush_held(self.clock.now())  # the next step is too long to wait for
             await self.clock.sleep_until(step.end_s)
             woke = self.clock.now()
@@ -462,22 +493,56 @@ class AsyncEngine:
     ) -> list[float]:
         """Hand a step's tokens to their streams, one message each while the budget lasts;
         `stalled_s`: how far past its deadline the host woke for this step. Returns the host
-        stall inside each emission's gap since its last token (or arrival)."""
+        stall inside each emission's gap since its last token (or arrival).
+
+        Past the budget a stream's tokens wait for a message of `group` (the streams given a
+        token this step over the messages the budget's rate allows a step), never longer
+        than `max_hold_s` (or one step, if longer): the message rate falls by the factor
+        the host needs, and each stream is woken once per message, not per token."""
         if self.stream_interval is not None:
             return self._deliver_grouped(emissions, now, step_s, stalled_s)
         budget = self._budget
         budget.refill(now)
-        overdue, self._held = self._held, {}
+        held = self._held
+        streams = self._by_seq.get
         stalled = self._stalls.stalled_s
         in_gaps = [0.0] * len(emissions)
+        # A held stream goes now if waiting for its next token would hold its oldest one
+        # past the cap (with `max_hold_s` under a step: held one step, then out).
+        cap_s = self.max_hold_s if self.max_hold_s > step_s else step_s
+        # Held since before this (on the modelled timeline: this step's tokens are due at its
+        # end, a step held at all is before it), it cannot wait a step more.
+        end_s = emissions[0].time_s if emissions else now
+        latest_s = end_s + step_s - cap_s
+        allowed = budget.rate_per_s * step_s
+        group = 1 if len(emissions) <= allowed else -(-len(emissions) // max(allowed, 1.0))
         for i, e in enumerate(emissions):
-            stream = self._accept(e, stalled, stalled_s, in_gaps, i)
+            stream = streams(e.sequence)
             if stream is None:
                 continue
+            # `_accept`, inlined: this loop runs once per generated token.
+            ids = e.token_ids
+            if stalled_s > stream._stalled_s:
+                stream._stalled_s = stalled_s
+            if len(ids) == 1:
+                stream._ids.append(ids[0])
+                stream._times.append(e.time_s)
+                stream._pending += 1
+            else:
+                stream._ids += ids
+                stream._times += [e.time_s] * len(ids)
+                stream._pending += len(ids)
+            if stream.stalled_at_last_s != stalled:
+                in_gaps[i] = stalled - stream.stalled_at_last_s
+                stream.stalled_at_last_s = stalled
             if e.finished:
-                overdue.pop(stream, None)
+                held.pop(stream, None)
                 self._close(stream)
                 stream._end(self._report(self._finished(stream)))
+                budget.spend()
+            elif e.previous_token_s is None:
+                stream.stalled_at_first_s = stalled
+                stream._flush(now)  # a first token: out now
                 budget.spend()
             elif stream.min_interval_s:
                 if stream._paced(now):
@@ -486,20 +551,26 @@ class AsyncEngine:
                     self._paced.discard(stream)
                     stream._flush(now)
                     budget.spend()
-            elif overdue.pop(stream, None) is not None or e.previous_token_s is None:
-                stream._flush(now)  # held a step already, or a first token: out now
-                budget.spend()
+            elif (oldest := held.get(stream)) is not None:
+                if stream._pending >= group or oldest < latest_s:
+                    del held[stream]
+                    stream._flush(now)
+                    budget.spend()
             elif budget.take():
                 stream._flush(now)
             else:
-                self._held[stream] = e.time_s + HOLD_STEPS * step_s
-        for stream in overdue:  # held a step and given nothing since (preempted)
+                held[stream] = e.time_s
+        # Held and given nothing this step (preempted): out once they cannot wait longer.
+        for stream in [s for s, oldest in held.items() if oldest < latest_s]:
+            del held[stream]
             stream._flush(now)
             budget.spend()
-        self._hold_s = step_s
-        for stream in [s for s in self._paced if not s._paced(now)]:
-            self._paced.discard(stream)
-            stream._flush(now)
+        # Before a step ends past this, the held tokens go (a long step: a prefill joined).
+        self._hold_s = max(self.max_hold_s, HOLD_STEPS * step_s)
+        if self._paced:
+            for stream in [s for s in self._paced if not s._paced(now)]:
+                self._paced.discard(stream)
+                stream._flush(now)
         return in_gaps
 
     def _deliver_grouped(
@@ -538,7 +609,7 @@ class AsyncEngine:
         """Give emission `e`'s tokens to its stream (None if its client has gone) and set
         `in_gaps[i]` to the host stall inside its gap since the stream's last token: the one
         bookkeeping both delivery rules (budgeted and fixed interval) share."""
-        stream = self._streams.get(e.sequence.request.request_id)
+        stream = self._by_seq.get(e.sequence)
         if stream is None:
             return None
         stream._push(e.token_ids, e.time_s, stalled_s)
@@ -549,14 +620,26 @@ class AsyncEngine:
         return stream
 
     def _adapt(self, woke: float, late_s: float, tolerance_s: float) -> None:
-        """Let the message budget see how busy this process was since the last wake-up and
-        how late this one came."""
-        cpu = self._cpu_time()
+        """Let the message budget see how late this wake-up came and, every `BUSY_WINDOW_S`,
+        how busy this process was since the last look."""
         wall_0, cpu_0 = self._mark
+        self._steps_seen += 1
+        if woke - wall_0 < BUSY_WINDOW_S:
+            # Reading the process's CPU time is a system call (no vDSO): at a wafer's pace
+            # it cost more than the step's bookkeeping. Lateness alone may back off here;
+            # the window's steps count once it closes.
+            if late_s > tolerance_s / 2:
+                self._budget.adapt(busy=0.0, late_s=late_s, tolerance_s=tolerance_s)
+                self._steps_seen -= 1
+            return
+        cpu = self._cpu_time()
         if woke > wall_0:
             busy = (cpu - cpu_0) / (woke - wall_0)
-            self._budget.adapt(busy=busy, late_s=late_s, tolerance_s=tolerance_s)
+            self._budget.adapt(
+                busy=busy, late_s=late_s, tolerance_s=tolerance_s, steps=self._steps_seen
+            )
         self._mark = (woke, cpu)
+        self._steps_seen = 0
 
     def _flush_held(self, now: float) -> None:
         for stream in self._held:
@@ -566,6 +649,7 @@ class AsyncEngine:
 
     def _close(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request_id, None)
+        self._by_seq.pop(stream.sequence, None)
         self._held.pop(stream, None)
         self._paced.discard(stream)
         if not self._streams:

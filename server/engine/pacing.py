@@ -1,8 +1,9 @@
 """How many messages the host may send: a budget refilled on the engine clock.
 
 The live engine hands each token to its stream alone while the budget lasts;
-past it, a token waits for the stream's next one (never more than one step),
-so the message rate halves before the host falls behind. The rate adapts: it
+past it, a stream's tokens wait for a message of the size the rate needs (the
+live engine's `max_hold_s`, or one step, at most), so the message rate falls
+before the host falls behind. The rate adapts: it
 backs off when the server process is busy nearly all the time between engine
 wake-ups (its fronts use up a core) or when the engine wakes over half its
 stall tolerance late (the machine is short of CPU, clients included: fewer
@@ -33,13 +34,15 @@ class MessageBudget:
         self.available = 0.0
         self._last_s: float | None = None
 
-    def adapt(self, *, busy: float, late_s: float, tolerance_s: float) -> None:
-        """After a step: `busy` is the process's CPU time over the wall time it took, `late_s`
-        how late the engine woke for it, `tolerance_s` the lateness that would be a stall."""
+    def adapt(self, *, busy: float, late_s: float, tolerance_s: float, steps: int = 1) -> None:
+        """After `steps` steps: `busy` is the process's CPU time over the wall time they took,
+        `late_s` how late the engine woke for the last, `tolerance_s` the lateness that would
+        be a stall. Each step counts as one back-off (or recovery)."""
         if busy > BUSY or late_s > tolerance_s / 2:
-            self.rate_per_s = max(self.rate_per_s * BACKOFF, min(FLOOR_PER_S, self.ceiling_per_s))
+            floor = min(FLOOR_PER_S, self.ceiling_per_s)
+            self.rate_per_s = max(self.rate_per_s * BACKOFF**steps, floor)
         elif self.rate_per_s < self.ceiling_per_s:
-            self.rate_per_s = min(self.rate_per_s * RECOVER, self.ceiling_per_s)
+            self.rate_per_s = min(self.rate_per_s * RECOVER**steps, self.ceiling_per_s)
 
     def refill(self, now_s: float) -> None:
         """Add what accrued since the last refill; at least one message's worth is allowed."""

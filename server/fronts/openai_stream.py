@@ -56,6 +56,9 @@ async def merged(streams: Sequence[EventStream]) -> AsyncGenerator[tuple[int, Ev
 
 async def stream_events(streams: Sequence[EventStream], replies: list[Reply], write: Write) -> None:
     """Write every choice's chunks as its tokens come, then usage if asked and [DONE]."""
+    if len(streams) == 1:
+        await _stream_one(streams[0], replies[0], write)
+        return
     openings = [r.role_event() if r.chat else b"" for r in replies]
     finals: list[Finished | None] = [None] * len(replies)
     try:
@@ -78,6 +81,28 @@ async def stream_events(streams: Sequence[EventStream], replies: list[Reply], wr
         await write(replies[0].error_events(e))
         return
     await write(final_events(replies, _all_finished(finals)))
+
+
+async def _stream_one(stream: EventStream, reply: Reply, write: Write) -> None:
+    """`stream_events` for one choice (`n` = 1, nearly every call): the same writes, read
+    straight from the engine's stream, with no generator between (one per message)."""
+    opening = reply.role_event() if reply.chat else b""
+    final: Finished | None = None
+    try:
+        while (event := await stream.next_event()) is not None:
+            if isinstance(event, Finished):
+                final = event
+                await write(reply.finish_event(event))
+                break
+            await write(opening + reply.group_event(event) if opening else reply.group_event(event))
+            opening = b""
+            if reply.stopped:
+                final = _stop(stream, reply)
+                break
+    except MemorywallError as e:  # the server drained before the request finished
+        await write(reply.error_events(e))
+        return
+    await write(final_events([reply], _all_finished([final])))
 
 
 async def response(streams: Sequence[EventStream], replies: list[Reply]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Pacing in the live engine: never faster than the model when the host stalls, and token
-grouping only under the message budget, never more than one step late.
+grouping only under the message budget, never later than `max_hold_s` (or one step).
 
 On a stepping test clock (no wall-clock timing): readers run at the time each step's
 tokens were handed out, then the clock jumps to the next deadline, or past it where the
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import pytest
 from engine_fakes import SteppingClock
 
+from memorywall.errors import ConfigError
 from memorywall.server.engine.api import Finished, TokenGroup
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.live import HOLD_STEPS, AsyncEngine
+from memorywall.server.engine.live import HOLD_STEPS, MAX_HOLD_S, AsyncEngine
 from memorywall.server.engine.pacing import FLOOR_PER_S, MessageBudget
 from memorywall.server.engine.scheduler import EngineConfig, Request
 from memorywall.server.fronts.metrics import PrometheusMetrics
@@ -189,8 +190,11 @@ async def test_ample_budget_sends_every_token_alone(wse3_8b):
 
 
 async def test_a_tight_budget_groups_but_never_a_step_late(wse3_8b):
-    # 16 streams decoding every ~0.6 ms want ~27k messages/s; the budget is 10k.
-    engine, results = await run(wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4)
+    # 16 streams decoding every ~0.6 ms want ~27k messages/s; the budget is 10k. With no
+    # `max_hold_s` a held token waits one step at most.
+    engine, results = await run(
+        wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4, max_hold_s=0.0
+    )
     grouped = 0
     for r in results:
         assert len(r.got_s) == 100
@@ -210,6 +214,48 @@ async def test_a_tight_budget_groups_but_never_a_step_late(wse3_8b):
     assert grouped > 0
     assert messages < 16 * 100
     assert engine.stats().host_stall.stalls == 0
+
+
+async def test_a_tight_budget_groups_deeper_up_to_max_hold_never_early(wse3_8b):
+    # The same 16 streams and 10k budget with `auto`'s default hold: a stream's tokens wait
+    # for a message of the size the budget needs, never past `MAX_HOLD_S` and never early.
+    _, one_step = await run(
+        wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4, max_hold_s=0.0
+    )
+    engine, results = await run(wse3_8b, SteppingClock(), streams=16, max_tokens=100, rate=1e4)
+    for r in results:
+        assert len(r.got_s) == 100
+        late = [got - due for got, due in zip(r.got_s, r.due_s, strict=True)]
+        assert min(late) >= 0
+        assert max(late) <= MAX_HOLD_S + 1e-9
+        assert r.got_s[-1] == pytest.approx(r.due_s[-1], abs=1e-9)
+        assert r.group_sizes[0] == 1  # the first token goes alone, at its time
+    assert max(n for r in results for n in r.group_sizes) > 2
+    # 16 streams x ~1,800 tokens/s over a 10k budget: groups of ~3, a third of the messages.
+    messages = sum(len(r.group_sizes) for r in results)
+    assert messages < 0.75 * sum(len(r.group_sizes) for r in one_step)
+    assert messages < 16 * 100 / 2.5
+    assert engine.stats().host_stall.stalls == 0
+
+
+async def test_a_saturated_host_groups_up_to_max_hold_and_no_further(wse3_8b):
+    clock = SteppingClock()
+    _, results = await run(
+        wse3_8b, clock, streams=8, max_tokens=120, rate=1e6, cpu_time=lambda: clock.t * 0.97
+    )
+    step_s = min(min(gaps(r.due_s)) for r in results)
+    deepest = int(MAX_HOLD_S / step_s) + 1  # tokens a hold of MAX_HOLD_S spans
+    sizes = [n for r in results for n in r.group_sizes]
+    assert max(sizes) == deepest
+    for r in results:
+        late = [got - due for got, due in zip(r.got_s, r.due_s, strict=True)]
+        assert min(late) >= 0 and max(late) <= MAX_HOLD_S + 1e-9
+
+
+def test_a_negative_max_hold_is_refused(wse3_8b):
+    core, _ = build_core(wse3_8b, EngineConfig())
+    with pytest.raises(ConfigError, match="max_hold_s"):
+        AsyncEngine(core, clock=SteppingClock(), max_messages_per_s=1e4, max_hold_s=-1.0)
 
 
 def test_message_budget_refills_on_the_clock_and_bounds_debt():
@@ -257,7 +303,13 @@ async def test_grouping_starts_when_the_host_is_saturated_not_before(
     # host that cannot carry a message per token (group, before it has to stall).
     clock = SteppingClock(stalls={i: late_s for i in range(10_000)})
     engine, results = await run(
-        wse3_8b, clock, streams=8, max_tokens=60, rate=1e6, cpu_time=lambda: clock.t * busy
+        wse3_8b,
+        clock,
+        streams=8,
+        max_tokens=60,
+        rate=1e6,
+        cpu_time=lambda: clock.t * busy,
+        max_hold_s=0.0,
     )
     sizes = {n for r in results for n in r.group_sizes}
     assert (max(sizes) > 1) is grouped
