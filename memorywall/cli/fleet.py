@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from memorywall.argtypes import positive_float
 from memorywall.cli.usage import UsageError
+from memorywall.cluster.options import add_ray_argument
 
 if TYPE_CHECKING:
     from memorywall.fleet.runner import FleetReady
@@ -72,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help=f"with --prometheus-config: its scrape interval (default: {SCRAPE_INTERVAL_S:g})",
     )
+    add_ray_argument(p, "run each worker as an actor (spread, or on its node =)")
     p.set_defaults(func=command)
 
 
@@ -107,6 +109,8 @@ def command(args: argparse.Namespace) -> int:
     from memorywall.fleet.spec import load_spec
 
     _check(args)
+    if args.ray is not None and (args.render_kubernetes or args.from_ready):
+        raise UsageError("--ray: runs a fleet; not with --render-kubernetes or --from-ready")
     if args.render_kubernetes is not None:
         return render_kubernetes(args, load_spec(args.spec))
     if args.from_ready is not None:
@@ -125,6 +129,14 @@ def command(args: argparse.Namespace) -> int:
                 "metrics_port in the spec"
             )
         on_ready = _config_writer(args, spec.tls)
+    if args.ray is not None:
+        from memorywall.cluster.fleet import run as run_on_ray
+
+        return run_on_ray(
+            spec, args.log_dir, args.ray, ready_file=args.ready_file, on_ready=on_ready
+        )
+    if pinned := [w.name for w in spec.workers if w.node is not None]:
+        raise UsageError(f"{', '.join(pinned)}: node = places a worker on a Ray cluster: add --ray")
     return run_fleet(spec, args.log_dir, ready_file=args.ready_file, on_ready=on_ready)
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,11 +22,13 @@ from memorywall.argtypes import (
 )
 from memorywall.cli.pd_options import add_link_arguments
 from memorywall.cli.usage import UsageError
+from memorywall.cluster.options import add_ray_argument
 from memorywall.core import Placement, Precision, load_hardware, load_model
 from memorywall.plan.pd import PdSpace
 from memorywall.plan.space import Space
 
 if TYPE_CHECKING:
+    from memorywall.cluster.pools import Pool
     from memorywall.plan.budget import PowerBudget
     from memorywall.plan.planner import Query
 
@@ -199,6 +202,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="facility watts per device watt charged against --power-budget (default 1: "
         "device TDP alone, no hosts, network or cooling)",
     )
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="load searches at once, each in its own process (the same plan; default 1)",
+    )
+    add_ray_argument(p, "run the load searches as tasks, as many at once as it has CPUs,")
     p.add_argument("--top", type=positive_int, default=5, help="rows per backend in the table")
     p.add_argument("--json", action="store_true", help="print the JSON document, not the table")
     p.add_argument("--out", type=Path, help=f"write {PLAN_JSON} and {PARETO_PNG} here")
@@ -304,6 +314,23 @@ def _load(args: argparse.Namespace) -> argparse.Namespace:
     )
 
 
+@contextlib.contextmanager
+def search_pool(args: argparse.Namespace) -> Iterator[Pool | None]:
+    """Where the load searches run: in this process (None), `--jobs` processes, or `--ray`."""
+    if args.ray is not None and args.jobs > 1:
+        raise PlanError("--ray and --jobs: give one (the cluster's CPUs set the width)")
+    from memorywall.cluster.pools import process_pool, ray_pool
+
+    if args.ray is not None:
+        with ray_pool(args.ray) as pool:
+            yield pool
+    elif args.jobs > 1:
+        with process_pool(args.jobs) as pool:
+            yield pool
+    else:
+        yield None
+
+
 def run(args: argparse.Namespace) -> int:
     from memorywall.loadgen.runner import progress_printer
     from memorywall.plan.planner import plan
@@ -320,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
             bar = progress_printer(total, f"plan {query.model.name}")
         bar(done)
 
-    result = plan(query, space, progress, pd=pd)
+    with search_pool(args) as pool:
+        result = plan(query, space, progress, pd=pd, pool=pool)
     if bar is not None and sys.stderr.isatty():
         print(file=sys.stderr)
     doc = as_json(result, budget)

@@ -27,6 +27,7 @@ from memorywall.cli.deployment import (
 )
 from memorywall.cli.pd_options import add_link_arguments
 from memorywall.cli.usage import UsageError
+from memorywall.cluster.options import add_ray_argument
 from memorywall.core import Deployment
 from memorywall.core.deployment import DeploymentNames
 from memorywall.core.kv_transfer import parse_link
@@ -63,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="levels simulated at once, each in its own process (same results; default 1)",
     )
+    add_ray_argument(p, "simulate each level as a task (same result files)")
     p.set_defaults(func=command, label="sim")
 
 
@@ -165,8 +167,12 @@ def run(
         raise UsageError(str(e)) from None
     target = deployment.describe() if fleet is None else fleet.describe()
     config = sweep_config(args, workload, slo, target=target)
+    if args.ray is not None and args.jobs > 1:
+        raise UsageError("--ray and --jobs: give one (the cluster's CPUs set the width)")
     runs = []
-    for lr in level_runs(deployment, engine_config, config, fleet, jobs=args.jobs, lora=lora):
+    for lr in level_runs(
+        deployment, engine_config, config, fleet, jobs=args.jobs, lora=lora, ray=args.ray
+    ):
         runs.append(lr)
         print(format_result(lr.result), flush=True)
         print(f"  {speed_line(lr)}", flush=True)
@@ -193,11 +199,24 @@ def level_runs(
     *,
     jobs: int = 1,
     lora: LoraConfig | None = None,
+    ray: str | None = None,
 ) -> Iterator[LevelRun]:
     """Each level's run, in level order. With `jobs` > 1 that many levels run at once, each
     in its own process: a level's engine, clock and seed are its own, so the results are
-    the ones one process gives; only the host time each level took differs."""
+    the ones one process gives; only the host time each level took differs. With `ray` (a
+    cluster's address) each level is a Ray task there, for the same reason."""
     todo = levels(config)
+    if ray is not None:
+        from memorywall.cluster.pools import ray_pool
+
+        with ray_pool(ray) as cluster:
+            tasks = [
+                cluster.submit(simulate_one, deployment, engine_config, config, level, fleet, lora)
+                for level in todo
+            ]
+            for task in tasks:
+                yield task.result()
+        return
     jobs = min(jobs, len(todo))
     if jobs <= 1:
         for level in todo:

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -115,8 +116,11 @@ class FaultSchedule:
         if self._pending:
             self.log.write_text("")
 
-    def apply_due(self, pids: dict[str, int]) -> list[WorkerFault]:
-        """Signal each worker whose fault is due; returns what was done."""
+    def apply_due(
+        self, pids: dict[str, int], send: Callable[[int, int], None] = os.kill
+    ) -> list[WorkerFault]:
+        """Signal each worker whose fault is due, by `send(pid, signal)` (a fleet on a
+        cluster sends it through the worker's actor); returns what was done."""
         if self._start_s is None:
             return []
         elapsed = time.monotonic() - self._start_s
@@ -127,7 +131,7 @@ class FaultSchedule:
             if fault.action is WorkerAction.KILL:
                 self.killed.add(fault.worker)
             try:
-                os.kill(pid, fault.action.signal)
+                send(pid, fault.action.signal)
             except ProcessLookupError:
                 continue  # already gone
             record = {"t_s": elapsed, "worker": fault.worker, "action": fault.action.value}

@@ -33,7 +33,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -73,12 +73,16 @@ class FleetReady:
     log_dir: str
     workers: dict[str, ServerReady]
     gateway: GatewayReady | None
+    nodes: dict[str, str] = field(default_factory=dict)  # `--ray`: each worker's node
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "log_dir": self.log_dir,
-            "workers": [{"name": n, **w.as_dict()} for n, w in self.workers.items()],
+            "workers": [
+                {"name": n, **w.as_dict(), **({"node": self.nodes[n]} if n in self.nodes else {})}
+                for n, w in self.workers.items()
+            ],
             "gateway": None if self.gateway is None else asdict(self.gateway),
         }
 
@@ -90,6 +94,7 @@ class FleetReady:
             log_dir=data["log_dir"],
             workers={w["name"]: ServerReady.from_dict(w) for w in data["workers"]},
             gateway=None if gw is None else GatewayReady(**gw),
+            nodes={w["name"]: w["node"] for w in data["workers"] if "node" in w},
         )
 
 
@@ -166,6 +171,11 @@ class Fleet:
             None,
         )
 
+    def _check(self) -> int | None:
+        """The fleet's exit status if a child died unplanned (reported), else None."""
+        dead = self._dead()
+        return None if dead is None else self._report_death(dead)
+
     def _report_death(self, child: Child) -> int:
         self.say(
             f"memorywall fleet: {child.name} exited early (status {child.proc.returncode}); "
@@ -192,9 +202,7 @@ class Fleet:
                     "gateway skipped: smg is not installed "
                     "(pip install 'memorywall[gateway]'); running the workers only"
                 )
-        for w in self.spec.workers:
-            ready = self._worker_ready_file(w.name)
-            self._start(w.name, serve_command(w, ready, self.spec.tls), ready)
+        self._start_workers()
         workers = self._wait_for_workers()
         if workers is None:
             return 0 if self.stop.is_set() else 1
@@ -230,7 +238,11 @@ class Fleet:
                 f"(OpenAI API, /v1/chat/completions), pid {gateway.pid}"
             )
         self.ready = FleetReady(
-            pid=os.getpid(), log_dir=str(self.log_dir), workers=workers, gateway=gateway
+            pid=os.getpid(),
+            log_dir=str(self.log_dir),
+            workers=workers,
+            gateway=gateway,
+            nodes=self._nodes(),
         )
         if self.ready_file is not None:
             write_json(self.ready_file, self.ready.as_dict())
@@ -240,11 +252,25 @@ class Fleet:
         self.faults.start()
         pids = {name: r.pid for name, r in workers.items()}
         while not self.stop.wait(0.05):
-            for fault in self.faults.apply_due(pids):
+            for fault in self.faults.apply_due(pids, self._signal):
                 self.say(f"fault: {fault.action.value} {fault.worker} at {fault.at_s:g} s")
-            if dead := self._dead():
-                return self._report_death(dead)
+            if (status := self._check()) is not None:
+                return status
         return 0
+
+    def _start_workers(self) -> None:
+        """Each worker's serve process, on this host (a subclass may place them elsewhere)."""
+        for w in self.spec.workers:
+            ready = self._worker_ready_file(w.name)
+            self._start(w.name, serve_command(w, ready, self.spec.tls), ready)
+
+    def _nodes(self) -> dict[str, str]:
+        """Each worker's node, for the ready file: none here, every worker is on this host."""
+        return {}
+
+    def _signal(self, pid: int, signum: int) -> None:
+        """A fault's signal to a worker's server, by pid."""
+        os.kill(pid, signum)
 
     def _wait_for_workers(self) -> dict[str, ServerReady] | None:
         """Each worker's ready file by name, or None if one died, timed out, or a stop came."""
@@ -275,8 +301,7 @@ class Fleet:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            if dead := self._dead():
-                self._report_death(dead)
+            if self._check() is not None:
                 return None
             if _gateway_serves(base):
                 return base
@@ -300,14 +325,19 @@ class Fleet:
 def serve_command(w: WorkerSpec, ready: Path, tls: TlsSpec | None = None) -> list[str]:
     """`memorywall serve` with the worker's options, and the fleet's own: loopback, the
     ready file, a free bootstrap port for a prefill worker, `[tls]`."""
-    args = ["--host", "127.0.0.1", *w.argv()]
+    return launch.serve_command(["--host", "127.0.0.1", *serve_args(w, tls)], ready)
+
+
+def serve_args(w: WorkerSpec, tls: TlsSpec | None = None) -> list[str]:
+    """The worker's serve options and the fleet's own but the host and the ready file."""
+    args = w.argv()
     if w.role == "prefill":
         args += ["--bootstrap-port", "0"]  # the ready file names it
     if tls is not None:
         args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
         if tls.client_ca is not None:
             args += ["--tls-client-ca", str(tls.client_ca)]
-    return launch.serve_command(args, ready)
+    return args
 
 
 def smg_backend(protocol: str | None) -> list[str]:
@@ -356,8 +386,15 @@ def gateway_workers(workers: dict[str, ServerReady]) -> list[str]:
     return args
 
 
-def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:
-    """Run a fleet in the foreground until SIGINT/SIGTERM (0) or a child's death (1)."""
+def run(
+    spec: FleetSpec,
+    log_dir: Path | None = None,
+    *,
+    make: Callable[..., Fleet] = Fleet,
+    **kwargs: Any,
+) -> int:
+    """Run a fleet in the foreground until SIGINT/SIGTERM (0) or a child's death (1);
+    `make` builds it (`Fleet`'s arguments; `memorywall.cluster.fleet` places it on Ray)."""
     if spec.gateway is not None and os.environ.get(API_KEY_ENV):
         raise ConfigError(
             f"{API_KEY_ENV} is set, but smg sends no API key to gRPC workers: unset it or "
@@ -365,7 +402,7 @@ def run(spec: FleetSpec, log_dir: Path | None = None, **kwargs: Any) -> int:
         )
     if log_dir is None:
         log_dir = Path(tempfile.mkdtemp(prefix="memorywall-fleet-"))
-    fleet = Fleet(spec, log_dir, **kwargs)
+    fleet = make(spec, log_dir, **kwargs)
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, lambda *_: fleet.stop.set())

@@ -114,7 +114,8 @@ def _worker(origin: str, i: int, raw: Any, base: Path | None) -> WorkerSpec:
             f"(it names the log file) and not {GATEWAY_LOG!r}"
         )
     raw = _with_protocol(raw, origin, where)
-    spec = WorkerSpec(name, **worker.check(raw, f"{origin}: {where}", base=base))
+    node = _text(origin, f"{where}.node", raw["node"]) if "node" in raw else None
+    spec = WorkerSpec(name, node=node, **worker.check(raw, f"{origin}: {where}", base=base))
     if spec.kv_link is not None and spec.role != "decode":
         raise ConfigError(f"{origin}: {where}.kv_link: only a decode worker takes one")
     return spec

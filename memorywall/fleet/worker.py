@@ -5,8 +5,9 @@ option is a key named by its long flag without the dashes, `-` written `_`
 (`--max-num-seqs 64` is `max_num_seqs = 64`); a flag without a value (`--no-prefix-caching`)
 is a boolean, `true` to give it. A table is turned into argv generically (`argv`) and
 checked by parsing that argv with the real parser, one key at a time so that an error
-names its key. `name` and `protocol` (the smg engine it looks like: `spec.py` turns it into
-`grpc_services`) are the fleet's own keys, and the options the fleet itself controls
+names its key. `name`, `protocol` (the smg engine it looks like: `spec.py` turns it into
+`grpc_services`) and `node` (`fleet --ray`: the Ray custom resource of the node to run
+on) are the fleet's own keys, and the options the fleet itself controls
 (the host, the ready file, a prefill worker's bootstrap port, TLS and the API key) are
 refused with the reason. `port` defaults to 0 (any free port) in a fleet.
 """
@@ -31,7 +32,7 @@ from memorywall.server.grpc_services import (
     smg_engine,
 )
 
-FLEET_KEYS = ("name", "protocol")
+FLEET_KEYS = ("name", "protocol", "node")
 # The engines whose worker service smg speaks (`protocol = ...`); SGLang's is serve's default.
 PROTOCOLS = SMG_ENGINES
 # Serve options a fleet sets for its workers, and where the user says them instead.
@@ -58,9 +59,11 @@ class WorkerSpec:
 
     name: str
     options: dict[str, Any]
+    node: str | None = None  # on a Ray cluster: the custom resource it is pinned to
 
-    def __init__(self, name: str, **options: Any) -> None:
+    def __init__(self, name: str, *, node: str | None = None, **options: Any) -> None:
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "node", node)
         object.__setattr__(self, "options", {k: v for k, v in options.items() if v is not None})
 
     def get(self, key: str, default: Any = None) -> Any:

@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from memorywall.plan.pd import PdCandidate, PdSpace, backend, pd_candidates
 from memorywall.plan.search import SATURATED_GAIN, Trial, in_flight, kept_up, search_load, slo_holds
 from memorywall.plan.space import Candidate, Estimate, Skipped, Space, candidates
 from memorywall.sim.simulate import LevelRun
+
+if TYPE_CHECKING:
+    from memorywall.cluster.pools import Pool
 
 __all__ = [
     "Candidate",
@@ -274,9 +278,12 @@ def plan(
     progress: Callable[[int, int], None] | None = None,
     *,
     pd: PdSpace | None = None,
+    pool: Pool | None = None,
 ) -> PlanResult:
     """Evaluate every candidate, best estimate first; `progress(done, total)` after each.
-    With `pd`, disaggregated fleets (GPU prefill, wafer decode) of `space`'s hardware too."""
+    With `pd`, disaggregated fleets (GPU prefill, wafer decode) of `space`'s hardware too.
+    With `pool`, the load searches run there, several at once, in waves (`waves`): the
+    same evaluations as in order."""
     if not space.hardware:
         raise ConfigError("plan: no hardware to search")
     plain, skipped = candidates(query.model, space)
@@ -301,28 +308,51 @@ def plan(
         else:
             scored.append((c, e))
     scored.sort(key=lambda ce: (-ce[1].tok_s_per_device, ce[0].devices))
-    best_on: dict[str, float] = {}
     if progress:
         progress(0, len(scored))
-    evaluations: list[Evaluation] = []
-    for i, (c, est) in enumerate(scored):
-        evaluations.append(_evaluate(query, space, c, est, best_on, evaluations))
-        ev = evaluations[-1]
-        if ev.tok_s_per_device is not None:
-            best_on[c.hardware] = max(best_on.get(c.hardware, 0.0), ev.tok_s_per_device)
-        if progress:
-            progress(i + 1, len(scored))
+    if pool is None:
+        evaluations = _evaluate_in_order(query, space, scored, progress)
+    else:
+        from memorywall.plan.waves import evaluate_in_waves  # it builds on this module
+
+        evaluations = evaluate_in_waves(query, space, scored, pool, progress)
     return PlanResult(query=query, space=space, evaluations=evaluations, skipped=skipped, pd=pd)
 
 
-def _evaluate(
+def _evaluate_in_order(
     query: Query,
     space: Space,
-    c: AnyCandidate,
-    est: Estimate,
-    best_on: dict[str, float],
-    done: Sequence[Evaluation],
-) -> Evaluation:
+    scored: Sequence[tuple[AnyCandidate, Estimate]],
+    progress: Callable[[int, int], None] | None,
+) -> list[Evaluation]:
+    """The sequential search: each candidate settled, or searched, in estimate order."""
+    best_on: dict[str, float] = {}
+    evaluations: list[Evaluation] = []
+    for i, (c, est) in enumerate(scored):
+        ev = settled(c, est, best_on, evaluations)
+        if ev is None:
+            ev = searched(c, est, search(query, space, c, est))
+        record(ev, best_on, evaluations)
+        if progress:
+            progress(i + 1, len(scored))
+    return evaluations
+
+
+def record(ev: Evaluation, best_on: dict[str, float], evaluations: list[Evaluation]) -> None:
+    """Append `ev` to the evaluations done and raise its backend's best goodput per device."""
+    evaluations.append(ev)
+    if ev.tok_s_per_device is not None:
+        hw = ev.candidate.hardware
+        best_on[hw] = max(best_on.get(hw, 0.0), ev.tok_s_per_device)
+
+
+def settled(
+    c: AnyCandidate, est: Estimate, best_on: dict[str, float], done: Sequence[Evaluation]
+) -> Evaluation | None:
+    """The candidate's evaluation if the ones `done` before it settle it without a search
+    (pruned by its estimate, or the same runs as another batch limit), else None. Once
+    settled, a candidate stays settled as more are done: `best_on` only rises, and a
+    match among `done` stays one."""
     ev = Evaluation(
         candidate=c, estimate_tok_s_per_device=est.tok_s_per_device, status=Status.HOLDS
     )
@@ -345,10 +375,26 @@ def _evaluate(
                     f"{peak} requests in flight)"
                 )
                 return ev
+    return None
+
+
+def search(query: Query, space: Space, c: AnyCandidate, est: Estimate) -> list[Trial]:
+    """The candidate's load search, by load: a function of its arguments alone (what makes
+    searches safe to run anywhere, in any order: `waves`)."""
     runner = _Runner(query, c)
     integer = query.load is LoadKind.USERS
     search_load(runner, est.batch if integer else est.rate / 2, integer, space.tolerance)
-    ev.trials = sorted(runner.trials.values(), key=lambda t: t.load)
+    return sorted(runner.trials.values(), key=lambda t: t.load)
+
+
+def searched(c: AnyCandidate, est: Estimate, trials: list[Trial]) -> Evaluation:
+    """The evaluation of a candidate whose load search gave `trials`."""
+    ev = Evaluation(
+        candidate=c,
+        estimate_tok_s_per_device=est.tok_s_per_device,
+        status=Status.HOLDS,
+        trials=trials,
+    )
     if ev.best is None:
         ev.status = Status.UNREACHABLE
         ev.note = "breaks at the lightest load tried"
