@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ def connected(address: str) -> Iterator[Any]:
     """This process as a driver of the Ray cluster at `address` for the block: yields `ray`.
     Ray's own log lines stay in the cluster's log files (it names each worker's output)."""
     ray = import_ray()
+    _reachable(address)
     try:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -71,6 +73,18 @@ def connected(address: str) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT address answers a TCP connection (ray.init retries one that does not
+    for minutes)."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"--ray {address}: cannot join the cluster: {e}") from None
 
 
 class _RayTasks:
