@@ -22,16 +22,14 @@ from memorywall.ready import ReadyError
 
 
 class WorkerHost:
-    """One worker's serve process on this node, bound to `host` (None: the node's address
-    as Ray knows it), logging to `log_dir` on this node."""
+    """One worker's serve process on this node, bound to `host` (None, inside an actor: the
+    address the node joined the cluster with), logging to `log_dir` on this node."""
 
     def __init__(
         self, name: str, serve_args: list[str], log_dir: str, host: str | None = None
     ) -> None:
         if host is None:
-            import ray  # only ever None inside a Ray actor
-
-            host = ray.util.get_node_ip_address()
+            host = _node_address()
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.name, self.host = name, host
@@ -114,3 +112,12 @@ class WorkerHost:
         killed: list[Child] = []
         launch.stop([self.child], timeout_s=timeout_s, on_kill=killed.append)
         return bool(killed)
+
+
+def _node_address() -> str:
+    """The address this actor's node registered with the cluster (`ray start
+    --node-ip-address`; the one the others reach it at)."""
+    import ray  # only inside a Ray actor
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
