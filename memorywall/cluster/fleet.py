@@ -6,9 +6,10 @@ the worker's `node = "<resource>"` (a custom resource the node was started with,
 start --resources '{"<resource>": N}'`; each worker takes a thousandth of one). The gateway
 (smg) runs where this command runs (the head, or any node: it reaches the workers by
 their nodes' addresses); the ready file names each worker's `node` (its Ray node id).
-Faults (kill, pause, resume) go through the actors. A worker whose actor dies (its node
-lost, its processes killed) is reported, marked `"alive": false` in the ready file, and
-the fleet goes on with the rest; a server that exits unplanned stops the fleet, as a
+Faults (kill, pause, resume) go through the actors. A worker whose actor is gone (its
+node lost, its processes killed) is reported at once, marked `"alive": false` in the ready
+file, and the fleet goes on with the rest; its node is reported lost once the cluster's
+health checks find it dead; a server that exits unplanned stops the fleet, as a
 local one does. SIGINT or SIGTERM stops every server through its actor, then the actors.
 """
 
@@ -44,6 +45,8 @@ class RayFleet(Fleet):
         self.lost: set[str] = set()  # workers whose actor died
         self._watches: dict[Any, str] = {}  # an outstanding `watch` call: its worker
         self._by_pid: dict[int, str] = {}
+        self._unconfirmed: dict[str, list[str]] = {}  # lost workers by a node not yet dead
+        self._next_confirm = 0.0
 
     def _start_workers(self) -> None:
         host = self._ray.remote(WorkerHost)
@@ -114,24 +117,40 @@ class RayFleet(Fleet):
                     f"its log on node {self.placed[name]['node_id']}:\n{tail}"
                 )
                 return 1
+        self._confirm_nodes()
         if self.lost and self.lost == set(self.actors):
             self.say("memorywall fleet: every worker is lost")
             return 1
         return None
 
     def _lose(self, name: str, error: Exception) -> None:
-        """Report a worker whose actor died, and mark it dead in the ready file."""
+        """Report a worker whose actor is gone, and mark it dead in the ready file; its
+        node is reported lost once the cluster says so (`_confirm_nodes`)."""
         self.lost.add(name)
         node = self.placed[name]["node_id"]
-        alive = {n["NodeID"]: n["Alive"] for n in self._ray.nodes()}
-        cause = "its node is lost" if not alive.get(node, False) else "its actor died"
-        self.say(f"memorywall fleet: {name} is dead: {cause} (node {node}): {_first_line(error)}")
+        self._unconfirmed.setdefault(node, []).append(name)
+        self.say(
+            f"memorywall fleet: {name} is dead: its actor is gone (node {node}): "
+            f"{_first_line(error)}"
+        )
         if self.ready is not None and self.ready_file is not None:
             doc = self.ready.as_dict()
             for w in doc["workers"]:
                 if w["name"] in self.lost:
                     w["alive"] = False
             write_json(self.ready_file, doc)
+
+    def _confirm_nodes(self) -> None:
+        """Say which nodes of lost workers the cluster has since found dead (it takes its
+        health checks' time); asked at most once a second."""
+        now = time.monotonic()
+        if not self._unconfirmed or now < self._next_confirm:
+            return
+        self._next_confirm = now + 1.0
+        alive = {n["NodeID"]: n["Alive"] for n in self._ray.nodes()}
+        for node in [n for n in self._unconfirmed if not alive.get(n, False)]:
+            names = ", ".join(self._unconfirmed.pop(node))
+            self.say(f"memorywall fleet: node {node} is lost (its workers: {names})")
 
     def shutdown(self) -> None:
         """The gateway first (`Fleet.shutdown`), then every server through its actor, then

@@ -33,7 +33,7 @@ class RayCluster:
 
     def kill_node_b(self) -> None:
         """Node b lost: SIGKILL its raylet and everything under it, at once."""
-        kill(self.pids(self.temp_dir / "b"), signal.SIGKILL)
+        kill(cluster_pids(str(self.temp_dir / "b")), signal.SIGKILL)
 
     def restart_node_b(self) -> None:
         _start(self.ray, [f"--address={self.address}", *_node("b", self.temp_dir)])
@@ -67,14 +67,14 @@ def processes() -> dict[int, tuple[int, str]]:
     return out
 
 
-def cluster_pids(mark: str, port_mark: str) -> list[int]:
-    """Processes whose command line has `mark` (a temp dir) or names the head's port, and
-    every process under one of them."""
+def cluster_pids(mark: str, port_mark: str | None = None) -> list[int]:
+    """Processes whose command line has `mark` (a temp dir) or `port_mark` (the head's
+    port: its client server names no dir), and every process under one of them."""
     procs = processes()
     roots = {
         pid
         for pid, (_, args) in procs.items()
-        if (mark in args or port_mark in f"{args} ") and pid != os.getpid()
+        if (mark in args or (port_mark and port_mark in f"{args} ")) and pid != os.getpid()
     }
 
     def under(pid: int) -> bool:

@@ -118,7 +118,7 @@ def test_a_lost_node_marks_its_workers_dead(ray_cluster: RayCluster, tmp_path):
     try:
         doc = running.up()
         assert [w.get("alive", True) for w in doc["workers"]] == [True, True]
-        b_pid = next(w["pid"] for w in doc["workers"] if w["name"] == "b")
+        b_pid, b_node = next((w["pid"], w["node"]) for w in doc["workers"] if w["name"] == "b")
         ray_cluster.kill_node_b()
         block_until(
             lambda: "b is dead" in running.out.read_text(),
@@ -134,9 +134,15 @@ def test_a_lost_node_marks_its_workers_dead(ray_cluster: RayCluster, tmp_path):
         }
         # b's server went with its actor (the kernel's SIGTERM when its keeper died).
         block_until(lambda: _zombie(b_pid), 30, every_s=0.2)
+        # The cluster's health checks then find the node dead, and the fleet says so.
+        block_until(
+            lambda: f"node {b_node} is lost (its workers: b)" in running.out.read_text(),
+            120,
+            every_s=0.5,
+            why=running.out.read_text,
+        )
     finally:
         code = running.stop()
         ray_cluster.restart_node_b()
     assert code == 0, running.out.read_text()
-    assert "b is dead: its node is lost" in running.out.read_text()
     block_until(lambda: not running.servers(), 30, every_s=0.2, why=running.servers)
