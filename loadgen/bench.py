@@ -25,10 +25,12 @@ from memorywall.loadgen.records import (
 )
 from memorywall.loadgen.runner import (
     LoadPlan,
+    WorkerPool,
     WorkerResult,
     progress_printer,
     run_single,
     run_workers,
+    run_workers_on,
 )
 from memorywall.loadgen.target import Access, Backend, TargetConfig
 from memorywall.loadgen.workload import TraceWorkload, Workload
@@ -122,8 +124,9 @@ def plan_level(config: BenchConfig, level: Level) -> LoadPlan:
 
 
 def run_level(
-    config: BenchConfig, level: Level, facts: ServerFacts
+    config: BenchConfig, level: Level, facts: ServerFacts, *, pool: WorkerPool | None = None
 ) -> tuple[dict, list[RequestRecord]]:
+    """Run one level; with `pool` (`bench --ray`) the `workers` run there."""
     plan = plan_level(config, level)
     show = progress_printer(len(plan.specs), f"{config.label} {level.name}")
     # One salt per level: fresh prompts (no cache hits carried over from the last level),
@@ -137,7 +140,9 @@ def run_level(
     )
     stalls = HostStallWatch(config, facts)
     started = time.perf_counter()
-    if config.workers > 1:
+    if pool is not None:
+        results = run_workers_on(pool, endpoint, plan, config.workers, progress=show)
+    elif config.workers > 1:
         results = run_workers(endpoint, plan, config.workers, progress=show)
     else:
         results = [run_single(endpoint, plan, progress=show)]

@@ -11,6 +11,7 @@ from pathlib import Path
 from memorywall.loadgen import compare, prefix_workload, sessions
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
+from memorywall.loadgen.runner import WorkerPool
 from memorywall.loadgen.target import Access, Backend
 from memorywall.loadgen.workload import (
     SyntheticWorkload,
@@ -265,14 +266,15 @@ def smg_worker_facts(backend: Backend, target: str, access: Access | None = None
         ) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, pool: WorkerPool | None = None) -> int:
+    """The sweep `args` asks for; with `pool` (`bench --ray`) its workers run there."""
     config = config_from_args(args)
     facts = server_facts(config)
     if config.backend.names_model:
         config = dataclasses.replace(config, model=facts.model)
     results = []
     for level in levels(config):
-        result, records = run_level(config, level, facts)
+        result, records = run_level(config, level, facts, pool=pool)
         results.append(result)
         print(format_result(result), flush=True)
         if args.out:

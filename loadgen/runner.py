@@ -20,9 +20,9 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memorywall.loadgen import sessions
 from memorywall.loadgen.arrivals import split_for_workers
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
 START_LEAD_S = 1.0  # workers need this long to start before the shared start time
+# Workers elsewhere (`run_workers_on`: a Ray cluster) start a process each, import, connect.
+REMOTE_START_LEAD_S = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +252,84 @@ def run_workers(
             if progress:
                 progress(counter.value)
         return [f.result() for f in futures]
+
+
+# Workers elsewhere ----------------------------------------------------------------------
+
+
+class WorkerPool(Protocol):
+    """Where `run_workers_on` runs its workers (`memorywall.cluster.pools`: Ray tasks), all
+    at once: `width` at least the workers."""
+
+    width: int
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future: ...
+
+
+def wall_offset_ns() -> int:
+    """This host's wall clock less its `perf_counter_ns` clock: adding it turns a record's
+    time into wall-clock ns, comparable across hosts whose clocks are synchronised (NTP)."""
+    return time.time_ns() - time.perf_counter_ns()
+
+
+def shift_records(records: list[RequestRecord], by_ns: int) -> None:
+    """Move every client-side time of `records` by `by_ns` (onto another host's clock).
+    `server_received_ns` is the server's clock and stays as it is."""
+    for r in records:
+        r.sent_ns += by_ns
+        if r.scheduled_ns is not None:
+            r.scheduled_ns += by_ns
+        if r.finished_ns is not None:
+            r.finished_ns += by_ns
+        r.chunk_ns = [t + by_ns for t in r.chunk_ns]
+
+
+def _remote_worker_main(
+    endpoint: TargetConfig, plan: LoadPlan, start_wall_ns: int, worker: int
+) -> tuple[WorkerResult, int]:
+    """One worker on another host: starts at the shared wall-clock instant, on its own
+    clock; returns its result and its `wall_offset_ns` so the caller can move its times."""
+    offset = wall_offset_ns()
+
+    async def main() -> WorkerResult:
+        target = make_target(endpoint, timeout_s=plan.timeout_s)
+        try:
+            return await run_plan(target, plan, start_ns=start_wall_ns - offset, worker=worker)
+        finally:
+            await target.aclose()
+
+    return asyncio.run(main()), offset
+
+
+def run_workers_on(
+    pool: WorkerPool,
+    endpoint: TargetConfig,
+    plan: LoadPlan,
+    workers: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> list[WorkerResult]:
+    """`run_workers` with each worker a task on `pool`, on any host: they share a start
+    instant on the wall clock, and their records come back moved onto this process's
+    clock (each by its host's wall-clock offset less this one's), merged in order as
+    local workers' are. `progress` counts the requests of the workers done."""
+    parts = split_plan(plan, workers)
+    assert len(parts) <= pool.width, "the caller checks every worker can run at once"
+    here = wall_offset_ns()
+    start_wall_ns = time.time_ns() + int(REMOTE_START_LEAD_S * 1e9)
+    futures = [
+        pool.submit(_remote_worker_main, endpoint, part, start_wall_ns, w)
+        for w, part in enumerate(parts)
+    ]
+    while wait(futures, timeout=0.5).not_done:
+        if progress:
+            progress(sum(len(p.specs) for p, f in zip(parts, futures, strict=True) if f.done()))
+    results = []
+    for future in futures:
+        result, offset = future.result()
+        shift_records(result.records, offset - here)
+        results.append(result)
+    return results
 
 
 def run_single(

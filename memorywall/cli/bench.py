@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memorywall.cli.usage import Parser, UsageError
+from memorywall.cluster.options import add_ray_argument
 from memorywall.loadgen.options import add_arguments
 
 
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="measure TTFT and tokens/s under load (`memorywall bench compare DIR...` to compare)",
     )
     add_arguments(p)
+    add_ray_argument(p, "run the --workers load generators as tasks (one CPU each)")
     p.set_defaults(func=command)
 
 
@@ -28,7 +30,17 @@ def command(args: argparse.Namespace) -> int:
     from memorywall.loadgen.cli import run as run_bench
 
     try:
-        return run_bench(args)
+        if args.ray is None:
+            return run_bench(args)
+        from memorywall.cluster.pools import ray_pool
+
+        with ray_pool(args.ray) as pool:
+            if args.workers > pool.width:
+                raise BenchError(
+                    f"--workers {args.workers}: the cluster at {args.ray} has {pool.width} "
+                    "CPUs, and every worker must run at once"
+                )
+            return run_bench(args, pool=pool)
     except BenchError as e:
         raise UsageError(str(e)) from None
 
