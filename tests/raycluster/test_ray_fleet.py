@@ -146,3 +146,35 @@ def test_a_lost_node_marks_its_workers_dead(ray_cluster: RayCluster, tmp_path):
         ray_cluster.restart_node_b()
     assert code == 0, running.out.read_text()
     block_until(lambda: not running.servers(), 30, every_s=0.2, why=running.servers)
+
+
+def test_faults_go_through_the_actors(ray_cluster: RayCluster, tmp_path):
+    spec = "".join(
+        f'[[worker]]\nname = "{name}"\n{WORKER}node = "{node}"\n\n'
+        for name, node in [("a", "node_a"), ("b", "node_b")]
+    )
+    spec += '[[fault]]\nworker = "a"\nat_s = 0\naction = "pause"\nfor_s = 1\n\n'
+    spec += '[[fault]]\nworker = "b"\nat_s = 0.5\naction = "kill"\n'
+    running = _Fleet(spec, tmp_path, ray_cluster.address)
+    try:
+        doc = running.up()
+        pids = {w["name"]: w["pid"] for w in doc["workers"]}
+        log = running.log_dir / "faults.jsonl"
+
+        def actions() -> list[tuple[str, str, int]]:
+            lines = log.read_text().splitlines() if log.exists() else []
+            return [(d["worker"], d["action"], d["pid"]) for d in map(json.loads, lines)]
+
+        block_until(lambda: len(actions()) == 3, 60, every_s=0.2, why=actions)
+        assert actions() == [
+            ("a", "pause", pids["a"]),
+            ("b", "kill", pids["b"]),
+            ("a", "resume", pids["a"]),
+        ]
+        block_until(lambda: _zombie(pids["b"]), 30, every_s=0.2)
+        assert running.proc.poll() is None  # a planned kill: the fleet goes on
+        assert pids["a"] in running.servers()
+    finally:
+        code = running.stop()
+    assert code == 0, running.out.read_text()
+    block_until(lambda: not running.servers(), 30, every_s=0.2, why=running.servers)
