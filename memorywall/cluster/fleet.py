@@ -64,9 +64,23 @@ class RayFleet(Fleet):
         ray = self._ray
         calls = {n: a.ready.remote(self.startup_timeout_s) for n, a in self.actors.items()}
         pending = list(calls.values())
+        # The servers' own startup time, and as long again for Ray to place and start actors.
+        deadline = time.monotonic() + 2 * self.startup_timeout_s
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
             if self.stop.is_set():
+                return None
+            if time.monotonic() > deadline:
+                late = [n for n, c in calls.items() if c in pending]
+                pins = {w.name: w.node for w in self.spec.workers if w.node is not None}
+                hint = "; ".join(
+                    f"{n} wants a node with resource {pins[n]!r}" for n in late if n in pins
+                )
+                self.say(
+                    f"memorywall fleet: {', '.join(late)} not started within "
+                    f"{2 * self.startup_timeout_s:g} s on the cluster"
+                    + (f" ({hint})" if hint else "")
+                )
                 return None
         workers = {}
         for name, call in calls.items():

@@ -3,6 +3,7 @@ served through smg, stopped by SIGINT with nothing left; a node lost mid-run."""
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -15,7 +16,10 @@ from polling import block_until
 from raynodes import RayCluster, processes
 
 from memorywall import ready
+from memorywall.cluster.fleet import RayFleet
+from memorywall.cluster.pools import connected
 from memorywall.fleet import runner as fleet
+from memorywall.fleet.spec import parse_spec
 
 WORKER = 'hardware = "wse-3"\nmodel = "llama-3.1-8b"\nport = 0\n'
 START_S = 240  # four servers and smg on a shared two-core host
@@ -178,3 +182,17 @@ def test_faults_go_through_the_actors(ray_cluster: RayCluster, tmp_path):
         code = running.stop()
     assert code == 0, running.out.read_text()
     block_until(lambda: not running.servers(), 30, every_s=0.2, why=running.servers)
+
+
+def test_a_worker_no_node_can_take_is_reported(ray_cluster: RayCluster, tmp_path):
+    spec = parse_spec(
+        {"worker": [{"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b", "node": "node_z"}]}
+    )
+    out = io.StringIO()
+    with connected(ray_cluster.address) as ray:
+        fleet = RayFleet(spec, tmp_path / "logs", ray=ray, out=out, startup_timeout_s=2)
+        assert fleet.run() == 1
+    assert (
+        "a not started within 4 s on the cluster (a wants a node with resource 'node_z')"
+        in out.getvalue()
+    )
