@@ -2,5 +2,5 @@
 
 `pools` runs picklable functions on either behind one `Pool` (simulate's levels, plan's load
 searches); `fleet` runs a fleet's workers as Ray actors; `host` is the class each actor wraps.
-Ray is imported only inside the `--ray` paths (`connect`): the CLI starts without it.
+Ray is imported only inside the `--ray` paths (`pools.connected`): the CLI starts without it.
 """
