@@ -293,6 +293,8 @@ class EngineCore:
         add = scheduled.append
         lora = self.lora
         skipped: list[SeqState] = []
+        size = kv.block_size
+        caching = kv.caching
         while i < len(running) and budget > 0:
             seq = running[i]
             computed = seq.computed
@@ -304,8 +306,15 @@ class EngineCore:
             kv_tokens = computed + (queries if decoding else n)
             if kv_tokens > seq.max_kv_tokens:
                 kv_tokens = seq.max_kv_tokens
-            if not kv.allocate_slots(seq, kv_tokens, computed + n) and not self._make_room(
-                seq, kv_tokens, computed + n
+            # Most steps of a sequence need no new block and fill none: `allocate_slots`
+            # would do nothing, so its call (a Python call per sequence per step) is skipped.
+            if (
+                (
+                    kv_tokens > seq.blocks * size
+                    or (caching and (computed + n) // size > seq.cached_blocks)
+                )
+                and not kv.allocate_slots(seq, kv_tokens, computed + n)
+                and not self._make_room(seq, kv_tokens, computed + n)
             ):
                 continue  # seq itself was preempted; running[i] is now the next one
             add((seq, n, decoding))
@@ -400,7 +409,7 @@ class EngineCore:
                 # `_sample`'s answer when nothing can end the sequence this step; the new
                 # token's KV is the next step's, so `computed` (prompt + output) stands.
                 ids = seq.tokens.next_ids(1)
-                out += ids
+                out.append(ids[0])
                 generated += 1
                 reason = None
             else:
