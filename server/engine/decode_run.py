@@ -65,6 +65,9 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
         return None
     if core.lora is not None and any(seq.request.lora is not None for seq in running):
         return None  # adapters add their own cost to each step (`EngineCore.lora`)
+    last = running[-1]  # the latest admitted: the one most likely still prefilling
+    if not last.output_ids or last.computed != last.prompt_len + len(last.output_ids) - 1:
+        return None  # what the loop below finds, without walking the batch to it
     min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
     steps = sys.maxsize  # no bound yet: the loop takes the least of the sequences'
     for seq in running:
