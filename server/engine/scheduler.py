@@ -293,6 +293,9 @@ class EngineCore:
         add = scheduled.append
         lora = self.lora
         skipped: list[SeqState] = []
+        # The step's batch for the cost model, built as sequences are scheduled (one pass).
+        decode: list[int] = []
+        prefill: list[PrefillChunk] = []
         size = kv.block_size
         caching = kv.caching
         while i < len(running) and budget > 0:
@@ -318,6 +321,10 @@ class EngineCore:
             ):
                 continue  # seq itself was preempted; running[i] is now the next one
             add((seq, n, decoding))
+            if decoding:
+                decode.append(computed)
+            else:
+                prefill.append(PrefillChunk(n, computed, computed + n == seq.prompt_len + done))
             budget -= n
             i += 1
         while (
@@ -347,17 +354,12 @@ class EngineCore:
                 seq.cached_tokens = hit.num_tokens
                 seq.first_scheduled_s = now
             scheduled.append((seq, n, False))
+            prefill.append(PrefillChunk(n, computed, computed + n == total))
             budget -= n
         if skipped:  # back at the head, in their order: they keep their turn
             self.waiting.extendleft(reversed(skipped))
         if not scheduled:
             return None
-        decode = [s.computed for s, _, d in scheduled if d]
-        prefill = [
-            PrefillChunk(n, s.computed, s.computed + n == s.total_tokens)
-            for s, n, d in scheduled
-            if not d
-        ]
         cost = self.step_model.step_cost(Batch(decode_contexts=decode, prefill=prefill))
         if lora is not None:
             cost = lora.cost(cost, [(s.request.lora, n) for s, n, _ in scheduled])
@@ -408,7 +410,9 @@ class EngineCore:
             if plain and seq.stop_at - done > 1 and not seq.watches_stops:
                 # `_sample`'s answer when nothing can end the sequence this step; the new
                 # token's KV is the next step's, so `computed` (prompt + output) stands.
-                ids = seq.tokens.next_ids(1)
+                # `next_ids(1)` inlined where the source has ids in hand (nearly always).
+                tokens = seq.tokens
+                ids = [tokens._ids.pop()] if tokens._ids else tokens.next_ids(1)
                 out.append(ids[0])
                 generated += 1
                 reason = None
