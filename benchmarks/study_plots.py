@@ -23,6 +23,7 @@ from memorywall.core import (
 )
 from memorywall.errors import MemorywallError
 from memorywall.loadgen.plots import level_axis, plain_log_axis
+from memorywall.plan.routes import route_colours
 
 BACKEND_COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "b200": "tab:green"}
 BREAKDOWN_BATCHES = (1, 64)
@@ -225,27 +226,8 @@ def context_scaling(model: str, path: Path) -> list[dict]:
     return rows
 
 
-# Every profile by the article's route, one colour family each (shades within a family in
-# this order); the what-if wafer that keeps WSE-3's SRAM is the wafer route's successor.
-ROUTES = {
-    "wafer": ("Reds", ("wse-3", "what-if-wse-flat-sram")),
-    "GPU": ("Blues", ("h100-sxm", "h200", "b200", "gb200-nvl72", "mi300x", "mi355x")),
-    "inference ASIC": ("Greens", ("tpu-v5e", "tpu-v6e", "tpu-v7", "maia-100", "groq-lpu")),
-    "advanced packaging (what-if)": ("Purples", ("what-if-sow-hbm",)),
-    "optical I/O (what-if)": ("Oranges", ("what-if-wafer-optical",)),
-}
 ROUTE_CONTEXT = 1024
 ROUTE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def route_colours() -> dict[str, tuple[str, tuple]]:
-    """Profile -> (route, colour): darker shades first within each route's family."""
-    out = {}
-    for route, (family, names) in ROUTES.items():
-        cmap = plt.get_cmap(family)
-        for i, hw in enumerate(names):
-            out[hw] = (route, cmap(0.9 - 0.5 * i / max(1, len(names) - 1)))
-    return out
 
 
 def routes_plot(model: str, path: Path) -> list[dict]:

@@ -89,13 +89,3 @@ def test_claims_table_has_every_claim_with_a_figure_command_and_verdict(written)
         assert f"{hw}: {a['deployments']:,} x (" in power
     assert (out / "power_budget.png").stat().st_size > 10_000
     assert (out / "routes.png").stat().st_size > 10_000  # every route's profiles
-
-
-def test_every_route_profile_has_one_colour_family():
-    from benchmarks.study_plots import ROUTES, route_colours
-    from memorywall.core import builtin_hardware
-
-    colours = route_colours()
-    assert set(colours) == set(builtin_hardware())  # a new profile must join a route
-    families = {family for family, _ in ROUTES.values()}
-    assert len(families) == len(ROUTES)

@@ -24,6 +24,7 @@ from memorywall.plan.planner import (
     Status,
     Trial,
 )
+from memorywall.plan.routes import Colour, route_colours, route_of
 from memorywall.plan.space import Candidate
 
 LOAD_UNITS = {LoadKind.RATE: "req/s", LoadKind.USERS: "users"}
@@ -310,9 +311,11 @@ def _pd_space(pd: PdSpace) -> dict:
     }
 
 
-# The study's colours for the built-in profiles; others take the default cycle.
-COLOURS = {"wse-3": "tab:red", "h100-sxm": "tab:blue", "h200": "tab:purple", "b200": "tab:green"}
-SPLIT_COLOURS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# A built-in profile takes its route's shade (`routes.ROUTES`: the study's families); a
+# profile outside the map takes the default cycle, a split colours its own (none of them in
+# a route's family, so a split never reads as one route's hardware).
+SPLIT_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+ROUTE_COLOURS = route_colours()
 
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -336,9 +339,8 @@ def pareto_plot(result: PlanResult, path: Path, budget: PowerBudget | None = Non
         fig, (ax, bax) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [8, 5]})
         _budget_panel(bax, result, budget)
     xs, ys = [], []
-    for i, hw in enumerate(result.backends()):
+    for i, (hw, colour) in enumerate(backend_colours(result).items()):
         split = i >= len(result.space.hardware)
-        colour = _colour(result, i, hw)
         held: list[tuple[float, float]] = []
         broke: list[tuple[float, float]] = []
         for ev in result.evaluations:
@@ -358,14 +360,14 @@ def pareto_plot(result: PlanResult, path: Path, budget: PowerBudget | None = Non
         front = _frontier(held)
         if front:
             line = "--" if split else "-"
-            ax.plot(*zip(*front, strict=True), line, color=colour, label=f"{hw}: SLO held")
+            ax.plot(*zip(*front, strict=True), line, color=colour, label=f"{_label(hw)}: SLO held")
         ranked = result.ranked(hw)
         if ranked:
             b = ranked[0].pick
             x = _per_user(b)
             if x is not None:
                 y = b.result["output_throughput"] / ranked[0].candidate.devices
-                ax.plot(x, y, "*", ms=14, color=colour, mec="black", label=f"{hw}: pick")
+                ax.plot(x, y, "*", ms=14, color=colour, mec="black", label=f"{_label(hw)}: pick")
         xs += [p[0] for p in held + broke]
         ys += [p[1] for p in held + broke]
     tpot = result.query.slo.tpot_s
@@ -401,9 +403,23 @@ def pareto_plot(result: PlanResult, path: Path, budget: PowerBudget | None = Non
     return path
 
 
-def _colour(result: PlanResult, i: int, hw: str) -> str:
-    k = i - len(result.space.hardware)
-    return SPLIT_COLOURS[k % len(SPLIT_COLOURS)] if k >= 0 else COLOURS.get(hw, f"C{i % 10}")
+def backend_colours(result: PlanResult) -> dict[str, str | Colour]:
+    """Each backend's colour in the plot: its route's shade, else as SPLIT_COLOURS says."""
+    out: dict[str, str | Colour] = {}
+    for i, hw in enumerate(result.backends()):
+        k = i - len(result.space.hardware)
+        known = ROUTE_COLOURS.get(hw)
+        if k >= 0:
+            out[hw] = SPLIT_COLOURS[k % len(SPLIT_COLOURS)]
+        else:
+            out[hw] = known[1] if known else f"C{i % 10}"
+    return out
+
+
+def _label(hw: str) -> str:
+    """A backend as the legend names it: with its route where the map knows one."""
+    route = route_of(hw)
+    return f"{hw} ({route})" if route else hw
 
 
 def _budget_panel(ax: Any, result: PlanResult, budget: PowerBudget) -> None:
@@ -411,7 +427,8 @@ def _budget_panel(ax: Any, result: PlanResult, budget: PowerBudget) -> None:
     found = answers(result, budget)
     names = list(found)
     values = [a.goodput_tok_s if a else 0.0 for a in found.values()]
-    colours = [_colour(result, i, hw) for i, hw in enumerate(names)]
+    known = backend_colours(result)
+    colours = [known[hw] for hw in names]
     ax.barh(names, values, color=colours)
     for y, a in enumerate(found.values()):
         text = (
