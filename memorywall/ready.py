@@ -50,6 +50,9 @@ class ServerReady:
     grpc_services: tuple[str, ...] = ()
     dcgm_port: int | None = None  # the emulated dcgm-exporter's /metrics; None: off
     dashboard_path: str | None = None  # `serve --dashboard`'s page on the HTTP front; None: off
+    # Devices a MoE layer's experts spread over (`--ep`); 1: none. Defaulted, so a ready
+    # file from before it was named still reads.
+    expert_parallel: int = 1
 
     @property
     def grpc_target(self) -> str | None:

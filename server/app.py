@@ -322,6 +322,7 @@ def card_ready(
         devices=card.devices,
         tensor_parallel=card.tensor_parallel,
         pipeline_parallel=card.pipeline_parallel,
+        expert_parallel=card.expert_parallel,
         deployment=card.deployment,
         max_num_seqs=card.max_num_seqs,
         max_num_batched_tokens=card.max_num_batched_tokens,

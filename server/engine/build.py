@@ -29,6 +29,7 @@ class ModelCard:
     max_num_seqs: int
     max_num_batched_tokens: int
     predicted_tokens_per_s_per_user: float
+    expert_parallel: int = 1  # devices a MoE layer's experts spread over; 1: none
 
 
 def build_core(
@@ -58,6 +59,7 @@ def build_core(
         devices=deployment.devices,
         tensor_parallel=deployment.tensor_parallel,
         pipeline_parallel=deployment.pipeline_parallel,
+        expert_parallel=deployment.expert_parallel,
         weight_precision=deployment.weight_precision.value,
         kv_precision=deployment.kv_precision.value,
         placement=deployment.placement.value,
