@@ -174,6 +174,25 @@ WSE = {"name": "a", "hardware": "wse-3", "model": "llama-3.1-8b"}
 PROFILE = ROOT / "core" / "profiles" / "wse-3.toml"  # a profile given by its path
 
 
+def test_a_workers_node_becomes_its_pods_node_selector(tmp_path):
+    spec = tmp_path / "pinned.toml"
+    spec.write_text(
+        '[[worker]]\nname = "a"\nhardware = "wse-3"\nmodel = "llama-3.1-8b"\nnode = "node_b"\n'
+        '[[worker]]\nname = "b"\nhardware = "wse-3"\nmodel = "llama-3.1-8b"\n'
+    )
+    out = tmp_path / "k8s"
+    assert main(["fleet", str(spec), "--render-kubernetes", str(out)]) == 0
+    pods = {
+        name: yaml.safe_load((out / f"pinned-{name}-deployment.yaml").read_text())["spec"][
+            "template"
+        ]["spec"]
+        for name in ("a", "b")
+    }
+    assert pods["a"]["nodeSelector"] == {"memorywall.io/node": "node_b"}
+    assert "nodeSelector" not in pods["b"]  # unpinned: the scheduler places it
+    assert "--node" not in " ".join(pods["a"]["containers"][0]["args"])  # not a serve flag
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -181,6 +200,8 @@ PROFILE = ROOT / "core" / "profiles" / "wse-3.toml"  # a profile given by its pa
         ({"worker": [{**WSE, "hardware": str(PROFILE)}]}, "names a local file"),
         ({"worker": [WSE, {**WSE, "name": "A"}]}, "share the name"),
         ({"worker": [{**WSE, "name": "a" * 70}]}, "not usable as a Kubernetes name"),
+        ({"worker": [{**WSE, "node": "node b"}]}, "not usable as a Kubernetes label value"),
+        ({"worker": [{**WSE, "node": "n" * 64}]}, "not usable as a Kubernetes label value"),
     ],
 )
 def test_refuses_what_it_cannot_render(data, message):

@@ -14,7 +14,9 @@ worker serves gRPC on the same fixed port (smg discovers them all on one
 gRPC health checks (`grpc.health.v1`, which `memorywall serve` answers SERVING once the
 weights are loaded; the startup probe allows the core's weight-load time twice over);
 smg's are `/liveness` and `/readiness` (ready once it has a healthy worker). No ready
-files: Kubernetes waits on the probes.
+files: Kubernetes waits on the probes. A worker's `node` (the Ray custom resource that pins
+it under `fleet --ray`) becomes its pod's nodeSelector `memorywall.io/node: <node>`: label
+the nodes alike and the same spec pins the same workers on either cluster.
 
 What is not rendered is refused with the reason: TLS (certificates are cluster secrets),
 a fault schedule (`[[fault]]` runs from the fleet runner; a worker's own `faults` option is
@@ -43,7 +45,9 @@ DEFAULT_IMAGE = "memorywall:0.1.0"  # built from the repository's Containerfile
 DEFAULT_NAMESPACE = "memorywall"
 PART_OF = "app.kubernetes.io/part-of"
 COMPONENT = "app.kubernetes.io/component"
+NODE_LABEL = "memorywall.io/node"  # a worker's `node` selects nodes carrying this label
 _DNS = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,11 @@ def _refuse_unrendered(spec: FleetSpec) -> None:
         )
     known = serve_options()
     for w in spec.workers:
+        if w.node is not None and not _LABEL_VALUE.fullmatch(w.node):
+            raise ConfigError(
+                f"worker {w.name!r}.node: {w.node!r} is not usable as a Kubernetes label value "
+                "(at most 63 letters, digits, '-', '_', '.', starting and ending alphanumeric)"
+            )
         for key, value in w.options.items():
             if known[key].type is Path or (
                 key in ("hardware", "model", "draft_model") and _is_path(str(value))
@@ -183,6 +192,9 @@ def worker_manifests(w: WorkerSpec, name: str, fleet: str, image: str) -> list[M
         "livenessProbe": _grpc_probe(10, 3),
         "resources": {"requests": {"cpu": "1", "memory": "512Mi"}},
     }
+    pod: dict[str, Any] = {"containers": [container]}
+    if w.node is not None:
+        pod["nodeSelector"] = {NODE_LABEL: w.node}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -192,7 +204,7 @@ def worker_manifests(w: WorkerSpec, name: str, fleet: str, image: str) -> list[M
             "selector": {"matchLabels": {"memorywall.io/worker": name, PART_OF: fleet}},
             "template": {
                 "metadata": {"labels": labels, "annotations": annotations},
-                "spec": {"containers": [container]},
+                "spec": pod,
             },
         },
     }
