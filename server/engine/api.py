@@ -132,6 +132,7 @@ class Finished:
     # so a client on the same host can replay the arrivals the engine saw); None: unknown.
     received_s: float | None = None
     protocol: str = ""  # the request's `Request.protocol`: the wire a front received it on
+    lora: str | None = None  # the LoRA adapter it ran with, by its served name; None: base
 
     @property
     def received_monotonic_ns(self) -> int:

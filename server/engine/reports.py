@@ -33,6 +33,7 @@ def finished(seq: SeqState, *, host_stall_s: float, decode_host_stall_s: float) 
         decode_host_stall_s=decode_host_stall_s,
         received_s=arrival,
         protocol=seq.request.protocol,
+        lora=seq.request.lora.name if seq.request.lora is not None else None,
     )
 
 

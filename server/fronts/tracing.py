@@ -285,7 +285,9 @@ def resource() -> Resource:
 
 
 def _request_attributes(f: Finished) -> dict[str, Any]:
-    # vLLM's span attributes (gen_ai.*), then the emulator's own.
+    # vLLM's span attributes (gen_ai.*), then the emulator's own; the LoRA adapter only on
+    # a request that ran with one (an attribute cannot be None).
+    lora = {} if f.lora is None else {"memorywall.lora": f.lora}
     return {
         "gen_ai.request.id": f.request_id,
         "gen_ai.usage.prompt_tokens": f.prompt_tokens,
@@ -302,6 +304,7 @@ def _request_attributes(f: Finished) -> dict[str, Any]:
         "memorywall.host_stall_s": f.host_stall_s,
         "memorywall.kv_transfer_s": f.kv_transfer_s,
         "memorywall.modelled": True,
+        **lora,
     }
 
 

@@ -5,6 +5,7 @@ prefill chunks, preemption and host stall spans; and nothing of OpenTelemetry lo
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from memorywall.core import Deployment
 from memorywall.server.app import EmulatorServer, ServerConfig
 from memorywall.server.engine.api import BatchEntry, Finished, FinishReason, StepReport
+from memorywall.server.engine.lora import LoraConfig
 from memorywall.server.engine.scheduler import EngineConfig
 from memorywall.server.fronts.tracing import Tracing
 from memorywall.v1 import engine_pb2 as pb
@@ -107,6 +109,35 @@ async def test_http_request_continues_the_traceparent(traced):
     (root,) = by_name(spans, "request")
     prompt = reply["usage"]["prompt_tokens"]
     check_request_trace(spans, root.attributes["gen_ai.latency.e2e"], prompt)
+
+
+async def test_a_lora_request_names_its_adapter_and_a_base_one_none(tmp_path, h100_8b):
+    folder = tmp_path / "sql"
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    exporter = InMemorySpanExporter()
+    server = EmulatorServer(
+        h100_8b,
+        EngineConfig(),
+        ServerConfig(
+            port=0, grpc=False, http_port=0, lora=LoraConfig(modules=(("sql", str(folder)),))
+        ),
+        tracing=Tracing.with_exporter(exporter, batch=False),
+    )
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for model in ("sql", "llama-3.1-8b"):
+                body = {"model": model, "prompt": "hello", "max_tokens": 2}
+                url = f"{server.http_url}/v1/completions"
+                async with session.post(url, json=body) as response:
+                    assert response.status == 200, await response.text()
+    finally:
+        await asyncio.wait_for(server.stop(grace_s=0.0), TIMEOUT_S)
+    lora, base = by_name(exporter.get_finished_spans(), "request")
+    assert lora.attributes["memorywall.lora"] == "sql"
+    assert "memorywall.lora" not in base.attributes
 
 
 async def test_a_request_without_traceparent_starts_its_own_trace(traced):
