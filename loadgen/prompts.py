@@ -136,18 +136,20 @@ class PromptSource:
     def __init__(self, salt: int) -> None:
         self.salt = salt
         self._rng = np.random.default_rng([salt, 3])
-        self._corpus = prompt_token_ids(self.CORPUS, self._rng)
+        # A tuple: a window of it is a prompt's tail with one copy (from a list, the slice,
+        # the list grown and the tuple made of it were three copies, ~4 us a request).
+        self._corpus = tuple(prompt_token_ids(self.CORPUS, self._rng))
         self._prefixes: dict[int, list[int]] = {}
         self._fresh: list[int] = []
         self._offsets: list[int] = []
 
-    def _own(self, n: int) -> list[int]:
+    def _own(self, n: int) -> tuple[int, ...]:
         """`n` ids: `FRESH` new draws, then a window of the corpus (wrapping)."""
         if len(self._fresh) < self.FRESH:
             self._fresh = prompt_token_ids(self.FRESH * self.BATCH, self._rng)
             self._offsets = self._rng.integers(0, self.CORPUS, size=self.BATCH).tolist()
         fresh = min(n, self.FRESH)
-        out = self._fresh[-fresh:]
+        out = tuple(self._fresh[-fresh:])
         del self._fresh[-fresh:]
         at = self._offsets.pop()
         while len(out) < n:
@@ -162,7 +164,7 @@ class PromptSource:
         shared = shared_tokens(spec)
         own = self._own(spec.prompt_tokens - shared)
         if not shared:
-            return tuple(own)
+            return own
         group = spec.prefix_group or 0
         prefix = self._prefixes.get(group)
         if prefix is None or len(prefix) < shared:
