@@ -95,16 +95,17 @@ class _Releaser(Releaser):
         """Send what may go at `now_s`: each free slot takes the next request, at its offset
         (open loop; a later one) or now (closed loop)."""
         pending = self._pending
+        stop_s = self._stop_s  # `_past_stop` inlined: this runs once a request
         while self._free > 0 and pending:
             spec = pending[0]
             if self._open_loop:
                 due = self._start_s + spec.due_s
-                if self._past_stop(due):
+                if stop_s is not None and due >= stop_s:
                     pending.clear()
                     return
                 at, scheduled = max(due, now_s), due
             else:
-                if self._past_stop(now_s):
+                if stop_s is not None and now_s >= stop_s:
                     pending.clear()
                     return
                 at, scheduled = now_s, None
@@ -170,12 +171,13 @@ class _LevelDriver:
     ) -> None:
         request_id = str(spec.index)
         self.sent[request_id] = _Sent(spec, at_s, scheduled_s, warmup)
+        lora = self.lora
         request = Request(
             request_id=request_id,
             prompt_ids=self.prompts.token_ids(spec),
             max_tokens=spec.output_tokens,
             ignore_eos=True,  # as the bench targets send it
-            lora=self.lora.get(spec.model) if self.lora is not None and spec.model else None,
+            lora=lora.get(spec.model) if lora is not None and spec.model else None,
         )
         self.engine.submit(request, at_s)
 
@@ -186,7 +188,8 @@ class _LevelDriver:
 
     def _finished(self, timeline: Timeline) -> None:
         self.finished.append(timeline)
-        now_s = timeline.arrival_s if timeline.last_token_s is None else timeline.last_token_s
+        times = timeline.group_times_s  # its last token's time, else its arrival's
+        now_s = times[-1] if times else timeline.arrival_s
         if self._main is not None:
             self._main.finished(now_s, self.sent[timeline.request_id].spec)
         elif self._warmups:

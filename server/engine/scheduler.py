@@ -31,7 +31,13 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
-from memorywall.server.engine.kv import PrefixCacheStats, blocks_for, hash_root, make_block_pool
+from memorywall.server.engine.kv import (
+    ROOT_HASH,
+    PrefixCacheStats,
+    blocks_for,
+    hash_root,
+    make_block_pool,
+)
 from memorywall.server.engine.kv_manager import KVManager
 from memorywall.server.engine.tokens import TokenSource, token_source_class
 
@@ -164,11 +170,12 @@ class SeqState:
     hash_root: int = field(init=False)  # its first block's parent hash (`kv.hash_root`)
 
     def __post_init__(self) -> None:
-        lora = self.request.lora
-        self.hash_root = hash_root(lora.name if lora is not None else None)
-        self.prompt_len = len(self.request.prompt_ids)
-        self.max_kv_tokens = self.prompt_len + self.request.max_tokens
-        self.watches_stops = bool(self.request.stop_token_ids) and not self.request.ignore_eos
+        r = self.request  # one attribute lookup, not five: this runs once a request
+        lora = r.lora
+        self.hash_root = ROOT_HASH if lora is None else hash_root(lora.name)
+        self.prompt_len = n = len(r.prompt_ids)
+        self.max_kv_tokens = n + r.max_tokens
+        self.watches_stops = bool(r.stop_token_ids) and not r.ignore_eos
 
     @property
     def total_tokens(self) -> int:
@@ -282,8 +289,9 @@ class EngineCore:
     def add(self, request: Request, now: float) -> SeqState:
         """Validate and queue a request; raises before anything is held."""
         self._validate(request)
+        limits = self.limits
         tokens = self._token_source(
-            token_seed(self.config.seed, request), self.limits.vocab_size, self.limits.eos_token_ids
+            token_seed(self.config.seed, request), limits.vocab_size, limits.eos_token_ids
         )
         low = max(request.min_tokens, 1)
         stop_at = (
