@@ -223,7 +223,7 @@ def make_records(
     total = int(ends[-1]) if n else 0
     answered = list(compress(ordered, spoken))
     times = np.fromiter(chain.from_iterable(t.group_times_s for t in answered), float, total)
-    tokens = np.fromiter(chain.from_iterable(t.group_tokens for t in answered), np.int64, total)
+    tokens = _message_tokens(answered, (ends - counts)[spoken].tolist(), total)
     first_s, last_s = times[(ends - counts)[spoken]], times[ends[spoken] - 1]
     all_ns = _ns_array(times)  # in place: 10s of MB
     arrival_s = np.fromiter((t.arrival_s for t in answered), float, len(answered))
@@ -261,6 +261,20 @@ def make_records(
         )  # fmt: skip
     index = np.fromiter((s.spec.index for s in sent.values()), np.int64, n)
     return records, MessageTimes(index=index, ends=ends, ns=all_ns, tokens=tokens)
+
+
+def _message_tokens(answered: list[Timeline], starts: list[int], total: int) -> np.ndarray:
+    """Tokens of every message of the `answered` timelines, which start at `starts`, in
+    one int64 array. Nearly every message carries one token (all but speculative
+    decoding's): a timeline of ones is found by `list.count` and left as the array's
+    fill, a C loop over the list where converting each int in `np.fromiter` cost ~5% of a
+    simulated request's instructions."""
+    tokens = np.ones(total, np.int64)
+    for t, at in zip(answered, starts, strict=True):
+        group = t.group_tokens
+        if group.count(1) != len(group):
+            tokens[at : at + len(group)] = group
+    return tokens
 
 
 def _ns_array(t_s: np.ndarray) -> np.ndarray:
