@@ -145,7 +145,10 @@ class PromptSource:
 
     def _own(self, n: int) -> tuple[int, ...]:
         """`n` ids: `FRESH` new draws, then a window of the corpus (wrapping)."""
-        if len(self._fresh) < self.FRESH:
+        if n <= 0:  # a prompt its group's prefix covers (`[-0:]` below would be all)
+            return ()
+        # Prompts under `FRESH` tokens use up the offsets before the fresh draws.
+        if len(self._fresh) < self.FRESH or not self._offsets:
             self._fresh = prompt_token_ids(self.FRESH * self.BATCH, self._rng)
             self._offsets = self._rng.integers(0, self.CORPUS, size=self.BATCH).tolist()
         fresh = min(n, self.FRESH)

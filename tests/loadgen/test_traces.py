@@ -196,6 +196,16 @@ def test_equal_hash_ids_are_equal_token_blocks():
     assert not carries_ids(RequestSpec(3, 10, 1))
 
 
+def test_the_simulators_prompts_of_any_length_have_their_length():
+    """Short prompts once used up the drawn offsets (IndexError after 1,024 of them); a
+    prompt its group's prefix covers got every fresh draw left."""
+    source = PromptSource(3)
+    for i in range(3000):
+        assert len(source.token_ids(RequestSpec(i, 1 + i % 40, 1))) == 1 + i % 40
+    covered = RequestSpec(1, 64, 1, prefix_group=0, prefix_tokens=64)
+    assert source.token_ids(covered) == tuple(spec_token_ids(covered, 3))
+
+
 def test_a_turn_begins_with_its_previous_turn_whole_prompt():
     specs = MultiTurnWorkload(3, 0.0, Fixed(50), Fixed(10)).specs(np.random.default_rng(0), 6)
     ids = [spec_token_ids(s, 1) for s in specs]
