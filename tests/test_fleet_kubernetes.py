@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memorywall import ready
 from memorywall.cli import main
 from memorywall.errors import ConfigError
-from memorywall.fleet import kubernetes
+from memorywall.fleet import kubernetes, yamltext
 from memorywall.fleet.runner import find_smg
 from memorywall.fleet.spec import load_spec, parse_spec
 from memorywall.fleet.worker import parse_argv
@@ -228,8 +228,17 @@ def test_image_without_render_is_a_usage_error(capsys):
     ["yes", "on", "0.0.0.0", "1", "", "$(POD_NAMESPACE)", "a: b", "- x", "#c", "null", "é"],
 )
 def test_yaml_strings_read_back_as_themselves(value):
-    data = {"k": value, "l": [value, {"m": [value]}], "n": 3, "b": True, "e": [], "d": {}}
-    assert yaml.safe_load(kubernetes.to_yaml(data)) == data
+    data = {
+        "k": value,
+        value: 1,
+        "z": None,
+        "l": [value, {"m": [value]}],
+        "n": 3,
+        "b": True,
+        "e": [],
+        "d": {},
+    }
+    assert yaml.safe_load(yamltext.dump(data)) == data
 
 
 def test_containerfile_installs_the_package_with_the_gateway():

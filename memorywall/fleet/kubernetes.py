@@ -26,7 +26,6 @@ gateway (smg needs a tokenizer folder the runner fetches), and options naming lo
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from memorywall.errors import ConfigError
+from memorywall.fleet import yamltext
 from memorywall.fleet.spec import FleetSpec
 from memorywall.fleet.worker import WorkerSpec, serve_options, to_argv
 
@@ -333,43 +333,12 @@ def gateway_manifests(spec: FleetSpec, fleet: str, image: str) -> list[Manifest]
     ]
 
 
-def to_yaml(value: Any, indent: int = 0) -> str:
-    """Block-style YAML for JSON-shaped data. Every string is a JSON-quoted scalar, which
-    YAML reads back as the same string (no `yes`/`on`/number surprises)."""
-    pad = " " * indent
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        lines = []
-        for k, v in value.items():
-            key = json.dumps(str(k))
-            if isinstance(v, dict | list) and v:
-                lines.append(f"{pad}{key}:\n{to_yaml(v, indent + 2)}")
-            else:
-                lines.append(f"{pad}{key}: {to_yaml(v)}")
-        return "\n".join(lines)
-    if isinstance(value, list):
-        if not value:
-            return "[]"
-        lines = []
-        for v in value:
-            if isinstance(v, dict | list) and v:
-                body = to_yaml(v, indent + 2)
-                lines.append(f"{pad}- {body.lstrip()}")
-            else:
-                lines.append(f"{pad}- {to_yaml(v)}")
-        return "\n".join(lines)
-    if isinstance(value, bool) or value is None or isinstance(value, int | float):
-        return json.dumps(value)
-    return json.dumps(str(value))
-
-
 def write(manifests: list[Manifest], folder: Path) -> list[Path]:
     """Write each manifest as YAML into `folder` (made if missing); the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for m in manifests:
         path = folder / m.filename
-        path.write_text(to_yaml(m.body) + "\n")
+        path.write_text(yamltext.dump(m.body))
         paths.append(path)
     return paths

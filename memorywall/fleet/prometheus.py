@@ -10,8 +10,7 @@ in the fleet) and `hardware` (its profile, as DCGM's `modelName`), with `model` 
 worker with no metrics port (no `http_port` or `metrics_port`) gets no target, and a
 comment says so.
 
-The file is YAML written here (PyYAML is not a dependency): block mappings and lists,
-every string double-quoted as JSON quotes it (a JSON string is a YAML one).
+The file is YAML written by `yamltext` (PyYAML is not a dependency).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from memorywall.errors import ConfigError
+from memorywall.fleet import yamltext
 from memorywall.ready import ServerReady
 
 __all__ = ["Scrape", "from_ready_file", "render", "scrape_config", "write"]
@@ -96,50 +96,9 @@ def scrape_config(scrape: Scrape, *, interval_s: float = 5.0) -> dict[str, Any]:
     }
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    return json.dumps(str(value))
-
-
-def _yaml(value: Any, indent: int = 0) -> list[str]:
-    """Block-style YAML lines for nested dicts and lists of scalars, dicts and lists."""
-    pad = " " * indent
-    lines: list[str] = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, dict | list) and item:
-                lines.append(f"{pad}{key}:")
-                lines += _yaml(item, indent + 2)
-            else:
-                lines.append(f"{pad}{key}: {_flow(item)}")
-    else:
-        for item in value:
-            nested = _yaml(item, indent + 2) if isinstance(item, dict | list) and item else None
-            if nested:
-                # "- " takes the place of the first line's indentation.
-                lines.append(f"{pad}- {nested[0].lstrip()}")
-                lines += nested[1:]
-            else:
-                lines.append(f"{pad}- {_flow(item)}")
-    return lines
-
-
-def _flow(value: Any) -> str:
-    """An empty collection or a scalar, inline."""
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[]"
-    return _scalar(value)
-
-
 def render(config: dict[str, Any], *, comment: str = "") -> str:
     """The config as YAML text, `comment` lines first."""
-    head = [f"# {line}".rstrip() for line in comment.splitlines()]
-    return "\n".join([*head, *_yaml(config)]) + "\n"
+    return yamltext.dump(config, comment=comment)
 
 
 def _skipped(scrape: Scrape) -> list[str]:
