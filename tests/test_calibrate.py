@@ -53,8 +53,9 @@ def base_deployment():
     return plan_deployment(load_hardware("h100-sxm"), load_model("llama-3.1-8b"))
 
 
-def write_steps(path: Path, rows, noise: np.ndarray | None = None) -> Path:
-    sm = StepModel(true_deployment())
+def write_steps(path: Path, rows, noise: np.ndarray | None = None, deployment=None) -> Path:
+    """Step times of `rows` on `deployment` (the true one by default), times (1 + noise)."""
+    sm = StepModel(deployment or true_deployment())
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["batch", "context", "new_tokens", "seconds"])
@@ -78,22 +79,30 @@ def test_recovers_known_constants_from_step_times(tmp_path):
         assert r.after_s == pytest.approx(r.observation.measured_s, rel=0.01)
 
 
-def test_recovers_known_constants_from_replayed_bench_results(tmp_path):
+def replayed_results(concurrencies=(1, 8)) -> dict[int, dict]:
+    """Bench result dicts of closed-loop levels (256/32) replayed on the true deployment."""
     from memorywall.loadgen.bench import BenchConfig, Level
     from memorywall.loadgen.workload import Fixed, SyntheticWorkload
     from memorywall.sim.simulate import simulate_level
 
-    files = []
-    for c in (1, 8):
+    out = {}
+    for c in concurrencies:
         config = BenchConfig(
             target="t",
             workload=SyntheticWorkload(Fixed(256), Fixed(32)),
             num_prompts=2 * c,
             concurrency=(c,),
         )
-        r = simulate_level(true_deployment(), EngineConfig(), config, Level(f"c{c}", c, None))
+        level = simulate_level(true_deployment(), EngineConfig(), config, Level(f"c{c}", c, None))
+        out[c] = level.result
+    return out
+
+
+def test_recovers_known_constants_from_replayed_bench_results(tmp_path):
+    files = []
+    for c, result in replayed_results().items():
         path = tmp_path / f"c{c}.json"
-        path.write_text(json.dumps(r.result))
+        path.write_text(json.dumps(result))
         files.append(path)
     steps = write_steps(tmp_path / "s.csv", [(0, 0, 2048), (16, 1024, 0)])
     result = calibrate([*files, steps], base_deployment(), EngineConfig(), resamples=20)
@@ -327,36 +336,14 @@ def test_refuses_a_scrape_without_its_load_or_metrics(tmp_path, capsys, load, dr
 
 
 def test_recovers_known_constants_from_replayed_metrics_scrapes(tmp_path):
-    from memorywall.loadgen.bench import BenchConfig, Level
-    from memorywall.loadgen.workload import Fixed, SyntheticWorkload
-    from memorywall.sim.simulate import simulate_level
-
-    files = []
-    for c in (1, 8):
-        config = BenchConfig(
-            target="t",
-            workload=SyntheticWorkload(Fixed(256), Fixed(32)),
-            num_prompts=2 * c,
-            concurrency=(c,),
-        )
-        r = simulate_level(true_deployment(), EngineConfig(), config, Level(f"c{c}", c, None))
-        files.append(write_scrape(tmp_path / f"c{c}.prom", r.result, f"concurrency={c}"))
+    files = [
+        write_scrape(tmp_path / f"c{c}.prom", result, f"concurrency={c}")
+        for c, result in replayed_results().items()
+    ]
     steps = write_steps(tmp_path / "s.csv", [(0, 0, 2048), (16, 1024, 0)])
     result = calibrate([*files, steps], base_deployment(), EngineConfig(), resamples=20)
     for k, v in fitted(result).items():
         assert v == pytest.approx(TRUE[k], rel=0.01), k
-
-
-def write_shape_steps(path: Path, hardware, model: str, rows) -> Path:
-    """Noise-free step times of `model` (the fewest H100s that hold it) on `hardware`."""
-    sm = StepModel(plan_deployment(hardware, load_model(model)))
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["batch", "context", "new_tokens", "seconds"])
-        for b, c, n in rows:
-            prefill = (PrefillChunk(n, cached_tokens=c),) if n else ()
-            w.writerow([b, c, n, sm.step_cost(Batch((c,) * b, prefill)).time_s])
-    return path
 
 
 def test_two_model_shapes_separate_the_per_step_floor_from_the_per_layer_one(tmp_path, capsys):
@@ -370,8 +357,12 @@ def test_two_model_shapes_separate_the_per_step_floor_from_the_per_layer_one(tmp
     truth = {"latency.per_layer_s": 9e-5, "latency.per_step_s": 3e-4}
     hidden = synthetic.hidden_stack(load_hardware("h100-sxm"), truth)
     rows = synthetic.grid(False)
-    small = write_shape_steps(tmp_path / "8b.csv", hidden, "llama-3.1-8b", rows)
-    big = write_shape_steps(tmp_path / "32b.csv", hidden, "qwen3-32b", rows)
+    small, big = (
+        write_steps(
+            tmp_path / f"{model}.csv", rows, deployment=plan_deployment(hidden, load_model(model))
+        )
+        for model in ("llama-3.1-8b", "qwen3-32b")
+    )
 
     one = calibrate([small], base_deployment(), EngineConfig(), resamples=10)
     per_step = {e.spec.name: e for e in one.estimates}["latency.per_step_s"]
