@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections import deque
+from contextlib import aclosing
 
 import grpc
 from google.protobuf.struct_pb2 import Struct
@@ -18,7 +19,7 @@ from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2_grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from memorywall import __version__
-from memorywall.errors import InvalidRequestError, MemorywallError
+from memorywall.errors import InvalidRequestError
 from memorywall.server.engine.api import (
     EngineClient,
     LoraAdapter,
@@ -26,16 +27,15 @@ from memorywall.server.engine.api import (
     ModelCard,
     Phase,
     Request,
-    TokenGroup,
 )
 from memorywall.server.fronts.smg_worker import (
     TokenizerCache,
     WorkerRpcs,
     complete,
+    generate,
     prompt_ids,
     stream_chunk,
 )
-from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 from memorywall.server.pd import Bootstrap, Disaggregation
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -132,38 +132,35 @@ class SglangServicer(WorkerRpcs, sglang_scheduler_pb2_grpc.SglangSchedulerServic
         arrival_s = self.engine.now()
         if (why := not_emulated(request, disaggregated=self.pd is not None)) is not None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-        try:
+        rid = ""  # the request's id once built (SGLang's `rid`, or one made up)
+
+        def submit(fault):
+            nonlocal rid
             domain = self.to_request(request)
-            fault = grpc_fault(context)
+            rid = domain.request_id
             if self.pd is not None and (bootstrap := bootstrap_of(request)) is not None:
-                stream = self.pd.submit(domain, bootstrap, arrival_s=arrival_s, fault=fault)
-            else:
-                stream = self.engine.submit(domain, arrival_s=arrival_s, fault=fault)
-        except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
-        rid = domain.request_id
-        try:
-            # Headers go out now, not with the first token: the gateway starts TTFT on them.
-            await context.send_initial_metadata(())
-            output: list[int] = []
-            async for event in stream:
-                if isinstance(event, TokenGroup):
-                    output.extend(event.token_ids)
-                    if request.stream:
-                        yield pb.GenerateResponse(
-                            request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, event)
-                        )
-                else:
-                    # Streamed ids went out in chunks: the final message repeats none of them.
-                    ids = () if request.stream else output
-                    yield pb.GenerateResponse(
-                        request_id=rid, complete=complete(pb.GenerateComplete, event, ids)
-                    )
-        except MemorywallError as e:
-            await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
-        finally:
-            # Cancelled, deadline passed or client gone: free the slot and KV now.
-            stream.close()
+                return self.pd.submit(domain, bootstrap, arrival_s=arrival_s, fault=fault)
+            return self.engine.submit(domain, arrival_s=arrival_s, fault=fault)
+
+        def final(f, output):
+            # Streamed ids went out in chunks: the final message repeats none of them.
+            ids = () if request.stream else output
+            return pb.GenerateResponse(
+                request_id=rid, complete=complete(pb.GenerateComplete, f, ids)
+            )
+
+        messages = generate(
+            context,
+            submit,
+            streaming=request.stream,
+            chunk=lambda g: pb.GenerateResponse(
+                request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, g)
+            ),
+            final=final,
+        )
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         if self.engine.abort(request.request_id):

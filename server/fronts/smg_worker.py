@@ -4,7 +4,7 @@ SGLang's scheduler service (`sglang_servicer`), vLLM's engine service
 (`vllm_servicer`) and TensorRT-LLM's worker service (`trtllm_servicer`) differ in
 their messages, not in what they ask of the engine: a request of prompt ids in,
 token groups out, errors through the one status table, the tokenizer shipped as a
-zip, prefix-cache events streamed. `engine_events` is that one call; `TokenizerCache`
+zip, prefix-cache events streamed. `generate` is that one call; `TokenizerCache`
 builds the zip once per servicer; `stream_chunk` and `complete` fill the messages all
 three define with the same fields, each service's own class passed in.
 """
@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from smg_grpc_proto.generated import common_pb2
@@ -24,18 +25,19 @@ from memorywall.server.engine.api import (
     BlockRemoved,
     BlockStored,
     EngineClient,
-    Event,
+    EventStream,
+    FaultRule,
     Finished,
     FinishReason,
     KVEvent,
     ModelCard,
-    Request,
     TokenGroup,
 )
 from memorywall.server.fronts.sglang_tokenizer import TokenizerZip, tokenizer_zip
 from memorywall.server.fronts.status import grpc_fault, grpc_status, grpc_trailers
 
 TOKENIZER_CHUNK_BYTES = 512 * 1024
+Message = Any  # a service's own response message class
 FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.ABORT: "abort"}
 
 
@@ -51,28 +53,39 @@ def prompt_ids(ids: Sequence[int], card: ModelCard, field: str) -> tuple[int, ..
     return prompt
 
 
-async def engine_events(
-    engine: EngineClient,
+async def generate(
     context: grpc.aio.ServicerContext,
-    build: Callable[[], Request],
+    submit: Callable[[FaultRule | None], EventStream],
     *,
-    arrival_s: float,
-) -> AsyncGenerator[Event, None]:
-    """Submit `build()` with the call's fault header and yield the engine's events.
+    streaming: bool,
+    chunk: Callable[[TokenGroup], Message],
+    final: Callable[[Finished, list[int]], Message],
+) -> AsyncGenerator[Message, None]:
+    """One `Generate` call of a worker service: the messages to send, in order.
 
-    A `MemorywallError` (from building, submitting or the stream) aborts the call with
-    its status from the table. Initial metadata goes out at once: a gateway starts its
-    TTFT clock on it. The stream is closed however the call ends (done, cancelled,
-    client gone), which frees the slot and KV. Use under `contextlib.aclosing`.
+    `submit(fault)` builds the request and submits it (to the engine, or to a PD
+    pair) with the call's fault header; `chunk` wraps each token group when
+    `streaming`, `final` wraps the finish with every output id so far (each
+    service decides what its final message repeats). A `MemorywallError` (from
+    building, submitting or the stream) aborts the call with its status from the
+    table. Initial metadata goes out at once: a gateway starts its TTFT clock on
+    it. The stream is closed however the call ends (done, cancelled, client gone),
+    which frees the slot and KV.
     """
     try:
-        stream = engine.submit(build(), arrival_s=arrival_s, fault=grpc_fault(context))
+        stream = submit(grpc_fault(context))
     except MemorywallError as e:
         await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
     try:
         await context.send_initial_metadata(())
+        output: list[int] = []
         async for event in stream:
-            yield event
+            if isinstance(event, TokenGroup):
+                output.extend(event.token_ids)
+                if streaming:
+                    yield chunk(event)
+            else:
+                yield final(event, output)
     except MemorywallError as e:
         await context.abort(grpc_status(e), str(e), trailing_metadata=grpc_trailers(e))
     finally:

@@ -24,13 +24,12 @@ from memorywall.server.engine.api import (
     EngineClient,
     ModelCard,
     Request,
-    TokenGroup,
 )
 from memorywall.server.fronts.smg_worker import (
     TokenizerCache,
     WorkerRpcs,
     complete,
-    engine_events,
+    generate,
     prompt_ids,
     stream_chunk,
 )
@@ -83,26 +82,27 @@ class TrtllmServicer(WorkerRpcs, trtllm_service_pb2_grpc.TrtllmServiceServicer):
         if (why := not_emulated(request)) is not None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
         rid = request.request_id
-        output: list[int] = []
-        events = engine_events(
-            self.engine, context, lambda: self.to_request(request), arrival_s=arrival_s
+
+        def submit(fault):
+            return self.engine.submit(self.to_request(request), arrival_s=arrival_s, fault=fault)
+
+        def final(f, output):
+            # Unlike vLLM's and SGLang's, the final message is cumulative.
+            done = complete(pb.GenerateComplete, f, output, ids_field="output_token_ids")
+            return pb.GenerateResponse(request_id=rid, complete=done)
+
+        messages = generate(
+            context,
+            submit,
+            streaming=request.streaming,
+            chunk=lambda g: pb.GenerateResponse(
+                request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, g)
+            ),
+            final=final,
         )
-        async with aclosing(events):
-            async for event in events:
-                if isinstance(event, TokenGroup):
-                    output.extend(event.token_ids)
-                    if request.streaming:
-                        yield pb.GenerateResponse(
-                            request_id=rid, chunk=stream_chunk(pb.GenerateStreamChunk, event)
-                        )
-                else:
-                    # Unlike vLLM's and SGLang's, the final message is cumulative.
-                    yield pb.GenerateResponse(
-                        request_id=rid,
-                        complete=complete(
-                            pb.GenerateComplete, event, output, ids_field="output_token_ids"
-                        ),
-                    )
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         if self.engine.abort(request.request_id):

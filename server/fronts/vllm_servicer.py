@@ -25,7 +25,6 @@ from memorywall.server.engine.api import (
     EngineClient,
     ModelCard,
     Request,
-    TokenGroup,
     text_token_ids,
 )
 from memorywall.server.fronts.sglang_servicer import ThroughputWindow
@@ -33,7 +32,7 @@ from memorywall.server.fronts.smg_worker import (
     TokenizerCache,
     WorkerRpcs,
     complete,
-    engine_events,
+    generate,
     prompt_ids,
     stream_chunk,
 )
@@ -88,23 +87,25 @@ class VllmServicer(WorkerRpcs, vllm_engine_pb2_grpc.VllmEngineServicer):
         arrival_s = self.engine.now()
         if (why := not_emulated(request)) is not None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
-        output: list[int] = []
-        events = engine_events(
-            self.engine, context, lambda: self.to_request(request), arrival_s=arrival_s
+
+        def submit(fault):
+            return self.engine.submit(self.to_request(request), arrival_s=arrival_s, fault=fault)
+
+        def final(f, output):
+            # Streamed ids went out in chunks: the final message repeats none of them.
+            ids = () if request.stream else output
+            return pb.GenerateResponse(complete=complete(pb.GenerateComplete, f, ids))
+
+        messages = generate(
+            context,
+            submit,
+            streaming=request.stream,
+            chunk=lambda g: pb.GenerateResponse(chunk=stream_chunk(pb.GenerateStreamChunk, g)),
+            final=final,
         )
-        async with aclosing(events):
-            async for event in events:
-                if isinstance(event, TokenGroup):
-                    output.extend(event.token_ids)
-                    if request.stream:
-                        yield pb.GenerateResponse(chunk=stream_chunk(pb.GenerateStreamChunk, event))
-                else:
-                    # Streamed ids went out in chunks: the final message repeats none of them.
-                    yield pb.GenerateResponse(
-                        complete=complete(
-                            pb.GenerateComplete, event, () if request.stream else output
-                        )
-                    )
+        async with aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         for rid in request.request_ids:
