@@ -10,7 +10,7 @@ from memorywall.argtypes import port, positive_float
 from memorywall.cli.usage import UsageError
 
 if TYPE_CHECKING:  # the CLI's startup path loads no aiohttp
-    from memorywall.dashboard.sources import Target
+    from memorywall.dashboard.sources import Access, Target
 
 HELP = "serve a live browser dashboard of running workers (their /metrics), side by side"
 
@@ -48,6 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds of recent scrapes that rates and quantiles cover (default 5)",
     )
     p.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="roots that sign the workers' certificates, for https workers with a private CA "
+        "(default: the system's)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="the workers' API key (`serve --api-key`), sent as a bearer token: their "
+        "/v1/models, where the dashboard learns what each emulates, is behind it",
+    )
+    p.add_argument(
         "--ready-file",
         type=Path,
         help="once the page is served, write a JSON file here (pid, host, port, url, "
@@ -82,14 +94,22 @@ def command(args: argparse.Namespace) -> int:
             f"--window ({args.window:g} s) must cover at least one --interval ({args.interval:g} s)"
         )
     workers = targets(args)
+    access = _access(args)
     try:
-        asyncio.run(_serve(args, workers))
+        asyncio.run(_serve(args, workers, access))
     except OSError as e:
         raise UsageError(str(e)) from None
     return 0
 
 
-async def _serve(args: argparse.Namespace, workers: list[Target]) -> None:
+def _access(args: argparse.Namespace) -> Access:
+    from memorywall.dashboard.sources import Access, tls_context
+
+    ssl = tls_context(args.tls_ca) if args.tls_ca is not None else None
+    return Access(ssl=ssl, api_key=args.api_key)
+
+
+async def _serve(args: argparse.Namespace, workers: list[Target], access: Access) -> None:
     import asyncio
     import os
     import signal
@@ -99,7 +119,7 @@ async def _serve(args: argparse.Namespace, workers: list[Target]) -> None:
     from memorywall.ready import remove, write_json
 
     config = PollerConfig(interval_s=args.interval, window_s=args.window)
-    site = DashboardSite(http_poller(workers, config))
+    site = DashboardSite(http_poller(workers, config, access))
     url = await site.start(args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,16 +10,18 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from memorywall.dashboard.poller import DEFAULT_CONFIG, Poller, PollerConfig
-from memorywall.dashboard.sources import HttpSource, Target, http_session
+from memorywall.dashboard.sources import OPEN, Access, HttpSource, Target, http_session
 from memorywall.dashboard.web import dashboard_app
 
 SHUTDOWN_TIMEOUT_S = 1.0
 
 
-def http_poller(targets: Sequence[Target], config: PollerConfig = DEFAULT_CONFIG) -> Poller:
+def http_poller(
+    targets: Sequence[Target], config: PollerConfig = DEFAULT_CONFIG, access: Access = OPEN
+) -> Poller:
     """A poller that scrapes `targets` over HTTP on one session (build it in the event loop
     that runs it: the session binds to that loop)."""
-    session = http_session()
+    session = http_session(access)
     return Poller([HttpSource(t, session) for t in targets], config, session=session)
 
 

@@ -10,6 +10,7 @@ scrapes a target with aiohttp and learns the emulated hardware from the worker's
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -169,7 +170,36 @@ class LocalSource:
         """Nothing held."""
 
 
-def http_session() -> aiohttp.ClientSession:
+@dataclass(frozen=True, kw_only=True)
+class Access:
+    """What workers behind TLS or an API key need (`dashboard --tls-ca`, `--api-key`).
+
+    `ssl`: the context that checks their certificates (None: the system's roots);
+    `api_key`: sent as a bearer token (/metrics is open on a memorywall worker, but
+    /v1/models, where the dashboard learns the hardware, is behind the key)."""
+
+    ssl: ssl.SSLContext | None = None
+    api_key: str | None = None
+
+
+def tls_context(ca: Path) -> ssl.SSLContext:
+    """A client context trusting the PEM roots in `ca`; ConfigError if they cannot be read."""
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"--tls-ca: cannot read {ca}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+
+
+OPEN = Access()  # plain HTTP, or the system's roots, no key
+
+
+def http_session(access: Access = OPEN) -> aiohttp.ClientSession:
     """The session HTTP sources share: a short timeout, so one slow worker cannot hold up
-    a poll round for long."""
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S))
+    a poll round for long; `access` for workers behind TLS or a key."""
+    headers = {"Authorization": f"Bearer {access.api_key}"} if access.api_key else None
+    connector = aiohttp.TCPConnector(ssl=access.ssl) if access.ssl is not None else None
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S), headers=headers, connector=connector
+    )
