@@ -11,11 +11,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memorywall.loadgen import arrivals, sessions
 from memorywall.loadgen.metrics import RunMetrics, Slo, compute_metrics
+from memorywall.loadgen.plan import LoadPlan
 from memorywall.loadgen.records import (
     MessageTimes,
     RequestRecord,
@@ -23,17 +25,11 @@ from memorywall.loadgen.records import (
     TokenTimes,
     write_requests,
 )
-from memorywall.loadgen.runner import (
-    LoadPlan,
-    WorkerPool,
-    WorkerResult,
-    progress_printer,
-    run_single,
-    run_workers,
-    run_workers_on,
-)
 from memorywall.loadgen.target import Access, Backend, TargetConfig
 from memorywall.loadgen.workload import TraceWorkload, Workload
+
+if TYPE_CHECKING:  # the runner (asyncio, process pools) is imported where a level runs
+    from memorywall.loadgen.runner import WorkerPool, WorkerResult
 
 # A run whose client fell behind is marked suspect rather than reported as fact.
 # Host stalls beyond this share of a level's run mark it suspect (`HostStallWatch`).
@@ -127,6 +123,14 @@ def run_level(
     config: BenchConfig, level: Level, facts: ServerFacts, *, pool: WorkerPool | None = None
 ) -> tuple[dict, list[RequestRecord]]:
     """Run one level; with `pool` (`bench --ray`) the `workers` run there."""
+    # Imported here: `simulate` plans and summarises levels without the runner.
+    from memorywall.loadgen.runner import (
+        progress_printer,
+        run_single,
+        run_workers,
+        run_workers_on,
+    )
+
     plan = plan_level(config, level)
     show = progress_printer(len(plan.specs), f"{config.label} {level.name}")
     # One salt per level: fresh prompts (no cache hits carried over from the last level),

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memorywall.loadgen import compare, prefix_workload, sessions
 from memorywall.loadgen.bench import BenchConfig, ServerFacts, levels, run_level, write_level
 from memorywall.loadgen.metrics import Slo, parse_slo
-from memorywall.loadgen.runner import WorkerPool
 from memorywall.loadgen.target import Access, Backend
 from memorywall.loadgen.workload import (
     SyntheticWorkload,
@@ -19,6 +18,9 @@ from memorywall.loadgen.workload import (
     Workload,
     parse_length,
 )
+
+if TYPE_CHECKING:  # the runner (asyncio, process pools) loads where a level runs
+    from memorywall.loadgen.runner import WorkerPool
 
 DEFAULT_TARGETS = {
     Backend.MEMORYWALL_GRPC: "127.0.0.1:50051",
@@ -188,6 +190,8 @@ def openai_server_facts(base: str, model: str | None, access: Access | None = No
     `owned_by: "memorywall"`; its optional `hardware` and `devices` fields then feed the
     core's prediction. Any other server (vLLM says `owned_by: "vllm"`) is not emulated.
     """
+    import asyncio
+
     from memorywall.loadgen.openai_target import EndpointError, fetch_models
 
     try:
@@ -214,6 +218,8 @@ def openai_server_facts(base: str, model: str | None, access: Access | None = No
 
 def grpc_server_facts(target: str, access: Access | None = None) -> ServerFacts:
     """Ask a memorywall gRPC server what it emulates."""
+    import asyncio
+
     from memorywall.client import ClientError
 
     async def ask() -> ServerFacts:
@@ -235,6 +241,8 @@ def smg_worker_facts(backend: Backend, target: str, access: Access | None = None
     """The served model, from the worker service's own GetModelInfo. The worker counts as
     the memorywall emulator (its hardware feeding the core's prediction) only when the
     same port also answers memorywall.v1 (`serve --grpc-services memorywall,vllm`)."""
+    import asyncio
+
     import grpc
 
     from memorywall.client import ClientError

@@ -10,7 +10,7 @@ values.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - exercised where orjson is absent
     # mypy's idiom for an optional module: the name is the module or None.
     orjson = None  # type: ignore[assignment]
 
-__all__ = ["dumps_line", "read_rows", "write_rows"]
+__all__ = ["dumps_line", "read_rows", "write_objects", "write_rows"]
 
 
 def _stdlib_line(row: Any) -> bytes:
@@ -46,6 +46,29 @@ def write_rows(path: Path, rows: Iterable[Any]) -> None:
     """Write each row as a line of `path` (replacing it)."""
     with path.open("wb") as f:
         f.writelines(map(dumps_line, rows))
+
+
+def write_objects(path: Path, rows: Sequence[Mapping[str, Any]], first_key: str) -> None:
+    """Write each row, a flat JSON object whose first key is `first_key` (values numbers,
+    strings, None, booleans, lists or numpy arrays of those: no nested object), as a line
+    of `path`: the bytes `write_rows` writes, from one encoder call instead of one a row.
+
+    orjson encodes the rows as one array, split into lines where one row's object ends and
+    the next begins. That boundary, `},{"KEY":`, occurs nowhere else: a string value spells
+    its quotes `\\"`, and a row holds no nested object to end in `}`. Rows that break
+    these terms (a split count that is not one a row) are written a row at a time."""
+    if orjson is None or not rows:  # pragma: no cover - orjson is a dependency
+        write_rows(path, rows)
+        return
+    key = orjson.dumps(first_key)
+    data = orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
+    body = data[1:-1].replace(b"},{" + key + b":", b"}\n{" + key + b":")
+    if body.count(b"}\n{") != len(rows) - 1 or not body.startswith(b"{" + key + b":"):
+        write_rows(path, rows)
+        return
+    with path.open("wb") as f:
+        f.write(body)
+        f.write(b"\n")
 
 
 def read_rows(path: Path) -> Iterator[Any]:

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from typing import Literal
 
@@ -208,14 +209,24 @@ def write_requests(
     it (`messages` when the caller has them in arrays already, else taken from `records`)."""
     if token_times not in TOKEN_TIMES:
         raise ValueError(f"token times: want one of {', '.join(TOKEN_TIMES)}, got {token_times!r}")
-    inline = token_times == "jsonl"
-    rows = (r.as_dict(messages=inline) for r in records)
-    jsonl.write_rows(out_dir / f"{stem}{REQUESTS_SUFFIX}", rows)
+    jsonl.write_objects(
+        out_dir / f"{stem}{REQUESTS_SUFFIX}", _rows(records, inline=token_times == "jsonl"), "index"
+    )
     tokens = out_dir / f"{stem}{TOKENS_SUFFIX}"
     if token_times == "npz":
         (messages or MessageTimes.of(records)).save(tokens)
     else:  # an earlier run's would be read back as this one's
         tokens.unlink(missing_ok=True)
+
+
+def _rows(records: Sequence[RequestRecord], *, inline: bool) -> list[dict]:
+    """`RequestRecord.as_dict` of each record, for the encoder alone: each record's fields
+    read in one C call, and message times left as they are (a list, or the simulator's
+    int64 slice, which orjson encodes as the same list of ints without a Python int
+    each)."""
+    names = _FIELDS if inline else _ROW_FIELDS
+    values = attrgetter(*names)
+    return [dict(zip(names, values(r), strict=True)) for r in records]
 
 
 def read_requests(path: Path) -> list[RequestRecord]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from memorywall.loadgen import sessions
 from memorywall.loadgen.arrivals import split_for_workers
+from memorywall.loadgen.plan import LoadPlan
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 from memorywall.loadgen.target import Target, TargetConfig, make_target
 
@@ -35,18 +36,6 @@ if TYPE_CHECKING:
 START_LEAD_S = 1.0  # workers need this long to start before the shared start time
 # Workers elsewhere (`run_workers_on`: a Ray cluster) start a process each, import, connect.
 REMOTE_START_LEAD_S = 10.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadPlan:
-    """One run: which requests, how they are released, and when to stop."""
-
-    specs: tuple[RequestSpec, ...]  # measured requests; open loop: each has offset_s
-    warmup: tuple[RequestSpec, ...] = ()  # sent first, one user each, excluded from results
-    concurrency: int | None = None  # closed loop: users; open loop: optional cap
-    open_loop: bool = False
-    duration_s: float | None = None  # stop releasing new requests after this long
-    timeout_s: float | None = None  # per request
 
 
 @dataclass(frozen=True)

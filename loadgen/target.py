@@ -12,7 +12,6 @@ process and in every worker process.
 from __future__ import annotations
 
 import secrets
-import ssl
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,6 +21,8 @@ from memorywall.loadgen.prompts import carries_ids, spec_token_ids
 from memorywall.loadgen.records import RequestRecord, RequestSpec
 
 if TYPE_CHECKING:  # the gRPC client (grpc: ~0.1 s to import) only for gRPC targets
+    import ssl
+
     from memorywall.client import AsyncClient, ModelInfo, Tls
 
 
@@ -86,6 +87,8 @@ class Access:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """For https: the given roots, else None (aiohttp's default verification)."""
+        import ssl  # here: `simulate` builds an Access and never opens a connection
+
         return ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else None
 
     def headers(self) -> dict[str, str]:

@@ -92,3 +92,37 @@ def test_without_orjson_the_standard_library_writes_and_reads(tmp_path: Path, mo
     assert list(jsonl.read_rows(tmp_path / "slow.jsonl")) == rows
     # The same compact form: only the spelling of some floats differs.
     assert slow.replace(b"1.5e-05", b"0.000015") == (tmp_path / "fast.jsonl").read_bytes()
+
+
+def tricky_rows() -> list[dict]:
+    """Rows whose strings spell the split point and a line break, with numpy slices."""
+    flat = np.arange(10, dtype=np.int64)
+    return [
+        {"index": 0, "error": '},{"index": 1', "chunk_ns": flat[0:3], "x": 1.5e-05},
+        {"index": 1, "error": "a}\n{b", "chunk_ns": [], "x": None},
+        {"index": 2, "error": None, "chunk_ns": flat[3:10], "x": True},
+    ]
+
+
+def plain(rows: list[dict]) -> list[dict]:
+    return [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in r.items()} for r in rows]
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_write_objects_writes_write_rows_bytes_in_one_call(tmp_path: Path, count: int) -> None:
+    pytest.importorskip("orjson")
+    rows = tricky_rows()[:count]
+    jsonl.write_objects(tmp_path / "one.jsonl", rows, "index")
+    jsonl.write_rows(tmp_path / "each.jsonl", plain(rows))
+    got = (tmp_path / "one.jsonl").read_bytes()
+    assert got == (tmp_path / "each.jsonl").read_bytes()
+    assert got.count(b"\n") == count
+    assert list(jsonl.read_rows(tmp_path / "one.jsonl")) == plain(rows)
+
+
+def test_write_objects_falls_back_when_a_row_starts_with_another_key(tmp_path: Path) -> None:
+    rows = [{"index": 0, "a": 1}, {"a": 2, "index": 1}, {"index": 2, "nested": {"index": 3}}]
+    jsonl.write_objects(tmp_path / "one.jsonl", rows, "index")
+    jsonl.write_rows(tmp_path / "each.jsonl", rows)
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "each.jsonl").read_bytes()
+    assert list(jsonl.read_rows(tmp_path / "one.jsonl")) == rows

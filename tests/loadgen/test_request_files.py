@@ -118,3 +118,15 @@ def test_times_of_other_requests_are_refused(tmp_path: Path) -> None:
 def test_an_unknown_form_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="npz, jsonl, none"):
         write_requests(tmp_path, "x", records(), token_times="csv")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("token_times", ["jsonl", "npz", "none"])
+def test_rows_are_each_records_as_dict_byte_for_byte(tmp_path: Path, token_times: str) -> None:
+    """The rows are written in one encoder call: the bytes of encoding each record's
+    `as_dict` on a line of its own."""
+    from memorywall.loadgen import jsonl
+
+    write_requests(tmp_path, "x", records(), token_times=token_times)
+    rows = [r.as_dict(messages=token_times == "jsonl") for r in records()]
+    jsonl.write_rows(tmp_path / "each.jsonl", rows)
+    assert (tmp_path / "x.requests.jsonl").read_bytes() == (tmp_path / "each.jsonl").read_bytes()
