@@ -75,9 +75,11 @@ def test_writes_bench_files_marked_simulated(tmp_path: Path, capsys) -> None:
 def test_no_plots_writes_the_rest_without_matplotlib(tmp_path: Path, flags: list[str]) -> None:
     """By default (and with `--no-plots`): the same result files, no PNGs, and matplotlib
     never imported (nor the gRPC client: a simulation has no server to reach; nor the
-    other commands' modules, nor the split fleet's, which a plain run does not use)."""
+    other commands' modules, nor the split fleet's, which a plain run does not use, nor the
+    bench runner's asyncio, process pools and TLS: a simulation sends nothing)."""
     unused = ("matplotlib", "grpc", "memorywall.plan", "memorywall.calibrate")
     unused += ("memorywall.server.pd", "memorywall.demo", "memorywall.cli.plan")
+    unused += ("asyncio", "ssl", "concurrent.futures.process", "memorywall.loadgen.runner")
     code = (
         "import sys; from memorywall.cli import main; "
         f"main(['simulate', *{WSE!r}, '--num-prompts', '3', *{SMALL!r}, "
