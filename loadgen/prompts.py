@@ -140,24 +140,32 @@ class PromptSource:
         # the list grown and the tuple made of it were three copies, ~4 us a request).
         self._corpus = tuple(prompt_token_ids(self.CORPUS, self._rng))
         self._prefixes: dict[int, list[int]] = {}
-        self._fresh: list[int] = []
+        # The batch of fresh draws, taken from its end: `_left` of them remain.
+        self._fresh: tuple[int, ...] = ()
+        self._left = 0
         self._offsets: list[int] = []
 
     def _own(self, n: int) -> tuple[int, ...]:
         """`n` ids: `FRESH` new draws, then a window of the corpus (wrapping)."""
-        if n <= 0:  # a prompt its group's prefix covers (`[-0:]` below would be all)
+        if n <= 0:  # a prompt its group's prefix covers
             return ()
         # Prompts under `FRESH` tokens use up the offsets before the fresh draws.
-        if len(self._fresh) < self.FRESH or not self._offsets:
-            self._fresh = prompt_token_ids(self.FRESH * self.BATCH, self._rng)
+        if self._left < self.FRESH or not self._offsets:
+            self._fresh = tuple(prompt_token_ids(self.FRESH * self.BATCH, self._rng))
+            self._left = len(self._fresh)
             self._offsets = self._rng.integers(0, self.CORPUS, size=self.BATCH).tolist()
         fresh = min(n, self.FRESH)
-        out = tuple(self._fresh[-fresh:])
-        del self._fresh[-fresh:]
+        left = self._left - fresh
+        self._left = left
         at = self._offsets.pop()
+        rest = n - fresh
+        corpus = self._corpus
+        if rest <= self.CORPUS - at:  # the window does not wrap: one slice, one concatenation
+            return self._fresh[left : left + fresh] + corpus[at : at + rest]
+        out = self._fresh[left : left + fresh]
         while len(out) < n:
             take = min(n - len(out), self.CORPUS - at)
-            out += self._corpus[at : at + take]
+            out += corpus[at : at + take]
             at = 0
         return out
 

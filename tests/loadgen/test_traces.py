@@ -206,6 +206,24 @@ def test_the_simulators_prompts_of_any_length_have_their_length():
     assert source.token_ids(covered) == tuple(spec_token_ids(covered, 3))
 
 
+def test_the_simulators_prompt_ids_stay_what_they_were():
+    """Same seed, same prompts: a digest of `PromptSource`'s ids over lengths from empty to
+    past the corpus (wrapping), shorter than its fresh draws, and with group prefixes,
+    pinned from the implementation that drew them first."""
+    import hashlib
+
+    lengths = [0, 1, 5, 31, 32, 33, 70_000, 140_000]
+    lengths += np.random.default_rng(1).integers(0, 3000, size=5000).tolist()
+    digest = hashlib.sha256()
+    source = PromptSource(5)
+    for i, n in enumerate(lengths):
+        spec = RequestSpec(i, n, 1, prefix_group=i % 3 or None, prefix_tokens=i % 50)
+        digest.update(repr(source.token_ids(spec)).encode())
+    assert digest.hexdigest() == (
+        "f5ce999337750620a8fd166814fee0f6e0d491dba2aab64adb5a83ca741d154d"
+    )
+
+
 def test_a_turn_begins_with_its_previous_turn_whole_prompt():
     specs = MultiTurnWorkload(3, 0.0, Fixed(50), Fixed(10)).specs(np.random.default_rng(0), 6)
     ids = [spec_token_ids(s, 1) for s in specs]
