@@ -24,6 +24,14 @@ the waits for a core.
   bench's release rules, prompts, records and metrics (`LevelRun.cpu_s`), no files.
 - `memorywall simulate command`: `memorywall simulate ... --out DIR` in a process of its
   own, everything from the interpreter's start to the files written (its rusage).
+- Below the table, the command's start-up floor: the CPU of a process that only starts
+  the interpreter, one that also imports numpy, and one that imports what `simulate`
+  imports before its first level.
+
+Child processes run with their bytecode cached, as an installed package's are: the
+environment's `PYTHONDONTWRITEBYTECODE` is dropped for them and one unmeasured import
+run writes the cache first (without it every run compiled the whole package again,
+~0.2 s of the command's CPU).
 
 Without Dynamo's venv (`--dynamo-venv`) the Dynamo rows are left out and said so.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -107,6 +116,20 @@ class Row:
         }
 
 
+# What `memorywall simulate` imports before its first level (`cli.simulate` and, in its
+# `run`, the bench CLI), after the interpreter alone and numpy.
+STARTUP = {
+    "interpreter": "pass",
+    "interpreter + numpy": "import numpy",
+    "simulate's imports": "import memorywall.cli.simulate, memorywall.loadgen.cli",
+}
+
+
+def child_env() -> dict[str, str]:
+    """This environment, but with bytecode written and read as a user's run has it."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def children_cpu_s() -> float:
     """User + system CPU of this process's waited-for children so far."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -117,7 +140,7 @@ def run_child(argv: Sequence[str]) -> tuple[str, float, float]:
     """Run `argv` to its end: (stdout, its CPU seconds, its wall seconds); raises
     RuntimeError with its stderr's last line if it fails."""
     cpu0, wall0 = children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, env=child_env())
     cpu, wall = children_cpu_s() - cpu0, time.perf_counter() - wall0
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -199,9 +222,19 @@ def memorywall(hardware: str, work: Work) -> list[Row]:
     ]  # fmt: skip
 
 
+def startup(repeat: int) -> dict[str, float]:
+    """The least CPU seconds of `repeat` runs of each `STARTUP` process, bytecode cached."""
+    run_child([sys.executable, "-c", STARTUP["simulate's imports"]])  # writes the cache
+    return {
+        what: min(run_child([sys.executable, "-c", code])[1] for _ in range(repeat))
+        for what, code in STARTUP.items()
+    }
+
+
 def measure(
     work: Work, hardware: Sequence[str], repeat: int, dynamo_python: str | None
 ) -> list[Row]:
+    run_child([sys.executable, "-c", STARTUP["simulate's imports"]])  # bytecode cached
     rows: list[Row] = []
     if dynamo_python is not None:
         rows += least(repeat, lambda: dynamo(dynamo_python, work))
@@ -249,8 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     python = args.dynamo_venv / "bin" / "python"
     have_dynamo = python.exists()
     rows = measure(work, args.hardware, args.repeat, str(python) if have_dynamo else None)
+    floor = startup(args.repeat)
     if args.json:
-        print(json.dumps({"work": asdict(work), "rows": [r.as_dict() for r in rows]}, indent=2))
+        doc = {"work": asdict(work), "rows": [r.as_dict() for r in rows], "startup_cpu_s": floor}
+        print(json.dumps(doc, indent=2))
         return 0
     print(f"machine: {platform.machine()}, Python {platform.python_version()}")
     print(
@@ -260,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_dynamo:
         print(f"(no Dynamo at {python}: `python -m benchmarks.mocker_compare --setup`)\n")
     print(table(rows))
+    parts = ", ".join(f"{what} {cpu_s:.3f} s" for what, cpu_s in floor.items())
+    print(f"\nstart-up floor of the command (CPU): {parts}")
     return 0
 
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.replay_compare import DYNAMO_VENV, Row, Work, dynamo, main, memorywall, table
+from benchmarks.replay_compare import (
+    DYNAMO_VENV,
+    STARTUP,
+    Row,
+    Work,
+    child_env,
+    dynamo,
+    main,
+    memorywall,
+    startup,
+    table,
+)
 
 TINY = Work(requests=12, users=4, prompt=64, output=8)
 
@@ -39,6 +50,16 @@ def test_runs_without_dynamo_and_says_so(tmp_path, capsys) -> None:
                  str(tmp_path)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "no Dynamo at" in out and "| memorywall | simulate command | h100-sxm | 6 |" in out
+    assert "start-up floor of the command (CPU): interpreter " in out
+    assert ", interpreter + numpy " in out and ", simulate's imports " in out
+
+
+def test_startup_floor_grows_with_each_import_and_caches_bytecode(monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert "PYTHONDONTWRITEBYTECODE" not in child_env()
+    floor = startup(1)
+    assert list(floor) == list(STARTUP)
+    assert 0 < floor["interpreter"] < floor["simulate's imports"]
 
 
 @pytest.mark.skipif(
