@@ -116,7 +116,7 @@ def with_offsets(
     if np.any(np.diff(offsets) < 0):
         i = int(np.argmax(np.diff(offsets) < 0)) + 1
         raise ValueError(f"offsets must not decrease: offset {i} is before offset {i - 1}")
-    return [replace(spec, offset_s=float(o)) for spec, o in zip(specs, offsets, strict=True)]
+    return [replace(spec, offset_s=o) for spec, o in zip(specs, offsets.tolist(), strict=True)]
 
 
 def split_for_workers(specs: Sequence[T], workers: int) -> list[list[T]]:

@@ -160,9 +160,10 @@ class SyntheticWorkload:
         n = check_count(n)
         prompts = self.input.sample(rng, n)
         outputs = self.output.sample(rng, n)
+        # Python ints first (`tolist`): iterating the arrays made a numpy scalar of each.
         return [
-            RequestSpec(index=i, prompt_tokens=int(p), output_tokens=int(o))
-            for i, (p, o) in enumerate(zip(prompts, outputs, strict=True))
+            RequestSpec(index=i, prompt_tokens=p, output_tokens=o)
+            for i, (p, o) in enumerate(zip(prompts.tolist(), outputs.tolist(), strict=True))
         ]
 
 

@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, compress
-from typing import NamedTuple
 
 import numpy as np
 
@@ -118,13 +117,25 @@ class _Releaser(Releaser):
         self.release(now_s)
 
 
-class _Sent(NamedTuple):
-    """A request as the driver sent it; its record is made once it has finished."""
+class SentLog:
+    """What the driver sent, in sending order, one list per field (columns, not an object
+    a request: records and metrics read them whole); a record is made once every request
+    has finished."""
 
-    spec: RequestSpec
-    at_s: float
-    scheduled_s: float | None
-    warmup: bool
+    __slots__ = ("at_s", "position", "scheduled_s", "specs", "warmup")
+
+    def __init__(self) -> None:
+        self.position: dict[str, int] = {}  # request id -> its place in the columns
+        self.specs: list[RequestSpec] = []
+        self.at_s: list[float] = []  # when it reached the engine
+        self.scheduled_s: list[float | None] = []  # open loop: its drawn offset's time
+        self.warmup: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def spec(self, request_id: str) -> RequestSpec:
+        return self.specs[self.position[request_id]]
 
 
 class _LevelDriver:
@@ -141,7 +152,7 @@ class _LevelDriver:
         self.lora = lora  # the adapters a spec's `model` may name
         self.prompts = PromptSource(config.seed)
         self.engine = engine
-        self.sent: dict[str, _Sent] = {}  # by request id, in sending order
+        self.sent = SentLog()
         self.finished: list[Timeline] = []  # in finishing order; records made at the end
         self._warmups = deque(self.plan.warmup)
         self._main: _Releaser | SessionReleaser | None = None
@@ -170,7 +181,12 @@ class _LevelDriver:
         self, spec: RequestSpec, at_s: float, scheduled_s: float | None, warmup: bool = False
     ) -> None:
         request_id = str(spec.index)
-        self.sent[request_id] = _Sent(spec, at_s, scheduled_s, warmup)
+        sent = self.sent
+        sent.position[request_id] = len(sent.specs)
+        sent.specs.append(spec)
+        sent.at_s.append(at_s)
+        sent.scheduled_s.append(scheduled_s)
+        sent.warmup.append(warmup)
         lora = self.lora
         request = Request(
             request_id=request_id,
@@ -191,7 +207,7 @@ class _LevelDriver:
         times = timeline.group_times_s  # its last token's time, else its arrival's
         now_s = times[-1] if times else timeline.arrival_s
         if self._main is not None:
-            self._main.finished(now_s, self.sent[timeline.request_id].spec)
+            self._main.finished(now_s, self.sent.spec(timeline.request_id))
         elif self._warmups:
             self._send(self._warmups.popleft(), now_s, None, warmup=True)
         else:
@@ -199,7 +215,7 @@ class _LevelDriver:
 
 
 def make_records(
-    sent: dict[str, _Sent], timelines: list[Timeline]
+    sent: SentLog, timelines: list[Timeline]
 ) -> tuple[list[RequestRecord], MessageTimes]:
     """What a client would have seen of each request sent, with no transport in between,
     in sending order, and their message times in arrays.
@@ -209,9 +225,11 @@ def make_records(
     the loop left only assembles records. Message times are one int64 array: a record's
     `chunk_ns` is its slice (a list of Python ints per record cost more than the rest of
     the records) and its `chunk_tokens` the timeline's own list."""
-    by_id = {t.request_id: t for t in timelines}
-    ordered = [by_id[request_id] for request_id in sent]
-    n = len(ordered)
+    n = len(sent)
+    ordered: list[Timeline] = [None] * n  # type: ignore[list-item]  # each filled below
+    position = sent.position
+    for t in timelines:
+        ordered[position[t.request_id]] = t
     # A refused request has no messages (nor would one that emitted nothing).
     spoken = [t.error is None and len(t.group_times_s) > 0 for t in ordered]
     counts = np.fromiter(
@@ -236,18 +254,18 @@ def make_records(
         (last_s - first_s).tolist(),
         strict=True,
     )
-    sent_ns = _ns_array(np.fromiter((s.at_s for s in sent.values()), float, n)).tolist()
+    sent_ns = _ns_array(np.array(sent.at_s, dtype=float)).tolist()
     records = []
-    for s, t, ok, at_ns, end, count in zip(
-        sent.values(), ordered, spoken, sent_ns, ends.tolist(), counts.tolist(), strict=True
-    ):
-        spec = s.spec
-        scheduled_ns = None if s.scheduled_s is None else _ns(s.scheduled_s)
+    for spec, scheduled_s, warmup, t, ok, at_ns, end, count in zip(
+        sent.specs, sent.scheduled_s, sent.warmup, ordered, spoken, sent_ns, ends.tolist(),
+        counts.tolist(), strict=True,
+    ):  # fmt: skip
+        scheduled_ns = None if scheduled_s is None else _ns(scheduled_s)
         if not ok:
             error = None if t.error is None else f"{type(t.error).__name__}: {t.error}"
             records.append(
                 RequestRecord(spec.index, spec.prompt_tokens, spec.output_tokens, scheduled_ns,
-                              at_ns, error=error, warmup=s.warmup)
+                              at_ns, error=error, warmup=warmup)
             )  # fmt: skip
             continue
         finished_ns, received_ns, ttft_s, e2e_s, decode_s = next(answers)
@@ -256,10 +274,10 @@ def make_records(
                 spec.index, spec.prompt_tokens, spec.output_tokens, scheduled_ns, at_ns,
                 all_ns[end - count : end], t.group_tokens, finished_ns, t.prompt_tokens,
                 t.completion_tokens, t.cached_tokens, ttft_s, e2e_s, decode_s, received_ns,
-                warmup=s.warmup,
+                warmup=warmup,
             )
         )  # fmt: skip
-    index = np.fromiter((s.spec.index for s in sent.values()), np.int64, n)
+    index = np.fromiter((spec.index for spec in sent.specs), np.int64, n)
     return records, MessageTimes(index=index, ends=ends, ns=all_ns, tokens=tokens)
 
 

@@ -244,12 +244,17 @@ def test_records_are_each_timelines_own_arithmetic(hardware, prompt, level) -> N
     records, messages = make_records(driver.sent, driver.finished)
     by_id = {t.request_id: t for t in driver.finished}
     refused = 0
-    for (request_id, sent), r in zip(driver.sent.items(), records, strict=True):
-        t = by_id[request_id]
+    sent = driver.sent
+    assert list(sent.position.values()) == list(range(len(sent))) == list(range(len(records)))
+    for request_id, i in sent.position.items():
+        r, t = records[i], by_id[request_id]
         assert (r.index, r.sent_ns, r.warmup) == (
-            sent.spec.index,
-            round(sent.at_s * 1e9),
-            sent.warmup,
+            sent.specs[i].index,
+            round(sent.at_s[i] * 1e9),
+            sent.warmup[i],
+        )
+        assert r.scheduled_ns == (
+            None if sent.scheduled_s[i] is None else round(sent.scheduled_s[i] * 1e9)
         )
         if t.error is not None:
             refused += 1
