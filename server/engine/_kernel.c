@@ -7,6 +7,10 @@
  * tuple hash is xxHash-style lanes over the items' hashes (Objects/tupleobject.c), an
  * int's hash is its value modulo 2**61 - 1 with its sign (-1 becoming -2). So a block
  * keeps the name the reference gives it and KV events carry the same values.
+ *
+ * Token ids never become Python ints here: a sequence's output ids are an array('q')
+ * (read through the buffer protocol), the draws write into one, and a prompt's small
+ * ints are read in place (the only Python objects a prompt holds).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,6 +50,84 @@ static inline int64_t int_hash(int64_t v)
         h = -(int64_t)((-(uint64_t)v) % HASH_MODULUS);
     }
     return h == -1 ? -2 : h;
+}
+
+/* hash(o) for a prompt token: an exact int of at most two digits (below 2**60, so its own
+ * hash) read in place, where PyObject_Hash would make a call and a division per token;
+ * anything else through PyObject_Hash. -1 with an exception set on failure. */
+static inline Py_hash_t token_hash(PyObject *o)
+{
+    if (PyLong_CheckExact(o)) {
+#if PY_VERSION_HEX >= 0x030C0000
+        PyLongObject *v = (PyLongObject *)o;
+        if (PyUnstable_Long_IsCompact(v)) {
+            Py_ssize_t x = PyUnstable_Long_CompactValue(v);
+            return x == -1 ? -2 : (Py_hash_t)x;
+        }
+#else
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        switch (Py_SIZE(o)) {
+        case 0:
+            return 0;
+        case 1:
+            return (Py_hash_t)d[0];
+        case -1:
+            return d[0] == 1 ? -2 : -(Py_hash_t)d[0];
+        case 2:
+            return (Py_hash_t)d[0] | ((Py_hash_t)d[1] << PyLong_SHIFT);
+        case -2:
+            return -((Py_hash_t)d[0] | ((Py_hash_t)d[1] << PyLong_SHIFT));
+        }
+#endif
+    }
+    return PyObject_Hash(o);
+}
+
+/* A read-only view of a sequence's output ids: an array('q') (or any C-contiguous buffer
+ * of signed 64-bit items, read in place) or a list of ints. */
+typedef struct {
+    PyObject *list; /* the list, or NULL for a buffer */
+    Py_buffer view;
+    const int64_t *at;
+    Py_ssize_t len;
+} Ids;
+
+static int ids_open(Ids *ids, PyObject *o)
+{
+    ids->list = NULL;
+    if (PyList_Check(o)) {
+        ids->list = o;
+        ids->at = NULL;
+        ids->len = PyList_GET_SIZE(o);
+        return 0;
+    }
+    if (PyObject_GetBuffer(o, &ids->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    const char *f = ids->view.format ? ids->view.format : "B";
+    if (f[0] == '@' || f[0] == '=' || f[0] == '<')
+        f++;
+    if (ids->view.itemsize != 8 || (strcmp(f, "q") != 0 && strcmp(f, "l") != 0)) {
+        PyBuffer_Release(&ids->view);
+        PyErr_SetString(PyExc_TypeError, "token ids: an array('q') or a list of ints");
+        return -1;
+    }
+    ids->at = ids->view.buf;
+    ids->len = ids->view.len / 8;
+    return 0;
+}
+
+static void ids_close(Ids *ids)
+{
+    if (!ids->list)
+        PyBuffer_Release(&ids->view);
+}
+
+/* hash(int(id)) for output id `i`: -1 with an exception set on failure. */
+static inline Py_hash_t ids_hash(const Ids *ids, Py_ssize_t i)
+{
+    if (ids->list)
+        return token_hash(PyList_GET_ITEM(ids->list, i));
+    return (Py_hash_t)int_hash(ids->at[i]);
 }
 
 /* ---- a growable int32 stack ---- */
@@ -275,8 +357,8 @@ static int block_of(Pool *p, PyObject *item, int32_t *out)
     return 0;
 }
 
-/* Python ints for block ids and token ids, made once each and shared: a simulation hands
- * out the same few thousand block ids and ~100k token ids millions of times, and an int
+/* Python ints for block ids, made once each and shared: a simulation hands out the same
+ * few thousand block ids millions of times, and an int
  * made afresh costs an allocation (ints are immutable, so sharing one is invisible). */
 static PyObject **int_cache;
 static Py_ssize_t int_cache_len;
@@ -710,8 +792,8 @@ static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full;
     long long root = p->root;
-    if (!PyArg_ParseTuple(args, "O!nO!O!|L", &PyList_Type, &hashes, &full, &PyTuple_Type,
-                          &prompt, &PyList_Type, &output, &root))
+    if (!PyArg_ParseTuple(args, "O!nO!O|L", &PyList_Type, &hashes, &full, &PyTuple_Type,
+                          &prompt, &output, &root))
         return NULL;
     if (hash_chain(hashes, full, p->block_size, root, prompt, output) < 0)
         return NULL;
@@ -787,31 +869,34 @@ static PyTypeObject PoolType = {
 /* ---- module functions ---- */
 
 /* Append the hashes of blocks len(hashes)..full-1 to `hashes`: kv.extend_block_hashes
- * with the sequence's tokens given as its prompt (tuple) and output (list). */
+ * with the sequence's tokens given as its prompt (tuple) and output (`Ids`). */
 static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
                       PyObject *prompt, PyObject *output)
 {
     Py_ssize_t done = PyList_GET_SIZE(hashes);
     if (done >= full)
         return 0;
-    Py_ssize_t plen = PyTuple_GET_SIZE(prompt), olen = PyList_GET_SIZE(output);
-    if (full * size > plen + olen) {
-        PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
+    Ids out;
+    if (ids_open(&out, output) < 0)
         return -1;
+    int rc = -1;
+    Py_ssize_t plen = PyTuple_GET_SIZE(prompt);
+    if (full * size > plen + out.len) {
+        PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
+        goto done;
     }
     int64_t parent = done ? PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1)) : root;
     if (parent == -1 && PyErr_Occurred())
-        return -1;
+        goto done;
     /* hash((parent, block)) = finish(lane(lane(P5, hash(parent)), hash(block)), 2) */
     for (Py_ssize_t blk = done; blk < full; blk++) {
         uint64_t acc = XXPRIME_5;
         Py_ssize_t t = blk * size;
         for (Py_ssize_t j = 0; j < size; j++, t++) {
-            PyObject *tok =
-                t < plen ? PyTuple_GET_ITEM(prompt, t) : PyList_GET_ITEM(output, t - plen);
-            Py_hash_t th = PyObject_Hash(tok);
+            Py_hash_t th = t < plen ? token_hash(PyTuple_GET_ITEM(prompt, t))
+                                    : ids_hash(&out, t - plen);
             if (th == -1)
-                return -1;
+                goto done;
             acc = tuple_lane(acc, (uint64_t)th);
         }
         int64_t block_hash = tuple_finish(acc, (uint64_t)size);
@@ -821,11 +906,14 @@ static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_
         PyObject *o = PyLong_FromLongLong(parent);
         if (!o || PyList_Append(hashes, o) < 0) {
             Py_XDECREF(o);
-            return -1;
+            goto done;
         }
         Py_DECREF(o);
     }
-    return 0;
+    rc = 0;
+done:
+    ids_close(&out);
+    return rc;
 }
 
 /* extend_hashes(hashes, full_blocks, block_size, root, prompt, output) -> hashes */
@@ -834,8 +922,8 @@ static PyObject *extend_hashes(PyObject *m, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full, size;
     long long root;
-    if (!PyArg_ParseTuple(args, "O!nnLO!O!", &PyList_Type, &hashes, &full, &size, &root,
-                          &PyTuple_Type, &prompt, &PyList_Type, &output))
+    if (!PyArg_ParseTuple(args, "O!nnLO!O", &PyList_Type, &hashes, &full, &size, &root,
+                          &PyTuple_Type, &prompt, &output))
         return NULL;
     if (size < 1) {
         PyErr_SetString(PyExc_ValueError, "extend_hashes: block_size must be >= 1");
@@ -858,18 +946,19 @@ static inline uint64_t splitmix(uint64_t x)
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 #define MIX 0xD6E8FEB86659FD93ULL
 
-/* draw_ids(table, drawn, n, seed, vocab, eos) -> list: TokenSource._draw's ids (the next `n`
- * from draw `drawn` on, in reverse draw order, EOS draws moved off EOS). `table`: the
- * fixed uint64 words (a buffer), `eos` a collection of ints. */
+/* draw_ids(table, drawn, seed, vocab, eos, out) -> None: TokenSource._draw's ids (the next
+ * len(out) from draw `drawn` on, in reverse draw order, EOS draws moved off EOS) written
+ * into `out`, a writable array('q'): no Python int is made. `table`: the fixed uint64
+ * words (a buffer), `eos` a collection of ints. */
 static PyObject *draw_ids(PyObject *m, PyObject *args)
 {
-    Py_buffer table;
-    Py_ssize_t drawn, n;
+    Py_buffer table, dest;
+    Py_ssize_t drawn;
     unsigned long long seed, vocab;
     PyObject *eos;
-    if (!PyArg_ParseTuple(args, "y*nnKKO", &table, &drawn, &n, &seed, &vocab, &eos))
+    if (!PyArg_ParseTuple(args, "y*nKKOw*", &table, &drawn, &seed, &vocab, &eos, &dest))
         return NULL;
-    PyObject *out = NULL;
+    PyObject *result = NULL;
     int64_t eos_ids[16];
     Py_ssize_t n_eos = 0;
     PyObject *eos_seq = PySequence_Fast(eos, "draw_ids: eos must be a collection");
@@ -886,14 +975,17 @@ static PyObject *draw_ids(PyObject *m, PyObject *args)
             goto done;
     }
     Py_ssize_t table_len = table.len / (Py_ssize_t)sizeof(uint64_t);
-    if (table_len < 1 || vocab < 1 || n < 0 || drawn < 0) {
+    if (table_len < 1 || vocab < 1 || drawn < 0) {
         PyErr_SetString(PyExc_ValueError, "draw_ids: empty table or vocabulary");
         goto done;
     }
-    const uint64_t *words = table.buf;
-    out = PyList_New(n);
-    if (!out)
+    if (dest.itemsize != 8 || dest.len % 8) {
+        PyErr_SetString(PyExc_TypeError, "draw_ids: out must be an array('q')");
         goto done;
+    }
+    const uint64_t *words = table.buf;
+    int64_t *out = dest.buf;
+    Py_ssize_t n = dest.len / 8;
     uint64_t stream_key = splitmix(seed); /* the token stream (0): seed ^ 0 * GOLDEN */
     Py_ssize_t k = 0;
     while (k < n) {
@@ -913,25 +1005,23 @@ static PyObject *draw_ids(PyObject *m, PyObject *args)
                     }
                 }
             }
-            PyObject *o = new_int((Py_ssize_t)id);
-            if (!o) {
-                Py_CLEAR(out);
-                goto done;
-            }
-            PyList_SET_ITEM(out, n - 1 - k, o);
+            out[n - 1 - k] = (int64_t)id;
         }
         drawn += take;
     }
+    result = Py_None;
+    Py_INCREF(result);
 done:
     Py_XDECREF(eos_seq);
     PyBuffer_Release(&table);
-    return out;
+    PyBuffer_Release(&dest);
+    return result;
 }
 
 static PyMethodDef module_methods[] = {
     {"extend_hashes", extend_hashes, METH_VARARGS,
      "extend_hashes(hashes, full_blocks, block_size, root, prompt, output)"},
-    {"draw_ids", draw_ids, METH_VARARGS, "draw_ids(table, drawn, n, seed, vocab, eos)"},
+    {"draw_ids", draw_ids, METH_VARARGS, "draw_ids(table, drawn, seed, vocab, eos, out)"},
     {NULL}};
 
 static struct PyModuleDef module = {

@@ -18,6 +18,7 @@ it for room and picks whom to preempt when there is none, and never sees a block
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -39,7 +40,7 @@ from memorywall.server.engine.kv import (
     make_block_pool,
 )
 from memorywall.server.engine.kv_manager import KVManager
-from memorywall.server.engine.tokens import TokenSource, token_source_class
+from memorywall.server.engine.tokens import TokenSource, ids_array, token_source_class
 
 if TYPE_CHECKING:
     from memorywall.server.engine.lora import LoraSlots
@@ -151,7 +152,8 @@ class SeqState:
     arrival_s: float
     tokens: TokenSource
     stop_at: int
-    output_ids: list[int] = field(default_factory=list)
+    # Machine integers (`tokens.ids_array`): stored, counted and hashed, never boxed.
+    output_ids: array[int] = field(default_factory=ids_array)
     computed: int = 0  # tokens whose KV exists
     blocks: int = 0  # len(block_ids)
     block_ids: list[int] = field(default_factory=list)  # one reference taken on each
@@ -460,7 +462,7 @@ class EngineCore:
                 reason = None
             else:
                 ids, reason = self._sample(seq, decoding)
-                out += ids
+                out.extend(ids)
                 # Accepted drafts were verified in this step, so their KV exists.
                 seq.computed = seq.prompt_len + len(out) - 1
                 generated += len(ids)

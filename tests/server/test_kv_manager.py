@@ -172,8 +172,8 @@ def test_a_decode_run_grows_as_its_steps_would_one_by_one():
     growth = bulk.plan_decode_run(seqs, steps)
     assert growth.run_steps == steps and growth.blocks == 3
     for s, r in zip(seqs, ref, strict=True):  # the run's tokens exist before its KV
-        s.output_ids += [9] * steps
-        r.output_ids += [9] * steps
+        s.output_ids.extend([9] * steps)
+        r.output_ids.extend([9] * steps)
     bulk.allocate_decode_run(growth)
     for s in seqs:
         s.computed += steps
@@ -207,7 +207,7 @@ def test_a_decode_run_with_subscribers_emits_as_stepping_would():
     a = decoding(kv, "a", 0, 30)
     del events[:]
     growth = kv.plan_decode_run([a], 20)
-    a.output_ids += [9] * 20
+    a.output_ids.extend([9] * 20)
     kv.allocate_decode_run(growth)
     stored = [e for e in events if isinstance(e, BlockStored)]
     assert [e.block_hashes for e in stored] == [(a.block_hashes[1],), (a.block_hashes[2],)]

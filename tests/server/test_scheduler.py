@@ -231,7 +231,7 @@ def test_preemption_requeues_at_front_and_still_finishes():
     for seq, ref in zip(seqs, expected, strict=True):
         assert seq.finish_reason is FinishReason.LENGTH
         assert seq.output_ids == ref.output_ids  # recompute changes nothing the client sees
-        assert run.ids(seq.request.request_id) == seq.output_ids
+        assert run.ids(seq.request.request_id) == list(seq.output_ids)
     assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
