@@ -83,6 +83,20 @@ static inline Py_hash_t token_hash(PyObject *o)
     return PyObject_Hash(o);
 }
 
+/* hash(t) for a tuple whose items are read as token_hash reads them. */
+static Py_hash_t flat_tuple_hash(PyObject *t)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    uint64_t acc = XXPRIME_5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t h = token_hash(PyTuple_GET_ITEM(t, i));
+        if (h == -1)
+            return -1;
+        acc = tuple_lane(acc, (uint64_t)h);
+    }
+    return (Py_hash_t)tuple_finish(acc, (uint64_t)n);
+}
+
 /* A read-only view of a sequence's output ids: an array('q') (or any C-contiguous buffer
  * of signed 64-bit items, read in place) or a list of ints. */
 typedef struct {
@@ -1018,7 +1032,29 @@ done:
     return result;
 }
 
+/* hash_tuple(t) -> int: hash(t), CPython's own value, for a tuple of ints and tuples of
+ * ints (scheduler.token_seed's key, a prompt inside): their small exact ints read in
+ * place, where hash() calls PyObject_Hash and long_hash for each of a prompt's tokens. */
+static PyObject *hash_tuple(PyObject *m, PyObject *t)
+{
+    if (!PyTuple_Check(t)) {
+        PyErr_SetString(PyExc_TypeError, "hash_tuple: a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    uint64_t acc = XXPRIME_5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(t, i);
+        Py_hash_t h = PyTuple_CheckExact(o) ? flat_tuple_hash(o) : token_hash(o);
+        if (h == -1)
+            return NULL;
+        acc = tuple_lane(acc, (uint64_t)h);
+    }
+    return PyLong_FromLongLong(tuple_finish(acc, (uint64_t)n));
+}
+
 static PyMethodDef module_methods[] = {
+    {"hash_tuple", hash_tuple, METH_O, "hash_tuple(t) -> hash(t)"},
     {"extend_hashes", extend_hashes, METH_VARARGS,
      "extend_hashes(hashes, full_blocks, block_size, root, prompt, output)"},
     {"draw_ids", draw_ids, METH_VARARGS, "draw_ids(table, drawn, seed, vocab, eos, out)"},

@@ -1,7 +1,11 @@
 # Types of the compiled kernel (_kernel.c); kernel.py says what it is for.
+from array import array
 from collections.abc import Collection, Sequence
 
 from typing_extensions import Buffer
+
+# A sequence's output ids: an array('q') (read in place) or a list of ints.
+Ids = array[int] | list[int]
 
 class Pool:
     free_blocks: int
@@ -27,7 +31,7 @@ class Pool:
         hashes: list[int],
         full_blocks: int,
         prompt: tuple[int, ...],
-        output: list[int],
+        output: Ids,
         root: int = ...,
     ) -> list[int]: ...
     def reset(self) -> int: ...
@@ -42,8 +46,9 @@ def extend_hashes(
     block_size: int,
     root: int,
     prompt: tuple[int, ...],
-    output: list[int],
+    output: Ids,
 ) -> list[int]: ...
 def draw_ids(
-    table: Buffer, drawn: int, n: int, seed: int, vocab: int, eos: Collection[int]
-) -> list[int]: ...
+    table: Buffer, drawn: int, seed: int, vocab: int, eos: Collection[int], out: array[int]
+) -> None: ...
+def hash_tuple(t: tuple[object, ...], /) -> int: ...

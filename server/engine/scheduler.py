@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
@@ -32,6 +33,7 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
+from memorywall.server.engine import kernel
 from memorywall.server.engine.kv import (
     ROOT_HASH,
     PrefixCacheStats,
@@ -222,14 +224,15 @@ class EngineCounters:
     energy_j: float = 0.0
 
 
-def token_seed(seed: int, request: Request) -> int:
+def token_seed(seed: int, request: Request, hash_tuple: Callable[[tuple], int] = hash) -> int:
     """The seed of a request's synthetic tokens: a function of the engine's seed, the
     request's sampling seed and its prompt. Python's hash of a tuple of ints is the same in
     every process of one (64-bit CPython) version: no PYTHONHASHSEED salt applies to ints,
     as for the KV block hashes. For a 512-token prompt it costs ~4 us, where a blake2b
-    digest of the prompt's repr cost ~50 us, a tenth of a simulated request."""
+    digest of the prompt's repr cost ~50 us, a tenth of a simulated request; `hash_tuple`
+    may be the compiled kernel's `hash_tuple` (the same value, ~10x faster)."""
     sampling = request.sampling_seed
-    return hash((seed, sampling is None, sampling or 0, request.prompt_ids)) & _UINT64
+    return hash_tuple((seed, sampling is None, sampling or 0, request.prompt_ids)) & _UINT64
 
 
 def check_request(r: Request, max_context: int, kv_capacity_tokens: int, block: int) -> None:
@@ -270,6 +273,7 @@ class EngineCore:
         pool = make_block_pool(limits.kv_capacity_tokens // config.block_size, config.block_size)
         self.kv = KVManager(pool, enable_prefix_caching=config.enable_prefix_caching)
         self._token_source = token_source_class()  # compiled draws, or the reference
+        self._hash_tuple = kernel.compiled.hash_tuple if kernel.enabled() else hash
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.live: dict[str, SeqState] = {}
@@ -293,7 +297,9 @@ class EngineCore:
         self._validate(request)
         limits = self.limits
         tokens = self._token_source(
-            token_seed(self.config.seed, request), limits.vocab_size, limits.eos_token_ids
+            token_seed(self.config.seed, request, self._hash_tuple),
+            limits.vocab_size,
+            limits.eos_token_ids,
         )
         low = max(request.min_tokens, 1)
         stop_at = (
