@@ -97,24 +97,28 @@ static Py_hash_t flat_tuple_hash(PyObject *t)
     return (Py_hash_t)tuple_finish(acc, (uint64_t)n);
 }
 
-/* A read-only view of a sequence's output ids: an array('q') (or any C-contiguous buffer
- * of signed 64-bit items, read in place) or a list of ints. */
+/* A read-only view of signed 64-bit values (a sequence's output ids, its block hashes): an
+ * array('q') or any C-contiguous buffer of 8-byte signed items, read in place, or a list or
+ * tuple of ints. */
 typedef struct {
-    PyObject *list; /* the list, or NULL for a buffer */
+    int is_buffer;
+    PyObject **items; /* a list's or tuple's items (NULL when empty) */
     Py_buffer view;
     const int64_t *at;
     Py_ssize_t len;
 } Ids;
 
-static int ids_open(Ids *ids, PyObject *o)
+static int ids_open(Ids *ids, PyObject *o, const char *what)
 {
-    ids->list = NULL;
-    if (PyList_Check(o)) {
-        ids->list = o;
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+        ids->is_buffer = 0;
+        ids->items = PySequence_Fast_ITEMS(o);
         ids->at = NULL;
-        ids->len = PyList_GET_SIZE(o);
+        ids->len = PySequence_Fast_GET_SIZE(o);
         return 0;
     }
+    ids->is_buffer = 1;
+    ids->items = NULL;
     if (PyObject_GetBuffer(o, &ids->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
     const char *f = ids->view.format ? ids->view.format : "B";
@@ -122,7 +126,7 @@ static int ids_open(Ids *ids, PyObject *o)
         f++;
     if (ids->view.itemsize != 8 || (strcmp(f, "q") != 0 && strcmp(f, "l") != 0)) {
         PyBuffer_Release(&ids->view);
-        PyErr_SetString(PyExc_TypeError, "token ids: an array('q') or a list of ints");
+        PyErr_Format(PyExc_TypeError, "%s: an array('q') or a list of ints", what);
         return -1;
     }
     ids->at = ids->view.buf;
@@ -132,16 +136,27 @@ static int ids_open(Ids *ids, PyObject *o)
 
 static void ids_close(Ids *ids)
 {
-    if (!ids->list)
+    if (ids->is_buffer)
         PyBuffer_Release(&ids->view);
 }
 
 /* hash(int(id)) for output id `i`: -1 with an exception set on failure. */
 static inline Py_hash_t ids_hash(const Ids *ids, Py_ssize_t i)
 {
-    if (ids->list)
-        return token_hash(PyList_GET_ITEM(ids->list, i));
+    if (!ids->is_buffer)
+        return token_hash(ids->items[i]);
     return (Py_hash_t)int_hash(ids->at[i]);
+}
+
+/* Value `i` as a signed 64-bit int: -1 with an exception set on failure. */
+static inline int ids_get(const Ids *ids, Py_ssize_t i, int64_t *out)
+{
+    if (ids->is_buffer) {
+        *out = ids->at[i];
+        return 0;
+    }
+    *out = PyLong_AsLongLong(ids->items[i]);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
 /* ---- a growable int32 stack ---- */
@@ -549,21 +564,24 @@ fail:
 /* lookup(block_hashes, max_blocks) -> list: as BlockPool.lookup. */
 static PyObject *Pool_lookup(Pool *p, PyObject *args)
 {
-    PyObject *hashes;
+    PyObject *arg;
     Py_ssize_t max_blocks;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &hashes, &max_blocks))
+    if (!PyArg_ParseTuple(args, "On", &arg, &max_blocks))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(hashes);
+    Ids hashes;
+    if (ids_open(&hashes, arg, "lookup: block hashes") < 0)
+        return NULL;
+    Py_ssize_t n = hashes.len;
     if (max_blocks < n)
         n = max_blocks < 0 ? 0 : max_blocks;
     PyObject *hits = PyList_New(0);
     if (!hits)
-        return NULL;
+        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t h = PyLong_AsLongLong(PyList_GET_ITEM(hashes, i));
-        if (h == -1 && PyErr_Occurred()) {
-            Py_DECREF(hits);
-            return NULL;
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0) {
+            Py_CLEAR(hits);
+            goto done;
         }
         int32_t b = map_get(p, h);
         if (b == NONE)
@@ -571,11 +589,13 @@ static PyObject *Pool_lookup(Pool *p, PyObject *args)
         PyObject *o = new_int(b);
         if (!o || PyList_Append(hits, o) < 0) {
             Py_XDECREF(o);
-            Py_DECREF(hits);
-            return NULL;
+            Py_CLEAR(hits);
+            goto done;
         }
         Py_DECREF(o);
     }
+done:
+    ids_close(&hashes);
     return hits;
 }
 
@@ -632,26 +652,29 @@ static PyObject *Pool_touch(Pool *p, PyObject *ids)
  * positions it entered (the reference's `stored`, for BlockStored events). */
 static PyObject *Pool_cache(Pool *p, PyObject *args)
 {
-    PyObject *ids, *hashes;
+    PyObject *ids, *arg;
     Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "O!O!nn", &PyList_Type, &ids, &PyList_Type, &hashes, &start,
-                          &end))
+    if (!PyArg_ParseTuple(args, "O!Onn", &PyList_Type, &ids, &arg, &start, &end))
         return NULL;
-    if (start < end && (start < 0 || end > PyList_GET_SIZE(ids) || end > PyList_GET_SIZE(hashes))) {
+    Ids hashes;
+    if (ids_open(&hashes, arg, "cache: block hashes") < 0)
+        return NULL;
+    PyObject *stored = NULL;
+    if (start < end && (start < 0 || end > PyList_GET_SIZE(ids) || end > hashes.len)) {
         PyErr_SetString(PyExc_IndexError, "cache: blocks out of range");
-        return NULL;
+        goto done;
     }
-    PyObject *stored = PyList_New(0);
+    stored = PyList_New(0);
     if (!stored)
-        return NULL;
+        goto done;
     for (Py_ssize_t i = start; i < end; i++) {
         int32_t b;
         if (block_of(p, PyList_GET_ITEM(ids, i), &b) < 0)
             goto fail;
         if (p->has_hash[b])
             continue;
-        int64_t h = PyLong_AsLongLong(PyList_GET_ITEM(hashes, i));
-        if (h == -1 && PyErr_Occurred())
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0)
             goto fail;
         if (map_get(p, h) != NONE)
             continue;
@@ -666,33 +689,35 @@ static PyObject *Pool_cache(Pool *p, PyObject *args)
         }
         Py_DECREF(o);
     }
-    return stored;
+    goto done;
 fail:
-    Py_DECREF(stored);
-    return NULL;
+    Py_CLEAR(stored);
+done:
+    ids_close(&hashes);
+    return stored;
 }
 
 /* any_cached(block_hashes) -> bool: whether any of them names a cached block. */
-static PyObject *Pool_any_cached(Pool *p, PyObject *hashes)
+static PyObject *Pool_any_cached(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(hashes, "any_cached: hashes must be a sequence");
-    if (!seq)
+    Ids hashes;
+    if (ids_open(&hashes, arg, "any_cached: block hashes") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t h = PyLong_AsLongLong(items[i]);
-        if (h == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return NULL;
+    PyObject *found = Py_False;
+    for (Py_ssize_t i = 0; i < hashes.len; i++) {
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0) {
+            found = NULL;
+            break;
         }
         if (map_get(p, h) != NONE) {
-            Py_DECREF(seq);
-            Py_RETURN_TRUE;
+            found = Py_True;
+            break;
         }
     }
-    Py_DECREF(seq);
-    Py_RETURN_FALSE;
+    ids_close(&hashes);
+    Py_XINCREF(found);
+    return found;
 }
 
 /* reset() -> int: 0 refused (a block is referenced), 1 nothing cached, 2 cleared. */
@@ -806,8 +831,8 @@ static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full;
     long long root = p->root;
-    if (!PyArg_ParseTuple(args, "O!nO!O|L", &PyList_Type, &hashes, &full, &PyTuple_Type,
-                          &prompt, &output, &root))
+    if (!PyArg_ParseTuple(args, "OnO!O|L", &hashes, &full, &PyTuple_Type, &prompt, &output,
+                          &root))
         return NULL;
     if (hash_chain(hashes, full, p->block_size, root, prompt, output) < 0)
         return NULL;
@@ -882,26 +907,49 @@ static PyTypeObject PoolType = {
 
 /* ---- module functions ---- */
 
-/* Append the hashes of blocks len(hashes)..full-1 to `hashes`: kv.extend_block_hashes
- * with the sequence's tokens given as its prompt (tuple) and output (`Ids`). */
+/* Append the hashes of blocks len(hashes)..full-1 to `hashes` (a list of ints, or an
+ * array('q'), extended with one `frombytes`): kv.extend_block_hashes with the sequence's
+ * tokens given as its prompt (tuple) and output (`Ids`). */
 static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
                       PyObject *prompt, PyObject *output)
 {
-    Py_ssize_t done = PyList_GET_SIZE(hashes);
+    int64_t parent = root;
+    Py_ssize_t done;
+    if (PyList_Check(hashes)) {
+        done = PyList_GET_SIZE(hashes);
+        if (done && done < full) {
+            parent = PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1));
+            if (parent == -1 && PyErr_Occurred())
+                return -1;
+        }
+    } else {
+        Ids have;
+        if (ids_open(&have, hashes, "block hashes") < 0)
+            return -1;
+        done = have.len;
+        if (done && done < full && ids_get(&have, done - 1, &parent) < 0) {
+            ids_close(&have);
+            return -1;
+        }
+        ids_close(&have); /* released before `frombytes` resizes it */
+    }
     if (done >= full)
         return 0;
     Ids out;
-    if (ids_open(&out, output) < 0)
+    if (ids_open(&out, output, "token ids") < 0)
         return -1;
     int rc = -1;
+    int64_t *made = NULL;
     Py_ssize_t plen = PyTuple_GET_SIZE(prompt);
     if (full * size > plen + out.len) {
         PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
         goto done;
     }
-    int64_t parent = done ? PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1)) : root;
-    if (parent == -1 && PyErr_Occurred())
+    made = PyMem_Malloc((full - done) * sizeof(int64_t));
+    if (!made) {
+        PyErr_NoMemory();
         goto done;
+    }
     /* hash((parent, block)) = finish(lane(lane(P5, hash(parent)), hash(block)), 2) */
     for (Py_ssize_t blk = done; blk < full; blk++) {
         uint64_t acc = XXPRIME_5;
@@ -917,15 +965,31 @@ static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_
         uint64_t outer = tuple_lane(XXPRIME_5, (uint64_t)int_hash(parent));
         outer = tuple_lane(outer, (uint64_t)block_hash);
         parent = tuple_finish(outer, 2);
-        PyObject *o = PyLong_FromLongLong(parent);
-        if (!o || PyList_Append(hashes, o) < 0) {
-            Py_XDECREF(o);
-            goto done;
+        made[blk - done] = parent;
+    }
+    if (PyList_Check(hashes)) {
+        for (Py_ssize_t i = 0; i < full - done; i++) {
+            PyObject *o = PyLong_FromLongLong(made[i]);
+            if (!o || PyList_Append(hashes, o) < 0) {
+                Py_XDECREF(o);
+                goto done;
+            }
+            Py_DECREF(o);
         }
-        Py_DECREF(o);
+    } else {
+        PyObject *view = PyMemoryView_FromMemory((char *)made,
+                                                 (full - done) * sizeof(int64_t), PyBUF_READ);
+        if (!view)
+            goto done;
+        PyObject *r = PyObject_CallMethod(hashes, "frombytes", "O", view);
+        Py_DECREF(view);
+        if (!r)
+            goto done;
+        Py_DECREF(r);
     }
     rc = 0;
 done:
+    PyMem_Free(made);
     ids_close(&out);
     return rc;
 }
@@ -936,8 +1000,8 @@ static PyObject *extend_hashes(PyObject *m, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full, size;
     long long root;
-    if (!PyArg_ParseTuple(args, "O!nnLO!O", &PyList_Type, &hashes, &full, &size, &root,
-                          &PyTuple_Type, &prompt, &output))
+    if (!PyArg_ParseTuple(args, "OnnLO!O", &hashes, &full, &size, &root, &PyTuple_Type,
+                          &prompt, &output))
         return NULL;
     if (size < 1) {
         PyErr_SetString(PyExc_ValueError, "extend_hashes: block_size must be >= 1");

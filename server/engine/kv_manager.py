@@ -28,6 +28,7 @@ from memorywall.server.engine.kv import (
     PrefixCacheStats,
     blocks_for,
 )
+from memorywall.server.engine.tokens import ids_array
 
 if TYPE_CHECKING:
     from memorywall.server.engine.scheduler import SeqState
@@ -251,7 +252,7 @@ class KVManager:
         steps = growth.run_steps
         cache_to = []
         if self.caching:
-            fresh: list[int] = []
+            fresh = ids_array()
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:

@@ -159,7 +159,7 @@ class SeqState:
     computed: int = 0  # tokens whose KV exists
     blocks: int = 0  # len(block_ids)
     block_ids: list[int] = field(default_factory=list)  # one reference taken on each
-    block_hashes: list[int] = field(default_factory=list)  # of its full blocks, so far
+    block_hashes: array[int] = field(default_factory=ids_array)  # of its full blocks, so far
     cached_blocks: int = 0  # leading block_ids already offered to the prefix cache
     cached_tokens: int = 0  # prefix found cached at first admission
     first_scheduled_s: float | None = None

@@ -123,6 +123,11 @@ def _snapshot(pool: BlockPool) -> tuple:
     )
 
 
+def _either_form(rng: random.Random, hashes: list[int]) -> list[int] | array[int]:
+    """Block hashes as a list or as the engine keeps them, an array('q')."""
+    return array("q", hashes) if rng.random() < 0.5 else hashes
+
+
 def _pool_ops(seed: int) -> None:
     """One random sequence of pool operations, applied to both pools and compared."""
     rng = random.Random(seed)
@@ -157,12 +162,13 @@ def _pool_ops(seed: int) -> None:
                 return tokens[a:b]
 
             ref.cache(blocks, hashes, start, end, token_ids)
-            comp.cache(blocks, hashes, start, end, token_ids)
+            comp.cache(blocks, _either_form(rng, hashes), start, end, token_ids)
         elif op < 0.9:
             hashes = [rng.choice(names) for _ in range(rng.randint(0, 5))]
             hits = ref.lookup(hashes, rng.randint(0, 5))
-            assert comp.lookup(hashes, len(hashes)) == ref.lookup(hashes, len(hashes))
-            assert comp.any_cached(hashes) == ref.any_cached(hashes)
+            either = _either_form(rng, hashes)
+            assert comp.lookup(either, len(hashes)) == ref.lookup(hashes, len(hashes))
+            assert comp.any_cached(either) == ref.any_cached(hashes)
             if hits and rng.random() < 0.5:  # admit from the hit, as `KVManager._admit` does
                 assert comp.free_among(hits) == ref.free_among(hits)
                 need = rng.randint(0, 3)
