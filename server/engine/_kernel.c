@@ -386,6 +386,39 @@ static int block_of(Pool *p, PyObject *item, int32_t *out)
     return 0;
 }
 
+/* Block id `i` of a view (an array('q') of block ids, or a list), checked likewise. */
+static inline int block_at(Pool *p, const Ids *ids, Py_ssize_t i, int32_t *out)
+{
+    if (!ids->is_buffer)
+        return block_of(p, ids->items[i], out);
+    int64_t b = ids->at[i];
+    if (b < 0 || b >= p->created) {
+        PyErr_Format(PyExc_IndexError, "KV block %lld was never handed out", (long long)b);
+        return -1;
+    }
+    *out = (int32_t)b;
+    return 0;
+}
+
+/* A new array('q') of `n` ids (zeros), and where its items are: the engine's block tables
+ * are machine integers, as its token ids (array's repeat is a memcpy, not a call). */
+static PyObject *one_id; /* array('q', [0]), made at import */
+
+static PyObject *new_ids(Py_ssize_t n, int64_t **at)
+{
+    PyObject *arr = PySequence_Repeat(one_id, n);
+    if (!arr)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arr, &view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    *at = view.buf; /* valid while the array is not resized: it is not, until returned */
+    PyBuffer_Release(&view);
+    return arr;
+}
+
 /* Python ints for block ids, made once each and shared: a simulation hands out the same
  * few thousand block ids millions of times, and an int
  * made afresh costs an allocation (ints are immutable, so sharing one is invisible). */
@@ -456,41 +489,32 @@ static void Pool_dealloc(Pool *p)
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-/* allocate(n, evicted) -> list | None: as BlockPool.allocate; each evicted block's hash is
- * appended to the list `evicted` when it is not None (for BlockRemoved events). */
-static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
+/* Hand out `n` blocks (the room checked by the caller) into `ids`: empty blocks first,
+ * then never-used ids, then the least recently used cached blocks, evicted (each evicted
+ * block's hash appended to the list `evicted` when it is not None, for BlockRemoved
+ * events). As BlockPool.allocate. */
+static int allocate_into(Pool *p, Py_ssize_t n, int64_t *ids, PyObject *evicted)
 {
-    if (n > p->free_blocks)
-        Py_RETURN_NONE;
-    if (n < 0)
-        n = 0;
-    PyObject *ids = PyList_New(n);
-    if (!ids)
-        return NULL;
     Py_ssize_t k = 0;
     Py_ssize_t take = n < p->empty.len ? n : p->empty.len;
-    for (; k < take; k++) {
-        int32_t b = p->empty.at[--p->empty.len];
-        p->refs[b] = 1;
-        PyList_SET_ITEM(ids, k, new_int(b));
-    }
     Py_ssize_t fresh = n - take;
     if (fresh > p->total_blocks - p->created)
         fresh = p->total_blocks - p->created;
-    if (fresh) {
-        if (grow_ids(p, p->created + fresh) < 0) {
-            p->empty.len += take; /* undo: the popped ids are still there */
-            Py_DECREF(ids);
-            return NULL;
-        }
-        for (Py_ssize_t i = 0; i < fresh; i++, k++) {
-            int32_t b = (int32_t)p->created++;
-            p->refs[b] = 1;
-            p->has_hash[b] = 0;
-            p->prev[b] = NOT_IN_LRU;
-            PyList_SET_ITEM(ids, k, new_int(b));
-        }
+    if (fresh && grow_ids(p, p->created + fresh) < 0)
+        return -1; /* before anything is taken */
+    for (; k < take; k++) {
+        int32_t b = p->empty.at[--p->empty.len];
+        p->refs[b] = 1;
+        ids[k] = b;
     }
+    for (Py_ssize_t i = 0; i < fresh; i++, k++) {
+        int32_t b = (int32_t)p->created++;
+        p->refs[b] = 1;
+        p->has_hash[b] = 0;
+        p->prev[b] = NOT_IN_LRU;
+        ids[k] = b;
+    }
+    int rc = 0;
     for (; k < n; k++) { /* evict, least recently used first: the room was checked */
         int32_t b = p->lru_head;
         lru_remove(p, b);
@@ -498,24 +522,33 @@ static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
         p->has_hash[b] = 0;
         map_del(p, h);
         p->refs[b] = 1;
-        PyList_SET_ITEM(ids, k, new_int(b));
-        if (evicted != Py_None) {
+        ids[k] = b;
+        if (evicted != Py_None && rc == 0) {
             PyObject *o = PyLong_FromLongLong(h);
-            if (!o || PyList_Append(evicted, o) < 0) {
-                Py_XDECREF(o);
-                Py_DECREF(ids);
-                return NULL;
-            }
-            Py_DECREF(o);
-        }
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyList_GET_ITEM(ids, i)) {
-            Py_DECREF(ids);
-            return NULL;
+            if (!o || PyList_Append(evicted, o) < 0)
+                rc = -1; /* the blocks are taken all the same: the state stays whole */
+            Py_XDECREF(o);
         }
     }
     p->free_blocks -= n;
+    return rc;
+}
+
+/* allocate(n, evicted) -> array('q') | None: as BlockPool.allocate. */
+static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
+{
+    if (n > p->free_blocks)
+        Py_RETURN_NONE;
+    if (n < 0)
+        n = 0;
+    int64_t *at;
+    PyObject *ids = new_ids(n, &at);
+    if (!ids)
+        return NULL;
+    if (allocate_into(p, n, at, evicted) < 0) {
+        Py_DECREF(ids);
+        return NULL;
+    }
     return ids;
 }
 
@@ -529,36 +562,35 @@ static PyObject *Pool_allocate(Pool *p, PyObject *args)
 }
 
 /* release(block_ids): as BlockPool.release. */
-static PyObject *Pool_release(Pool *p, PyObject *ids)
+static PyObject *Pool_release(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(ids, "release: block ids must be a sequence");
-    if (!seq)
+    Ids ids;
+    if (ids_open(&ids, arg, "release: block ids") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+    PyObject *result = NULL;
+    for (Py_ssize_t i = ids.len - 1; i >= 0; i--) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0)
-            goto fail;
+        if (block_at(p, &ids, i, &b) < 0)
+            goto done;
         int32_t count = --p->refs[b];
         if (count > 0)
             continue;
         if (count < 0) {
             PyErr_Format(PyExc_AssertionError, "KV block %d released more often than referenced",
                          (int)b);
-            goto fail;
+            goto done;
         }
         p->free_blocks++;
         if (p->has_hash[b])
             lru_append(p, b);
         else if (stack_push(&p->empty, b) < 0)
-            goto fail;
+            goto done;
     }
-    Py_DECREF(seq);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(seq);
-    return NULL;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    ids_close(&ids);
+    return result;
 }
 
 /* lookup(block_hashes, max_blocks) -> list: as BlockPool.lookup. */
@@ -599,52 +631,60 @@ done:
     return hits;
 }
 
-/* free_among(block_ids) -> int */
-static PyObject *Pool_free_among(Pool *p, PyObject *ids)
+/* How many of `ids` are free (referencing them uses up free blocks); -1 on error. */
+static Py_ssize_t free_among(Pool *p, const Ids *ids)
 {
-    PyObject *seq = PySequence_Fast(ids, "free_among: block ids must be a sequence");
-    if (!seq)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), free = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t free = 0;
+    for (Py_ssize_t i = 0; i < ids->len; i++) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
+        if (block_at(p, ids, i, &b) < 0)
+            return -1;
         free += p->refs[b] == 0;
     }
-    Py_DECREF(seq);
-    return PyLong_FromSsize_t(free);
+    return free;
 }
 
-/* touch(block_ids): one reference on each (cache hits). */
-static PyObject *Pool_touch(Pool *p, PyObject *ids)
+/* free_among(block_ids) -> int */
+static PyObject *Pool_free_among(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(ids, "touch: block ids must be a sequence");
-    if (!seq)
+    Ids ids;
+    if (ids_open(&ids, arg, "free_among: block ids") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t free = free_among(p, &ids);
+    ids_close(&ids);
+    return free < 0 ? NULL : PyLong_FromSsize_t(free);
+}
+
+/* One reference on each of `ids` (cache hits); -1 on error. */
+static int touch(Pool *p, const Ids *ids)
+{
+    for (Py_ssize_t i = 0; i < ids->len; i++) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
+        if (block_at(p, ids, i, &b) < 0)
+            return -1;
         if (p->refs[b] == 0) {
             if (p->prev[b] == NOT_IN_LRU) {
-                Py_DECREF(seq);
                 PyErr_Format(PyExc_KeyError, "KV block %d is free but not cached", (int)b);
-                return NULL;
+                return -1;
             }
             lru_remove(p, b);
             p->free_blocks--;
         }
         p->refs[b]++;
     }
-    Py_DECREF(seq);
+    return 0;
+}
+
+/* touch(block_ids): one reference on each (cache hits). */
+static PyObject *Pool_touch(Pool *p, PyObject *arg)
+{
+    Ids ids;
+    if (ids_open(&ids, arg, "touch: block ids") < 0)
+        return NULL;
+    int rc = touch(p, &ids);
+    ids_close(&ids);
+    if (rc < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -652,15 +692,19 @@ static PyObject *Pool_touch(Pool *p, PyObject *ids)
  * positions it entered (the reference's `stored`, for BlockStored events). */
 static PyObject *Pool_cache(Pool *p, PyObject *args)
 {
-    PyObject *ids, *arg;
+    PyObject *ids_arg, *arg;
     Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "O!Onn", &PyList_Type, &ids, &arg, &start, &end))
+    if (!PyArg_ParseTuple(args, "OOnn", &ids_arg, &arg, &start, &end))
         return NULL;
-    Ids hashes;
-    if (ids_open(&hashes, arg, "cache: block hashes") < 0)
+    Ids ids, hashes;
+    if (ids_open(&ids, ids_arg, "cache: block ids") < 0)
         return NULL;
+    if (ids_open(&hashes, arg, "cache: block hashes") < 0) {
+        ids_close(&ids);
+        return NULL;
+    }
     PyObject *stored = NULL;
-    if (start < end && (start < 0 || end > PyList_GET_SIZE(ids) || end > hashes.len)) {
+    if (start < end && (start < 0 || end > ids.len || end > hashes.len)) {
         PyErr_SetString(PyExc_IndexError, "cache: blocks out of range");
         goto done;
     }
@@ -669,7 +713,7 @@ static PyObject *Pool_cache(Pool *p, PyObject *args)
         goto done;
     for (Py_ssize_t i = start; i < end; i++) {
         int32_t b;
-        if (block_of(p, PyList_GET_ITEM(ids, i), &b) < 0)
+        if (block_at(p, &ids, i, &b) < 0)
             goto fail;
         if (p->has_hash[b])
             continue;
@@ -694,6 +738,7 @@ fail:
     Py_CLEAR(stored);
 done:
     ids_close(&hashes);
+    ids_close(&ids);
     return stored;
 }
 
@@ -840,31 +885,46 @@ static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
     return hashes;
 }
 
-/* take(hits, need, evicted=None) -> list | None: a reference on each cached hit and `need`
- * fresh blocks (BlockPool.take), or None with nothing taken when too few are free. */
+/* take(hits, need, evicted=None) -> array('q') | None: a reference on each cached hit
+ * and `need` fresh blocks after them (BlockPool.take), or None with nothing taken when
+ * too few are free. */
 static PyObject *Pool_take(Pool *p, PyObject *args)
 {
-    PyObject *hits, *evicted = Py_None;
+    PyObject *arg, *evicted = Py_None;
     Py_ssize_t need;
-    if (!PyArg_ParseTuple(args, "O!n|O", &PyList_Type, &hits, &need, &evicted))
+    if (!PyArg_ParseTuple(args, "On|O", &arg, &need, &evicted))
         return NULL;
-    PyObject *free = Pool_free_among(p, hits);
-    if (!free)
+    if (need < 0)
+        need = 0;
+    Ids hits;
+    if (ids_open(&hits, arg, "take: block ids") < 0)
         return NULL;
-    Py_ssize_t freed = PyLong_AsSsize_t(free);
-    Py_DECREF(free);
-    if (need + freed > p->free_blocks)
-        Py_RETURN_NONE;
-    PyObject *r = Pool_touch(p, hits);
-    if (!r)
-        return NULL;
-    Py_DECREF(r);
-    PyObject *fresh = do_allocate(p, need, evicted);
-    if (!fresh)
-        return NULL;
-    PyObject *ids = PySequence_Concat(hits, fresh);
-    Py_DECREF(fresh);
-    return ids;
+    PyObject *out = NULL;
+    Py_ssize_t freed = free_among(p, &hits);
+    if (freed < 0)
+        goto done;
+    if (need + freed > p->free_blocks) {
+        out = Py_None;
+        Py_INCREF(out);
+        goto done;
+    }
+    int64_t *at;
+    out = new_ids(hits.len + need, &at);
+    if (!out)
+        goto done;
+    for (Py_ssize_t i = 0; i < hits.len; i++) {
+        int32_t b;
+        if (block_at(p, &hits, i, &b) < 0) { /* checked by free_among: cannot fail */
+            Py_CLEAR(out);
+            goto done;
+        }
+        at[i] = b;
+    }
+    if (touch(p, &hits) < 0 || allocate_into(p, need, at + hits.len, evicted) < 0)
+        Py_CLEAR(out);
+done:
+    ids_close(&hits);
+    return out;
 }
 
 static PyMethodDef Pool_methods[] = {
@@ -1136,6 +1196,15 @@ PyMODINIT_FUNC PyInit__kernel(void)
     }
     if (PyType_Ready(&PoolType) < 0)
         return NULL;
+    if (!one_id) {
+        PyObject *array = PyImport_ImportModule("array");
+        if (!array)
+            return NULL;
+        one_id = PyObject_CallMethod(array, "array", "s[i]", "q", 0);
+        Py_DECREF(array);
+        if (!one_id)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;

@@ -25,6 +25,7 @@ it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ class BlockPool(PoolEvents):
 
     # allocation
 
-    def allocate(self, n: int) -> list[int] | None:
+    def allocate(self, n: int) -> array[int] | None:
         """`n` blocks with one reference each, or None (nothing taken) if too few are free.
 
         Empty blocks go first (the most recently emptied first), then never-used ids, and
@@ -260,7 +261,7 @@ class BlockPool(PoolEvents):
             ids += blocks
         for block in ids:
             refs[block] = 1
-        return ids
+        return array("q", ids)  # a block table is machine integers, as the kernel's
 
     def release(self, block_ids: list[int]) -> None:
         """Drop one reference on each block; last-first, so a sequence's tail is evicted
@@ -328,7 +329,7 @@ class BlockPool(PoolEvents):
         refs = self.ref_counts
         return sum(1 for b in block_ids if refs[b] == 0)
 
-    def take(self, hits: list[int], need: int) -> list[int] | None:
+    def take(self, hits: list[int], need: int) -> array[int] | None:
         """A reference on each of `hits` (a `lookup`'s cached blocks) and `need` fresh
         blocks after them, or None, with nothing taken, when too few blocks are free."""
         if need + self.free_among(hits) > self.free_blocks:
@@ -336,7 +337,7 @@ class BlockPool(PoolEvents):
         self.touch(hits)
         fresh = self.allocate(need)
         assert fresh is not None  # room checked above
-        return hits + fresh
+        return array("q", hits) + fresh
 
     def touch(self, block_ids: list[int]) -> None:
         """Take one reference on each of `block_ids` (cache hits)."""
@@ -452,7 +453,7 @@ class CompiledBlockPool(PoolEvents):
     def _empty(self) -> list[int]:
         return self._c.empty()
 
-    def allocate(self, n: int) -> list[int] | None:
+    def allocate(self, n: int) -> array[int] | None:
         if not self._subscribers:
             return self._c.allocate(n)
         evicted: list[int] = []
@@ -461,7 +462,7 @@ class CompiledBlockPool(PoolEvents):
             self._emit(BlockRemoved((h,)))
         return ids
 
-    def take(self, hits: list[int], need: int) -> list[int] | None:
+    def take(self, hits: list[int], need: int) -> array[int] | None:
         if not self._subscribers:
             return self._c.take(hits, need)
         evicted: list[int] = []

@@ -16,6 +16,7 @@ lookup per sequence per step.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,7 +53,7 @@ class KVManager:
         self.caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
         # Finished `keep_kv` requests' blocks, by request id; read-only outside this class.
-        self.kept: dict[str, list[int]] = {}
+        self.kept: dict[str, array[int]] = {}
         self._none = ComputedBlocks([], 0)
 
     # what it holds
@@ -167,7 +168,7 @@ class KVManager:
     def free(self, seq: SeqState) -> None:
         """Give back `seq`'s references; its cached blocks stay findable until evicted."""
         self.pool.release(seq.block_ids)
-        seq.block_ids = []
+        seq.block_ids = ids_array()
         seq.blocks = 0
         seq.cached_blocks = 0
 
@@ -175,7 +176,7 @@ class KVManager:
         """Move a finished `keep_kv` sequence's blocks, references and all, to `kept`
         under its request id, until `release_kept`: a KV transfer still reads them."""
         self.kept[seq.request.request_id] = seq.block_ids
-        seq.block_ids = []
+        seq.block_ids = ids_array()
         seq.blocks = 0
         seq.cached_blocks = 0
 
@@ -268,11 +269,13 @@ class KVManager:
             if pool.any_cached(fresh) or len(set(fresh)) < len(fresh):
                 return False
         if growth.blocks:
-            new = np.asarray(pool.allocate(growth.blocks))[growth.allocation_order()].tolist()
+            got = pool.allocate(growth.blocks)
+            assert got is not None  # the plan cut the run where KV runs out
+            new = np.frombuffer(got, np.int64)[growth.allocation_order()]
             at = 0
             for seq, count in zip(growth.seqs, growth.counts, strict=True):
                 if count:
-                    seq.block_ids += new[at : at + count]
+                    seq.block_ids.frombytes(new[at : at + count].tobytes())
                     seq.blocks += count
                     at += count
         for seq, full in cache_to:

@@ -158,7 +158,7 @@ class SeqState:
     output_ids: array[int] = field(default_factory=ids_array)
     computed: int = 0  # tokens whose KV exists
     blocks: int = 0  # len(block_ids)
-    block_ids: list[int] = field(default_factory=list)  # one reference taken on each
+    block_ids: array[int] = field(default_factory=ids_array)  # one reference taken on each
     block_hashes: array[int] = field(default_factory=ids_array)  # of its full blocks, so far
     cached_blocks: int = 0  # leading block_ids already offered to the prefix cache
     cached_tokens: int = 0  # prefix found cached at first admission

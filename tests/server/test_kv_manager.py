@@ -56,7 +56,7 @@ def test_an_admission_that_does_not_fit_takes_nothing():
     assert kv.get_computed_blocks(again).num_tokens == 2 * B
     assert not admit(kv, again)
     assert state(kv) == before
-    assert (again.blocks, again.block_ids, again.cached_blocks) == (0, [], 0)
+    assert (again.blocks, list(again.block_ids), again.cached_blocks) == (0, [], 0)
     assert kv.stats.requests == 2  # the failed admission's lookup is not counted
 
 
@@ -81,7 +81,7 @@ def test_a_repeated_prompt_hits_its_cached_prefix_and_counts_it():
     hit = kv.get_computed_blocks(b)
     assert hit.num_tokens == 2 * B
     assert admit(kv, b)
-    assert b.block_ids[:2] == first[:2] and b.cached_blocks == 2
+    assert list(b.block_ids[:2]) == list(first[:2]) and b.cached_blocks == 2
     assert (kv.stats.requests, kv.stats.queries, kv.stats.hits) == (2, 66, 32)
     # An exact multiple of the block size leaves its last token to compute.
     c = seq("c", prompt(0, 2 * B))
@@ -125,7 +125,7 @@ def test_free_gives_back_references_and_keeps_the_prefix_findable():
     a = seq("a", prompt(0))
     assert admit(kv, a)
     kv.free(a)
-    assert (a.blocks, a.block_ids, a.cached_blocks) == (0, [], 0)
+    assert (a.blocks, list(a.block_ids), a.cached_blocks) == (0, [], 0)
     assert kv.free_blocks == 8 and kv.used_tokens == 0
     assert kv.pool.cached_free_blocks == 2
 
@@ -136,7 +136,7 @@ def test_kept_blocks_stay_used_until_released(caching):
     p = seq("p", prompt(0), keep_kv=True)
     assert admit(kv, p)
     kv.keep(p)
-    assert (p.blocks, p.block_ids) == (0, [])
+    assert (p.blocks, list(p.block_ids)) == (0, [])
     assert kv.is_kept("p") and kv.used_tokens == 3 * B
     assert kv.release_kept("p") and not kv.release_kept("p")
     assert not kv.is_kept("p") and kv.used_tokens == 0
