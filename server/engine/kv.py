@@ -27,13 +27,16 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from memorywall.server.engine import kernel
 
 ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
+
+# A sequence's block hashes, extended in place: an array('q') in the engine (a list works).
+_Hashes = TypeVar("_Hashes", bound=MutableSequence[int])
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -53,12 +56,12 @@ def hash_root(lora_name: str | None) -> int:
 
 
 def extend_block_hashes(
-    hashes: list[int],
+    hashes: _Hashes,
     full_blocks: int,
     block_size: int,
     token_ids: Callable[[int, int], tuple[int, ...]],
     root: int = ROOT_HASH,
-) -> list[int]:
+) -> _Hashes:
     """`hashes` (a sequence's block hashes so far) extended in place to its first
     `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens, `root` the
     first block's parent (`hash_root`)."""
@@ -75,7 +78,9 @@ def extend_block_hashes(
     return hashes
 
 
-def tokens_of(prompt: tuple[int, ...], output: list[int]) -> Callable[[int, int], tuple[int, ...]]:
+def tokens_of(
+    prompt: tuple[int, ...], output: Sequence[int]
+) -> Callable[[int, int], tuple[int, ...]]:
     """`token_ids(start, end)` over a sequence's prompt and generated tokens."""
     p = len(prompt)
 
@@ -165,7 +170,7 @@ class PoolEvents:
 
     def _emit_stored(
         self,
-        block_hashes: list[int],
+        block_hashes: Sequence[int],
         stored: list[int],
         token_ids: Callable[[int, int], tuple[int, ...]],
     ) -> None:
@@ -263,7 +268,7 @@ class BlockPool(PoolEvents):
             refs[block] = 1
         return array("q", ids)  # a block table is machine integers, as the kernel's
 
-    def release(self, block_ids: list[int]) -> None:
+    def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block; last-first, so a sequence's tail is evicted
         before its prefix."""
         refs = self.ref_counts
@@ -297,22 +302,22 @@ class BlockPool(PoolEvents):
 
     def hash_blocks(
         self,
-        hashes: list[int],
+        hashes: _Hashes,
         full_blocks: int,
         prompt: tuple[int, ...],
-        output: list[int],
+        output: Sequence[int],
         root: int = ROOT_HASH,
-    ) -> list[int]:
+    ) -> _Hashes:
         """`extend_block_hashes` over a sequence's prompt and generated tokens, from `root`."""
         return extend_block_hashes(
             hashes, full_blocks, self.block_size, tokens_of(prompt, output), root
         )
 
-    def any_cached(self, block_hashes: list[int]) -> bool:
+    def any_cached(self, block_hashes: Sequence[int]) -> bool:
         """Whether any of `block_hashes` names a cached block."""
         return not self.cached.keys().isdisjoint(block_hashes)
 
-    def lookup(self, block_hashes: list[int], max_blocks: int) -> list[int]:
+    def lookup(self, block_hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Blocks caching the longest prefix of `block_hashes` (at most `max_blocks`);
         takes no reference."""
         hits = []
@@ -324,7 +329,7 @@ class BlockPool(PoolEvents):
             hits.append(block)
         return hits
 
-    def free_among(self, block_ids: list[int]) -> int:
+    def free_among(self, block_ids: Sequence[int]) -> int:
         """How many of `block_ids` are free (referencing them uses up free blocks)."""
         refs = self.ref_counts
         return sum(1 for b in block_ids if refs[b] == 0)
@@ -339,7 +344,7 @@ class BlockPool(PoolEvents):
         assert fresh is not None  # room checked above
         return array("q", hits) + fresh
 
-    def touch(self, block_ids: list[int]) -> None:
+    def touch(self, block_ids: Sequence[int]) -> None:
         """Take one reference on each of `block_ids` (cache hits)."""
         refs = self.ref_counts
         for block in block_ids:
@@ -350,8 +355,8 @@ class BlockPool(PoolEvents):
 
     def cache(
         self,
-        block_ids: list[int],
-        block_hashes: list[int],
+        block_ids: Sequence[int],
+        block_hashes: Sequence[int],
         start: int,
         end: int,
         token_ids: Callable[[int, int], tuple[int, ...]],
@@ -473,8 +478,8 @@ class CompiledBlockPool(PoolEvents):
 
     def cache(
         self,
-        block_ids: list[int],
-        block_hashes: list[int],
+        block_ids: Sequence[int],
+        block_hashes: Sequence[int],
         start: int,
         end: int,
         token_ids: Callable[[int, int], tuple[int, ...]],

@@ -264,7 +264,7 @@ class KVManager:
                         seq.output_ids,
                         seq.hash_root,
                     )
-                    fresh += hashes[seq.cached_blocks : full]
+                    fresh.extend(hashes[seq.cached_blocks : full])
                     cache_to.append((seq, full))
             if pool.any_cached(fresh) or len(set(fresh)) < len(fresh):
                 return False

@@ -273,7 +273,8 @@ class EngineCore:
         pool = make_block_pool(limits.kv_capacity_tokens // config.block_size, config.block_size)
         self.kv = KVManager(pool, enable_prefix_caching=config.enable_prefix_caching)
         self._token_source = token_source_class()  # compiled draws, or the reference
-        self._hash_tuple = kernel.compiled.hash_tuple if kernel.enabled() else hash
+        compiled = kernel.compiled if kernel.enabled() else None
+        self._hash_tuple = hash if compiled is None else compiled.hash_tuple
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
         self.live: dict[str, SeqState] = {}
