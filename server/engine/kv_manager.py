@@ -271,15 +271,18 @@ class KVManager:
         if growth.blocks:
             got = pool.allocate(growth.blocks)
             assert got is not None  # the plan cut the run where KV runs out
-            new = np.frombuffer(got, np.int64)[growth.allocation_order()]
+            new = ids_array()
+            new.frombytes(np.frombuffer(got, np.int64)[growth.allocation_order()].tobytes())
             at = 0
             for seq, count in zip(growth.seqs, growth.counts, strict=True):
                 if count:
-                    seq.block_ids.frombytes(new[at : at + count].tobytes())
+                    seq.block_ids += new[at : at + count]  # array slices: two copies in C
                     seq.blocks += count
                     at += count
+        # `cache_full_blocks`, inlined: the hashes are made above.
         for seq, full in cache_to:
-            self.cache_full_blocks(seq, full)
+            pool.cache(seq.block_ids, seq.block_hashes, seq.cached_blocks, full, seq.token_ids)
+            seq.cached_blocks = full
         return True
 
 

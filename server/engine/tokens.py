@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -107,14 +109,13 @@ _MIX = np.uint64(0xD6E8FEB86659FD93)  # odd: multiplying by it spreads low-bit c
 _HIGH = np.uint64(32)
 
 
-def ids_array() -> array[int]:
-    """An empty array of token ids: what `SeqState.output_ids` and a source's drawn block
-    are. Ids as machine integers: the engine only stores, counts and hashes them, and a
-    list of ints cost a Python object touched per token (an increment on store, a
-    decrement when the list dies, a hash call per token hashed), a quarter of the offline
-    engine's time."""
-    return array("q")
-
+# An empty array of token ids: what `SeqState.output_ids` (and its block table and block
+# hashes) and a source's drawn block are. Ids as machine integers: the engine only stores,
+# counts and hashes them, and a list of ints cost a Python object touched per token (an
+# increment on store, a decrement when the list dies, a hash call per token hashed), a
+# quarter of the offline engine's time. A partial, not a def: it is called three times a
+# request, and calling a partial of a C type makes no Python frame.
+ids_array: Callable[[], array[int]] = partial(array, "q")
 
 _ONE_ID = array("q", [0])  # repeated, the fastest way to a zeroed array of n ids
 
@@ -158,7 +159,8 @@ class TokenSource:
         ids = self._ids
         if len(ids) < n:
             # Popped from the end, so keep the block reversed to hand ids out in draw order.
-            self._ids = ids = self._draw(max(self._next_block(), n)) + ids
+            drawn = self._draw(max(self._next_block(), n))
+            self._ids = ids = drawn + ids if ids else drawn
         if n == 1:
             return [ids.pop()]
         if n < 1:
