@@ -188,6 +188,11 @@ static int stack_push(Stack *s, int32_t v)
 #define NOT_IN_LRU (-2)
 
 typedef struct {
+    int64_t key; /* a block hash */
+    int32_t val; /* its block; NONE: an empty slot */
+} Slot;
+
+typedef struct {
     PyObject_HEAD
     Py_ssize_t total_blocks, block_size, free_blocks;
     /* By block id, for the ids handed out so far (`created`); grown by doubling. */
@@ -200,8 +205,7 @@ typedef struct {
     Py_ssize_t lru_len;
     Stack empty; /* free blocks holding nothing, reused last-in first-out */
     /* block hash -> block id: open addressing, linear probing, backward-shift deletion */
-    int64_t *keys;
-    int32_t *vals; /* NONE: an empty slot */
+    Slot *slots; /* key and value side by side: a probe touches one cache line, not two */
     size_t mask;
     Py_ssize_t n_cached;
     int64_t root; /* the parent hash of a sequence's first block */
@@ -254,34 +258,28 @@ static inline size_t slot_of(int64_t key, size_t mask)
     return (size_t)x & mask;
 }
 
-static int map_resize(Pool *p, size_t slots)
+static int map_resize(Pool *p, size_t n)
 {
-    int64_t *keys = PyMem_Malloc(slots * sizeof(int64_t));
-    int32_t *vals = PyMem_Malloc(slots * sizeof(int32_t));
-    if (!keys || !vals) {
-        PyMem_Free(keys);
-        PyMem_Free(vals);
+    Slot *slots = PyMem_Malloc(n * sizeof(Slot));
+    if (!slots) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < slots; i++)
-        vals[i] = NONE;
-    size_t mask = slots - 1;
-    if (p->vals) {
+    for (size_t i = 0; i < n; i++)
+        slots[i].val = NONE;
+    size_t mask = n - 1;
+    if (p->slots) {
         for (size_t i = 0; i <= p->mask; i++) {
-            if (p->vals[i] == NONE)
+            if (p->slots[i].val == NONE)
                 continue;
-            size_t j = slot_of(p->keys[i], mask);
-            while (vals[j] != NONE)
+            size_t j = slot_of(p->slots[i].key, mask);
+            while (slots[j].val != NONE)
                 j = (j + 1) & mask;
-            keys[j] = p->keys[i];
-            vals[j] = p->vals[i];
+            slots[j] = p->slots[i];
         }
     }
-    PyMem_Free(p->keys);
-    PyMem_Free(p->vals);
-    p->keys = keys;
-    p->vals = vals;
+    PyMem_Free(p->slots);
+    p->slots = slots;
     p->mask = mask;
     return 0;
 }
@@ -290,9 +288,9 @@ static inline int32_t map_get(const Pool *p, int64_t key)
 {
     size_t j = slot_of(key, p->mask);
     for (;;) {
-        int32_t v = p->vals[j];
-        if (v == NONE || p->keys[j] == key)
-            return v;
+        const Slot *s = &p->slots[j];
+        if (s->val == NONE || s->key == key)
+            return s->val;
         j = (j + 1) & p->mask;
     }
 }
@@ -302,10 +300,10 @@ static int map_put(Pool *p, int64_t key, int32_t block)
     if ((size_t)(p->n_cached + 1) * 2 > p->mask + 1 && map_resize(p, (p->mask + 1) * 2) < 0)
         return -1;
     size_t j = slot_of(key, p->mask);
-    while (p->vals[j] != NONE)
+    while (p->slots[j].val != NONE)
         j = (j + 1) & p->mask;
-    p->keys[j] = key;
-    p->vals[j] = block;
+    p->slots[j].key = key;
+    p->slots[j].val = block;
     p->n_cached++;
     return 0;
 }
@@ -313,31 +311,31 @@ static int map_put(Pool *p, int64_t key, int32_t block)
 static void map_del(Pool *p, int64_t key)
 {
     size_t mask = p->mask;
+    Slot *slots = p->slots;
     size_t j = slot_of(key, mask);
-    while (p->keys[j] != key || p->vals[j] == NONE)
+    while (slots[j].key != key || slots[j].val == NONE)
         j = (j + 1) & mask; /* the key is there: callers delete only cached hashes */
     /* Backward shift: move later entries of the probe run into the hole. */
     size_t hole = j;
     for (;;) {
         j = (j + 1) & mask;
-        if (p->vals[j] == NONE)
+        if (slots[j].val == NONE)
             break;
-        size_t home = slot_of(p->keys[j], mask);
+        size_t home = slot_of(slots[j].key, mask);
         /* Move it unless its home lies cyclically in (hole, j]. */
         if ((j > hole && (home <= hole || home > j)) || (j < hole && home <= hole && home > j)) {
-            p->keys[hole] = p->keys[j];
-            p->vals[hole] = p->vals[j];
+            slots[hole] = slots[j];
             hole = j;
         }
     }
-    p->vals[hole] = NONE;
+    slots[hole].val = NONE;
     p->n_cached--;
 }
 
 static void map_clear(Pool *p)
 {
     for (size_t i = 0; i <= p->mask; i++)
-        p->vals[i] = NONE;
+        p->slots[i].val = NONE;
     p->n_cached = 0;
 }
 
@@ -484,8 +482,7 @@ static void Pool_dealloc(Pool *p)
     PyMem_Free(p->prev);
     PyMem_Free(p->next);
     PyMem_Free(p->empty.at);
-    PyMem_Free(p->keys);
-    PyMem_Free(p->vals);
+    PyMem_Free(p->slots);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
