@@ -7,6 +7,10 @@
  * tuple hash is xxHash-style lanes over the items' hashes (Objects/tupleobject.c), an
  * int's hash is its value modulo 2**61 - 1 with its sign (-1 becoming -2). So a block
  * keeps the name the reference gives it and KV events carry the same values.
+ *
+ * Token ids never become Python ints here: a sequence's output ids are an array('q')
+ * (read through the buffer protocol), the draws write into one, and a prompt's small
+ * ints are read in place (the only Python objects a prompt holds).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,6 +52,113 @@ static inline int64_t int_hash(int64_t v)
     return h == -1 ? -2 : h;
 }
 
+/* hash(o) for a prompt token: an exact int of at most two digits (below 2**60, so its own
+ * hash) read in place, where PyObject_Hash would make a call and a division per token;
+ * anything else through PyObject_Hash. -1 with an exception set on failure. */
+static inline Py_hash_t token_hash(PyObject *o)
+{
+    if (PyLong_CheckExact(o)) {
+#if PY_VERSION_HEX >= 0x030C0000
+        PyLongObject *v = (PyLongObject *)o;
+        if (PyUnstable_Long_IsCompact(v)) {
+            Py_ssize_t x = PyUnstable_Long_CompactValue(v);
+            return x == -1 ? -2 : (Py_hash_t)x;
+        }
+#else
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        switch (Py_SIZE(o)) {
+        case 0:
+            return 0;
+        case 1:
+            return (Py_hash_t)d[0];
+        case -1:
+            return d[0] == 1 ? -2 : -(Py_hash_t)d[0];
+        case 2:
+            return (Py_hash_t)d[0] | ((Py_hash_t)d[1] << PyLong_SHIFT);
+        case -2:
+            return -((Py_hash_t)d[0] | ((Py_hash_t)d[1] << PyLong_SHIFT));
+        }
+#endif
+    }
+    return PyObject_Hash(o);
+}
+
+/* hash(t) for a tuple whose items are read as token_hash reads them. */
+static Py_hash_t flat_tuple_hash(PyObject *t)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    uint64_t acc = XXPRIME_5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t h = token_hash(PyTuple_GET_ITEM(t, i));
+        if (h == -1)
+            return -1;
+        acc = tuple_lane(acc, (uint64_t)h);
+    }
+    return (Py_hash_t)tuple_finish(acc, (uint64_t)n);
+}
+
+/* A read-only view of signed 64-bit values (a sequence's output ids, its block hashes): an
+ * array('q') or any C-contiguous buffer of 8-byte signed items, read in place, or a list or
+ * tuple of ints. */
+typedef struct {
+    int is_buffer;
+    PyObject **items; /* a list's or tuple's items (NULL when empty) */
+    Py_buffer view;
+    const int64_t *at;
+    Py_ssize_t len;
+} Ids;
+
+static int ids_open(Ids *ids, PyObject *o, const char *what)
+{
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+        ids->is_buffer = 0;
+        ids->items = PySequence_Fast_ITEMS(o);
+        ids->at = NULL;
+        ids->len = PySequence_Fast_GET_SIZE(o);
+        return 0;
+    }
+    ids->is_buffer = 1;
+    ids->items = NULL;
+    if (PyObject_GetBuffer(o, &ids->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    const char *f = ids->view.format ? ids->view.format : "B";
+    if (f[0] == '@' || f[0] == '=' || f[0] == '<')
+        f++;
+    if (ids->view.itemsize != 8 || (strcmp(f, "q") != 0 && strcmp(f, "l") != 0)) {
+        PyBuffer_Release(&ids->view);
+        PyErr_Format(PyExc_TypeError, "%s: an array('q') or a list of ints", what);
+        return -1;
+    }
+    ids->at = ids->view.buf;
+    ids->len = ids->view.len / 8;
+    return 0;
+}
+
+static void ids_close(Ids *ids)
+{
+    if (ids->is_buffer)
+        PyBuffer_Release(&ids->view);
+}
+
+/* hash(int(id)) for output id `i`: -1 with an exception set on failure. */
+static inline Py_hash_t ids_hash(const Ids *ids, Py_ssize_t i)
+{
+    if (!ids->is_buffer)
+        return token_hash(ids->items[i]);
+    return (Py_hash_t)int_hash(ids->at[i]);
+}
+
+/* Value `i` as a signed 64-bit int: -1 with an exception set on failure. */
+static inline int ids_get(const Ids *ids, Py_ssize_t i, int64_t *out)
+{
+    if (ids->is_buffer) {
+        *out = ids->at[i];
+        return 0;
+    }
+    *out = PyLong_AsLongLong(ids->items[i]);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* ---- a growable int32 stack ---- */
 
 typedef struct {
@@ -77,6 +188,11 @@ static int stack_push(Stack *s, int32_t v)
 #define NOT_IN_LRU (-2)
 
 typedef struct {
+    int64_t key; /* a block hash */
+    int32_t val; /* its block; NONE: an empty slot */
+} Slot;
+
+typedef struct {
     PyObject_HEAD
     Py_ssize_t total_blocks, block_size, free_blocks;
     /* By block id, for the ids handed out so far (`created`); grown by doubling. */
@@ -89,8 +205,7 @@ typedef struct {
     Py_ssize_t lru_len;
     Stack empty; /* free blocks holding nothing, reused last-in first-out */
     /* block hash -> block id: open addressing, linear probing, backward-shift deletion */
-    int64_t *keys;
-    int32_t *vals; /* NONE: an empty slot */
+    Slot *slots; /* key and value side by side: a probe touches one cache line, not two */
     size_t mask;
     Py_ssize_t n_cached;
     int64_t root; /* the parent hash of a sequence's first block */
@@ -143,34 +258,28 @@ static inline size_t slot_of(int64_t key, size_t mask)
     return (size_t)x & mask;
 }
 
-static int map_resize(Pool *p, size_t slots)
+static int map_resize(Pool *p, size_t n)
 {
-    int64_t *keys = PyMem_Malloc(slots * sizeof(int64_t));
-    int32_t *vals = PyMem_Malloc(slots * sizeof(int32_t));
-    if (!keys || !vals) {
-        PyMem_Free(keys);
-        PyMem_Free(vals);
+    Slot *slots = PyMem_Malloc(n * sizeof(Slot));
+    if (!slots) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < slots; i++)
-        vals[i] = NONE;
-    size_t mask = slots - 1;
-    if (p->vals) {
+    for (size_t i = 0; i < n; i++)
+        slots[i].val = NONE;
+    size_t mask = n - 1;
+    if (p->slots) {
         for (size_t i = 0; i <= p->mask; i++) {
-            if (p->vals[i] == NONE)
+            if (p->slots[i].val == NONE)
                 continue;
-            size_t j = slot_of(p->keys[i], mask);
-            while (vals[j] != NONE)
+            size_t j = slot_of(p->slots[i].key, mask);
+            while (slots[j].val != NONE)
                 j = (j + 1) & mask;
-            keys[j] = p->keys[i];
-            vals[j] = p->vals[i];
+            slots[j] = p->slots[i];
         }
     }
-    PyMem_Free(p->keys);
-    PyMem_Free(p->vals);
-    p->keys = keys;
-    p->vals = vals;
+    PyMem_Free(p->slots);
+    p->slots = slots;
     p->mask = mask;
     return 0;
 }
@@ -179,9 +288,9 @@ static inline int32_t map_get(const Pool *p, int64_t key)
 {
     size_t j = slot_of(key, p->mask);
     for (;;) {
-        int32_t v = p->vals[j];
-        if (v == NONE || p->keys[j] == key)
-            return v;
+        const Slot *s = &p->slots[j];
+        if (s->val == NONE || s->key == key)
+            return s->val;
         j = (j + 1) & p->mask;
     }
 }
@@ -191,10 +300,10 @@ static int map_put(Pool *p, int64_t key, int32_t block)
     if ((size_t)(p->n_cached + 1) * 2 > p->mask + 1 && map_resize(p, (p->mask + 1) * 2) < 0)
         return -1;
     size_t j = slot_of(key, p->mask);
-    while (p->vals[j] != NONE)
+    while (p->slots[j].val != NONE)
         j = (j + 1) & p->mask;
-    p->keys[j] = key;
-    p->vals[j] = block;
+    p->slots[j].key = key;
+    p->slots[j].val = block;
     p->n_cached++;
     return 0;
 }
@@ -202,31 +311,31 @@ static int map_put(Pool *p, int64_t key, int32_t block)
 static void map_del(Pool *p, int64_t key)
 {
     size_t mask = p->mask;
+    Slot *slots = p->slots;
     size_t j = slot_of(key, mask);
-    while (p->keys[j] != key || p->vals[j] == NONE)
+    while (slots[j].key != key || slots[j].val == NONE)
         j = (j + 1) & mask; /* the key is there: callers delete only cached hashes */
     /* Backward shift: move later entries of the probe run into the hole. */
     size_t hole = j;
     for (;;) {
         j = (j + 1) & mask;
-        if (p->vals[j] == NONE)
+        if (slots[j].val == NONE)
             break;
-        size_t home = slot_of(p->keys[j], mask);
+        size_t home = slot_of(slots[j].key, mask);
         /* Move it unless its home lies cyclically in (hole, j]. */
         if ((j > hole && (home <= hole || home > j)) || (j < hole && home <= hole && home > j)) {
-            p->keys[hole] = p->keys[j];
-            p->vals[hole] = p->vals[j];
+            slots[hole] = slots[j];
             hole = j;
         }
     }
-    p->vals[hole] = NONE;
+    slots[hole].val = NONE;
     p->n_cached--;
 }
 
 static void map_clear(Pool *p)
 {
     for (size_t i = 0; i <= p->mask; i++)
-        p->vals[i] = NONE;
+        p->slots[i].val = NONE;
     p->n_cached = 0;
 }
 
@@ -275,8 +384,41 @@ static int block_of(Pool *p, PyObject *item, int32_t *out)
     return 0;
 }
 
-/* Python ints for block ids and token ids, made once each and shared: a simulation hands
- * out the same few thousand block ids and ~100k token ids millions of times, and an int
+/* Block id `i` of a view (an array('q') of block ids, or a list), checked likewise. */
+static inline int block_at(Pool *p, const Ids *ids, Py_ssize_t i, int32_t *out)
+{
+    if (!ids->is_buffer)
+        return block_of(p, ids->items[i], out);
+    int64_t b = ids->at[i];
+    if (b < 0 || b >= p->created) {
+        PyErr_Format(PyExc_IndexError, "KV block %lld was never handed out", (long long)b);
+        return -1;
+    }
+    *out = (int32_t)b;
+    return 0;
+}
+
+/* A new array('q') of `n` ids (zeros), and where its items are: the engine's block tables
+ * are machine integers, as its token ids (array's repeat is a memcpy, not a call). */
+static PyObject *one_id; /* array('q', [0]), made at import */
+
+static PyObject *new_ids(Py_ssize_t n, int64_t **at)
+{
+    PyObject *arr = PySequence_Repeat(one_id, n);
+    if (!arr)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arr, &view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    *at = view.buf; /* valid while the array is not resized: it is not, until returned */
+    PyBuffer_Release(&view);
+    return arr;
+}
+
+/* Python ints for block ids, made once each and shared: a simulation hands out the same
+ * few thousand block ids millions of times, and an int
  * made afresh costs an allocation (ints are immutable, so sharing one is invisible). */
 static PyObject **int_cache;
 static Py_ssize_t int_cache_len;
@@ -340,46 +482,36 @@ static void Pool_dealloc(Pool *p)
     PyMem_Free(p->prev);
     PyMem_Free(p->next);
     PyMem_Free(p->empty.at);
-    PyMem_Free(p->keys);
-    PyMem_Free(p->vals);
+    PyMem_Free(p->slots);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-/* allocate(n, evicted) -> list | None: as BlockPool.allocate; each evicted block's hash is
- * appended to the list `evicted` when it is not None (for BlockRemoved events). */
-static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
+/* Hand out `n` blocks (the room checked by the caller) into `ids`: empty blocks first,
+ * then never-used ids, then the least recently used cached blocks, evicted (each evicted
+ * block's hash appended to the list `evicted` when it is not None, for BlockRemoved
+ * events). As BlockPool.allocate. */
+static int allocate_into(Pool *p, Py_ssize_t n, int64_t *ids, PyObject *evicted)
 {
-    if (n > p->free_blocks)
-        Py_RETURN_NONE;
-    if (n < 0)
-        n = 0;
-    PyObject *ids = PyList_New(n);
-    if (!ids)
-        return NULL;
     Py_ssize_t k = 0;
     Py_ssize_t take = n < p->empty.len ? n : p->empty.len;
-    for (; k < take; k++) {
-        int32_t b = p->empty.at[--p->empty.len];
-        p->refs[b] = 1;
-        PyList_SET_ITEM(ids, k, new_int(b));
-    }
     Py_ssize_t fresh = n - take;
     if (fresh > p->total_blocks - p->created)
         fresh = p->total_blocks - p->created;
-    if (fresh) {
-        if (grow_ids(p, p->created + fresh) < 0) {
-            p->empty.len += take; /* undo: the popped ids are still there */
-            Py_DECREF(ids);
-            return NULL;
-        }
-        for (Py_ssize_t i = 0; i < fresh; i++, k++) {
-            int32_t b = (int32_t)p->created++;
-            p->refs[b] = 1;
-            p->has_hash[b] = 0;
-            p->prev[b] = NOT_IN_LRU;
-            PyList_SET_ITEM(ids, k, new_int(b));
-        }
+    if (fresh && grow_ids(p, p->created + fresh) < 0)
+        return -1; /* before anything is taken */
+    for (; k < take; k++) {
+        int32_t b = p->empty.at[--p->empty.len];
+        p->refs[b] = 1;
+        ids[k] = b;
     }
+    for (Py_ssize_t i = 0; i < fresh; i++, k++) {
+        int32_t b = (int32_t)p->created++;
+        p->refs[b] = 1;
+        p->has_hash[b] = 0;
+        p->prev[b] = NOT_IN_LRU;
+        ids[k] = b;
+    }
+    int rc = 0;
     for (; k < n; k++) { /* evict, least recently used first: the room was checked */
         int32_t b = p->lru_head;
         lru_remove(p, b);
@@ -387,24 +519,33 @@ static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
         p->has_hash[b] = 0;
         map_del(p, h);
         p->refs[b] = 1;
-        PyList_SET_ITEM(ids, k, new_int(b));
-        if (evicted != Py_None) {
+        ids[k] = b;
+        if (evicted != Py_None && rc == 0) {
             PyObject *o = PyLong_FromLongLong(h);
-            if (!o || PyList_Append(evicted, o) < 0) {
-                Py_XDECREF(o);
-                Py_DECREF(ids);
-                return NULL;
-            }
-            Py_DECREF(o);
-        }
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyList_GET_ITEM(ids, i)) {
-            Py_DECREF(ids);
-            return NULL;
+            if (!o || PyList_Append(evicted, o) < 0)
+                rc = -1; /* the blocks are taken all the same: the state stays whole */
+            Py_XDECREF(o);
         }
     }
     p->free_blocks -= n;
+    return rc;
+}
+
+/* allocate(n, evicted) -> array('q') | None: as BlockPool.allocate. */
+static PyObject *do_allocate(Pool *p, Py_ssize_t n, PyObject *evicted)
+{
+    if (n > p->free_blocks)
+        Py_RETURN_NONE;
+    if (n < 0)
+        n = 0;
+    int64_t *at;
+    PyObject *ids = new_ids(n, &at);
+    if (!ids)
+        return NULL;
+    if (allocate_into(p, n, at, evicted) < 0) {
+        Py_DECREF(ids);
+        return NULL;
+    }
     return ids;
 }
 
@@ -418,56 +559,58 @@ static PyObject *Pool_allocate(Pool *p, PyObject *args)
 }
 
 /* release(block_ids): as BlockPool.release. */
-static PyObject *Pool_release(Pool *p, PyObject *ids)
+static PyObject *Pool_release(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(ids, "release: block ids must be a sequence");
-    if (!seq)
+    Ids ids;
+    if (ids_open(&ids, arg, "release: block ids") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+    PyObject *result = NULL;
+    for (Py_ssize_t i = ids.len - 1; i >= 0; i--) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0)
-            goto fail;
+        if (block_at(p, &ids, i, &b) < 0)
+            goto done;
         int32_t count = --p->refs[b];
         if (count > 0)
             continue;
         if (count < 0) {
             PyErr_Format(PyExc_AssertionError, "KV block %d released more often than referenced",
                          (int)b);
-            goto fail;
+            goto done;
         }
         p->free_blocks++;
         if (p->has_hash[b])
             lru_append(p, b);
         else if (stack_push(&p->empty, b) < 0)
-            goto fail;
+            goto done;
     }
-    Py_DECREF(seq);
-    Py_RETURN_NONE;
-fail:
-    Py_DECREF(seq);
-    return NULL;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    ids_close(&ids);
+    return result;
 }
 
 /* lookup(block_hashes, max_blocks) -> list: as BlockPool.lookup. */
 static PyObject *Pool_lookup(Pool *p, PyObject *args)
 {
-    PyObject *hashes;
+    PyObject *arg;
     Py_ssize_t max_blocks;
-    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &hashes, &max_blocks))
+    if (!PyArg_ParseTuple(args, "On", &arg, &max_blocks))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(hashes);
+    Ids hashes;
+    if (ids_open(&hashes, arg, "lookup: block hashes") < 0)
+        return NULL;
+    Py_ssize_t n = hashes.len;
     if (max_blocks < n)
         n = max_blocks < 0 ? 0 : max_blocks;
     PyObject *hits = PyList_New(0);
     if (!hits)
-        return NULL;
+        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t h = PyLong_AsLongLong(PyList_GET_ITEM(hashes, i));
-        if (h == -1 && PyErr_Occurred()) {
-            Py_DECREF(hits);
-            return NULL;
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0) {
+            Py_CLEAR(hits);
+            goto done;
         }
         int32_t b = map_get(p, h);
         if (b == NONE)
@@ -475,60 +618,70 @@ static PyObject *Pool_lookup(Pool *p, PyObject *args)
         PyObject *o = new_int(b);
         if (!o || PyList_Append(hits, o) < 0) {
             Py_XDECREF(o);
-            Py_DECREF(hits);
-            return NULL;
+            Py_CLEAR(hits);
+            goto done;
         }
         Py_DECREF(o);
     }
+done:
+    ids_close(&hashes);
     return hits;
 }
 
-/* free_among(block_ids) -> int */
-static PyObject *Pool_free_among(Pool *p, PyObject *ids)
+/* How many of `ids` are free (referencing them uses up free blocks); -1 on error. */
+static Py_ssize_t free_among(Pool *p, const Ids *ids)
 {
-    PyObject *seq = PySequence_Fast(ids, "free_among: block ids must be a sequence");
-    if (!seq)
-        return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), free = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t free = 0;
+    for (Py_ssize_t i = 0; i < ids->len; i++) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
+        if (block_at(p, ids, i, &b) < 0)
+            return -1;
         free += p->refs[b] == 0;
     }
-    Py_DECREF(seq);
-    return PyLong_FromSsize_t(free);
+    return free;
 }
 
-/* touch(block_ids): one reference on each (cache hits). */
-static PyObject *Pool_touch(Pool *p, PyObject *ids)
+/* free_among(block_ids) -> int */
+static PyObject *Pool_free_among(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(ids, "touch: block ids must be a sequence");
-    if (!seq)
+    Ids ids;
+    if (ids_open(&ids, arg, "free_among: block ids") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t free = free_among(p, &ids);
+    ids_close(&ids);
+    return free < 0 ? NULL : PyLong_FromSsize_t(free);
+}
+
+/* One reference on each of `ids` (cache hits); -1 on error. */
+static int touch(Pool *p, const Ids *ids)
+{
+    for (Py_ssize_t i = 0; i < ids->len; i++) {
         int32_t b;
-        if (block_of(p, items[i], &b) < 0) {
-            Py_DECREF(seq);
-            return NULL;
-        }
+        if (block_at(p, ids, i, &b) < 0)
+            return -1;
         if (p->refs[b] == 0) {
             if (p->prev[b] == NOT_IN_LRU) {
-                Py_DECREF(seq);
                 PyErr_Format(PyExc_KeyError, "KV block %d is free but not cached", (int)b);
-                return NULL;
+                return -1;
             }
             lru_remove(p, b);
             p->free_blocks--;
         }
         p->refs[b]++;
     }
-    Py_DECREF(seq);
+    return 0;
+}
+
+/* touch(block_ids): one reference on each (cache hits). */
+static PyObject *Pool_touch(Pool *p, PyObject *arg)
+{
+    Ids ids;
+    if (ids_open(&ids, arg, "touch: block ids") < 0)
+        return NULL;
+    int rc = touch(p, &ids);
+    ids_close(&ids);
+    if (rc < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -536,26 +689,33 @@ static PyObject *Pool_touch(Pool *p, PyObject *ids)
  * positions it entered (the reference's `stored`, for BlockStored events). */
 static PyObject *Pool_cache(Pool *p, PyObject *args)
 {
-    PyObject *ids, *hashes;
+    PyObject *ids_arg, *arg;
     Py_ssize_t start, end;
-    if (!PyArg_ParseTuple(args, "O!O!nn", &PyList_Type, &ids, &PyList_Type, &hashes, &start,
-                          &end))
+    if (!PyArg_ParseTuple(args, "OOnn", &ids_arg, &arg, &start, &end))
         return NULL;
-    if (start < end && (start < 0 || end > PyList_GET_SIZE(ids) || end > PyList_GET_SIZE(hashes))) {
-        PyErr_SetString(PyExc_IndexError, "cache: blocks out of range");
+    Ids ids, hashes;
+    if (ids_open(&ids, ids_arg, "cache: block ids") < 0)
+        return NULL;
+    if (ids_open(&hashes, arg, "cache: block hashes") < 0) {
+        ids_close(&ids);
         return NULL;
     }
-    PyObject *stored = PyList_New(0);
+    PyObject *stored = NULL;
+    if (start < end && (start < 0 || end > ids.len || end > hashes.len)) {
+        PyErr_SetString(PyExc_IndexError, "cache: blocks out of range");
+        goto done;
+    }
+    stored = PyList_New(0);
     if (!stored)
-        return NULL;
+        goto done;
     for (Py_ssize_t i = start; i < end; i++) {
         int32_t b;
-        if (block_of(p, PyList_GET_ITEM(ids, i), &b) < 0)
+        if (block_at(p, &ids, i, &b) < 0)
             goto fail;
         if (p->has_hash[b])
             continue;
-        int64_t h = PyLong_AsLongLong(PyList_GET_ITEM(hashes, i));
-        if (h == -1 && PyErr_Occurred())
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0)
             goto fail;
         if (map_get(p, h) != NONE)
             continue;
@@ -570,33 +730,36 @@ static PyObject *Pool_cache(Pool *p, PyObject *args)
         }
         Py_DECREF(o);
     }
-    return stored;
+    goto done;
 fail:
-    Py_DECREF(stored);
-    return NULL;
+    Py_CLEAR(stored);
+done:
+    ids_close(&hashes);
+    ids_close(&ids);
+    return stored;
 }
 
 /* any_cached(block_hashes) -> bool: whether any of them names a cached block. */
-static PyObject *Pool_any_cached(Pool *p, PyObject *hashes)
+static PyObject *Pool_any_cached(Pool *p, PyObject *arg)
 {
-    PyObject *seq = PySequence_Fast(hashes, "any_cached: hashes must be a sequence");
-    if (!seq)
+    Ids hashes;
+    if (ids_open(&hashes, arg, "any_cached: block hashes") < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t h = PyLong_AsLongLong(items[i]);
-        if (h == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq);
-            return NULL;
+    PyObject *found = Py_False;
+    for (Py_ssize_t i = 0; i < hashes.len; i++) {
+        int64_t h;
+        if (ids_get(&hashes, i, &h) < 0) {
+            found = NULL;
+            break;
         }
         if (map_get(p, h) != NONE) {
-            Py_DECREF(seq);
-            Py_RETURN_TRUE;
+            found = Py_True;
+            break;
         }
     }
-    Py_DECREF(seq);
-    Py_RETURN_FALSE;
+    ids_close(&hashes);
+    Py_XINCREF(found);
+    return found;
 }
 
 /* reset() -> int: 0 refused (a block is referenced), 1 nothing cached, 2 cleared. */
@@ -710,8 +873,8 @@ static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full;
     long long root = p->root;
-    if (!PyArg_ParseTuple(args, "O!nO!O!|L", &PyList_Type, &hashes, &full, &PyTuple_Type,
-                          &prompt, &PyList_Type, &output, &root))
+    if (!PyArg_ParseTuple(args, "OnO!O|L", &hashes, &full, &PyTuple_Type, &prompt, &output,
+                          &root))
         return NULL;
     if (hash_chain(hashes, full, p->block_size, root, prompt, output) < 0)
         return NULL;
@@ -719,31 +882,46 @@ static PyObject *Pool_hash_blocks(Pool *p, PyObject *args)
     return hashes;
 }
 
-/* take(hits, need, evicted=None) -> list | None: a reference on each cached hit and `need`
- * fresh blocks (BlockPool.take), or None with nothing taken when too few are free. */
+/* take(hits, need, evicted=None) -> array('q') | None: a reference on each cached hit
+ * and `need` fresh blocks after them (BlockPool.take), or None with nothing taken when
+ * too few are free. */
 static PyObject *Pool_take(Pool *p, PyObject *args)
 {
-    PyObject *hits, *evicted = Py_None;
+    PyObject *arg, *evicted = Py_None;
     Py_ssize_t need;
-    if (!PyArg_ParseTuple(args, "O!n|O", &PyList_Type, &hits, &need, &evicted))
+    if (!PyArg_ParseTuple(args, "On|O", &arg, &need, &evicted))
         return NULL;
-    PyObject *free = Pool_free_among(p, hits);
-    if (!free)
+    if (need < 0)
+        need = 0;
+    Ids hits;
+    if (ids_open(&hits, arg, "take: block ids") < 0)
         return NULL;
-    Py_ssize_t freed = PyLong_AsSsize_t(free);
-    Py_DECREF(free);
-    if (need + freed > p->free_blocks)
-        Py_RETURN_NONE;
-    PyObject *r = Pool_touch(p, hits);
-    if (!r)
-        return NULL;
-    Py_DECREF(r);
-    PyObject *fresh = do_allocate(p, need, evicted);
-    if (!fresh)
-        return NULL;
-    PyObject *ids = PySequence_Concat(hits, fresh);
-    Py_DECREF(fresh);
-    return ids;
+    PyObject *out = NULL;
+    Py_ssize_t freed = free_among(p, &hits);
+    if (freed < 0)
+        goto done;
+    if (need + freed > p->free_blocks) {
+        out = Py_None;
+        Py_INCREF(out);
+        goto done;
+    }
+    int64_t *at;
+    out = new_ids(hits.len + need, &at);
+    if (!out)
+        goto done;
+    for (Py_ssize_t i = 0; i < hits.len; i++) {
+        int32_t b;
+        if (block_at(p, &hits, i, &b) < 0) { /* checked by free_among: cannot fail */
+            Py_CLEAR(out);
+            goto done;
+        }
+        at[i] = b;
+    }
+    if (touch(p, &hits) < 0 || allocate_into(p, need, at + hits.len, evicted) < 0)
+        Py_CLEAR(out);
+done:
+    ids_close(&hits);
+    return out;
 }
 
 static PyMethodDef Pool_methods[] = {
@@ -786,46 +964,91 @@ static PyTypeObject PoolType = {
 
 /* ---- module functions ---- */
 
-/* Append the hashes of blocks len(hashes)..full-1 to `hashes`: kv.extend_block_hashes
- * with the sequence's tokens given as its prompt (tuple) and output (list). */
+/* Append the hashes of blocks len(hashes)..full-1 to `hashes` (a list of ints, or an
+ * array('q'), extended with one `frombytes`): kv.extend_block_hashes with the sequence's
+ * tokens given as its prompt (tuple) and output (`Ids`). */
 static int hash_chain(PyObject *hashes, Py_ssize_t full, Py_ssize_t size, int64_t root,
                       PyObject *prompt, PyObject *output)
 {
-    Py_ssize_t done = PyList_GET_SIZE(hashes);
+    int64_t parent = root;
+    Py_ssize_t done;
+    if (PyList_Check(hashes)) {
+        done = PyList_GET_SIZE(hashes);
+        if (done && done < full) {
+            parent = PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1));
+            if (parent == -1 && PyErr_Occurred())
+                return -1;
+        }
+    } else {
+        Ids have;
+        if (ids_open(&have, hashes, "block hashes") < 0)
+            return -1;
+        done = have.len;
+        if (done && done < full && ids_get(&have, done - 1, &parent) < 0) {
+            ids_close(&have);
+            return -1;
+        }
+        ids_close(&have); /* released before `frombytes` resizes it */
+    }
     if (done >= full)
         return 0;
-    Py_ssize_t plen = PyTuple_GET_SIZE(prompt), olen = PyList_GET_SIZE(output);
-    if (full * size > plen + olen) {
+    Ids out;
+    if (ids_open(&out, output, "token ids") < 0)
+        return -1;
+    int rc = -1;
+    int64_t *made = NULL;
+    Py_ssize_t plen = PyTuple_GET_SIZE(prompt);
+    if (full * size > plen + out.len) {
         PyErr_SetString(PyExc_ValueError, "extend_hashes: fewer tokens than full blocks");
-        return -1;
+        goto done;
     }
-    int64_t parent = done ? PyLong_AsLongLong(PyList_GET_ITEM(hashes, done - 1)) : root;
-    if (parent == -1 && PyErr_Occurred())
-        return -1;
+    made = PyMem_Malloc((full - done) * sizeof(int64_t));
+    if (!made) {
+        PyErr_NoMemory();
+        goto done;
+    }
     /* hash((parent, block)) = finish(lane(lane(P5, hash(parent)), hash(block)), 2) */
     for (Py_ssize_t blk = done; blk < full; blk++) {
         uint64_t acc = XXPRIME_5;
         Py_ssize_t t = blk * size;
         for (Py_ssize_t j = 0; j < size; j++, t++) {
-            PyObject *tok =
-                t < plen ? PyTuple_GET_ITEM(prompt, t) : PyList_GET_ITEM(output, t - plen);
-            Py_hash_t th = PyObject_Hash(tok);
+            Py_hash_t th = t < plen ? token_hash(PyTuple_GET_ITEM(prompt, t))
+                                    : ids_hash(&out, t - plen);
             if (th == -1)
-                return -1;
+                goto done;
             acc = tuple_lane(acc, (uint64_t)th);
         }
         int64_t block_hash = tuple_finish(acc, (uint64_t)size);
         uint64_t outer = tuple_lane(XXPRIME_5, (uint64_t)int_hash(parent));
         outer = tuple_lane(outer, (uint64_t)block_hash);
         parent = tuple_finish(outer, 2);
-        PyObject *o = PyLong_FromLongLong(parent);
-        if (!o || PyList_Append(hashes, o) < 0) {
-            Py_XDECREF(o);
-            return -1;
-        }
-        Py_DECREF(o);
+        made[blk - done] = parent;
     }
-    return 0;
+    if (PyList_Check(hashes)) {
+        for (Py_ssize_t i = 0; i < full - done; i++) {
+            PyObject *o = PyLong_FromLongLong(made[i]);
+            if (!o || PyList_Append(hashes, o) < 0) {
+                Py_XDECREF(o);
+                goto done;
+            }
+            Py_DECREF(o);
+        }
+    } else {
+        PyObject *view = PyMemoryView_FromMemory((char *)made,
+                                                 (full - done) * sizeof(int64_t), PyBUF_READ);
+        if (!view)
+            goto done;
+        PyObject *r = PyObject_CallMethod(hashes, "frombytes", "O", view);
+        Py_DECREF(view);
+        if (!r)
+            goto done;
+        Py_DECREF(r);
+    }
+    rc = 0;
+done:
+    PyMem_Free(made);
+    ids_close(&out);
+    return rc;
 }
 
 /* extend_hashes(hashes, full_blocks, block_size, root, prompt, output) -> hashes */
@@ -834,8 +1057,8 @@ static PyObject *extend_hashes(PyObject *m, PyObject *args)
     PyObject *hashes, *prompt, *output;
     Py_ssize_t full, size;
     long long root;
-    if (!PyArg_ParseTuple(args, "O!nnLO!O!", &PyList_Type, &hashes, &full, &size, &root,
-                          &PyTuple_Type, &prompt, &PyList_Type, &output))
+    if (!PyArg_ParseTuple(args, "OnnLO!O", &hashes, &full, &size, &root, &PyTuple_Type,
+                          &prompt, &output))
         return NULL;
     if (size < 1) {
         PyErr_SetString(PyExc_ValueError, "extend_hashes: block_size must be >= 1");
@@ -858,18 +1081,19 @@ static inline uint64_t splitmix(uint64_t x)
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 #define MIX 0xD6E8FEB86659FD93ULL
 
-/* draw_ids(table, drawn, n, seed, vocab, eos) -> list: TokenSource._draw's ids (the next `n`
- * from draw `drawn` on, in reverse draw order, EOS draws moved off EOS). `table`: the
- * fixed uint64 words (a buffer), `eos` a collection of ints. */
+/* draw_ids(table, drawn, seed, vocab, eos, out) -> None: TokenSource._draw's ids (the next
+ * len(out) from draw `drawn` on, in reverse draw order, EOS draws moved off EOS) written
+ * into `out`, a writable array('q'): no Python int is made. `table`: the fixed uint64
+ * words (a buffer), `eos` a collection of ints. */
 static PyObject *draw_ids(PyObject *m, PyObject *args)
 {
-    Py_buffer table;
-    Py_ssize_t drawn, n;
+    Py_buffer table, dest;
+    Py_ssize_t drawn;
     unsigned long long seed, vocab;
     PyObject *eos;
-    if (!PyArg_ParseTuple(args, "y*nnKKO", &table, &drawn, &n, &seed, &vocab, &eos))
+    if (!PyArg_ParseTuple(args, "y*nKKOw*", &table, &drawn, &seed, &vocab, &eos, &dest))
         return NULL;
-    PyObject *out = NULL;
+    PyObject *result = NULL;
     int64_t eos_ids[16];
     Py_ssize_t n_eos = 0;
     PyObject *eos_seq = PySequence_Fast(eos, "draw_ids: eos must be a collection");
@@ -886,14 +1110,17 @@ static PyObject *draw_ids(PyObject *m, PyObject *args)
             goto done;
     }
     Py_ssize_t table_len = table.len / (Py_ssize_t)sizeof(uint64_t);
-    if (table_len < 1 || vocab < 1 || n < 0 || drawn < 0) {
+    if (table_len < 1 || vocab < 1 || drawn < 0) {
         PyErr_SetString(PyExc_ValueError, "draw_ids: empty table or vocabulary");
         goto done;
     }
-    const uint64_t *words = table.buf;
-    out = PyList_New(n);
-    if (!out)
+    if (dest.itemsize != 8 || dest.len % 8) {
+        PyErr_SetString(PyExc_TypeError, "draw_ids: out must be an array('q')");
         goto done;
+    }
+    const uint64_t *words = table.buf;
+    int64_t *out = dest.buf;
+    Py_ssize_t n = dest.len / 8;
     uint64_t stream_key = splitmix(seed); /* the token stream (0): seed ^ 0 * GOLDEN */
     Py_ssize_t k = 0;
     while (k < n) {
@@ -913,25 +1140,45 @@ static PyObject *draw_ids(PyObject *m, PyObject *args)
                     }
                 }
             }
-            PyObject *o = new_int((Py_ssize_t)id);
-            if (!o) {
-                Py_CLEAR(out);
-                goto done;
-            }
-            PyList_SET_ITEM(out, n - 1 - k, o);
+            out[n - 1 - k] = (int64_t)id;
         }
         drawn += take;
     }
+    result = Py_None;
+    Py_INCREF(result);
 done:
     Py_XDECREF(eos_seq);
     PyBuffer_Release(&table);
-    return out;
+    PyBuffer_Release(&dest);
+    return result;
+}
+
+/* hash_tuple(t) -> int: hash(t), CPython's own value, for a tuple of ints and tuples of
+ * ints (scheduler.token_seed's key, a prompt inside): their small exact ints read in
+ * place, where hash() calls PyObject_Hash and long_hash for each of a prompt's tokens. */
+static PyObject *hash_tuple(PyObject *m, PyObject *t)
+{
+    if (!PyTuple_Check(t)) {
+        PyErr_SetString(PyExc_TypeError, "hash_tuple: a tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(t);
+    uint64_t acc = XXPRIME_5;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(t, i);
+        Py_hash_t h = PyTuple_CheckExact(o) ? flat_tuple_hash(o) : token_hash(o);
+        if (h == -1)
+            return NULL;
+        acc = tuple_lane(acc, (uint64_t)h);
+    }
+    return PyLong_FromLongLong(tuple_finish(acc, (uint64_t)n));
 }
 
 static PyMethodDef module_methods[] = {
+    {"hash_tuple", hash_tuple, METH_O, "hash_tuple(t) -> hash(t)"},
     {"extend_hashes", extend_hashes, METH_VARARGS,
      "extend_hashes(hashes, full_blocks, block_size, root, prompt, output)"},
-    {"draw_ids", draw_ids, METH_VARARGS, "draw_ids(table, drawn, n, seed, vocab, eos)"},
+    {"draw_ids", draw_ids, METH_VARARGS, "draw_ids(table, drawn, seed, vocab, eos, out)"},
     {NULL}};
 
 static struct PyModuleDef module = {
@@ -946,6 +1193,15 @@ PyMODINIT_FUNC PyInit__kernel(void)
     }
     if (PyType_Ready(&PoolType) < 0)
         return NULL;
+    if (!one_id) {
+        PyObject *array = PyImport_ImportModule("array");
+        if (!array)
+            return NULL;
+        one_id = PyObject_CallMethod(array, "array", "s[i]", "q", 0);
+        Py_DECREF(array);
+        if (!one_id)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;

@@ -25,14 +25,18 @@ it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from memorywall.server.engine import kernel
 
 ROOT_HASH = 0x6D656D6F727977  # parent of a sequence's first block
+
+# A sequence's block hashes, extended in place: an array('q') in the engine (a list works).
+_Hashes = TypeVar("_Hashes", bound=MutableSequence[int])
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -52,12 +56,12 @@ def hash_root(lora_name: str | None) -> int:
 
 
 def extend_block_hashes(
-    hashes: list[int],
+    hashes: _Hashes,
     full_blocks: int,
     block_size: int,
     token_ids: Callable[[int, int], tuple[int, ...]],
     root: int = ROOT_HASH,
-) -> list[int]:
+) -> _Hashes:
     """`hashes` (a sequence's block hashes so far) extended in place to its first
     `full_blocks` blocks; `token_ids(start, end)` gives the sequence's tokens, `root` the
     first block's parent (`hash_root`)."""
@@ -74,7 +78,9 @@ def extend_block_hashes(
     return hashes
 
 
-def tokens_of(prompt: tuple[int, ...], output: list[int]) -> Callable[[int, int], tuple[int, ...]]:
+def tokens_of(
+    prompt: tuple[int, ...], output: Sequence[int]
+) -> Callable[[int, int], tuple[int, ...]]:
     """`token_ids(start, end)` over a sequence's prompt and generated tokens."""
     p = len(prompt)
 
@@ -164,7 +170,7 @@ class PoolEvents:
 
     def _emit_stored(
         self,
-        block_hashes: list[int],
+        block_hashes: Sequence[int],
         stored: list[int],
         token_ids: Callable[[int, int], tuple[int, ...]],
     ) -> None:
@@ -221,7 +227,7 @@ class BlockPool(PoolEvents):
 
     # allocation
 
-    def allocate(self, n: int) -> list[int] | None:
+    def allocate(self, n: int) -> array[int] | None:
         """`n` blocks with one reference each, or None (nothing taken) if too few are free.
 
         Empty blocks go first (the most recently emptied first), then never-used ids, and
@@ -260,9 +266,9 @@ class BlockPool(PoolEvents):
             ids += blocks
         for block in ids:
             refs[block] = 1
-        return ids
+        return array("q", ids)  # a block table is machine integers, as the kernel's
 
-    def release(self, block_ids: list[int]) -> None:
+    def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference on each block; last-first, so a sequence's tail is evicted
         before its prefix."""
         refs = self.ref_counts
@@ -296,22 +302,22 @@ class BlockPool(PoolEvents):
 
     def hash_blocks(
         self,
-        hashes: list[int],
+        hashes: _Hashes,
         full_blocks: int,
         prompt: tuple[int, ...],
-        output: list[int],
+        output: Sequence[int],
         root: int = ROOT_HASH,
-    ) -> list[int]:
+    ) -> _Hashes:
         """`extend_block_hashes` over a sequence's prompt and generated tokens, from `root`."""
         return extend_block_hashes(
             hashes, full_blocks, self.block_size, tokens_of(prompt, output), root
         )
 
-    def any_cached(self, block_hashes: list[int]) -> bool:
+    def any_cached(self, block_hashes: Sequence[int]) -> bool:
         """Whether any of `block_hashes` names a cached block."""
         return not self.cached.keys().isdisjoint(block_hashes)
 
-    def lookup(self, block_hashes: list[int], max_blocks: int) -> list[int]:
+    def lookup(self, block_hashes: Sequence[int], max_blocks: int) -> list[int]:
         """Blocks caching the longest prefix of `block_hashes` (at most `max_blocks`);
         takes no reference."""
         hits = []
@@ -323,12 +329,12 @@ class BlockPool(PoolEvents):
             hits.append(block)
         return hits
 
-    def free_among(self, block_ids: list[int]) -> int:
+    def free_among(self, block_ids: Sequence[int]) -> int:
         """How many of `block_ids` are free (referencing them uses up free blocks)."""
         refs = self.ref_counts
         return sum(1 for b in block_ids if refs[b] == 0)
 
-    def take(self, hits: list[int], need: int) -> list[int] | None:
+    def take(self, hits: list[int], need: int) -> array[int] | None:
         """A reference on each of `hits` (a `lookup`'s cached blocks) and `need` fresh
         blocks after them, or None, with nothing taken, when too few blocks are free."""
         if need + self.free_among(hits) > self.free_blocks:
@@ -336,9 +342,9 @@ class BlockPool(PoolEvents):
         self.touch(hits)
         fresh = self.allocate(need)
         assert fresh is not None  # room checked above
-        return hits + fresh
+        return array("q", hits) + fresh
 
-    def touch(self, block_ids: list[int]) -> None:
+    def touch(self, block_ids: Sequence[int]) -> None:
         """Take one reference on each of `block_ids` (cache hits)."""
         refs = self.ref_counts
         for block in block_ids:
@@ -349,8 +355,8 @@ class BlockPool(PoolEvents):
 
     def cache(
         self,
-        block_ids: list[int],
-        block_hashes: list[int],
+        block_ids: Sequence[int],
+        block_hashes: Sequence[int],
         start: int,
         end: int,
         token_ids: Callable[[int, int], tuple[int, ...]],
@@ -452,7 +458,7 @@ class CompiledBlockPool(PoolEvents):
     def _empty(self) -> list[int]:
         return self._c.empty()
 
-    def allocate(self, n: int) -> list[int] | None:
+    def allocate(self, n: int) -> array[int] | None:
         if not self._subscribers:
             return self._c.allocate(n)
         evicted: list[int] = []
@@ -461,7 +467,7 @@ class CompiledBlockPool(PoolEvents):
             self._emit(BlockRemoved((h,)))
         return ids
 
-    def take(self, hits: list[int], need: int) -> list[int] | None:
+    def take(self, hits: list[int], need: int) -> array[int] | None:
         if not self._subscribers:
             return self._c.take(hits, need)
         evicted: list[int] = []
@@ -472,8 +478,8 @@ class CompiledBlockPool(PoolEvents):
 
     def cache(
         self,
-        block_ids: list[int],
-        block_hashes: list[int],
+        block_ids: Sequence[int],
+        block_hashes: Sequence[int],
         start: int,
         end: int,
         token_ids: Callable[[int, int], tuple[int, ...]],

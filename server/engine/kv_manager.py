@@ -16,6 +16,7 @@ lookup per sequence per step.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from memorywall.server.engine.kv import (
     PrefixCacheStats,
     blocks_for,
 )
+from memorywall.server.engine.tokens import ids_array
 
 if TYPE_CHECKING:
     from memorywall.server.engine.scheduler import SeqState
@@ -51,7 +53,7 @@ class KVManager:
         self.caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
         # Finished `keep_kv` requests' blocks, by request id; read-only outside this class.
-        self.kept: dict[str, list[int]] = {}
+        self.kept: dict[str, array[int]] = {}
         self._none = ComputedBlocks([], 0)
 
     # what it holds
@@ -166,7 +168,7 @@ class KVManager:
     def free(self, seq: SeqState) -> None:
         """Give back `seq`'s references; its cached blocks stay findable until evicted."""
         self.pool.release(seq.block_ids)
-        seq.block_ids = []
+        seq.block_ids = ids_array()
         seq.blocks = 0
         seq.cached_blocks = 0
 
@@ -174,7 +176,7 @@ class KVManager:
         """Move a finished `keep_kv` sequence's blocks, references and all, to `kept`
         under its request id, until `release_kept`: a KV transfer still reads them."""
         self.kept[seq.request.request_id] = seq.block_ids
-        seq.block_ids = []
+        seq.block_ids = ids_array()
         seq.blocks = 0
         seq.cached_blocks = 0
 
@@ -251,7 +253,7 @@ class KVManager:
         steps = growth.run_steps
         cache_to = []
         if self.caching:
-            fresh: list[int] = []
+            fresh = ids_array()
             for seq in growth.seqs:
                 full = (seq.computed + steps) // size
                 if full > seq.cached_blocks:
@@ -262,20 +264,25 @@ class KVManager:
                         seq.output_ids,
                         seq.hash_root,
                     )
-                    fresh += hashes[seq.cached_blocks : full]
+                    fresh.extend(hashes[seq.cached_blocks : full])
                     cache_to.append((seq, full))
             if pool.any_cached(fresh) or len(set(fresh)) < len(fresh):
                 return False
         if growth.blocks:
-            new = np.asarray(pool.allocate(growth.blocks))[growth.allocation_order()].tolist()
+            got = pool.allocate(growth.blocks)
+            assert got is not None  # the plan cut the run where KV runs out
+            new = ids_array()
+            new.frombytes(np.frombuffer(got, np.int64)[growth.allocation_order()].tobytes())
             at = 0
             for seq, count in zip(growth.seqs, growth.counts, strict=True):
                 if count:
-                    seq.block_ids += new[at : at + count]
+                    seq.block_ids += new[at : at + count]  # array slices: two copies in C
                     seq.blocks += count
                     at += count
+        # `cache_full_blocks`, inlined: the hashes are made above.
         for seq, full in cache_to:
-            self.cache_full_blocks(seq, full)
+            pool.cache(seq.block_ids, seq.block_hashes, seq.cached_blocks, full, seq.token_ids)
+            seq.cached_blocks = full
         return True
 
 

@@ -7,6 +7,9 @@ of thumb for BPE tokenizers on English text); output ids map to short words.
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -106,6 +109,17 @@ _MIX = np.uint64(0xD6E8FEB86659FD93)  # odd: multiplying by it spreads low-bit c
 _HIGH = np.uint64(32)
 
 
+# An empty array of token ids: what `SeqState.output_ids` (and its block table and block
+# hashes) and a source's drawn block are. Ids as machine integers: the engine only stores,
+# counts and hashes them, and a list of ints cost a Python object touched per token (an
+# increment on store, a decrement when the list dies, a hash call per token hashed), a
+# quarter of the offline engine's time. A partial, not a def: it is called three times a
+# request, and calling a partial of a C type makes no Python frame.
+ids_array: Callable[[], array[int]] = partial(array, "q")
+
+_ONE_ID = array("q", [0])  # repeated, the fastest way to a zeroed array of n ids
+
+
 class TokenSource:
     """Output ids for one request: uniform over the vocabulary, never an EOS id.
 
@@ -115,6 +129,9 @@ class TokenSource:
     other ids, not a shifted copy. A source costs nothing to create and a few numpy calls
     per block (seeding a numpy Generator per request cost ~20 us, a tenth of simulating
     one). Same seed, same ids, on every machine.
+
+    Drawn ids wait in `_ids`, an `array('q')` in reverse draw order (the next id is
+    `_ids.pop()`, O(1) from the end).
     """
 
     BLOCK = 256
@@ -124,7 +141,7 @@ class TokenSource:
         self._seed = seed & _MASK
         self._vocab = vocab_size
         self._eos = eos_ids
-        self._ids: list[int] = []
+        self._ids = ids_array()
         self._drawn = 0  # token draws so far
         self._drafts = 0  # draft-acceptance draws so far
         self._block = self.BLOCK
@@ -138,23 +155,30 @@ class TokenSource:
         return _splitmix_one(_splitmix_one(self._seed ^ (stream * _GOLDEN)) + index * _GOLDEN)
 
     def next_ids(self, n: int) -> list[int]:
+        """The next `n` ids, as a list (what an emission carries)."""
         ids = self._ids
         if len(ids) < n:
             # Popped from the end, so keep the block reversed to hand ids out in draw order.
-            self._ids = ids = self._draw(max(self._next_block(), n)) + ids
+            drawn = self._draw(max(self._next_block(), n))
+            self._ids = ids = drawn + ids if ids else drawn
         if n == 1:
             return [ids.pop()]
-        return [ids.pop() for _ in range(n)]
+        if n < 1:
+            return []  # (`del ids[-0:]` would empty the block)
+        out = ids[: -n - 1 : -1].tolist()  # the last n, last first: in draw order
+        del ids[-n:]
+        return out
 
-    def next_each(self, k: int) -> list[int]:
-        """The ids of `k` calls of `next_ids(1)`, in one call (the offline fast path)."""
-        out: list[int] = []
+    def next_each(self, k: int) -> array[int]:
+        """The ids of `k` calls of `next_ids(1)`, as one array (the offline fast path:
+        `output_ids.extend` of it copies machine integers, no int object is made)."""
+        out = ids_array()
         while k:
             ids = self._ids
             if not ids:
                 self._ids = ids = self._draw(max(self._next_block(), k))
             m = min(k, len(ids))
-            out.extend(reversed(ids[-m:]))
+            out += ids[: -m - 1 : -1]
             del ids[-m:]
             k -= m
         return out
@@ -164,10 +188,10 @@ class TokenSource:
         left = self._block - self._drawn
         return left if left > 0 else self.BLOCK
 
-    def _draw(self, n: int) -> list[int]:
+    def _draw(self, n: int) -> array[int]:
         """The next `n` ids, EOS draws moved off EOS, in reverse draw order."""
         vocab = np.uint64(self._vocab)
-        ids: list[int] = []
+        ids = ids_array()
         while len(ids) < n:
             block, at = divmod(self._drawn, _TABLE_LEN)
             take = min(n - len(ids), _TABLE_LEN - at)
@@ -179,12 +203,13 @@ class TokenSource:
             mixed *= _MIX
             mixed >>= _HIGH
             mixed %= vocab
-            ids += mixed.tolist()
+            # Below the vocabulary size, so each uint64 has an int64's bytes.
+            ids.frombytes(mixed.tobytes())
             self._drawn += take
         ids.reverse()
         if self._eos.isdisjoint(ids):
             return ids
-        return [self._not_eos(i) for i in ids]
+        return array("q", [self._not_eos(i) for i in ids])
 
     def _not_eos(self, token: int) -> int:
         """Move an EOS draw to the next non-EOS id, wrapping inside the vocabulary."""
@@ -210,11 +235,12 @@ class TokenSource:
 
 class CompiledTokenSource(TokenSource):
     """`TokenSource` drawing its blocks of ids in the compiled kernel (`_kernel.draw_ids`):
-    the same ids, without a numpy call per block."""
+    the same ids, written straight into an array, without a numpy call per block."""
 
-    def _draw(self, n: int) -> list[int]:
+    def _draw(self, n: int) -> array[int]:
         assert kernel.compiled is not None
-        ids = kernel.compiled.draw_ids(_TABLE, self._drawn, n, self._seed, self._vocab, self._eos)
+        ids = _ONE_ID * n
+        kernel.compiled.draw_ids(_TABLE, self._drawn, self._seed, self._vocab, self._eos, ids)
         self._drawn += n
         return ids
 

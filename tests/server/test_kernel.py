@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from array import array
 from types import SimpleNamespace
 
 import pytest
@@ -50,6 +51,63 @@ def test_block_hashes_are_cpythons_over_random_tokens_and_parents():
         want = extend_block_hashes(list(start), full, size, tokens_of(prompt, output))
         got = kernel.compiled.extend_hashes(list(start), full, size, ROOT_HASH, prompt, output)
         assert got == want, (size, prompt, output, start)
+        if top < 2**63:  # the engine's form: output ids as machine integers, read in place
+            ids = array("q", output)
+            got = kernel.compiled.extend_hashes(list(start), full, size, ROOT_HASH, prompt, ids)
+            assert got == want, (size, prompt, output, start)
+            ref = extend_block_hashes(list(start), full, size, tokens_of(prompt, ids))
+            assert ref == want
+
+
+# Ints whose hashes take each path of the kernel's in-place read (0, one and two 30-bit
+# digits, either sign, -1 whose hash is -2) and of PyObject_Hash (past two digits, past
+# 2**61 - 1 where int hashes wrap, bools, anything else).
+EDGE_INTS = [0, 1, -1, -2, 2**30 - 1, 2**30, -(2**30), 2**60 - 1, 2**60, -(2**60) + 1]
+EDGE_INTS += [2**61 - 2, 2**61 - 1, 2**61, 2**62, -(2**62), 2**63 - 1, -(2**63)]
+
+
+def _edge_int(rng: random.Random) -> int:
+    if rng.random() < 0.5:
+        return rng.choice(EDGE_INTS)
+    bits = rng.randint(1, 63)
+    return rng.randrange(-(2**bits), 2**bits)
+
+
+def test_block_hashes_read_every_kind_of_token_as_cpython_hashes_it():
+    rng = random.Random(3)
+    for _ in range(3_000):
+        size = rng.choice([1, 2, 5, 16])
+        prompt = tuple(_edge_int(rng) for _ in range(rng.randint(1, 3 * size)))
+        output = [_edge_int(rng) for _ in range(rng.randint(0, 3 * size))]
+        full = (len(prompt) + len(output)) // size
+        want = extend_block_hashes([], full, size, tokens_of(prompt, output))
+        for ids in (output, array("q", output)):
+            got = kernel.compiled.extend_hashes([], full, size, ROOT_HASH, prompt, ids)
+            assert got == want, (size, prompt, output)
+    # A prompt holding other objects still hashes as CPython hashes it.
+    prompt = (True, 2**70, -(2**65), 7)
+    want = extend_block_hashes([], 2, 2, tokens_of(prompt, []))
+    assert kernel.compiled.extend_hashes([], 2, 2, ROOT_HASH, prompt, array("q")) == want
+
+
+def test_block_hashes_refuse_output_ids_of_another_width():
+    with pytest.raises(TypeError, match="array\\('q'\\)"):
+        kernel.compiled.extend_hashes([], 1, 2, ROOT_HASH, (1,), array("i", [2]))
+
+
+def test_hash_tuple_is_cpythons_hash():
+    rng = random.Random(4)
+    for _ in range(5_000):
+        prompt = tuple(_edge_int(rng) for _ in range(rng.randint(0, 20)))
+        key = (rng.randrange(2**64), rng.random() < 0.5, _edge_int(rng), prompt)
+        assert kernel.compiled.hash_tuple(key) == hash(key)
+        assert kernel.compiled.hash_tuple(prompt) == hash(prompt)
+    nested = (1, ("a", 2.5, (3,)), None)  # anything else goes through PyObject_Hash
+    assert kernel.compiled.hash_tuple(nested) == hash(nested)
+    with pytest.raises(TypeError):
+        kernel.compiled.hash_tuple([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unhashable"):
+        kernel.compiled.hash_tuple((1, ([],)))
 
 
 def _snapshot(pool: BlockPool) -> tuple:
@@ -63,6 +121,11 @@ def _snapshot(pool: BlockPool) -> tuple:
         list(pool._lru),
         list(pool._empty),
     )
+
+
+def _either_form(rng: random.Random, hashes: list[int]) -> list[int] | array[int]:
+    """Block hashes as a list or as the engine keeps them, an array('q')."""
+    return array("q", hashes) if rng.random() < 0.5 else hashes
 
 
 def _pool_ops(seed: int) -> None:
@@ -87,7 +150,7 @@ def _pool_ops(seed: int) -> None:
         elif op < 0.55 and held:
             blocks = held.pop(rng.randrange(len(held)))
             ref.release(blocks)
-            comp.release(blocks)
+            comp.release(blocks if rng.random() < 0.5 else list(blocks))
         elif op < 0.75 and held:
             blocks = rng.choice(held)
             hashes = [rng.choice(names) for _ in blocks]
@@ -99,12 +162,13 @@ def _pool_ops(seed: int) -> None:
                 return tokens[a:b]
 
             ref.cache(blocks, hashes, start, end, token_ids)
-            comp.cache(blocks, hashes, start, end, token_ids)
+            comp.cache(blocks, _either_form(rng, hashes), start, end, token_ids)
         elif op < 0.9:
             hashes = [rng.choice(names) for _ in range(rng.randint(0, 5))]
             hits = ref.lookup(hashes, rng.randint(0, 5))
-            assert comp.lookup(hashes, len(hashes)) == ref.lookup(hashes, len(hashes))
-            assert comp.any_cached(hashes) == ref.any_cached(hashes)
+            either = _either_form(rng, hashes)
+            assert comp.lookup(either, len(hashes)) == ref.lookup(hashes, len(hashes))
+            assert comp.any_cached(either) == ref.any_cached(hashes)
             if hits and rng.random() < 0.5:  # admit from the hit, as `KVManager._admit` does
                 assert comp.free_among(hits) == ref.free_among(hits)
                 need = rng.randint(0, 3)
@@ -121,6 +185,26 @@ def _pool_ops(seed: int) -> None:
 def test_pool_matches_the_reference_op_by_op_over_thousands_of_seeds():
     for seed in range(3_000):
         _pool_ops(seed)
+
+
+def test_block_tables_are_machine_integers_in_both_pools():
+    for pool in (BlockPool(8, 2), CompiledBlockPool(8, 2)):
+        blocks = pool.allocate(3)
+        assert isinstance(blocks, array) and blocks.typecode == "q"
+        pool.cache(blocks, array("q", [11, 12, 13]), 0, 2, lambda a, b: tuple(range(a, b)))
+        pool.release(blocks)
+        taken = pool.take(pool.lookup(array("q", [11, 12]), 2), 1)
+        assert isinstance(taken, array) and list(taken) == [0, 1, 2]
+
+
+def test_pool_refuses_block_ids_it_never_handed_out():
+    pool = CompiledBlockPool(8, 2)
+    pool.allocate(2)
+    for bad in ([5], array("q", [5]), array("q", [-1])):
+        with pytest.raises(IndexError, match="never handed out"):
+            pool.release(bad)
+    with pytest.raises(TypeError, match="array\\('q'\\)"):
+        pool.release(array("i", [0]))
 
 
 def test_pool_refuses_a_double_release_as_the_reference_does():
@@ -143,8 +227,11 @@ def test_token_draws_match_the_reference():
         comp.expect(n)
         for _ in range(rng.randint(1, 4)):
             k = rng.randint(1, 2 * n)
-            assert comp.next_ids(k) == ref.next_ids(k)
-            assert comp.next_each(k) == ref.next_each(k)
+            want = ref.next_ids(k)
+            assert type(want) is list and comp.next_ids(k) == want
+            want = ref.next_each(k)
+            assert type(want) is array and want.typecode == "q"
+            assert comp.next_each(k) == want
     # Across a table boundary: draws 4,000 to 4,200 span two blocks of the table.
     ref, comp = TokenSource(5, 1000, frozenset()), CompiledTokenSource(5, 1000, frozenset())
     ref._drawn = comp._drawn = len(_TABLE) - 96

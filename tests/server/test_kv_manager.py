@@ -56,7 +56,7 @@ def test_an_admission_that_does_not_fit_takes_nothing():
     assert kv.get_computed_blocks(again).num_tokens == 2 * B
     assert not admit(kv, again)
     assert state(kv) == before
-    assert (again.blocks, again.block_ids, again.cached_blocks) == (0, [], 0)
+    assert (again.blocks, list(again.block_ids), again.cached_blocks) == (0, [], 0)
     assert kv.stats.requests == 2  # the failed admission's lookup is not counted
 
 
@@ -81,7 +81,7 @@ def test_a_repeated_prompt_hits_its_cached_prefix_and_counts_it():
     hit = kv.get_computed_blocks(b)
     assert hit.num_tokens == 2 * B
     assert admit(kv, b)
-    assert b.block_ids[:2] == first[:2] and b.cached_blocks == 2
+    assert list(b.block_ids[:2]) == list(first[:2]) and b.cached_blocks == 2
     assert (kv.stats.requests, kv.stats.queries, kv.stats.hits) == (2, 66, 32)
     # An exact multiple of the block size leaves its last token to compute.
     c = seq("c", prompt(0, 2 * B))
@@ -125,7 +125,7 @@ def test_free_gives_back_references_and_keeps_the_prefix_findable():
     a = seq("a", prompt(0))
     assert admit(kv, a)
     kv.free(a)
-    assert (a.blocks, a.block_ids, a.cached_blocks) == (0, [], 0)
+    assert (a.blocks, list(a.block_ids), a.cached_blocks) == (0, [], 0)
     assert kv.free_blocks == 8 and kv.used_tokens == 0
     assert kv.pool.cached_free_blocks == 2
 
@@ -136,7 +136,7 @@ def test_kept_blocks_stay_used_until_released(caching):
     p = seq("p", prompt(0), keep_kv=True)
     assert admit(kv, p)
     kv.keep(p)
-    assert (p.blocks, p.block_ids) == (0, [])
+    assert (p.blocks, list(p.block_ids)) == (0, [])
     assert kv.is_kept("p") and kv.used_tokens == 3 * B
     assert kv.release_kept("p") and not kv.release_kept("p")
     assert not kv.is_kept("p") and kv.used_tokens == 0
@@ -151,7 +151,7 @@ def test_with_caching_off_nothing_is_hashed_found_or_counted():
     b = seq("b", prompt(0))
     assert kv.get_computed_blocks(b).num_tokens == 0
     assert admit(kv, b)
-    assert b.block_hashes == [] and not kv.pool.cached and kv.stats.requests == 0
+    assert list(b.block_hashes) == [] and not kv.pool.cached and kv.stats.requests == 0
 
 
 def decoding(kv: KVManager, rid: str, first: int, tokens: int) -> SeqState:
@@ -172,8 +172,8 @@ def test_a_decode_run_grows_as_its_steps_would_one_by_one():
     growth = bulk.plan_decode_run(seqs, steps)
     assert growth.run_steps == steps and growth.blocks == 3
     for s, r in zip(seqs, ref, strict=True):  # the run's tokens exist before its KV
-        s.output_ids += [9] * steps
-        r.output_ids += [9] * steps
+        s.output_ids.extend([9] * steps)
+        r.output_ids.extend([9] * steps)
     bulk.allocate_decode_run(growth)
     for s in seqs:
         s.computed += steps
@@ -207,7 +207,7 @@ def test_a_decode_run_with_subscribers_emits_as_stepping_would():
     a = decoding(kv, "a", 0, 30)
     del events[:]
     growth = kv.plan_decode_run([a], 20)
-    a.output_ids += [9] * 20
+    a.output_ids.extend([9] * 20)
     kv.allocate_decode_run(growth)
     stored = [e for e in events if isinstance(e, BlockStored)]
     assert [e.block_hashes for e in stored] == [(a.block_hashes[1],), (a.block_hashes[2],)]

@@ -179,7 +179,7 @@ def test_concurrent_sharers_hold_one_reference_each():
     run_all(core, now)
     assert [pool.ref_counts[b] for b in shared] == [0, 0, 0]
     assert pool.used_blocks == 0 and pool.free_blocks == pool.total_blocks
-    assert pool.lookup(seqs[0].block_hashes, 3) == shared  # still cached
+    assert pool.lookup(seqs[0].block_hashes, 3) == list(shared)  # still cached
 
 
 def test_abort_releases_references_and_keeps_blocks_cached():
@@ -188,13 +188,13 @@ def test_abort_releases_references_and_keeps_blocks_cached():
     _, now = step(core, 0.0)
     held = list(a.block_ids)
     core.abort("a")
-    assert a.block_ids == [] and a.blocks == 0
+    assert list(a.block_ids) == [] and a.blocks == 0
     assert all(core.kv.pool.ref_counts[b] == 0 for b in held)
     assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
     b = core.add(request("b", (*SHARED, 2)), now)
     step(core, now)
     assert b.cached_tokens == 48
-    assert b.block_ids[:3] == held[:3]
+    assert list(b.block_ids[:3]) == held[:3]
 
 
 def test_preemption_releases_and_readmission_finds_its_own_blocks():
@@ -212,7 +212,7 @@ def test_preemption_releases_and_readmission_finds_its_own_blocks():
         for s in seqs:
             if s in core.waiting:
                 preempted |= s.preemptions > 0
-                assert s.block_ids == [] and s.blocks == 0 and s.computed == 0
+                assert list(s.block_ids) == [] and s.blocks == 0 and s.computed == 0
         assert sum(core.kv.pool.ref_counts) == sum(len(s.block_ids) for s in seqs)
     assert preempted
     stats = core.prefix_cache_stats()
@@ -237,9 +237,9 @@ def test_eviction_takes_empty_blocks_first_then_least_recently_freed():
     pool.release(a)
     assert pool.free_blocks == 4 and pool.cached_free_blocks == 3
     events.clear()
-    assert pool.allocate(1) == [a[1]]  # the uncached block: nothing evicted
+    assert list(pool.allocate(1)) == [a[1]]  # the uncached block: nothing evicted
     assert events == []
-    assert pool.allocate(2) == [b[1], b[0]]
+    assert list(pool.allocate(2)) == [b[1], b[0]]
     assert events == [BlockRemoved((hb[1],)), BlockRemoved((hb[0],))]
     assert pool.lookup(hb, 2) == [] and pool.lookup(ha, 2) == [a[0]]
     assert pool.allocate(2) is None  # one free block left; nothing taken
@@ -256,7 +256,7 @@ def test_a_hit_on_a_free_block_takes_it_out_of_the_eviction_queue():
     assert pool.free_among(hit) == 1
     pool.touch(hit)
     assert pool.free_blocks == 1 and pool.ref_counts[x[0]] == 1
-    assert pool.allocate(1) == [x[1]]  # the only evictable one
+    assert list(pool.allocate(1)) == [x[1]]  # the only evictable one
     assert pool.allocate(1) is None
     with pytest.raises(AssertionError):
         pool.release([x[1], x[1]])

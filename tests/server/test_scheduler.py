@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import random
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -18,6 +20,7 @@ from memorywall.errors import (
     InvalidRequestError,
     RequestTooLargeError,
 )
+from memorywall.server.engine import kernel
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.scheduler import (
     Emission,
@@ -29,6 +32,7 @@ from memorywall.server.engine.scheduler import (
     SeqState,
     Step,
 )
+from memorywall.server.engine.tokens import CompiledTokenSource, TokenSource
 
 EOS = 0  # the fake vocabulary's only EOS id; 0 + 1 is an ordinary id
 VOCAB = 32_000
@@ -231,7 +235,7 @@ def test_preemption_requeues_at_front_and_still_finishes():
     for seq, ref in zip(seqs, expected, strict=True):
         assert seq.finish_reason is FinishReason.LENGTH
         assert seq.output_ids == ref.output_ids  # recompute changes nothing the client sees
-        assert run.ids(seq.request.request_id) == seq.output_ids
+        assert run.ids(seq.request.request_id) == list(seq.output_ids)
     assert core.kv.pool.free_blocks == core.kv.pool.total_blocks
 
 
@@ -410,6 +414,41 @@ def test_output_ids_are_never_eos_and_always_in_vocabulary(eos):
     seq = generate(core, request("r", prompt_len=4, max_tokens=400, ignore_eos=True))
     assert not set(seq.output_ids) & eos
     assert all(0 <= t < 8 for t in seq.output_ids)
+
+
+def _sources() -> list[type[TokenSource]]:
+    return [TokenSource] + ([CompiledTokenSource] if kernel.compiled is not None else [])
+
+
+@pytest.mark.parametrize("source", _sources(), ids=lambda c: c.__name__)
+def test_token_draws_come_in_one_order_however_they_are_taken(source):
+    # Ids wait reversed in an array('q'): next_ids and next_each, any mix and size, hand
+    # out the stream of one big draw, the same in every form.
+    rng = random.Random(5)
+    for seed in range(300):
+        vocab, eos = rng.choice([(7, frozenset({0, 3})), (128_256, frozenset({128_001}))])
+        whole = source(seed, vocab, eos)
+        whole.expect(600)
+        want = whole.next_each(600).tolist()
+        parts = source(seed, vocab, eos)
+        parts.expect(rng.choice([1, 20, 600]))
+        got: list[int] = []
+        while len(got) < 600:
+            k = min(rng.choice([0, 1, 2, 17, 300]), 600 - len(got))
+            if rng.random() < 0.5:
+                ids = parts.next_ids(k)
+                assert type(ids) is list and len(ids) == k
+                got += ids
+            else:
+                got += parts.next_each(k).tolist()
+        assert got == want
+        assert not set(got) & eos and all(0 <= t < vocab for t in got)
+
+
+def test_output_ids_are_machine_integers():
+    seq = generate(make_core(), request("r", max_tokens=40, ignore_eos=True))
+    assert isinstance(seq.output_ids, array) and seq.output_ids.typecode == "q"
+    assert len(seq.output_ids) == 40
 
 
 def test_speculative_decoding_emits_several_tokens_per_step_within_max_tokens():
