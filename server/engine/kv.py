@@ -25,6 +25,7 @@ it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, MutableSequence, Sequence
@@ -51,8 +52,13 @@ def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> in
 def hash_root(lora_name: str | None) -> int:
     """The parent of a sequence's first block: `ROOT_HASH`, or one of its own for a LoRA
     adapter's sequences, whose KV differs from the base model's (vLLM adds the adapter's
-    name to each block's hash)."""
-    return ROOT_HASH if lora_name is None else hash((ROOT_HASH, lora_name))
+    name to each block's hash). From the name's bytes, not `hash(str)`: Python salts string
+    hashes per process, and a block's hash must be the same in every process (KV events,
+    a router's view of the cache, runs repeated)."""
+    if lora_name is None:
+        return ROOT_HASH
+    digest = hashlib.blake2b(lora_name.encode(), digest_size=8, person=b"memorywall-lora").digest()
+    return hash((ROOT_HASH, int.from_bytes(digest, "little", signed=True)))
 
 
 def extend_block_hashes(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from memorywall.core.lora import LoraCost
 from memorywall.core.work import Batch, PrefillChunk
 from memorywall.errors import ConfigError
 from memorywall.server.engine.build import build_core
+from memorywall.server.engine.kv import hash_root
 from memorywall.server.engine.lora import (
     LoraConfig,
     LoraError,
@@ -209,3 +213,21 @@ def test_lora_requests_info_labels_running_and_waiting(tmp_path):
     assert 'max_lora="1"' in line
     assert 'running_lora_adapters="a"' in line and 'waiting_lora_adapters="b"' in line
     assert float(line.rsplit(" ", 1)[1]) > 1.7e9  # vLLM's value: the time of the scrape
+
+
+def test_an_adapters_block_hashes_are_the_same_in_every_process():
+    """Python salts str hashes per process; an adapter's root (and so its blocks' hashes and
+    KV events) must not depend on it."""
+    code = "from memorywall.server.engine.kv import hash_root; print(hash_root('sql'))"
+    roots = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert roots == {str(hash_root("sql"))}
+    assert hash_root("sql") != hash_root("chat") != hash_root(None)
