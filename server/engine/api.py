@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from memorywall.errors import MemorywallError
 from memorywall.server.engine.build import ModelCard
 from memorywall.server.engine.faults import FaultKind, FaultRule, fault_from_header
 from memorywall.server.engine.kv import (
@@ -70,6 +71,7 @@ __all__ = [
     "Request",
     "StallSummary",
     "StepReport",
+    "StreamSink",
     "TokenGroup",
     "check_request",
     "check_serving",
@@ -157,18 +159,48 @@ class EventStream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
+    def attach(self, sink: StreamSink) -> bool:
+        """Hand every event from now on to `sink`, synchronously, as the engine hands it
+        over, instead of to `next_event`; False (nothing changes) where the stream cannot.
+        Called once, before the first `next_event`; `close` detaches the sink."""
+        ...
+
     def close(self) -> None:
         """Abort the request unless it has ended: a front calls this when it stops
         reading for any reason (done, cancelled, client gone)."""
         ...
 
 
+class StreamSink(Protocol):
+    """A front's synchronous reader of one stream (`EventStream.attach`).
+
+    A streamed message then costs a call, not a wake-up of the request's handler task and a
+    resumption of its `await next_event()`: the live engine calls the sink from its own
+    step, in order, as it hands each group over. So a sink must be quick, must never raise,
+    and must not call back into the engine (`close`, `abort`, `submit`): it runs in the
+    middle of the engine's delivery of a step.
+    """
+
+    def group(self, group: TokenGroup) -> None:
+        """One message's tokens (what `next_event` would have returned)."""
+        ...
+
+    def end(self, final: Finished | None, error: MemorywallError | None) -> None:
+        """The stream is over: its `Finished`, or the error `next_event` would have raised
+        (the server drained). Called once, after the last group."""
+        ...
+
+
 class EventIteration:
     """`async for` over a stream's `next_event()` until it gives None: the one iteration
-    every `EventStream` implementation inherits."""
+    every `EventStream` implementation inherits, and `attach`'s default (no sink: a
+    wrapper that reworks events, such as the guard's faults, is read with `next_event`)."""
 
     async def next_event(self) -> Event | None:
         raise NotImplementedError
+
+    def attach(self, sink: StreamSink) -> bool:
+        return False
 
     def __aiter__(self) -> EventIteration:
         return self

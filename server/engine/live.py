@@ -47,6 +47,7 @@ from memorywall.server.engine.api import (
     Finished,
     KVEvent,
     Request,
+    StreamSink,
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock, MonotonicClock
@@ -112,6 +113,7 @@ class RequestStream(EventIteration):
         self._final: Finished | None = None
         self._error: MemorywallError | None = None
         self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits
+        self._sink: StreamSink | None = None  # the front's synchronous reader, if attached
         self._released = False  # the engine handed the waiting tokens over (not held)
         self._last_flush_s = -1.0
         self._done = False
@@ -134,6 +136,9 @@ class RequestStream(EventIteration):
         return self._last_flush_s >= 0 and now - self._last_flush_s < self.min_interval_s
 
     def _wake(self) -> None:
+        if self._sink is not None:
+            self._feed(self._sink)
+            return
         self._released = True
         waiter = self._waiter
         if waiter is not None:
@@ -207,6 +212,33 @@ class RequestStream(EventIteration):
             finish_reason=seq.finish_reason if self._final is not None and not self._ids else None,
         )
 
+    def attach(self, sink: StreamSink) -> bool:
+        """From now on `_wake` calls `sink` with what it hands over, on the engine's loop,
+        instead of waking a reader; what was handed over before goes to it now."""
+        if self._sink is not None or self._done:
+            return False
+        self._sink = sink
+        if self._ready or self._released or self.ended:
+            self._released = False
+            self._feed(sink)
+        return True
+
+    def _feed(self, sink: StreamSink) -> None:
+        """`next_event`'s order, synchronously: every message handed over, then the end."""
+        ready = self._ready
+        if ready is None:
+            if self._ids:  # `auto`: a flush or the end hands over every token waiting
+                sink.group(self._take())
+        else:
+            while ready:
+                sink.group(self._take())
+        if self.ended and not self._done:
+            self._done = True
+            final = self._final
+            if final is not None:
+                final = replace(final, max_lag_s=self._max_lag_s)
+            sink.end(final, self._error)
+
     async def next_event(self) -> Event | None:
         """The next group or the final summary; None once the stream is over."""
         while True:
@@ -233,6 +265,7 @@ class RequestStream(EventIteration):
         return self._final is not None or self._error is not None
 
     def close(self) -> None:
+        self._sink = None  # its front has stopped listening
         if not self.ended:
             self._engine.abort(self.request_id)
 

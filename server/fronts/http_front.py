@@ -39,6 +39,7 @@ from memorywall.server.fronts.openai_api import Call, Endpoint, OpenAIApi, error
 from memorywall.server.fronts.openai_lora import adapter_models, lora_routes
 from memorywall.server.fronts.openai_reply import Reply, model_list
 from memorywall.server.fronts.openai_responses import ResponseReply, chat_body
+from memorywall.server.fronts.openai_sink import WriteNow
 from memorywall.server.fronts.openai_stream import stream_events
 from memorywall.server.fronts.status import http_fault, http_headers
 from memorywall.server.fronts.tokenizer import PromptTokenizer
@@ -205,7 +206,7 @@ class OpenAIFront:
         try:
             # Headers go out now, not with the first token: clients start TTFT clocks on them.
             await response.prepare(request)
-            await stream_events(streams, replies, response.write)
+            await stream_events(streams, replies, response.write, write_now(request, response))
         except ConnectionResetError:
             pass  # the client left; the caller aborts the request
         return response
@@ -316,6 +317,31 @@ class HttpSite:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+
+
+def write_now(request: web.Request, response: web.StreamResponse) -> WriteNow | None:
+    """A prepared streaming response's body writes, made synchronously: each one framed
+    and sent as aiohttp's payload writer sends it (one transport write; a chunk of HTTP/1.1's
+    chunked encoding), False instead while the transport is paused for flow control or
+    closing (the awaited `response.write` then drains or raises). None where aiohttp must
+    transform the bytes itself (compression, a declared length)."""
+    writer, protocol, transport = request.writer, request.protocol, request.transport
+    if response.compression or transport is None or writer.length is not None:
+        return None
+    chunked = getattr(writer, "chunked", None)
+    if not isinstance(chunked, bool):
+        return None  # not aiohttp's StreamWriter
+
+    def write(data: bytes) -> bool:
+        if protocol.writing_paused or transport.is_closing():
+            return False
+        if chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        writer.output_size += len(data)  # as the payload writer counts it
+        transport.write(data)
+        return True
+
+    return write
 
 
 def _headers(call: Call, content_type: str | None = None) -> dict[str, str]:

@@ -1,7 +1,9 @@
 """Reading a call's engine streams, one per choice, into SSE writes or one response body.
 
-No HTTP here: the front passes a `write` for the bytes. A choice whose text a stop
-string ended has its engine request aborted at once (its slot and KV freed); its
+No HTTP here: the front passes a `write` for the bytes, and a `write_now` where its
+transport can take them synchronously: then a one-choice call the engine can hand over
+synchronously is written from the engine's step (`openai_sink.py`). A choice whose text a
+stop string ended has its engine request aborted at once (its slot and KV freed); its
 later events are skipped, and its `Finished` still closes it. With `n` > 1 the
 choices' events interleave as the engine hands them over.
 """
@@ -10,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from memorywall.errors import MemorywallError
 from memorywall.server.engine.api import Event, EventStream, Finished
 from memorywall.server.fronts.openai_reply import Piece, Reply, final_events, response_body
-
-Write = Callable[[bytes], Awaitable[Any]]
+from memorywall.server.fronts.openai_sink import SseSink, Write, WriteNow
 
 
 async def merged(streams: Sequence[EventStream]) -> AsyncGenerator[tuple[int, Event], None]:
@@ -54,10 +55,21 @@ async def merged(streams: Sequence[EventStream]) -> AsyncGenerator[tuple[int, Ev
             task.cancel()
 
 
-async def stream_events(streams: Sequence[EventStream], replies: list[Reply], write: Write) -> None:
+async def stream_events(
+    streams: Sequence[EventStream],
+    replies: list[Reply],
+    write: Write,
+    write_now: WriteNow | None = None,
+) -> None:
     """Write every choice's chunks as its tokens come, then usage if asked and [DONE]."""
     if len(streams) == 1:
-        await _stream_one(streams[0], replies[0], write)
+        reply = replies[0]
+        if write_now is not None and not reply.call.stop:
+            sink = SseSink(reply, write_now)
+            if streams[0].attach(sink):
+                await sink.run(write)
+                return
+        await _stream_one(streams[0], reply, write)
         return
     openings = [r.role_event() if r.chat else b"" for r in replies]
     finals: list[Finished | None] = [None] * len(replies)
