@@ -147,18 +147,16 @@ class Reply:
         if self._template is None:
             self._template = self._mid_template()
         head, middle, before_times, tail = self._template
-        ids = ",".join(map(str, group.token_ids))
-        times = ",".join(map(float.__repr__, group.times_s))  # as json.dumps writes floats
+        text = encode_basestring_ascii(group.text).encode()
+        token_ids, times_s = group.token_ids, group.times_s
+        if len(token_ids) == 1 == len(times_s):  # a token a message: one formatting, not six
+            # %d and %r write an int and a float as json.dumps does (their repr).
+            fields = (head, text, middle, token_ids[0], before_times, times_s[0], tail)
+            return b"%b%b%b[%d]%b[%r]%b" % fields
+        ids = ",".join(map(str, token_ids))
+        times = ",".join(map(float.__repr__, times_s))  # as json.dumps writes floats
         return b"".join(
-            (
-                head,
-                encode_basestring_ascii(group.text).encode(),
-                middle,
-                f"[{ids}]".encode(),
-                before_times,
-                f"[{times}]".encode(),
-                tail,
-            )
+            (head, text, middle, f"[{ids}]".encode(), before_times, f"[{times}]".encode(), tail)
         )
 
     def take(self, group: TokenGroup) -> Piece:
