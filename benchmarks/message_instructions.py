@@ -1,20 +1,22 @@
-"""Instructions per streamed message on the OpenAI HTTP front: a figure load barely moves.
+"""Instructions per streamed message on the OpenAI HTTP front's two paths, engine to transport.
 
-    python -m benchmarks.message_instructions [--streams 16] [--tokens 40,120]
-                                              [--intervals 1,4]
+    python -m benchmarks.message_instructions [--streams 64] [--tokens 50,150]
 
-CPU time on this shared VM swings too much to show a few microseconds per message.
-valgrind's callgrind counts the instructions of one server process (the live engine,
-llama-3.1-8b on h100-sxm, behind the OpenAI HTTP front) that serves one client run of
-`--streams` concurrent streaming completions and exits; the client runs in its own,
-uncounted process. Two runs, at two output lengths, differ only in the tokens
-streamed: their difference over the difference in tokens is the server's cost per token,
-start-up and connection set-up cancelled out. With `--stream-interval` fixed, the
-messages are exactly the tokens over the interval whatever the host's speed (under
-callgrind it stalls on every step), so two intervals split that cost into a part per
-message (front, transport) and a part per token (engine, token text):
-per token = token + message / interval.
-Needs `valgrind` on PATH; a run takes a few minutes.
+CPU time on this shared VM swings too much to show a few microseconds per message, and a
+real server's instruction count moves with its timing (how many loop turns, how many
+stalls). So this runs the live engine (llama-3.1-8b on h100-sxm, `--stream-interval 1`:
+one token a message) on a clock that jumps to each step's end, `--streams` streaming
+completions each read by the front's own code (`openai_stream.stream_events`) into
+aiohttp's payload writer, chunked, over a transport that drops the bytes: no sockets, no
+timing, the same instructions every run. valgrind's callgrind counts a whole process at
+two output lengths; the difference over the difference in tokens is the cost of a
+message, start-up cancelled out, engine included (scheduling, sampling and fan-out: a
+fixed part of each figure, which the `engine` path gives alone: a sink that drops each
+group, no front). The sink path (`openai_sink.py`: the engine's step formats
+and writes each chunk) is counted against the task path (each message wakes the
+request's handler task, which awaits aiohttp's write; run alone, on code without the
+sink path, it is the figure before it). The kernel's part of a real send is in neither.
+Needs `valgrind` on PATH; about a minute.
 """
 
 from __future__ import annotations
@@ -27,95 +29,149 @@ import subprocess
 import sys
 
 CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
-SERVE = (
-    "import sys; from benchmarks.message_instructions import serve; "
-    "serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))"
+RUN = (
+    "import sys; from benchmarks.message_instructions import run; "
+    "run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
 )
 
 
-async def _serve(streams: int, tokens: int, interval: int) -> None:
+class JumpClock:
+    """Jumps to each deadline: the engine steps as fast as the CPU goes, in a fixed order."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline_s: float) -> None:
+        self.t = max(self.t, deadline_s)
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        pass
+
+
+class NullSink:
+    """Takes each group and drops it; `over` is set at the stream's end."""
+
+    def __init__(self) -> None:
+        self.over = asyncio.get_running_loop().create_future()
+
+    def group(self, group: object) -> None:
+        pass
+
+    def end(self, final: object, error: object) -> None:
+        self.over.set_result(None)
+
+
+class NullTransport:
+    """Takes every write and drops it."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+async def _run(streams: int, tokens: int, path: str) -> int:
+    from types import SimpleNamespace
+
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.http_writer import StreamWriter
+
     from memorywall.core import load_hardware, load_model, plan_deployment
-    from memorywall.server.app import quiet_gc
     from memorywall.server.engine.build import build_core
     from memorywall.server.engine.live import AsyncEngine
     from memorywall.server.engine.scheduler import EngineConfig
-    from memorywall.server.fronts.http_front import HttpSite, OpenAIFront
+    from memorywall.server.fronts.openai_api import Endpoint, OpenAIApi
+    from memorywall.server.fronts.openai_reply import Reply
+    from memorywall.server.fronts.openai_stream import stream_events
     from memorywall.server.fronts.tokenizer import load_tokenizer
 
     deployment = plan_deployment(load_hardware("h100-sxm"), load_model("llama-3.1-8b"))
     core, card = build_core(deployment, EngineConfig(max_num_seqs=1024))
-    engine = AsyncEngine(core, max_messages_per_s=1e9, stream_interval=interval)
-    front = OpenAIFront(engine, card, load_tokenizer(None, card.vocab_size))
-    site = HttpSite(front.app())
-    port = await site.start("127.0.0.1", 0)
+    engine = AsyncEngine(core, clock=JumpClock(), max_messages_per_s=1e9, stream_interval=1)
+    api = OpenAIApi(card, load_tokenizer(None, card.vocab_size))
+    loop = asyncio.get_running_loop()
     await engine.start()
-    quiet_gc()
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import sys; from benchmarks.message_instructions import client; client(*sys.argv[1:])",
-        f"http://127.0.0.1:{port}",
-        str(streams),
-        str(tokens),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await client.communicate()
-    messages = int(out)
-    expected = streams * (1 + -(-(tokens - 1) // interval))  # the first token goes alone
-    if messages != expected:
-        raise SystemExit(f"got {messages} messages, expected {expected}")
-    await site.stop()
+    writers: list[StreamWriter] = []
+
+    async def one(i: int) -> None:
+        body = {"prompt": "hi", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        call = api.to_call(body, Endpoint.COMPLETIONS, f"r{i}")
+        stream = engine.submit(call.request)
+        protocol = BaseProtocol(loop)
+        protocol.connection_made(NullTransport())  # type: ignore[arg-type]
+        writer = StreamWriter(protocol, loop)
+        writer.enable_chunking()
+        writers.append(writer)
+        if path == "engine":  # the engine alone: a sink that takes each group, no front
+            null = NullSink()
+            assert stream.attach(null)
+            await null.over
+            return
+        extra = []  # the task path: what the front did before the sink path existed
+        if path == "sink":
+            from memorywall.server.fronts.http_front import write_now
+
+            request = SimpleNamespace(
+                writer=writer, protocol=protocol, transport=protocol.transport
+            )
+            extra.append(write_now(request, SimpleNamespace(compression=False)))  # type: ignore[arg-type]
+        try:
+            await stream_events([stream], [Reply(call, card.model, 0)], writer.write, *extra)
+        finally:
+            stream.close()
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
     await engine.stop()
+    return sum(w.output_size for w in writers)
 
 
-def serve(streams: int, tokens: int, interval: int) -> None:
-    """The counted process: serve one client run, then exit."""
-    asyncio.run(_serve(streams, tokens, interval))
+def run(streams: int, tokens: int, path: str) -> None:
+    """The counted process: `streams` streams of `tokens` tokens, on one path."""
+    print(asyncio.run(_run(streams, tokens, path)))
 
 
-def client(url: str, streams: str, tokens: str) -> None:
-    """The uncounted process: `streams` concurrent streams; prints the messages received."""
-    from benchmarks.message_cost import _client_async
-
-    results = asyncio.run(_client_async("http", url, False, int(streams), int(tokens), 0.0))
-    print(sum(count for count, _ in results))
+PATHS = ("engine", "task", "sink")
 
 
-def instructions(streams: int, tokens: int, interval: int) -> int:
-    """Instructions callgrind counted for one server process."""
-    args = (str(streams), str(tokens), str(interval))
+def instructions(streams: int, tokens: int, path: str) -> tuple[int, int]:
+    """Instructions callgrind counted for one whole process, and the bytes it wrote."""
     out = subprocess.run(
-        [*CALLGRIND, sys.executable, "-c", SERVE, *args], capture_output=True, text=True
+        [*CALLGRIND, sys.executable, "-c", RUN, str(streams), str(tokens), path],
+        capture_output=True,
+        text=True,
     )
     if out.returncode:
-        raise SystemExit(f"server run failed: {out.stderr[-2000:]}")
-    return int(re.search(r"Collected : (\d+)", out.stderr).group(1))
+        raise SystemExit(f"run failed: {out.stderr[-2000:]}")
+    return int(re.search(r"Collected : (\d+)", out.stderr).group(1)), int(out.stdout)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--tokens", default="40,120", help="two output lengths")
-    parser.add_argument("--intervals", default="1,4", help="two --stream-interval values")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--tokens", default="50,150", help="two output lengths")
+    parser.add_argument("--paths", default=",".join(PATHS), help="task, sink or both")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("message_instructions: valgrind is not installed", file=sys.stderr)
         return 2
     short, long = map(int, args.tokens.split(","))
-    per_token = {}
-    print("| --stream-interval | instructions per token |")
-    print("|---|---|")
-    for interval in map(int, args.intervals.split(",")):
-        diff = instructions(args.streams, long, interval) - instructions(
-            args.streams, short, interval
-        )
-        per_token[interval] = diff / (args.streams * (long - short))
-        print(f"| {interval} | {per_token[interval]:,.0f} |", flush=True)
-    (a, ca), (b, cb) = per_token.items()
-    message = (ca - cb) / (1 / a - 1 / b)
-    print(f"\nper message: {message:,.0f}; per token (engine, text): {ca - message / a:,.0f}")
+    messages = args.streams * (long - short)
+    print(f"{args.streams} streams, {short} and {long} tokens, a token a message\n")
+    print("| path | instructions per message | bytes written |")
+    print("|---|---|---|")
+    for path in args.paths.split(","):
+        (a, bytes_a), (b, bytes_b) = (instructions(args.streams, n, path) for n in (short, long))
+        print(f"| {path} | {(b - a) / messages:,.0f} | {bytes_a:,} and {bytes_b:,} |", flush=True)
     return 0
 
 

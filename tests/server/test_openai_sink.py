@@ -380,6 +380,31 @@ async def test_a_client_gone_mid_stream_resets_as_the_task_path_does(h100_8b):
     assert len(transport.writes) == 5
 
 
+async def test_a_sink_that_fails_raises_in_the_handler_not_the_engine(h100_8b, monkeypatch):
+    body = {"prompt": "hello", "max_tokens": 20, "stream": True, "ignore_eos": True}
+    _, events = await recorded(body, Endpoint.COMPLETIONS, h100_8b)
+    group_event = Reply.group_event
+    calls = []
+
+    def third_fails(self, group):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug in formatting")
+        return group_event(self, group)
+
+    monkeypatch.setattr(Reply, "group_event", third_fails)
+    transport, protocol, writer = connection()
+    reply = Reply(CARD_API.to_call(body, Endpoint.COMPLETIONS, "req-1"), "m", 1767000000)
+    stream = Replay(events, protocol, transport)
+    request = SimpleNamespace(writer=writer, protocol=protocol, transport=transport)
+    now = write_now(request, SimpleNamespace(compression=False))
+    with pytest.raises(RuntimeError, match="a bug in formatting"):
+        await openai_stream.stream_events([stream], [reply], writer.write, now)
+    assert len(transport.writes) == 2  # what went before; nothing after
+    await asyncio.sleep(0.01)  # the engine's later calls are ignored
+    assert len(transport.writes) == 2 and len(calls) == 3
+
+
 def test_compression_or_a_declared_length_takes_the_task_path():
     writer = SimpleNamespace(length=None, chunked=True, output_size=0)
     request = SimpleNamespace(writer=writer, protocol=object(), transport=object())
