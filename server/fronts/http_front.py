@@ -8,7 +8,10 @@ GET /v1/models, /health, /version and /metrics, the lifecycle endpoints
 `openai_reply.py`; this module converts, submits, streams and turns a disconnect into
 an engine abort, as `grpc_servicer.py` does. Each token group the engine hands over is written at
 once: no buffering, and aiohttp (like asyncio) sets TCP_NODELAY on every
-accepted socket, so Nagle never holds a small write (a test checks it).
+accepted socket, so Nagle never holds a small write (a test checks it). A one-choice
+stream the engine can hand over synchronously is written from the engine's own step
+(`openai_sink.py`, through `write_now`): its handler task wakes once, at the end, not
+once a message.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from memorywall.server.engine.api import (
 from memorywall.server.engine.build import build_core
 from memorywall.server.engine.live import AsyncEngine, RequestStream
 from memorywall.server.engine.scheduler import EngineConfig, Request
-from memorywall.server.fronts import openai_stream
+from memorywall.server.fronts import openai_sink, openai_stream
 from memorywall.server.fronts.http_front import write_now
 from memorywall.server.fronts.openai_api import Endpoint, OpenAIApi
 from memorywall.server.fronts.openai_reply import Reply
@@ -352,6 +352,36 @@ async def test_the_transport_gets_the_same_bytes_on_both_paths(h100_8b, body, en
     for write in task:  # one chunk of the chunked encoding a message
         size, rest = write.split(b"\r\n", 1)
         assert rest.startswith(b"data: ") and len(rest) == int(size, 16) + 2
+
+
+async def test_the_handler_task_wakes_once_a_request(wse3_8b, monkeypatch):
+    """The engine writes every chunk from its step; the handler task wakes at the end only."""
+    wakes: list[int] = []
+    wake = openai_sink.SseSink._wake
+
+    def counted(self) -> None:
+        wakes.append(self._waiter is not None)
+        wake(self)
+
+    monkeypatch.setattr(openai_sink.SseSink, "_wake", counted)
+    core, _ = build_core(wse3_8b, EngineConfig())
+    engine = AsyncEngine(core, clock=SteppingClock(), max_messages_per_s=1e6, stream_interval=1)
+    await engine.start()
+    body = {"prompt": "hello", "max_tokens": 40, "stream": True, "ignore_eos": True}
+    call = CARD_API.to_call(body, Endpoint.COMPLETIONS, "req-1")
+    transport, protocol, writer = connection()
+    request = SimpleNamespace(writer=writer, protocol=protocol, transport=transport)
+    now = write_now(request, SimpleNamespace(compression=False))
+    try:
+        stream = engine.submit(call.request)
+        await asyncio.wait_for(
+            openai_stream.stream_events([stream], [Reply(call, "m", 1)], writer.write, now),
+            TIMEOUT_S,
+        )
+    finally:
+        await engine.stop()
+    assert len(transport.writes) == 40 + 1  # a chunk a token, then [DONE]
+    assert wakes == [True]
 
 
 async def test_a_drained_server_writes_the_same_error_on_both_paths(h100_8b):
