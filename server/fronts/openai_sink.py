@@ -34,12 +34,12 @@ WriteNow = Callable[[bytes], bool]
 class SseSink:
     """One choice's chunks, written as the engine hands its groups over (`StreamSink`).
 
-    Only for a choice no stop string can end: ending one early aborts the engine request,
-    which a sink, called inside the engine's step, must not do.
+    A stop string that ends the text ends the chunks there (usage, [DONE]) and wakes the
+    handler task, which aborts the engine request: a sink, called inside the engine's
+    step, must not. Whatever the engine hands over until then is dropped.
     """
 
     def __init__(self, reply: Reply, write_now: WriteNow) -> None:
-        assert not reply.call.stop, "a stop string ends a choice with an abort: read it"
         self._reply = reply
         self._write_now = write_now
         self._opening = reply.role_event() if reply.chat else b""
@@ -51,11 +51,16 @@ class SseSink:
     def group(self, group: TokenGroup) -> None:
         if self._over:
             return
+        reply = self._reply
         try:
-            chunk = self._reply.group_event(group)
+            chunk = reply.group_event(group)
             if self._opening:
                 chunk, self._opening = self._opening + chunk, b""
             self._out(chunk)
+            if reply.stopped:  # a stop string ended the text: the rest is moot
+                self._out(final_events([reply], [reply.stopped_finished()]))
+                self._over = True
+                self._wake()
         except Exception as e:  # never into the engine's step: the handler task raises it
             self._fail(e)
 

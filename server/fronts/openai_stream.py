@@ -64,11 +64,11 @@ async def stream_events(
     """Write every choice's chunks as its tokens come, then usage if asked and [DONE]."""
     if len(streams) == 1:
         reply = replies[0]
-        if write_now is not None and not reply.call.stop:
-            sink = SseSink(reply, write_now)
-            if streams[0].attach(sink):
-                await sink.run(write)
-                return
+        if write_now is not None and streams[0].attach(sink := SseSink(reply, write_now)):
+            await sink.run(write)
+            if reply.stopped:
+                streams[0].close()  # the engine request is not needed: free its slot and KV
+            return
         await _stream_one(streams[0], reply, write)
         return
     openings = [r.role_event() if r.chat else b"" for r in replies]

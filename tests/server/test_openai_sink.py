@@ -444,21 +444,25 @@ def test_compression_or_a_declared_length_takes_the_task_path():
     assert write_now(request, SimpleNamespace(compression=False)) is None
 
 
-async def test_a_stop_string_takes_the_task_path(h100_8b):
-    body = {"prompt": "hello", "max_tokens": 12, "stream": True, "stop": ["zzz"]}
-    call = CARD_API.to_call(body, Endpoint.COMPLETIONS, "req-1")
+async def test_a_stop_string_ends_the_chunks_alike_and_aborts_from_the_handler(h100_8b):
+    body = {"prompt": "hello", "max_tokens": 16, "stream": True, "ignore_eos": True}
     _, events = await recorded(body, Endpoint.COMPLETIONS, h100_8b)
-
-    class NoSink(Replay):
-        def attach(self, sink: StreamSink) -> bool:
-            raise AssertionError("a stop string must abort from the handler task, not a sink")
-
-    transport, protocol, writer = connection()
-    request = SimpleNamespace(writer=writer, protocol=protocol, transport=transport)
-    now = write_now(request, SimpleNamespace(compression=False))
-    reply = Reply(call, "m", 1)
-    await openai_stream.stream_events([NoSink(events)], [reply], writer.write, now)
-    assert transport.writes[-1].endswith(b"data: [DONE]\n\n\r\n")
+    stop = events[5].text.strip()[:3]  # cut inside the sixth message
+    assert stop
+    writes = []
+    for direct in (False, True):
+        transport, protocol, writer = connection()
+        call = CARD_API.to_call({**body, "stop": [stop]}, Endpoint.COMPLETIONS, "req-1")
+        stream = Replay(events, protocol, transport)
+        request = SimpleNamespace(writer=writer, protocol=protocol, transport=transport)
+        now = write_now(request, SimpleNamespace(compression=False)) if direct else None
+        await openai_stream.stream_events([stream], [Reply(call, "m", 1)], writer.write, now)
+        assert stream.closed  # the engine request is aborted, from the handler task
+        writes.append(transport.writes)
+    task, sink = writes
+    assert sink == task
+    assert b'"finish_reason":"stop","stop_reason":"%b"' % stop.encode() in task[-2]
+    assert len(task) < len(events)  # the messages after the stop string are not written
 
 
 # --- 3. through a real server -------------------------------------------------------------
