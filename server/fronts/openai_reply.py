@@ -138,17 +138,19 @@ class Reply:
         """One token group; the last carries the finish reason."""
         if not self._plain or self._echo is not None:
             return sse(self.group_chunk(group, self.take(group)))
-        self.completion_tokens += len(group.token_ids)
-        reason = group.finish_reason
-        finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
-        self.finish_reason = finish
-        if finish is not None or self.call.continuous_usage:
-            return sse(self.group_chunk(group))
-        if self._template is None:
-            self._template = self._mid_template()
-        head, middle, before_times, tail = self._template
-        text = encode_basestring_ascii(group.text).encode()
         token_ids, times_s = group.token_ids, group.times_s
+        self.completion_tokens += len(token_ids)
+        reason = group.finish_reason
+        if reason is not None or self.call.continuous_usage:  # not the hot path: mid-stream
+            finish = reason.value if reason in (FinishReason.LENGTH, FinishReason.STOP) else None
+            self.finish_reason = finish
+            if finish is not None or self.call.continuous_usage:
+                return sse(self.group_chunk(group))
+        template = self._template
+        if template is None:
+            template = self._template = self._mid_template()
+        head, middle, before_times, tail = template
+        text = encode_basestring_ascii(group.text).encode()
         if len(token_ids) == 1 == len(times_s):  # a token a message: one formatting, not six
             # %d and %r write an int and a float as json.dumps does (their repr).
             fields = (head, text, middle, token_ids[0], before_times, times_s[0], tail)
