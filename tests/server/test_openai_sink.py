@@ -6,9 +6,11 @@
    abort and a drain; on the stepping test clock, so both runs are the same run.
 2. The bytes the transport receives are the same on both paths, byte for byte and write
    for write (aiohttp's own payload writer frames the task path's), for completions, chat,
-   usage, continuous usage, logprobs, echo, a tool call and a drained server; also when
-   flow control pauses the transport mid-stream (the chunks queue for the handler task,
-   in order) and when the client has gone (the handler raises ConnectionResetError).
+   usage, continuous usage, logprobs, echo, a tool call, a stop string and a drained
+   server; also when flow control pauses the transport mid-stream (the chunks queue for
+   the handler task, in order) and when the client has gone (the handler raises
+   ConnectionResetError). The handler task wakes once a request; a sink that fails
+   raises in the handler task, never in the engine's step.
 3. Through a real server: every chunk of the HTTP body holds exactly one SSE event, the
    sink path is the one taken, and it gives what the task path gives.
 """
