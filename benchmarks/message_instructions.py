@@ -35,23 +35,6 @@ RUN = (
 )
 
 
-class JumpClock:
-    """Jumps to each deadline: the engine steps as fast as the CPU goes, in a fixed order."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep_until(self, deadline_s: float) -> None:
-        self.t = max(self.t, deadline_s)
-        await asyncio.sleep(0)
-
-    def close(self) -> None:
-        pass
-
-
 class NullSink:
     """Takes each group and drops it; `over` is set at the stream's end."""
 
@@ -84,6 +67,7 @@ async def _run(streams: int, tokens: int, path: str) -> int:
     from aiohttp.base_protocol import BaseProtocol
     from aiohttp.http_writer import StreamWriter
 
+    from benchmarks.engine_cpu import SteppedClock
     from memorywall.core import load_hardware, load_model, plan_deployment
     from memorywall.server.engine.build import build_core
     from memorywall.server.engine.live import AsyncEngine
@@ -95,7 +79,7 @@ async def _run(streams: int, tokens: int, path: str) -> int:
 
     deployment = plan_deployment(load_hardware("h100-sxm"), load_model("llama-3.1-8b"))
     core, card = build_core(deployment, EngineConfig(max_num_seqs=1024))
-    engine = AsyncEngine(core, clock=JumpClock(), max_messages_per_s=1e9, stream_interval=1)
+    engine = AsyncEngine(core, clock=SteppedClock(), max_messages_per_s=1e9, stream_interval=1)
     api = OpenAIApi(card, load_tokenizer(None, card.vocab_size))
     loop = asyncio.get_running_loop()
     await engine.start()
