@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -616,18 +617,18 @@ class AsyncEngine:
         observers = self.observers
         deliver = self._deliver_run if self.stream_interval is None else self._deliver_run_grouped
         room = len(plan.sequences) < core.config.max_num_seqs
+        slept = False  # through the step in progress when the stretch closed
         while True:
             j = stretch.taken
             end = ends[j + 1]
             await clock.sleep_until(end)
             if self._stretch is not stretch:
-                break  # closed under the sleep (an abort, a release): step j is `_converted`
+                slept = True  # closed under the sleep (an abort, a release): step j is
+                break  # `_converted`
             woke = clock.now()
             late = woke - end
             step_s = times[j]
-            if stalls.too_late(late, step_s):
-                self._interrupt()  # step j, planned as usual, takes the stall
-                break
+            gaps = self._restamp(stretch, j, woke, late) if stalls.too_late(late, step_s) else None
             stretch.taken = j + 1
             if self._behind:  # their step-0 tokens count the stall in their gap
                 for stream in self._behind:
@@ -636,6 +637,9 @@ class AsyncEngine:
             deliver(stretch, woke, step_s)
             if observers:
                 report = stretch.report(j, core.counters.preemptions)
+                if gaps is not None:
+                    start_s = report.start_s + late
+                    report = replace(report, token_gaps=gaps, start_s=start_s, stalled_s=late)
                 for observer in observers:
                     observer.on_step(report)
             self._adapt(woke, late, stalls.tolerance(step_s))
@@ -643,12 +647,44 @@ class AsyncEngine:
                 break  # a stream's message closed it (its client went): the next step is due
             if stretch.taken == plan.steps or (room and core.waiting):
                 self._close_stretch()  # an arrival joins at the next step, as step by step
-                return end
+                return ends[j + 1]  # re-timed, if the host stalled
         step = self._converted
         assert step is not None  # whatever closed the stretch planned the step in progress
         self._converted = None
-        await clock.sleep_until(step.end_s)
+        if not slept:
+            await clock.sleep_until(step.end_s)
         return self._completed(step, 0.0)
+
+    def _restamp(
+        self, stretch: Stretch, j: int, woke: float, late: float
+    ) -> list[tuple[float, int]]:
+        """Step j of the stretch ended `late` past its deadline, a host stall: as stepping
+        does, its tokens are stamped at `woke` and the steps after it start from there; each
+        stream counts the stall. Returns the step's `StepReport.token_gaps`, stalls out.
+        The one step of a stretch that walks its sequences."""
+        self._stall(late, woke)
+        plan = stretch.plan
+        ends = plan.ends
+        ends[j + 1 :] = itertools.accumulate(plan.times_s[j + 1 :], initial=woke)
+        stalled = self._stalls.stalled_s
+        gaps: list[tuple[float, int]] = []
+        for seq, stream in zip(plan.sequences, self._stretch_streams, strict=True):
+            stall = 0.0
+            if stream is not None:
+                if late > stream._stalled_s:
+                    stream._stalled_s = late
+                if stream.stalled_at_last_s != stalled:
+                    stall = stalled - stream.stalled_at_last_s
+                    stream.stalled_at_last_s = stalled
+            previous_s = seq.last_token_s if j == 0 else ends[j]
+            assert previous_s is not None  # decoding: it has a token
+            gap = woke - previous_s - stall
+            if gaps and gaps[-1][0] == gap:
+                gaps[-1] = (gap, gaps[-1][1] + 1)
+            else:
+                gaps.append((gap, 1))
+        self._behind = []
+        return gaps
 
     def _interrupt(self) -> None:
         """Close the stretch (if one runs) at the steps slept through and plan the step in
