@@ -16,6 +16,10 @@ It declines (returns None), and the caller steps normally, unless:
 - at least `MIN_STEPS` steps (one from `BIG_BATCH` sequences) remain before any
   sequence samples its last token,
   an arrival could join (`admit_by_s`), or the KV pool runs out of blocks.
+
+`plan_decode` costs such a run without applying it and `apply_decode` applies its
+first steps: the live driver (`live_decode`) sleeps through a planned run step by
+step and applies the steps it took when the run closes.
 """
 
 from __future__ import annotations

@@ -693,9 +693,10 @@ class AsyncEngine:
         if stretch is None:
             return
         self._close_stretch()
-        ends = stretch.plan.ends
-        step = self.core.schedule(ends[stretch.taken])
-        assert step is not None and step.end_s == ends[stretch.taken + 1]
+        ends, taken = stretch.plan.ends, stretch.taken
+        step = self.core.schedule(ends[taken])
+        # The stretch's own step j, unless it was over (a message closed it at its end).
+        assert step is not None and (taken == len(ends) - 1 or step.end_s == ends[taken + 1])
         self._converted = step
 
     def _close_stretch(self) -> None:
