@@ -332,6 +332,7 @@ class AsyncEngine:
         self._ring_holds = False  # a stream in the ring holds tokens (`auto`)
         # The step in progress when something closed the stretch under the driver's sleep.
         self._converted: Step | None = None
+        self._asleep = False  # the driver sleeps through a stretch's step
         self._behind: list[RequestStream] = []  # see `_open`
         # `load_s`: how long loading the weights takes (startup, wake-up); 0: ready at once.
         self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.kv.pool.reset_prefix_cache)
@@ -617,14 +618,18 @@ class AsyncEngine:
         observers = self.observers
         deliver = self._deliver_run if self.stream_interval is None else self._deliver_run_grouped
         room = len(plan.sequences) < core.config.max_num_seqs
-        slept = False  # through the step in progress when the stretch closed
         while True:
             j = stretch.taken
             end = ends[j + 1]
+            self._asleep = True
             await clock.sleep_until(end)
+            self._asleep = False
             if self._stretch is not stretch:
-                slept = True  # closed under the sleep (an abort, a release): step j is
-                break  # `_converted`
+                # Closed under the sleep (an abort, a release): step j, planned as usual.
+                step = self._converted
+                assert step is not None
+                self._converted = None
+                return self._completed(step, 0.0)
             woke = clock.now()
             late = woke - end
             step_s = times[j]
@@ -644,16 +649,10 @@ class AsyncEngine:
                     observer.on_step(report)
             self._adapt(woke, late, stalls.tolerance(step_s))
             if self._stretch is not stretch:
-                break  # a stream's message closed it (its client went): the next step is due
+                return ends[j + 1]  # closed between steps (a message's client went)
             if stretch.taken == plan.steps or (room and core.waiting):
                 self._close_stretch()  # an arrival joins at the next step, as step by step
                 return ends[j + 1]  # re-timed, if the host stalled
-        step = self._converted
-        assert step is not None  # whatever closed the stretch planned the step in progress
-        self._converted = None
-        if not slept:
-            await clock.sleep_until(step.end_s)
-        return self._completed(step, 0.0)
 
     def _restamp(
         self, stretch: Stretch, j: int, woke: float, late: float
@@ -687,17 +686,18 @@ class AsyncEngine:
         return gaps
 
     def _interrupt(self) -> None:
-        """Close the stretch (if one runs) at the steps slept through and plan the step in
-        progress through `schedule`, as stepping would have: the driver completes it."""
+        """Close the stretch (if one runs) at the steps slept through and, while the driver
+        sleeps through a step, plan that step through `schedule`, as stepping did at its
+        start: the driver completes it. Between steps the driver plans the next itself."""
         stretch = self._stretch
         if stretch is None:
             return
         self._close_stretch()
-        ends, taken = stretch.plan.ends, stretch.taken
-        step = self.core.schedule(ends[taken])
-        # The stretch's own step j, unless it was over (a message closed it at its end).
-        assert step is not None and (taken == len(ends) - 1 or step.end_s == ends[taken + 1])
-        self._converted = step
+        if self._asleep:
+            ends = stretch.plan.ends
+            step = self.core.schedule(ends[stretch.taken])
+            assert step is not None and step.end_s == ends[stretch.taken + 1]
+            self._converted = step
 
     def _close_stretch(self) -> None:
         """Hand every sequence its tokens, apply the steps taken, and give the streams still

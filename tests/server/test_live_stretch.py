@@ -99,7 +99,12 @@ def workload(seed: int) -> tuple[list[User], dict[float, float]]:
     return users, stalls if seed % 2 else {}
 
 
-async def play(deployment, users, stalls, *, stretches: bool, **engine_kw) -> dict:
+async def play(
+    deployment, users, stalls, *, stretches: bool, kill: tuple[int, str] | None = None, **engine_kw
+) -> dict:
+    """Run `users` live; `kill` (k, request id): the first stream's k-th message aborts that
+    request there and then, from inside the engine's hand-off (a front writing a message
+    finds its client gone)."""
     core, _ = build_core(deployment, EngineConfig(max_num_seqs=8, max_num_batched_tokens=1024))
     clock = StallClock(stalls)
     recorder = Recorder()
@@ -142,6 +147,16 @@ async def play(deployment, users, stalls, *, stretches: bool, **engine_kw) -> di
         )
         stream = engine.submit(request)
         arrival = engine.now()
+        if kill is not None and u is users[0]:
+            flush, flushes = stream._flush, []
+
+            def killing_flush(now: float, whole: bool = False) -> None:
+                flush(now, whole)
+                flushes.append(now)
+                if len(flushes) == kill[0]:
+                    engine.abort(kill[1])
+
+            stream._flush = killing_flush
         ids: list[int] = []
         due: list[float] = []
         final = None
@@ -193,6 +208,30 @@ async def test_stretches_give_what_stepping_gives(wse3_8b, seed):
     stretched = await play(wse3_8b, users, stalls, stretches=True, max_messages_per_s=1e6)
     assert same(stretched, stepped)
     assert stepped["stepped"] == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_an_abort_inside_a_message_hand_off(wse3_8b, seed):
+    users, stalls = workload(200 + seed)
+    users = [
+        replace(users[0], arrive_s=0.0, max_tokens=300, ignore_eos=True, stop=frozenset()),
+        replace(users[0], rid="victim", arrive_s=0.0, max_tokens=300, ignore_eos=True),
+        *users[1:],
+    ]
+    kill = (int(np.random.default_rng(seed).integers(2, 200)), "victim")
+    kw = {"max_messages_per_s": 1e6, "kill": kill}
+    stepped = await play(wse3_8b, users, stalls, stretches=False, **kw)
+    stretched = await play(wse3_8b, users, stalls, stretches=True, **kw)
+    # Stepping hands the victim none of its step's token once it is gone, though its
+    # `Finished` counts it if it came before the killer in the batch; closing a stretch
+    # hands over every token the request's end counts. The rest is the same.
+    (ids, due, final), (ids_s, due_s, final_s) = stepped["streams"][1], stretched["streams"][1]
+    assert final == final_s and final.reason.value == "abort"
+    assert final.completion_tokens - 1 <= len(ids) <= len(ids_s) <= final.completion_tokens
+    assert (ids_s[: len(ids)], due_s[: len(due)]) == (ids, due)
+    for result in (stepped, stretched):
+        del result["streams"][1]
+    assert same(stretched, stepped)
 
 
 @pytest.mark.parametrize("interval", [None, 3])
