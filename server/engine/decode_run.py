@@ -81,10 +81,16 @@ class DecodePlan:
 
 
 def plan_decode(
-    core: EngineCore, start_s: float, admit_by_s: float, max_steps: int = sys.maxsize
+    core: EngineCore,
+    start_s: float,
+    admit_by_s: float,
+    max_steps: int = sys.maxsize,
+    min_steps: int | None = None,
 ) -> DecodePlan | None:
     """Cost the steps `advance_decode` would apply from `start_s` (at most `max_steps`),
-    changing nothing; None where it would decline (see the module's docstring)."""
+    changing nothing; None where it would decline (see the module's docstring), or where
+    fewer than `min_steps` (default: `MIN_STEPS`, one from `BIG_BATCH` sequences) would
+    be taken."""
     running = core.running
     n = len(running)
     config = core.config
@@ -98,7 +104,8 @@ def plan_decode(
     last = running[-1]  # the latest admitted: the one most likely still prefilling
     if not last.output_ids or last.computed != last.prompt_len + len(last.output_ids) - 1:
         return None  # what the loop below finds, without walking the batch to it
-    min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
+    if min_steps is None:
+        min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
     steps = sys.maxsize  # no bound yet: the loop takes the least of the sequences'
     for seq in running:
         done = len(seq.output_ids)

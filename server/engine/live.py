@@ -88,6 +88,9 @@ MAX_HOLD_S = 0.004
 # The most steps a stretch plans at once (`_open`): costing them takes time from its first
 # step, and a long one rarely runs to its end (arrivals, finishes close it).
 STRETCH_STEPS = 128
+# The fewest steps a stretch opens for: opening and closing one walks the batch about as
+# often as a step does, so a shorter one costs more than stepping.
+MIN_STRETCH_STEPS = 8
 # How often the message budget looks at this process's CPU time (see `_adapt`).
 BUSY_WINDOW_S = 0.002
 
@@ -264,7 +267,8 @@ class AsyncEngine:
     be before the timeline is re-anchored (or half a step, if shorter). `cpu_time`: this
     process's CPU seconds, which the budget adapts to (tests pass a fake).
     `decode_stretches`: run plain decode stretches at a fixed cost a step (see the module's
-    docstring); False steps every step through `schedule` and `complete` (the reference)."""
+    docstring); False steps every step through `schedule` and `complete` (the reference).
+    `min_stretch_steps`: the fewest steps a stretch opens for."""
 
     def __init__(
         self,
@@ -280,6 +284,7 @@ class AsyncEngine:
         observers: Iterable[EngineObserver] = (),
         load_s: float = 0.0,
         decode_stretches: bool = True,
+        min_stretch_steps: int = MIN_STRETCH_STEPS,
     ) -> None:
         self.core = core
         self.clock = clock or MonotonicClock()
@@ -293,6 +298,8 @@ class AsyncEngine:
             )
         if not max_hold_s >= 0:
             raise ConfigError(f"max_hold_s: a number >= 0, got {max_hold_s!r}")
+        if not isinstance(min_stretch_steps, int) or min_stretch_steps < 1:
+            raise ConfigError(f"min_stretch_steps: an int >= 1, got {min_stretch_steps!r}")
         self.max_messages_per_s = max_messages_per_s
         self.stream_interval = stream_interval
         self.max_hold_s = max_hold_s
@@ -322,6 +329,7 @@ class AsyncEngine:
         self._wants_batch = any(getattr(o, "wants_batch", False) for o in self.observers)
         self.draining = False
         self.decode_stretches = decode_stretches
+        self.min_stretch_steps = min_stretch_steps
         # The stretch in progress (None: stepping), its streams by the sequences' positions,
         # and its streams in the order they send (`auto`: (position, oldest waiting token's
         # time), oldest first; fixed interval: (position, steps taken when its next message
@@ -552,7 +560,7 @@ class AsyncEngine:
         if self._wants_batch or self._paced:
             return None
         # Arrivals close it as they come; a stretch's cost grows with its steps.
-        plan = plan_decode(self.core, start, math.inf, STRETCH_STEPS)
+        plan = plan_decode(self.core, start, math.inf, STRETCH_STEPS, self.min_stretch_steps)
         if plan is None:
             return None
         by_seq = self._by_seq

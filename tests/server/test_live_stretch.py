@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
+from memorywall.errors import ConfigError
 from memorywall.server.engine.api import Finished, StepReport, TokenGroup
 from memorywall.server.engine.build import build_core
-from memorywall.server.engine.live import STRETCH_STEPS, AsyncEngine
+from memorywall.server.engine.live import MIN_STRETCH_STEPS, STRETCH_STEPS, AsyncEngine
 from memorywall.server.engine.scheduler import EngineConfig, Request
 
 TIMEOUT_S = 60.0
@@ -104,7 +105,8 @@ async def play(
 ) -> dict:
     """Run `users` live; `kill` (k, request id): the first stream's k-th message aborts that
     request there and then, from inside the engine's hand-off (a front writing a message
-    finds its client gone)."""
+    finds its client gone). Stretches open from one step on, unless `engine_kw` says."""
+    engine_kw.setdefault("min_stretch_steps", 1)  # as many stretches as can be
     core, _ = build_core(deployment, EngineConfig(max_num_seqs=8, max_num_batched_tokens=1024))
     clock = StallClock(stalls)
     recorder = Recorder()
@@ -253,7 +255,7 @@ async def test_a_long_batch_runs_in_stretches(wse3_8b):
         User(f"r{i}", 0.0, tuple(range(3, 103)), 300, True, frozenset(), None, False)
         for i in range(8)
     ]
-    kw = {"max_messages_per_s": 1e6}
+    kw = {"max_messages_per_s": 1e6, "min_stretch_steps": MIN_STRETCH_STEPS}
     stepped = await play(wse3_8b, users, {}, stretches=False, **kw)
     stretched = await play(wse3_8b, users, {}, stretches=True, **kw)
     assert same(stretched, stepped)
@@ -261,3 +263,10 @@ async def test_a_long_batch_runs_in_stretches(wse3_8b):
     # The prefill step (its first tokens) and the last: 2 of 300.
     assert stretched["stepped"] == 2 / 300
     assert 2 * STRETCH_STEPS < 300
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8"])
+def test_a_bad_min_stretch_steps_is_refused(wse3_8b, bad):
+    core, _ = build_core(wse3_8b, EngineConfig())
+    with pytest.raises(ConfigError, match="min_stretch_steps"):
+        AsyncEngine(core, clock=StallClock({}), max_messages_per_s=1e4, min_stretch_steps=bad)
