@@ -49,7 +49,7 @@ class Stretch:
         if t == d:
             return [], []
         seq = self.plan.sequences[i]
-        ids = seq.tokens.next_each(t - d)
+        ids = seq.tokens.next_ids(t - d)  # a list: streams keep ids as lists
         seq.output_ids.extend(ids)
         self.drawn[i] = t
         return ids, self.plan.ends[d + 1 : t + 1]
