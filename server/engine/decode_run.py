@@ -16,6 +16,10 @@ It declines (returns None), and the caller steps normally, unless:
 - at least `MIN_STEPS` steps (one from `BIG_BATCH` sequences) remain before any
   sequence samples its last token,
   an arrival could join (`admit_by_s`), or the KV pool runs out of blocks.
+
+`plan_decode` costs such a run without applying it and `apply_decode` applies its
+first steps: the live driver (`live_decode`) sleeps through a planned run step by
+step and applies the steps it took when the run closes.
 """
 
 from __future__ import annotations
@@ -55,6 +59,38 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
     `admit_by_s`: the next arrival; no step starting at or after it is taken while
     the batch has room, since that arrival would join it.
     """
+    plan = plan_decode(core, start_s, admit_by_s)
+    if plan is None:
+        return None
+    apply_decode(core, plan, plan.steps)
+    return DecodeRun(sequences=plan.sequences, end_times_s=plan.ends[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """The steps `advance_decode` would apply, costed but not applied: step j runs from
+    `ends[j]` to `ends[j + 1]` (`times_s[j]` long, `energies_j[j]` spent), and each of
+    `sequences` gets one token at its end. Valid while the batch and its KV stand."""
+
+    sequences: list[SeqState]  # in running order
+    steps: int
+    ends: list[float]  # steps + 1 boundaries, `ends[0]` the start
+    times_s: list[float]
+    energies_j: list[float]
+    growth: DecodeGrowth  # the KV the `steps` steps grow by
+
+
+def plan_decode(
+    core: EngineCore,
+    start_s: float,
+    admit_by_s: float,
+    max_steps: int = sys.maxsize,
+    min_steps: int | None = None,
+) -> DecodePlan | None:
+    """Cost the steps `advance_decode` would apply from `start_s` (at most `max_steps`),
+    changing nothing; None where it would decline (see the module's docstring), or where
+    fewer than `min_steps` (default: `MIN_STEPS`, one from `BIG_BATCH` sequences) would
+    be taken."""
     running = core.running
     n = len(running)
     config = core.config
@@ -68,7 +104,8 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
     last = running[-1]  # the latest admitted: the one most likely still prefilling
     if not last.output_ids or last.computed != last.prompt_len + len(last.output_ids) - 1:
         return None  # what the loop below finds, without walking the batch to it
-    min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
+    if min_steps is None:
+        min_steps = 1 if n >= BIG_BATCH else MIN_STEPS
     steps = sys.maxsize  # no bound yet: the loop takes the least of the sequences'
     for seq in running:
         done = len(seq.output_ids)
@@ -83,23 +120,36 @@ def advance_decode(core: EngineCore, start_s: float, admit_by_s: float) -> Decod
     horizon_s = math.inf if full else admit_by_s
     if horizon_s <= start_s:
         return None
-    ends, energies_j = _timeline(core, start_s, steps, horizon_s)
+    steps = min(steps, max_steps)
+    ends, times, energies_j = _timeline(core, start_s, steps, horizon_s)
     steps = min(steps, bisect.bisect_left(ends, horizon_s, hi=len(ends) - 1))
     growth = core.kv.plan_decode_run(running, steps)  # cut short where KV runs out
     steps = growth.run_steps
     if steps < min_steps:
         return None
-    _apply(core, growth, ends, energies_j)
-    return DecodeRun(sequences=list(running), end_times_s=ends[1 : steps + 1])
+    return DecodePlan(
+        list(running), steps, ends[: steps + 1], times[:steps], energies_j[:steps], growth
+    )
+
+
+def apply_decode(core: EngineCore, plan: DecodePlan, steps: int, *, drawn: bool = False) -> None:
+    """Apply the first `steps` of `plan` (at most its own) as `steps` calls of `schedule`
+    and `complete` would, the batch unchanged since it was planned. `drawn`: each
+    sequence's `steps` tokens are in its `output_ids` already (the live driver hands them
+    to streams as it goes)."""
+    assert steps <= plan.steps and len(core.running) == len(plan.sequences)
+    growth = plan.growth if steps == plan.steps else core.kv.plan_decode_run(plan.sequences, steps)
+    _apply(core, growth, plan.ends, plan.energies_j, drawn=drawn)
 
 
 def _timeline(
     core: EngineCore, start_s: float, steps: int, horizon_s: float
-) -> tuple[list[float], list[float]]:
-    """Step boundaries (`ends[j]`: step j's start) and energies, costed in growing chunks
-    until `steps` are costed or a step starts at `horizon_s`."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Step boundaries (`ends[j]`: step j's start), times and energies, costed in growing
+    chunks until `steps` are costed or a step starts at `horizon_s`."""
     contexts = [seq.computed for seq in core.running]
     ends: list[float] = [start_s]
+    all_times: list[float] = []
     energies: list[float] = []
     while len(energies) < steps and ends[-1] < horizon_s:
         done = len(energies)
@@ -108,8 +158,9 @@ def _timeline(
         times, more = _costs(core.step_model, [c + done for c in contexts], chunk)
         ends += itertools.accumulate(times, initial=ends[-1])
         del ends[-chunk - 1]  # the chunk's initial value, already there
+        all_times += times
         energies += more
-    return ends, energies
+    return ends, all_times, energies
 
 
 def _costs(model: StepCostModel, contexts: list[int], steps: int) -> tuple[list, list]:
@@ -127,13 +178,18 @@ def _costs(model: StepCostModel, contexts: list[int], steps: int) -> tuple[list,
 
 
 def _apply(
-    core: EngineCore, growth: DecodeGrowth, ends: list[float], energies_j: list[float]
+    core: EngineCore,
+    growth: DecodeGrowth,
+    ends: list[float],
+    energies_j: list[float],
+    drawn: bool = False,
 ) -> None:
     running = core.running
     n = len(running)
     steps = growth.run_steps
-    for seq in running:
-        seq.output_ids.extend(seq.tokens.next_each(steps))
+    if not drawn:
+        for seq in running:
+            seq.output_ids.extend(seq.tokens.next_each(steps))
     core.kv.allocate_decode_run(growth)  # after the tokens: their full blocks are hashed
     # Sums in the order `complete` adds them, so floats agree to the last bit.
     per_token = np.empty((steps + 1, n))

@@ -24,6 +24,18 @@ not delayed) and the rest N per message, each message leaving when its last
 token is due; the last may be shorter (SGLang's `--stream-interval`, which also
 sends the first token alone). Either way every token keeps its modelled time
 (`TokenGroup.times_s`) and no message leaves before its tokens are due.
+
+Plain decode stretches (`live_decode`) cost no Python per sequence a step: while
+`decode_run.plan_decode` accepts the batch, the driver sleeps from step end to step
+end, tells observers each step at a fixed cost, and hands a sequence its tokens only
+when its stream sends a message. `auto` then sends the streams whose tokens waited
+longest, as many a step as the budget allows (and any that cannot wait another step);
+a fixed interval sends each stream's message the step its Nth token comes. Modelled
+times are the step-by-step ones; an arrival joins at the next step boundary, and an
+abort, a KV release or a host stall closes the stretch at once (the step in progress
+is then planned and completed as usual). KV events of a stretch are published when
+it closes.
+
 Transport agnostic: front ends reach it only through `api.EngineClient`, which
 it implements.
 """
@@ -32,7 +44,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -51,13 +65,15 @@ from memorywall.server.engine.api import (
     TokenGroup,
 )
 from memorywall.server.engine.clock import Clock, MonotonicClock
+from memorywall.server.engine.decode_run import plan_decode
 from memorywall.server.engine.faults import FaultRule, refuse_fault
 from memorywall.server.engine.lag import LagTracker, StallTracker
 from memorywall.server.engine.lifecycle import Lifecycle, LifecycleState
+from memorywall.server.engine.live_decode import Stretch
 from memorywall.server.engine.loop import next_move
 from memorywall.server.engine.pacing import MessageBudget
 from memorywall.server.engine.reports import batch_entries, finished, step_report
-from memorywall.server.engine.scheduler import Emission, EngineCore, SeqState
+from memorywall.server.engine.scheduler import Emission, EngineCore, SeqState, Step
 from memorywall.server.engine.tokens import token_text
 
 log = logging.getLogger("memorywall.engine")
@@ -70,6 +86,12 @@ HOLD_STEPS = 2.0
 # budget is short. A wafer's ~0.6 ms steps group up to about 7 tokens a message (a client
 # sees each token at most this late); an H100's 10 ms steps still hold one step at most.
 MAX_HOLD_S = 0.004
+# The most steps a stretch plans at once (`_open`): costing them takes time from its first
+# step, and a long one rarely runs to its end (arrivals, finishes close it).
+STRETCH_STEPS = 128
+# The fewest steps a stretch opens for: opening and closing one walks the batch about as
+# often as a step does, so a shorter one costs more than stepping.
+MIN_STRETCH_STEPS = 8
 # How often the message budget looks at this process's CPU time (see `_adapt`).
 BUSY_WINDOW_S = 0.002
 
@@ -276,7 +298,10 @@ class AsyncEngine:
     lasts). `max_hold_s`: how long `auto` may hold a token for its stream's next ones when
     the budget is short (0: one step, then out). `stall_tolerance_s`: how late a wake-up may
     be before the timeline is re-anchored (or half a step, if shorter). `cpu_time`: this
-    process's CPU seconds, which the budget adapts to (tests pass a fake)."""
+    process's CPU seconds, which the budget adapts to (tests pass a fake).
+    `decode_stretches`: run plain decode stretches at a fixed cost a step (see the module's
+    docstring); False steps every step through `schedule` and `complete` (the reference).
+    `min_stretch_steps`: the fewest steps a stretch opens for."""
 
     def __init__(
         self,
@@ -291,6 +316,8 @@ class AsyncEngine:
         cpu_time: Callable[[], float] = time.process_time,
         observers: Iterable[EngineObserver] = (),
         load_s: float = 0.0,
+        decode_stretches: bool = True,
+        min_stretch_steps: int = MIN_STRETCH_STEPS,
     ) -> None:
         self.core = core
         self.clock = clock or MonotonicClock()
@@ -304,6 +331,8 @@ class AsyncEngine:
             )
         if not max_hold_s >= 0:
             raise ConfigError(f"max_hold_s: a number >= 0, got {max_hold_s!r}")
+        if not isinstance(min_stretch_steps, int) or min_stretch_steps < 1:
+            raise ConfigError(f"min_stretch_steps: an int >= 1, got {min_stretch_steps!r}")
         self.max_messages_per_s = max_messages_per_s
         self.stream_interval = stream_interval
         self.max_hold_s = max_hold_s
@@ -332,6 +361,20 @@ class AsyncEngine:
         # asks (tracing), never otherwise.
         self._wants_batch = any(getattr(o, "wants_batch", False) for o in self.observers)
         self.draining = False
+        self.decode_stretches = decode_stretches
+        self.min_stretch_steps = min_stretch_steps
+        # The stretch in progress (None: stepping), its streams by the sequences' positions,
+        # and its streams in the order they send (`auto`: (position, oldest waiting token's
+        # time), oldest first; fixed interval: (position, steps taken when its next message
+        # is full), soonest first).
+        self._stretch: Stretch | None = None
+        self._stretch_streams: list[RequestStream | None] = []
+        self._ring: deque[tuple[int, float]] = deque()
+        self._ring_holds = False  # a stream in the ring holds tokens (`auto`)
+        # The step in progress when something closed the stretch under the driver's sleep.
+        self._converted: Step | None = None
+        self._asleep = False  # the driver sleeps through a stretch's step
+        self._behind: list[RequestStream] = []  # see `_open`
         # `load_s`: how long loading the weights takes (startup, wake-up); 0: ready at once.
         self._lifecycle = Lifecycle(load_s, self._wait_s, self.core.kv.pool.reset_prefix_cache)
 
@@ -365,13 +408,15 @@ class AsyncEngine:
             await asyncio.sleep(left)
 
     def subscribe_kv_events(self, callback: Callable[[KVEvent], None]) -> Callable[[], None]:
+        self._interrupt()  # the stretch's events so far go out before it listens
         return self.core.kv.subscribe(callback)
 
     @property
     def stream_interval_s(self) -> float:
         """The longest grouping may hold a token now: 0 while every token goes out alone
         (with a fixed `stream_interval` N, N - 1 of the last step's times)."""
-        return self._hold_s if self._held or self.stream_interval is not None else 0.0
+        holds = self._held or (self._stretch is not None and self._ring_holds)
+        return self._hold_s if holds or self.stream_interval is not None else 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="memorywall-engine")
@@ -405,9 +450,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> bool:
         """Free the request's slot and KV now; its stream ends with reason ABORT."""
-        seq = self.core.abort(request_id)
-        if seq is None:
+        if request_id not in self.core.live:
             return False
+        self._interrupt()  # its tokens so far, and the step in progress, as step by step
+        seq = self.core.abort(request_id)
+        assert seq is not None
         self._work.set()  # what it held may let a waiting request in
         stream = self._streams.get(request_id)
         if stream is not None:
@@ -417,6 +464,9 @@ class AsyncEngine:
 
     def release_kv(self, request_id: str) -> bool:
         """Free what a finished `keep_kv` request kept; waiting requests may now fit."""
+        if not self.core.kv.is_kept(request_id):
+            return False
+        self._interrupt()  # the blocks it frees are the stretch's from its next step on
         if not self.core.kv.release_kept(request_id):
             return False
         self._work.set()
@@ -429,6 +479,7 @@ class AsyncEngine:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        self._interrupt()  # the requests' tokens so far, as step by step
         for request_id, stream in list(self._streams.items()):
             seq = self.core.abort(request_id)
             self._close(stream)
@@ -449,20 +500,23 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         c = self.core.counters
+        steps, tokens, energy_j, blocks = (
+            (0, 0, 0.0, 0) if self._stretch is None else self._stretch.applied_so_far()
+        )
         return EngineStats(
             running=len(self.core.running),
             waiting=len(self.core.waiting),
-            kv_used_tokens=self.core.kv_used_tokens,
+            kv_used_tokens=self.core.kv_used_tokens + blocks * self.core.kv.block_size,
             kv_total_tokens=self.core.kv.capacity_tokens,
             lag=self._lag.summary(),
             host_stall=self._stalls.summary(self.clock.now()),
             uptime_s=time.monotonic() - self._started_s,
             requests_finished=c.finished,
             requests_aborted=c.aborted,
-            tokens_generated=c.tokens_generated,
+            tokens_generated=c.tokens_generated + tokens,
             preemptions=c.preemptions,
-            steps=c.steps,
-            modelled_energy_j=c.energy_j,
+            steps=c.steps + steps,
+            modelled_energy_j=c.energy_j + energy_j,
             draining=self.draining,
             stream_interval_s=self.stream_interval_s,
             prefix_cache=self.core.prefix_cache_stats(),
@@ -487,6 +541,9 @@ class AsyncEngine:
                     self._stall(now - start, now)
                     lost = now - start
                     start = now
+            elif self.decode_stretches and (stretch := self._open(start)) is not None:
+                last_end = await self._run_stretch(stretch)
+                continue
             step = self.core.schedule(start)
             if step is None:
                 # Work waits for KV that only a release or an abort can free: wait for one
@@ -497,29 +554,263 @@ class AsyncEngine:
             if self._held and step.end_s > min(self._held.values()) + self._hold_s:
                 self._flush_held(self.clock.now())  # the next step is too long to wait for
             await self.clock.sleep_until(step.end_s)
-            woke = self.clock.now()
-            late = woke - step.end_s
-            step_s = step.end_s - step.start_s
-            stalled = self._stalls.too_late(late, step_s)
-            if stalled:
-                # Never catch up: the step ends when the host got to it (its tokens are
-                # stamped then), and the next one starts from there, not from the deadline.
-                self._stall(late, woke)
-                step.start_s += late
-                step.end_s = woke
-                lost += late
-            batch = batch_entries(step) if self._wants_batch else None
-            emissions = self.core.complete(step)
-            in_gaps = self._deliver(emissions, woke, step_s, late if stalled else 0.0)
-            if self.observers:
-                preemptions = self.core.counters.preemptions
-                report = step_report(
-                    step, emissions, preemptions, host_stalls_s=in_gaps, stalled_s=lost, batch=batch
-                )
-                for observer in self.observers:
+            last_end = self._completed(step, lost)
+
+    def _completed(self, step: Step, lost: float) -> float:
+        """Complete a step the driver slept to the end of (`lost`: host stall that moved its
+        start): re-time it if the host woke too late, hand its tokens over, tell the
+        observers. Returns its end."""
+        woke = self.clock.now()
+        late = woke - step.end_s
+        step_s = step.end_s - step.start_s
+        stalled = self._stalls.too_late(late, step_s)
+        if stalled:
+            # Never catch up: the step ends when the host got to it (its tokens are
+            # stamped then), and the next one starts from there, not from the deadline.
+            self._stall(late, woke)
+            step.start_s += late
+            step.end_s = woke
+            lost += late
+        batch = batch_entries(step) if self._wants_batch else None
+        emissions = self.core.complete(step)
+        in_gaps = self._deliver(emissions, woke, step_s, late if stalled else 0.0)
+        if self.observers:
+            preemptions = self.core.counters.preemptions
+            report = step_report(
+                step, emissions, preemptions, host_stalls_s=in_gaps, stalled_s=lost, batch=batch
+            )
+            for observer in self.observers:
+                observer.on_step(report)
+        self._adapt(woke, late, self._stalls.tolerance(step_s))
+        return step.end_s
+
+    # Plain decode stretches (`live_decode`): no Python per sequence a step
+
+    def _open(self, start: float) -> Stretch | None:
+        """Begin a stretch of plain decode steps at `start`, or None where stepping is due:
+        `plan_decode` declines, an observer wants each step's batch, or a stream paces its
+        own messages (`min_interval_s`)."""
+        if self._wants_batch or self._paced:
+            return None
+        # Arrivals close it as they come; a stretch's cost grows with its steps.
+        plan = plan_decode(self.core, start, math.inf, STRETCH_STEPS, self.min_stretch_steps)
+        if plan is None:
+            return None
+        by_seq = self._by_seq
+        streams = [by_seq.get(seq) for seq in plan.sequences]
+        if any(s is not None and s.min_interval_s for s in streams):
+            return None
+        # Step 0's gaps, host stalls out, as `reports.step_report` finds them step by step.
+        stalled = self._stalls.stalled_s
+        end = plan.ends[1]
+        gaps: list[tuple[float, int]] = []
+        behind: list[RequestStream] = []  # streams whose last token predates a stall
+        for seq, stream in zip(plan.sequences, streams, strict=True):
+            stall = 0.0
+            if stream is not None and stream.stalled_at_last_s != stalled:
+                stall = stalled - stream.stalled_at_last_s
+                behind.append(stream)
+            assert seq.last_token_s is not None  # decoding: it has a token
+            gap = end - seq.last_token_s - stall
+            if gaps and gaps[-1][0] == gap:
+                gaps[-1] = (gap, gaps[-1][1] + 1)
+            else:
+                gaps.append((gap, 1))
+        stretch = Stretch(plan, gaps)
+        self._behind = behind
+        step_s = plan.times_s[0]
+        now = self.clock.now()
+        held = self._held
+        if held and end > min(held.values()) + self._hold_s:
+            self._flush_held(now)  # the next step is too long to wait for
+        ring: deque[tuple[int, float]] = deque()
+        interval = self.stream_interval
+        if interval is None:
+            # The streams holding tokens first, oldest first, then the rest in running order.
+            position = {s: i for i, s in enumerate(streams) if s is not None and s in held}
+            for stream in [s for s in held if s not in position]:
+                stream._flush(now)  # held and out of the batch (preempted): out now
+                self._budget.spend()
+            for oldest, i in sorted((held[s], i) for s, i in position.items()):
+                ring.append((i, oldest))
+            ring += [(i, end) for i, s in enumerate(streams) if s is not None and s not in held]
+            self._held = {}
+            self._hold_s = max(self.max_hold_s, HOLD_STEPS * step_s)
+            self._ring_holds = bool(position)
+        else:
+            # The step count at which each stream's waiting tokens make a full message.
+            due = [(max(1, interval - s._pending), i) for i, s in enumerate(streams) if s]
+            ring += [(i, float(t)) for t, i in sorted(due)]
+            self._hold_s = (interval - 1) * step_s
+        self._stretch = stretch
+        self._stretch_streams = streams
+        self._ring = ring
+        return stretch
+
+    async def _run_stretch(self, stretch: Stretch) -> float:
+        """Sleep through the stretch's steps, each one's work a fixed cost plus the streams
+        that send a message; returns the end of the last step taken (or completed, where
+        something closed the stretch in the middle of a step)."""
+        plan = stretch.plan
+        ends, times = plan.ends, plan.times_s
+        core = self.core
+        clock = self.clock
+        stalls = self._stalls
+        observers = self.observers
+        deliver = self._deliver_run if self.stream_interval is None else self._deliver_run_grouped
+        room = len(plan.sequences) < core.config.max_num_seqs
+        while True:
+            j = stretch.taken
+            end = ends[j + 1]
+            self._asleep = True
+            await clock.sleep_until(end)
+            self._asleep = False
+            if self._stretch is not stretch:
+                # Closed under the sleep (an abort, a release): step j, planned as usual.
+                step = self._converted
+                assert step is not None
+                self._converted = None
+                return self._completed(step, 0.0)
+            woke = clock.now()
+            late = woke - end
+            step_s = times[j]
+            gaps = self._restamp(stretch, j, woke, late) if stalls.too_late(late, step_s) else None
+            stretch.taken = j + 1
+            if self._behind:  # their step-0 tokens count the stall in their gap
+                for stream in self._behind:
+                    stream.stalled_at_last_s = stalls.stalled_s
+                self._behind = []
+            deliver(stretch, woke, step_s)
+            if observers:
+                report = stretch.report(j, core.counters.preemptions)
+                if gaps is not None:
+                    start_s = report.start_s + late
+                    report = replace(report, token_gaps=gaps, start_s=start_s, stalled_s=late)
+                for observer in observers:
                     observer.on_step(report)
-            last_end = step.end_s
-            self._adapt(woke, late, self._stalls.tolerance(step_s))
+            self._adapt(woke, late, stalls.tolerance(step_s))
+            if self._stretch is not stretch:
+                return ends[j + 1]  # closed between steps (a message's client went)
+            if stretch.taken == plan.steps or (room and core.waiting):
+                self._close_stretch()  # an arrival joins at the next step, as step by step
+                return ends[j + 1]  # re-timed, if the host stalled
+
+    def _restamp(
+        self, stretch: Stretch, j: int, woke: float, late: float
+    ) -> list[tuple[float, int]]:
+        """Step j of the stretch ended `late` past its deadline, a host stall: as stepping
+        does, its tokens are stamped at `woke` and the steps after it start from there; each
+        stream counts the stall. Returns the step's `StepReport.token_gaps`, stalls out.
+        The one step of a stretch that walks its sequences."""
+        self._stall(late, woke)
+        plan = stretch.plan
+        ends = plan.ends
+        ends[j + 1 :] = itertools.accumulate(plan.times_s[j + 1 :], initial=woke)
+        stalled = self._stalls.stalled_s
+        gaps: list[tuple[float, int]] = []
+        for seq, stream in zip(plan.sequences, self._stretch_streams, strict=True):
+            stall = 0.0
+            if stream is not None:
+                if late > stream._stalled_s:
+                    stream._stalled_s = late
+                if stream.stalled_at_last_s != stalled:
+                    stall = stalled - stream.stalled_at_last_s
+                    stream.stalled_at_last_s = stalled
+            previous_s = seq.last_token_s if j == 0 else ends[j]
+            assert previous_s is not None  # decoding: it has a token
+            gap = woke - previous_s - stall
+            if gaps and gaps[-1][0] == gap:
+                gaps[-1] = (gap, gaps[-1][1] + 1)
+            else:
+                gaps.append((gap, 1))
+        self._behind = []
+        return gaps
+
+    def _interrupt(self) -> None:
+        """Close the stretch (if one runs) at the steps slept through and, while the driver
+        sleeps through a step, plan that step through `schedule`, as stepping did at its
+        start: the driver completes it. Between steps the driver plans the next itself."""
+        stretch = self._stretch
+        if stretch is None:
+            return
+        self._close_stretch()
+        if self._asleep:
+            ends = stretch.plan.ends
+            step = self.core.schedule(ends[stretch.taken])
+            assert step is not None and step.end_s == ends[stretch.taken + 1]
+            self._converted = step
+
+    def _close_stretch(self) -> None:
+        """Hand every sequence its tokens, apply the steps taken, and give the streams still
+        holding tokens back to stepping's `_held`."""
+        stretch = self._stretch
+        assert stretch is not None
+        self._stretch = None
+        streams = self._stretch_streams
+        for i, stream in enumerate(streams):
+            ids, times = stretch.tokens(i)
+            if stream is not None and ids:
+                stream._ids += ids
+                stream._times += times
+                stream._pending += len(ids)
+        stretch.apply(self.core)
+        if self.stream_interval is None:
+            self._held = {s: oldest for i, oldest in self._ring if (s := streams[i]) and s._pending}
+        self._ring = deque()
+        self._stretch_streams = []
+        self._behind = []  # closed in its first step: stepping counts their stall
+
+    def _deliver_run(self, stretch: Stretch, now: float, step_s: float) -> None:
+        """`_deliver` for a stretch step (`auto`): the streams whose tokens waited longest
+        send theirs, one message each, while the budget lasts, and any whose oldest token
+        cannot wait another step (`max_hold_s`, or one step) goes regardless."""
+        budget = self._budget
+        budget.refill(now)
+        ring, streams = self._ring, self._stretch_streams
+        t = stretch.taken
+        ends = stretch.plan.ends
+        cap_s = self.max_hold_s if self.max_hold_s > step_s else step_s
+        latest_s = ends[t] + step_s - cap_s
+        following_s = ends[t + 1] if t < stretch.plan.steps else math.inf
+        sent = 0
+        for _ in range(len(ring)):
+            i, oldest = ring[0]
+            if budget.available < 1.0 and oldest >= latest_s:
+                break
+            budget.available -= 1.0  # `take`, or `spend` for a token that cannot wait
+            ring.popleft()
+            stream = streams[i]
+            assert stream is not None  # the ring holds streams only
+            ids, times = stretch.tokens(i)
+            stream._ids += ids
+            stream._times += times
+            stream._pending += len(ids)
+            stream._flush(now)
+            ring.append((i, following_s))
+            sent += 1
+            if self._stretch is not stretch:
+                return  # the message closed the stretch (its client went)
+        self._ring_holds = sent < len(ring)
+
+    def _deliver_run_grouped(self, stretch: Stretch, now: float, step_s: float) -> None:
+        """`_deliver_grouped` for a stretch step: the streams whose Nth waiting token came
+        this step send their message."""
+        ring, streams = self._ring, self._stretch_streams
+        t = stretch.taken
+        interval = self.stream_interval
+        assert interval is not None
+        while ring and ring[0][1] == t:
+            i, _ = ring.popleft()
+            stream = streams[i]
+            assert stream is not None
+            ids, times = stretch.tokens(i)
+            stream._ids += ids
+            stream._times += times
+            stream._pending += len(ids)
+            stream._flush(now)
+            ring.append((i, float(t + interval)))
+            if self._stretch is not stretch:
+                return
 
     def _deliver(
         self, emissions: list[Emission], now: float, step_s: float, stalled_s: float

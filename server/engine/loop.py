@@ -12,7 +12,8 @@ decoding at once (`decode_run`) where it applies, else one step planned and
 completed.
 
 The drivers keep only what is theirs: the live one (`live.AsyncEngine`) sleeps
-to each step's end on a clock, moves the timeline when the host stalls, and
+to each step's end on a clock (through a stretch of plain decoding at a fixed
+cost a step, `live_decode`), moves the timeline when the host stalls, and
 feeds streams; the offline one (`offline.OfflineEngine`) jumps a virtual clock;
 the disaggregated co-simulation (`pd.cosim`) runs several workers and their KV
 transfers on one clock.
