@@ -50,6 +50,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
 # TOKEN_ID_* and prompt_token_ids: re-exported, callers have imported them from here.
 from memorywall.loadgen.prompts import TOKEN_ID_HIGH as TOKEN_ID_HIGH
@@ -293,16 +294,27 @@ def tokens_in(chunk: dict[str, Any], *, chat: bool) -> int:
     return 1 if text else 0
 
 
+def _json(data: str) -> Any:
+    """An event's JSON: orjson (a third of the stdlib's time on a streamed chunk, which a
+    client parses ~20k of a second at a wafer's pace), the stdlib where orjson refuses what
+    the stdlib reads (NaN, integers past 64 bits); _StreamError if neither can."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise _StreamError(f"bad event data: {data[:80]!r}") from None
+
+
 def apply_event(event: SseEvent, received_ns: int, record: RequestRecord, *, chat: bool) -> bool:
     """Fold one event into `record`; True at `[DONE]`. Raises _StreamError on an error event."""
     if event.data.startswith("[DONE]"):
         return True
     if event.event == "error":
         raise _StreamError(f"stream error: {error_message(event.data.encode())}")
-    try:
-        chunk = json.loads(event.data)
-    except ValueError:
-        raise _StreamError(f"bad event data: {event.data[:80]!r}") from None
+    chunk = _json(event.data)
     if not isinstance(chunk, dict):
         raise _StreamError(f"bad event data: {event.data[:80]!r}")
     if chunk.get("error"):

@@ -35,6 +35,7 @@ from memorywall.loadgen.openai_target import (
     OpenAITarget,
     SseDecoder,
     SseEvent,
+    apply_event,
     base_url,
     error_message,
     prompt_rng,
@@ -524,3 +525,17 @@ def test_unreachable_or_modelless_server_exits_2(fake):
     rc, _, err = bench("--backend", "openai-chat", "--target", fake.url, "--model", "nope", *SMALL)
     assert rc == 2 and "--model nope is not served" in err and "fake-model, other" in err
     assert len(fake.bodies) == before  # no request was sent
+
+
+def test_event_json_is_read_as_the_stdlib_reads_it():
+    """orjson reads the chunks; what it refuses and the stdlib reads (NaN, integers past 64
+    bits) still counts, and data neither reads is the same one-line error as before."""
+    record = RequestRecord(index=0, prompt_tokens=4, output_tokens=4, scheduled_ns=None, sent_ns=0)
+    plain = '{"choices": [{"text": "a", "token_ids": [1, 2]}], "x": 1.0000000000000002}'
+    odd = '{"choices": [{"text": "b", "token_ids": [3]}], "x": NaN, "y": 18446744073709551616}'
+    assert not apply_event(SseEvent(plain), 10, record, chat=False)
+    assert not apply_event(SseEvent(odd), 20, record, chat=False)
+    assert (record.chunk_ns, record.chunk_tokens) == ([10, 20], [2, 1])
+    with pytest.raises(Exception, match=r"^bad event data: '\{nope'$"):
+        apply_event(SseEvent("{nope"), 30, record, chat=False)
+    assert apply_event(SseEvent("[DONE]"), 40, record, chat=False)
