@@ -25,6 +25,7 @@ it when the kernel is built (`kernel.py`). Both give the same blocks, hashes and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections import OrderedDict
@@ -49,6 +50,7 @@ def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> in
     return hash((ROOT_HASH if parent_hash is None else parent_hash, token_ids))
 
 
+@functools.lru_cache(maxsize=1024)  # once per adapter name, not a digest per request
 def hash_root(lora_name: str | None) -> int:
     """The parent of a sequence's first block: `ROOT_HASH`, or one of its own for a LoRA
     adapter's sequences, whose KV differs from the base model's (vLLM adds the adapter's
